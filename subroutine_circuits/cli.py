@@ -1,0 +1,103 @@
+"""Command-line interface: ``subroutine-circuits`` / ``python -m subroutine_circuits``.
+
+The parser is built without importing torch or TransformerLens, so ``--help`` is instant; each
+subcommand imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _handler(target: str):
+    """Return a function that imports ``module:function`` lazily and calls it with the args."""
+
+    def run(args: argparse.Namespace) -> int:
+        module_name, func_name = target.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand."""
+    p = argparse.ArgumentParser(
+        prog="subroutine-circuits",
+        description=(
+            "Does a network break a compositional task into subroutines implemented by separate "
+            "subnetworks, and do those agree with activation-patching circuits?"
+        ),
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("tasks", help="list the built-in tasks and their predicates")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=_handler("subroutine_circuits.tasks.cli:cmd_tasks"))
+
+    s = sub.add_parser("data", help="write odd-one-out problems for a task or a data file")
+    s.add_argument("task", metavar="TASK_OR_FILE", help="built-in task name or a .jsonl/.csv file")
+    s.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="PRED=true|false",
+        help="predicate value the positives share (repeatable; default: the task's rule)",
+    )
+    s.add_argument("--out", required=True, help="output folder (train/ val/ test/ inside)")
+    s.add_argument("--n", type=int, default=1000, help="problems per kind in train (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_handler("subroutine_circuits.tasks.cli:cmd_data"))
+
+    s = sub.add_parser(
+        "demo",
+        help="the main job: a full structural-compositionality experiment on tiny models",
+    )
+    s.add_argument("--out", required=True, help="output folder (resumes if it exists)")
+    s.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    s.add_argument("--no-patching", action="store_true", help="skip the patching comparison")
+    s.set_defaults(func=_handler("subroutine_circuits.experiment.cli:cmd_demo"))
+
+    s = sub.add_parser("run", help="run an experiment from a TOML config")
+    s.add_argument("config", help="TOML file (see configs/)")
+    s.add_argument("--out", required=True, help="output folder (resumes if it exists)")
+    s.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    s.set_defaults(func=_handler("subroutine_circuits.experiment.cli:cmd_run"))
+
+    s = sub.add_parser("report", help="rebuild report.html of an experiment folder")
+    s.add_argument("dir", help="experiment output folder")
+    s.set_defaults(func=_handler("subroutine_circuits.experiment.cli:cmd_report"))
+
+    s = sub.add_parser("patch", help="activation/attribution patching on a saved model and task")
+    s.add_argument("model_dir", help="a checkpoint folder written by this library")
+    s.add_argument("task", metavar="TASK_OR_FILE", help="built-in task name or a data file")
+    s.add_argument("--out", required=True, help="output folder for patching.csv")
+    s.add_argument("--mask", action="append", default=[], metavar="SUBROUTINE=PATH",
+                   help="a saved mask to compare against (repeatable)")
+    s.add_argument("--methods", default="activation,attribution",
+                   help="comma-separated: activation, attribution, integrated_gradients")
+    s.add_argument("--n", type=int, default=64, help="minimal pairs per subroutine")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_handler("subroutine_circuits.patching.cli:cmd_patch"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
