@@ -74,10 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir", help="a checkpoint folder written by this library")
     s.add_argument("task", metavar="TASK_OR_FILE", help="built-in task name or a data file")
     s.add_argument("--out", required=True, help="output folder for patching.csv")
-    s.add_argument("--mask", action="append", default=[], metavar="SUBROUTINE=PATH",
-                   help="a saved mask to compare against (repeatable)")
-    s.add_argument("--methods", default="activation,attribution",
-                   help="comma-separated: activation, attribution, integrated_gradients")
+    s.add_argument(
+        "--mask",
+        action="append",
+        default=[],
+        metavar="SUBROUTINE=PATH",
+        help="a saved mask to compare against (repeatable)",
+    )
+    s.add_argument(
+        "--methods",
+        default="activation,attribution",
+        help="comma-separated: activation, attribution, integrated_gradients",
+    )
     s.add_argument("--n", type=int, default=64, help="minimal pairs per subroutine")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
