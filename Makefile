@@ -1,16 +1,10 @@
-# Set-up and everyday commands. `make setup` creates .venv and installs the CPU build of torch
-# before anything that depends on it (a plain `torch` requirement can pull a multi-GB CUDA build).
-PY ?= python3
+# Convenience targets; the README's commands use scripts/setup.sh and .venv directly.
 VENV ?= .venv
-TORCH ?= torch==2.13.0
 
 .PHONY: setup test lint format demo
 
 setup:
-	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q $(TORCH)
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	./scripts/setup.sh
 
 test:
 	$(VENV)/bin/python -m pytest tests
