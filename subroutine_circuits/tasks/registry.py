@@ -1,0 +1,57 @@
+"""Registry of built-in tasks: names -> factories, and resolving a name or a data file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from subroutine_circuits.tasks.base import Task
+from subroutine_circuits.tasks.language import agreement_task, anaphora_task
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+USER_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".csv")
+
+
+def register_task(name: str, factory: Callable[..., Task]) -> None:
+    """Register a task factory under ``name`` (an existing name raises ValueError)."""
+    if name in _REGISTRY:
+        raise ValueError(f"task {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def list_tasks() -> list[str]:
+    """Names of the registered (built-in) tasks."""
+    return list(_REGISTRY)
+
+
+def get_task(name: str, rule: Mapping[str, bool] | None = None, **kwargs) -> Task:
+    """A built-in task by name (``kwargs`` go to its factory, e.g. ``cfg=GrammarConfig()``).
+
+    ``rule`` overrides the task's default rule. An unknown name raises ValueError listing the
+    known ones.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
+    return _REGISTRY[name](**kwargs).with_rule(rule)
+
+
+def is_user_file(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names a user data file (.jsonl/.csv suffix) rather than a built-in task."""
+    return Path(spec).suffix.lower() in USER_FILE_SUFFIXES
+
+
+def load_task(spec: str | os.PathLike, rule: Mapping[str, bool] | None = None) -> Task:
+    """A built-in task name or a .jsonl/.csv path -> Task (``rule`` overrides the default)."""
+    if is_user_file(spec):
+        from subroutine_circuits.tasks.user import load_user_task
+
+        return load_user_task(spec, rule=rule)
+    return get_task(str(spec), rule=rule)
+
+
+register_task("agreement_singular", lambda **kw: agreement_task(plural=False, **kw))
+register_task("agreement_plural", lambda **kw: agreement_task(plural=True, **kw))
+register_task("anaphora_singular", lambda **kw: anaphora_task(plural=False, **kw))
+register_task("anaphora_plural", lambda **kw: anaphora_task(plural=True, **kw))

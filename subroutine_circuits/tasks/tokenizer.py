@@ -1,0 +1,169 @@
+"""A built-in word-level tokenizer (no downloads): whitespace-separated words -> ids.
+
+Ids: ``[PAD]``=0, ``[BOS]``=1, ``[UNK]``=2, ``[MASK]``=3, ``[SEP]``=4, ``yes``=5, ``no``=6, then
+the vocabulary words in the order given (duplicates and specials dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[BOS]", "[UNK]", "[MASK]", "[SEP]", "yes", "no")
+
+
+class WordTokenizer:
+    """Word-level tokenizer: whitespace split, ``[BOS]`` first, unknown words -> ``[UNK]``."""
+
+    def __init__(self, words: Iterable[str] = ()) -> None:
+        self.itos: list[str] = list(SPECIAL_TOKENS)
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        for w in words:
+            if not isinstance(w, str) or not w or any(c.isspace() for c in w):
+                raise ValueError(f"vocabulary entries must be non-empty words, got {w!r}")
+            if w not in self.stoi:
+                self.stoi[w] = len(self.itos)
+                self.itos.append(w)
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> WordTokenizer:
+        """A tokenizer whose vocabulary is every word of ``texts`` (sorted for stability)."""
+        words = set()
+        for t in texts:
+            words.update(t.split())
+        return cls(sorted(words))
+
+    # ----- ids ---------------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        """Id of ``[PAD]`` (0)."""
+        return self.stoi["[PAD]"]
+
+    @property
+    def bos_id(self) -> int:
+        """Id of ``[BOS]``."""
+        return self.stoi["[BOS]"]
+
+    @property
+    def unk_id(self) -> int:
+        """Id of ``[UNK]``."""
+        return self.stoi["[UNK]"]
+
+    @property
+    def mask_id(self) -> int:
+        """Id of ``[MASK]``."""
+        return self.stoi["[MASK]"]
+
+    @property
+    def sep_id(self) -> int:
+        """Id of ``[SEP]``."""
+        return self.stoi["[SEP]"]
+
+    @property
+    def yes_id(self) -> int:
+        """Id of the label word ``yes``."""
+        return self.stoi["yes"]
+
+    @property
+    def no_id(self) -> int:
+        """Id of the label word ``no``."""
+        return self.stoi["no"]
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids (specials included)."""
+        return len(self.itos)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __contains__(self, word: str) -> bool:
+        return word in self.stoi
+
+    # ----- encoding ----------------------------------------------------------------------------
+    def token_to_id(self, word: str) -> int:
+        """The id of one word (``[UNK]`` if unknown)."""
+        return self.stoi.get(word, self.unk_id)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of ``text`` that are not in the vocabulary."""
+        return [w for w in text.split() if w not in self.stoi]
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Ids of the whitespace-separated words of ``text``, ``[BOS]`` first."""
+        ids = [self.token_to_id(w) for w in text.split()]
+        return [self.bos_id] + ids if add_bos else ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Words of ``ids`` joined by spaces (``[PAD]``/``[BOS]`` dropped when skip_special)."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < len(self.itos):
+                raise ValueError(f"token id {i} out of range 0..{len(self.itos) - 1}")
+            w = self.itos[i]
+            if skip_special and w in ("[PAD]", "[BOS]"):
+                continue
+            words.append(w)
+        return " ".join(words)
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = True, max_len: int | None = None):
+        """Encode and right-pad with ``[PAD]``.
+
+        Returns ``(tokens, lengths)``: ``Int[Tensor, "n pos"]`` (LongTensor) and
+        ``Int[Tensor, "n"]`` (number of real tokens per row, BOS included). A text longer than
+        ``max_len`` raises ValueError.
+        """
+        import torch
+
+        if isinstance(texts, str):
+            raise ValueError("encode_batch expects a list of texts, got a single string")
+        encoded = [self.encode(t, add_bos=add_bos) for t in texts]
+        if not encoded:
+            raise ValueError("encode_batch got an empty list of texts")
+        longest = max(len(e) for e in encoded)
+        if max_len is not None and longest > max_len:
+            raise ValueError(f"a text has {longest} tokens, more than max_len={max_len}")
+        width = longest if max_len is None else max_len
+        tokens = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        for i, e in enumerate(encoded):
+            tokens[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+        lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
+        return tokens, lengths
+
+    # ----- persistence -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """``{"type": "word", "vocab": [...]}`` (specials included, in id order)."""
+        return {"type": "word", "vocab": list(self.itos)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WordTokenizer:
+        """Inverse of :meth:`to_dict`; the special tokens must come first, in order."""
+        vocab = d.get("vocab")
+        if not isinstance(vocab, list):
+            raise ValueError("tokenizer dict lacks a 'vocab' list")
+        if tuple(vocab[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise ValueError(f"tokenizer vocab must start with the special tokens {SPECIAL_TOKENS}")
+        if len(set(vocab)) != len(vocab):
+            raise ValueError("tokenizer vocab has duplicate entries")
+        return cls(vocab[len(SPECIAL_TOKENS) :])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer as JSON (atomically)."""
+        from subroutine_circuits.utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> WordTokenizer:
+        """Read a tokenizer written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WordTokenizer) and self.itos == other.itos
+
+    def __repr__(self) -> str:
+        return f"WordTokenizer(vocab_size={self.vocab_size})"
