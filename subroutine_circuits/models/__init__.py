@@ -1,1 +1,59 @@
-"""models subpackage."""
+"""Models: transformer presets, readouts (OOO and label token), training, pretraining, checkpoints.
+
+Names are imported lazily (on first attribute access) so that ``import subroutine_circuits.
+models`` stays cheap; ``transformer_lens`` itself is imported only inside the functions that
+build or load models.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    # presets
+    "ModelSpec": "presets",
+    "make_model": "presets",
+    "PRESETS": "presets",
+    # readouts
+    "final_hidden": "readout",
+    "ooo_scores": "readout",
+    "ooo_logits": "readout",
+    "ooo_logits_for_problems": "readout",
+    "ooo_accuracy": "readout",
+    "encode_problems": "readout",
+    "label_logits": "readout",
+    "label_logit_diff": "readout",
+    "full_logits": "readout",
+    "padding_masked": "readout",
+    # training
+    "TrainConfig": "train",
+    "TrainResult": "train",
+    "train_ooo": "train",
+    "train_label": "train",
+    # pretraining
+    "PretrainConfig": "pretrain",
+    "pretrain": "pretrain",
+    "lm_loss": "pretrain",
+    # checkpoints
+    "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    # HF loading (written by another engineer)
+    "load_hf_checkpoint": "hf",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``name`` from its submodule on first access."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
