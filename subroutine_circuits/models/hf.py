@@ -441,7 +441,9 @@ def load_hf_checkpoint(
         cfg = gpt2_tl_config(hf_model.config, architecture, device, dtype, model_name)
         sd = convert_gpt2_state_dict(hf_model, cfg)
         sd = {k: v.detach().clone() for k, v in sd.items()}
-        model = HookedTransformer(cfg, move_to_device=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = HookedTransformer(cfg, move_to_device=False)
         _load_params(model, sd)
         if tokenizer is not None:
             with _offline_env():
