@@ -351,9 +351,10 @@ def make_problems(
     - ``partition_<p>``: positives satisfy every rule predicate; the odd one breaks only ``p``.
 
     Every stimulus is sampled independently (so positives vary in their words), the 4 texts of a
-    problem are distinct and the odd position is uniform. With ``split``, only texts hashed into
-    that split (``split_of(text, seed, bucket_fractions)``) are used. ``rng`` is a
-    ``random.Random`` or an int seed.
+    problem are distinct, and the odd position is uniform: positions are balanced over the ``n``
+    problems (each used ``n // 4`` or ``n // 4 + 1`` times) in shuffled order. With ``split``,
+    only texts hashed into that split (``split_of(text, seed, bucket_fractions)``) are used.
+    ``rng`` is a ``random.Random`` or an int seed.
     """
     if n < 0:
         raise ValueError(f"number of problems must be >= 0, got {n}")
@@ -368,9 +369,11 @@ def make_problems(
     _check_available(task, kind, n, fixed, odd_options, accept, split)
     option_ids = [i % len(odd_options) for i in range(n)]
     rng.shuffle(option_ids)
+    positions = [i % 4 for i in range(n)]
+    rng.shuffle(positions)
     problems = []
     for i in range(n):
-        odd_index = rng.randrange(4)
+        odd_index = positions[i]
         stimuli: list[Stimulus] = []
         for pos in range(4):
             want = odd_options[option_ids[i]] if pos == odd_index else fixed

@@ -24,7 +24,7 @@ Reflexive anaphora (predicates ``antecedent_plural``, ``reflexive_plural``)::
 Stimuli that break a predicate of the grammatical pattern are ungrammatical by design
 ("the dogs runs"). ``corpus`` returns only grammatical sentences from more frames (adverbs,
 objects, other determiners) for self-supervised pretraining. All texts are lower-case words
-separated by single spaces, at most 9 words for task stimuli.
+separated by single spaces, at most 10 words for task stimuli.
 """
 
 from __future__ import annotations
@@ -138,6 +138,11 @@ DETERMINERS: tuple[str, ...] = ("the", "my", "our", "your", "his", "her", "their
 REFLEXIVES: dict[str, str] = {"m": "himself", "f": "herself"}
 PLURAL_REFLEXIVE = "themselves"
 FUNCTION_WORDS: tuple[str, ...] = ("that", "who", "and")
+_NOUN_LIST = list(NOUNS)
+_IV_LIST = list(INTRANSITIVE_VERBS)
+_TV_LIST = list(TRANSITIVE_VERBS)
+_PERSON_LIST = list(PERSONS)
+_PEOPLE_LIST = list(PEOPLE)
 
 
 def lexicon_words() -> list[str]:
@@ -281,8 +286,8 @@ class AgreementTask(_GrammarTask):
 
     def _build(self, values, rng):
         frame = _choose_frame(self.frames, self.frame_names, rng)
-        subj = rng.choice(list(NOUNS))
-        verb = rng.choice(list(INTRANSITIVE_VERBS))
+        subj = rng.choice(_NOUN_LIST)
+        verb = rng.choice(_IV_LIST)
         words = self._np(subj, rng)
         i_subj = len(words) - 1
         if frame != "simple":
@@ -292,7 +297,7 @@ class AgreementTask(_GrammarTask):
             if frame == "pp":
                 words += [rng.choice(PREPOSITIONS)] + self._np(att, rng)
             elif frame == "rc_obj":
-                tv = rng.choice(list(TRANSITIVE_VERBS))
+                tv = rng.choice(_TV_LIST)
                 words += ["that"] + self._np(att, rng) + [tv if att_pl else TRANSITIVE_VERBS[tv]]
             else:  # rc_subj
                 words += ["that", rng.choice(PAST_VERBS)] + self._np(att, rng)
@@ -313,16 +318,16 @@ class AnaphoraTask(_GrammarTask):
 
     def _build(self, values, rng):
         frame = _choose_frame(self.frames, self.frame_names, rng)
-        ante = rng.choice(list(PERSONS))
+        ante = rng.choice(_PERSON_LIST)
         plural, gender = PERSONS[ante]
         words = self._np(ante, rng)
         i_ante = len(words) - 1
         if frame != "simple":
-            other = rng.choice(list(PEOPLE))
+            other = rng.choice(_PEOPLE_LIST)
             other_pl = rng.random() < 0.5
             other_w = PEOPLE[other] if other_pl else other
             if frame == "rc":
-                tv = rng.choice(list(TRANSITIVE_VERBS))
+                tv = rng.choice(_TV_LIST)
                 words += ["who"] + self._np(other_w, rng)
                 words.append(tv if other_pl else TRANSITIVE_VERBS[tv])
             else:  # pp
@@ -344,7 +349,7 @@ def _corpus_np(rng: random.Random, p_adj: float, people: bool = False) -> tuple[
         sg = rng.choice(list(PEOPLE) + list(PERSONS))
         noun = (PEOPLE[sg] if sg in PEOPLE else PERSONS[sg][0]) if pl else sg
     else:
-        sg = rng.choice(list(NOUNS))
+        sg = rng.choice(_NOUN_LIST)
         noun = NOUNS[sg] if pl else sg
     det = "the" if rng.random() < 0.6 else rng.choice(DETERMINERS)
     words = [det]
@@ -384,7 +389,7 @@ def _corpus_sentence(rng: random.Random, p_adj: float) -> str:
             words += [_agree(INTRANSITIVE_VERBS, pl, rng)]
         return " ".join(words)
     # anaphora frames (always agreeing)
-    ante = rng.choice(list(PERSONS))
+    ante = rng.choice(_PERSON_LIST)
     plural_form, gender = PERSONS[ante]
     pl = rng.random() < 0.5
     words = ["the" if rng.random() < 0.6 else rng.choice(DETERMINERS)]
