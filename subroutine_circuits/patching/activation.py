@@ -334,7 +334,8 @@ def activation_patching(
             for g in groups:
                 if g.layer != layer:
                     continue
-                sel = torch.zeros(k, n_pos, g.size, dtype=torch.bool, device=resid.device)
+                # built on the CPU, moved once (avoids one tiny kernel per unit on a GPU)
+                sel = torch.zeros(k, n_pos, g.size, dtype=torch.bool)
                 for i, (gi, u, p) in enumerate(chunk):
                     if gi is g:
                         if p < 0:
@@ -342,7 +343,7 @@ def activation_patching(
                         else:
                             sel[i, p, u] = True
                 if sel.any():
-                    sels[g.hook_name] = sel
+                    sels[g.hook_name] = sel.to(resid.device)
 
             def hook_fn(act, hook, k=k, sels=sels):
                 return _where_units(act, sels[hook.name], clean_acts[hook.name], k)

@@ -1,0 +1,37 @@
+"""The patching benchmark runs and both implementations agree (not timed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _load_bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_patching.py"
+    spec = importlib.util.spec_from_file_location("bench_patching", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_patching"] = mod  # dataclasses look their module up here
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_runs_and_agrees(capsys):
+    bench = _load_bench()
+    cfg = bench.BenchConfig(
+        n_layers=2, d_model=32, n_heads=4, d_mlp=64, d_vocab=40, batch=4, pos=6, chunk_rows=40
+    )
+    r = bench.run_benchmark(cfg, "cpu")
+    assert r["shape"] == (2, 6, 4)
+    assert r["max_abs_value"] > 1e-3
+    assert r["max_abs_diff"] <= 1e-4
+    assert r["t_ours_s"] > 0 and r["t_transformer_lens_s"] > 0
+
+
+def test_benchmark_cli_rejects_missing_cuda(monkeypatch):
+    bench = _load_bench()
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        bench.main(["--device", "cuda", "--quick"])
