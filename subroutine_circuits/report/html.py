@@ -1,0 +1,599 @@
+"""``report.html``: one self-contained, offline page summarising an experiment folder.
+
+Every figure is inline SVG (see :mod:`subroutine_circuits.report.plots`); the optional circuitsvis
+widget is inlined with ``.local_src`` (its JavaScript bundle is in the page, nothing is fetched).
+Each section is built independently: a section whose inputs are missing (no masks, no model
+checkpoints, no ``patching.csv``) or fail to load shows a short note instead, so a partial
+experiment folder still gets a report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import random
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from jaxtyping import Int
+from torch import Tensor
+
+from subroutine_circuits.experiment import stats
+from subroutine_circuits.report import plots
+from subroutine_circuits.utils import atomic_write_text
+
+CV_BEGIN = "<!-- circuitsvis:begin -->"
+CV_END = "<!-- circuitsvis:end -->"
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 0.82em; margin: 0.6em 0; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+.note { color: #777; font-style: italic; } .fig { margin: 0.8em 0; overflow-x: auto; }
+.verdict-compositional { background: #d9f2d9; } .verdict-not { background: #f7dede; }
+.verdict-inconclusive { background: #fff4cc; }
+pre { background: #f7f7f7; padding: 0.6em; font-size: 0.8em; overflow-x: auto; }
+"""
+
+
+@dataclass
+class ReportConfig:
+    """Options of :func:`build_report`.
+
+    n_boot: bootstrap replicates of the verdict table's CIs; seed: their seed;
+    circuitsvis: embed one interactive circuitsvis attention widget (adds ~1.3 MB of inlined JS);
+    n_examples: example stimuli per model for the attention patterns; max_heads: most kept heads
+    drawn per model; device: where checkpoints are loaded for the attention patterns.
+    """
+
+    n_boot: int = 1000
+    seed: int = 0
+    circuitsvis: bool = True
+    n_examples: int = 3
+    max_heads: int = 8
+    device: str = "cpu"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _esc(x: Any) -> str:
+    """HTML-escaped ``str(x)``."""
+    return html.escape(str(x))
+
+
+def _note(text: str) -> str:
+    """A greyed-out paragraph."""
+    return f'<p class="note">{_esc(text)}</p>'
+
+
+def _fig(svg: str, caption: str = "") -> str:
+    """Wrap an inline SVG figure with an optional caption."""
+    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
+    return f'<figure class="fig">{svg}{cap}</figure>'
+
+
+def _table(df: pd.DataFrame, digits: int = 3) -> str:
+    """A DataFrame as an escaped HTML table (NaN shown as a dash)."""
+    fmt = {
+        c: (lambda v, d=digits: "–" if pd.isna(v) else f"{v:.{d}f}")
+        for c in df.columns
+        if pd.api.types.is_float_dtype(df[c])
+    }
+    return df.to_html(index=False, escape=True, na_rep="–", formatters=fmt, border=0)
+
+
+def _ci(m: float, lo: float, hi: float) -> str:
+    """``mean [lo, hi]`` with two decimals (a dash for NaN)."""
+    if m is None or np.isnan(m):
+        return "–"
+    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def _find_key(obj: Any, key: str) -> Any:
+    """The first value of ``key`` anywhere in a nested dict/list (None when absent)."""
+    if isinstance(obj, dict):
+        if key in obj and not isinstance(obj[key], (dict, list)):
+            return obj[key]
+        for v in obj.values():
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    elif isinstance(obj, list):
+        for v in obj:
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def section_run(manifest: dict[str, Any], results: pd.DataFrame) -> str:
+    """Run summary: device, versions, timings, excluded base models, config."""
+    parts = []
+    inits = ", ".join(plots.order_inits(results["init"].unique().tolist()))
+    n_base = results.groupby(["task", "model", "init"])["base_seed"].nunique().sum()
+    parts.append(
+        "<ul>"
+        f"<li>tasks: {_esc(', '.join(sorted(results['task'].unique())))}</li>"
+        f"<li>models: {_esc(', '.join(sorted(results['model'].unique())))}; inits: {_esc(inits)}"
+        f"</li><li>base models: {int(n_base)}; runs (rows): {len(results)}; mask seeds: "
+        f"{_esc(sorted(results['mask_seed'].unique().tolist()))}</li>"
+        f"<li>device: {_esc(manifest.get('device', 'unknown'))}</li>"
+        f"<li>margin: {_esc(manifest.get('margin', stats.DEFAULT_MARGIN))}; chance: "
+        f"{_esc(manifest.get('chance', stats.CHANCE))}</li></ul>"
+    )
+    excluded = manifest.get("excluded_base_models")
+    if excluded is None:
+        bad = results[~results["base_ok"]]
+        excluded = sorted(
+            {f"{t}__{i}__s{s}" for t, i, s in zip(bad["task"], bad["init"], bad["base_seed"])}
+        )
+    if excluded:
+        accs = manifest.get("base_models", {})
+        items = "".join(
+            f"<li>{_esc(e)}"
+            + (f" (composite accuracy {accs[e]:.3f})" if isinstance(accs.get(e), float) else "")
+            + "</li>"
+            for e in excluded
+        )
+        parts.append(
+            "<p>Excluded base models (failed the composite task; left out of every verdict):</p>"
+            f"<ul>{items}</ul>"
+        )
+    else:
+        parts.append("<p>Excluded base models: none.</p>")
+    for key in ("timings", "versions", "config"):
+        if key in manifest:
+            body = json.dumps(manifest[key], indent=2, sort_keys=True, default=str)
+            parts.append(f"<details><summary>{key}</summary><pre>{_esc(body)}</pre></details>")
+    return "".join(parts)
+
+
+def verdict_table(summary: pd.DataFrame, margin: float) -> pd.DataFrame:
+    """The human-readable verdict table from :func:`stats.summarize` rows."""
+    rows = []
+    for _, r in summary.iterrows():
+        rows.append(
+            {
+                "task": r["task"],
+                "model": r["model"],
+                "init": r["init"],
+                "subroutine": r["subroutine"],
+                "compositional k/n": f"{int(r['n_compositional'])}/{int(r['n_runs'])}",
+                "base models": int(r["n_base_models"]),
+                "sub_diff [95% CI]": _ci(r["sub_diff_mean"], r["sub_diff_lo"], r["sub_diff_hi"]),
+                "abl_diff [95% CI]": _ci(r["abl_diff_mean"], r["abl_diff_lo"], r["abl_diff_hi"]),
+                "randabl_diff [95% CI]": _ci(
+                    r["randabl_diff_mean"], r["randabl_diff_lo"], r["randabl_diff_hi"]
+                ),
+                "density": "–"
+                if np.isnan(r["density_mean"])
+                else f"{100 * r['density_mean']:.1f}%",
+                "excluded base models": int(r["n_excluded_base_models"]),
+                "verdict": stats.verdict(r, margin),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def section_verdicts(results: pd.DataFrame, margin: float, cfg: ReportConfig) -> str:
+    """Verdict table per (task, model, init, subroutine) and the frequency tests."""
+    summary = stats.summarize(results, n_boot=cfg.n_boot, seed=cfg.seed)
+    table = verdict_table(summary, margin)
+    body = _table(table)
+    for v, cls in (
+        ("not compositional", "verdict-not"),
+        ("compositional", "verdict-compositional"),
+        ("inconclusive", "verdict-inconclusive"),
+    ):
+        body = body.replace(f"<td>{v}</td>", f'<td class="{cls}">{v}</td>')
+    out = [
+        f"<p>Runs of base models that pass the composite task. A run is compositional when "
+        f"sub_diff &gt; {margin} and abl_diff &lt; -{margin} (differences clipped at chance). "
+        "CIs: 95% percentile bootstrap clustered by base model (base models resampled with "
+        "replacement, all their mask seeds kept together). Verdict: "
+        "<i>compositional</i> when the sub_diff CI lies above the margin and the abl_diff CI "
+        "below minus the margin; <i>not compositional</i> when a CI excludes the pattern; "
+        "otherwise <i>inconclusive</i>.</p>",
+        body,
+    ]
+    tests = stats.frequency_tests(results)
+    if not tests.empty:
+        out.append(
+            "<h3>Frequency of the pattern between inits (Fisher exact test, two-sided)</h3>"
+            "<p>Runs are treated as independent here, although mask seeds of one base model "
+            "are not; read the p-values together with the clustered CIs above.</p>"
+        )
+        out.append(_table(tests, digits=4))
+    return "".join(out)
+
+
+def section_accuracy(results: pd.DataFrame, margin: float) -> str:
+    """Accuracy bars per (task, subroutine) and the sub/abl difference scatter per task."""
+    out = []
+    for task in sorted(results["task"].unique()):
+        for sub in sorted(results.loc[results["task"] == task, "subroutine"].unique()):
+            ok = results[
+                (results["task"] == task) & (results["subroutine"] == sub) & results["base_ok"]
+            ]
+            if ok.empty:
+                out.append(_note(f"{task} / {sub}: no usable runs"))
+                continue
+            out.append(
+                _fig(
+                    plots.accuracy_bars(results, task, sub),
+                    f"{task}, subroutine {sub}: accuracy on the target partition (only {sub} "
+                    "decides) and the other partition, mean over runs with 95% clustered CIs.",
+                )
+            )
+        out.append(
+            _fig(
+                plots.diff_scatter(results, task, margin),
+                "Each point is one run (base model x mask seed); green: compositional region.",
+            )
+        )
+    return "".join(out)
+
+
+def section_masks(freq: pd.DataFrame) -> str:
+    """Layer x head kept-frequency heatmaps per subroutine (one panel per init) and neurons."""
+    if freq.empty:
+        return _note("no readable mask files: mask heatmaps unavailable")
+    out = []
+    for (task, model, sub), g in freq.groupby(["task", "model", "subroutine"], sort=True):
+        panels = []
+        for init in plots.order_inits(g["init"].unique().tolist()):
+            cell = g[g["init"] == init]
+            if (cell["kind"] == "head").any():
+                grid, layers = plots.head_grid(cell)
+                panels.append((f"{init} ({int(cell['n_masks'].iloc[0])} masks)", grid, layers))
+        if panels:
+            out.append(
+                _fig(
+                    plots.heatmap_panels(panels, f"{task} / {model}: heads kept for {sub}"),
+                    "Fraction of masks (mask seeds x base models) that keep each head.",
+                )
+            )
+    if (freq["kind"] == "neuron").any():
+        for task, g in freq.groupby("task", sort=True):
+            if (g["kind"] == "neuron").any():
+                out.append(
+                    _fig(
+                        plots.neuron_density(g, f"{task}: MLP neurons kept per layer"),
+                        "Mean fraction of MLP neurons kept per layer.",
+                    )
+                )
+    return "".join(out) or _note("masks hold no head or neuron units")
+
+
+def section_overlap(overlap: pd.DataFrame) -> str:
+    """Mean A/B overlap per (task, init, layer, kind) over base models x mask seeds."""
+    if overlap.empty:
+        return _note("no pair of readable A/B masks: overlap unavailable")
+    ok = overlap[overlap["base_ok"]] if "base_ok" in overlap.columns else overlap
+    keys = ["task", "model", "init", "subroutine_a", "subroutine_b", "layer", "kind"]
+    agg = (
+        ok.groupby(keys, sort=True)
+        .agg(
+            runs=("jaccard", "size"),
+            n_units=("n_units", "first"),
+            kept_a=("n_a", "mean"),
+            kept_b=("n_b", "mean"),
+            shared=("n_shared", "mean"),
+            jaccard=("jaccard", "mean"),
+        )
+        .reset_index()
+    )
+    agg["layer"] = agg["layer"].map(lambda x: "all" if x == -1 else x)
+    return (
+        "<p>Units kept by the masks of both subroutines of one base model and mask seed "
+        "(mean over runs; Jaccard = shared / union). Low overlap means the two subroutines "
+        "use distinct units.</p>" + _table(agg, digits=2)
+    )
+
+
+def example_texts(task: Any, n: int, seed: int = 0) -> list[str]:
+    """``n`` stimuli of a task (object or built-in name), cycling through predicate values."""
+    if isinstance(task, str):
+        from subroutine_circuits.tasks import get_task
+
+        task = get_task(task)
+    rng = random.Random(seed)
+    preds = list(task.predicates)
+    combos = [
+        {p: bool((i >> j) & 1) for j, p in enumerate(preds[:2])} for i in range(2 ** len(preds[:2]))
+    ]
+    return [task.sample(combos[i % len(combos)], rng).text for i in range(n)]
+
+
+def _task_object(name: str) -> Any:
+    """A built-in task by name, or a user task from a .jsonl/.csv file path."""
+    from subroutine_circuits.tasks import get_task, load_user_task
+
+    if Path(name).suffix.lower() in (".jsonl", ".csv"):
+        return load_user_task(name)
+    return get_task(name)
+
+
+def attention_patterns_of(
+    model: Any, tokens: Int[Tensor, "pos"], heads: list[tuple[int, int]]
+) -> list[np.ndarray]:
+    """Attention patterns ``[dest, src]`` of ``heads`` ((layer, head) pairs) on one sequence."""
+    import torch
+
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be one sequence [pos], got shape {tuple(tokens.shape)}")
+    layers = sorted({layer for layer, _ in heads})
+    names = {f"blocks.{layer}.attn.hook_pattern" for layer in layers}
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        _, cache = model.run_with_cache(
+            tokens[None].to(device), names_filter=lambda name: name in names
+        )
+    return [
+        cache[f"blocks.{layer}.attn.hook_pattern"][0, h].float().cpu().numpy() for layer, h in heads
+    ]
+
+
+def _kept_heads(out_dir: Path, rows: pd.DataFrame) -> list[tuple[int, int, str]]:
+    """(layer, head, subroutine) of heads kept by the masks in ``rows``."""
+    kept = []
+    for _, r in rows.iterrows():
+        p = stats.resolve_mask_path(out_dir, r.get("mask_path"))
+        if p is None:
+            continue
+        flat, units = stats.load_mask_units(p)
+        kept += [(u[0], u[2], r["subroutine"]) for u, k in zip(units, flat) if k and u[1] == "head"]
+    return kept
+
+
+def _strip_source_map(src: str) -> str:
+    """Drop ``//# sourceMappingURL=...`` comments (a devtools-only reference to a .map file)."""
+    return "\n".join(
+        line for line in src.splitlines() if not line.lstrip().startswith("//# sourceMappingURL")
+    )
+
+
+def section_attention(
+    out_dir: Path, results: pd.DataFrame, manifest: dict[str, Any], cfg: ReportConfig
+) -> str:
+    """Attention patterns of the kept heads on a few example stimuli, one base model per init."""
+    import torch
+
+    from subroutine_circuits.models import load_checkpoint
+
+    if not (out_dir / "models").is_dir():
+        return _note("no models/ folder: attention patterns unavailable")
+    out, widget_done = [], not cfg.circuitsvis
+    for task in sorted(results["task"].unique()):
+        task_name, task_obj = task, None
+        texts: list[str] = []
+        for name in (task, _find_key(manifest.get("config", {}), "task")):
+            if not name:
+                continue
+            try:
+                task_obj = _task_object(str(name))
+                texts = example_texts(task_obj, cfg.n_examples, cfg.seed)
+                task_name = str(name)
+                break
+            except Exception:  # unknown task or unreadable user file: try the next name
+                continue
+        if not texts:
+            out.append(_note(f"{task}: no example stimuli could be drawn for attention patterns"))
+            continue
+        for init in plots.order_inits(results["init"].unique().tolist()):
+            sel = results[(results["task"] == task) & (results["init"] == init)]
+            sel = sel[sel["base_ok"]] if sel["base_ok"].any() else sel
+            if sel.empty:
+                continue
+            seed = sorted(sel["base_seed"].unique())[0]
+            mdir = out_dir / "models" / f"{task}__{init}__s{seed}"
+            if not (mdir / "meta.json").is_file():
+                out.append(_note(f"{task} / {init}: checkpoint {mdir.name} not found"))
+                continue
+            rows = sel[sel["base_seed"] == seed]
+            rows = rows[rows["mask_seed"] == sorted(rows["mask_seed"].unique())[0]]
+            kept = _kept_heads(out_dir, rows)
+            if not kept:
+                out.append(_note(f"{task} / {init}: the masks keep no attention head"))
+                continue
+            by_head: dict[tuple[int, int], list[str]] = {}
+            for layer, h, sub in kept:
+                by_head.setdefault((layer, h), []).append(sub)
+            heads = sorted(by_head)[: cfg.max_heads]
+            labels = [f"L{la}H{h} ({'+'.join(by_head[(la, h)])})" for la, h in heads]
+            model, tok, _ = load_checkpoint(mdir, device=cfg.device)
+            if tok is None:
+                tok = task_obj.tokenizer()
+            for text in texts:
+                ids = tok.encode(text)[: model.cfg.n_ctx]
+                str_toks = [tok.decode([i], skip_special=False) or "?" for i in ids]
+                pats = attention_patterns_of(model, torch.tensor(ids), heads)
+                title = f"{task_name} / {init} s{seed}: {text}"
+                out.append(_fig(plots.attention_heatmaps(pats, labels, str_toks, title)))
+                if not widget_done:
+                    import circuitsvis.attention as cva
+
+                    src = cva.attention_patterns(
+                        tokens=str_toks, attention=torch.tensor(np.stack(pats))
+                    ).local_src
+                    out.append(
+                        f"<p>Interactive view (circuitsvis, inlined; heads in order: "
+                        f"{_esc(', '.join(labels))})</p>{CV_BEGIN}{_strip_source_map(src)}{CV_END}"
+                    )
+                    widget_done = True
+    return "".join(out) or _note("no attention patterns to show")
+
+
+def _load_score_files(out_dir: Path) -> list[dict[str, Any]]:
+    """Per-unit patching score files ``patching/*.pt`` that follow the documented format."""
+    import torch
+
+    found = []
+    for p in sorted((out_dir / "patching").glob("*.pt")) if (out_dir / "patching").is_dir() else []:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception:
+            continue
+        if isinstance(obj, dict) and "scores" in obj and "units" in obj:
+            obj = dict(obj)
+            obj["_file"] = p.name
+            found.append(obj)
+    return found
+
+
+def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
+    """Mask vs activation-patching comparison: table, side-by-side heatmaps, faithfulness."""
+    path = out_dir / "patching.csv"
+    if not path.is_file():
+        return _note("no patching.csv: patching comparison not run")
+    df = pd.read_csv(path)
+    if df.empty:
+        return _note("patching.csv has no rows")
+    keys = [c for c in ("task", "init", "subroutine", "method") if c in df.columns]
+    if not keys:
+        raise ValueError("patching.csv has none of the columns task, init, subroutine, method")
+    metrics = [
+        c
+        for c in ("k", "jaccard", "spearman", "roc_auc", "cpr", "cmd")
+        + ("abl_target_acc", "abl_other_acc")
+        if c in df.columns
+    ]
+    agg = df.groupby(keys, sort=True)[metrics].mean().reset_index()
+    agg.insert(len(keys), "n", df.groupby(keys, sort=True).size().to_numpy())
+    out = [
+        "<p>Mask subnetwork vs patching circuit of the same subroutine (mean over base "
+        "models): Jaccard at matched size k, Spearman rank correlation and ROC AUC of patching "
+        "scores against the mask, faithfulness (cpr, cmd) and the target/other accuracy after "
+        "ablating the patching circuit.</p>",
+        _table(agg),
+    ]
+    scores = _load_score_files(out_dir)
+    if not scores:
+        out.append(_note("no per-unit score files under patching/: heatmaps unavailable"))
+        return "".join(out)
+    by_cell: dict[tuple, list[dict]] = {}
+    for s in scores:
+        cell = (s.get("task"), s.get("init"), s.get("subroutine"))
+        by_cell.setdefault(cell, []).append(s)
+    for (task, init, sub), items in sorted(by_cell.items(), key=lambda kv: str(kv[0])):
+        panels = []
+        m = (
+            freq[(freq["task"] == task) & (freq["init"] == init) & (freq["subroutine"] == sub)]
+            if not freq.empty
+            else freq
+        )
+        if not m.empty and (m["kind"] == "head").any():
+            grid, layers = plots.head_grid(m)
+            panels.append(("mask: kept frequency", grid, layers))
+        methods: dict[str, list[dict]] = {}
+        for s in items:
+            methods.setdefault(str(s.get("method", "patching")), []).append(s)
+        curves = []
+        for method, ss in sorted(methods.items()):
+            tab = pd.DataFrame(
+                [u + (float(v),) for s in ss for u, v in zip(s["units"], np.asarray(s["scores"]))],
+                columns=["layer", "kind", "index", "score"],
+            )
+            tab["freq"] = tab["score"].abs()
+            tab = tab.groupby(["layer", "kind", "index"], as_index=False)["freq"].mean()
+            if (tab["kind"] == "head").any():
+                grid, layers = plots.head_grid(tab)
+                top = np.nanmax(grid)
+                panels.append((f"{method}: |score| / max", grid / top if top > 0 else grid, layers))
+            for s in ss:
+                f = s.get("faithfulness")
+                if isinstance(f, dict) and {"k", "target_acc", "other_acc"} <= set(f):
+                    curves.append(dict(f, label=f"{method} s{s.get('base_seed', '?')}"))
+        if panels:
+            out.append(
+                _fig(
+                    plots.heatmap_panels(
+                        panels, f"{task} / {init}: {sub}, mask vs patching", "value"
+                    ),
+                    "Left: how often masks keep each head; right: normalised patching scores.",
+                )
+            )
+        if curves:
+            out.append(_fig(plots.faithfulness_curves(curves, f"{task} / {init}: {sub}")))
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------- page
+
+
+def _section(title: str, anchor: str, build: Callable[[], str], problems: list[str]) -> str:
+    """Run one section builder; an exception becomes a visible note (and is recorded)."""
+    try:
+        body = build()
+    except Exception as e:  # a broken optional input must not take the whole report down
+        problems.append(f"{title}: {type(e).__name__}: {e}")
+        tb = traceback.format_exc(limit=3)
+        body = _note(f"section unavailable: {type(e).__name__}: {e}") + (
+            f"<details><summary>details</summary><pre>{_esc(tb)}</pre></details>"
+        )
+    return f'<section id="{anchor}"><h2>{_esc(title)}</h2>{body}</section>'
+
+
+def render_report(out_dir: str | os.PathLike, cfg: ReportConfig | None = None) -> tuple[str, list]:
+    """Build the report page; returns ``(html_text, problems)`` (problems: failed sections)."""
+    cfg = cfg or ReportConfig()
+    out_dir = Path(out_dir)
+    results = stats.load_results(out_dir)
+    manifest = stats.load_manifest(out_dir)
+    margin = float(manifest.get("margin", stats.DEFAULT_MARGIN))
+    problems: list[str] = []
+    try:
+        freq = stats.kept_frequency(out_dir)
+    except Exception as e:
+        problems.append(f"mask frequencies: {type(e).__name__}: {e}")
+        freq = pd.DataFrame()
+    sections = [
+        ("Run summary", "run", lambda: section_run(manifest, results)),
+        ("Verdicts", "verdicts", lambda: section_verdicts(results, margin, cfg)),
+        ("Accuracy by condition", "accuracy", lambda: section_accuracy(results, margin)),
+        ("Mask heatmaps", "masks", lambda: section_masks(freq)),
+        ("A/B mask overlap", "overlap", lambda: section_overlap(stats.overlap_table(out_dir))),
+        (
+            "Attention patterns of kept heads",
+            "attention",
+            lambda: section_attention(out_dir, results, manifest, cfg),
+        ),
+        ("Mask vs activation patching", "patching", lambda: section_patching(out_dir, freq)),
+    ]
+    body = "".join(_section(t, a, b, problems) for t, a, b in sections)
+    nav = " | ".join(f'<a href="#{a}">{_esc(t)}</a>' for t, a, _ in sections)
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>Structural compositionality report: {_esc(out_dir.name)}</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f"<h1>Structural compositionality report</h1><p>{_esc(out_dir.resolve())}</p>"
+        f"<nav>{nav}</nav>{body}</body></html>\n"
+    )
+    return page, problems
+
+
+def build_report(out_dir: str | os.PathLike, cfg: ReportConfig | None = None) -> Path:
+    """Write ``OUT/report.html`` (atomically) for an experiment folder and return its path.
+
+    Needs ``results.csv``; ``manifest.json``, masks, model checkpoints and ``patching.csv`` /
+    ``patching/*.pt`` are used when present. Per-unit patching score files are read when they are
+    dicts with ``scores`` (one value per unit), ``units`` ((layer, kind, index) per unit), and
+    ``task``, ``init``, ``subroutine``, ``method``, ``base_seed``; an optional ``faithfulness``
+    dict with lists ``k``, ``target_acc``, ``other_acc`` gives a faithfulness curve.
+    """
+    page, _ = render_report(out_dir, cfg)
+    path = Path(out_dir) / "report.html"
+    atomic_write_text(path, page)
+    return path

@@ -1,0 +1,283 @@
+"""Tests of report.html: built from a synthetic experiment folder with real masks and checkpoints.
+
+The folder has a fake results.csv and manifest (from test_stats.make_experiment), masks written
+with the real ``save_mask`` on a tiny model, tiny model checkpoints with the task tokenizer, and a
+patching.csv with per-unit score files. The page must contain every plot and table, and must not
+reference anything on the network.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_tiny_transformer
+from test_stats import make_experiment
+
+from subroutine_circuits.report import build_report
+from subroutine_circuits.report import html as rhtml
+
+TASK = "agreement_singular"
+INITS = ("trained", "random_init")
+N_EXAMPLES = 2
+SUBS = ("subject_plural", "verb_plural")
+
+# ----------------------------------------------------------------------------- offline check
+
+# Namespace declarations are identifiers, not fetches: a browser never requests them.
+_NAMESPACE_DECL = re.compile(
+    r'\sxmlns(:\w+)?="http://www\.w3\.org/(2000/svg|1999/xlink|1999/xhtml)"'
+)
+# URLs that occur as plain strings in circuitsvis's inlined bundle (React/TF.js error messages,
+# code comments, DOM namespace constants). None is passed to fetch/src/href/import: see the
+# patterns below, which must not match anywhere in the bundle.
+_BUNDLE_URL_ALLOWLIST = {
+    "http://www.w3.org/1999/xhtml",
+    "http://www.w3.org/2000/svg",
+    "http://www.w3.org/1999/xlink",
+    "http://www.w3.org/XML/1998/namespace",
+    "http://www.w3.org/1998/Math/MathML",
+    "http://fb.me/use-check-prop-types",
+    "https://reactjs.org/docs/error-decoder.html?invariant=",
+    "https://developer.mozilla.org/en-US/docs/Web/API/Fetch_API",
+    "https://github.com/tensorflow/tfjs-node",
+    "https://github.com/tensorflow/tfjs/issues/1735",
+    "https://github.com/tensorflow/tfjs/issues/5447",
+    "https://www.shadertoy.com/view/4djSRW",
+    "https://arxiv.org/abs/1706.02515",
+}
+# Anything that would make a browser load a resource from elsewhere.
+_FETCH_PATTERNS = [
+    re.compile(r"<script[^>]*\bsrc\s*=", re.I),
+    re.compile(r"<link\b", re.I),
+    re.compile(r"<iframe\b", re.I),
+    re.compile(r"@import", re.I),
+    re.compile(r"""url\(\s*['"]?\s*(https?:)?//""", re.I),
+    re.compile(r"""\b(src|href|action|poster|data)\s*=\s*['"]?\s*(https?:)?//""", re.I),
+    re.compile(r"""\b(fetch|import|importScripts)\s*\(\s*['"`]\s*(https?:)?//""", re.I),
+    re.compile(r"""\.(src|href)\s*=\s*['"`]\s*(https?:)?//""", re.I),
+    re.compile(r"sourceMappingURL", re.I),
+    re.compile(r"new\s+(WebSocket|EventSource)\s*\(", re.I),
+]
+_URL = re.compile(r"""https?://[^\s"'`<>)\\]*""")
+
+
+def split_circuitsvis(page: str) -> tuple[str, list[str]]:
+    """(page without circuitsvis blocks, the blocks)."""
+    pat = re.compile(re.escape(rhtml.CV_BEGIN) + r"(.*?)" + re.escape(rhtml.CV_END), re.S)
+    return pat.sub("", page), pat.findall(page)
+
+
+def network_references(page: str) -> list[str]:
+    """Every network reference of a page (empty for an offline page).
+
+    Outside the circuitsvis blocks no URL may occur at all once the SVG namespace declarations
+    are removed. Inside a block, no fetching construct may occur and the only URLs are the
+    allow-listed literal strings of the bundle.
+    """
+    rest, blocks = split_circuitsvis(page)
+    problems = []
+    rest = _NAMESPACE_DECL.sub("", rest)
+    problems += [f"url: {u}" for u in _URL.findall(rest)]
+    for text, where in [(rest, "page")] + [(b, "circuitsvis") for b in blocks]:
+        for pat in _FETCH_PATTERNS:
+            problems += [f"{where}: {m.group(0)}" for m in pat.finditer(text)]
+    for b in blocks:
+        problems += [f"circuitsvis url: {u}" for u in set(_URL.findall(b)) - _BUNDLE_URL_ALLOWLIST]
+    return problems
+
+
+def test_network_check_catches_remote_references():
+    """The checker itself flags each kind of remote reference (and passes namespace decls)."""
+    ok = '<svg xmlns="http://www.w3.org/2000/svg"><image xlink:href="data:image/png;base64,AA"/>'
+    assert network_references(ok) == []
+    for bad in (
+        '<script src="https://cdn.example/x.js"></script>',
+        '<img src="//example.org/a.png">',
+        '<link rel="stylesheet" href="a.css">',
+        "<style>@import url(https://fonts.example/f.css);</style>",
+        '<div style="background: url(http://x/y.png)"></div>',
+        '<a href="https://example.org">x</a>',
+        f'{rhtml.CV_BEGIN}<script>fetch("https://evil.example/x")</script>{rhtml.CV_END}',
+        f"{rhtml.CV_BEGIN}<script>var u='https://new.example/'</script>{rhtml.CV_END}",
+    ):
+        assert network_references(bad), bad
+
+
+# ----------------------------------------------------------------------------- fixture
+
+
+def _write_real_masks(out: Path, results: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Overwrite every mask of results.csv with a real UnitMask saved by save_mask."""
+    from subroutine_circuits.masks import UnitMap, UnitMask, save_mask
+
+    model = make_tiny_transformer(seed=0, d_vocab=50)
+    unit_map = UnitMap.from_model(model)
+    rng = np.random.default_rng(5)
+    flats = {}
+    for rel in results["mask_path"]:
+        flat = rng.random(unit_map.n_units) < 0.3
+        flat[0] = True  # every mask keeps L0H0, so the attention section always has a head
+        mask = UnitMask.fixed(unit_map, torch.as_tensor(flat))
+        save_mask(out / rel, mask, model, {"note": "test fixture"})
+        flats[rel] = flat
+    return flats
+
+
+def _write_checkpoints(out: Path) -> None:
+    """Tiny model checkpoints with the task tokenizer for base seed 0 of each init."""
+    from subroutine_circuits.models import save_checkpoint
+    from subroutine_circuits.tasks import get_task
+
+    tok = get_task(TASK).tokenizer()
+    for i, init in enumerate(INITS):
+        model = make_tiny_transformer(seed=10 + i, d_vocab=tok.vocab_size)
+        save_checkpoint(out / "models" / f"{TASK}__{init}__s0", model, tok, {"init": init})
+
+
+def _write_patching(out: Path, units: list[tuple[int, str, int]]) -> None:
+    """patching.csv rows and per-unit score files in the format build_report documents."""
+    rows = []
+    for init in INITS:
+        for seed in range(2):
+            for sub in SUBS:
+                rows.append(
+                    dict(subroutine=sub, method="activation", k=5, jaccard=0.2 + 0.1 * seed,
+                         spearman=0.4, roc_auc=0.7, cpr=0.8, cmd=0.1, abl_target_acc=0.3,
+                         abl_other_acc=0.9, init=init, base_seed=seed, task=TASK)
+                )  # fmt: skip
+    pd.DataFrame(rows).to_csv(out / "patching.csv", index=False)
+    g = torch.Generator().manual_seed(0)
+    (out / "patching").mkdir()
+    obj = {
+        "scores": torch.randn(len(units), generator=g),
+        "units": units,
+        "task": TASK,
+        "init": "trained",
+        "subroutine": SUBS[0],
+        "method": "activation",
+        "base_seed": 0,
+        "faithfulness": {"k": [0, 2, 4], "target_acc": [0.9, 0.5, 0.3], "other_acc": [0.9] * 3},
+    }
+    torch.save(obj, out / "patching" / f"{TASK}__trained__s0__{SUBS[0]}__activation.pt")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Build the full synthetic folder once and render its report."""
+    out = tmp_path_factory.mktemp("exp")
+    results = make_experiment(out, inits=INITS, n_base=3, n_mask=2, task=TASK)
+    flats = _write_real_masks(out, results)
+    _write_checkpoints(out)
+    from subroutine_circuits.masks import load_mask
+
+    units = load_mask(out / results["mask_path"].iloc[0]).unit_map.units()
+    _write_patching(out, units)
+    cfg = rhtml.ReportConfig(n_boot=300, n_examples=N_EXAMPLES)
+    path = build_report(out, cfg)
+    page = path.read_text(encoding="utf-8")
+    return {"out": out, "results": results, "flats": flats, "page": page, "path": path}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_report_written_and_complete(report):
+    assert "section unavailable" not in report["page"]  # every section was built
+    path = report["path"]
+    assert path == report["out"] / "report.html" and path.is_file()
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    rest, blocks = split_circuitsvis(page)
+    # figures: accuracy bars per subroutine (2) + scatter (1) + head heatmaps per subroutine (2)
+    # + neuron density (1) + attention (2 inits x N_EXAMPLES) + patching heatmap (1) + curve (1)
+    expected = 2 + 1 + 2 + 1 + len(INITS) * N_EXAMPLES + 1 + 1
+    assert rest.count("<svg") == expected
+    assert len(blocks) == 1  # one interactive circuitsvis widget
+    for anchor in ("run", "verdicts", "accuracy", "masks", "overlap", "attention", "patching"):
+        assert f'<section id="{anchor}">' in page
+    assert "section unavailable" not in page
+
+
+def test_report_is_offline(report):
+    assert network_references(report["page"]) == []
+    _, blocks = split_circuitsvis(report["page"])
+    # the widget's script is inline (its JS bundle is in the page) and renders our patterns
+    assert "<script" in blocks[0] and "CircuitsVis.render" in blocks[0]
+    assert len(blocks[0]) > 100_000
+
+
+def test_verdict_table_matches_results(report):
+    page, res = report["page"], report["results"]
+    assert "compositional k/n" in page
+    for init in INITS:
+        for sub in SUBS:
+            g = res[(res["init"] == init) & (res["subroutine"] == sub) & res["base_ok"]]
+            k, n = int(g["compositional"].sum()), len(g)
+            cell = rf"<td>{init}</td>\s*<td>{sub}</td>\s*<td>{k}/{n}</td>"
+            assert re.search(cell, page), cell
+            mean = g["sub_diff"].mean()
+            assert f"{mean:+.2f} [" in page
+    # the failed base model is listed in the run summary
+    assert f"{TASK}__trained__s2" in page
+    assert "Fisher exact test" in page
+
+
+def test_overlap_table_in_report(report):
+    """The overall Jaccard of trained base-ok runs, computed from the masks, appears in the page."""
+    res, flats = report["results"], report["flats"]
+    vals = []
+    ok = res[(res["init"] == "trained") & res["base_ok"]]
+    for (_, _), g in ok.groupby(["base_seed", "mask_seed"]):
+        a, b = (flats[p] for p in g.sort_values("subroutine")["mask_path"])
+        vals.append((a & b).sum() / (a | b).sum())
+    row = rf"<td>trained</td>\s*<td>{SUBS[0]}</td>\s*<td>{SUBS[1]}</td>\s*<td>all</td>"
+    m = re.search(row + r"(\s*<td>[^<]*</td>){6}\s*<td>([^<]*)</td>", report["page"])
+    assert m, "overall overlap row of trained runs missing"
+    assert float(m.group(2)) == pytest.approx(np.mean(vals), abs=0.006)
+
+
+def test_attention_patterns_of_matches_cache(tiny_model, tiny_tokens):
+    heads = [(0, 1), (1, 3)]
+    pats = rhtml.attention_patterns_of(tiny_model, tiny_tokens[0], heads)
+    _, cache = tiny_model.run_with_cache(tiny_tokens[:1])
+    for (layer, h), p in zip(heads, pats):
+        ref = cache["pattern", layer][0, h].numpy()
+        assert np.allclose(p, ref)
+        assert np.allclose(p.sum(-1), 1.0, atol=1e-5)
+        assert np.allclose(np.triu(p, 1), 0.0)  # causal
+    with pytest.raises(ValueError, match="one sequence"):
+        rhtml.attention_patterns_of(tiny_model, tiny_tokens, heads)
+
+
+def test_report_without_optional_pieces(tmp_path):
+    """Only results.csv: every optional section shows a note, nothing crashes, still offline."""
+    res = make_experiment(None, inits=("trained",), n_base=2, n_mask=2)
+    res.to_csv(tmp_path / "results.csv", index=False)  # masks, manifest, models absent
+    cfg = rhtml.ReportConfig(n_boot=100)
+    path = build_report(tmp_path, cfg)
+    assert path.is_file()
+    page = path.read_text(encoding="utf-8")
+    assert "section unavailable" not in page
+    assert "no readable mask files" in page
+    assert "no models/ folder" in page
+    assert "no patching.csv" in page
+    assert page.count("<svg") == 2 + 1  # accuracy bars per subroutine + scatter
+    assert network_references(page) == []
+
+
+def test_broken_optional_input_becomes_note(tmp_path):
+    make_experiment(tmp_path, inits=("trained",), n_base=1, n_mask=1)
+    pd.DataFrame({"foo": [1]}).to_csv(tmp_path / "patching.csv", index=False)
+    page, problems = rhtml.render_report(tmp_path, rhtml.ReportConfig(n_boot=50))
+    assert len(problems) == 1 and problems[0].startswith("Mask vs activation patching")
+    assert "section unavailable" in page
+
+
+def test_report_needs_results(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results.csv"):
+        build_report(tmp_path)
