@@ -124,3 +124,18 @@ def test_data_bad_inputs(tmp_path, capsys):
     assert "unknown predicate 'verb_plural'" in capsys.readouterr().err
     assert parse_rule(["a=yes", "b=0"]) == {"a": True, "b": False}
     assert parse_rule([]) is None
+
+
+def test_tasks_command_imports_no_torch():
+    """``subroutine-circuits tasks`` stays fast: neither torch nor TransformerLens is imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from subroutine_circuits.cli import main; rc = main(['tasks']); "
+        "assert rc == 0; print('torch' in sys.modules, 'transformer_lens' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.strip().splitlines()[-1] == "False False"

@@ -10,7 +10,11 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported lazily (only inside encode_batch)
+    from jaxtyping import Int
+    from torch import Tensor
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[BOS]", "[UNK]", "[MASK]", "[SEP]", "yes", "no")
 
@@ -110,7 +114,9 @@ class WordTokenizer:
             words.append(w)
         return " ".join(words)
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = True, max_len: int | None = None):
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = True, max_len: int | None = None
+    ) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n"]]:
         """Encode and right-pad with ``[PAD]``.
 
         Returns ``(tokens, lengths)``: ``Int[Tensor, "n pos"]`` (LongTensor) and
