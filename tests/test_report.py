@@ -170,14 +170,14 @@ def _write_patching(out: Path, units: list[tuple[int, str, int]]) -> None:
 def report(tmp_path_factory):
     """Build the full synthetic folder once and render its report."""
     out = tmp_path_factory.mktemp("exp")
-    results = make_experiment(out, inits=INITS, n_base=3, n_mask=2, task=TASK)
+    results = make_experiment(out, inits=INITS, n_base=3, n_mask=1, task=TASK)
     flats = _write_real_masks(out, results)
     _write_checkpoints(out)
     from subroutine_circuits.masks import load_mask
 
     units = load_mask(out / results["mask_path"].iloc[0]).unit_map.units()
     _write_patching(out, units)
-    cfg = rhtml.ReportConfig(n_boot=300, n_examples=N_EXAMPLES)
+    cfg = rhtml.ReportConfig(n_boot=300, n_examples=N_EXAMPLES, max_heads=3)
     path = build_report(out, cfg)
     page = path.read_text(encoding="utf-8")
     return {"out": out, "results": results, "flats": flats, "page": page, "path": path}

@@ -15,6 +15,7 @@ is a *cluster* bootstrap: resample base models with replacement, then take all t
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -347,11 +348,27 @@ def load_mask_units(path: str | os.PathLike) -> tuple[np.ndarray, list[tuple[int
     and accepts a dict holding ``"flat"`` (bool tensor/array) and ``"units"`` (triples), the
     simple format used by test fixtures. Raises ``ValueError`` naming the file otherwise.
     """
-    import torch
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"mask file not found: {path}")
+    st = path.stat()
+    flat, units = _load_mask_units_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    return flat.copy(), list(units)
+
+
+@functools.lru_cache(maxsize=4096)
+def _load_mask_units_cached(
+    path_str: str, mtime_ns: int, size: int
+) -> tuple[np.ndarray, tuple[tuple[int, str, int], ...]]:
+    """:func:`load_mask_units` for one version of a file (keyed by path, mtime and size)."""
+    flat, units = _read_mask_units(Path(path_str))
+    return flat, tuple(units)
+
+
+def _read_mask_units(path: Path) -> tuple[np.ndarray, list[tuple[int, str, int]]]:
+    """Read a mask file through masks.load_mask, else as the fixture dict format."""
+    import torch
+
     first_error: Exception | None = None
     try:
         from subroutine_circuits.masks import load_mask  # type: ignore[attr-defined]

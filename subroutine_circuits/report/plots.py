@@ -225,6 +225,7 @@ def neuron_density(freq: pd.DataFrame, title: str) -> str:
     for (init, sub), g in n.groupby(["init", "subroutine"], sort=True):
         per_layer = g.groupby("layer")["freq"].mean()
         ax.plot(per_layer.index, per_layer.values, marker="o", label=f"{init} / {sub}")
+    ax.set_xticks(sorted(int(x) for x in n["layer"].unique()))
     ax.set_xlabel("layer")
     ax.set_ylabel("neuron density")
     ax.set_ylim(bottom=0)
@@ -245,12 +246,13 @@ def attention_heatmaps(
         raise ValueError("attention_heatmaps needs one label per pattern and at least one")
     n = len(patterns)
     size = 0.22 * len(str_tokens) + 1.0
-    fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.6), squeeze=False)
-    for ax, pat, lab in zip(axes[0], patterns, labels):
+    fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.6), squeeze=False, sharey=True)
+    ticks = range(len(str_tokens))
+    for i, (ax, pat, lab) in enumerate(zip(axes[0], patterns, labels)):
         ax.imshow(np.asarray(pat), vmin=0.0, vmax=1.0, cmap="Blues")
-        ticks = range(len(str_tokens))
         ax.set_xticks(ticks, list(str_tokens), rotation=90, fontsize=6)
-        ax.set_yticks(ticks, list(str_tokens), fontsize=6)
+        if i == 0:
+            ax.set_yticks(ticks, list(str_tokens), fontsize=6)
         ax.set_title(lab, fontsize=7)
     fig.suptitle(title, fontsize=8, y=1.02)
     return fig_to_svg(fig)
