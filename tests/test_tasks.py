@@ -405,3 +405,15 @@ def test_label_examples(kind):
             assert vals["subject_plural"] == rule["subject_plural"]
             assert e.label == (vals["verb_plural"] == rule["verb_plural"])
         assert e.label_word == ("yes" if e.label else "no")
+
+
+def test_grammar_config_frames():
+    task = get_task("agreement_singular", cfg=L.GrammarConfig(frames={"pp": 1.0}, p_adjective=0.0))
+    rng = random.Random(8)
+    for _ in range(100):
+        s = task.sample({}, rng)
+        assert parse(s.text)["frame"] == "pp" and len(s.text.split()) == 6
+    with pytest.raises(ValueError, match="unknown sentence frame 'rc'.*simple, pp"):
+        get_task("agreement_plural", cfg=L.GrammarConfig(frames={"rc": 1.0}))
+    with pytest.raises(ValueError, match="p_adjective"):
+        L.GrammarConfig(p_adjective=1.5)
