@@ -218,3 +218,33 @@ def test_weight_fixed_complement_random_save_load(tiny_model, tiny_tokens, tmp_p
     other = make_tiny_transformer(d_vocab=60)
     with pytest.raises(ValueError, match="d_vocab=50, this model has d_vocab=60"):
         load_mask(path, other)
+
+
+def test_weight_mask_on_custom_cnn_and_generator():
+    from test_masks import _tiny_cnn
+
+    cnn = _tiny_cnn()
+    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(2))
+    ref = cnn(x)
+    with pytest.raises(ValueError, match="'conv1.bias' is a bias"):
+        WeightMask(cnn, param_names=["conv1.bias"])
+    with pytest.raises(ValueError, match="initializer_range"):
+        WeightMask(cnn, MaskConfig(ablation="reinit"), param_names=["conv2.weight"])
+    keep = torch.ones(6, 5, 3, 3, dtype=torch.bool)
+    keep[4, 2] = False  # kernel from input channel 2 to output channel 4
+    wm = WeightMask.fixed(cnn, keep.reshape(-1), param_names=["conv2.weight"])
+    edited = copy.deepcopy(cnn)
+    with torch.no_grad():
+        edited.conv2.weight[4, 2] = 0.0
+    with torch.no_grad(), wm.applied(cnn):
+        got = cnn(x)
+    assert _maxdiff(got, edited(x)) <= 1e-6 and _maxdiff(got, ref) > 1e-5
+    # an explicit torch.Generator makes hard-concrete samples reproducible
+    a = WeightMask(
+        cnn, MaskConfig(init=0.0), ["conv1.weight"], generator=torch.Generator().manual_seed(5)
+    )
+    b = WeightMask(
+        cnn, MaskConfig(init=0.0), ["conv1.weight"], generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(a.parts[0](), b.parts[0]())
+    assert not torch.equal(a.parts[0](), a.parts[0]())  # a fresh sample each call

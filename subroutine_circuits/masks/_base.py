@@ -35,9 +35,15 @@ class MaskBase(nn.Module):
         shapes: Sequence[tuple[int, ...]],
         cfg: MaskConfig,
         fixed: Bool[Tensor, "n"] | None,
+        generator: torch.Generator | None = None,
     ) -> None:
-        """Create ``self.parts`` (trainable, or fixed from the flat boolean vector ``fixed``)."""
-        self.generator = torch.Generator().manual_seed(int(cfg.seed))
+        """Create ``self.parts`` (trainable, or fixed from the flat boolean vector ``fixed``).
+
+        Hard-concrete parts draw from ``generator`` (default: a new one seeded with ``cfg.seed``).
+        """
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(cfg.seed))
+        self.generator = generator
         self.shapes = [tuple(int(s) for s in sh) for sh in shapes]
         self.is_fixed = fixed is not None
         if fixed is None:

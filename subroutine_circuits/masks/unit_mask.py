@@ -48,7 +48,7 @@ def remove_owned_hook(token: tuple) -> None:
 def padding_mask(lengths: Int[Tensor, "batch"], n_pos: int) -> Bool[Tensor, "batch pos"]:
     """``True`` at real positions ``pos < length`` (right padding)."""
     lengths = torch.as_tensor(lengths)
-    return torch.arange(n_pos)[None, :] < lengths[:, None].to(torch.long)
+    return torch.arange(n_pos, device=lengths.device)[None, :] < lengths[:, None].to(torch.long)
 
 
 class UnitMask(MaskBase):
@@ -72,8 +72,12 @@ class UnitMask(MaskBase):
         cfg: MaskConfig | None = None,
         *,
         fixed: Bool[Tensor, "n_units"] | None = None,
+        generator: torch.Generator | None = None,
     ):
-        """Create a trainable mask (or, with ``fixed``, a constant one; see :meth:`fixed`)."""
+        """Create a trainable mask (or, with ``fixed``, a constant one; see :meth:`fixed`).
+
+        Hard-concrete samples come from ``generator`` (default: seeded with ``cfg.seed``).
+        """
         super().__init__()
         if not isinstance(unit_map, UnitMap):
             raise ValueError(f"UnitMask needs a UnitMap, got {type(unit_map).__name__}")
@@ -85,7 +89,7 @@ class UnitMask(MaskBase):
         self.labels = [f"unit group {g.hook_name!r}" for g in unit_map.groups]
         self.layers = [g.layer for g in unit_map.groups]
         self.kinds = [g.kind for g in unit_map.groups]
-        self._build_parts([(g.size,) for g in unit_map.groups], self.cfg, fixed)
+        self._build_parts([(g.size,) for g in unit_map.groups], self.cfg, fixed, generator)
         # hook_name -> ablation tensor (mean: broadcastable, keepdim; resample: full shape)
         self.ablation_values: dict[str, Tensor] = {}
         self.meta: dict = {}

@@ -72,6 +72,7 @@ class WeightMask(MaskBase):
             are drawn ``N(0, model.cfg.initializer_range)`` with a generator seeded by
             ``cfg.seed`` (parameters in order).
         fixed: a flat boolean vector making this a constant mask (see :meth:`fixed`).
+        generator: source of hard-concrete samples (default: seeded with ``cfg.seed``).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class WeightMask(MaskBase):
         reinit: Mapping[str, Tensor] | None = None,
         *,
         fixed: Bool[Tensor, "n"] | None = None,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         self.cfg = cfg if cfg is not None else MaskConfig()
@@ -110,7 +112,7 @@ class WeightMask(MaskBase):
         self.labels = [f"weight mask of {n!r}" for n in names]
         self.layers = [layer_of(n) for n in names]
         self.kinds = [n.split(".")[-1] for n in names]
-        self._build_parts(shapes, self.cfg, fixed)
+        self._build_parts(shapes, self.cfg, fixed, generator)
         self.reinit_values: dict[str, Tensor] | None = None
         if self.ablation == Ablation.REINIT:
             self.reinit_values = self._make_reinit(model, reinit)
