@@ -1,0 +1,411 @@
+"""Patching experiment for one subroutine: scores, circuits, comparison with its mask.
+
+:func:`run_patching` is what the experiment runner and ``subroutine-circuits patch`` call.
+For OOO models (embed 4 stimuli, L2-normalise, ``s_i = -sum_{j != i} <x_i, x_j>``) the metric of
+a minimal pair for subroutine ``p`` is the oddness score of the stimulus among 3 fixed context
+stimuli that satisfy the rule (their embeddings are computed once, unpatched); the clean input
+breaks ``p`` (it is the odd one), the corrupted input is its minimal pair with ``p`` restored.
+For label-token models the metric is ``logit[yes] - logit[no]`` at the last position.
+Pairs are grouped by token count, so no padding is needed; results of the groups are merged.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from subroutine_circuits.patching.activation import (
+    Group,
+    PatchScores,
+    activation_patching,
+    merge_scores,
+    unit_groups,
+)
+from subroutine_circuits.patching.attribution import attribution_patching, integrated_gradients
+from subroutine_circuits.patching.circuits import (
+    DEFAULT_FRACTIONS,
+    PatchBatch,
+    faithfulness_curve,
+    smallest_faithful_circuit,
+    top_k_circuit,
+)
+from subroutine_circuits.patching.compare import compare_with_mask
+
+METHODS = ("activation", "attribution", "integrated_gradients")
+READOUT_KINDS = ("ooo", "label")
+
+
+@dataclass
+class PatchingConfig:
+    """Settings of :func:`run_patching` (defaults work for the library's OOO models).
+
+    - ``methods``: any of ``activation``, ``attribution``, ``integrated_gradients``.
+    - ``n_pairs``: minimal pairs per subroutine; ``seed`` seeds their sampling.
+    - ``readout``: ``ooo`` (odd-one-out embedding models) or ``label`` (yes/no token).
+    - ``pool``: ``last`` / ``mean`` / None (the model's own ``sc_pool``, else last).
+    - ``curve_ablation``: ablation of the complement in faithfulness curves (``resample`` =
+      the corrupted activation, MIB's convention; or ``mean`` / ``zero``).
+    - ``cross_ablation``: ablation used to remove the patching circuit before measuring OOO
+      accuracy on the partitions (``zero``, like the mask experiment's ``abl`` condition, or
+      ``mean`` over the ``sub_<p>`` test problems like its ``ablmean``).
+    - ``circuit_size``: size of the patching circuit for Jaccard and cross-ablation:
+      ``"mask"`` (the mask's kept count, else the smallest faithful circuit), ``"faithful"``
+      (smallest circuit reaching ``faithfulness_target``) or an int.
+    - ``out_dir``: if set, per-unit scores are saved there as ``scores_<sub>_<method>.pt``.
+    """
+
+    methods: tuple[str, ...] = ("activation", "attribution")
+    n_pairs: int = 64
+    seed: int = 0
+    readout: str = "ooo"
+    pool: str | None = None
+    kinds: tuple[str, ...] = ("head", "neuron")
+    curve_ablation: str = "resample"
+    cross_ablation: str = "zero"
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    faithfulness_target: float = 0.8
+    circuit_size: str | int = "mask"
+    use_abs: bool = True
+    ig_steps: int = 16
+    chunk_rows: int = 4096
+    batch_size: int = 256
+    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.methods, str):
+            self.methods = tuple(m.strip() for m in self.methods.split(",") if m.strip())
+        self.methods = tuple(self.methods)
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"unknown patching method(s) {bad or '(none)'}; choose from {METHODS}")
+        if self.readout not in READOUT_KINDS:
+            raise ValueError(f"unknown readout {self.readout!r}; choose one of {READOUT_KINDS}")
+        if self.n_pairs < 1:
+            raise ValueError(f"n_pairs must be >= 1, got {self.n_pairs}")
+        if isinstance(self.circuit_size, str) and self.circuit_size not in ("mask", "faithful"):
+            raise ValueError(
+                f"circuit_size must be 'mask', 'faithful' or an int, got {self.circuit_size!r}"
+            )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class PairData:
+    """Minimal pairs of one subroutine, grouped by token count, ready for patching."""
+
+    batches: list[PatchBatch]
+    readout: str  # readout name for the patching functions
+    n_pairs: int
+    texts: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pool(model, pool: str | None) -> str:
+    from subroutine_circuits.models.readout import resolve_pool
+
+    return resolve_pool(model, pool)
+
+
+def sample_pairs(
+    task, subroutine: str, n: int, seed: int, n_context: int = 3
+) -> list[tuple[str, str, list[str]]]:
+    """``n`` (clean, corrupted, contexts): clean breaks ``subroutine`` only, corrupted is its
+    minimal pair with it restored (satisfies the rule), contexts satisfy the rule."""
+    if subroutine not in task.predicates:
+        raise ValueError(
+            f"unknown subroutine {subroutine!r} for task {task.name!r}; "
+            f"predicates: {', '.join(task.predicates)}"
+        )
+    rng = random.Random(seed)
+    rule = dict(task.rule)
+    broken = dict(rule)
+    broken[subroutine] = not rule[subroutine]
+    out = []
+    for _ in range(n):
+        clean, corr = task.minimal_pair(broken, subroutine, rng)
+        contexts: list[str] = []
+        for _try in range(50 * n_context):
+            if len(contexts) == n_context:
+                break
+            t = task.sample(rule, rng).text
+            if t not in contexts and t not in (clean.text, corr.text):
+                contexts.append(t)
+        if len(contexts) < n_context:
+            raise ValueError(f"task {task.name!r}: cannot sample {n_context} distinct contexts")
+        out.append((clean.text, corr.text, contexts))
+    return out
+
+
+def _oddness_metric(context_sum: Float[Tensor, "batch d"]):
+    """Metric: oddness score of the (patched) stimulus among fixed, normalised contexts."""
+
+    def metric(hidden: Tensor) -> Tensor:
+        x = F.normalize(hidden.float(), dim=-1)
+        return -(x * context_sum).sum(-1)
+
+    return metric
+
+
+def _label_metric(yes_id: int, no_id: int):
+    def metric(logits: Tensor) -> Tensor:
+        return logits[..., -1, yes_id] - logits[..., -1, no_id]
+
+    return metric
+
+
+@torch.no_grad()
+def build_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig) -> PairData:
+    """Sample minimal pairs, tokenise, group by length and attach each group's metric."""
+    pairs = sample_pairs(task, subroutine, cfg.n_pairs, cfg.seed)
+    device = _device(model)
+    by_len: dict[int, list[int]] = {}
+    enc = []
+    for i, (clean, corr, _) in enumerate(pairs):
+        a, b = tokenizer.encode(clean), tokenizer.encode(corr)
+        if len(a) != len(b):
+            raise ValueError(
+                f"minimal pair with different token counts ({len(a)} vs {len(b)}): "
+                f"{clean!r} / {corr!r}"
+            )
+        if len(a) > model.cfg.n_ctx:
+            raise ValueError(f"stimulus of {len(a)} tokens exceeds the model's n_ctx")
+        enc.append((a, b))
+        by_len.setdefault(len(a), []).append(i)
+    batches = []
+    if cfg.readout == "ooo":
+        from subroutine_circuits.models.readout import final_hidden
+
+        pool = _pool(model, cfg.pool)
+        readout = {"last": "hidden_last", "mean": "hidden_mean"}[pool]
+        for _, idx in sorted(by_len.items()):
+            ctx_texts = [t for i in idx for t in pairs[i][2]]
+            toks, lens = tokenizer.encode_batch(ctx_texts)
+            emb = final_hidden(
+                model, torch.as_tensor(toks).to(device), torch.as_tensor(lens).to(device), pool
+            )
+            ctx_sum = F.normalize(emb.float(), dim=-1).view(len(idx), -1, emb.shape[-1]).sum(1)
+            batches.append(_make_batch(enc, idx, device, _oddness_metric(ctx_sum)))
+    else:
+        readout = "logits"
+        metric = _label_metric(tokenizer.yes_id, tokenizer.no_id)
+        for _, idx in sorted(by_len.items()):
+            batches.append(_make_batch(enc, idx, device, metric))
+    return PairData(batches, readout, len(pairs), [(p[0], p[1]) for p in pairs])
+
+
+def _make_batch(enc, idx, device, metric) -> PatchBatch:
+    clean = torch.tensor([enc[i][0] for i in idx], dtype=torch.long, device=device)
+    corr = torch.tensor([enc[i][1] for i in idx], dtype=torch.long, device=device)
+    return PatchBatch(clean, corr, metric)
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def patching_scores(
+    model, data: PairData, groups: Sequence[Group], method: str, cfg: PatchingConfig
+) -> PatchScores:
+    """Scores of one method over all length groups (merged, weighted by pair counts)."""
+    parts = []
+    for b in data.batches:
+        args = (model, b.clean_tokens, b.corr_tokens, b.metric, groups)
+        if method == "activation":
+            parts.append(
+                activation_patching(*args, readout=data.readout, chunk_rows=cfg.chunk_rows)
+            )
+        elif method == "attribution":
+            parts.append(attribution_patching(*args, readout=data.readout))
+        elif method == "integrated_gradients":
+            parts.append(
+                integrated_gradients(
+                    *args, readout=data.readout, steps=cfg.ig_steps, chunk_rows=cfg.chunk_rows
+                )
+            )
+        else:
+            raise ValueError(f"unknown patching method {method!r}; choose from {METHODS}")
+    return merge_scores(parts)
+
+
+def mask_unit_params(mask) -> Tensor:
+    """The mask's per-unit parameters in unit order (logits / log_alpha; fixed: 0/1)."""
+    vals = []
+    for part in mask.parts:
+        for name in ("logits", "log_alpha", "values"):
+            v = getattr(part, name, None)
+            if isinstance(v, Tensor):
+                vals.append(v.detach().float().flatten().cpu())
+                break
+        else:
+            vals.append(part.binary().float().flatten().cpu())
+    return torch.cat(vals)
+
+
+def cross_ablation(
+    model,
+    tokenizer,
+    unit_map,
+    circuit: Tensor,
+    test_problems: Mapping[str, list],
+    subroutine: str,
+    other: str,
+    cfg: PatchingConfig,
+) -> dict[str, float]:
+    """Ablate ``circuit`` and measure OOO accuracy on the target and other partitions, as the
+    mask experiment does (``UnitMask.fixed`` keeping the complement; mean ablation values from
+    the ``sub_<subroutine>`` test problems)."""
+    from subroutine_circuits.masks import UnitMask
+    from subroutine_circuits.models import encode_problems, ooo_accuracy
+
+    pool = _pool(model, cfg.pool)
+    target_kind, other_kind = f"partition_{subroutine}", f"partition_{other}"
+    for kind in (target_kind, other_kind):
+        if not test_problems.get(kind):
+            raise ValueError(f"test problems have no {kind!r} problems (needed for cross-ablation)")
+    fm = UnitMask.fixed(unit_map, ~circuit.bool().cpu(), ablation=cfg.cross_ablation)
+    if cfg.cross_ablation == "mean":
+        ref = test_problems.get(f"sub_{subroutine}") or test_problems[target_kind]
+        toks, lens, _ = encode_problems(ref, tokenizer)
+        b, k, pos = toks.shape
+        dev = _device(model)
+        fm.set_mean(model, toks.reshape(b * k, pos).to(dev), lens.reshape(b * k).to(dev))
+    elif cfg.cross_ablation != "zero":
+        raise ValueError("cross_ablation must be 'zero' or 'mean' (inputs vary in length)")
+    out = {}
+    with fm.applied(model):
+        for name, kind in (("target", target_kind), ("other", other_kind)):
+            out[f"abl_{name}_acc"] = ooo_accuracy(
+                model, test_problems[kind], tokenizer, pool, cfg.batch_size
+            )
+    chance = 0.25
+    out["abl_diff"] = max(out["abl_target_acc"], chance) - max(out["abl_other_acc"], chance)
+    return out
+
+
+def run_patching(
+    model,
+    tokenizer,
+    task,
+    subroutine: str,
+    test_problems: Mapping[str, list] | None,
+    mask=None,
+    cfg: PatchingConfig | None = None,
+) -> list[dict[str, Any]]:
+    """Patch, build circuits and compare with ``mask`` for one subroutine.
+
+    Returns one dict per method with ``subroutine, method, n_pairs, n_units, k, k_faithful,
+    f_at_k, jaccard, spearman, roc_auc, cpr, cmd, abl_target_acc, abl_other_acc, abl_diff,
+    clean_metric, corr_metric`` (NaN where not applicable: no mask, label readout, or no
+    partition problems). With ``cfg.out_dir`` the per-unit scores go to
+    ``scores_<subroutine>_<method>.pt`` (key ``scores_file``).
+    """
+    from subroutine_circuits.masks import UnitMap
+
+    cfg = cfg or PatchingConfig()
+    if mask is not None and not hasattr(mask, "unit_map"):
+        raise ValueError("patching compares with unit masks only (this mask has no unit_map)")
+    unit_map = mask.unit_map if mask is not None else UnitMap.from_model(model, kinds=cfg.kinds)
+    groups = unit_groups(model, unit_map)
+    n = sum(g.size for g in groups)
+    others = [p for p in task.predicates if p != subroutine]
+    data = build_pair_data(model, tokenizer, task, subroutine, cfg)
+    model.eval()
+    rows = []
+    for method in cfg.methods:
+        res = patching_scores(model, data, groups, method, cfg)
+        scores = res.flat()
+        curve = faithfulness_curve(
+            model,
+            data.batches,
+            groups,
+            scores,
+            cfg.fractions,
+            cfg.curve_ablation,
+            data.readout,
+            cfg.use_abs,
+            cfg.chunk_rows,
+        )
+        faithful, f_faithful = smallest_faithful_circuit(
+            model,
+            data.batches,
+            groups,
+            scores,
+            cfg.faithfulness_target,
+            cfg.curve_ablation,
+            data.readout,
+            cfg.use_abs,
+            cfg.chunk_rows,
+        )
+        row: dict[str, Any] = {
+            "subroutine": subroutine,
+            "method": method,
+            "n_pairs": data.n_pairs,
+            "n_units": n,
+            "clean_metric": res.clean_metric,
+            "corr_metric": res.corr_metric,
+            "cpr": curve.cpr,
+            "cmd": curve.cmd,
+            "k_faithful": int(faithful.sum()),
+            "f_faithful": f_faithful,
+            "jaccard": math.nan,
+            "spearman": math.nan,
+            "roc_auc": math.nan,
+        }
+        if isinstance(cfg.circuit_size, int):
+            circuit = top_k_circuit(scores, cfg.circuit_size, cfg.use_abs)
+        elif cfg.circuit_size == "mask" and mask is not None:
+            circuit = top_k_circuit(scores, int(mask.flat_binary().sum()), cfg.use_abs)
+        else:
+            circuit = faithful
+        row["k"] = int(circuit.sum())
+        if mask is not None:
+            keep = mask.flat_binary().bool().cpu()
+            row.update(
+                {
+                    k: v
+                    for k, v in compare_with_mask(
+                        scores, keep, mask_unit_params(mask), cfg.use_abs
+                    ).items()
+                    if k != "k"
+                }
+            )
+            row["mask_k"] = int(keep.sum())
+        row.update({"abl_target_acc": math.nan, "abl_other_acc": math.nan, "abl_diff": math.nan})
+        if cfg.readout == "ooo" and test_problems and others:
+            row.update(
+                cross_ablation(
+                    model, tokenizer, unit_map, circuit, test_problems, subroutine, others[0], cfg
+                )
+            )
+        if cfg.out_dir is not None:
+            from subroutine_circuits.utils import atomic_torch_save
+
+            path = Path(cfg.out_dir) / f"scores_{subroutine}_{method}.pt"
+            atomic_torch_save(
+                {
+                    "scores": scores,
+                    "units": unit_map.units(),
+                    "hooks": [asdict(g) for g in groups],
+                    "normalised": res.normalised(),
+                    "circuit": circuit,
+                    "curve": asdict(curve),
+                    "row": dict(row),
+                },
+                path,
+            )
+            row["scores_file"] = path.name
+        rows.append(row)
+    return rows
