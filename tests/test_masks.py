@@ -509,3 +509,18 @@ def test_custom_hooked_root_module_cnn(tmp_path):
     save_mask(tmp_path / "cnn.pt", mask, cnn)
     back = load_mask(tmp_path / "cnn.pt", cnn)
     assert back.unit_map == um and torch.equal(back.flat_binary(), keep)
+
+
+def test_unit_fixed_like_and_instance_random_like(tiny_model, tiny_tokens):
+    um = UnitMap.from_model(tiny_model)
+    keep = torch.zeros(um.n_units, dtype=torch.bool)
+    keep[::3] = True
+    fm = UnitMask.fixed(um, keep, ablation="mean")
+    fm.set_mean(tiny_model, tiny_tokens)
+    assert torch.equal(
+        fm.random_like(seed=4).flat_binary(), UnitMask.random_like(fm, 4).flat_binary()
+    )
+    same = fm.fixed_like(~keep)
+    assert same.ablation.value == "mean" and set(same.ablation_values) == set(fm.ablation_values)
+    zero = fm.fixed_like(~keep, ablation="zero")
+    assert zero.ablation.value == "zero" and torch.equal(zero.flat_binary(), ~keep)

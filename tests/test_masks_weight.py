@@ -248,3 +248,34 @@ def test_weight_mask_on_custom_cnn_and_generator():
     )
     assert torch.equal(a.parts[0](), b.parts[0]())
     assert not torch.equal(a.parts[0](), a.parts[0]())  # a fresh sample each call
+
+
+def test_fixed_like_and_instance_random_like(tiny_model, tiny_tokens, tmp_path):
+    """The forms the experiment code uses: mask.fixed_like(...), mask.random_like(seed=...)."""
+    names = ["blocks.0.mlp.W_out"]
+    wm = WeightMask(tiny_model, MaskConfig(init=2.0, seed=3), names)
+    with torch.no_grad():
+        wm.parts[0].log_alpha[:5] = -4.0  # drop 5 rows = 5 neurons
+    wm.eval()
+    keep = wm.flat_binary()
+    r_inst = wm.random_like(seed=2)
+    r_cls = WeightMask.random_like(wm, 2)
+    assert torch.equal(r_inst.flat_binary(), r_cls.flat_binary())
+    assert int(r_inst.flat_binary().sum()) == int(keep.sum()) == 59 * 32
+    sub = wm.fixed_like(keep)
+    assert torch.equal(sub.flat_binary(), keep) and sub.ablation.value == "zero"
+    abl = wm.fixed_like(~keep, ablation="reinit", seed=9)
+    std = tiny_model.cfg.initializer_range
+    r = abl.reinit_values[names[0]]
+    assert abs(float(r.std()) - std) < 0.15 * std
+    # ablating the 5 dropped rows with reinit = the model with those rows replaced
+    edited = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        edited.blocks[0].mlp.W_out[5:] = r[5:]
+    with torch.no_grad(), abl.applied(tiny_model):
+        assert _maxdiff(tiny_model(tiny_tokens), edited(tiny_tokens)) <= 1e-5
+    # init_std survives save/load, so a loaded mask can still make reinit variants
+    save_mask(tmp_path / "w.pt", wm, tiny_model)
+    back = load_mask(tmp_path / "w.pt")
+    again = back.fixed_like(~keep, ablation="reinit", seed=9)
+    assert torch.equal(again.reinit_values[names[0]], r)

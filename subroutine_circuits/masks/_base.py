@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -16,6 +17,22 @@ from .parametrization import (
     MaskConfig,
     make_parametrization,
 )
+
+
+class hybridmethod:
+    """Decorator: ``Cls.f(obj, *a)`` and ``obj.f(*a)`` both call ``f(obj, *a)``.
+
+    Lets ``UnitMask.random_like(mask, seed)`` and ``mask.random_like(seed=...)`` coexist.
+    """
+
+    def __init__(self, func):
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self.func
+        return functools.partial(self.func, obj)
 
 
 class MaskBase(nn.Module):

@@ -61,7 +61,10 @@ def save_mask(
         kind = "weight"
         layout = {"params": mask.shapes_dict()}
         rv = mask.reinit_values
-        extra = {"reinit_values": None if rv is None else {k: v.cpu() for k, v in rv.items()}}
+        extra = {
+            "reinit_values": None if rv is None else {k: v.cpu() for k, v in rv.items()},
+            "init_std": mask.init_std,
+        }
     else:
         raise ValueError(f"save_mask expects a UnitMask or WeightMask, got {type(mask).__name__}")
     obj = {
@@ -114,7 +117,14 @@ def load_mask(path: str | os.PathLike, model: nn.Module | None = None) -> UnitMa
                         f"mask parameter {n!r} has shape {sh}, this model has "
                         f"{list(params[n].shape)}"
                     )
-        mask = WeightMask(shapes, cfg, list(shapes), obj.get("reinit_values"), fixed=fixed)
+        mask = WeightMask(
+            shapes,
+            cfg,
+            list(shapes),
+            obj.get("reinit_values"),
+            fixed=fixed,
+            init_std=obj.get("init_std"),
+        )
         mask.load_state_dict(obj["state_dict"])
     else:
         raise ValueError(f"unknown mask kind {obj['mask_kind']!r} in {str(path)!r}")

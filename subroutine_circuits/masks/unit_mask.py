@@ -11,7 +11,7 @@ import torch.nn as nn
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ._base import MaskBase
+from ._base import MaskBase, hybridmethod
 from .parametrization import Ablation, MaskConfig
 from .units import UnitGroup, UnitMap
 
@@ -115,11 +115,22 @@ class UnitMask(MaskBase):
         """Fixed mask keeping exactly the units this mask removes (same ablation values)."""
         return self._fixed_copy(~self.flat_binary())
 
-    @classmethod
-    def random_like(cls, mask: UnitMask, seed: int, per_group: bool = False) -> UnitMask:
+    def fixed_like(
+        self, flat_bool: Bool[Tensor, "n_units"], ablation: str | Ablation | None = None
+    ) -> UnitMask:
+        """A fixed mask on this mask's unit map (ablation default: this mask's; values copied
+        when the ablation kind is the same)."""
+        abl = self.ablation if ablation is None else Ablation.parse(ablation)
+        if abl == self.ablation:
+            return self._fixed_copy(flat_bool)
+        return UnitMask.fixed(self.unit_map, flat_bool, abl)
+
+    @hybridmethod
+    def random_like(mask: UnitMask, seed: int, per_group: bool = False) -> UnitMask:
         """A fixed random mask keeping as many units as ``mask``'s binary mask.
 
-        With ``per_group=False`` (default) the same *total* number of units is kept, chosen
+        Call as ``UnitMask.random_like(mask, seed)`` or ``mask.random_like(seed)``. With
+        ``per_group=False`` (default) the same *total* number of units is kept, chosen
         uniformly among all units of the unit map; with ``per_group=True`` the count is matched
         within every group (hook). Ablation kind and values are copied from ``mask``.
         """

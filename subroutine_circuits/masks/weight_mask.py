@@ -18,7 +18,7 @@ import torch.nn as nn
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ._base import MaskBase, layer_of
+from ._base import MaskBase, hybridmethod, layer_of
 from .parametrization import Ablation, MaskConfig
 
 DEFAULT_WEIGHT_SUFFIXES = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")
@@ -73,6 +73,7 @@ class WeightMask(MaskBase):
             ``cfg.seed`` (parameters in order).
         fixed: a flat boolean vector making this a constant mask (see :meth:`fixed`).
         generator: source of hard-concrete samples (default: seeded with ``cfg.seed``).
+        init_std: std of reinit values; default ``model.cfg.initializer_range`` (if any).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class WeightMask(MaskBase):
         *,
         fixed: Bool[Tensor, "n"] | None = None,
         generator: torch.Generator | None = None,
+        init_std: float | None = None,
     ):
         super().__init__()
         self.cfg = cfg if cfg is not None else MaskConfig()
@@ -92,6 +94,9 @@ class WeightMask(MaskBase):
             raise ValueError(
                 f"weight masks support ablation 'zero' or 'reinit', got {self.ablation.value!r}"
             )
+        if init_std is None and isinstance(model, nn.Module):
+            init_std = getattr(getattr(model, "cfg", None), "initializer_range", None)
+        self.init_std = None if init_std is None else float(init_std)
         if isinstance(model, nn.Module):
             names = list(param_names) if param_names is not None else default_param_names(model)
             if not names:
@@ -115,10 +120,10 @@ class WeightMask(MaskBase):
         self._build_parts(shapes, self.cfg, fixed, generator)
         self.reinit_values: dict[str, Tensor] | None = None
         if self.ablation == Ablation.REINIT:
-            self.reinit_values = self._make_reinit(model, reinit)
+            self.reinit_values = self._make_reinit(reinit, self.cfg.seed)
         self.meta: dict = {}
 
-    def _make_reinit(self, model, reinit: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    def _make_reinit(self, reinit: Mapping[str, Tensor] | None, seed: int) -> dict[str, Tensor]:
         """Replacement values for reinit ablation (given, or drawn from N(0, init std))."""
         if reinit is not None:
             out = {}
@@ -132,12 +137,12 @@ class WeightMask(MaskBase):
                     )
                 out[n] = t
             return out
-        std = getattr(getattr(model, "cfg", None), "initializer_range", None)
-        if std is None or float(std) <= 0:
+        std = self.init_std
+        if std is None or std <= 0:
             raise ValueError(
                 "reinit ablation needs reinit values or a model with cfg.initializer_range > 0"
             )
-        g = torch.Generator().manual_seed(int(self.cfg.seed) + 7919)
+        g = torch.Generator().manual_seed(int(seed) + 7919)
         return {
             n: torch.randn(sh, generator=g) * float(std)
             for n, sh in zip(self.param_names, self.shapes)
@@ -161,17 +166,54 @@ class WeightMask(MaskBase):
     def _fixed_copy(self, flat_bool: Bool[Tensor, "n"]) -> WeightMask:
         """A fixed mask over the same parameters with the same ablation (values copied)."""
         shapes = dict(zip(self.param_names, self.shapes))
-        return WeightMask.fixed(
-            shapes, flat_bool, self.param_names, self.ablation, self.reinit_values, self.cfg.seed
+        out = WeightMask(
+            shapes,
+            MaskConfig(ablation=self.ablation.value, seed=self.cfg.seed),
+            self.param_names,
+            self.reinit_values,
+            fixed=flat_bool,
+            init_std=self.init_std,
+        )
+        return out
+
+    def fixed_like(
+        self,
+        flat_bool: Bool[Tensor, "n"],
+        ablation: str | Ablation | None = None,
+        seed: int | None = None,
+    ) -> WeightMask:
+        """A fixed mask over the same parameters.
+
+        ``ablation`` defaults to this mask's. For ``"reinit"`` the replacement values are this
+        mask's own when it has them and ``seed`` is None or equal to ``cfg.seed``; otherwise
+        they are drawn ``N(0, init_std)`` with ``seed``.
+        """
+        abl = self.ablation if ablation is None else Ablation.parse(ablation)
+        seed = self.cfg.seed if seed is None else int(seed)
+        reinit = None
+        if abl == Ablation.REINIT:
+            if self.reinit_values is not None and seed == self.cfg.seed:
+                reinit = self.reinit_values
+            else:
+                reinit = self._make_reinit(None, seed)
+        return WeightMask(
+            dict(zip(self.param_names, self.shapes)),
+            MaskConfig(ablation=abl.value, seed=seed),
+            self.param_names,
+            reinit,
+            fixed=flat_bool,
+            init_std=self.init_std,
         )
 
     def complement(self) -> WeightMask:
         """Fixed mask keeping exactly the weights this mask removes."""
         return self._fixed_copy(~self.flat_binary())
 
-    @classmethod
-    def random_like(cls, mask: WeightMask, seed: int, per_param: bool = False) -> WeightMask:
+    @hybridmethod
+    def random_like(mask: WeightMask, seed: int, per_param: bool = False) -> WeightMask:
         """Fixed random mask with the same number of kept weights as ``mask``.
+
+        Call as ``WeightMask.random_like(mask, seed)`` or ``mask.random_like(seed)``.
 
         ``per_param=False`` (default): same total count, uniformly over all masked weights;
         ``per_param=True``: the count is matched within every parameter tensor.
