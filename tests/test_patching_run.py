@@ -164,3 +164,20 @@ def test_cmd_patch_writes_csv(setup, tmp_path):
     assert df["abl_target_acc"].between(0, 1).all()
     with pytest.raises(ValueError, match="unknown subroutine"):
         cmd_patch(argparse.Namespace(**{**vars(args), "mask": ["colour=x.pt"]}))
+
+
+def test_run_patching_label_readout(setup):
+    """Label-token readout: the metric is logit[yes] - logit[no] at the last position."""
+    task, tok, model, test, um, mask = setup
+    cfg = PatchingConfig(
+        methods="activation", readout="label", n_pairs=3, kinds=("head",), fractions=(0, 1)
+    )
+    rows = run_patching(model, tok, task, "subject_plural", None, None, cfg)
+    pairs = sample_pairs(task, "subject_plural", 3, cfg.seed)
+
+    def diff(text):
+        logits = model(torch.tensor([tok.encode(text)]))[0, -1]
+        return float(logits[tok.yes_id] - logits[tok.no_id])
+
+    assert rows[0]["clean_metric"] == pytest.approx(sum(diff(c) for c, _, _ in pairs) / 3, abs=1e-4)
+    assert rows[0]["corr_metric"] == pytest.approx(sum(diff(x) for _, x, _ in pairs) / 3, abs=1e-4)
