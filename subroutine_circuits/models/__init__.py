@@ -30,11 +30,12 @@ _EXPORTS: dict[str, str] = {
     "TrainConfig": "train",
     "TrainResult": "train",
     "train_ooo": "train",
-    "train_label": "train",
-    # pretraining
-    "PretrainConfig": "pretrain",
-    "pretrain": "pretrain",
-    "lm_loss": "pretrain",
+    # pretraining (module ``pretraining``: a submodule named ``pretrain`` would shadow the
+    # function ``pretrain`` as a package attribute once imported)
+    "PretrainConfig": "pretraining",
+    "pretrain": "pretraining",
+    "lm_loss": "pretraining",
+    "mlm_corrupt": "pretraining",
     # checkpoints
     "save_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",

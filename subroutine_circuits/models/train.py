@@ -1,0 +1,267 @@
+"""Train a model on odd-one-out (OOO) problems with early stopping on validation accuracy."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+
+from subroutine_circuits.models.readout import encode_problems, ooo_logits, resolve_pool
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for ``train_ooo`` (defaults train a tiny model in seconds on CPU).
+
+    Args:
+        lr: AdamW learning rate (linear warm-up over ``warmup_steps``, then constant).
+        weight_decay: AdamW weight decay.
+        batch_size: OOO problems per step (each has 4 sequences).
+        max_epochs: passes over the training problems at most.
+        max_steps: optimiser steps at most.
+        patience: stop after this many evaluations without a new best validation accuracy.
+        eval_every: evaluate on the validation problems every this many steps (and at the end).
+        seed: seeds the order of training batches.
+        device: where to train (``"cpu"`` or ``"cuda"``); the model is moved there.
+        time_limit_s: stop (keeping the best weights so far) after this many seconds.
+        progress: show a tqdm progress bar.
+        pool: sequence readout (``None``: the model's own ``sc_pool``, else ``"last"``).
+        target_val_acc: stop as soon as the validation accuracy reaches this value.
+        grad_clip: clip the gradient norm to this value (``None``: no clipping).
+        warmup_steps: linear learning-rate warm-up.
+        eval_batch_size: problems per forward pass when evaluating.
+    """
+
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    max_epochs: int = 100
+    max_steps: int = 3000
+    patience: int = 8
+    eval_every: int = 25
+    seed: int = 0
+    device: str = "cpu"
+    time_limit_s: float | None = None
+    progress: bool = True
+    pool: str | None = None
+    target_val_acc: float = 1.0
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 20
+    eval_batch_size: int = 256
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        for name in ("batch_size", "max_epochs", "max_steps", "patience", "eval_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"TrainConfig.time_limit_s must be > 0, got {self.time_limit_s!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+
+
+@dataclass
+class TrainResult:
+    """What ``train_ooo`` did.
+
+    ``history`` has one dict per evaluation: step, epoch, train_loss (mean since the previous
+    evaluation), train_acc (same window), val_acc, seconds.
+    """
+
+    best_val_acc: float
+    best_step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+    stop_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return asdict(self)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    """A tqdm bar (or a no-op stand-in when disabled or tqdm is missing)."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, leave=False)
+        except ImportError:  # pragma: no cover
+            pass
+
+    class _Null:
+        def update(self, n: int = 1) -> None:
+            pass
+
+        def set_postfix(self, *a: Any, **k: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    return _Null()
+
+
+@torch.no_grad()
+def _encoded_accuracy(
+    model: Any,
+    tokens: Int[Tensor, "b 4 pos"],
+    lengths: Int[Tensor, "b 4"],
+    odd: Int[Tensor, "b"],
+    pool: str,
+    batch_size: int,
+) -> float:
+    """OOO accuracy of already-encoded problems."""
+    correct = 0
+    for i in range(0, tokens.shape[0], batch_size):
+        logits = ooo_logits(model, tokens[i : i + batch_size], lengths[i : i + batch_size], pool)
+        correct += int((logits.argmax(-1) == odd[i : i + batch_size]).sum())
+    return correct / tokens.shape[0]
+
+
+def _check_split(problems: Sequence[Any], name: str) -> list[Any]:
+    problems = list(problems) if problems is not None else []
+    if not problems:
+        raise ValueError(f"empty {name} split: no problems to {name.split()[0]} on")
+    return problems
+
+
+def train_ooo(
+    model: Any,
+    train_problems: Sequence[Any],
+    val_problems: Sequence[Any],
+    tokenizer: Any,
+    cfg: TrainConfig | None = None,
+) -> TrainResult:
+    """Train all of ``model``'s parameters on OOO problems (4-way cross-entropy over
+    ``ooo_scores``), with AdamW and early stopping on validation accuracy.
+
+    The weights with the best validation accuracy (first reached) are restored into ``model``
+    at the end, which is left in eval mode on ``cfg.device``. Raises ``ValueError`` for an
+    empty split or a non-finite loss.
+    """
+    cfg = cfg if cfg is not None else TrainConfig()
+    cfg.validate()
+    train_problems = _check_split(train_problems, "train split")
+    val_problems = _check_split(val_problems, "validation split")
+    pool = resolve_pool(model, cfg.pool)
+    device = torch.device(cfg.device)
+    if str(model.cfg.device) != str(device):
+        model.to(cfg.device, print_details=False)
+
+    tr_tok, tr_len, tr_odd = (t.to(device) for t in encode_problems(train_problems, tokenizer))
+    va_tok, va_len, va_odd = (t.to(device) for t in encode_problems(val_problems, tokenizer))
+    n_train = tr_tok.shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (all requires_grad=False)")
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    )
+
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = min(cfg.max_steps, cfg.max_epochs * steps_per_epoch)
+    start = time.perf_counter()
+    model.eval()
+    best_acc = _encoded_accuracy(model, va_tok, va_len, va_odd, pool, cfg.eval_batch_size)
+    best_step = 0
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history: list[dict[str, float]] = [
+        {"step": 0, "epoch": 0, "train_loss": float("nan"), "train_acc": float("nan"),
+         "val_acc": best_acc, "seconds": time.perf_counter() - start}
+    ]  # fmt: skip
+    evals_since_best = 0
+    step = 0
+    stop_reason = "max_steps" if total_steps == cfg.max_steps else "max_epochs"
+    win_loss, win_correct, win_n = 0.0, 0, 0
+    bar = _progress(total_steps, cfg.progress, "train_ooo")
+    done = best_acc >= cfg.target_val_acc
+    if done:
+        stop_reason = "target_val_acc"
+    try:
+        while not done and step < total_steps:
+            order = torch.randperm(n_train, generator=gen).to(device)
+            for b in range(0, n_train, cfg.batch_size):
+                idx = order[b : b + cfg.batch_size]
+                model.train()
+                logits = ooo_logits(model, tr_tok[idx], tr_len[idx], pool)
+                loss = F.cross_entropy(logits, tr_odd[idx])
+                if not torch.isfinite(loss):
+                    raise ValueError(
+                        f"NaN/inf loss ({float(loss.detach())}) at step {step}: lower "
+                        f"TrainConfig.lr (now {cfg.lr}) or check the model"
+                    )
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optim.step()
+                sched.step()
+                step += 1
+                bar.update(1)
+                win_loss += float(loss.detach()) * len(idx)
+                win_correct += int((logits.detach().argmax(-1) == tr_odd[idx]).sum())
+                win_n += len(idx)
+
+                last = step >= total_steps
+                over_time = (
+                    cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s
+                )
+                if step % cfg.eval_every == 0 or last or over_time:
+                    model.eval()
+                    acc = _encoded_accuracy(
+                        model, va_tok, va_len, va_odd, pool, cfg.eval_batch_size
+                    )
+                    history.append(
+                        {
+                            "step": step,
+                            "epoch": step / steps_per_epoch,
+                            "train_loss": win_loss / win_n,
+                            "train_acc": win_correct / win_n,
+                            "val_acc": acc,
+                            "seconds": time.perf_counter() - start,
+                        }
+                    )
+                    bar.set_postfix(loss=f"{win_loss / win_n:.3f}", val=f"{acc:.3f}")
+                    win_loss, win_correct, win_n = 0.0, 0, 0
+                    if acc > best_acc:
+                        best_acc, best_step, evals_since_best = acc, step, 0
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    else:
+                        evals_since_best += 1
+                    if best_acc >= cfg.target_val_acc:
+                        done, stop_reason = True, "target_val_acc"
+                    elif evals_since_best >= cfg.patience:
+                        done, stop_reason = True, "patience"
+                    elif over_time:
+                        done, stop_reason = True, "time_limit"
+                if done or last:
+                    break
+    finally:
+        bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        best_val_acc=best_acc,
+        best_step=best_step,
+        history=history,
+        seconds=time.perf_counter() - start,
+        steps=step,
+        stop_reason=stop_reason,
+    )
