@@ -119,6 +119,13 @@ def test_run_patching_ooo(setup, tmp_path):
         model.reset_hooks()
     assert act["abl_target_acc"] == pytest.approx(t)
     assert act["abl_other_acc"] == pytest.approx(o)
+    # accuracy curve over ablated circuit sizes: k = 0 is the unablated model
+    curve = saved["faithfulness"]
+    assert curve["k"][0] == 0 and curve["k"] == sorted(curve["k"])
+    assert curve["target_acc"][0] == pytest.approx(
+        ooo_accuracy(model, test["partition_subject_plural"], tok)
+    )
+    assert saved["subroutine"] == "subject_plural" and saved["method"] == "activation"
     for r in rows:
         for key in ("cpr", "cmd", "k_faithful", "roc_auc", "jaccard", "spearman"):
             assert key in r

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,7 +61,14 @@ class PatchingConfig:
     - ``circuit_size``: size of the patching circuit for Jaccard and cross-ablation:
       ``"mask"`` (the mask's kept count, else the smallest faithful circuit), ``"faithful"``
       (smallest circuit reaching ``faithfulness_target``) or an int.
-    - ``out_dir``: if set, per-unit scores are saved there as ``scores_<sub>_<method>.pt``.
+    - ``ablation_curve_fractions``: circuit sizes (fractions of all units) of the accuracy
+      curve "ablate the top-k patching units, measure target/other OOO accuracy".
+    - ``out_dir``: if set, per-unit scores are saved there as ``scores_<sub>_<method>.pt``
+      (keys: the ``meta`` items, ``subroutine``, ``method``, ``scores`` [n_units], ``units``
+      [(layer, kind, index)], ``hooks``, ``normalised`` {hook: tensor}, ``circuit``,
+      ``curve`` (MIB faithfulness curve), ``faithfulness`` ({k, target_acc, other_acc} or
+      None), ``row``).
+    - ``meta``: extra columns (e.g. task, init, base_seed) copied into every row and file.
     """
 
     methods: tuple[str, ...] = ("activation", "attribution")
@@ -78,7 +86,9 @@ class PatchingConfig:
     ig_steps: int = 16
     chunk_rows: int = 4096
     batch_size: int = 256
+    ablation_curve_fractions: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
     out_dir: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
@@ -258,41 +268,51 @@ def cross_ablation(
     model,
     tokenizer,
     unit_map,
-    circuit: Tensor,
+    circuits: Tensor | Sequence[Tensor],
     test_problems: Mapping[str, list],
     subroutine: str,
     other: str,
     cfg: PatchingConfig,
-) -> dict[str, float]:
-    """Ablate ``circuit`` and measure OOO accuracy on the target and other partitions, as the
-    mask experiment does (``UnitMask.fixed`` keeping the complement; mean ablation values from
-    the ``sub_<subroutine>`` test problems)."""
+) -> list[dict[str, float]]:
+    """Ablate each circuit and measure OOO accuracy on the target and other partitions, as the
+    mask experiment does (``UnitMask.fixed`` keeping the complement; ``zero`` ablation, or
+    ``mean`` values from the ``sub_<subroutine>`` test problems). One dict per circuit with
+    ``abl_target_acc``, ``abl_other_acc`` and ``abl_diff`` (clipped at chance 0.25)."""
     from subroutine_circuits.masks import UnitMask
     from subroutine_circuits.models import encode_problems, ooo_accuracy
 
+    if isinstance(circuits, Tensor) and circuits.ndim == 1:
+        circuits = [circuits]
     pool = _pool(model, cfg.pool)
     target_kind, other_kind = f"partition_{subroutine}", f"partition_{other}"
     for kind in (target_kind, other_kind):
         if not test_problems.get(kind):
             raise ValueError(f"test problems have no {kind!r} problems (needed for cross-ablation)")
-    fm = UnitMask.fixed(unit_map, ~circuit.bool().cpu(), ablation=cfg.cross_ablation)
+    if cfg.cross_ablation not in ("zero", "mean"):
+        raise ValueError("cross_ablation must be 'zero' or 'mean' (inputs vary in length)")
+    values: dict[str, Tensor] = {}
     if cfg.cross_ablation == "mean":
+        base = UnitMask.fixed(unit_map, torch.ones(unit_map.n_units, dtype=torch.bool), "mean")
         ref = test_problems.get(f"sub_{subroutine}") or test_problems[target_kind]
         toks, lens, _ = encode_problems(ref, tokenizer)
         b, k, pos = toks.shape
         dev = _device(model)
-        fm.set_mean(model, toks.reshape(b * k, pos).to(dev), lens.reshape(b * k).to(dev))
-    elif cfg.cross_ablation != "zero":
-        raise ValueError("cross_ablation must be 'zero' or 'mean' (inputs vary in length)")
-    out = {}
-    with fm.applied(model):
-        for name, kind in (("target", target_kind), ("other", other_kind)):
-            out[f"abl_{name}_acc"] = ooo_accuracy(
-                model, test_problems[kind], tokenizer, pool, cfg.batch_size
-            )
+        base.set_mean(model, toks.reshape(b * k, pos).to(dev), lens.reshape(b * k).to(dev))
+        values = base.ablation_values
+    results = []
     chance = 0.25
-    out["abl_diff"] = max(out["abl_target_acc"], chance) - max(out["abl_other_acc"], chance)
-    return out
+    for circuit in circuits:
+        fm = UnitMask.fixed(unit_map, ~circuit.bool().cpu(), ablation=cfg.cross_ablation)
+        fm.ablation_values = dict(values)
+        out = {}
+        with fm.applied(model):
+            for name, kind in (("target", target_kind), ("other", other_kind)):
+                out[f"abl_{name}_acc"] = ooo_accuracy(
+                    model, test_problems[kind], tokenizer, pool, cfg.batch_size
+                )
+        out["abl_diff"] = max(out["abl_target_acc"], chance) - max(out["abl_other_acc"], chance)
+        results.append(out)
+    return results
 
 
 def run_patching(
@@ -310,7 +330,7 @@ def run_patching(
     f_at_k, jaccard, spearman, roc_auc, cpr, cmd, abl_target_acc, abl_other_acc, abl_diff,
     clean_metric, corr_metric`` (NaN where not applicable: no mask, label readout, or no
     partition problems). With ``cfg.out_dir`` the per-unit scores go to
-    ``scores_<subroutine>_<method>.pt`` (key ``scores_file``).
+    ``scores_[<meta values>_]<subroutine>_<method>.pt`` (key ``scores_file``).
     """
     from subroutine_circuits.masks import UnitMap
 
@@ -350,6 +370,7 @@ def run_patching(
             cfg.chunk_rows,
         )
         row: dict[str, Any] = {
+            **cfg.meta,
             "subroutine": subroutine,
             "method": method,
             "n_pairs": data.n_pairs,
@@ -384,24 +405,37 @@ def run_patching(
             )
             row["mask_k"] = int(keep.sum())
         row.update({"abl_target_acc": math.nan, "abl_other_acc": math.nan, "abl_diff": math.nan})
+        acc_curve = None
         if cfg.readout == "ooo" and test_problems and others:
-            row.update(
-                cross_ablation(
-                    model, tokenizer, unit_map, circuit, test_problems, subroutine, others[0], cfg
-                )
+            ks = sorted({int(round(f * n)) for f in cfg.ablation_curve_fractions})
+            circuits = [circuit] + [top_k_circuit(scores, k, cfg.use_abs) for k in ks]
+            res_abl = cross_ablation(
+                model, tokenizer, unit_map, circuits, test_problems, subroutine, others[0], cfg
             )
+            row.update(res_abl[0])
+            acc_curve = {
+                "k": ks,
+                "target_acc": [r["abl_target_acc"] for r in res_abl[1:]],
+                "other_acc": [r["abl_other_acc"] for r in res_abl[1:]],
+            }
         if cfg.out_dir is not None:
             from subroutine_circuits.utils import atomic_torch_save
 
-            path = Path(cfg.out_dir) / f"scores_{subroutine}_{method}.pt"
+            parts = [str(v) for v in cfg.meta.values()] + [subroutine, method]
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
+            path = Path(cfg.out_dir) / f"scores_{stem}.pt"
             atomic_torch_save(
                 {
+                    **cfg.meta,
+                    "subroutine": subroutine,
+                    "method": method,
                     "scores": scores,
                     "units": unit_map.units(),
                     "hooks": [asdict(g) for g in groups],
                     "normalised": res.normalised(),
                     "circuit": circuit,
                     "curve": asdict(curve),
+                    "faithfulness": acc_curve,
                     "row": dict(row),
                 },
                 path,
