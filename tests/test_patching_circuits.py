@@ -51,7 +51,15 @@ def test_circuit_metrics_equal_hand_ablation(tiny_model, tiny_tokens):
     g = torch.Generator().manual_seed(3)
     keeps = torch.rand(3, n, generator=g) < 0.5
     _, corr_cache = tiny_model.run_with_cache(b.corr_tokens)
-    for ablation in ("zero", "resample"):
+    _, clean_cache = tiny_model.run_with_cache(b.clean_tokens)
+    # mean ablation: per unit, the mean over clean and corrupted examples and positions
+    means = {
+        grp.hook_name: torch.cat([clean_cache[grp.hook_name], corr_cache[grp.hook_name]]).mean(
+            (0, 1)
+        )
+        for grp in groups
+    }
+    for ablation in ("zero", "resample", "mean"):
         got = circuit_metrics(tiny_model, b, groups, keeps, ablation, chunk_rows=12)
         for c in range(3):
             hooks, start = [], 0
@@ -61,7 +69,12 @@ def test_circuit_metrics_equal_hand_ablation(tiny_model, tiny_tokens):
 
                 def fn(act, hook, abl=abl, ablation=ablation):
                     act = act.clone()
-                    act[:, :, abl] = 0 if ablation == "zero" else corr_cache[hook.name][:, :, abl]
+                    if ablation == "zero":
+                        act[:, :, abl] = 0
+                    elif ablation == "resample":
+                        act[:, :, abl] = corr_cache[hook.name][:, :, abl]
+                    else:
+                        act[:, :, abl] = means[hook.name][abl]
                     return act
 
                 hooks.append((grp.hook_name, fn))
