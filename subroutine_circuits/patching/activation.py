@@ -138,8 +138,13 @@ def get_readout(readout: str | Readout) -> Readout:
 def _check_model(model) -> None:
     if getattr(model.cfg, "positional_embedding_type", "standard") == "shortformer":
         raise ValueError("shortformer positional embeddings are not supported by patching")
-    if not hasattr(model, "blocks"):
-        raise ValueError("patching needs a TransformerLens model with .blocks")
+    if not hasattr(model, "blocks") or not hasattr(model, "cfg"):
+        raise ValueError("patching needs a TransformerLens model with .blocks and .cfg")
+    if type(model).__name__ == "HookedEncoder":
+        raise ValueError(
+            "patching runs HookedTransformer models (causal or bidirectional); HookedEncoder "
+            "cannot start a forward pass at a layer"
+        )
 
 
 def _check_tokens(clean: Tensor, corr: Tensor) -> None:
@@ -234,14 +239,19 @@ class PatchScores:
         return {h: (v - self.corr_metric) / d for h, v in self.patched.items()}
 
     def flat(self, normalise: bool = True) -> Float[Tensor, "n_units"]:
-        """One score per unit in group order (per-position scores are summed over positions)."""
+        """One score per unit in group order.
+
+        Per-position results are summed over positions (their effects relative to the
+        corrupted run), an approximation of patching the unit at all positions at once.
+        """
         vals = self.normalised() if normalise else self.patched
         out = []
         for g in self.groups:
             v = vals[g.hook_name]
             if self.per_position:
-                v = v - (0 if normalise else self.corr_metric)
-                v = v.sum(0) + (0 if normalise else self.corr_metric)
+                # effects add up over positions: sum (v - baseline), baseline 0 if normalised
+                base = 0.0 if normalise else self.corr_metric
+                v = (v - base).sum(0) + base
             out.append(v)
         return torch.cat(out).float().cpu()
 
