@@ -122,6 +122,9 @@ def section_run(manifest: dict[str, Any], results: pd.DataFrame) -> str:
     """Run summary: device, versions, timings, excluded base models, config."""
     parts = []
     inits = ", ".join(plots.order_inits(results["init"].unique().tolist()))
+    mask_kinds = "?"
+    if "mask_kind" in results.columns:
+        mask_kinds = ", ".join(sorted(results["mask_kind"].astype(str).unique()))
     n_base = results.groupby(["task", "model", "init"])["base_seed"].nunique().sum()
     parts.append(
         "<ul>"
@@ -129,6 +132,7 @@ def section_run(manifest: dict[str, Any], results: pd.DataFrame) -> str:
         f"<li>models: {_esc(', '.join(sorted(results['model'].unique())))}; inits: {_esc(inits)}"
         f"</li><li>base models: {int(n_base)}; runs (rows): {len(results)}; mask seeds: "
         f"{_esc(sorted(results['mask_seed'].unique().tolist()))}</li>"
+        f"<li>mask kinds: {_esc(mask_kinds)}</li>"
         f"<li>device: {_esc(manifest.get('device', 'unknown'))}</li>"
         f"<li>margin: {_esc(manifest.get('margin', stats.DEFAULT_MARGIN))}; chance: "
         f"{_esc(manifest.get('chance', stats.CHANCE))}</li></ul>"
@@ -246,9 +250,12 @@ def section_accuracy(results: pd.DataFrame, margin: float) -> str:
     return "".join(out)
 
 
-def section_masks(freq: pd.DataFrame) -> str:
+def section_masks(freq: pd.DataFrame, results: pd.DataFrame | None = None) -> str:
     """Layer x head kept-frequency heatmaps per subroutine (one panel per init) and neurons."""
     if freq.empty:
+        kinds = set(results["mask_kind"]) if results is not None and "mask_kind" in results else ()
+        if kinds and kinds <= {"weight"}:
+            return _note("weight masks: per-unit heatmaps need unit masks (mask_kind 'unit')")
         return _note("no readable mask files: mask heatmaps unavailable")
     out = []
     for (task, model, sub), g in freq.groupby(["task", "model", "subroutine"], sort=True):
@@ -563,7 +570,7 @@ def render_report(out_dir: str | os.PathLike, cfg: ReportConfig | None = None) -
         ("Run summary", "run", lambda: section_run(manifest, results)),
         ("Verdicts", "verdicts", lambda: section_verdicts(results, margin, cfg)),
         ("Accuracy by condition", "accuracy", lambda: section_accuracy(results, margin)),
-        ("Mask heatmaps", "masks", lambda: section_masks(freq)),
+        ("Mask heatmaps", "masks", lambda: section_masks(freq, results)),
         ("A/B mask overlap", "overlap", lambda: section_overlap(stats.overlap_table(out_dir))),
         (
             "Attention patterns of kept heads",
