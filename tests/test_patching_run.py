@@ -90,6 +90,19 @@ def test_run_patching_ooo(setup, tmp_path):
     # comparison with the mask: Jaccard of the top-2 heads with {1, 6}
     top = set(torch.argsort(-scores.abs(), stable=True)[:2].tolist())
     assert act["k"] == 2 and act["mask_k"] == 2
+    # f_k: the top-2 circuit's faithfulness, independently from the curve code's pieces
+    from subroutine_circuits.patching.circuits import circuit_metrics
+    from subroutine_circuits.patching.run import build_pair_data
+
+    data = build_pair_data(model, tok, task, "subject_plural", cfg)
+    from subroutine_circuits.patching.activation import unit_groups
+
+    groups = unit_groups(model, um)
+    ends = torch.stack(
+        [saved["circuit"], torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool)]
+    )
+    m = circuit_metrics(model, data.batches, groups, ends, "resample", data.readout)
+    assert act["f_k"] == pytest.approx(float((m[0] - m[2]) / (m[1] - m[2])), abs=1e-5)
     assert act["jaccard"] == pytest.approx(len(top & {1, 6}) / len(top | {1, 6}))
     keep = mask.flat_binary()
     assert act["roc_auc"] == pytest.approx(roc_auc(scores.abs(), keep))
@@ -157,7 +170,7 @@ def test_cmd_patch_writes_csv(setup, tmp_path):
         out=str(tmp_path / "out"),
         mask=[f"subject_plural={tmp_path / 'mask.pt'}"],
         methods="activation,attribution",
-        n=4,
+        n=2,
         seed=0,
         device="cpu",
     )

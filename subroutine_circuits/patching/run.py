@@ -35,6 +35,7 @@ from subroutine_circuits.patching.attribution import attribution_patching, integ
 from subroutine_circuits.patching.circuits import (
     DEFAULT_FRACTIONS,
     PatchBatch,
+    circuit_metrics,
     faithfulness_curve,
     smallest_faithful_circuit,
     top_k_circuit,
@@ -326,9 +327,12 @@ def run_patching(
 ) -> list[dict[str, Any]]:
     """Patch, build circuits and compare with ``mask`` for one subroutine.
 
-    Returns one dict per method with ``subroutine, method, n_pairs, n_units, k, k_faithful,
-    f_at_k, jaccard, spearman, roc_auc, cpr, cmd, abl_target_acc, abl_other_acc, abl_diff,
-    clean_metric, corr_metric`` (NaN where not applicable: no mask, label readout, or no
+    Returns one dict per method with the ``cfg.meta`` items and ``subroutine, method,
+    n_pairs, n_units, clean_metric, corr_metric, k`` (circuit size: see
+    ``cfg.circuit_size``), ``f_k`` (its faithfulness), ``k_faithful, f_faithful`` (smallest
+    circuit reaching ``cfg.faithfulness_target``), ``cpr, cmd``, with a mask ``mask_k, jaccard,
+    spearman, roc_auc``, and ``abl_target_acc, abl_other_acc, abl_diff`` (the circuit ablated;
+    NaN where not applicable: no mask, label readout, or no
     partition problems). With ``cfg.out_dir`` the per-unit scores go to
     ``scores_[<meta values>_]<subroutine>_<method>.pt`` (key ``scores_file``).
     """
@@ -392,6 +396,11 @@ def run_patching(
         else:
             circuit = faithful
         row["k"] = int(circuit.sum())
+        ends = torch.stack([circuit, torch.ones_like(circuit), torch.zeros_like(circuit)])
+        m_k, m_full, m_empty = circuit_metrics(
+            model, data.batches, groups, ends, cfg.curve_ablation, data.readout, cfg.chunk_rows
+        ).tolist()
+        row["f_k"] = (m_k - m_empty) / (m_full - m_empty) if m_full != m_empty else math.nan
         if mask is not None:
             keep = mask.flat_binary().bool().cpu()
             row.update(
