@@ -175,6 +175,9 @@ def test_bootstrap_bad_input():
     with pytest.raises(ValueError, match="length"):
         stats.cluster_bootstrap_ci([1.0, 2.0], [0])
     assert all(math.isnan(x) for x in stats.cluster_bootstrap_ci([np.nan], [0]))
+    # one cluster: mean, but no interval
+    m, lo, hi = stats.cluster_bootstrap_ci([0.2, 0.4], [7, 7])
+    assert m == pytest.approx(0.3) and math.isnan(lo) and math.isnan(hi)
 
 
 def test_clip_diff():
@@ -222,6 +225,8 @@ def test_verdict_rules():
     assert stats.verdict(weak) == "not compositional"
     unsure = dict(good, abl_diff_lo=-0.4, abl_diff_hi=0.02)
     assert stats.verdict(unsure) == "inconclusive"
+    single = dict(good, sub_diff_lo=np.nan, sub_diff_hi=np.nan)
+    assert stats.verdict(single) == "too few base models"
 
 
 def test_fisher_against_hand_computation():

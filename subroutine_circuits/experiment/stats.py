@@ -137,7 +137,9 @@ def cluster_bootstrap_ci(
     Each bootstrap replicate draws as many clusters as there are, with replacement, and takes the
     mean over all rows of the drawn clusters (so a cluster drawn twice counts twice).
     ``clusters=None`` makes every row its own cluster (the ordinary row-wise bootstrap). NaN values
-    are dropped first. Returns ``(mean, lo, hi)``; all NaN when no value is left.
+    are dropped first. Returns ``(mean, lo, hi)``; all NaN when no value is left, and NaN
+    ``lo``/``hi`` when fewer than two clusters remain (one base model says nothing about the
+    spread between base models, so no interval is claimed).
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
@@ -155,6 +157,8 @@ def cluster_bootstrap_ci(
     sums = np.bincount(inv, weights=v)
     counts = np.bincount(inv).astype(float)
     k = len(sums)
+    if k < 2:
+        return float(v.mean()), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, k, size=(n_boot, k))
     boot = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
@@ -209,10 +213,13 @@ def verdict(row: pd.Series | dict, margin: float = DEFAULT_MARGIN) -> str:
     ``"compositional"`` when the CI of ``sub_diff`` lies above ``margin`` and the CI of
     ``abl_diff`` lies below ``-margin``; ``"not compositional"`` when the sub CI lies at or below
     ``margin`` or the abl CI at or above ``-margin`` (the pattern is excluded by the CIs);
-    ``"inconclusive"`` otherwise; ``"no usable runs"`` without rows.
+    ``"inconclusive"`` otherwise; ``"no usable runs"`` without rows; ``"too few base models"``
+    when the CIs are undefined (fewer than two usable base models).
     """
     if int(row["n_runs"]) == 0 or np.isnan(row["sub_diff_mean"]):
         return "no usable runs"
+    if any(np.isnan(row[c]) for c in ("sub_diff_lo", "sub_diff_hi", "abl_diff_lo", "abl_diff_hi")):
+        return "too few base models"
     if row["sub_diff_lo"] > margin and row["abl_diff_hi"] < -margin:
         return "compositional"
     if row["sub_diff_hi"] <= margin or row["abl_diff_lo"] >= -margin:

@@ -95,6 +95,8 @@ def _ci(m: float, lo: float, hi: float) -> str:
     """``mean [lo, hi]`` with two decimals (a dash for NaN)."""
     if m is None or np.isnan(m):
         return "–"
+    if np.isnan(lo) or np.isnan(hi):
+        return f"{m:+.2f} [no CI: 1 base model]"
     return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
@@ -209,7 +211,8 @@ def section_verdicts(results: pd.DataFrame, margin: float, cfg: ReportConfig) ->
         "replacement, all their mask seeds kept together). Verdict: "
         "<i>compositional</i> when the sub_diff CI lies above the margin and the abl_diff CI "
         "below minus the margin; <i>not compositional</i> when a CI excludes the pattern; "
-        "otherwise <i>inconclusive</i>.</p>",
+        "otherwise <i>inconclusive</i>. With a single usable base model no CI (and no "
+        "verdict) is given.</p>",
         body,
     ]
     tests = stats.frequency_tests(results)
