@@ -162,6 +162,7 @@ def _write_patching(out: Path, units: list[tuple[int, str, int]]) -> None:
         "method": "activation",
         "base_seed": 0,
         "faithfulness": {"k": [0, 2, 4], "target_acc": [0.9, 0.5, 0.3], "other_acc": [0.9] * 3},
+        "curve": {"fractions": [0.0, 0.1, 0.5, 1.0], "faithfulness": [0.0, 0.4, 0.8, 1.0]},
     }
     torch.save(obj, out / "patching" / f"{TASK}__trained__s0__{SUBS[0]}__activation.pt")
 
@@ -194,8 +195,9 @@ def test_report_written_and_complete(report):
     assert page.startswith("<!DOCTYPE html>")
     rest, blocks = split_circuitsvis(page)
     # figures: accuracy bars per subroutine (2) + scatter (1) + head heatmaps per subroutine (2)
-    # + neuron density (1) + attention (2 inits x N_EXAMPLES) + patching heatmap (1) + curve (1)
-    expected = 2 + 1 + 2 + 1 + len(INITS) * N_EXAMPLES + 1 + 1
+    # + neuron density (1) + attention (2 inits x N_EXAMPLES) + patching heatmap (1)
+    # + ablation-accuracy curve (1) + faithfulness curve (1)
+    expected = 2 + 1 + 2 + 1 + len(INITS) * N_EXAMPLES + 1 + 1 + 1
     assert rest.count("<svg") == expected
     assert len(blocks) == 1  # one interactive circuitsvis widget
     for anchor in ("run", "verdicts", "accuracy", "masks", "overlap", "attention", "patching"):

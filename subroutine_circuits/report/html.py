@@ -451,7 +451,9 @@ def _load_score_files(out_dir: Path) -> list[dict[str, Any]]:
     import torch
 
     found = []
-    for p in sorted((out_dir / "patching").glob("*.pt")) if (out_dir / "patching").is_dir() else []:
+    files = sorted((out_dir / "patching").rglob("*.pt")) if (out_dir / "patching").is_dir() else []
+    files += sorted(out_dir.glob("scores_*.pt"))
+    for p in files:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=False)
         except Exception:
@@ -476,8 +478,8 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
         raise ValueError("patching.csv has none of the columns task, init, subroutine, method")
     metrics = [
         c
-        for c in ("k", "jaccard", "spearman", "roc_auc", "cpr", "cmd")
-        + ("abl_target_acc", "abl_other_acc")
+        for c in ("k", "mask_k", "jaccard", "spearman", "roc_auc", "cpr", "cmd", "f_k")
+        + ("k_faithful", "f_faithful", "abl_target_acc", "abl_other_acc", "abl_diff")
         if c in df.columns
     ]
     agg = df.groupby(keys, sort=True)[metrics].mean().reset_index()
@@ -510,7 +512,8 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
         methods: dict[str, list[dict]] = {}
         for s in items:
             methods.setdefault(str(s.get("method", "patching")), []).append(s)
-        curves = []
+        curves: list[dict] = []
+        mib: list[dict] = []
         for method, ss in sorted(methods.items()):
             tab = pd.DataFrame(
                 [u + (float(v),) for s in ss for u, v in zip(s["units"], np.asarray(s["scores"]))],
@@ -523,9 +526,13 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
                 top = np.nanmax(grid)
                 panels.append((f"{method}: |score| / max", grid / top if top > 0 else grid, layers))
             for s in ss:
+                label = f"{method} s{s.get('base_seed', '?')}"
                 f = s.get("faithfulness")
                 if isinstance(f, dict) and {"k", "target_acc", "other_acc"} <= set(f):
-                    curves.append(dict(f, label=f"{method} s{s.get('base_seed', '?')}"))
+                    curves.append(dict(f, label=label))
+                c = s.get("curve")
+                if isinstance(c, dict) and {"fractions", "faithfulness"} <= set(c):
+                    mib.append(dict(c, label=label))
         if panels:
             out.append(
                 _fig(
@@ -536,7 +543,21 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
                 )
             )
         if curves:
-            out.append(_fig(plots.faithfulness_curves(curves, f"{task} / {init}: {sub}")))
+            out.append(
+                _fig(
+                    plots.faithfulness_curves(curves, f"{task} / {init}: {sub}"),
+                    "Accuracy after ablating the top-k patching units: target falls, other "
+                    "should stay.",
+                )
+            )
+        if mib:
+            out.append(
+                _fig(
+                    plots.circuit_faithfulness(mib, f"{task} / {init}: {sub}"),
+                    "Faithfulness of the top-scoring circuit as a function of its size "
+                    "(1 = full model, 0 = everything ablated).",
+                )
+            )
     return "".join(out)
 
 
@@ -601,7 +622,9 @@ def build_report(out_dir: str | os.PathLike, cfg: ReportConfig | None = None) ->
     ``patching/*.pt`` are used when present. Per-unit patching score files are read when they are
     dicts with ``scores`` (one value per unit), ``units`` ((layer, kind, index) per unit), and
     ``task``, ``init``, ``subroutine``, ``method``, ``base_seed``; an optional ``faithfulness``
-    dict with lists ``k``, ``target_acc``, ``other_acc`` gives a faithfulness curve.
+    dict with lists ``k``, ``target_acc``, ``other_acc`` gives an ablation-accuracy curve and an
+    optional ``curve`` dict with lists ``fractions``, ``faithfulness`` a faithfulness curve.
+    They are looked for under ``OUT/patching/`` (recursively) and as ``OUT/scores_*.pt``.
     """
     page, _ = render_report(out_dir, cfg)
     path = Path(out_dir) / "report.html"

@@ -278,3 +278,23 @@ def faithfulness_curves(curves: Sequence[dict], title: str) -> str:
     ax.legend(fontsize=6)
     ax.set_title(title, fontsize=9)
     return fig_to_svg(fig)
+
+
+def circuit_faithfulness(curves: Sequence[dict], title: str) -> str:
+    """Faithfulness of a patching circuit against its size (fraction of units kept).
+
+    Each curve is a dict with ``label``, ``fractions`` and ``faithfulness`` (1 = the full model's
+    metric, 0 = the fully ablated model's).
+    """
+    plt = _plt()
+    if not curves:
+        raise ValueError("circuit_faithfulness needs at least one curve")
+    fig, ax = plt.subplots(figsize=(4.6, 3.0))
+    for i, c in enumerate(curves):
+        ax.plot(c["fractions"], c["faithfulness"], color=f"C{i}", marker=".", label=c["label"])
+    ax.axhline(1.0, color="gray", ls=":", lw=1)
+    ax.set_xlabel("fraction of units in the circuit")
+    ax.set_ylabel("faithfulness")
+    ax.legend(fontsize=6)
+    ax.set_title(title, fontsize=9)
+    return fig_to_svg(fig)
