@@ -283,3 +283,25 @@ def test_broken_optional_input_becomes_note(tmp_path):
 def test_report_needs_results(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.csv"):
         build_report(tmp_path)
+
+
+def test_report_with_weight_masks(tmp_path):
+    """Weight masks have no units: heatmaps and overlap give notes, the rest of the page works."""
+    from subroutine_circuits.masks import WeightMask, save_mask
+
+    res = make_experiment(tmp_path, inits=("trained",), n_base=2, n_mask=1)
+    res["mask_kind"] = "weight"
+    res.to_csv(tmp_path / "results.csv", index=False)
+    model = make_tiny_transformer(seed=0, d_vocab=50)
+    mask = WeightMask(model)
+    n = int(mask.flat_binary().numel())
+    for i, rel in enumerate(res["mask_path"]):
+        flat = torch.zeros(n, dtype=torch.bool)
+        flat[i::7] = True
+        save_mask(tmp_path / rel, WeightMask.fixed(model, flat), model)
+    page = build_report(tmp_path, rhtml.ReportConfig(n_boot=50)).read_text(encoding="utf-8")
+    assert "section unavailable" not in page
+    assert "weight masks: per-unit heatmaps need unit masks" in page
+    assert "no pair of readable A/B masks" in page
+    assert "mask kinds: weight" in page
+    assert page.count("<svg") == 2 + 1  # accuracy bars per subroutine + scatter

@@ -356,16 +356,20 @@ def attention_patterns_of(
     ]
 
 
-def _kept_heads(out_dir: Path, rows: pd.DataFrame) -> list[tuple[int, int, str]]:
-    """(layer, head, subroutine) of heads kept by the masks in ``rows``."""
-    kept = []
+def _kept_heads(out_dir: Path, rows: pd.DataFrame) -> list[tuple[int, int, str]] | None:
+    """(layer, head, subroutine) of heads kept by the masks in ``rows``; None if none readable."""
+    kept, readable = [], False
     for _, r in rows.iterrows():
         p = stats.resolve_mask_path(out_dir, r.get("mask_path"))
         if p is None:
             continue
-        flat, units = stats.load_mask_units(p)
+        try:
+            flat, units = stats.load_mask_units(p)
+        except (ValueError, OSError, RuntimeError):  # e.g. a weight mask: no units
+            continue
+        readable = True
         kept += [(u[0], u[2], r["subroutine"]) for u, k in zip(units, flat) if k and u[1] == "head"]
-    return kept
+    return kept if readable else None
 
 
 def _strip_source_map(src: str) -> str:
@@ -415,15 +419,20 @@ def section_attention(
             rows = sel[sel["base_seed"] == seed]
             rows = rows[rows["mask_seed"] == sorted(rows["mask_seed"].unique())[0]]
             kept = _kept_heads(out_dir, rows)
-            if not kept:
+            if kept is not None and not kept:
                 out.append(_note(f"{task} / {init}: the masks keep no attention head"))
                 continue
+            model, tok, _ = load_checkpoint(mdir, device=cfg.device)
             by_head: dict[tuple[int, int], list[str]] = {}
-            for layer, h, sub in kept:
+            if kept is None:  # no unit masks (e.g. weight masks): show every head
+                out.append(_note(f"{task} / {init}: no unit masks, showing all heads"))
+                for la in range(model.cfg.n_layers):
+                    for h in range(model.cfg.n_heads):
+                        by_head[(la, h)] = ["all"]
+            for layer, h, sub in kept or []:
                 by_head.setdefault((layer, h), []).append(sub)
             heads = sorted(by_head)[: cfg.max_heads]
             labels = [f"L{la}H{h} ({'+'.join(by_head[(la, h)])})" for la, h in heads]
-            model, tok, _ = load_checkpoint(mdir, device=cfg.device)
             if tok is None:
                 tok = task_obj.tokenizer()
             for text in texts:
@@ -482,7 +491,10 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
         + ("k_faithful", "f_faithful", "abl_target_acc", "abl_other_acc", "abl_diff")
         if c in df.columns
     ]
-    agg = df.groupby(keys, sort=True)[metrics].mean().reset_index()
+    num = df[keys].copy()
+    for c in metrics:
+        num[c] = pd.to_numeric(df[c], errors="coerce")
+    agg = num.groupby(keys, sort=True)[metrics].mean().reset_index()
     agg.insert(len(keys), "n", df.groupby(keys, sort=True).size().to_numpy())
     out = [
         "<p>Mask subnetwork vs patching circuit of the same subroutine (mean over base "
