@@ -282,3 +282,20 @@ def test_checkpoint_round_trip(tmp_path, attention):
 def test_load_checkpoint_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_checkpoint(tmp_path)
+
+
+def test_checkpoint_with_real_tokenizer(tmp_path):
+    from subroutine_circuits.tasks import get_task, make_splits
+
+    task = get_task("agreement_singular")
+    tok = task.tokenizer()
+    problems = make_splits(task, {"composite": 8}, seed=1)["test"]["composite"]
+    model = make_model(ModelSpec("tiny", n_ctx=32), tok.vocab_size, seed=7)
+    save_checkpoint(tmp_path / "ck", model, tok, {"task": task.name})
+    loaded, tok2, meta = load_checkpoint(tmp_path / "ck")
+    assert meta == {"task": "agreement_singular"} and tok2.vocab_size == tok.vocab_size
+    texts = problems[0].stimuli
+    assert torch.equal(tok.encode_batch(texts)[0], tok2.encode_batch(texts)[0])
+    a = ooo_logits_for_problems(model, problems, tok)
+    b = ooo_logits_for_problems(loaded, problems, tok2)
+    assert torch.equal(a, b)

@@ -152,3 +152,28 @@ def test_pretrain_errors(agreement):
     bi = _tiny(tok, "bidirectional")
     with pytest.raises(ValueError, match="causal"):
         pretrain(bi, ["the dog runs"], tok, PretrainConfig(objective="clm", progress=False))
+
+
+def test_train_label_restores_best_and_accuracy_matches_manual(agreement):
+    from subroutine_circuits.models import label_accuracy, train_label
+    from subroutine_circuits.tasks import make_label_examples
+
+    task, tok, _ = agreement
+    train = make_label_examples(task, 64, seed=0, split="train")
+    val = make_label_examples(task, 24, seed=0, split="val")
+    model = _tiny(tok)
+    cfg = TrainConfig(max_steps=16, eval_every=4, batch_size=16, patience=100, progress=False)
+    r = train_label(model, train, val, tok, cfg)
+    assert r.best_val_acc == max(h["val_acc"] for h in r.history)
+    acc = label_accuracy(model, val, tok)
+    assert acc == pytest.approx(r.best_val_acc)
+    # independent: one example at a time, logits of the full forward pass at the last token
+    correct = 0
+    for e in val:
+        ids = torch.tensor([tok.encode(e.text)])
+        with torch.no_grad():
+            last = model(ids)[0, -1]
+        correct += int(bool(last[tok.yes_id] > last[tok.no_id]) == e.label)
+    assert acc == pytest.approx(correct / len(val))
+    with pytest.raises(ValueError, match="empty train split"):
+        train_label(model, [], val, tok, cfg)

@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "TrainConfig": "train",
     "TrainResult": "train",
     "train_ooo": "train",
+    "train_label": "train",
+    "label_accuracy": "train",
     # pretraining (module ``pretraining``: a submodule named ``pretrain`` would shadow the
     # function ``pretrain`` as a package attribute once imported)
     "PretrainConfig": "pretraining",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from subroutine_circuits.models.readout import encode_problems, ooo_logits, resolve_pool
+from subroutine_circuits.models.readout import (
+    encode_problems,
+    label_logit_diff,
+    label_logits,
+    ooo_logits,
+    resolve_pool,
+)
 
 
 @dataclass
@@ -139,34 +145,18 @@ def _check_split(problems: Sequence[Any], name: str) -> list[Any]:
     return problems
 
 
-def train_ooo(
+def _fit(
     model: Any,
-    train_problems: Sequence[Any],
-    val_problems: Sequence[Any],
-    tokenizer: Any,
-    cfg: TrainConfig | None = None,
+    n_train: int,
+    batch_step: Callable[[Tensor], tuple[Tensor, int]],
+    val_accuracy: Callable[[], float],
+    cfg: TrainConfig,
+    desc: str,
 ) -> TrainResult:
-    """Train all of ``model``'s parameters on OOO problems (4-way cross-entropy over
-    ``ooo_scores``), with AdamW and early stopping on validation accuracy.
-
-    The weights with the best validation accuracy (first reached) are restored into ``model``
-    at the end, which is left in eval mode on ``cfg.device``. Raises ``ValueError`` for an
-    empty split or a non-finite loss.
-    """
-    cfg = cfg if cfg is not None else TrainConfig()
-    cfg.validate()
-    train_problems = _check_split(train_problems, "train split")
-    val_problems = _check_split(val_problems, "validation split")
-    pool = resolve_pool(model, cfg.pool)
+    """Generic loop: AdamW over ``batch_step(indices) -> (loss, n_correct)``, evaluation with
+    ``val_accuracy()`` every ``cfg.eval_every`` steps, early stopping, best-weight restore."""
     device = torch.device(cfg.device)
-    if str(model.cfg.device) != str(device):
-        model.to(cfg.device, print_details=False)
-
-    tr_tok, tr_len, tr_odd = (t.to(device) for t in encode_problems(train_problems, tokenizer))
-    va_tok, va_len, va_odd = (t.to(device) for t in encode_problems(val_problems, tokenizer))
-    n_train = tr_tok.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed)
-
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (all requires_grad=False)")
@@ -179,7 +169,7 @@ def train_ooo(
     total_steps = min(cfg.max_steps, cfg.max_epochs * steps_per_epoch)
     start = time.perf_counter()
     model.eval()
-    best_acc = _encoded_accuracy(model, va_tok, va_len, va_odd, pool, cfg.eval_batch_size)
+    best_acc = val_accuracy()
     best_step = 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history: list[dict[str, float]] = [
@@ -190,7 +180,7 @@ def train_ooo(
     step = 0
     stop_reason = "max_steps" if total_steps == cfg.max_steps else "max_epochs"
     win_loss, win_correct, win_n = 0.0, 0, 0
-    bar = _progress(total_steps, cfg.progress, "train_ooo")
+    bar = _progress(total_steps, cfg.progress, desc)
     done = best_acc >= cfg.target_val_acc
     if done:
         stop_reason = "target_val_acc"
@@ -200,8 +190,7 @@ def train_ooo(
             for b in range(0, n_train, cfg.batch_size):
                 idx = order[b : b + cfg.batch_size]
                 model.train()
-                logits = ooo_logits(model, tr_tok[idx], tr_len[idx], pool)
-                loss = F.cross_entropy(logits, tr_odd[idx])
+                loss, n_correct = batch_step(idx)
                 if not torch.isfinite(loss):
                     raise ValueError(
                         f"NaN/inf loss ({float(loss.detach())}) at step {step}: lower "
@@ -216,7 +205,7 @@ def train_ooo(
                 step += 1
                 bar.update(1)
                 win_loss += float(loss.detach()) * len(idx)
-                win_correct += int((logits.detach().argmax(-1) == tr_odd[idx]).sum())
+                win_correct += n_correct
                 win_n += len(idx)
 
                 last = step >= total_steps
@@ -225,9 +214,7 @@ def train_ooo(
                 )
                 if step % cfg.eval_every == 0 or last or over_time:
                     model.eval()
-                    acc = _encoded_accuracy(
-                        model, va_tok, va_len, va_odd, pool, cfg.eval_batch_size
-                    )
+                    acc = val_accuracy()
                     history.append(
                         {
                             "step": step,
@@ -265,3 +252,106 @@ def train_ooo(
         steps=step,
         stop_reason=stop_reason,
     )
+
+
+def _prepare(model: Any, cfg: TrainConfig | None) -> TrainConfig:
+    """Validate the config and move the model to its device."""
+    cfg = cfg if cfg is not None else TrainConfig()
+    cfg.validate()
+    if str(model.cfg.device) != str(torch.device(cfg.device)):
+        model.to(cfg.device, print_details=False)
+    return cfg
+
+
+def train_ooo(
+    model: Any,
+    train_problems: Sequence[Any],
+    val_problems: Sequence[Any],
+    tokenizer: Any,
+    cfg: TrainConfig | None = None,
+) -> TrainResult:
+    """Train all of ``model``'s parameters on OOO problems (4-way cross-entropy over
+    ``ooo_scores``), with AdamW and early stopping on validation accuracy.
+
+    The weights with the best validation accuracy (first reached) are restored into ``model``
+    at the end, which is left in eval mode on ``cfg.device``. Raises ``ValueError`` for an
+    empty split or a non-finite loss.
+    """
+    cfg = _prepare(model, cfg)
+    train_problems = _check_split(train_problems, "train split")
+    val_problems = _check_split(val_problems, "validation split")
+    pool = resolve_pool(model, cfg.pool)
+    device = torch.device(cfg.device)
+    tr_tok, tr_len, tr_odd = (t.to(device) for t in encode_problems(train_problems, tokenizer))
+    va_tok, va_len, va_odd = (t.to(device) for t in encode_problems(val_problems, tokenizer))
+
+    def batch_step(idx: Tensor) -> tuple[Tensor, int]:
+        logits = ooo_logits(model, tr_tok[idx], tr_len[idx], pool)
+        loss = F.cross_entropy(logits, tr_odd[idx])
+        return loss, int((logits.detach().argmax(-1) == tr_odd[idx]).sum())
+
+    def val_accuracy() -> float:
+        return _encoded_accuracy(model, va_tok, va_len, va_odd, pool, cfg.eval_batch_size)
+
+    return _fit(model, tr_tok.shape[0], batch_step, val_accuracy, cfg, "train_ooo")
+
+
+def _encode_labels(
+    examples: Sequence[Any], tokenizer: Any, device: torch.device
+) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n"], Int[Tensor, "n"]]:
+    """(tokens, lengths, labels 0/1) of ``LabelExample``-like objects (``text``, ``label``)."""
+    tokens, lengths = tokenizer.encode_batch([e.text for e in examples])
+    labels = torch.tensor([int(bool(e.label)) for e in examples], dtype=torch.long)
+    return (
+        torch.as_tensor(tokens).long().to(device),
+        torch.as_tensor(lengths).to(device),
+        (labels.to(device)),
+    )
+
+
+@torch.no_grad()
+def label_accuracy(
+    model: Any, examples: Sequence[Any], tokenizer: Any, batch_size: int = 512
+) -> float:
+    """Fraction of label examples where ``logit[yes] > logit[no]`` matches ``example.label``."""
+    examples = _check_split(examples, "label examples")
+    tokens, lengths, labels = _encode_labels(examples, tokenizer, torch.device(model.cfg.device))
+    correct = 0
+    for i in range(0, tokens.shape[0], batch_size):
+        ln = lengths[i : i + batch_size]
+        logits = label_logits(model, tokens[i : i + batch_size, : int(ln.max())], ln)
+        diff = label_logit_diff(logits, tokenizer.yes_id, tokenizer.no_id)
+        correct += int(((diff > 0).long() == labels[i : i + batch_size]).sum())
+    return correct / tokens.shape[0]
+
+
+def train_label(
+    model: Any,
+    train_examples: Sequence[Any],
+    val_examples: Sequence[Any],
+    tokenizer: Any,
+    cfg: TrainConfig | None = None,
+) -> TrainResult:
+    """Train the label-token readout: at the last real token the model should prefer ``yes``
+    over ``no`` exactly when ``example.label`` (2-way cross-entropy over the two logits).
+
+    Same loop, early stopping and best-weight restore as ``train_ooo``; ``examples`` are
+    ``LabelExample``-like objects with ``text`` and ``label``.
+    """
+    cfg = _prepare(model, cfg)
+    train_examples = _check_split(train_examples, "train split")
+    val_examples = _check_split(val_examples, "validation split")
+    device = torch.device(cfg.device)
+    tokens, lengths, labels = _encode_labels(train_examples, tokenizer, device)
+    ids = torch.tensor([tokenizer.no_id, tokenizer.yes_id], device=device)
+
+    def batch_step(idx: Tensor) -> tuple[Tensor, int]:
+        ln = lengths[idx]
+        logits = label_logits(model, tokens[idx, : int(ln.max())], ln)[:, ids]  # [b, 2]
+        loss = F.cross_entropy(logits, labels[idx])
+        return loss, int((logits.detach().argmax(-1) == labels[idx]).sum())
+
+    def val_accuracy() -> float:
+        return label_accuracy(model, val_examples, tokenizer, cfg.eval_batch_size)
+
+    return _fit(model, tokens.shape[0], batch_step, val_accuracy, cfg, "train_label")
