@@ -83,11 +83,13 @@ def _fig(svg: str, caption: str = "") -> str:
 
 def _table(df: pd.DataFrame, digits: int = 3) -> str:
     """A DataFrame as an escaped HTML table (NaN shown as a dash)."""
-    fmt = {
-        c: (lambda v, d=digits: "–" if pd.isna(v) else f"{v:.{d}f}")
-        for c in df.columns
-        if pd.api.types.is_float_dtype(df[c])
-    }
+    fmt = {}
+    for c in df.columns:
+        if pd.api.types.is_float_dtype(df[c]):
+            vals = df[c].dropna()
+            integral = len(vals) > 0 and bool((vals == vals.round()).all())
+            d = 0 if integral else digits
+            fmt[c] = lambda v, d=d: "–" if pd.isna(v) else f"{v:.{d}f}"
     return df.to_html(index=False, escape=True, na_rep="–", formatters=fmt, border=0)
 
 
@@ -545,19 +547,21 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
                 c = s.get("curve")
                 if isinstance(c, dict) and {"fractions", "faithfulness"} <= set(c):
                     mib.append(dict(c, label=label))
+        where = " / ".join(str(x) for x in (task, init) if x is not None)
+        where = f"{where}: {sub}" if where else str(sub)
         if panels:
+            has_mask = panels[0][0].startswith("mask")
             out.append(
                 _fig(
-                    plots.heatmap_panels(
-                        panels, f"{task} / {init}: {sub}, mask vs patching", "value"
-                    ),
-                    "Left: how often masks keep each head; right: normalised patching scores.",
+                    plots.heatmap_panels(panels, f"{where}, mask vs patching", "value"),
+                    ("Left: how often masks keep each head; right: " if has_mask else "")
+                    + "normalised |patching score| per head.",
                 )
             )
         if curves:
             out.append(
                 _fig(
-                    plots.faithfulness_curves(curves, f"{task} / {init}: {sub}"),
+                    plots.faithfulness_curves(curves, where),
                     "Accuracy after ablating the top-k patching units: target falls, other "
                     "should stay.",
                 )
@@ -565,7 +569,7 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
         if mib:
             out.append(
                 _fig(
-                    plots.circuit_faithfulness(mib, f"{task} / {init}: {sub}"),
+                    plots.circuit_faithfulness(mib, where),
                     "Faithfulness of the top-scoring circuit as a function of its size "
                     "(1 = full model, 0 = everything ablated).",
                 )
