@@ -305,3 +305,18 @@ def test_report_with_weight_masks(tmp_path):
     assert "no pair of readable A/B masks" in page
     assert "mask kinds: weight" in page
     assert page.count("<svg") == 2 + 1  # accuracy bars per subroutine + scatter
+
+
+def test_load_mask_units_reads_real_masks(tmp_path, tiny_model):
+    """The stats adapter returns save_mask's binary mask and the unit map's (layer, kind, index)."""
+    from subroutine_circuits.experiment.stats import load_mask_units
+    from subroutine_circuits.masks import UnitMap, UnitMask, save_mask
+
+    unit_map = UnitMap.from_model(tiny_model)
+    flat = torch.zeros(unit_map.n_units, dtype=torch.bool)
+    flat[[0, 3, 5, 70]] = True
+    save_mask(tmp_path / "m.pt", UnitMask.fixed(unit_map, flat), tiny_model)
+    got, units = load_mask_units(tmp_path / "m.pt")
+    assert np.array_equal(got, flat.numpy())
+    assert units == [tuple(u) for u in unit_map.units()]
+    assert units[0] == (0, "head", 0) and len(units) == 2 * (4 + 64)
