@@ -90,9 +90,10 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         raise ValueError("a compositional task needs at least two predicates")
     splits = make_splits(
         task,
-        {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test},
+        cfg.data.n_train,
         seed=cfg.data.seed,
         rule=cfg.rule,
+        split_sizes=(cfg.data.n_train, cfg.data.n_val, cfg.data.n_test),
     )
     for split, kinds in splits.items():
         for kind, probs in kinds.items():
@@ -115,14 +116,7 @@ def _other(subroutines: list[str], predicates, sub: str) -> str:
 
 def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int, device: str):
     """Create (and pretrain / train as ``init`` says) one base model; returns (model, meta)."""
-    from subroutine_circuits.models import (
-        ModelSpec,
-        PretrainConfig,
-        TrainConfig,
-        make_model,
-        pretrain,
-        train_ooo,
-    )
+    from subroutine_circuits.models import ModelSpec, TrainConfig, make_model, train_ooo
 
     t0 = time.time()
     meta: dict[str, Any] = {"init": init, "seed": seed}
@@ -138,6 +132,8 @@ def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int
         )
         model = make_model(spec, prep.tokenizer.vocab_size, seed=seed, device=device)
     if init == "pretrained":
+        from subroutine_circuits.models import PretrainConfig, pretrain
+
         corpus = prep.task.corpus(cfg.data.corpus_size, random.Random(10_000 + seed))
         pcfg = PretrainConfig(**{"seed": seed, "device": device, "progress": False, **cfg.pretrain})
         info = pretrain(model, corpus, prep.tokenizer, pcfg)
