@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Tiny models run much faster on one thread than on several competing ones (and CI has 2 cores).
+torch.set_num_threads(1)
+
 
 def make_tiny_transformer(seed: int = 0, attention_dir: str = "causal", d_vocab: int = 50):
     """A 2-layer, d_model 32, 4-head HookedTransformer with random weights."""
