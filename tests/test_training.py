@@ -24,6 +24,20 @@ from subroutine_circuits.models.pretraining import mlm_corrupt
 from subroutine_circuits.tasks import get_task, make_splits
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Run these small-tensor tests on one intra-op thread, restoring the setting afterwards.
+
+    On a shared 2-core machine, two OpenMP threads per process that wait for each other make
+    tiny-model training many times slower (measured: 75 steps took 205 s with 2 threads under
+    load, 12 s with 1); with one thread the time measured is the work itself.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def agreement():
     """The real agreement task, its tokenizer and small composite splits."""

@@ -45,7 +45,7 @@ class PretrainConfig:
         grad_clip: clip the gradient norm (``None``: no clipping).
     """
 
-    steps: int = 150
+    steps: int = 300
     lr: float = 3e-3
     batch_size: int = 64
     mask_prob: float = 0.15

@@ -57,7 +57,7 @@ class TrainConfig:
     time_limit_s: float | None = None
     progress: bool = True
     pool: str | None = None
-    target_val_acc: float = 1.0
+    target_val_acc: float = 0.99
     grad_clip: float | None = 1.0
     warmup_steps: int = 20
     eval_batch_size: int = 256
