@@ -241,11 +241,13 @@ def test_word_tokenizer_api(tmp_path):
     assert tok.itos[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS)
     assert (tok.pad_id, tok.bos_id, tok.unk_id, tok.mask_id) == (0, 1, 2, 3)
     assert tok.vocab_size == len(SPECIAL_TOKENS) + 6
-    assert tok.encode("the dog flies") == [1, tok.stoi["the"], tok.stoi["dog"], tok.unk_id]
+    sep = tok.stoi["[SEP]"]
+    assert tok.encode("the dog flies") == [1, tok.stoi["the"], tok.stoi["dog"], tok.unk_id, sep]
+    assert tok.encode("the dog", add_eos=False) == [1, tok.stoi["the"], tok.stoi["dog"]]
     tokens, lengths = tok.encode_batch(["the dog runs", "fast"])
-    assert tokens.shape == (2, 4) and tokens.dtype.is_floating_point is False
-    assert lengths.tolist() == [4, 2]
-    assert tokens[1].tolist() == [1, tok.stoi["fast"], 0, 0]
+    assert tokens.shape == (2, 5) and tokens.dtype.is_floating_point is False
+    assert lengths.tolist() == [5, 3]
+    assert tokens[1].tolist() == [1, tok.stoi["fast"], sep, 0, 0]
     tok.save(tmp_path / "tok.json")
     assert WordTokenizer.load(tmp_path / "tok.json") == tok
     assert WordTokenizer.from_dict(json.loads(json.dumps(tok.to_dict()))).itos == tok.itos

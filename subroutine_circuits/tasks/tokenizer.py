@@ -20,9 +20,17 @@ SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[BOS]", "[UNK]", "[MASK]", "[SEP]",
 
 
 class WordTokenizer:
-    """Word-level tokenizer: whitespace split, ``[BOS]`` first, unknown words -> ``[UNK]``."""
+    """Word-level tokenizer: whitespace split, ``[BOS]`` first, unknown words -> ``[UNK]``.
 
-    def __init__(self, words: Iterable[str] = ()) -> None:
+    With ``eos=True`` (the default) every encoded text also ends with ``[SEP]``: a readout
+    position that sees the words only through attention. Reading a sentence embedding at its last
+    word instead lets that word's own embedding reach the readout through the residual stream,
+    bypassing every maskable head and neuron (for agreement, the verb is the last word), so no
+    unit mask could remove it; the ``[SEP]`` position closes that bypass.
+    """
+
+    def __init__(self, words: Iterable[str] = (), eos: bool = True) -> None:
+        self.eos = bool(eos)
         self.itos: list[str] = list(SPECIAL_TOKENS)
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
         for w in words:
@@ -33,12 +41,12 @@ class WordTokenizer:
                 self.itos.append(w)
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str]) -> WordTokenizer:
+    def from_texts(cls, texts: Iterable[str], eos: bool = True) -> WordTokenizer:
         """A tokenizer whose vocabulary is every word of ``texts`` (sorted for stability)."""
         words = set()
         for t in texts:
             words.update(t.split())
-        return cls(sorted(words))
+        return cls(sorted(words), eos=eos)
 
     # ----- ids ---------------------------------------------------------------------------------
     @property
@@ -96,20 +104,24 @@ class WordTokenizer:
         """Words of ``text`` that are not in the vocabulary."""
         return [w for w in text.split() if w not in self.stoi]
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Ids of the whitespace-separated words of ``text``, ``[BOS]`` first."""
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool | None = None) -> list[int]:
+        """Ids of the words of ``text``: ``[BOS]`` first, ``[SEP]`` last (if ``self.eos``)."""
         ids = [self.token_to_id(w) for w in text.split()]
-        return [self.bos_id] + ids if add_bos else ids
+        if add_bos:
+            ids = [self.bos_id] + ids
+        if self.eos if add_eos is None else add_eos:
+            ids = ids + [self.stoi["[SEP]"]]
+        return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        """Words of ``ids`` joined by spaces (``[PAD]``/``[BOS]`` dropped when skip_special)."""
+        """Words of ``ids`` joined by spaces (specials PAD, BOS, SEP dropped if skip_special)."""
         words = []
         for i in ids:
             i = int(i)
             if not 0 <= i < len(self.itos):
                 raise ValueError(f"token id {i} out of range 0..{len(self.itos) - 1}")
             w = self.itos[i]
-            if skip_special and w in ("[PAD]", "[BOS]"):
+            if skip_special and w in ("[PAD]", "[BOS]", "[SEP]"):
                 continue
             words.append(w)
         return " ".join(words)
@@ -120,8 +132,8 @@ class WordTokenizer:
         """Encode and right-pad with ``[PAD]``.
 
         Returns ``(tokens, lengths)``: ``Int[Tensor, "n pos"]`` (LongTensor) and
-        ``Int[Tensor, "n"]`` (number of real tokens per row, BOS included). A text longer than
-        ``max_len`` raises ValueError.
+        ``Int[Tensor, "n"]`` (number of real tokens per row, BOS and SEP included). A text longer
+        than ``max_len`` raises ValueError.
         """
         import torch
 
@@ -142,8 +154,8 @@ class WordTokenizer:
 
     # ----- persistence -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """``{"type": "word", "vocab": [...]}`` (specials included, in id order)."""
-        return {"type": "word", "vocab": list(self.itos)}
+        """``{"type": "word", "vocab": [...], "eos": bool}`` (specials included, in id order)."""
+        return {"type": "word", "vocab": list(self.itos), "eos": self.eos}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WordTokenizer:
@@ -155,7 +167,7 @@ class WordTokenizer:
             raise ValueError(f"tokenizer vocab must start with the special tokens {SPECIAL_TOKENS}")
         if len(set(vocab)) != len(vocab):
             raise ValueError("tokenizer vocab has duplicate entries")
-        return cls(vocab[len(SPECIAL_TOKENS) :])
+        return cls(vocab[len(SPECIAL_TOKENS) :], eos=bool(d.get("eos", False)))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON (atomically)."""
@@ -169,7 +181,7 @@ class WordTokenizer:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, WordTokenizer) and self.itos == other.itos
+        return isinstance(other, WordTokenizer) and (self.itos, self.eos) == (other.itos, other.eos)
 
     def __repr__(self) -> str:
         return f"WordTokenizer(vocab_size={self.vocab_size})"
