@@ -58,6 +58,19 @@ class _StandInTokenizer:
 # ---------------------------------------------------------------- presets
 
 
+def _init_encoder(enc) -> None:
+    """HookedEncoder leaves weights uninitialised (it expects from_pretrained): init them."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif name.split(".")[-1] == "w":
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
 def test_presets_shapes_and_determinism():
     before = torch.random.get_rng_state()
     m1 = make_model(ModelSpec("tiny"), vocab_size=37, seed=3)
@@ -175,8 +188,8 @@ def test_final_hidden_hooked_encoder():
         n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=30, n_ctx=16,
         act_fn="gelu", normalization_type="LN", attention_dir="bidirectional",
     )  # fmt: skip
-    torch.manual_seed(0)
     enc = HookedEncoder(cfg)
+    _init_encoder(enc)
     lengths = [8, 3, 5]
     tokens, lens = _padded_batch(30, lengths, seed=2)
     for pool in ("last", "mean"):

@@ -52,6 +52,19 @@ def _tiny(tok, attention="causal", seed=0):
     )
 
 
+def _init_encoder(enc) -> None:
+    """HookedEncoder leaves weights uninitialised (it expects from_pretrained): init them."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif name.split(".")[-1] == "w":
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
 def test_train_errors(agreement):
     _, tok, splits = agreement
     model = _tiny(tok)
@@ -191,3 +204,34 @@ def test_train_label_restores_best_and_accuracy_matches_manual(agreement):
     assert acc == pytest.approx(correct / len(val))
     with pytest.raises(ValueError, match="empty train split"):
         train_label(model, [], val, tok, cfg)
+
+
+def test_pretrain_and_finetune_hooked_encoder(agreement):
+    """HookedEncoder (BERT-style) models pretrain with the masked-token objective and train."""
+    from transformer_lens import HookedEncoder, HookedTransformerConfig
+
+    task, tok, splits = agreement
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=tok.vocab_size,
+        n_ctx=32, act_fn="gelu", normalization_type="LN", attention_dir="bidirectional",
+    )  # fmt: skip
+    enc = HookedEncoder(cfg)
+    _init_encoder(enc)
+    held = task.corpus(50, random.Random(1))
+    before = lm_loss(enc, held, tok, seed=2)
+    out = pretrain(
+        enc,
+        task.corpus(300, random.Random(0)),
+        tok,
+        PretrainConfig(steps=30, batch_size=32, progress=False),
+    )
+    assert out["objective"] == "mlm"
+    assert lm_loss(enc, held, tok, seed=2) < before - 0.5
+    r = train_ooo(
+        enc, splits["train"]["composite"], splits["val"]["composite"], tok,
+        TrainConfig(max_steps=6, eval_every=3, batch_size=8, progress=False, pool="mean"),
+    )  # fmt: skip
+    assert r.steps == 6 or r.stop_reason == "target_val_acc"
+    assert ooo_accuracy(enc, splits["val"]["composite"], tok, pool="mean") == pytest.approx(
+        r.best_val_acc
+    )
