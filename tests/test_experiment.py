@@ -106,10 +106,10 @@ def test_ablation_cell_recomputed_by_hand(small_run):
     other = splits["test"][f"partition_{row.other}"]
     # subnetwork ablated (zero): the kept units are zeroed
     assert _by_hand_accuracy(model, tokenizer, target, keep, units) == pytest.approx(
-        row.abl_target_acc, abs=1e-9
+        row.ablzero_target_acc, abs=1e-9
     )
     assert _by_hand_accuracy(model, tokenizer, other, keep, units) == pytest.approx(
-        row.abl_other_acc, abs=1e-9
+        row.ablzero_other_acc, abs=1e-9
     )
     # subnetwork alone: everything else is zeroed
     assert _by_hand_accuracy(model, tokenizer, target, ~keep, units) == pytest.approx(

@@ -46,11 +46,11 @@ class MaskSearchConfig:
     kind: str = "unit"  # "unit" (heads + neurons) or "weight"
     parametrization: str = "hard_concrete"
     unit_kinds: tuple[str, ...] = ("head", "neuron")
-    steps: int = 250
-    batch_size: int = 32
+    steps: int = 120
+    batch_size: int = 24
     # Each grid point overrides these defaults; the chosen point maximises validation accuracy on
     # the subroutine's own problems, ties (within ``tolerance``) broken by the smaller density.
-    lr: float = 0.05
+    lr: float = 0.1
     init: float = 2.0
     l0_weight: float = 1.0
     layers: list[int] | None = None
@@ -77,6 +77,7 @@ class ExperimentConfig:
     mask: MaskSearchConfig = field(default_factory=MaskSearchConfig)
     margin: float = 0.05
     chance: float = 0.25
+    ablation: str = "zero"  # which ablation decides abl_diff: "zero" or "mean"
     min_composite_acc: float = 0.9
     patching: bool = True
     patching_methods: list[str] = field(default_factory=lambda: ["activation", "attribution"])
@@ -93,6 +94,8 @@ class ExperimentConfig:
             raise ValueError("base_seeds and mask_seeds must each list at least one seed")
         if self.mask.kind not in ("unit", "weight"):
             raise ValueError(f"mask.kind must be 'unit' or 'weight', got {self.mask.kind!r}")
+        if self.ablation not in ("zero", "mean"):
+            raise ValueError(f"ablation must be 'zero' or 'mean', got {self.ablation!r}")
         if not 0 <= self.margin < 0.75:
             raise ValueError(f"margin must be in [0, 0.75), got {self.margin}")
         if self.data.n_train < 1 or self.data.n_val < 1 or self.data.n_test < 1:

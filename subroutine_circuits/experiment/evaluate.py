@@ -52,11 +52,14 @@ def ablation_matrix(
     reference: EncodedProblems | None = None,
     chance: float = 0.25,
     margin: float = 0.05,
+    ablation: str = "zero",
 ) -> dict[str, Any]:
     """Evaluate every condition on the target/other partitions; returns one results row (dict).
 
     ``test`` maps problem kinds (``partition_<p>``, ``sub_<p>``) to encoded test problems;
     ``reference`` supplies the stimuli whose mean activations define mean ablation.
+    ``ablation`` ("zero" or "mean") picks the ablated condition reported as ``abl_*`` and used
+    for ``abl_diff`` and the verdict; both are always reported as ``ablzero_*`` / ``ablmean_*``.
     """
     target_kind, other_kind = f"partition_{subroutine}", f"partition_{other}"
     for kind in (target_kind, other_kind, f"sub_{subroutine}"):
@@ -73,6 +76,10 @@ def ablation_matrix(
     for name, m in variants.items():
         row[f"{name}_target_acc"] = accuracy(model, test[target_kind], pool, m)
         row[f"{name}_other_acc"] = accuracy(model, test[other_kind], pool, m)
+    for col in ("target", "other"):
+        row[f"ablzero_{col}_acc"] = row[f"abl_{col}_acc"]
+        if ablation == "mean" and f"ablmean_{col}_acc" in row:
+            row[f"abl_{col}_acc"] = row[f"ablmean_{col}_acc"]
     row["sub_sub_acc"] = accuracy(model, test[f"sub_{subroutine}"], pool, variants["sub"])
     row["sub_diff"] = clipped_diff(row["sub_target_acc"], row["sub_other_acc"], chance)
     row["abl_diff"] = clipped_diff(row["abl_target_acc"], row["abl_other_acc"], chance)

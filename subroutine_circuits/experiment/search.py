@@ -155,21 +155,23 @@ def search_mask(
     cfg: MaskSearchConfig,
     seed: int,
     pool: str,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
     """Choose mask hyperparameters on validation data: best val accuracy, ties -> sparser.
 
-    Returns the chosen point and a log of every point (val accuracy and density).
+    Returns the chosen point, a log of every point (val accuracy and density) and the mask
+    trained at the chosen point (with ``seed``, so a caller can reuse it for that mask seed).
     """
-    log = []
+    log, masks = [], []
     for hp in grid_points(cfg):
         mask = train_mask(model, train, cfg, hp, seed, pool)
+        masks.append(mask)
         log.append(
             {"hp": hp, "val_acc": accuracy(model, val, pool, mask), "density": mask.density()}
         )
     best_acc = max(e["val_acc"] for e in log)
-    eligible = [e for e in log if e["val_acc"] >= best_acc - cfg.tolerance]
-    chosen = min(eligible, key=lambda e: (e["density"], -e["val_acc"]))
-    return chosen["hp"], log
+    eligible = [i for i, e in enumerate(log) if e["val_acc"] >= best_acc - cfg.tolerance]
+    best = min(eligible, key=lambda i: (log[i]["density"], -log[i]["val_acc"]))
+    return log[best]["hp"], log, masks[best]
 
 
 def clipped_diff(target: float, other: float, chance: float = 0.25) -> float:
