@@ -50,7 +50,7 @@ def _by_hand_accuracy(model, tokenizer, problems, ablate_flat, units) -> float:
     the hidden state is ln_final of the last block's output at the last token, and the OOO
     score is computed from normalised embeddings in float64.
     """
-    from transformer_lens.utils import get_act_name
+    from transformer_lens.utilities import get_act_name
 
     zero: dict[str, list[int]] = {}
     for (layer, kind, idx), ablate in zip(units, ablate_flat.tolist()):

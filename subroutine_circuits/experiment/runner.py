@@ -29,7 +29,8 @@ RESULT_COLUMNS = [
     "task", "model", "init", "base_seed", "mask_seed", "subroutine", "other", "mask_kind",
     "density", "n_kept", "composite_acc", "base_ok", "full_target_acc", "full_other_acc",
     "full_sub_acc", "sub_target_acc", "sub_other_acc", "sub_sub_acc", "abl_target_acc",
-    "abl_other_acc", "ablmean_target_acc", "ablmean_other_acc", "ablreinit_target_acc",
+    "abl_other_acc", "ablzero_target_acc", "ablzero_other_acc", "ablmean_target_acc",
+    "ablmean_other_acc", "ablreinit_target_acc",
     "ablreinit_other_acc", "randabl_target_acc", "randabl_other_acc", "sub_diff", "abl_diff",
     "randabl_diff", "compositional", "mask_path", "hparams", "val_score",
 ]  # fmt: skip
@@ -203,23 +204,27 @@ def run_base_model(cfg: ExperimentConfig, out: Path, init: str, seed: int) -> di
     for sub in prep.subroutines:
         other = _other(prep.subroutines, prep.task.predicates, sub)
         search_path = out / "search" / f"{bid}__{sub}.json"
+        reuse = {}
         if search_path.exists():
             chosen = json.loads(search_path.read_text())
         else:
-            hp, log = search_mask(
+            hp, log, best_mask = search_mask(
                 model, enc["train"][f"sub_{sub}"], enc["val"][f"sub_{sub}"], cfg.mask,
                 seed=cfg.mask_seeds[0], pool=pool,
             )  # fmt: skip
             chosen = {"hp": hp, "log": log}
             atomic_write_json(search_path, chosen)
+            reuse[cfg.mask_seeds[0]] = best_mask  # same hp and seed: the same training
         for mseed in cfg.mask_seeds:
             key = f"{bid}__{sub}__m{mseed}"
             run_path = out / "runs" / f"{key}.json"
             if run_path.exists():
                 continue
-            mask = train_mask(
-                model, enc["train"][f"sub_{sub}"], cfg.mask, chosen["hp"], mseed, pool
-            )
+            mask = reuse.pop(mseed, None)
+            if mask is None:
+                mask = train_mask(
+                    model, enc["train"][f"sub_{sub}"], cfg.mask, chosen["hp"], mseed, pool
+                )
             val_score = accuracy(model, enc["val"][f"sub_{sub}"], pool, mask)
             mask_rel = f"masks/{key}.pt"
             save_mask(
@@ -229,6 +234,7 @@ def run_base_model(cfg: ExperimentConfig, out: Path, init: str, seed: int) -> di
             row = ablation_matrix(
                 model, mask, test, sub, other, pool, seed=mseed,
                 reference=enc["train"][f"sub_{sub}"], chance=cfg.chance, margin=cfg.margin,
+                ablation=cfg.ablation,
             )  # fmt: skip
             row.update(
                 task=prep.label,
