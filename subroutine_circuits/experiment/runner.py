@@ -249,6 +249,11 @@ def run_base_model(cfg: ExperimentConfig, out: Path, init: str, seed: int) -> di
             )  # fmt: skip
             atomic_write_json(run_path, row)
     timings["masks"] = time.time() - t1
+    t2 = time.time()
+    from subroutine_circuits.experiment.patch_runs import patch_base_model
+
+    patch_base_model(cfg, out, prep, bid, init, seed, model, meta)
+    timings["patching"] = time.time() - t2
     timings["total"] = time.time() - t0
     return {"base_id": bid, "composite_acc": composite_acc, "base_ok": base_ok, **timings}
 
