@@ -96,3 +96,133 @@ def test_bad_input(tiny_model, tiny_tokens):
         activation_patching(tiny_model, tiny_tokens, tiny_tokens[:, :5], _logit_diff)
     with pytest.raises(ValueError, match="unknown unit kind"):
         unit_groups(tiny_model, kinds=("channel",))
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+def _make_model(normalization_type: str, act_fn: str, n_layers: int, seed: int = 3):
+    """A tiny causal HookedTransformer of the given block type (random weights)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        d_vocab=50,
+        n_ctx=16,
+        act_fn=act_fn,
+        normalization_type=normalization_type,
+        seed=seed,
+        device="cpu",
+    )
+    model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+def _mean_over_pos_diff(logits):
+    """A metric that reads every position: mean over positions of a logit difference."""
+    return logits[..., 5].mean(-1) - logits[..., 9].mean(-1)
+
+
+def _tl_by_pos(model, clean, corr, metric):
+    """TransformerLens' per-position head-output patching (the reference)."""
+    from transformer_lens import patching
+
+    _, clean_cache = model.run_with_cache(clean)
+    return patching.get_act_patch_attn_head_out_by_pos(
+        model, corr, clean_cache, lambda lg: metric(lg).mean()
+    )
+
+
+@pytest.mark.parametrize(
+    "norm, act, n_layers, n_pos, metric, path",
+    [
+        ("LN", "gelu", 2, 8, _logit_diff, "fast-last"),
+        ("LNPre", "relu", 3, 5, _logit_diff, "fast-last"),
+        ("LN", "relu", 2, 6, _mean_over_pos_diff, "fast-suffix"),
+        ("LNPre", "gelu", 2, 7, _mean_over_pos_diff, "fast-suffix"),
+        ("LN", "gelu", 2, 1, _logit_diff, "fast-last"),
+    ],
+)
+def test_fast_path_equals_transformer_lens_and_generic(norm, act, n_layers, n_pos, metric, path):
+    model = _make_model(norm, act, n_layers)
+    g = torch.Generator().manual_seed(n_pos)
+    clean = torch.randint(0, 50, (5, n_pos), generator=g)
+    corr = clean.clone()
+    corr[:, n_pos // 2] = (corr[:, n_pos // 2] + 13) % 50
+    groups = unit_groups(model, kinds=("head",))
+    expected = _tl_by_pos(model, clean, corr, metric)
+    # chunk_rows=7 with batch 5: one head per chunk, exercising the chunking
+    fast = activation_patching(model, clean, corr, metric, groups, per_position=True, chunk_rows=7)
+    generic = activation_patching(model, clean, corr, metric, groups, per_position=True, fast=False)
+    assert fast.extra["path"] == path
+    assert generic.extra["path"] == "generic"
+    assert fast.layer_grid("head").shape == (n_layers, n_pos, 4)
+    assert torch.allclose(fast.layer_grid("head"), expected.cpu(), atol=1e-4)
+    assert torch.allclose(fast.layer_grid("head"), generic.layer_grid("head"), atol=1e-4)
+    assert abs(fast.clean_metric - generic.clean_metric) < 1e-6
+    assert abs(fast.corr_metric - generic.corr_metric) < 1e-6
+    # the patches really move the metric
+    assert (expected - fast.corr_metric).abs().max() > 1e-3
+
+
+def test_fast_path_hidden_last_readout_equals_generic(tiny_model, tiny_tokens):
+    clean, corr = _pair(tiny_tokens)
+    w = torch.randn(32, generator=torch.Generator().manual_seed(0))
+
+    def metric(hidden):  # [..., batch, d_model] -> [..., batch]
+        return hidden @ w
+
+    groups = unit_groups(tiny_model, kinds=("head",))
+    kw = dict(per_position=True, readout="hidden_last")
+    fast = activation_patching(tiny_model, clean, corr, metric, groups, **kw)
+    generic = activation_patching(tiny_model, clean, corr, metric, groups, fast=False, **kw)
+    assert fast.extra["path"] == "fast-last"
+    assert torch.allclose(fast.layer_grid("head"), generic.layer_grid("head"), atol=1e-4)
+    assert (generic.layer_grid("head") - generic.corr_metric).abs().max() > 1e-3
+
+
+def test_fast_path_falls_back_for_bidirectional_model(tiny_tokens):
+    from conftest import make_tiny_transformer
+
+    model = make_tiny_transformer(seed=2, attention_dir="bidirectional")
+    clean, corr = _pair(tiny_tokens)
+    groups = unit_groups(model, kinds=("head",))
+    res = activation_patching(model, clean, corr, _logit_diff, groups, per_position=True)
+    assert res.extra["path"] == "generic"
+    assert "attention_dir" in res.extra["fallback_reason"]
+    expected = _tl_by_pos(model, clean, corr, _logit_diff)
+    assert torch.allclose(res.layer_grid("head"), expected.cpu(), atol=1e-4)
+
+
+def test_fast_path_falls_back_with_hooks_and_for_neurons(tiny_model, tiny_tokens):
+    clean, corr = _pair(tiny_tokens)
+    heads = unit_groups(tiny_model, kinds=("head",))
+
+    def scale(act, hook):  # a hook the fast path would bypass (like a mask)
+        return act * 0.5
+
+    with tiny_model.hooks(fwd_hooks=[("blocks.1.mlp.hook_post", scale)]):
+        res = activation_patching(tiny_model, clean, corr, _logit_diff, heads, per_position=True)
+        hooked_corr = float(_logit_diff(tiny_model(corr)).mean())
+    assert res.extra["path"] == "generic" and "hooks" in res.extra["fallback_reason"]
+    assert abs(res.corr_metric - hooked_corr) < 1e-5
+    neurons = unit_groups(tiny_model, kinds=("neuron",), layers=[1])
+    res = activation_patching(tiny_model, clean, corr, _logit_diff, neurons, per_position=True)
+    assert res.extra["path"] == "generic"
+    res = activation_patching(tiny_model, clean, corr, _logit_diff, heads, per_position=False)
+    assert res.extra["path"] == "generic"
+
+
+def test_metric_probe_detects_last_position_metrics():
+    from subroutine_circuits.patching.fast_forward import metric_reads_last_position
+
+    logits = torch.randn(3, 6, 10, generator=torch.Generator().manual_seed(0))
+    assert metric_reads_last_position(_logit_diff, logits)
+    assert not metric_reads_last_position(_mean_over_pos_diff, logits)
+    assert not metric_reads_last_position(lambda lg: lg[..., 2, 5], logits)  # reads position 2
+    assert not metric_reads_last_position(lambda lg: lg[..., 0, 5] - lg[..., -1, 5], logits)

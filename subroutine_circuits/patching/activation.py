@@ -303,12 +303,20 @@ def activation_patching(
     per_position: bool = False,
     readout: str | Readout = "logits",
     chunk_rows: int = 4096,
+    fast: bool = True,
 ) -> PatchScores:
     """Patch every unit (optionally at every position) from the clean into the corrupted run.
 
     ``metric`` maps readout output with leading dims ``[..., batch]`` to ``[..., batch]``; the
     score of a patch is its mean over the batch. ``chunk_rows`` bounds the rows of one forward
     pass (copies x batch). Hooks already on the model (e.g. masks) stay active.
+
+    With ``fast`` (default), per-position head patching of a standard causal model without
+    hooks runs on the exact suffix-only path of
+    :mod:`subroutine_circuits.patching.fast_forward`; everything else (and ``fast=False``) runs
+    the generic path. ``extra["path"]`` of the result names the path taken (``"generic"``,
+    ``"fast-last"`` or ``"fast-suffix"``) and ``extra["fallback_reason"]`` why the fast path
+    was not taken.
     """
     _check_model(model)
     _check_tokens(clean_tokens, corr_tokens)
@@ -316,6 +324,15 @@ def activation_patching(
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     groups = list(groups) if groups is not None else unit_groups(model)
     readout = get_readout(readout)
+    reason = "fast=False"
+    if fast:
+        from .fast_forward import fast_head_patching_by_pos, fast_path_unsupported
+
+        reason = fast_path_unsupported(model, groups, per_position, readout)
+        if reason is None:
+            return fast_head_patching_by_pos(
+                model, clean_tokens, corr_tokens, metric, groups, readout, chunk_rows
+            )
     hooks = [g.hook_name for g in groups]
     _, clean_acts, clean_out = forward_collect(model, clean_tokens, hooks, readout)
     corr_resids, _, corr_out = forward_collect(model, corr_tokens, [], readout)
@@ -374,4 +391,5 @@ def activation_patching(
         n=batch,
         method="activation",
         per_position=per_position,
+        extra={"path": "generic", "fallback_reason": reason},
     )

@@ -1,0 +1,296 @@
+"""Exact fast path for per-position activation patching of attention heads.
+
+Patching the output ``z`` of head ``h`` at position ``p`` of layer ``l`` (clean into corrupted)
+changes, in a causal pre-LN transformer, only
+
+* at layer ``l``: the attention output, hence the residual stream, at position ``p`` (``z`` of
+  every other position is untouched), so only ``W_O`` of the patched ``z`` and the MLP at ``p``
+  are recomputed;
+* at layers ``> l``: positions ``>= p`` (positions ``< p`` never see ``p``). Their keys and values
+  at positions ``< p`` are the corrupted run's, taken from its cache.
+
+When the metric reads only the last position (checked by probing it, see
+:func:`metric_reads_last_position`), the final layer computes keys/values for positions ``>= p``
+but the query, attention output, MLP, ``ln_final`` and unembedding only at the last position.
+Otherwise the full logits are assembled from the corrupted run's logits at positions ``< p`` and
+the recomputed ones at ``>= p``. Both modes give the same numbers as a full forward pass (up to
+float rounding). All heads of one layer at one position form one batched suffix computation
+(``heads x batch`` rows), chunked by ``chunk_rows``.
+
+The hand-written attention covers the standard TransformerLens ``HookedTransformer`` block only;
+:func:`fast_path_unsupported` lists what it does not cover, and the caller
+(:func:`subroutine_circuits.patching.activation.activation_patching`) falls back to the generic
+path then. Layer norms, MLPs, ``ln_final`` and ``unembed`` are the model's own modules (they act
+position-wise), so their numerics are TransformerLens' own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+#: ``normalization_type`` values of the blocks the fast path supports (position-wise norms).
+SUPPORTED_NORMS = ("LN", "LNPre", "RMS", "RMSPre")
+#: MLP activation functions the fast path supports (the model's own MLP module is called).
+SUPPORTED_ACTS = ("gelu", "relu", "gelu_new", "gelu_fast", "silu")
+
+# config attributes that must keep their default value (name, default) for the fast path
+_DEFAULT_FLAGS = (
+    ("attn_only", False),
+    ("parallel_attn_mlp", False),
+    ("gated_mlp", False),
+    ("num_experts", None),
+    ("use_split_qkv_input", False),
+    ("use_attn_in", False),
+    ("n_key_value_heads", None),
+    ("use_local_attn", False),
+    ("use_qk_norm", False),
+    ("clip_qkv", None),
+    ("use_logn_attn", False),
+    ("use_attention_sinks", False),
+    ("use_normalization_before_and_after", False),
+    ("load_in_4bit", False),
+)
+
+
+def _has_hooks(model) -> bool:
+    """Whether any module of ``model`` has a forward (pre-)hook the fast path would bypass."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def fast_path_unsupported(model, groups: Sequence, per_position: bool, readout) -> str | None:
+    """Why the fast path cannot run this request, or ``None`` if it can.
+
+    Supported: a causal ``HookedTransformer`` with standard positional embeddings, pre-LN blocks
+    (``LN``/``LNPre``/``RMS``/``RMSPre``), standard multi-head attention, a non-gated MLP, no
+    soft-caps, no hooks on the model; only head groups (``hook_z``), ``per_position=True``, and
+    the ``logits`` or ``hidden_last`` readout.
+    """
+    from .activation import hidden_last_readout, logits_readout
+
+    cfg = model.cfg
+    if type(model).__name__ != "HookedTransformer":
+        return f"model type {type(model).__name__} (only HookedTransformer)"
+    if not per_position:
+        return "per_position=False"
+    if any(g.kind != "head" for g in groups):
+        return "groups other than heads"
+    if readout is not logits_readout and readout is not hidden_last_readout:
+        return "readout other than 'logits' / 'hidden_last'"
+    if getattr(cfg, "attention_dir", "causal") != "causal":
+        return f"attention_dir={cfg.attention_dir!r}"
+    if any(
+        getattr(b.attn, "_attention_dir_override", None) not in (None, "causal")
+        for b in model.blocks
+    ):
+        return "a block overrides the attention direction"
+    if getattr(cfg, "positional_embedding_type", "standard") != "standard":
+        return f"positional_embedding_type={cfg.positional_embedding_type!r}"
+    if cfg.normalization_type not in SUPPORTED_NORMS:
+        return f"normalization_type={cfg.normalization_type!r}"
+    if cfg.act_fn not in SUPPORTED_ACTS:
+        return f"act_fn={cfg.act_fn!r}"
+    for name, default in _DEFAULT_FLAGS:
+        if getattr(cfg, name, default) != default:
+            return f"{name}={getattr(cfg, name)!r}"
+    for name in ("attn_scores_soft_cap", "output_logits_soft_cap"):
+        if getattr(cfg, name, -1.0) > 0:
+            return f"{name}={getattr(cfg, name)!r}"
+    try:
+        from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+    except ImportError:  # pragma: no cover - older TransformerLens
+        POST_NORM_ARCHITECTURES = ()
+    if getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES:
+        return f"post-norm architecture {cfg.original_architecture!r}"
+    if _has_hooks(model):
+        return "hooks on the model"
+    return None
+
+
+def metric_reads_last_position(metric, logits: Float[Tensor, "batch pos d_vocab"]) -> bool:
+    """Probe whether ``metric`` depends on the logits of the last position only.
+
+    True when the metric gives bitwise the same values (a) on the last position alone
+    (``logits[:, -1:]``, so the fast path may hand it ``[..., batch, 1, d_vocab]``) and (b) on
+    logits whose other positions are replaced by random values. Any error means False (the
+    caller then assembles full logits, which is exact for every metric).
+    """
+    try:
+        ref = metric(logits)
+        last = metric(logits[:, -1:])
+        g = torch.Generator().manual_seed(1234)
+        noisy = logits.clone()
+        rand = torch.randn(noisy[:, :-1].shape, generator=g) * 10.0
+        noisy[:, :-1] = rand.to(device=logits.device, dtype=logits.dtype)
+        pert = metric(noisy)
+    except Exception:  # noqa: BLE001 - any failure only disables the shortcut
+        return False
+    if not all(isinstance(t, Tensor) for t in (ref, last, pert)):
+        return False
+    return torch.equal(ref, last) and torch.equal(ref, pert)
+
+
+def _expand_rows(x: Tensor, k: int) -> Tensor:
+    """``[batch, ...] -> [k * batch, ...]`` (copy ``i`` at rows ``i*batch:(i+1)*batch``)."""
+    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+
+
+def _qkv_linear(
+    x: Float[Tensor, "n pos d_model"],
+    w: Float[Tensor, "head d_model d_head"],
+    b: Float[Tensor, "head d_head"],
+) -> Float[Tensor, "n pos head d_head"]:
+    """The query/key/value projection, computed as TransformerLens does (one ``F.linear``)."""
+    n_heads, d_model, d_head = w.shape
+    w_flat = w.permute(0, 2, 1).reshape(n_heads * d_head, d_model)
+    return F.linear(x, w_flat, b.reshape(-1)).reshape(x.shape[0], x.shape[1], n_heads, d_head)
+
+
+def _out_linear(attn, z: Float[Tensor, "n pos head d_head"]) -> Float[Tensor, "n pos d_model"]:
+    """``z @ W_O + b_O`` summed over heads (one ``F.linear``, as TransformerLens)."""
+    n_heads, d_head, d_model = attn.W_O.shape
+    w = attn.W_O.reshape(n_heads * d_head, d_model).t()
+    return F.linear(z.reshape(z.shape[0], z.shape[1], n_heads * d_head), w, attn.b_O)
+
+
+def _suffix_block(
+    block,
+    x: Float[Tensor, "n s d_model"],
+    k_prefix: Float[Tensor, "batch p head d_head"],
+    v_prefix: Float[Tensor, "batch p head d_head"],
+    copies: int,
+    last_only: bool,
+) -> Float[Tensor, "n s_out d_model"]:
+    """One transformer block on the suffix positions ``p..pos-1`` of a residual stream.
+
+    ``x`` holds the residual stream at positions ``p..`` of ``n = copies * batch`` rows; keys and
+    values of positions ``< p`` are the corrupted run's (``k_prefix``/``v_prefix``, shared by all
+    copies). With ``last_only`` the query, attention output and MLP are computed only at the
+    last position (``s_out = 1``); otherwise at all suffix positions (``s_out = s``).
+    """
+    attn = block.attn
+    n, s, _ = x.shape
+    p = k_prefix.shape[1]
+    h = block.ln1(x)
+    k_new = _qkv_linear(h, attn.W_K, attn.b_K)
+    v_new = _qkv_linear(h, attn.W_V, attn.b_V)
+    h_q = h[:, -1:] if last_only else h
+    q = _qkv_linear(h_q, attn.W_Q, attn.b_Q)  # [n, sq, head, d_head]
+    if p > 0:
+        keys = torch.cat([_expand_rows(k_prefix, copies), k_new], dim=1)
+        values = torch.cat([_expand_rows(v_prefix, copies), v_new], dim=1)
+    else:
+        keys, values = k_new, v_new
+    scores = q.permute(0, 2, 1, 3) @ keys.permute(0, 2, 3, 1) / attn.attn_scale
+    if not last_only:
+        # query i sits at absolute position p + i and sees keys 0..p + i
+        q_pos = torch.arange(s, device=x.device) + p
+        k_pos = torch.arange(p + s, device=x.device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        scores = torch.where(mask, scores, attn.IGNORE.to(scores.device))
+    pattern = F.softmax(scores, dim=-1)
+    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    z = (pattern @ values.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)  # [n, sq, head, d_head]
+    resid = x[:, -1:] if last_only else x
+    resid_mid = resid + _out_linear(attn, z)
+    return resid_mid + block.mlp(block.ln2(resid_mid))
+
+
+@torch.no_grad()
+def fast_head_patching_by_pos(
+    model,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corr_tokens: Int[Tensor, "batch pos"],
+    metric,
+    groups: Sequence,
+    readout,
+    chunk_rows: int = 4096,
+):
+    """Per-position head patching on the fast path (see the module docstring).
+
+    Same arguments and result (a :class:`~subroutine_circuits.patching.activation.PatchScores`)
+    as ``activation_patching(..., per_position=True)``; the caller checks
+    :func:`fast_path_unsupported` first. ``extra["path"]`` records the mode used:
+    ``"fast-last"`` (last position only) or ``"fast-suffix"`` (full logits).
+    """
+    from .activation import PatchScores, forward_collect, hidden_last_readout
+
+    n_layers = model.cfg.n_layers
+    layers = sorted({g.layer for g in groups})
+    z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in layers]
+    kv_hooks = [
+        f"blocks.{m}.attn.hook_{kind}"
+        for m in range(min(layers) + 1, n_layers)
+        for kind in ("k", "v")
+    ]
+    _, clean_acts, clean_out = forward_collect(model, clean_tokens, z_hooks, readout)
+    corr_resids, corr_acts, corr_out = forward_collect(
+        model, corr_tokens, z_hooks + kv_hooks, readout
+    )
+    m_clean = float(metric(clean_out).float().mean())
+    corr_vals = metric(corr_out).float()
+    m_corr = float(corr_vals.mean())
+    batch, n_pos = corr_tokens.shape
+    k_max = max(1, chunk_rows // batch)
+    hidden = readout is hidden_last_readout
+    last_only = hidden or metric_reads_last_position(metric, corr_out)
+
+    patched = {g.hook_name: torch.zeros(n_pos, g.size) for g in groups}
+    for g in groups:
+        layer = g.layer
+        block = model.blocks[layer]
+        z_corr = corr_acts[f"blocks.{layer}.attn.hook_z"]
+        z_clean = clean_acts[f"blocks.{layer}.attn.hook_z"]
+        for p in range(n_pos):
+            if last_only and layer == n_layers - 1 and p < n_pos - 1:
+                # the last position of the last layer never sees position p of that layer
+                patched[g.hook_name][p, :] = m_corr
+                continue
+            for h0 in range(0, g.size, k_max):
+                heads = torch.arange(h0, min(h0 + k_max, g.size), device=z_corr.device)
+                k = len(heads)
+                # layer `layer`: only position p changes (attention output, then the MLP)
+                sel = heads[:, None] == torch.arange(g.size, device=z_corr.device)[None, :]
+                z_p = torch.where(sel[:, None, :, None], z_clean[None, :, p], z_corr[None, :, p])
+                resid_mid = corr_resids[layer][:, p] + _out_linear(block.attn, z_p)
+                resid_post = resid_mid + block.mlp(block.ln2(resid_mid))  # [k, batch, d]
+                rest = corr_resids[layer + 1][:, p + 1 :]
+                x = torch.cat([resid_post.reshape(k * batch, 1, -1), _expand_rows(rest, k)], dim=1)
+                # later layers: positions >= p, corrupted keys/values before p
+                for m in range(layer + 1, n_layers):
+                    x = _suffix_block(
+                        model.blocks[m],
+                        x,
+                        corr_acts[f"blocks.{m}.attn.hook_k"][:, :p],
+                        corr_acts[f"blocks.{m}.attn.hook_v"][:, :p],
+                        k,
+                        last_only and m == n_layers - 1,
+                    )
+                if last_only:
+                    x = x[:, -1:]
+                final = model.ln_final(x) if getattr(model, "ln_final", None) is not None else x
+                if hidden:
+                    out = final[:, -1].reshape(k, batch, -1)
+                else:
+                    logits = model.unembed(final)
+                    logits = logits.reshape(k, batch, *logits.shape[1:])
+                    if not last_only:
+                        prefix = corr_out[:, :p].unsqueeze(0).expand(k, *corr_out[:, :p].shape)
+                        logits = torch.cat([prefix, logits], dim=2)
+                    out = logits
+                vals = metric(out).float().mean(-1).cpu()
+                patched[g.hook_name][p, h0 : h0 + k] = vals
+    return PatchScores(
+        groups=list(groups),
+        patched=patched,
+        clean_metric=m_clean,
+        corr_metric=m_corr,
+        n=batch,
+        method="activation",
+        per_position=True,
+        extra={"path": "fast-last" if last_only else "fast-suffix"},
+    )
