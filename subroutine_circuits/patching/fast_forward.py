@@ -164,6 +164,7 @@ def _suffix_block(
     v_prefix: Float[Tensor, "batch p head d_head"],
     copies: int,
     last_only: bool,
+    qkv_tail: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Float[Tensor, "n s_out d_model"]:
     """One transformer block on the suffix positions ``p..pos-1`` of a residual stream.
 
@@ -171,20 +172,35 @@ def _suffix_block(
     values of positions ``< p`` are the corrupted run's (``k_prefix``/``v_prefix``, shared by all
     copies). With ``last_only`` the query, attention output and MLP are computed only at the
     last position (``s_out = 1``); otherwise at all suffix positions (``s_out = s``).
+
+    ``qkv_tail`` (the corrupted run's ``q``, ``k``, ``v`` at positions ``p+1..``, each
+    ``[batch, s-1, head, d_head]``) may be given when only position ``p`` of ``x`` differs from
+    the corrupted run (the block right after the patched layer): then ``ln1`` and the
+    projections run at position ``p`` only.
     """
     attn = block.attn
     n, s, _ = x.shape
     p = k_prefix.shape[1]
-    h = block.ln1(x)
-    k_new = _qkv_linear(h, attn.W_K, attn.b_K)
-    v_new = _qkv_linear(h, attn.W_V, attn.b_V)
-    h_q = h[:, -1:] if last_only else h
-    q = _qkv_linear(h_q, attn.W_Q, attn.b_Q)  # [n, sq, head, d_head]
+    if qkv_tail is None:
+        h = block.ln1(x)
+        k_new = _qkv_linear(h, attn.W_K, attn.b_K)
+        v_new = _qkv_linear(h, attn.W_V, attn.b_V)
+        q = _qkv_linear(h[:, -1:] if last_only else h, attn.W_Q, attn.b_Q)
+    else:
+        h = block.ln1(x[:, :1])  # only position p differs from the corrupted run
+        q_tail, k_tail, v_tail = (_expand_rows(t, copies) for t in qkv_tail)
+        k_new = torch.cat([_qkv_linear(h, attn.W_K, attn.b_K), k_tail], dim=1)
+        v_new = torch.cat([_qkv_linear(h, attn.W_V, attn.b_V), v_tail], dim=1)
+        if last_only and s > 1:
+            q = q_tail[:, -1:]
+        else:
+            q = torch.cat([_qkv_linear(h, attn.W_Q, attn.b_Q), q_tail], dim=1)
     if p > 0:
         keys = torch.cat([_expand_rows(k_prefix, copies), k_new], dim=1)
         values = torch.cat([_expand_rows(v_prefix, copies), v_new], dim=1)
     else:
         keys, values = k_new, v_new
+    # [n, head, sq, d_head] @ [n, head, d_head, key] -> [n, head, sq, key]
     scores = q.permute(0, 2, 1, 3) @ keys.permute(0, 2, 3, 1) / attn.attn_scale
     if not last_only:
         # query i sits at absolute position p + i and sees keys 0..p + i
@@ -225,7 +241,7 @@ def fast_head_patching_by_pos(
     kv_hooks = [
         f"blocks.{m}.attn.hook_{kind}"
         for m in range(min(layers) + 1, n_layers)
-        for kind in ("k", "v")
+        for kind in ("q", "k", "v")
     ]
     _, clean_acts, clean_out = forward_collect(model, clean_tokens, z_hooks, readout)
     corr_resids, corr_acts, corr_out = forward_collect(
@@ -240,6 +256,7 @@ def fast_head_patching_by_pos(
     last_only = hidden or metric_reads_last_position(metric, corr_out)
 
     patched = {g.hook_name: torch.zeros(n_pos, g.size) for g in groups}
+    pending: list[tuple[str, int, int, Tensor]] = []
     for g in groups:
         layer = g.layer
         block = model.blocks[layer]
@@ -260,15 +277,18 @@ def fast_head_patching_by_pos(
                 resid_post = resid_mid + block.mlp(block.ln2(resid_mid))  # [k, batch, d]
                 rest = corr_resids[layer + 1][:, p + 1 :]
                 x = torch.cat([resid_post.reshape(k * batch, 1, -1), _expand_rows(rest, k)], dim=1)
-                # later layers: positions >= p, corrupted keys/values before p
+                # later layers: positions >= p, corrupted keys/values before p; in the first
+                # of them only position p's input differs (q/k/v after p from the cache)
                 for m in range(layer + 1, n_layers):
+                    cached = [corr_acts[f"blocks.{m}.attn.hook_{c}"] for c in ("q", "k", "v")]
                     x = _suffix_block(
                         model.blocks[m],
                         x,
-                        corr_acts[f"blocks.{m}.attn.hook_k"][:, :p],
-                        corr_acts[f"blocks.{m}.attn.hook_v"][:, :p],
+                        cached[1][:, :p],
+                        cached[2][:, :p],
                         k,
                         last_only and m == n_layers - 1,
+                        tuple(t[:, p + 1 :] for t in cached) if m == layer + 1 else None,
                     )
                 if last_only:
                     x = x[:, -1:]
@@ -282,8 +302,14 @@ def fast_head_patching_by_pos(
                         prefix = corr_out[:, :p].unsqueeze(0).expand(k, *corr_out[:, :p].shape)
                         logits = torch.cat([prefix, logits], dim=2)
                     out = logits
-                vals = metric(out).float().mean(-1).cpu()
-                patched[g.hook_name][p, h0 : h0 + k] = vals
+                # kept on the device: no synchronisation per chunk
+                pending.append((g.hook_name, p, h0, metric(out).float().mean(-1)))
+    if pending:
+        flat = torch.cat([v for *_, v in pending]).cpu()
+        i = 0
+        for hook, p, h0, v in pending:
+            patched[hook][p, h0 : h0 + len(v)] = flat[i : i + len(v)]
+            i += len(v)
     return PatchScores(
         groups=list(groups),
         patched=patched,
