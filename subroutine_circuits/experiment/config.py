@@ -22,7 +22,7 @@ class DataConfig:
 
     n_train: int = 600
     n_val: int = 150
-    n_test: int = 200
+    n_test: int = 160
     seed: int = 0
     corpus_size: int = 6000
 

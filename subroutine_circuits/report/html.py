@@ -57,7 +57,7 @@ class ReportConfig:
     n_boot: int = 1000
     seed: int = 0
     circuitsvis: bool = True
-    n_examples: int = 3
+    n_examples: int = 2
     max_heads: int = 8
     device: str = "cpu"
 
