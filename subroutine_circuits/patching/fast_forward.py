@@ -160,56 +160,52 @@ def _out_linear(attn, z: Float[Tensor, "n pos head d_head"]) -> Float[Tensor, "n
 def _suffix_block(
     block,
     x: Float[Tensor, "n s d_model"],
-    k_prefix: Float[Tensor, "batch p head d_head"],
-    v_prefix: Float[Tensor, "batch p head d_head"],
-    copies: int,
+    cache_q: Float[Tensor, "n pos head d_head"],
+    cache_k: Float[Tensor, "n pos head d_head"],
+    cache_v: Float[Tensor, "n pos head d_head"],
     last_only: bool,
-    qkv_tail: tuple[Tensor, Tensor, Tensor] | None = None,
+    tail_from_cache: bool,
 ) -> Float[Tensor, "n s_out d_model"]:
     """One transformer block on the suffix positions ``p..pos-1`` of a residual stream.
 
-    ``x`` holds the residual stream at positions ``p..`` of ``n = copies * batch`` rows; keys and
-    values of positions ``< p`` are the corrupted run's (``k_prefix``/``v_prefix``, shared by all
-    copies). With ``last_only`` the query, attention output and MLP are computed only at the
-    last position (``s_out = 1``); otherwise at all suffix positions (``s_out = s``).
+    ``x`` holds the residual stream at positions ``p = pos - s ..`` of ``n`` rows;
+    ``cache_q/k/v`` are the corrupted run's queries, keys and values of this block, repeated to
+    the ``n`` rows; keys and values of positions ``< p`` are taken from them. With ``last_only``
+    the query, attention output and MLP are computed only at the last position (``s_out = 1``);
+    otherwise at all suffix positions (``s_out = s``).
 
-    ``qkv_tail`` (the corrupted run's ``q``, ``k``, ``v`` at positions ``p+1..``, each
-    ``[batch, s-1, head, d_head]``) may be given when only position ``p`` of ``x`` differs from
-    the corrupted run (the block right after the patched layer): then ``ln1`` and the
-    projections run at position ``p`` only.
+    ``tail_from_cache`` may be set when only position ``p`` of ``x`` differs from the corrupted
+    run (the block right after the patched layer): ``ln1`` and the projections then run at
+    position ``p`` only, and ``q``/``k``/``v`` after ``p`` come from the cache.
     """
     attn = block.attn
     n, s, _ = x.shape
-    p = k_prefix.shape[1]
-    if qkv_tail is None:
+    p = cache_k.shape[1] - s
+    if not tail_from_cache:
         h = block.ln1(x)
         k_new = _qkv_linear(h, attn.W_K, attn.b_K)
         v_new = _qkv_linear(h, attn.W_V, attn.b_V)
         q = _qkv_linear(h[:, -1:] if last_only else h, attn.W_Q, attn.b_Q)
+        keys = torch.cat([cache_k[:, :p], k_new], dim=1) if p > 0 else k_new
+        values = torch.cat([cache_v[:, :p], v_new], dim=1) if p > 0 else v_new
     else:
         h = block.ln1(x[:, :1])  # only position p differs from the corrupted run
-        q_tail, k_tail, v_tail = (_expand_rows(t, copies) for t in qkv_tail)
-        k_new = torch.cat([_qkv_linear(h, attn.W_K, attn.b_K), k_tail], dim=1)
-        v_new = torch.cat([_qkv_linear(h, attn.W_V, attn.b_V), v_tail], dim=1)
+        k_p = _qkv_linear(h, attn.W_K, attn.b_K)
+        v_p = _qkv_linear(h, attn.W_V, attn.b_V)
+        keys = torch.cat([cache_k[:, :p], k_p, cache_k[:, p + 1 :]], dim=1)
+        values = torch.cat([cache_v[:, :p], v_p, cache_v[:, p + 1 :]], dim=1)
         if last_only and s > 1:
-            q = q_tail[:, -1:]
+            q = cache_q[:, -1:]
         else:
-            q = torch.cat([_qkv_linear(h, attn.W_Q, attn.b_Q), q_tail], dim=1)
-    if p > 0:
-        keys = torch.cat([_expand_rows(k_prefix, copies), k_new], dim=1)
-        values = torch.cat([_expand_rows(v_prefix, copies), v_new], dim=1)
-    else:
-        keys, values = k_new, v_new
+            q = torch.cat([_qkv_linear(h, attn.W_Q, attn.b_Q), cache_q[:, p + 1 :]], dim=1)
     # [n, head, sq, d_head] @ [n, head, d_head, key] -> [n, head, sq, key]
     scores = q.permute(0, 2, 1, 3) @ keys.permute(0, 2, 3, 1) / attn.attn_scale
     if not last_only:
         # query i sits at absolute position p + i and sees keys 0..p + i
-        q_pos = torch.arange(s, device=x.device) + p
-        k_pos = torch.arange(p + s, device=x.device)
-        mask = k_pos[None, :] <= q_pos[:, None]
+        mask = torch.ones(s, p + s, dtype=torch.bool, device=x.device).tril_(p)
         scores = torch.where(mask, scores, attn.IGNORE.to(scores.device))
+    # every query sees at least its own key, so no row is fully masked (no NaN to clean up)
     pattern = F.softmax(scores, dim=-1)
-    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
     z = (pattern @ values.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)  # [n, sq, head, d_head]
     resid = x[:, -1:] if last_only else x
     resid_mid = resid + _out_linear(attn, z)
@@ -257,6 +253,14 @@ def fast_head_patching_by_pos(
 
     patched = {g.hook_name: torch.zeros(n_pos, g.size) for g in groups}
     pending: list[tuple[str, int, int, Tensor]] = []
+    expanded_cache: dict[tuple[str, int], Tensor] = {}
+
+    def expanded(name: str, k: int) -> Tensor:
+        """The corrupted activation ``name`` repeated for ``k`` copies (made once, reused)."""
+        if (name, k) not in expanded_cache:
+            expanded_cache[(name, k)] = _expand_rows(corr_acts[name], k)
+        return expanded_cache[(name, k)]
+
     for g in groups:
         layer = g.layer
         block = model.blocks[layer]
@@ -280,15 +284,12 @@ def fast_head_patching_by_pos(
                 # later layers: positions >= p, corrupted keys/values before p; in the first
                 # of them only position p's input differs (q/k/v after p from the cache)
                 for m in range(layer + 1, n_layers):
-                    cached = [corr_acts[f"blocks.{m}.attn.hook_{c}"] for c in ("q", "k", "v")]
                     x = _suffix_block(
                         model.blocks[m],
                         x,
-                        cached[1][:, :p],
-                        cached[2][:, :p],
-                        k,
-                        last_only and m == n_layers - 1,
-                        tuple(t[:, p + 1 :] for t in cached) if m == layer + 1 else None,
+                        *(expanded(f"blocks.{m}.attn.hook_{c}", k) for c in ("q", "k", "v")),
+                        last_only=last_only and m == n_layers - 1,
+                        tail_from_cache=m == layer + 1,
                     )
                 if last_only:
                     x = x[:, -1:]
