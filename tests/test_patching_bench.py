@@ -23,11 +23,14 @@ def test_benchmark_runs_and_agrees(capsys):
     cfg = bench.BenchConfig(
         n_layers=2, d_model=32, n_heads=4, d_mlp=64, d_vocab=40, batch=4, pos=6, chunk_rows=40
     )
-    r = bench.run_benchmark(cfg, "cpu")
+    r = bench.run_benchmark(cfg, "cpu", baseline=True)
     assert r["shape"] == (2, 6, 4)
+    assert r["path"] == "fast-last"  # the benchmark exercises the fast path
     assert r["max_abs_value"] > 1e-3
     assert r["max_abs_diff"] <= 1e-4
-    assert r["t_ours_s"] > 0 and r["t_transformer_lens_s"] > 0
+    assert r["max_abs_diff_generic"] <= 1e-4  # the generic baseline agrees too
+    assert r["t_ours_s"] > 0 and r["t_transformer_lens_s"] > 0 and r["t_generic_s"] > 0
+    assert abs(r["speedup_vs_generic"] - r["t_generic_s"] / r["t_ours_s"]) < 1e-9
 
 
 def test_benchmark_cli_rejects_missing_cuda(monkeypatch):
@@ -35,3 +38,9 @@ def test_benchmark_cli_rejects_missing_cuda(monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="CUDA is not available"):
         bench.main(["--device", "cuda", "--quick"])
+
+
+def test_benchmark_cli_rejects_two_sizes():
+    bench = _load_bench()
+    with pytest.raises(SystemExit, match="one of --quick and --mid"):
+        bench.main(["--device", "cpu", "--quick", "--mid"])
