@@ -226,3 +226,21 @@ def test_metric_probe_detects_last_position_metrics():
     assert not metric_reads_last_position(_mean_over_pos_diff, logits)
     assert not metric_reads_last_position(lambda lg: lg[..., 2, 5], logits)  # reads position 2
     assert not metric_reads_last_position(lambda lg: lg[..., 0, 5] - lg[..., -1, 5], logits)
+
+
+def test_fast_path_layer_subset(tiny_tokens):
+    model = _make_model("LN", "gelu", 3, seed=5)
+    clean, corr = _pair(tiny_tokens)
+    groups = unit_groups(model, kinds=("head",), layers=[2, 1])  # unsorted subset
+    fast = activation_patching(model, clean, corr, _logit_diff, groups, per_position=True)
+    generic = activation_patching(
+        model, clean, corr, _logit_diff, groups, per_position=True, fast=False
+    )
+    assert fast.extra["path"] == "fast-last"
+    for h in generic.patched:
+        assert fast.patched[h].shape == (10, 4)
+        assert torch.allclose(fast.patched[h], generic.patched[h], atol=1e-4)
+    # last layer: only the last position can move the last-position metric
+    last = fast.patched["blocks.2.attn.hook_z"]
+    assert torch.all(last[:-1] == fast.corr_metric)
+    assert (generic.patched["blocks.2.attn.hook_z"][:-1] - generic.corr_metric).abs().max() < 1e-5

@@ -253,16 +253,21 @@ def fast_head_patching_by_pos(
 
     patched = {g.hook_name: torch.zeros(n_pos, g.size) for g in groups}
     pending: list[tuple[str, int, int, Tensor]] = []
-    expanded_cache: dict[tuple[str, int], Tensor] = {}
+    # corrupted q/k/v repeated for k copies, keyed by (layer, kind, k); made once, reused, and
+    # dropped once no later patched layer needs them (memory ~ 3 x layers x k x batch x pos x d)
+    expanded_cache: dict[tuple[int, str, int], Tensor] = {}
 
-    def expanded(name: str, k: int) -> Tensor:
-        """The corrupted activation ``name`` repeated for ``k`` copies (made once, reused)."""
-        if (name, k) not in expanded_cache:
-            expanded_cache[(name, k)] = _expand_rows(corr_acts[name], k)
-        return expanded_cache[(name, k)]
+    def expanded(m: int, kind: str, k: int) -> Tensor:
+        """The corrupted ``blocks.{m}.attn.hook_{kind}`` repeated for ``k`` copies."""
+        if (m, kind, k) not in expanded_cache:
+            act = corr_acts[f"blocks.{m}.attn.hook_{kind}"]
+            expanded_cache[(m, kind, k)] = _expand_rows(act, k)
+        return expanded_cache[(m, kind, k)]
 
-    for g in groups:
+    for g in sorted(groups, key=lambda g: g.layer):
         layer = g.layer
+        for key in [key for key in expanded_cache if key[0] <= layer]:
+            del expanded_cache[key]
         block = model.blocks[layer]
         z_corr = corr_acts[f"blocks.{layer}.attn.hook_z"]
         z_clean = clean_acts[f"blocks.{layer}.attn.hook_z"]
@@ -287,7 +292,7 @@ def fast_head_patching_by_pos(
                     x = _suffix_block(
                         model.blocks[m],
                         x,
-                        *(expanded(f"blocks.{m}.attn.hook_{c}", k) for c in ("q", "k", "v")),
+                        *(expanded(m, c, k) for c in ("q", "k", "v")),
                         last_only=last_only and m == n_layers - 1,
                         tail_from_cache=m == layer + 1,
                     )
