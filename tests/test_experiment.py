@@ -218,3 +218,11 @@ def test_other_experiment_variants_run(tmp_path, variant):
         assert df["ablreinit_target_acc"].between(0, 1).all()
     assert df["density"].between(0, 1).all()
     assert (tmp_path / variant / "report.html").is_file()
+
+
+def test_resuming_with_another_config_is_refused(small_run):
+    """A folder written with one configuration cannot be resumed with another."""
+    cfg, out, _ = small_run
+    other = config_from_dict(small_config(margin=0.1))
+    with pytest.raises(ValueError, match="'margin' was 0.05, now 0.1"):
+        run_experiment(other, out, progress=False)

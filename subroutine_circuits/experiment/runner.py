@@ -312,6 +312,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prepare(cfg)  # fail fast on bad task / data before any training
+    _check_same_config(cfg, out)
     jobs = [(cfg, str(out), init, seed) for init in cfg.inits for seed in cfg.base_seeds]
     infos: list[dict[str, Any]] = []
     if cfg.workers > 1 and len(jobs) > 1:
@@ -330,6 +331,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: 
     df = collect_results(out)
     t_runs = time.time() - t0
     post = finish_outputs(cfg, out)
+    previous = {}
+    if (out / "manifest.json").exists():
+        previous = json.loads((out / "manifest.json").read_text())
     manifest = {
         "config": cfg.to_dict(),
         "margin": cfg.margin,
@@ -341,6 +345,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: 
                     "base_models": sorted(infos, key=lambda i: i["base_id"])},
         "excluded_base_models": sorted(i["base_id"] for i in infos if not i["base_ok"]),
         "base_models": {i["base_id"]: i["composite_acc"] for i in infos},
+        # timings of earlier invocations into this folder (a resumed run times only its part)
+        "previous_timings": [*previous.get("previous_timings", []),
+                             *([previous["timings"]] if "timings" in previous else [])],
     }  # fmt: skip
     atomic_write_json(out / "manifest.json", manifest)
     try:
@@ -350,6 +357,33 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: 
     except ImportError:  # the report package is optional at this stage
         pass
     return df
+
+
+# Settings that do not change any result: a folder may be resumed with other values of these.
+_RESUMABLE_FIELDS = ("workers", "device", "patching", "patching_inits")
+
+
+def _check_same_config(cfg: ExperimentConfig, out: Path) -> None:
+    """Refuse to resume into a folder written with a different configuration.
+
+    Finished runs are never recomputed, so mixing configurations would silently mix results.
+    The first run writes ``config.json``; later runs must match it (except the fields in
+    ``_RESUMABLE_FIELDS``).
+    """
+    path = out / "config.json"
+    current = json.loads(json.dumps(cfg.to_dict(), default=str))
+    if not path.exists():
+        atomic_write_json(path, current)
+        return
+    saved = json.loads(path.read_text())
+    for key in sorted(set(saved) | set(current)):
+        if key in _RESUMABLE_FIELDS:
+            continue
+        if saved.get(key) != current.get(key):
+            raise ValueError(
+                f"{out} holds results of a different configuration: {key!r} was "
+                f"{saved.get(key)!r}, now {current.get(key)!r}; use another --out folder"
+            )
 
 
 def finish_outputs(cfg: ExperimentConfig, out: Path) -> dict[str, float]:
