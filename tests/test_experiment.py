@@ -226,3 +226,41 @@ def test_resuming_with_another_config_is_refused(small_run):
     other = config_from_dict(small_config(margin=0.1))
     with pytest.raises(ValueError, match="'margin' was 0.05, now 0.1"):
         run_experiment(other, out, progress=False)
+
+
+def test_own_checkpoint_as_base_model(small_run, tmp_path):
+    """A checkpoint saved by the library is the "pretrained" start; "random_init" re-initialises
+    the same architecture; a Hugging Face folder gets a clear error."""
+    from subroutine_circuits.models import load_checkpoint
+
+    _, out, _ = small_run
+    ckpt = out / "models" / "agreement_singular__trained__s0"
+    cfg = config_from_dict(
+        small_config(
+            inits=["pretrained", "random_init"],
+            mask_seeds=[0],
+            model={"checkpoint": str(ckpt)},
+        )
+    )
+    df = run_experiment(cfg, tmp_path / "ckpt", progress=False)
+    assert set(df["init"]) == {"pretrained", "random_init"}
+    original, _, meta = load_checkpoint(ckpt)
+    fine_tuned, _, _ = load_checkpoint(
+        tmp_path / "ckpt" / "models" / "agreement_singular__pretrained__s0"
+    )
+    random, _, rmeta = load_checkpoint(
+        tmp_path / "ckpt" / "models" / "agreement_singular__random_init__s0"
+    )
+    w = "blocks.0.attn.W_Q"
+    assert not torch.equal(original.state_dict()[w], random.state_dict()[w])
+    assert rmeta["reinitialised_from"] == str(ckpt)
+    # fine-tuning starts from the checkpoint: weights stay close to it, unlike a re-init
+    d_ft = (original.state_dict()[w] - fine_tuned.state_dict()[w]).norm()
+    d_rand = (original.state_dict()[w] - random.state_dict()[w]).norm()
+    assert d_ft < d_rand
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    bad = config_from_dict(small_config(model={"checkpoint": str(hf)}))
+    with pytest.raises(ValueError, match="Hugging Face checkpoint"):
+        run_experiment(bad, tmp_path / "bad", progress=False)

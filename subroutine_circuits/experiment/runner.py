@@ -117,12 +117,21 @@ def _other(subroutines: list[str], predicates, sub: str) -> str:
 
 def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int, device: str):
     """Create (and pretrain / train as ``init`` says) one base model; returns (model, meta)."""
+    import torch
+
     from subroutine_circuits.models import ModelSpec, TrainConfig, make_model, train_ooo
 
     t0 = time.time()
     meta: dict[str, Any] = {"init": init, "seed": seed}
     if cfg.model.checkpoint:
-        model, _tok, _ = _load_user_checkpoint(cfg.model.checkpoint, device)
+        # A user's checkpoint takes the place of self-supervised pretraining: "pretrained"
+        # fine-tunes it; "trained" and "random_init" re-initialise the same architecture.
+        model, tok, _ = _load_user_checkpoint(cfg.model.checkpoint, device)
+        _check_tokenizer(tok, prep.tokenizer, cfg.model.checkpoint)
+        if init != "pretrained":
+            torch.manual_seed(seed)
+            model.init_weights()
+            meta["reinitialised_from"] = cfg.model.checkpoint
     else:
         spec = ModelSpec(
             preset=cfg.model.preset,
@@ -132,7 +141,7 @@ def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int
             overrides=dict(cfg.model.overrides),
         )
         model = make_model(spec, prep.tokenizer.vocab_size, seed=seed, device=device)
-    if init == "pretrained":
+    if init == "pretrained" and not cfg.model.checkpoint:
         from subroutine_circuits.models import PretrainConfig, pretrain
 
         corpus = prep.task.corpus(cfg.data.corpus_size, random.Random(10_000 + seed))
@@ -152,13 +161,31 @@ def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int
 
 
 def _load_user_checkpoint(path: str, device: str):
-    """A checkpoint of ours (has meta.json) or a Hugging Face folder (has config.json)."""
-    from subroutine_circuits.models import load_checkpoint, load_hf_checkpoint
+    """A checkpoint written by this library (``save_checkpoint``: has meta.json and vocab)."""
+    from subroutine_circuits.models import load_checkpoint
 
     if (Path(path) / "meta.json").exists():
-        return load_checkpoint(path)
-    model, tok = load_hf_checkpoint(path, device=device)
-    return model, tok, {}
+        model, tok, meta = load_checkpoint(path)
+        return model.to(device), tok, meta
+    if (Path(path) / "config.json").exists():
+        raise ValueError(
+            f"{path} looks like a Hugging Face checkpoint; experiments need the task's word-level "
+            "tokenizer, so they run on checkpoints saved by this library. Load Hugging Face "
+            "models with models.load_hf_checkpoint and use masks/patching on them directly."
+        )
+    raise FileNotFoundError(f"model checkpoint folder not found or incomplete: {path}")
+
+
+def _check_tokenizer(tok, task_tok, path: str) -> None:
+    """The checkpoint's vocabulary must encode the task's words to the same ids."""
+    if tok is None:
+        raise ValueError(f"checkpoint {path} has no vocabulary (vocab.json)")
+    missing = [w for w in task_tok.itos if tok.stoi.get(w) != task_tok.stoi[w]]
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} has a different vocabulary from the task: {len(missing)} words "
+            f"differ (e.g. {missing[:5]})"
+        )
 
 
 def run_base_model(cfg: ExperimentConfig, out: Path, init: str, seed: int) -> dict[str, Any]:
