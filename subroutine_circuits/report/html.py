@@ -542,7 +542,11 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
             for s in ss:
                 label = f"{method} s{s.get('base_seed', '?')}"
                 f = s.get("faithfulness")
-                if isinstance(f, dict) and {"k", "target_acc", "other_acc"} <= set(f):
+                if (
+                    isinstance(f, dict)
+                    and {"k", "target_acc", "other_acc"} <= set(f)
+                    and np.atleast_1d(f["k"]).size >= 2  # a curve needs two sizes at least
+                ):
                     curves.append(dict(f, label=label))
                 c = s.get("curve")
                 if isinstance(c, dict) and {"fractions", "faithfulness"} <= set(c):
