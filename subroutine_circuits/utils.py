@@ -49,3 +49,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def lazy_exports(package: str, exports: dict[str, str], namespace: dict[str, Any]):
+    """``(__getattr__, __dir__)`` for a package whose names load from submodules on first use.
+
+    ``exports`` maps a public name to the submodule that defines it; the first access imports
+    the submodule and caches the value in ``namespace`` (the package's ``globals()``), so heavy
+    dependencies (torch, TransformerLens) are imported only when needed.
+    """
+    import importlib
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__
