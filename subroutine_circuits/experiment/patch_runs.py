@@ -61,15 +61,18 @@ def patch_base_model(
         atomic_write_json(row_path, _jsonable(rows))
 
 
-def run_patching_all(cfg: ExperimentConfig, out: Path):
-    """Patch any base model still missing rows, then write ``patching.csv``; returns it."""
+def run_patching_all(cfg: ExperimentConfig, out: Path, prep=None):
+    """Patch any base model still missing rows, then write ``patching.csv``; returns it.
+
+    ``prep`` (the runner's task, tokenizer and splits) is built from ``cfg`` when not given.
+    """
     import pandas as pd
 
     from subroutine_circuits.experiment.runner import base_id, prepare, resolve_device
     from subroutine_circuits.models import load_checkpoint
 
     out = Path(out)
-    prep = prepare(cfg)
+    prep = prep if prep is not None else prepare(cfg)
     for init in cfg.patching_inits if cfg.patching else []:
         if init not in cfg.inits:
             continue

@@ -188,10 +188,13 @@ def _check_tokenizer(tok, task_tok, path: str) -> None:
         )
 
 
-def run_base_model(cfg: ExperimentConfig, out: Path, init: str, seed: int) -> dict[str, Any]:
+def run_base_model(
+    cfg: ExperimentConfig, out: Path, init: str, seed: int, prep: Prepared | None = None
+) -> dict[str, Any]:
     """Everything for one base model: train/load it, then every subroutine x mask seed run.
 
-    Finished runs (their ``runs/*.json`` exist) are skipped. Returns timing information.
+    Finished runs (their ``runs/*.json`` exist) are skipped. ``prep`` (task, tokenizer, splits)
+    is built from ``cfg`` when not given. Returns timing information.
     """
     from subroutine_circuits.experiment.evaluate import ablation_matrix
     from subroutine_circuits.experiment.search import accuracy, encode, search_mask, train_mask
@@ -199,7 +202,7 @@ def run_base_model(cfg: ExperimentConfig, out: Path, init: str, seed: int) -> di
     from subroutine_circuits.models import load_checkpoint, save_checkpoint
 
     device = resolve_device(cfg.device)
-    prep = prepare(cfg)
+    prep = prep if prep is not None else prepare(cfg)
     bid = base_id(prep.label, init, seed)
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -321,13 +324,18 @@ def _device_name(device: str) -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
 
 
-def _worker(args) -> dict[str, Any]:
+def _run_job(job) -> dict[str, Any]:
+    """Run one job tuple ``(cfg, out, init, seed, prep)`` in this process."""
+    cfg, out, init, seed, prep = job
+    return run_base_model(cfg, Path(out), init, seed, prep)
+
+
+def _worker(job) -> dict[str, Any]:
     """Process-pool entry: one base model with one torch thread."""
-    cfg, out, init, seed = args
     import torch
 
     torch.set_num_threads(1)
-    return run_base_model(cfg, Path(out), init, seed)
+    return _run_job(job)
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: bool = True):
@@ -338,9 +346,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    prepare(cfg)  # fail fast on bad task / data before any training
+    prep = prepare(cfg)  # once, and before any training: fails fast on bad task / data
     _check_same_config(cfg, out)
-    jobs = [(cfg, str(out), init, seed) for init in cfg.inits for seed in cfg.base_seeds]
+    jobs = [(cfg, str(out), init, seed, prep) for init in cfg.inits for seed in cfg.base_seeds]
     infos: list[dict[str, Any]] = []
     if cfg.workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
@@ -354,10 +362,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: 
                 infos.append(fut.result())
     else:
         for job in tqdm(jobs, disable=not progress, desc="base models"):
-            infos.append(run_base_model(*job[:1], Path(job[1]), *job[2:]))
+            infos.append(_run_job(job))
     df = collect_results(out)
     t_runs = time.time() - t0
-    post = finish_outputs(cfg, out)
+    post = finish_outputs(cfg, out, prep)
     previous = {}
     if (out / "manifest.json").exists():
         previous = json.loads((out / "manifest.json").read_text())
@@ -413,7 +421,9 @@ def _check_same_config(cfg: ExperimentConfig, out: Path) -> None:
             )
 
 
-def finish_outputs(cfg: ExperimentConfig, out: Path) -> dict[str, float]:
+def finish_outputs(
+    cfg: ExperimentConfig, out: Path, prep: Prepared | None = None
+) -> dict[str, float]:
     """Summary statistics and (optionally) patching comparisons; returns their timings."""
     timings: dict[str, float] = {}
     t = time.time()
@@ -428,6 +438,6 @@ def finish_outputs(cfg: ExperimentConfig, out: Path) -> dict[str, float]:
         t = time.time()
         from subroutine_circuits.experiment.patch_runs import run_patching_all
 
-        run_patching_all(cfg, out)
+        run_patching_all(cfg, out, prep)
         timings["patching_s"] = time.time() - t
     return timings

@@ -52,19 +52,12 @@ def encode(problems, tokenizer, device="cpu") -> EncodedProblems:
     return EncodedProblems(tokens, lengths, odd).to(device)
 
 
-def ooo_forward(model, data: EncodedProblems, pool: str) -> Tensor:
-    """OOO scores [b, 4] of a batch of problems with whatever hooks/masks are on the model."""
-    from subroutine_circuits.models import final_hidden, ooo_scores
-
-    b, k, pos = data.tokens.shape
-    emb = final_hidden(model, data.tokens.reshape(b * k, pos), data.lengths.reshape(b * k), pool)
-    return ooo_scores(emb.reshape(b, k, -1))
-
-
 @torch.no_grad()
 def accuracy(model, data: EncodedProblems, pool: str, mask=None, batch_size: int = 256) -> float:
     """OOO accuracy of ``model`` (under ``mask`` if given) on encoded problems."""
     import contextlib
+
+    from subroutine_circuits.models import ooo_logits
 
     ctx = mask.applied(model) if mask is not None else contextlib.nullcontext()
     correct = 0
@@ -72,7 +65,7 @@ def accuracy(model, data: EncodedProblems, pool: str, mask=None, batch_size: int
         for start in range(0, len(data), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(data)), device=data.odd.device)
             chunk = data.batch(idx)
-            scores = ooo_forward(model, chunk, pool)
+            scores = ooo_logits(model, chunk.tokens, chunk.lengths, pool)
             correct += int((scores.argmax(-1) == chunk.odd).sum())
     return correct / len(data)
 
@@ -107,6 +100,8 @@ def train_mask(
     """Train one mask on ``train`` with the base model frozen; returns the mask in eval mode."""
     from tqdm.auto import tqdm
 
+    from subroutine_circuits.models import ooo_logits
+
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)
@@ -130,7 +125,7 @@ def train_mask(
         del order[: cfg.batch_size]
         batch = train.batch(idx)
         with mask.applied(model):
-            scores = ooo_forward(model, batch, pool)
+            scores = ooo_logits(model, batch.tokens, batch.lengths, pool)
         loss = F.cross_entropy(scores, batch.odd) + l0_weight * mask.penalty() / n_units
         if not torch.isfinite(loss):
             raise ValueError(f"mask training produced a non-finite loss at step {step}")
