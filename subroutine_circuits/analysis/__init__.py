@@ -1,0 +1,1 @@
+"""Statistics over experiment results: verdicts, base-model level inference, agreement nulls."""
