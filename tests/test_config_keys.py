@@ -351,3 +351,14 @@ def test_mirrored_constants_match_the_library():
     assert set(c.CURVE_ABLATIONS) == set(ABLATIONS)
     assert c.PATCHING_METHODS == METHODS
     assert c.ATTENTION_KINDS == presets.ATTENTION_KINDS and c.POOLS == presets.POOLS
+
+
+def test_config_pickles_and_copies():
+    """Worker processes receive the config by pickle: it survives unchanged, tables included."""
+    import copy
+    import pickle
+
+    cfg = config_from_dict(_full_config())
+    for other in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
+        assert other == cfg and other.to_dict() == cfg.to_dict()
+        assert isinstance(other.train, TrainSettings) and dict(other.train) == dict(cfg.train)
