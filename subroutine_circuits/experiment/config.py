@@ -1,12 +1,45 @@
-"""Experiment configuration: one dataclass tree, loadable from TOML, with defaults that work."""
+"""Experiment configuration: one fully typed dataclass tree, loadable from TOML.
+
+Every table of a config file maps to a dataclass here, and every key at every level is checked
+when the config is loaded: an unknown key is refused with an error naming it and its table
+(``unknown key 'l0_wieght' in [mask.grid[0]] (did you mean 'l0_weight'?); known keys: [...]``),
+a value of the wrong type with one naming its path (``mask.grid[1].lr must be a number, got
+'x'``). Loading imports neither torch nor TransformerLens.
+
+=========================  ======================  ===========================================
+TOML                       dataclass               feeds
+=========================  ======================  ===========================================
+top level                  ``ExperimentConfig``    the runner
+``[data]``                 ``DataConfig``          problem generation
+``[model]``                ``ModelConfig``         ``models.ModelSpec`` / a checkpoint
+``[model] overrides``      checked ``dict``        ``HookedTransformerConfig`` fields
+``[train]``                ``TrainSettings``       ``models.TrainConfig``
+``[pretrain]``             ``PretrainSettings``    ``models.PretrainConfig``
+``[mask]``                 ``MaskSearchConfig``    mask training and its grid search
+``[[mask.grid]]`` entries  ``MaskGridPoint``       one point of the grid
+``[patching_options]``     ``PatchingOptions``     ``patching.run.PatchingConfig``
+=========================  ======================  ===========================================
+
+``TrainSettings``, ``PretrainSettings``, ``MaskGridPoint`` and ``PatchingOptions`` hold
+*overrides*: a field left at ``None`` keeps the default of the dataclass it feeds. They behave as
+read-only mappings of the keys that are set (``dict(cfg.train)``, ``**cfg.train``,
+``point.get("lr", default)``), and ``TrainSettings.build`` / ``PretrainSettings.build`` make the
+real config objects. Fields the runner sets itself (seeds, device, progress bars, the pooling of
+``[model]``, the patching fields that have a top-level key) are refused in those tables with a
+message saying where they are set.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import sys
+import types
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -14,55 +47,587 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 INITS = ("trained", "pretrained", "random_init")
+ABLATIONS = ("zero", "mean")
+MASK_KINDS = ("unit", "weight")
+# mirrors of constants of modules that import torch (tests/test_config_keys.py checks them)
+PARAMETRIZATIONS = ("hard_concrete", "continuous")  # masks.parametrization.PARAMETRIZATIONS
+UNIT_KINDS = ("head", "neuron")  # the unit kinds of a transformer's masks.UnitMap
+PATCHING_METHODS = ("activation", "attribution", "integrated_gradients")  # patching.run.METHODS
+CURVE_ABLATIONS = ("zero", "mean", "resample")  # patching.circuits.ABLATIONS
+PRETRAIN_OBJECTIVES = ("auto", "clm", "mlm")  # models.pretraining.OBJECTIVES
+ATTENTION_KINDS = ("causal", "bidirectional")  # models.presets.ATTENTION_KINDS
+POOLS = ("last", "mean")  # models.presets.POOLS
+
+# ``HookedTransformerConfig`` fields a ``[model] overrides`` table may set, with their types
+# (TransformerLens 3.9; tests/test_config_keys.py compares this with the real dataclass).
+# Left out: the fields the builder sets itself (see MODEL_OVERRIDES_REFUSED) and ``dtype``.
+MODEL_OVERRIDE_TYPES: dict[str, Any] = {
+    "d_model": int,
+    "d_head": int,
+    "n_layers": int,
+    "n_heads": int,
+    "d_mlp": int | None,
+    "use_attn_result": bool,
+    "use_split_qkv_input": bool,
+    "default_prepend_bos": bool,
+    "positional_embedding_type": str,
+    "n_key_value_heads": int | None,
+    "attn_only": bool,
+    "gated_mlp": bool,
+    "uses_rms_norm": bool,
+    "eps": float,
+    "layer_norm_folding": bool,
+    "act_fn": str,
+    "normalization_type": str | None,
+    "num_experts": int | None,
+    "experts_per_token": int | None,
+    "final_rms": bool,
+    "model_name": str,
+    "use_attn_scale": bool,
+    "attn_scale": float,
+    "use_hook_mlp_in": bool,
+    "use_attn_in": bool,
+    "use_qk_norm": bool,
+    "clip_qkv": float | None,
+    "use_logn_attn": bool,
+    "train_seq_length": int | None,
+    "use_dynamic_ntk_rope": bool,
+    "use_local_attn": bool,
+    "ungroup_grouped_query_attention": bool,
+    "original_architecture": str | None,
+    "from_checkpoint": bool,
+    "checkpoint_index": int | None,
+    "checkpoint_label_type": str | None,
+    "checkpoint_value": int | None,
+    "tokenizer_name": str | None,
+    "window_size": int | None,
+    "attn_types": list | None,
+    "init_mode": str,
+    "n_devices": int,
+    "initializer_range": float,
+    "init_weights": bool,
+    "scale_attn_by_inverse_layer_idx": bool,
+    "d_vocab_out": int,
+    "parallel_attn_mlp": bool,
+    "rotary_dim": int | None,
+    "n_params": int | None,
+    "use_hook_tokens": bool,
+    "tokenizer_prepends_bos": bool | None,
+    "post_embedding_ln": bool,
+    "rotary_base": float | int,
+    "rotary_base_local": float | int | None,
+    "rotary_scaling_factor": float,
+    "trust_remote_code": bool,
+    "rotary_adjacent_pairs": bool,
+    "load_in_4bit": bool,
+    "quantization_method": str | None,
+    "relative_attention_max_distance": int | None,
+    "relative_attention_num_buckets": int | None,
+    "decoder_start_token_id": int | None,
+    "tie_word_embeddings": bool,
+    "use_normalization_before_and_after": bool,
+    "attn_scores_soft_cap": float,
+    "output_logits_soft_cap": float,
+    "use_NTK_by_parts_rope": bool,
+    "NTK_by_parts_low_freq_factor": float,
+    "NTK_by_parts_high_freq_factor": float,
+    "NTK_by_parts_factor": float,
+    "NTK_original_ctx_len": int,
+    "use_yarn_rope": bool,
+    "yarn_factor": float,
+    "yarn_attention_factor": float,
+    "yarn_beta_fast": float,
+    "yarn_beta_slow": float,
+    "yarn_original_max_position_embeddings": int,
+    "yarn_truncate": bool,
+    "yarn_global_attn_only": bool,
+    "use_attention_sinks": bool,
+    "norm_topk_prob": bool,
+}
+MODEL_OVERRIDES_REFUSED: dict[str, str] = {
+    "d_vocab": "the vocabulary size comes from the task's tokenizer",
+    "attention_dir": "set [model] attention",
+    "n_ctx": "set [model] n_ctx",
+    "seed": "base models are seeded by base_seeds",
+    "device": "set the top-level device (or --device)",
+    "dtype": "models are built in float32",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# checking machinery
+
+
+def _opt(
+    default: Any = None,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    factory: Any = None,
+) -> Any:
+    """A dataclass field with value constraints (checked on load and by ``validate``)."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    meta = {k: v for k, v in meta.items() if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _describe(tp: Any) -> str:
+    """Plain words for a type annotation (for error messages)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        words = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(dict.fromkeys(words))
+    if origin in (list, tuple) or tp in (list, tuple):
+        inner = [a for a in args if a is not Ellipsis]
+        return f"a list of {_plural(inner[0])}" if inner else "a list"
+    if origin is dict or tp is dict:
+        return "a table"
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return "a table"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _plural(tp: Any) -> str:
+    """``_describe`` for list elements: 'numbers', 'integers', 'tables', ..."""
+    words = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+    if tp in words:
+        return words[tp]
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return "tables"
+    return _describe(tp)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it normalised (lists of a tuple field
+    become tuples, ints of a float field floats, tables of a dataclass field that dataclass).
+
+    ``path`` names the value in errors (``mask.grid[1].lr``).
+    """
+    if tp is Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1:  # ``X | None``: the error of X is the clearer one
+            return _coerce(value, alternatives[0], path)
+        # an exact type match first, so that an int stays an int in ``float | int``
+        exact = [a for a in alternatives if isinstance(a, type) and type(value) is a]
+        for a in exact + [a for a in alternatives if a not in exact]:
+            try:
+                return _coerce(value, a, path)
+            except ValueError:
+                continue
+        raise ValueError(f"{path} must be {_describe(tp)}, got {value!r}")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return tp.from_dict(dict(value), path)
+        raise ValueError(f"[{path}] must be a table, got {value!r}")
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path} must be {_describe(tp)}, got {value!r}")
+        elem = args[0] if args else Any
+        items = [_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin or tp) is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"[{path}] must be a table, got {value!r}")
+        key_t, val_t = args if args else (str, Any)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"[{path}] keys must be strings, got {k!r}")
+            out[k] = _coerce(v, val_t, f"{path}.{k}")
+        return out
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }.get(tp)
+    if ok is None:  # pragma: no cover - a programming error in this module
+        raise TypeError(f"{path}: unsupported annotation {tp!r}")
+    if not ok(value):
+        raise ValueError(f"{path} must be {_describe(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _constrain(value: Any, meta: Mapping[str, Any], path: str) -> None:
+    """Check ``value`` (a scalar or each element of a list) against a field's constraints."""
+    if value is None or not meta:
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _constrain(v, meta, f"{path}[{i}]")
+        return
+    choices = meta.get("choices")
+    if choices is not None and isinstance(value, str):
+        if value not in choices:
+            raise ValueError(f"{path} must be one of {list(choices)}, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    for key, test, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        if key in meta and not test(value, meta[key]):
+            raise ValueError(f"{path} must be {word} {meta[key]}, got {value!r}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _unknown_key(key: str, known: list[str], path: str) -> ValueError:
+    """The error for a key a table does not have (with a close match if there is one)."""
+    where = f"in [{path}]" if path else "at the top level"
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown key {key!r} {where}{hint}; known keys: {known}")
+
+
+class _Table:
+    """Base of every config table: checked construction from a dict, and a JSON-ready dict.
+
+    ``_REFUSED`` maps keys that look legitimate but are set elsewhere to a hint saying where.
+    """
+
+    _REFUSED: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def _hints(cls) -> dict[str, Any]:
+        return typing.get_type_hints(cls)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str = ""):
+        """Build the table from a TOML-shaped dict, refusing unknown keys and wrong types."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"[{path}] must be a table, got {data!r}")
+        hints = cls._hints()
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        kwargs = {}
+        for key, value in data.items():
+            if key in cls._REFUSED:
+                where = f"[{path}]" if path else "the top level"
+                raise ValueError(f"key {key!r} is not allowed in {where}: {cls._REFUSED[key]}")
+            if key not in fields:
+                raise _unknown_key(key, sorted(fields), path)
+            value = _coerce(value, hints[key], _join(path, key))
+            _constrain(value, fields[key].metadata, _join(path, key))
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def check(self, path: str = "") -> None:
+        """Re-check every field (types and constraints) of an already built table, in place."""
+        hints = self._hints()
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = _coerce(getattr(self, f.name), hints[f.name], _join(path, f.name))
+            _constrain(value, f.metadata, _join(path, f.name))
+            if isinstance(value, _Table):
+                value.check(_join(path, f.name))
+            elif isinstance(value, list):
+                for i, v in enumerate(value):
+                    if isinstance(v, _Table):
+                        v.check(f"{_join(path, f.name)}[{i}]")
+            object.__setattr__(self, f.name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (tuples as lists) that ``from_dict`` turns back into ``self``."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def _plain(value: Any) -> Any:
+    """Tables to dicts, tuples to lists (recursively)."""
+    if isinstance(value, _Table):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class _Overrides(_Table, Mapping):
+    """A table of optional overrides: fields left at ``None`` keep the fed dataclass's default.
+
+    It is a read-only mapping of the keys that are set, so ``dict(t)``, ``**t`` and
+    ``t.get(key, default)`` work as they did on the plain dicts these tables replace.
+    """
+
+    def _set(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if getattr(self, f.name) is not None
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        values = self._set()
+        if key not in values:
+            raise KeyError(key)
+        return values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._set())
+
+    def __len__(self) -> int:
+        return len(self._set())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return self._set() == dict(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the keys that are set (JSON-friendly)."""
+        return {k: _plain(v) for k, v in self._set().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
 
 
 @dataclass
-class DataConfig:
-    """How many odd-one-out problems of each kind to build per split."""
+class DataConfig(_Table):
+    """``[data]``: how many odd-one-out problems of each kind to build per split."""
 
-    n_train: int = 600
-    n_val: int = 150
-    n_test: int = 160
+    n_train: int = _opt(600, ge=1)
+    n_val: int = _opt(150, ge=1)
+    n_test: int = _opt(160, ge=1)
     seed: int = 0
-    corpus_size: int = 6000
+    corpus_size: int = _opt(6000, ge=1)  # pretraining sentences
 
 
 @dataclass
-class ModelConfig:
-    """Which base model to build (see ``models.ModelSpec``)."""
+class ModelConfig(_Table):
+    """``[model]``: which base model to build (see ``models.ModelSpec``).
+
+    ``overrides`` replaces ``HookedTransformerConfig`` fields of the preset (e.g.
+    ``{n_layers = 3}``); its keys and value types are checked against ``MODEL_OVERRIDE_TYPES``.
+    ``checkpoint`` is a local checkpoint folder used instead of a preset (then ``overrides``
+    must be empty).
+    """
 
     preset: str = "tiny"
-    attention: str = "causal"
-    pool: str = "last"
-    n_ctx: int = 32
+    attention: str = _opt("causal", choices=ATTENTION_KINDS)
+    pool: str = _opt("last", choices=POOLS)
+    n_ctx: int = _opt(32, ge=2)
     overrides: dict[str, Any] = field(default_factory=dict)
-    checkpoint: str | None = None  # a local checkpoint folder (ours or Hugging Face) instead
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        self.overrides = dict(self.overrides)
+
+    def check(self, path: str = "model") -> None:
+        """Types and constraints, the preset name, and the override keys and value types."""
+        super().check(path)
+        from subroutine_circuits.models.presets import PRESETS  # light: no torch, no TL
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"{_join(path, 'preset')} must be one of {sorted(PRESETS)}, "
+                             f"got {self.preset!r}")  # fmt: skip
+        where = _join(path, "overrides")
+        for key, value in self.overrides.items():
+            if key in MODEL_OVERRIDES_REFUSED:
+                raise ValueError(
+                    f"key {key!r} is not allowed in [{where}]: {MODEL_OVERRIDES_REFUSED[key]}"
+                )
+            if key not in MODEL_OVERRIDE_TYPES:
+                raise _unknown_key(key, sorted(MODEL_OVERRIDE_TYPES), where)
+            self.overrides[key] = _coerce(value, MODEL_OVERRIDE_TYPES[key], _join(where, key))
+            if key in _POSITIVE_OVERRIDES:
+                _constrain(self.overrides[key], {"ge": 1}, _join(where, key))
+        if self.overrides and self.checkpoint:
+            raise ValueError(
+                f"[{path}] sets both checkpoint and overrides: a checkpoint brings its own "
+                "architecture, so the overrides would be ignored"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str = "model") -> ModelConfig:
+        """Build and check ``[model]`` (the overrides' keys included)."""
+        table = super().from_dict(data, path)
+        table.check(path)
+        return table
+
+
+_POSITIVE_OVERRIDES = ("d_model", "d_head", "n_layers", "n_heads", "d_mlp")
+
+
+@dataclass(eq=False)
+class MaskGridPoint(_Overrides):
+    """One entry of ``mask.grid``: the ``[mask]`` values this point replaces (``None``: keep).
+
+    These are the only keys the mask search reads per point.
+    """
+
+    lr: float | None = _opt(gt=0)
+    init: float | None = None
+    l0_weight: float | None = _opt(ge=0)
+    layers: list[int] | None = _opt(ge=0)
+    steps: int | None = _opt(ge=1)
+
+
+def _default_grid() -> list[MaskGridPoint]:
+    return [MaskGridPoint(l0_weight=0.5), MaskGridPoint(l0_weight=2.0)]
 
 
 @dataclass
-class MaskSearchConfig:
-    """Mask training and the small hyperparameter grid chosen on validation data."""
+class MaskSearchConfig(_Table):
+    """``[mask]``: mask training and the small hyperparameter grid chosen on validation data.
 
-    kind: str = "unit"  # "unit" (heads + neurons) or "weight"
-    parametrization: str = "hard_concrete"
-    unit_kinds: tuple[str, ...] = ("head", "neuron")
-    steps: int = 100
-    batch_size: int = 16
-    # Each grid point overrides these defaults; the chosen point maximises validation accuracy on
-    # the subroutine's own problems, ties (within ``tolerance``) broken by the smaller density.
-    lr: float = 0.15
+    Each grid point overrides the defaults below; the chosen point maximises validation accuracy
+    on the subroutine's own problems, ties (within ``tolerance``) broken by the smaller density.
+    An empty grid means one point: these defaults.
+    """
+
+    kind: str = _opt("unit", choices=MASK_KINDS)  # "unit" (heads + neurons) or "weight"
+    parametrization: str = _opt("hard_concrete", choices=PARAMETRIZATIONS)
+    unit_kinds: tuple[str, ...] = _opt(factory=lambda: UNIT_KINDS, choices=UNIT_KINDS)
+    steps: int = _opt(100, ge=1)
+    batch_size: int = _opt(16, ge=1)
+    lr: float = _opt(0.15, gt=0)
     init: float = 2.0
-    l0_weight: float = 1.0
-    layers: list[int] | None = None
-    grid: list[dict[str, Any]] = field(
-        default_factory=lambda: [{"l0_weight": 0.5}, {"l0_weight": 2.0}],
-    )
-    tolerance: float = 0.02
+    l0_weight: float = _opt(1.0, ge=0)
+    layers: list[int] | None = _opt(ge=0)
+    grid: list[MaskGridPoint] = field(default_factory=_default_grid)
+    tolerance: float = _opt(0.02, ge=0)
+
+    def __post_init__(self) -> None:
+        self.unit_kinds = tuple(self.unit_kinds)
+        self.grid = _coerce(list(self.grid), list[MaskGridPoint], "mask.grid")
+
+
+@dataclass(eq=False)
+class TrainSettings(_Overrides):
+    """``[train]``: overrides of ``models.TrainConfig`` (``None``: its default).
+
+    ``seed``, ``device``, ``progress`` and ``pool`` are set by the runner and refused here.
+    """
+
+    _REFUSED: ClassVar[dict[str, str]] = {
+        "seed": "base models are seeded by the top-level base_seeds",
+        "device": "set the top-level device (or --device)",
+        "progress": "progress bars are set by the runner",
+        "pool": "set [model] pool",
+    }
+
+    lr: float | None = _opt(gt=0)
+    weight_decay: float | None = _opt(ge=0)
+    batch_size: int | None = _opt(ge=1)
+    max_epochs: int | None = _opt(ge=1)
+    max_steps: int | None = _opt(ge=1)
+    patience: int | None = _opt(ge=1)
+    eval_every: int | None = _opt(ge=1)
+    time_limit_s: float | None = _opt(gt=0)
+    target_val_acc: float | None = _opt(gt=0, le=1)
+    grad_clip: float | None = _opt(gt=0)
+    warmup_steps: int | None = _opt(ge=0)
+    eval_batch_size: int | None = _opt(ge=1)
+
+    def build(self, **runner: Any):
+        """The ``models.TrainConfig`` these overrides give, with the runner's fields
+        (``seed``, ``device``, ``progress``, ...) passed as keywords. Imports torch."""
+        from subroutine_circuits.models.train import TrainConfig
+
+        return TrainConfig(**{**runner, **self._set()})
+
+
+@dataclass(eq=False)
+class PretrainSettings(_Overrides):
+    """``[pretrain]``: overrides of ``models.PretrainConfig`` (``None``: its default).
+
+    ``seed``, ``device`` and ``progress`` are set by the runner and refused here.
+    """
+
+    _REFUSED: ClassVar[dict[str, str]] = {
+        "seed": "base models are seeded by the top-level base_seeds",
+        "device": "set the top-level device (or --device)",
+        "progress": "progress bars are set by the runner",
+    }
+
+    steps: int | None = _opt(ge=1)
+    lr: float | None = _opt(gt=0)
+    batch_size: int | None = _opt(ge=1)
+    mask_prob: float | None = _opt(gt=0, le=1)
+    time_limit_s: float | None = _opt(gt=0)
+    objective: str | None = _opt(choices=PRETRAIN_OBJECTIVES)
+    weight_decay: float | None = _opt(ge=0)
+    warmup_steps: int | None = _opt(ge=0)
+    grad_clip: float | None = _opt(gt=0)
+
+    def build(self, **runner: Any):
+        """The ``models.PretrainConfig`` these overrides give, with the runner's fields passed
+        as keywords. Imports torch."""
+        from subroutine_circuits.models.pretraining import PretrainConfig
+
+        return PretrainConfig(**{**runner, **self._set()})
+
+
+@dataclass(eq=False)
+class PatchingOptions(_Overrides):
+    """``[patching_options]``: extra ``PatchingConfig`` fields (``None``: its default).
+
+    ``ablation_curve_fractions`` defaults to none: the accuracy-vs-size curve of the patching
+    circuit is skipped (the matched-size cross-ablation always runs); e.g. ``[0.05, 0.1]`` adds
+    points. Fields with a top-level key or set by the runner are refused here.
+    """
+
+    _REFUSED: ClassVar[dict[str, str]] = {
+        "methods": "set the top-level patching_methods",
+        "n_pairs": "set the top-level patching_pairs",
+        "seed": "patching is seeded by the base model's seed",
+        "pool": "set [model] pool",
+        "cross_ablation": "set the top-level ablation",
+        "readout": "the experiment's models are odd-one-out models (readout 'ooo')",
+        "out_dir": "scores are written under the output folder",
+        "meta": "the runner fills meta",
+    }
+
+    kinds: tuple[str, ...] | None = _opt(choices=UNIT_KINDS)
+    curve_ablation: str | None = _opt(choices=CURVE_ABLATIONS)
+    fractions: tuple[float, ...] | None = _opt(ge=0, le=1)
+    faithfulness_target: float | None = _opt(gt=0, le=1)
+    circuit_size: str | int | None = _opt(choices=("mask", "faithful"), ge=1)
+    use_abs: bool | None = None
+    ig_steps: int | None = _opt(ge=1)
+    chunk_rows: int | None = _opt(ge=1)
+    batch_size: int | None = _opt(ge=1)
+    ablation_curve_fractions: tuple[float, ...] | None = _opt(factory=tuple, ge=0, le=1)
+
+
+_SUBTABLES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "mask": MaskSearchConfig,
+    "train": TrainSettings,
+    "pretrain": PretrainSettings,
+    "patching_options": PatchingOptions,
+}
 
 
 @dataclass
-class ExperimentConfig:
-    """The whole structural-compositionality experiment."""
+class ExperimentConfig(_Table):
+    """The whole structural-compositionality experiment (the top level of a config file).
+
+    Tables may be given as dicts (``ExperimentConfig(train={"max_steps": 60})``): they are
+    turned into their dataclasses, keys checked.
+    """
 
     task: str = "agreement_singular"  # a built-in task name or a .jsonl / .csv data file
     rule: dict[str, bool] | None = None
@@ -72,79 +637,67 @@ class ExperimentConfig:
     mask_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
-    pretrain: dict[str, Any] = field(default_factory=dict)  # PretrainConfig overrides
+    train: TrainSettings = field(default_factory=TrainSettings)
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     mask: MaskSearchConfig = field(default_factory=MaskSearchConfig)
-    margin: float = 0.05
-    chance: float = 0.25
+    margin: float = _opt(0.05, ge=0, lt=0.75)
+    chance: float = _opt(0.25, gt=0, lt=1)
     # Which ablation decides abl_diff and the verdict: "mean" (default) or "zero". Zero ablation
     # removes a unit's average contribution as well as its information; on our models it drove
     # accuracies far below chance (0.03 on a 4-way task) while equal-size random subnetworks
     # stayed near 1.0, i.e. it measures an off-distribution shift, not the loss of a subroutine.
     # Both are always reported (ablzero_*, ablmean_* columns).
-    ablation: str = "mean"
-    min_composite_acc: float = 0.9
+    ablation: str = _opt("mean", choices=ABLATIONS)
+    min_composite_acc: float = _opt(0.9, ge=0, le=1)
     patching: bool = True
-    patching_methods: list[str] = field(default_factory=lambda: ["activation", "attribution"])
-    patching_pairs: int = 24
-    patching_inits: list[str] = field(default_factory=lambda: ["trained", "pretrained"])
-    # extra PatchingConfig fields; the default skips the accuracy-vs-size curve of the patching
-    # circuit (the matched-size cross-ablation is always run), e.g. [0.05, 0.1] to add points
-    patching_options: dict[str, Any] = field(
-        default_factory=lambda: {"ablation_curve_fractions": []}
+    patching_methods: list[str] = _opt(
+        factory=lambda: ["activation", "attribution"], choices=PATCHING_METHODS
     )
-    workers: int = 1
+    patching_pairs: int = _opt(24, ge=1)
+    patching_inits: list[str] = field(default_factory=lambda: ["trained", "pretrained"])
+    patching_options: PatchingOptions = field(default_factory=PatchingOptions)
+    workers: int = _opt(1, ge=1)
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        for name, cls in _SUBTABLES.items():
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                setattr(self, name, _coerce(value, cls, name))
+
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent setting."""
+        """Raise ValueError naming the first bad or inconsistent setting (every level)."""
+        self.check("")
         bad = [i for i in [*self.inits, *self.patching_inits] if i not in INITS]
         if bad:
             raise ValueError(f"unknown init {bad[0]!r}; choose from {list(INITS)}")
         if not self.base_seeds or not self.mask_seeds:
             raise ValueError("base_seeds and mask_seeds must each list at least one seed")
-        if self.mask.kind not in ("unit", "weight"):
-            raise ValueError(f"mask.kind must be 'unit' or 'weight', got {self.mask.kind!r}")
-        if self.ablation not in ("zero", "mean"):
-            raise ValueError(f"ablation must be 'zero' or 'mean', got {self.ablation!r}")
-        if not 0 <= self.margin < 0.75:
-            raise ValueError(f"margin must be in [0, 0.75), got {self.margin}")
-        if self.data.n_train < 1 or self.data.n_val < 1 or self.data.n_test < 1:
-            raise ValueError("data.n_train, data.n_val and data.n_test must be positive")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict (for the manifest)."""
-        return dataclasses.asdict(self)
+        if not self.inits:
+            raise ValueError("inits must list at least one of " + str(list(INITS)))
+        if not self.mask.unit_kinds:
+            raise ValueError(f"mask.unit_kinds must list at least one of {list(UNIT_KINDS)}")
+        if self.patching and not self.patching_methods:
+            raise ValueError("patching_methods is empty; list one or set patching = false")
 
 
-def _build(cls, data: dict[str, Any], where: str):
-    """Instantiate dataclass ``cls`` from ``data``, rejecting unknown keys by name."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} in [{where}]; known keys: {sorted(known)}")
-    kwargs = {}
-    for k, v in data.items():
-        sub = {"data": DataConfig, "model": ModelConfig, "mask": MaskSearchConfig}.get(k)
-        if cls is ExperimentConfig and sub is not None:
-            if not isinstance(v, dict):
-                raise ValueError(f"[{k}] must be a table")
-            v = _build(sub, v, k)
-        if k == "unit_kinds":
-            v = tuple(v)
-        kwargs[k] = v
-    return cls(**kwargs)
+def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    """Build and validate an ExperimentConfig from a (TOML-shaped) dict.
 
-
-def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    """Build and validate an ExperimentConfig from a (TOML-shaped) dict."""
-    cfg = _build(ExperimentConfig, dict(data), "top level")
+    Every key at every level is checked: an unknown one raises ``ValueError`` naming it and its
+    table, a value of the wrong type one naming its path.
+    """
+    cfg = ExperimentConfig.from_dict(dict(data), "")
     cfg.validate()
     return cfg
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Read a TOML experiment config; relative data-file paths resolve against the TOML's folder."""
+    """Read a TOML experiment config; relative data-file paths resolve against the TOML's folder.
+
+    Checks the whole config (see ``config_from_dict``) without importing torch or
+    TransformerLens, so a bad file fails in a fraction of a second.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -153,7 +706,10 @@ def load_config(path: str | Path) -> ExperimentConfig:
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: invalid TOML: {e}") from e
-    cfg = config_from_dict(data)
+    try:
+        cfg = config_from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     for attr in ("task",):
         value = getattr(cfg, attr)
         if value.endswith((".jsonl", ".csv", ".json")) and not Path(value).is_absolute():
