@@ -22,8 +22,10 @@ Noise of hard-concrete masks: ``noise="exact"`` draws every group's uniforms fro
 CPU ``torch.Generator`` (seeded with its seed) when the group's hook fires, exactly as
 ``train_mask`` does, so a batched run reproduces the separate runs; ``noise="device"`` draws one
 ``[n_units]`` vector per mask and step from a per-mask generator on the model's device (no host
-work, no transfers: the fast path on GPUs; reproducible per seed, but not equal to the CPU
-stream). ``"auto"`` picks ``exact`` on CPU and ``device`` elsewhere.
+work, no transfers: the fast path on GPUs; reproducible per seed and independent of the other
+masks of the batch, but on a GPU not equal to ``train_mask``'s CPU stream; on the CPU it equals
+``exact`` whenever the hooks fire in unit-map order, as for ``UnitMap.from_model``).
+``"auto"`` picks ``exact`` on CPU and ``device`` elsewhere.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from torch import Tensor
 
 from .parametrization import Ablation, MaskConfig
 from .unit_mask import UnitMask
-from .units import UnitGroup, UnitMap
+from .units import UnitMap
 
 NOISE_MODES = ("auto", "exact", "device")
 _EPS = 1e-6
@@ -410,7 +412,9 @@ class BatchedUnitMask(nn.Module):
                         part.generator = self.generators[k]
             m.generator = self.generators[k]
             if self.ablation_values[k] is not None:
-                m.ablation_values = {h: v.detach().cpu() for h, v in self.ablation_values[k].items()}
+                m.ablation_values = {
+                    h: v.detach().cpu() for h, v in self.ablation_values[k].items()
+                }
             m.eval()
             out.append(m)
         return out
@@ -557,7 +561,9 @@ def train_masks_batched(
     # validate all tokens once (this is the only host sync outside the chunk boundaries)
     check_tokens(model, data.tokens.reshape(-1, data.tokens.shape[-1]), data.lengths.reshape(-1))
 
-    unit_map = UnitMap.from_model(model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds)
+    unit_map = UnitMap.from_model(
+        model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds
+    )
     cfgs = mask_configs(cfg, hps, seeds)
     if ablation_values is not None:
         for c in cfgs:
@@ -813,4 +819,3 @@ def matched_random_masks(
 def n_distinct(masks: Bool[Tensor, "k n"]) -> int:
     """Number of distinct rows (e.g. distinct random draws)."""
     return int(torch.unique(torch.as_tensor(masks).bool(), dim=0).shape[0])
-
