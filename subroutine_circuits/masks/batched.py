@@ -690,7 +690,7 @@ def fixed_mask_scores(
     *,
     unit_map: UnitMap | None = None,
     ablation_values: Sequence[Mapping[str, Tensor] | None] | Mapping[str, Tensor] | None = None,
-    max_rows: int = 8192,
+    max_rows: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> Float[Tensor, "k b 4"]:
     """OOO logits of ``data`` (EncodedProblems) under each of K fixed binary unit masks.
@@ -699,16 +699,19 @@ def fixed_mask_scores(
     them) or a ``[K, n_units]`` boolean tensor with ``unit_map`` (and optional
     ``ablation_values``: one mapping shared by all, or one per mask, None = zero). The problems
     are repeated once per mask along the batch, in forward passes of at most ``max_rows``
-    sequences (masks and problems chunked). Returned on the CPU.
+    sequences (masks and problems chunked; default 1024 on the CPU, where large batches only
+    spill the caches, 16384 on accelerators). Returned on the CPU.
     """
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
+    device = next(model.parameters()).device
+    if max_rows is None:
+        max_rows = 1024 if device.type == "cpu" else 16384
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     unit_map, keep, abls = _fixed_inputs(masks, unit_map, ablation_values)
     unit_map.validate(model)
     pool = resolve_pool(model, pool)
-    device = next(model.parameters()).device
     n, n_stim, _ = data.tokens.shape
     if n == 0:
         raise ValueError("no problems to evaluate")
@@ -819,3 +822,198 @@ def matched_random_masks(
 def n_distinct(masks: Bool[Tensor, "k n"]) -> int:
     """Number of distinct rows (e.g. distinct random draws)."""
     return int(torch.unique(torch.as_tensor(masks).bool(), dim=0).shape[0])
+
+
+# ---------------------------------------------------------------------------- weight masks
+class _Readout(nn.Module):
+    """Wraps a model so that ``forward`` is the whole OOO readout (for ``functional_call``)."""
+
+    def __init__(self, model: nn.Module, pool: str, pad_state: dict):
+        super().__init__()
+        self.m = model
+        self.pool = pool
+        self.pad_state = pad_state
+
+    def forward(self, tokens: Int[Tensor, "b 4 pos"], lengths: Int[Tensor, "b 4"]) -> Tensor:
+        return _ooo_scores_nosync(self.m, tokens, lengths, self.pool, self.pad_state)
+
+
+def train_weight_masks_batched(
+    model: nn.Module,
+    train: Any,
+    cfg: Any,
+    hps: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    pool: str | None = None,
+    *,
+    noise: str = "auto",
+    autocast_dtype: torch.dtype | None = None,
+    chunk_steps: int = 256,
+) -> list:
+    """Train K weight masks (zero ablation) in one vectorised pass per step.
+
+    The K masked weight sets ``W * m_k`` are stacked and the readout runs under
+    ``torch.func.vmap`` over ``torch.func.functional_call`` (mask ``k`` on its own minibatch), so
+    one call of the frozen model serves all K masks. Equals K runs of
+    ``experiment.search.train_mask`` with ``cfg.kind = "weight"`` (same seeds, data order,
+    noise and schedule). ``noise="exact"`` replays ``WeightMask``'s CPU generator stream,
+    including the sample drawn on entering ``WeightMask.applied`` that the forward pre-hook
+    then replaces (two draws per part and step for ``HookedTransformer``, one for encoders,
+    whose readout bypasses ``forward``). Returns K :class:`WeightMask` (eval mode, CPU).
+    """
+    from subroutine_circuits.experiment.search import EncodedProblems
+    from subroutine_circuits.models.readout import check_tokens, resolve_pool
+
+    from .weight_mask import WeightMask, default_param_names
+
+    hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
+    if len(hps) != len(seeds) or not hps:
+        raise ValueError(f"need one seed per hyperparameter point: {len(hps)} vs {len(seeds)}")
+    if noise not in NOISE_MODES:
+        raise ValueError(f"unknown noise mode {noise!r}; choose one of {list(NOISE_MODES)}")
+    k = len(hps)
+    steps_all = {int(h.get("steps", cfg.steps)) for h in hps}
+    if len(steps_all) != 1:
+        raise ValueError(f"batched masks must share the number of steps, got {sorted(steps_all)}")
+    steps = steps_all.pop()
+    if not isinstance(train, EncodedProblems) or len(train) == 0:
+        raise ValueError("train must be non-empty EncodedProblems")
+    pool = resolve_pool(model, pool)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    data = train.to(device)
+    lmax_cpu = data.lengths.amax(1).cpu()
+    tokens_all = data.tokens[..., : int(lmax_cpu.max())]
+    check_tokens(model, tokens_all.reshape(-1, tokens_all.shape[-1]), data.lengths.reshape(-1))
+
+    cfgs = mask_configs(cfg, hps, seeds)
+    par = cfgs[0].parametrization
+    names = default_param_names(model)
+    if not names:
+        raise ValueError("model has no W_Q/W_K/W_V/W_O/W_in/W_out parameters to mask")
+    params = dict(model.named_parameters())
+    shapes = [tuple(params[n].shape) for n in names]
+    sizes = [math.prod(sh) for sh in shapes]
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    n_total = sum(sizes)
+    init = torch.tensor([c.init_value for c in cfgs], dtype=torch.float32, device=device)
+    logits = nn.Parameter(init[:, None].expand(k, n_total).clone())
+    temperature = torch.ones(k, device=device)
+    growth = torch.tensor([c.temp_growth for c in cfgs], dtype=torch.float32, device=device)
+    c0 = cfgs[0]
+    beta, gamma, zeta = float(c0.beta), float(c0.gamma), float(c0.zeta)
+    mode = noise if noise != "auto" else ("exact" if device.type == "cpu" else "device")
+    gens = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
+    dgens = (
+        [torch.Generator(device=device).manual_seed(int(c.seed)) for c in cfgs]
+        if mode == "device"
+        else None
+    )
+    is_encoder = hasattr(model, "encoder_output") and hasattr(model, "mlm_head")
+    draws = 1 if is_encoder else 2
+
+    def noise_now() -> Tensor:
+        if dgens is not None:
+            return torch.stack([torch.rand(n_total, generator=g, device=device) for g in dgens])
+        rows = []
+        for g in gens:
+            for _ in range(draws - 1):  # the sample WeightMask.applied draws and discards
+                for sh in shapes:
+                    torch.rand(sh, generator=g)
+            rows.append(torch.cat([torch.rand(sh, generator=g).reshape(-1) for sh in shapes]))
+        return torch.stack(rows).to(device)
+
+    def mask_values() -> Float[Tensor, "k n"]:
+        if par == "continuous":
+            return torch.sigmoid(temperature[:, None] * logits)
+        u = noise_now().clamp(_EPS, 1 - _EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / beta)
+        return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+    def penalty() -> Float[Tensor, " k"]:
+        if par == "continuous":
+            return torch.sigmoid(temperature[:, None] * logits).sum(1)
+        return torch.sigmoid(logits - beta * math.log(-gamma / zeta)).sum(1)
+
+    pad_state: dict = {}
+    wrapper = _Readout(model, pool, pad_state)
+
+    def one(ws: dict[str, Tensor], tok: Tensor, ln: Tensor) -> Tensor:
+        return torch.func.functional_call(wrapper, ws, (tok, ln), strict=False)
+
+    batched_readout = torch.func.vmap(one)
+    opt = StackedAdam(logits, [float(h.get("lr", cfg.lr)) for h in hps])
+    l0 = torch.tensor([float(h.get("l0_weight", cfg.l0_weight)) for h in hps], device=device)
+    bsz = int(cfg.batch_size)
+    n = len(data)
+    rngs = [random.Random(s) for s in seeds]
+    orders: list[list[int]] = [[] for _ in range(k)]
+    temp_every = max(1, steps // 10)
+    first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+
+    def draw(i: int) -> list[int]:
+        if len(orders[i]) < bsz:
+            perm = list(range(n))
+            rngs[i].shuffle(perm)
+            orders[i].extend(perm)
+        out = orders[i][:bsz]
+        del orders[i][:bsz]
+        return out
+
+    with _hooks_on(model, _pad_hooks(model, pad_state)):
+        for c0_ in range(0, steps, chunk_steps):
+            c1 = min(steps, c0_ + chunk_steps)
+            idx_cpu = torch.tensor([[draw(i) for i in range(k)] for _ in range(c0_, c1)])
+            lens = lmax_cpu[idx_cpu].flatten(1).amax(1).tolist()
+            idx_dev = idx_cpu.to(device)
+            for s in range(c0_, c1):
+                idx = idx_dev[s - c0_]  # [K, B]
+                width = int(lens[s - c0_])
+                m = mask_values()
+                ws = {
+                    "m." + nm: params[nm].detach() * m[:, o : o + z].reshape(k, *sh)
+                    for nm, o, z, sh in zip(names, offs, sizes, shapes)
+                }
+                with autocast:
+                    scores = batched_readout(
+                        ws, tokens_all[idx][..., :width], data.lengths[idx]
+                    )  # [K, B, 4]
+                ce = F.cross_entropy(
+                    scores.float().reshape(k * bsz, -1), data.odd[idx].reshape(-1), reduction="none"
+                )
+                loss_k = ce.view(k, bsz).mean(1) + l0 * penalty() / max(1, n_total)
+                bad = ~torch.isfinite(loss_k) & (first_bad < 0)
+                first_bad = torch.where(bad, torch.full_like(first_bad, s), first_bad)
+                opt.zero_grad()
+                loss_k.sum().backward()
+                opt.step()
+                if (s + 1) % temp_every == 0:
+                    temperature.mul_(growth)
+            if bool((first_bad >= 0).any()):
+                i = int((first_bad >= 0).nonzero()[0])
+                raise ValueError(
+                    f"mask training produced a non-finite loss at step {int(first_bad[i])} "
+                    f"(mask {i}, seed {seeds[i]}, hp {hps[i]})"
+                )
+    out = []
+    flat = logits.detach().cpu()
+    for i, c in enumerate(cfgs):
+        wm = WeightMask(model, c)
+        with torch.no_grad():
+            for part, o, z in zip(wm.parts, offs, sizes):
+                if par == "continuous":
+                    part.logits.copy_(flat[i, o : o + z].reshape(part.shape))
+                    part.temperature.copy_(temperature[i].cpu())
+                else:
+                    part.log_alpha.copy_(flat[i, o : o + z].reshape(part.shape))
+                    part.generator = gens[i]
+        wm.generator = gens[i]
+        wm.eval()
+        out.append(wm)
+    return out
