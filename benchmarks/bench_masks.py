@@ -91,6 +91,7 @@ def bench_shape(shape: str, args) -> dict:
         evaluate_fixed_masks,
         matched_random_masks,
         train_masks_batched,
+        train_weight_masks_batched,
     )
 
     model, data = build(shape, args.device, n_problems=max(64, 4 * args.batch))
@@ -106,18 +107,30 @@ def bench_shape(shape: str, args) -> dict:
 
     def run_separate(n_steps):
         cfg = MaskSearchConfig(
-            parametrization=args.parametrization, steps=n_steps, batch_size=args.batch
+            kind=args.kind,
+            parametrization=args.parametrization,
+            steps=n_steps,
+            batch_size=args.batch,
         )
         with autocast():
             return [train_mask(model, data, cfg, hp, s, "last") for hp, s in zip(hps, seeds)]
 
     def run_batched(n_steps):
         cfg = MaskSearchConfig(
-            parametrization=args.parametrization, steps=n_steps, batch_size=args.batch
+            kind=args.kind,
+            parametrization=args.parametrization,
+            steps=n_steps,
+            batch_size=args.batch,
         )
-        return train_masks_batched(
-            model, data, cfg, hps, seeds, "last", noise=args.noise, autocast_dtype=amp
-        )
+        fn = train_masks_batched if args.kind == "unit" else train_weight_masks_batched
+        sync_debug = args.sync_debug and args.device.startswith("cuda")
+        if sync_debug:  # report any host sync inside the batched loop
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            return fn(model, data, cfg, hps, seeds, "last", noise=args.noise, autocast_dtype=amp)
+        finally:
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode(0)
 
     run_separate(2)  # warm-up (kernels, allocator, cuBLAS handles)
     run_batched(2)
@@ -150,7 +163,7 @@ def bench_shape(shape: str, args) -> dict:
             bool((a.flat_binary() == b.flat_binary()).all()) for a, b in zip(sep, bat)
         ),
     }
-    if args.eval:
+    if args.eval and args.kind == "unit":
         um = UnitMap.from_model(model)
         draws = matched_random_masks(um, sep[0].flat_binary(), args.eval_k, seed=0)
         fixed = [UnitMask.fixed(um, ~d) for d in draws]
@@ -183,6 +196,12 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=16, help="OOO problems per mask and step")
     p.add_argument("--shapes", default="tiny,gpt2", help="comma list of: " + ",".join(SHAPES))
     p.add_argument("--parametrization", default="hard_concrete")
+    p.add_argument("--kind", default="unit", choices=["unit", "weight"], help="mask kind")
+    p.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="CUDA: warn on every host sync inside the batched run (expect one per chunk)",
+    )
     p.add_argument("--noise", default="auto", choices=["auto", "exact", "device"])
     p.add_argument("--bf16", action="store_true", help="run the frozen model under bf16 autocast")
     p.add_argument("--reps", type=int, default=1, help="timed repetitions (the best is kept)")
@@ -198,7 +217,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown shape {s!r}; choose from {sorted(SHAPES)}")
     print(
         f"device: {device_name(args.device)} | torch {torch.__version__} | "
-        f"{args.parametrization} | noise {args.noise} | bf16 {args.bf16}"
+        f"{args.kind} masks | {args.parametrization} | noise {args.noise} | bf16 {args.bf16}"
     )
     head = (
         f"{'shape':6} {'K':>3} {'steps':>5} {'seq/fwd':>7} {'sep s':>8} {'batch s':>8} "
@@ -217,7 +236,7 @@ def main(argv=None) -> None:
             f"{r['same_binary']:>4}/{r['k']}",
             flush=True,
         )
-    if args.eval:
+    if args.eval and args.kind == "unit":
         print(f"\nfixed-mask evaluation ({rows[0]['eval_k']} masks, 64+ problems):")
         print(f"{'shape':6} {'one-by-one s':>12} {'batched s':>10} {'ratio':>7} {'max|dacc|':>9}")
         for r in rows:

@@ -565,9 +565,14 @@ def train_masks_batched(
         model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds
     )
     cfgs = mask_configs(cfg, hps, seeds)
-    if ablation_values is not None:
+    if isinstance(ablation_values, Mapping):
         for c in cfgs:
             c.ablation = "mean"
+    elif ablation_values is not None:
+        if len(ablation_values) != k:
+            raise ValueError(f"{len(ablation_values)} ablation value sets for {k} masks")
+        for c, v in zip(cfgs, ablation_values):
+            c.ablation = "zero" if v is None else "mean"
     bm = BatchedUnitMask(unit_map, cfgs, ablation_values, noise=noise).to(device)
     bm.train()
     opt = StackedAdam(bm.logits, [float(h.get("lr", cfg.lr)) for h in hps])
@@ -725,7 +730,7 @@ def fixed_mask_scores(
     per_prob = n_stim
     pc = max(1, min(n, max_rows // per_prob))
     kc = max(1, min(k, max_rows // (per_prob * pc)))
-    out = torch.empty(k, n, n_stim)
+    out = torch.empty(k, n, n_stim, device=device)
     pad_state: dict = {}
     state: dict = {}
 
@@ -762,8 +767,8 @@ def fixed_mask_scores(
                 rep_len = lens.repeat(m, 1)
                 with autocast:
                     scores = _ooo_scores_nosync(model, rep_tok, rep_len, pool, pad_state)
-                out[k0:k1, p0:p1] = scores.float().view(m, p1 - p0, n_stim).cpu()
-    return out
+                out[k0:k1, p0:p1] = scores.float().view(m, p1 - p0, n_stim)
+    return out.cpu()
 
 
 @torch.no_grad()

@@ -203,3 +203,21 @@ def test_non_finite_loss_names_the_mask(model):
         train_masks_batched(
             model, train, cfg, [{}, {}], [4, 5], "last", ablation_values=[good, bad]
         )
+
+
+def test_mixed_zero_and_mean_ablation_training(model):
+    """A zero-ablation mask trained next to a mean-ablation one equals its train_mask run."""
+    train = make_problems(12, 8, seed=3)
+    cfg = MaskSearchConfig(steps=6, batch_size=4)
+    um = UnitMap.from_model(model)
+    mean = {
+        g.hook_name: torch.randn(1, 1, g.size, *([8] if g.kind == "head" else []))
+        for g in um.groups
+    }
+    got = train_masks_batched(
+        model, train, cfg, [{}, {}], [4, 5], "last", ablation_values=[None, mean]
+    )
+    ref = train_mask(model, train, cfg, {}, 4, "last")
+    torch.testing.assert_close(logits_of(got[0]), logits_of(ref), rtol=1e-5, atol=1e-5)
+    assert got[0].ablation.value == "zero" and got[1].ablation.value == "mean"
+    assert torch.equal(got[1].ablation_values[um.groups[0].hook_name], mean[um.groups[0].hook_name])
