@@ -1,0 +1,1024 @@
+"""Batched masks: K unit masks over one :class:`UnitMap` served by ONE forward pass.
+
+The input batch is the concatenation of K equal slices (slice ``k`` = rows
+``k*n : (k+1)*n``); the hook on every unit group mixes slice ``k`` with mask ``k``:
+``x'[k] = m_k * x[k] + (1 - m_k) * a_k`` (``a_k`` zero or mask ``k``'s mean-ablation values).
+Because a transformer treats the rows of a batch independently, mask ``k`` only ever sees its
+own slice, so K masks trained or evaluated together give the results of K separate runs.
+
+- :class:`BatchedUnitMask`: K trainable masks (hard concrete or continuous sparsification) held
+  as one ``[K, n_units]`` logit tensor; per-mask init, temperature growth, seeds and ablation
+  values; :meth:`BatchedUnitMask.unbatch` returns ordinary :class:`UnitMask` objects.
+- :class:`StackedAdam`: Adam on a ``[K, ...]`` tensor with one learning rate per row (equal to
+  ``torch.optim.Adam`` with one param group per row, see the tests).
+- :func:`train_masks_batched`: K runs of :func:`experiment.search.train_mask` in one loop
+  (same seeds, data order, noise, temperature schedule and loss), free of host syncs per step.
+- :func:`fixed_mask_scores` / :func:`evaluate_fixed_masks`: K fixed binary masks on the same
+  problems in chunked forward passes; accuracies ``[K]``.
+- :func:`matched_random_masks`: random subnetworks keeping as many units per (layer, kind) as a
+  given one, drawn in one vectorised call; :func:`n_distinct` counts distinct draws.
+
+Noise of hard-concrete masks: ``noise="exact"`` draws every group's uniforms from mask ``k``'s own
+CPU ``torch.Generator`` (seeded with its seed) when the group's hook fires, exactly as
+``train_mask`` does, so a batched run reproduces the separate runs; ``noise="device"`` draws one
+``[n_units]`` vector per mask and step from a per-mask generator on the model's device (no host
+work, no transfers: the fast path on GPUs; reproducible per seed and independent of the other
+masks of the batch, but on a GPU not equal to ``train_mask``'s CPU stream; on the CPU it equals
+``exact`` whenever the hooks fire in unit-map order, as for ``UnitMap.from_model``).
+``"auto"`` picks ``exact`` on CPU and ``device`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from .parametrization import Ablation, MaskConfig
+from .unit_mask import UnitMask
+from .units import UnitMap
+
+NOISE_MODES = ("auto", "exact", "device")
+_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------- mixing
+def mix_slices(
+    x: Float[Tensor, "batch ..."],
+    m: Float[Tensor, "k units"],
+    axis: int,
+    a: Float[Tensor, "k ..."] | None = None,
+) -> Float[Tensor, "batch ..."]:
+    """``x'[k] = m_k * x[k] + (1 - m_k) * a_k`` for the K equal slices of ``x``'s batch axis 0.
+
+    ``m`` holds one mask per slice along the unit axis ``axis`` of ``x``; ``a`` (None = zero
+    ablation) is ``[K, *broadcastable to x's shape]``.
+    """
+    k = m.shape[0]
+    if x.shape[0] % k != 0:
+        raise ValueError(
+            f"batch of {x.shape[0]} rows cannot be split into {k} equal mask slices "
+            "(the batch must be the concatenation of one equal slice per mask)"
+        )
+    xv = x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    shape = [k] + [1] * x.dim()
+    shape[1 + axis] = m.shape[1]
+    mv = m.to(device=x.device, dtype=x.dtype).reshape(shape)
+    if a is None:
+        out = xv * mv
+    else:
+        out = mv * xv + (1 - mv) * a.to(device=x.device, dtype=x.dtype)
+    return out.reshape(x.shape)
+
+
+def _stack_ablation(
+    unit_map: UnitMap,
+    values: Sequence[Mapping[str, Tensor] | None],
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor] | None:
+    """Per hook, the K ablation tensors stacked as ``[K, 1, ...]`` (None entries = zeros).
+
+    Returns None when every mask uses zero ablation (the cheaper ``x * m`` path).
+    """
+    if all(v is None for v in values):
+        return None
+    out: dict[str, Tensor] = {}
+    for g in unit_map.groups:
+        ref = None
+        for v in values:
+            if v is not None:
+                if g.hook_name not in v:
+                    raise ValueError(f"ablation values missing for hook {g.hook_name!r}")
+                ref = torch.as_tensor(v[g.hook_name])
+                break
+        rows = []
+        for i, v in enumerate(values):
+            t = torch.zeros_like(ref) if v is None else torch.as_tensor(v[g.hook_name])
+            if t.shape != ref.shape:
+                raise ValueError(
+                    f"ablation values of mask {i} at {g.hook_name!r} have shape "
+                    f"{tuple(t.shape)}, mask 0 has {tuple(ref.shape)}"
+                )
+            if t.dim() > g.axis and t.shape[0] != 1:
+                raise ValueError(
+                    f"batched masks need batch-broadcastable (mean) ablation values; "
+                    f"{g.hook_name!r} of mask {i} has shape {tuple(t.shape)} (resample?)"
+                )
+            rows.append(t.detach().float())
+        stacked = torch.stack(rows)  # [K, 1, ...]
+        out[g.hook_name] = stacked if device is None else stacked.to(device)
+    return out
+
+
+def _ablation_of(mask: UnitMask) -> dict[str, Tensor] | None:
+    """A unit mask's ablation values for batching (None for zero ablation)."""
+    if mask.ablation == Ablation.ZERO:
+        return None
+    if mask.ablation == Ablation.RESAMPLE:
+        raise ValueError("batched masks support zero and mean ablation, not resample")
+    missing = [g.hook_name for g in mask.unit_map.groups if g.hook_name not in mask.ablation_values]
+    if missing:
+        raise ValueError(f"mean ablation values missing for {missing}; call set_mean(...) first")
+    return mask.ablation_values
+
+
+@contextlib.contextmanager
+def _hooks_on(model: nn.Module, hooks: Sequence[tuple[str, Any]]) -> Iterator[None]:
+    """Add forward hooks ``(hook_name, fn)`` for the block; exactly these are removed after."""
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is None:
+        raise ValueError(f"{type(model).__name__} is not a HookedRootModule (no hook_dict)")
+    handles = []
+    try:
+        for name, fn in hooks:
+            if name not in hook_dict:
+                raise ValueError(f"unknown hook name {name!r}: the model has no such hook")
+            handles.append(hook_dict[name].register_forward_hook(_wrap(fn, hook_dict[name])))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _wrap(fn, hook_point):
+    """Adapt ``fn(x, hook)`` to a torch forward hook ``(module, args, output)``."""
+
+    def torch_hook(module, args, output):
+        return fn(output, hook_point)
+
+    return torch_hook
+
+
+# ---------------------------------------------------------------------------- optimiser
+class StackedAdam:
+    """Adam (no weight decay, no amsgrad) on one ``[K, ...]`` tensor, one learning rate per row.
+
+    Elementwise, so it equals ``torch.optim.Adam`` run on K separate row tensors with one param
+    group (learning rate) each, within float rounding. The step count lives on the host: no
+    device reads. ``step()`` uses ``param.grad`` (rows without gradient are left as they are
+    only when the whole gradient is None).
+    """
+
+    def __init__(
+        self,
+        param: Tensor,
+        lrs: Sequence[float] | Float[Tensor, "k"],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        lrs_t = torch.as_tensor(lrs, dtype=torch.float64).reshape(-1)
+        if lrs_t.numel() != param.shape[0]:
+            raise ValueError(f"{lrs_t.numel()} learning rates for {param.shape[0]} stacked rows")
+        if not bool(torch.isfinite(lrs_t).all()) or bool((lrs_t < 0).any()):
+            raise ValueError(f"learning rates must be finite and >= 0, got {lrs_t.tolist()}")
+        self.param = param
+        self.lrs = lrs_t
+        self._lrs_dev = lrs_t.to(param.device)
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.eps = float(eps)
+        self.exp_avg = torch.zeros_like(param)
+        self.exp_avg_sq = torch.zeros_like(param)
+        self.n_steps = 0
+        self._shape = [param.shape[0]] + [1] * (param.dim() - 1)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One Adam update of every row with its own learning rate."""
+        g = self.param.grad
+        if g is None:
+            return
+        self.n_steps += 1
+        t = self.n_steps
+        self.exp_avg.lerp_(g, 1 - self.beta1)
+        self.exp_avg_sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        bc1 = 1 - self.beta1**t
+        bc2_sqrt = (1 - self.beta2**t) ** 0.5
+        step_size = (self._lrs_dev / bc1).to(self.param.dtype).view(self._shape)
+        denom = (self.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
+        # same order as torch's addcdiv_: (step_size * exp_avg) / denom
+        self.param.sub_(step_size * self.exp_avg / denom)
+
+    def zero_grad(self) -> None:
+        """Drop the gradient (``set_to_none``)."""
+        self.param.grad = None
+
+
+# ---------------------------------------------------------------------------- batched masks
+class BatchedUnitMask(nn.Module):
+    """K trainable unit masks over one unit map, applied to K slices of one batch.
+
+    Args:
+        unit_map: the units (one map for all K masks).
+        cfgs: one :class:`MaskConfig` per mask (parametrisation, beta/gamma/zeta must agree;
+            ``init``, ``temp_growth``, ``seed`` and ``ablation`` may differ).
+        ablation_values: per mask ``{hook_name: tensor}`` mean values (or None for zero
+            ablation); a single mapping is shared by all masks.
+        noise: ``"auto"``, ``"exact"`` or ``"device"`` (see the module docstring).
+
+    In ``train()`` mode the hooks use soft / sampled masks, in ``eval()`` mode the binary masks.
+    """
+
+    def __init__(
+        self,
+        unit_map: UnitMap,
+        cfgs: Sequence[MaskConfig],
+        ablation_values: Sequence[Mapping[str, Tensor] | None] | Mapping[str, Tensor] | None = None,
+        noise: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(unit_map, UnitMap):
+            raise ValueError(f"BatchedUnitMask needs a UnitMap, got {type(unit_map).__name__}")
+        cfgs = list(cfgs)
+        if not cfgs:
+            raise ValueError("BatchedUnitMask needs at least one MaskConfig")
+        if noise not in NOISE_MODES:
+            raise ValueError(f"unknown noise mode {noise!r}; choose one of {list(NOISE_MODES)}")
+        c0 = cfgs[0]
+        for i, c in enumerate(cfgs):
+            for f in ("parametrization", "beta", "gamma", "zeta"):
+                if getattr(c, f) != getattr(c0, f):
+                    raise ValueError(
+                        f"all batched masks must share {f}: mask {i} has {getattr(c, f)!r}, "
+                        f"mask 0 has {getattr(c0, f)!r}"
+                    )
+            if Ablation.parse(c.ablation) == Ablation.REINIT:
+                raise ValueError("ablation 'reinit' applies to weight masks; use zero or mean")
+            if Ablation.parse(c.ablation) == Ablation.RESAMPLE:
+                raise ValueError("batched masks support zero and mean ablation, not resample")
+        self.unit_map = unit_map
+        self.cfgs = cfgs
+        self.k = len(cfgs)
+        self.parametrization = c0.parametrization
+        self.beta, self.gamma, self.zeta = float(c0.beta), float(c0.gamma), float(c0.zeta)
+        self.noise = noise
+        n = unit_map.n_units
+        init = torch.tensor([c.init_value for c in cfgs], dtype=torch.float32)
+        self.logits = nn.Parameter(init[:, None].expand(self.k, n).clone())
+        self.register_buffer("temperature", torch.ones(self.k))
+        self.register_buffer(
+            "temp_growth", torch.tensor([float(c.temp_growth) for c in cfgs], dtype=torch.float32)
+        )
+        self.slices = []
+        for off, g in zip(unit_map.offsets(), unit_map.groups):
+            self.slices.append(slice(off, off + g.size))
+        # exact noise: one CPU generator per mask, seeded like UnitMask's
+        self.generators = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
+        self._device_generators: list[torch.Generator] | None = None
+        self._step_noise: Tensor | None = None
+        self._values: Tensor | None = None
+        # ablation values per mask
+        if ablation_values is None or isinstance(ablation_values, Mapping):
+            per_mask = [ablation_values] * self.k
+        else:
+            per_mask = list(ablation_values)
+            if len(per_mask) != self.k:
+                raise ValueError(f"{len(per_mask)} ablation value sets for {self.k} masks")
+        for i, (c, v) in enumerate(zip(cfgs, per_mask)):
+            abl = Ablation.parse(c.ablation)
+            if abl == Ablation.MEAN and v is None:
+                raise ValueError(f"mask {i} uses mean ablation but has no ablation values")
+            if abl == Ablation.ZERO:
+                per_mask[i] = None
+        self.ablation_values = [None if v is None else dict(v) for v in per_mask]
+        self._abl = _stack_ablation(unit_map, self.ablation_values)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _resolved_noise(self) -> str:
+        if self.noise != "auto":
+            return self.noise
+        return "exact" if self.logits.device.type == "cpu" else "device"
+
+    def _apply(self, fn, recurse=True):  # keep the stacked ablation values on our device
+        out = super()._apply(fn, recurse)
+        if self._abl is not None:
+            self._abl = {k: fn(v) for k, v in self._abl.items()}
+        return out
+
+    # ------------------------------------------------------------------ mask values
+    def _hc(self, la: Tensor, u: Tensor) -> Tensor:
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / self.beta)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def binary(self) -> Bool[Tensor, "k n_units"]:
+        """The deterministic binary masks (``s > 0`` / hard-concrete gate mean ``> 0.5``)."""
+        la = self.logits.detach()
+        if self.parametrization == "continuous":
+            return la > 0
+        s = torch.sigmoid(la)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0) > 0.5
+
+    def penalty(self) -> Float[Tensor, " k"]:
+        """Per mask: expected L0 (hard concrete) or ``sum sigmoid(T*s)`` (continuous)."""
+        if self.parametrization == "continuous":
+            return torch.sigmoid(self.temperature[:, None] * self.logits).sum(1)
+        shift = self.beta * math.log(-self.gamma / self.zeta)
+        return torch.sigmoid(self.logits - shift).sum(1)
+
+    def new_step(self) -> None:
+        """Start a forward pass: with ``noise="device"`` draw this step's uniforms on device."""
+        self._step_noise = None
+        if not self.training or self.parametrization != "hard_concrete":
+            return
+        if self._resolved_noise() != "device":
+            return
+        dev = self.logits.device
+        if self._device_generators is None or self._device_generators[0].device != dev:
+            self._device_generators = [
+                torch.Generator(device=dev).manual_seed(int(c.seed)) for c in self.cfgs
+            ]
+        n = self.logits.shape[1]
+        u = torch.stack(
+            [torch.rand(n, generator=g, device=dev) for g in self._device_generators]
+        ).clamp_(_EPS, 1 - _EPS)
+        self._step_noise = u
+
+    def group_values(self, gi: int) -> Float[Tensor, "k size"]:
+        """The K masks of unit group ``gi`` for the current forward pass."""
+        sl = self.slices[gi]
+        la = self.logits[:, sl]
+        if not self.training:
+            return self.binary()[:, sl].to(la.dtype)
+        if self.parametrization == "continuous":
+            return torch.sigmoid(self.temperature[:, None] * la)
+        if self._step_noise is not None:
+            u = self._step_noise[:, sl]
+        else:  # exact: each mask's CPU generator, in hook-firing order, as UnitMask does
+            size = sl.stop - sl.start
+            u = torch.stack(
+                [torch.rand((size,), generator=g).clamp(_EPS, 1 - _EPS) for g in self.generators]
+            ).to(la.device, la.dtype)
+        return self._hc(la, u)
+
+    def step_temperature(self) -> None:
+        """Continuous masks: multiply each mask's temperature by its ``temp_growth``."""
+        with torch.no_grad():
+            self.temperature.mul_(self.temp_growth)
+
+    def _hook(self, gi: int, x: Tensor, hook=None) -> Tensor:
+        g = self.unit_map.groups[gi]
+        if x.dim() <= g.axis or x.shape[g.axis] != g.size:
+            raise ValueError(
+                f"activation at {g.hook_name!r} has shape {tuple(x.shape)}; expected size "
+                f"{g.size} on axis {g.axis}"
+            )
+        a = None if self._abl is None else self._abl[g.hook_name]
+        return mix_slices(x, self.group_values(gi), g.axis, a)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[BatchedUnitMask]:
+        """Hooks on ``model`` inside the block; the batch must be K equal slices, mask order.
+
+        In training with ``noise="device"`` call :meth:`new_step` before every forward pass.
+        """
+        self.unit_map.validate(model)
+        hooks = [
+            (g.hook_name, (lambda gi: lambda x, hook: self._hook(gi, x, hook))(i))
+            for i, g in enumerate(self.unit_map.groups)
+        ]
+        with _hooks_on(model, hooks):
+            yield self
+
+    # ------------------------------------------------------------------ results
+    def check_finite(self) -> None:
+        """Raise ValueError naming the masks whose logits contain NaN/inf."""
+        bad = (~torch.isfinite(self.logits.detach())).any(1)
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten().tolist()
+            raise ValueError(f"batched mask logits of masks {idx} contain NaN/inf values")
+
+    def unbatch(self) -> list[UnitMask]:
+        """One ordinary :class:`UnitMask` per mask (eval mode, on the CPU), with its logits,
+        temperature, generator state and ablation values."""
+        out = []
+        logits = self.logits.detach().cpu()
+        temps = self.temperature.detach().cpu()
+        for k, cfg in enumerate(self.cfgs):
+            m = UnitMask(self.unit_map, cfg)
+            with torch.no_grad():
+                for part, sl in zip(m.parts, self.slices):
+                    if self.parametrization == "continuous":
+                        part.logits.copy_(logits[k, sl])
+                        part.temperature.copy_(temps[k])
+                    else:
+                        part.log_alpha.copy_(logits[k, sl])
+                        part.generator = self.generators[k]
+            m.generator = self.generators[k]
+            if self.ablation_values[k] is not None:
+                m.ablation_values = {
+                    h: v.detach().cpu() for h, v in self.ablation_values[k].items()
+                }
+            m.eval()
+            out.append(m)
+        return out
+
+
+# ---------------------------------------------------------------------------- readout
+def _ooo_scores_nosync(
+    model: nn.Module,
+    tokens: Int[Tensor, "b 4 pos"],
+    lengths: Int[Tensor, "b 4"],
+    pool: str,
+    pad_state: dict,
+) -> Float[Tensor, "b 4"]:
+    """OOO logits of already validated tokens, with no host sync.
+
+    Same computation as ``models.ooo_logits`` (padded keys masked, ``ln_final``, pooling, OOO
+    scores) but the key-padding hook is registered once by the caller and reads
+    ``pad_state["pad"]``, and ``tokens`` are trimmed by the caller.
+    """
+    from subroutine_circuits.models.readout import key_padding_mask, ooo_scores, pool_positions
+
+    b, n_stim, pos = tokens.shape
+    flat = tokens.reshape(b * n_stim, pos)
+    flat_len = lengths.reshape(b * n_stim)
+    pad = key_padding_mask(flat_len, pos)
+    pad_state["pad"] = pad
+    if hasattr(model, "encoder_output") and hasattr(model, "mlm_head"):
+        resid = model.encoder_output(flat, None, (~pad).long())
+    else:
+        resid = model.ln_final(model(flat, stop_at_layer=model.cfg.n_layers))
+    emb = pool_positions(resid, flat_len, pool)
+    return ooo_scores(emb.view(b, n_stim, -1))
+
+
+def _pad_hooks(model: nn.Module, pad_state: dict) -> list[tuple[str, Any]]:
+    """Key-padding hooks on every ``hook_attn_scores`` reading ``pad_state["pad"]``."""
+
+    def mask_scores(scores: Float[Tensor, "n head q k"], hook) -> Float[Tensor, "n head q k"]:
+        return scores.masked_fill(pad_state["pad"][:, None, None, :], float("-inf"))
+
+    return [(n, mask_scores) for n in model.hook_dict if n.endswith("attn.hook_attn_scores")]
+
+
+def _concat_problems(datasets: Sequence[Any]) -> tuple[Any, list[int]]:
+    """Concatenate EncodedProblems (token widths padded to the widest); returns offsets."""
+    from subroutine_circuits.experiment.search import EncodedProblems
+
+    width = max(d.tokens.shape[-1] for d in datasets)
+    toks, lens, odds, offsets, acc = [], [], [], [], 0
+    for d in datasets:
+        t = d.tokens
+        if t.shape[-1] < width:
+            t = F.pad(t, (0, width - t.shape[-1]))
+        toks.append(t)
+        lens.append(d.lengths)
+        odds.append(d.odd)
+        offsets.append(acc)
+        acc += len(d)
+    return EncodedProblems(torch.cat(toks), torch.cat(lens), torch.cat(odds)), offsets
+
+
+# ---------------------------------------------------------------------------- training
+def mask_configs(cfg: Any, hps: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> list:
+    """The MaskConfig of each run, built as ``experiment.search.make_mask`` does."""
+    return [
+        MaskConfig(
+            parametrization=cfg.parametrization,
+            init=float(hp.get("init", cfg.init)),
+            ablation="zero",
+            seed=int(s),
+        )
+        for hp, s in zip(hps, seeds)
+    ]
+
+
+def train_masks_batched(
+    model: nn.Module,
+    train: Any,
+    cfg: Any,
+    hps: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    pool: str | None = None,
+    *,
+    ablation_values: Sequence[Mapping[str, Tensor] | None] | Mapping[str, Tensor] | None = None,
+    noise: str = "auto",
+    autocast_dtype: torch.dtype | None = None,
+    chunk_steps: int = 256,
+    progress: bool = False,
+    return_batched: bool = False,
+) -> list[UnitMask] | BatchedUnitMask:
+    """Train K unit masks at once: K runs of ``experiment.search.train_mask`` in one loop.
+
+    Args:
+        model: the frozen model (its parameters get ``requires_grad=False``).
+        train: one ``EncodedProblems`` for all masks, or one per mask (e.g. per subroutine).
+        cfg: a ``MaskSearchConfig`` (``kind`` must be ``"unit"``).
+        hps: per mask, hyperparameter overrides (``lr``, ``init``, ``l0_weight``; ``steps`` and
+            ``layers`` must be the same for all masks).
+        seeds: per mask, the seed (data order, hard-concrete noise), as in ``train_mask``.
+        pool: readout pooling (None: the model's own).
+        ablation_values: mean-ablation values per mask (default: zero ablation, as
+            ``train_mask``).
+        noise: ``"auto" | "exact" | "device"`` (module docstring).
+        autocast_dtype: e.g. ``torch.bfloat16`` to run the frozen model under autocast.
+        chunk_steps: steps whose data indices are prepared (and copied to the device) at once;
+            the loss is checked for NaN/inf once per chunk.
+        return_batched: return the :class:`BatchedUnitMask` instead of unbatched masks.
+
+    Returns:
+        K :class:`UnitMask` in eval mode (CPU), in the order of ``hps``.
+    """
+    from subroutine_circuits.experiment.search import EncodedProblems
+    from subroutine_circuits.models.readout import check_tokens, resolve_pool
+
+    hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
+    if len(hps) != len(seeds) or not hps:
+        raise ValueError(f"need one seed per hyperparameter point: {len(hps)} vs {len(seeds)}")
+    if getattr(cfg, "kind", "unit") != "unit":
+        raise ValueError("train_masks_batched trains unit masks; use a loop for weight masks")
+    k = len(hps)
+    steps_all = {int(h.get("steps", cfg.steps)) for h in hps}
+    if len(steps_all) != 1:
+        raise ValueError(f"batched masks must share the number of steps, got {sorted(steps_all)}")
+    steps = steps_all.pop()
+    layers_all = {repr(h.get("layers", cfg.layers)) for h in hps}
+    if len(layers_all) != 1:
+        raise ValueError("batched masks must share one unit map (same 'layers' for all)")
+    if chunk_steps < 1:
+        raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    datasets = list(train) if isinstance(train, (list, tuple)) else [train]
+    if len(datasets) not in (1, k):
+        raise ValueError(f"{len(datasets)} training sets for {k} masks (give 1 or {k})")
+    for i, d in enumerate(datasets):
+        if not isinstance(d, EncodedProblems) or len(d) == 0:
+            raise ValueError(f"training set {i} is empty or not EncodedProblems")
+    pool = resolve_pool(model, pool)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    data, offsets = _concat_problems([d.to(device) for d in datasets])
+    lmax_cpu = data.lengths.amax(1).cpu()
+    data.tokens = data.tokens[..., : int(lmax_cpu.max())]
+    n_sets = [len(d) for d in datasets]
+    # validate all tokens once (this is the only host sync outside the chunk boundaries)
+    check_tokens(model, data.tokens.reshape(-1, data.tokens.shape[-1]), data.lengths.reshape(-1))
+
+    unit_map = UnitMap.from_model(
+        model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds
+    )
+    cfgs = mask_configs(cfg, hps, seeds)
+    if isinstance(ablation_values, Mapping):
+        for c in cfgs:
+            c.ablation = "mean"
+    elif ablation_values is not None:
+        if len(ablation_values) != k:
+            raise ValueError(f"{len(ablation_values)} ablation value sets for {k} masks")
+        for c, v in zip(cfgs, ablation_values):
+            c.ablation = "zero" if v is None else "mean"
+    bm = BatchedUnitMask(unit_map, cfgs, ablation_values, noise=noise).to(device)
+    bm.train()
+    opt = StackedAdam(bm.logits, [float(h.get("lr", cfg.lr)) for h in hps])
+    l0 = torch.tensor([float(h.get("l0_weight", cfg.l0_weight)) for h in hps], device=device)
+    n_units = max(1, unit_map.n_units)
+    bsz = int(cfg.batch_size)
+    rngs = [random.Random(s) for s in seeds]
+    orders: list[list[int]] = [[] for _ in range(k)]
+    temp_every = max(1, steps // 10)
+    first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
+    pad_state: dict = {}
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+
+    def draw(i: int) -> list[int]:
+        """Mask i's next minibatch, consumed from its rng exactly like ``train_mask``."""
+        n = n_sets[i] if len(datasets) > 1 else n_sets[0]
+        off = offsets[i] if len(datasets) > 1 else 0
+        order = orders[i]
+        if len(order) < bsz:
+            perm = list(range(n))
+            rngs[i].shuffle(perm)
+            order.extend(perm)
+        out = [off + j for j in order[:bsz]]
+        del order[:bsz]
+        return out
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, disable=not progress, desc=f"{k} masks", leave=False)
+    with bm.applied(model), _hooks_on(model, _pad_hooks(model, pad_state)):
+        for c0 in range(0, steps, chunk_steps):
+            c1 = min(steps, c0 + chunk_steps)
+            idx_cpu = torch.tensor([[j for i in range(k) for j in draw(i)] for _ in range(c0, c1)])
+            lens = lmax_cpu[idx_cpu].amax(1).tolist()  # host-side trimming lengths
+            idx_dev = idx_cpu.to(device)
+            for s in range(c0, c1):
+                idx = idx_dev[s - c0]
+                width = int(lens[s - c0])
+                tokens = data.tokens[idx][..., :width]
+                bm.new_step()
+                with autocast:
+                    scores = _ooo_scores_nosync(model, tokens, data.lengths[idx], pool, pad_state)
+                ce = F.cross_entropy(scores.float(), data.odd[idx], reduction="none")
+                loss_k = ce.view(k, bsz).mean(1) + l0 * bm.penalty() / n_units
+                bad = ~torch.isfinite(loss_k) & (first_bad < 0)
+                first_bad = torch.where(bad, torch.full_like(first_bad, s), first_bad)
+                opt.zero_grad()
+                loss_k.sum().backward()
+                opt.step()
+                if (s + 1) % temp_every == 0:
+                    bm.step_temperature()
+            bar.update(c1 - c0)
+            if bool((first_bad >= 0).any()):  # one sync per chunk
+                i = int((first_bad >= 0).nonzero()[0])
+                raise ValueError(
+                    f"mask training produced a non-finite loss at step {int(first_bad[i])} "
+                    f"(mask {i}, seed {seeds[i]}, hp {hps[i]})"
+                )
+    bar.close()
+    bm.eval()
+    if return_batched:
+        return bm
+    return bm.unbatch()
+
+
+# ---------------------------------------------------------------------------- fixed masks
+def _fixed_inputs(
+    masks: Sequence[UnitMask] | Bool[Tensor, "k n"],
+    unit_map: UnitMap | None,
+    ablation_values: Sequence[Mapping[str, Tensor] | None] | Mapping[str, Tensor] | None,
+) -> tuple[UnitMap, Bool[Tensor, "k n"], list]:
+    """Normalise the fixed masks to (unit map, [K, n_units] booleans, per-mask ablations)."""
+    if isinstance(masks, Tensor):
+        if unit_map is None:
+            raise ValueError("a [K, n_units] mask tensor needs unit_map=...")
+        keep = masks
+        if keep.dim() != 2 or keep.shape[1] != unit_map.n_units:
+            raise ValueError(
+                f"mask tensor has shape {tuple(keep.shape)}, expected [K, {unit_map.n_units}]"
+            )
+        if keep.dtype != torch.bool:
+            if not bool(((keep == 0) | (keep == 1)).all()):
+                raise ValueError("fixed masks must be boolean (or 0/1 valued)")
+            keep = keep.bool()
+        if ablation_values is None or isinstance(ablation_values, Mapping):
+            abls = [ablation_values] * keep.shape[0]
+        else:
+            abls = list(ablation_values)
+    else:
+        masks = list(masks)
+        if not masks:
+            raise ValueError("no masks to evaluate")
+        unit_map = masks[0].unit_map if unit_map is None else unit_map
+        for i, m in enumerate(masks):
+            if not isinstance(m, UnitMask):
+                raise ValueError(f"mask {i} is a {type(m).__name__}, not a UnitMask")
+            if m.unit_map != unit_map:
+                raise ValueError(f"mask {i} has another unit map than mask 0")
+        keep = torch.stack([m.flat_binary().bool() for m in masks])
+        if ablation_values is not None:
+            raise ValueError("ablation_values come from the UnitMask objects; do not pass both")
+        abls = [_ablation_of(m) for m in masks]
+    if len(abls) != keep.shape[0]:
+        raise ValueError(f"{len(abls)} ablation value sets for {keep.shape[0]} masks")
+    if keep.shape[0] == 0:
+        raise ValueError("no masks to evaluate")
+    return unit_map, keep, abls
+
+
+@torch.no_grad()
+def fixed_mask_scores(
+    model: nn.Module,
+    data: Any,
+    masks: Sequence[UnitMask] | Bool[Tensor, "k n_units"],
+    pool: str | None = None,
+    *,
+    unit_map: UnitMap | None = None,
+    ablation_values: Sequence[Mapping[str, Tensor] | None] | Mapping[str, Tensor] | None = None,
+    max_rows: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Float[Tensor, "k b 4"]:
+    """OOO logits of ``data`` (EncodedProblems) under each of K fixed binary unit masks.
+
+    ``masks`` are fixed :class:`UnitMask` objects (zero or mean ablation, values taken from
+    them) or a ``[K, n_units]`` boolean tensor with ``unit_map`` (and optional
+    ``ablation_values``: one mapping shared by all, or one per mask, None = zero). The problems
+    are repeated once per mask along the batch, in forward passes of at most ``max_rows``
+    sequences (masks and problems chunked; default 1024 on the CPU, where large batches only
+    spill the caches, 16384 on accelerators). Returned on the CPU.
+    """
+    from subroutine_circuits.models.readout import check_tokens, resolve_pool
+
+    device = next(model.parameters()).device
+    if max_rows is None:
+        max_rows = 1024 if device.type == "cpu" else 16384
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    unit_map, keep, abls = _fixed_inputs(masks, unit_map, ablation_values)
+    unit_map.validate(model)
+    pool = resolve_pool(model, pool)
+    n, n_stim, _ = data.tokens.shape
+    if n == 0:
+        raise ValueError("no problems to evaluate")
+    lmax_cpu = data.lengths.amax(1).cpu()
+    tokens_all = data.tokens[..., : int(lmax_cpu.max())].to(device)
+    lengths_all = data.lengths.to(device)
+    check_tokens(model, tokens_all.reshape(-1, tokens_all.shape[-1]), lengths_all.reshape(-1))
+    abl_all = _stack_ablation(unit_map, abls, device)
+    keep_f = keep.to(device=device, dtype=torch.float32)
+    k = keep.shape[0]
+    per_prob = n_stim
+    pc = max(1, min(n, max_rows // per_prob))
+    kc = max(1, min(k, max_rows // (per_prob * pc)))
+    out = torch.empty(k, n, n_stim, device=device)
+    pad_state: dict = {}
+    state: dict = {}
+
+    def hook(gi: int, x: Tensor, hook=None) -> Tensor:
+        g = unit_map.groups[gi]
+        sl = slices[gi]
+        a = None if state["abl"] is None else state["abl"][g.hook_name]
+        return mix_slices(x, state["keep"][:, sl], g.axis, a)
+
+    slices = [slice(o, o + g.size) for o, g in zip(unit_map.offsets(), unit_map.groups)]
+    hooks = [
+        (g.hook_name, (lambda gi: lambda x, h: hook(gi, x, h))(i))
+        for i, g in enumerate(unit_map.groups)
+    ]
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with _hooks_on(model, hooks), _hooks_on(model, _pad_hooks(model, pad_state)):
+        for p0 in range(0, n, pc):
+            p1 = min(n, p0 + pc)
+            width = int(lmax_cpu[p0:p1].max())
+            tok = tokens_all[p0:p1, :, :width]
+            lens = lengths_all[p0:p1]
+            for k0 in range(0, k, kc):
+                k1 = min(k, k0 + kc)
+                m = k1 - k0
+                state["keep"] = keep_f[k0:k1]
+                state["abl"] = (
+                    None if abl_all is None else {h: v[k0:k1] for h, v in abl_all.items()}
+                )
+                rep_tok = tok.repeat(m, 1, 1)
+                rep_len = lens.repeat(m, 1)
+                with autocast:
+                    scores = _ooo_scores_nosync(model, rep_tok, rep_len, pool, pad_state)
+                out[k0:k1, p0:p1] = scores.float().view(m, p1 - p0, n_stim)
+    return out.cpu()
+
+
+@torch.no_grad()
+def evaluate_fixed_masks(
+    model: nn.Module,
+    data: Any,
+    masks: Sequence[UnitMask] | Bool[Tensor, "k n_units"],
+    pool: str | None = None,
+    **kwargs: Any,
+) -> Float[Tensor, " k"]:
+    """OOO accuracy of each of K fixed unit masks on ``data`` (EncodedProblems): ``[K]``.
+
+    Keyword arguments as :func:`fixed_mask_scores`.
+    """
+    scores = fixed_mask_scores(model, data, masks, pool, **kwargs)
+    return (scores.argmax(-1) == data.odd.cpu()[None, :]).float().mean(1)
+
+
+# ---------------------------------------------------------------------------- random controls
+def matched_random_masks(
+    unit_map: UnitMap,
+    keep: Bool[Tensor, " n_units"],
+    n_draws: int,
+    seed: int,
+) -> Bool[Tensor, "n_draws n_units"]:
+    """Random subnetworks keeping as many units per (layer, kind) as ``keep`` does.
+
+    Within every (layer, kind), each draw keeps a uniformly random subset of the same size
+    (units of groups sharing a layer and kind are pooled). Draws come from one generator seeded
+    with ``seed``, in one vectorised call per (layer, kind).
+    """
+    keep = torch.as_tensor(keep)
+    if keep.dim() != 1 or keep.numel() != unit_map.n_units:
+        raise ValueError(
+            f"keep has shape {tuple(keep.shape)}, expected [{unit_map.n_units}] for this unit map"
+        )
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+    keep = keep.bool().cpu()
+    g = torch.Generator().manual_seed(int(seed))
+    pools: dict[tuple[int, str], list[int]] = {}
+    for off, grp in zip(unit_map.offsets(), unit_map.groups):
+        pools.setdefault((grp.layer, grp.kind), []).extend(range(off, off + grp.size))
+    out = torch.zeros(n_draws, unit_map.n_units, dtype=torch.bool)
+    for idx in pools.values():
+        idx_t = torch.tensor(idx)
+        n_keep = int(keep[idx_t].sum())
+        if n_keep == 0:
+            continue
+        order = torch.rand(n_draws, len(idx), generator=g).argsort(dim=1)[:, :n_keep]
+        rows = torch.arange(n_draws)[:, None].expand_as(order)
+        out[rows, idx_t[order]] = True
+    return out
+
+
+def n_distinct(masks: Bool[Tensor, "k n"]) -> int:
+    """Number of distinct rows (e.g. distinct random draws)."""
+    return int(torch.unique(torch.as_tensor(masks).bool(), dim=0).shape[0])
+
+
+# ---------------------------------------------------------------------------- weight masks
+class _Readout(nn.Module):
+    """Wraps a model so that ``forward`` is the whole OOO readout (for ``functional_call``)."""
+
+    def __init__(self, model: nn.Module, pool: str, pad_state: dict):
+        super().__init__()
+        self.m = model
+        self.pool = pool
+        self.pad_state = pad_state
+
+    def forward(self, tokens: Int[Tensor, "b 4 pos"], lengths: Int[Tensor, "b 4"]) -> Tensor:
+        return _ooo_scores_nosync(self.m, tokens, lengths, self.pool, self.pad_state)
+
+
+def train_weight_masks_batched(
+    model: nn.Module,
+    train: Any,
+    cfg: Any,
+    hps: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    pool: str | None = None,
+    *,
+    noise: str = "auto",
+    autocast_dtype: torch.dtype | None = None,
+    chunk_steps: int = 256,
+) -> list:
+    """Train K weight masks (zero ablation) in one vectorised pass per step.
+
+    The K masked weight sets ``W * m_k`` are stacked and the readout runs under
+    ``torch.func.vmap`` over ``torch.func.functional_call`` (mask ``k`` on its own minibatch), so
+    one call of the frozen model serves all K masks. Equals K runs of
+    ``experiment.search.train_mask`` with ``cfg.kind = "weight"`` (same seeds, data order,
+    noise and schedule). ``noise="exact"`` replays ``WeightMask``'s CPU generator stream,
+    including the sample drawn on entering ``WeightMask.applied`` that the forward pre-hook
+    then replaces (two draws per part and step for ``HookedTransformer``, one for encoders,
+    whose readout bypasses ``forward``). Returns K :class:`WeightMask` (eval mode, CPU).
+    """
+    from subroutine_circuits.experiment.search import EncodedProblems
+    from subroutine_circuits.models.readout import check_tokens, resolve_pool
+
+    from .weight_mask import WeightMask, default_param_names
+
+    hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
+    if len(hps) != len(seeds) or not hps:
+        raise ValueError(f"need one seed per hyperparameter point: {len(hps)} vs {len(seeds)}")
+    if noise not in NOISE_MODES:
+        raise ValueError(f"unknown noise mode {noise!r}; choose one of {list(NOISE_MODES)}")
+    k = len(hps)
+    steps_all = {int(h.get("steps", cfg.steps)) for h in hps}
+    if len(steps_all) != 1:
+        raise ValueError(f"batched masks must share the number of steps, got {sorted(steps_all)}")
+    steps = steps_all.pop()
+    if not isinstance(train, EncodedProblems) or len(train) == 0:
+        raise ValueError("train must be non-empty EncodedProblems")
+    pool = resolve_pool(model, pool)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    data = train.to(device)
+    lmax_cpu = data.lengths.amax(1).cpu()
+    tokens_all = data.tokens[..., : int(lmax_cpu.max())]
+    check_tokens(model, tokens_all.reshape(-1, tokens_all.shape[-1]), data.lengths.reshape(-1))
+
+    cfgs = mask_configs(cfg, hps, seeds)
+    par = cfgs[0].parametrization
+    names = default_param_names(model)
+    if not names:
+        raise ValueError("model has no W_Q/W_K/W_V/W_O/W_in/W_out parameters to mask")
+    params = dict(model.named_parameters())
+    shapes = [tuple(params[n].shape) for n in names]
+    sizes = [math.prod(sh) for sh in shapes]
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    n_total = sum(sizes)
+    init = torch.tensor([c.init_value for c in cfgs], dtype=torch.float32, device=device)
+    logits = nn.Parameter(init[:, None].expand(k, n_total).clone())
+    temperature = torch.ones(k, device=device)
+    growth = torch.tensor([c.temp_growth for c in cfgs], dtype=torch.float32, device=device)
+    c0 = cfgs[0]
+    beta, gamma, zeta = float(c0.beta), float(c0.gamma), float(c0.zeta)
+    mode = noise if noise != "auto" else ("exact" if device.type == "cpu" else "device")
+    gens = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
+    dgens = (
+        [torch.Generator(device=device).manual_seed(int(c.seed)) for c in cfgs]
+        if mode == "device"
+        else None
+    )
+    is_encoder = hasattr(model, "encoder_output") and hasattr(model, "mlm_head")
+    draws = 1 if is_encoder else 2
+
+    def noise_now() -> Tensor:
+        if dgens is not None:
+            return torch.stack([torch.rand(n_total, generator=g, device=device) for g in dgens])
+        rows = []
+        for g in gens:
+            for _ in range(draws - 1):  # the sample WeightMask.applied draws and discards
+                for sh in shapes:
+                    torch.rand(sh, generator=g)
+            rows.append(torch.cat([torch.rand(sh, generator=g).reshape(-1) for sh in shapes]))
+        return torch.stack(rows).to(device)
+
+    def mask_values() -> Float[Tensor, "k n"]:
+        if par == "continuous":
+            return torch.sigmoid(temperature[:, None] * logits)
+        u = noise_now().clamp(_EPS, 1 - _EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / beta)
+        return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+    def penalty() -> Float[Tensor, " k"]:
+        if par == "continuous":
+            return torch.sigmoid(temperature[:, None] * logits).sum(1)
+        return torch.sigmoid(logits - beta * math.log(-gamma / zeta)).sum(1)
+
+    pad_state: dict = {}
+    wrapper = _Readout(model, pool, pad_state)
+
+    def one(ws: dict[str, Tensor], tok: Tensor, ln: Tensor) -> Tensor:
+        return torch.func.functional_call(wrapper, ws, (tok, ln), strict=False)
+
+    batched_readout = torch.func.vmap(one)
+    opt = StackedAdam(logits, [float(h.get("lr", cfg.lr)) for h in hps])
+    l0 = torch.tensor([float(h.get("l0_weight", cfg.l0_weight)) for h in hps], device=device)
+    bsz = int(cfg.batch_size)
+    n = len(data)
+    rngs = [random.Random(s) for s in seeds]
+    orders: list[list[int]] = [[] for _ in range(k)]
+    temp_every = max(1, steps // 10)
+    first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+
+    def draw(i: int) -> list[int]:
+        if len(orders[i]) < bsz:
+            perm = list(range(n))
+            rngs[i].shuffle(perm)
+            orders[i].extend(perm)
+        out = orders[i][:bsz]
+        del orders[i][:bsz]
+        return out
+
+    with _hooks_on(model, _pad_hooks(model, pad_state)):
+        for c0_ in range(0, steps, chunk_steps):
+            c1 = min(steps, c0_ + chunk_steps)
+            idx_cpu = torch.tensor([[draw(i) for i in range(k)] for _ in range(c0_, c1)])
+            lens = lmax_cpu[idx_cpu].flatten(1).amax(1).tolist()
+            idx_dev = idx_cpu.to(device)
+            for s in range(c0_, c1):
+                idx = idx_dev[s - c0_]  # [K, B]
+                width = int(lens[s - c0_])
+                m = mask_values()
+                ws = {
+                    "m." + nm: params[nm].detach() * m[:, o : o + z].reshape(k, *sh)
+                    for nm, o, z, sh in zip(names, offs, sizes, shapes)
+                }
+                with autocast:
+                    scores = batched_readout(
+                        ws, tokens_all[idx][..., :width], data.lengths[idx]
+                    )  # [K, B, 4]
+                ce = F.cross_entropy(
+                    scores.float().reshape(k * bsz, -1), data.odd[idx].reshape(-1), reduction="none"
+                )
+                loss_k = ce.view(k, bsz).mean(1) + l0 * penalty() / max(1, n_total)
+                bad = ~torch.isfinite(loss_k) & (first_bad < 0)
+                first_bad = torch.where(bad, torch.full_like(first_bad, s), first_bad)
+                opt.zero_grad()
+                loss_k.sum().backward()
+                opt.step()
+                if (s + 1) % temp_every == 0:
+                    temperature.mul_(growth)
+            if bool((first_bad >= 0).any()):
+                i = int((first_bad >= 0).nonzero()[0])
+                raise ValueError(
+                    f"mask training produced a non-finite loss at step {int(first_bad[i])} "
+                    f"(mask {i}, seed {seeds[i]}, hp {hps[i]})"
+                )
+    out = []
+    flat = logits.detach().cpu()
+    for i, c in enumerate(cfgs):
+        wm = WeightMask(model, c)
+        with torch.no_grad():
+            for part, o, z in zip(wm.parts, offs, sizes):
+                if par == "continuous":
+                    part.logits.copy_(flat[i, o : o + z].reshape(part.shape))
+                    part.temperature.copy_(temperature[i].cpu())
+                else:
+                    part.log_alpha.copy_(flat[i, o : o + z].reshape(part.shape))
+                    part.generator = gens[i]
+        wm.generator = gens[i]
+        wm.eval()
+        out.append(wm)
+    return out

@@ -1,0 +1,223 @@
+"""Batched unit-mask training equals K separate ``train_mask`` runs (same seeds and hps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_transformer
+
+from subroutine_circuits.experiment.config import MaskSearchConfig
+from subroutine_circuits.experiment.search import EncodedProblems, train_mask
+from subroutine_circuits.masks import MaskConfig, UnitMap, UnitMask, load_mask, save_mask
+from subroutine_circuits.masks.batched import (
+    BatchedUnitMask,
+    StackedAdam,
+    mix_slices,
+    train_masks_batched,
+)
+
+
+def make_problems(n: int, pos: int, seed: int, min_len: int = 3) -> EncodedProblems:
+    """Random OOO problems, right-padded with 0, lengths in [min_len, pos]."""
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(1, 50, (n, 4, pos), generator=g)
+    lens = torch.randint(min_len, pos + 1, (n, 4), generator=g)
+    toks = toks * (torch.arange(pos)[None, None, :] < lens[..., None])
+    odd = torch.randint(0, 4, (n,), generator=g)
+    return EncodedProblems(toks, lens, odd)
+
+
+def logits_of(mask: UnitMask) -> torch.Tensor:
+    """Flat mask logits (log_alpha or s) of an unbatched / trained UnitMask."""
+    out = []
+    for p in mask.parts:
+        out.append((p.log_alpha if hasattr(p, "log_alpha") else p.logits).detach().reshape(-1))
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_transformer(seed=3)
+
+
+HPS = [{"l0_weight": 0.5}, {"l0_weight": 4.0, "lr": 0.3}, {"init": 1.0, "lr": 0.05}]
+SEEDS = [0, 7, 2]
+
+
+@pytest.mark.parametrize("parametrization", ["hard_concrete", "continuous"])
+def test_batched_training_equals_separate_runs(model, parametrization):
+    """Final logits and binary masks of K batched masks == K train_mask runs."""
+    train = make_problems(30, 12, seed=1)
+    cfg = MaskSearchConfig(parametrization=parametrization, steps=40, batch_size=6)
+    ref = [train_mask(model, train, cfg, hp, s, "last") for hp, s in zip(HPS, SEEDS)]
+    got = train_masks_batched(model, train, cfg, HPS, SEEDS, "last", noise="exact")
+    assert len(got) == len(ref)
+    moved = 0
+    for hp, a, b in zip(HPS, ref, got):
+        la, lb = logits_of(a), logits_of(b)
+        torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.flat_binary(), b.flat_binary())
+        moved += int((la - hp.get("init", cfg.init)).abs().gt(1e-3).sum())
+        assert not b.training and b.cfg.seed == a.cfg.seed
+        if parametrization == "continuous":
+            torch.testing.assert_close(b.parts[0].temperature, a.parts[0].temperature)
+    assert moved > 0  # training actually changed the masks
+    # the masks are not all identical: hyperparameters and seeds matter
+    assert not torch.equal(logits_of(got[0]), logits_of(got[1]))
+
+
+def test_batched_training_per_mask_datasets(model):
+    """Masks with their own training sets (e.g. subroutines) of different widths."""
+    sets = [make_problems(20, 8, seed=4), make_problems(25, 12, seed=5, min_len=6)]
+    cfg = MaskSearchConfig(steps=25, batch_size=5)
+    hps = [{}, {"l0_weight": 3.0}]
+    ref = [train_mask(model, d, cfg, hp, s, "last") for d, hp, s in zip(sets, hps, [1, 1])]
+    got = train_masks_batched(model, sets, cfg, hps, [1, 1], "last", noise="exact")
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(logits_of(b), logits_of(a), rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.flat_binary(), b.flat_binary())
+
+
+def test_mean_pool_bidirectional_equals_separate_runs():
+    m = make_tiny_transformer(seed=1, attention_dir="bidirectional")
+    train = make_problems(16, 10, seed=2)
+    cfg = MaskSearchConfig(steps=15, batch_size=4)
+    ref = [train_mask(m, train, cfg, hp, s, "mean") for hp, s in zip(HPS[:2], SEEDS[:2])]
+    got = train_masks_batched(m, train, cfg, HPS[:2], SEEDS[:2], "mean", noise="exact")
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(logits_of(b), logits_of(a), rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_adam_equals_torch_adam_param_groups():
+    """One [K, n] tensor with per-row lr == torch.optim.Adam with K param groups."""
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(3, 17, generator=g)
+    lrs = [0.1, 0.01, 0.5]
+    rows = [torch.nn.Parameter(init[i].clone()) for i in range(3)]
+    opt = torch.optim.Adam([{"params": [r], "lr": lr} for r, lr in zip(rows, lrs)])
+    stacked = torch.nn.Parameter(init.clone())
+    sopt = StackedAdam(stacked, lrs)
+    target = torch.randn(3, 17, generator=g)
+    for _ in range(25):
+        opt.zero_grad()
+        sum(((r - t) ** 3).sum() for r, t in zip(rows, target)).backward()
+        opt.step()
+        sopt.zero_grad()
+        ((stacked - target) ** 3).sum().backward()
+        sopt.step()
+    torch.testing.assert_close(stacked.detach(), torch.stack([r.detach() for r in rows]))
+    assert not torch.allclose(stacked.detach(), init)
+    with pytest.raises(ValueError, match="learning rates"):
+        StackedAdam(stacked, [0.1, 0.2])
+
+
+@pytest.mark.parametrize("parametrization", ["hard_concrete", "continuous"])
+def test_hooks_equal_unit_masks_slice_by_slice_with_mean_ablation(model, parametrization):
+    """Each slice of a batched forward == that mask's own UnitMask forward (mean ablation)."""
+    um = UnitMap.from_model(model)
+    tokens = torch.randint(1, 50, (5, 9), generator=torch.Generator().manual_seed(0))
+    cfgs = [
+        MaskConfig(parametrization=parametrization, init=0.3, ablation="mean", seed=s)
+        for s in (0, 1)
+    ]
+    singles = [UnitMask(um, c) for c in cfgs]
+    for i, s in enumerate(singles):
+        ref_tokens = torch.randint(1, 50, (4, 9), generator=torch.Generator().manual_seed(10 + i))
+        s.set_mean(model, ref_tokens)
+    bm = BatchedUnitMask(um, cfgs, [s.ablation_values for s in singles], noise="exact")
+    with torch.no_grad():
+        bm.logits.normal_(generator=torch.Generator().manual_seed(5))
+        for k, s in enumerate(singles):
+            flat = bm.logits[k]
+            for part, sl in zip(s.parts, bm.slices):
+                (part.log_alpha if parametrization == "hard_concrete" else part.logits).copy_(
+                    flat[sl]
+                )
+    for mode in ("train", "eval"):
+        getattr(bm, mode)()
+        with torch.no_grad(), bm.applied(model):
+            out = model(tokens.repeat(2, 1))
+        for k, s in enumerate(singles):
+            getattr(s, mode)()
+            with torch.no_grad(), s.applied(model):
+                ref = model(tokens)
+            torch.testing.assert_close(out[k * 5 : (k + 1) * 5], ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(bm.binary()[0], singles[0].flat_binary())
+
+
+def test_device_noise_is_reproducible_per_seed(model):
+    """noise='device': a mask's result depends on its own seed, not on its batch companions."""
+    train = make_problems(20, 8, seed=3)
+    cfg = MaskSearchConfig(steps=10, batch_size=4)
+    a = train_masks_batched(model, train, cfg, [{}, {}], [4, 5], "last", noise="device")
+    b = train_masks_batched(
+        model, train, cfg, [{"l0_weight": 9.0}, {}], [6, 4], "last", noise="device"
+    )
+    torch.testing.assert_close(logits_of(b[1]), logits_of(a[0]), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits_of(a[0]), logits_of(a[1]))
+
+
+def test_unbatched_masks_save_and_load(model, tmp_path):
+    train = make_problems(12, 8, seed=3)
+    cfg = MaskSearchConfig(steps=5, batch_size=4)
+    masks = train_masks_batched(model, train, cfg, [{}, {"lr": 0.5}], [0, 1], "last")
+    save_mask(tmp_path / "m.pt", masks[1], model)
+    back = load_mask(tmp_path / "m.pt", model)
+    assert torch.equal(back.flat_binary(), masks[1].flat_binary())
+    torch.testing.assert_close(logits_of(back), logits_of(masks[1]))
+
+
+def test_bad_input_is_named(model):
+    train = make_problems(12, 8, seed=3)
+    cfg = MaskSearchConfig(steps=5, batch_size=4)
+    with pytest.raises(ValueError, match="share the number of steps"):
+        train_masks_batched(model, train, cfg, [{}, {"steps": 3}], [0, 1])
+    with pytest.raises(ValueError, match="one seed per"):
+        train_masks_batched(model, train, cfg, [{}, {}], [0])
+    with pytest.raises(ValueError, match="training sets"):
+        train_masks_batched(model, [train, train], cfg, [{}, {}, {}], [0, 1, 2])
+    with pytest.raises(ValueError, match="unknown noise"):
+        BatchedUnitMask(UnitMap.from_model(model), [MaskConfig()], noise="gpu")
+    with pytest.raises(ValueError, match="share parametrization"):
+        BatchedUnitMask(
+            UnitMap.from_model(model),
+            [MaskConfig(), MaskConfig(parametrization="continuous")],
+        )
+    with pytest.raises(ValueError, match="equal mask slices"):
+        mix_slices(torch.ones(5, 3), torch.ones(2, 3), axis=1)
+    um = UnitMap.from_model(model)
+    with pytest.raises(ValueError, match="mean ablation but has no ablation values"):
+        BatchedUnitMask(um, [MaskConfig(ablation="mean")])
+
+
+def test_non_finite_loss_names_the_mask(model):
+    train = make_problems(12, 8, seed=3)
+    cfg = MaskSearchConfig(steps=3, batch_size=4)
+    um = UnitMap.from_model(model)
+    good = {
+        g.hook_name: torch.zeros(1, 1, g.size, *([8] if g.kind == "head" else []))
+        for g in um.groups
+    }
+    bad = {h: torch.full_like(v, float("nan")) for h, v in good.items()}
+    with pytest.raises(ValueError, match=r"non-finite loss at step 0 \(mask 1, seed 5"):
+        train_masks_batched(
+            model, train, cfg, [{}, {}], [4, 5], "last", ablation_values=[good, bad]
+        )
+
+
+def test_mixed_zero_and_mean_ablation_training(model):
+    """A zero-ablation mask trained next to a mean-ablation one equals its train_mask run."""
+    train = make_problems(12, 8, seed=3)
+    cfg = MaskSearchConfig(steps=6, batch_size=4)
+    um = UnitMap.from_model(model)
+    mean = {
+        g.hook_name: torch.randn(1, 1, g.size, *([8] if g.kind == "head" else []))
+        for g in um.groups
+    }
+    got = train_masks_batched(
+        model, train, cfg, [{}, {}], [4, 5], "last", ablation_values=[None, mean]
+    )
+    ref = train_mask(model, train, cfg, {}, 4, "last")
+    torch.testing.assert_close(logits_of(got[0]), logits_of(ref), rtol=1e-5, atol=1e-5)
+    assert got[0].ablation.value == "zero" and got[1].ablation.value == "mean"
+    assert torch.equal(got[1].ablation_values[um.groups[0].hook_name], mean[um.groups[0].hook_name])
