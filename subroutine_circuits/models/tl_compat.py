@@ -318,7 +318,7 @@ def run_from_layer(
 
     dummy = torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
     in_name = f"blocks.{int(layer)}.hook_resid_pre"
-    last = f"blocks.{n_layers - 1}.hook_resid_post"
+    last = block_output_hook(model, n_layers - 1)
 
     def inject(act: Tensor, hook: Any) -> Tensor:
         return resid.to(act.dtype)
@@ -328,6 +328,20 @@ def run_from_layer(
             kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
             return _bridge_capture(model, last, dummy, **kwargs)
         return _encoder_capture(model, last, dummy, attention_mask)
+
+
+def block_output_hook(model: Any, layer: int) -> str:
+    """The hook carrying the output of block ``layer`` (the next block's input).
+
+    ``hook_resid_post`` for ``HookedTransformer``; ``hook_out`` for bridges (for BERT that is
+    after the block's second LayerNorm); ``hook_normalized_resid_post`` for 3.9's
+    ``HookedEncoder``, whose ``hook_resid_post`` is taken *before* that LayerNorm.
+    """
+    if is_bridge(model):
+        return f"blocks.{int(layer)}.hook_out"
+    if is_encoder(model):
+        return f"blocks.{int(layer)}.hook_normalized_resid_post"
+    return f"blocks.{int(layer)}.hook_resid_post"
 
 
 def _encoder_capture(
