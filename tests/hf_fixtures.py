@@ -24,6 +24,15 @@ from typing import Any
 import pytest
 import torch
 
+#: the pytest fixtures, for ``from tests.hf_fixtures import *`` in test modules
+__all__ = [
+    "hf_texts",
+    "bpe_tokenizer",
+    "wordpiece_tokenizer",
+    "gpt2_folder",
+    "bert_folder",
+]
+
 EOT = "<|endoftext|>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -73,8 +82,15 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int = 330) -> Any:
 
 def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 160) -> Any:
     """BERT-style WordPiece fast tokenizer (lower-casing, ``[CLS] text [SEP]``)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -152,6 +168,37 @@ def save_bert_folder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BertForMaskedLM(cfg)
+    _quiet_save(model, path)
+    _quiet_save(tokenizer, path)
+    return path
+
+
+def save_decoder_folder(path: Path, tokenizer: Any, family: str, seed: int = 0) -> Path:
+    """Save a tiny random Llama-style (``family="llama"``, grouped-query attention, gated MLP)
+    or Pythia-style (``"gpt_neox"``) causal model plus ``tokenizer`` to ``path``."""
+    import transformers
+
+    path.mkdir(parents=True, exist_ok=True)
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=64,
+        bos_token_id=eot,
+        eos_token_id=eot,
+    )
+    if family == "llama":
+        cfg, cls = transformers.LlamaConfig(**common, num_key_value_heads=2), "LlamaForCausalLM"
+    elif family == "gpt_neox":
+        cfg, cls = transformers.GPTNeoXConfig(**common), "GPTNeoXForCausalLM"
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, cls)(cfg)
     _quiet_save(model, path)
     _quiet_save(tokenizer, path)
     return path

@@ -151,7 +151,9 @@ def make_native_model(
     try:
         cfg = TransformerBridgeConfig(**kwargs, seed=seed, device="cpu")
     except TypeError as err:
-        raise ValueError(f"invalid TransformerBridgeConfig field(s) {sorted(kwargs)}: {err}") from err
+        raise ValueError(
+            f"invalid TransformerBridgeConfig field(s) {sorted(kwargs)}: {err}"
+        ) from err
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = TransformerBridge.boot_native(cfg)
@@ -433,7 +435,7 @@ class MaskableWeight:
             ``masks.WeightMask`` takes as ``param_names``).
         tl_name: the TransformerLens name of the same weight (``blocks.0.attn.W_Q``, ...).
         layer: block index.
-        kind: ``W_Q``, ``W_K``, ``W_V``, ``W_O``, ``W_in`` or ``W_out``.
+        kind: ``W_Q``, ``W_K``, ``W_V``, ``W_O``, ``W_in``, ``W_gate`` (gated MLPs) or ``W_out``.
         shape: the parameter's shape.
     """
 
@@ -451,6 +453,7 @@ _BRIDGE_WEIGHTS: tuple[tuple[str, str], ...] = (
     ("attn.v", "W_V"),
     ("attn.o", "W_O"),
     ("mlp.in", "W_in"),
+    ("mlp.gate", "W_gate"),
     ("mlp.out", "W_out"),
 )
 
@@ -468,9 +471,9 @@ def maskable_weights(model: Any) -> list[MaskableWeight]:
 
     3.9 models: their own ``blocks.{l}.attn.W_Q`` ... parameters. Bridge models: the ``weight``
     of the wrapped ``nn.Linear`` / ``Conv1D`` behind ``blocks.{l}.attn.{q,k,v,o}`` and
-    ``blocks.{l}.mlp.{in,out}`` (GPT-2's fused ``c_attn`` is split by the bridge into q/k/v views;
-    the fused copy is not used by the forward pass and is not listed). Layouts are those of the
-    wrapped module (``nn.Linear``: ``[out, in]``; GPT-2 ``Conv1D``: ``[in, out]``).
+    ``blocks.{l}.mlp.{in,gate,out}`` (GPT-2's fused ``c_attn`` is split by the bridge into q/k/v
+    views; the fused copy is not used by the forward pass and is not listed). Layouts are those of
+    the wrapped module (``nn.Linear``: ``[out, in]``; GPT-2 ``Conv1D``: ``[in, out]``).
     """
     out: list[MaskableWeight] = []
     n_layers = int(model.cfg.n_layers)
@@ -481,7 +484,7 @@ def maskable_weights(model: Any) -> list[MaskableWeight]:
                 name = f"blocks.{layer}.{sub}.{kind}"
                 if name in params:
                     out.append(MaskableWeight(name, name, layer, kind, tuple(params[name].shape)))
-            for kind in ("W_in", "W_out"):
+            for kind in ("W_in", "W_gate", "W_out"):
                 name = f"blocks.{layer}.mlp.{kind}"
                 if name in params:
                     out.append(MaskableWeight(name, name, layer, kind, tuple(params[name].shape)))

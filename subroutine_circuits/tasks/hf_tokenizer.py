@@ -334,7 +334,9 @@ class HFTaskTokenizer:
         """Inverse of :meth:`to_dict` (reloads from the folder)."""
         if d.get("type") != "hf" or "path" not in d:
             raise ValueError(f"not an HF tokenizer description: {d!r}")
-        return cls.from_folder(d["path"], kind=d.get("kind"), add_missing=bool(d.get("added_tokens")))
+        return cls.from_folder(
+            d["path"], kind=d.get("kind"), add_missing=bool(d.get("added_tokens"))
+        )
 
     def __repr__(self) -> str:
         return (

@@ -19,14 +19,8 @@ from subroutine_circuits.masks.units import UnitMap
 from subroutine_circuits.models import tl_compat as tc
 from subroutine_circuits.models.bridge import check_checkpoint_folder, load_local_model
 from subroutine_circuits.models.presets import ModelSpec
-from tests.hf_fixtures import (  # noqa: F401  (pytest fixtures)
-    bert_folder,
-    bpe_tokenizer,
-    gpt2_folder,
-    hf_texts,
-    load_hf_reference,
-    wordpiece_tokenizer,
-)
+from tests.hf_fixtures import *  # noqa: F403  (pytest fixtures: gpt2_folder, bert_folder, ...)
+from tests.hf_fixtures import load_hf_reference, save_decoder_folder
 
 TOL = 2e-5
 
@@ -186,6 +180,35 @@ def test_bert_folder_hidden_and_logits_equal_hf(bert_loaded, bert_folder, hf_tex
     assert torch.allclose(logits[real], ref.logits[real], atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_llama_and_pythia_style_folders(family, tmp_path, bpe_tokenizer, hf_texts):
+    """4.x loads them through the bridge (outputs = HF); 3.9 refuses them with a clear error."""
+    folder = save_decoder_folder(tmp_path / family, bpe_tokenizer, family)
+    if tc.tl_major() < 4:
+        with pytest.raises(ValueError, match="unsupported architecture"):
+            load_local_model(folder)
+        return
+    model, tokenizer = load_local_model(folder)
+    hf = load_hf_reference(folder)
+    tokens, lengths = _batch(tokenizer, hf_texts[:5])
+    mask = tc.attention_mask_from_lengths(lengths, tokens.shape[1])
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=mask, output_hidden_states=True)
+        logits = tc.full_logits(model, tokens, lengths)
+        hidden = tc.final_hidden(model, tokens, lengths)
+        resumed = tc.final_norm(
+            model, tc.run_from_layer(model, tc.resid_pre(model, tokens, 1, mask), 1, mask)
+        )
+    real = mask.bool()
+    assert torch.allclose(logits[real], ref.logits[real], atol=1e-4)
+    assert torch.allclose(hidden, ref.hidden_states[-1][torch.arange(5), lengths - 1], atol=1e-4)
+    assert torch.allclose(resumed[real], tc.final_resid(model, tokens, lengths)[real], atol=1e-4)
+    kinds = [w.kind for w in tc.maskable_weights(model) if w.layer == 0]
+    want = ["W_Q", "W_K", "W_V", "W_O", "W_in"] + (["W_gate"] if family == "llama" else [])
+    assert kinds == want + ["W_out"]
+    assert UnitMap(tc.unit_groups(model)).n_units == 2 * (4 + 64)
+
+
 def test_loading_is_offline(no_network, gpt2_folder, bert_folder):
     for folder in (gpt2_folder, bert_folder):
         model, tokenizer = load_local_model(folder)
@@ -318,7 +341,9 @@ def test_maskable_weights_and_weight_mask(gpt2_loaded, bert_loaded):
             assert tuple(value.shape) == w.shape
             ref = tl_params[w.tl_name]
             # same numbers, whatever the layout ([n_heads, d_model, d_head] vs [out, in])
-            assert torch.allclose(value.detach().flatten().sort().values, ref.detach().flatten().sort().values), (name, w.tl_name)
+            assert torch.allclose(
+                value.detach().flatten().sort().values, ref.detach().flatten().sort().values
+            ), (name, w.tl_name)
 
         tokens, lengths = _random_batch(min(int(model.cfg.d_vocab), 40), seed=5)
         names = [w.name for w in weights]

@@ -16,14 +16,8 @@ from subroutine_circuits.tasks.hf_tokenizer import (
     HFTaskTokenizer,
     guess_model_kind,
 )
-from tests.hf_fixtures import (  # noqa: F401  (pytest fixtures)
-    EOT,
-    bert_folder,
-    bpe_tokenizer,
-    gpt2_folder,
-    hf_texts,
-    wordpiece_tokenizer,
-)
+from tests.hf_fixtures import *  # noqa: F403  (pytest fixtures: gpt2_folder, bert_folder, ...)
+from tests.hf_fixtures import EOT
 
 
 def _pairs(n: int = 60, seed: int = 3) -> list[tuple[str, str]]:
