@@ -85,14 +85,43 @@ class WorldConfig:
 
 
 # ----------------------------------------------------------------------------- objects, scenes
-@dataclass
 class Shape:
-    """A rasterised outline in its padded local box: outline and interior pixels (y, x)."""
+    """A rasterised outline in its padded local box (1 empty pixel on every side).
 
-    pix: Int[np.ndarray, "p 2"]
-    inner: Int[np.ndarray, "q 2"]
-    h: int
-    w: int
+    ``mask`` is the outline, ``interior`` the pixels it encloses (both ``(h, w)`` bool);
+    ``pix`` and ``inner`` list their (y, x) coordinates.
+    """
+
+    __slots__ = ("mask", "interior", "h", "w", "_pix", "_inner")
+
+    def __init__(self, mask: Bool[np.ndarray, "h w"], interior: Bool[np.ndarray, "h w"]) -> None:
+        if mask.shape != interior.shape or mask.ndim != 2:
+            raise ValueError(f"mask {mask.shape} and interior {interior.shape} must be equal 2-d")
+        self.mask, self.interior = mask, interior
+        self.h, self.w = int(mask.shape[0]), int(mask.shape[1])
+        self._pix: np.ndarray | None = None
+        self._inner: np.ndarray | None = None
+
+    @property
+    def pix(self) -> Int[np.ndarray, "p 2"]:
+        """Local (y, x) coordinates of the outline pixels."""
+        if self._pix is None:
+            self._pix = np.argwhere(self.mask)
+        return self._pix
+
+    @property
+    def inner(self) -> Int[np.ndarray, "q 2"]:
+        """Local (y, x) coordinates of the enclosed pixels."""
+        if self._inner is None:
+            self._inner = np.argwhere(self.interior)
+        return self._inner
+
+    @classmethod
+    def union(cls, a: Shape, b: Shape, dy: int, dx: int) -> Shape:
+        """``a`` with ``b`` drawn at ``(dy, dx)`` in its box (interior: ``a``'s)."""
+        m = a.mask.copy()
+        m[dy : dy + b.h, dx : dx + b.w] |= b.mask
+        return cls(m, a.interior)
 
 
 @dataclass
@@ -203,6 +232,12 @@ def connected(adj: Bool[np.ndarray, "k k"]) -> bool:
 
 
 # ----------------------------------------------------------------------------- placement
+def _windows(canvas: np.ndarray, h: int, w: int) -> np.ndarray:
+    """All ``(h, w)`` windows of a 2-d array as a float32 ``(ny * nx, h * w)`` matrix."""
+    win = np.lib.stride_tricks.sliding_window_view(canvas.astype(np.float32), (h, w))
+    return win.reshape(-1, h * w)
+
+
 def fit_offsets(
     shape: Shape,
     size: int,
@@ -216,24 +251,25 @@ def fit_offsets(
     All of the shape's pixels must be in ``allowed`` (None: anywhere), at least one in ``touch``
     (None: no requirement), and none of the ``enclose_none`` pixels may lie in its interior.
     The shape's padded box must lie within a ``box`` = (height, width) canvas (default: the
-    ``size`` x ``size`` canvas), so outlines stay 1 px away from the border.
+    ``size`` x ``size`` canvas), so outlines stay 1 px away from the border. Each constraint is
+    a count over every window at once: a matrix product of the canvas's windows with the
+    shape's mask.
     """
     bh, bw = box if box is not None else (size, size)
     ny, nx = bh - shape.h + 1, bw - shape.w + 1
     if ny <= 0 or nx <= 0:
         return np.zeros((0, 2), np.int64)
-    oy = np.arange(ny)[None, :, None]
-    ox = np.arange(nx)[None, None, :]
-    py, px = shape.pix[:, 0, None, None], shape.pix[:, 1, None, None]
-    ok = np.ones((ny, nx), bool)
+    m = shape.mask.reshape(-1).astype(np.float32)
+    ok = np.ones(ny * nx, bool)
     if allowed is not None:
-        ok &= allowed[py + oy, px + ox].all(0)
+        ok &= _windows(~allowed[:bh, :bw], shape.h, shape.w) @ m == 0
     if touch is not None:
-        ok &= touch[py + oy, px + ox].any(0)
-    if enclose_none is not None and len(shape.inner):
-        iy, ix = shape.inner[:, 0, None, None], shape.inner[:, 1, None, None]
-        ok &= ~enclose_none[iy + oy, ix + ox].any(0)
-    return np.argwhere(ok)
+        ok &= _windows(touch[:bh, :bw], shape.h, shape.w) @ m > 0
+    if enclose_none is not None and shape.interior.any():
+        inner = shape.interior.reshape(-1).astype(np.float32)
+        ok &= _windows(enclose_none[:bh, :bw], shape.h, shape.w) @ inner == 0
+    idx = np.flatnonzero(ok)
+    return np.stack([idx // nx, idx % nx], axis=1)
 
 
 def _choose(rng: np.random.Generator, offsets: np.ndarray) -> tuple[int, int] | None:
@@ -260,7 +296,10 @@ class _Pool:
         for j in range(sizes.shape[1]):
             t = make_templates(self.rng, sizes[:, j], depth=self.cfg.depth, roughness=self.cfg.roughness)
             cols.append(
-                [Shape(t.pixels(i), t.interior_pixels(i), int(t.h[i]), int(t.w[i])) for i in range(len(t))]
+                [
+                    Shape(t.mask[i, : t.h[i], : t.w[i]], t.interior[i, : t.h[i], : t.w[i]])
+                    for i in range(len(t))
+                ]
             )
         self.buf = list(zip(*cols))[::-1]
 
@@ -357,6 +396,46 @@ class ShapeWorld:
         scene.objects.append(obj)
         return obj
 
+    def _nest(self, big: Shape, small: Shape, rng, contact: bool = False) -> tuple[int, int]:
+        """Where ``small`` sits inside ``big``'s local box: inside, touching it or not."""
+        t = big.h, big.w
+        bm, bi = big.mask, big.interior
+        if contact:
+            cons = {"allowed": bi, "touch": dilate(bm, 1)}
+        else:
+            cons = {"allowed": bi & self._sep(bm, self.cfg.inside_gap)}
+        off = _choose(rng, fit_offsets(small, self.size, box=t, **cons))
+        if off is None:
+            raise PlacementError("inner object does not fit its container")
+        return off
+
+    def _nested_pair(
+        self, pool: _Pool, rng, contact: bool = False, tries: int = 12
+    ) -> tuple[Shape, Shape, int, int]:
+        """A (big, small) pair from ``pool`` whose small fits inside the big, and its offset.
+
+        Pairs whose small does not fit are replaced by the pool's next pair (up to ``tries``).
+        """
+        for _ in range(tries):
+            big, small = pool.next()
+            try:
+                dy, dx = self._nest(big, small, rng, contact)
+            except PlacementError:
+                continue
+            return big, small, dy, dx
+        raise PlacementError("no drawn pair nests")
+
+    def _place_pair(
+        self, scene: Scene, big: Shape, small: Shape, dy: int, dx: int, rng, **constraints
+    ) -> None:
+        """Place a nested pair (small at ``(dy, dx)`` in big's box) as two objects."""
+        both = Shape.union(big, small, dy, dx)
+        off = _choose(rng, fit_offsets(both, self.size, **constraints))
+        if off is None:
+            raise PlacementError("no room for a pair")
+        scene.objects.append(SceneObject(big, off[0], off[1], "big"))
+        scene.objects.append(SceneObject(small, off[0] + dy, off[1] + dx, "small"))
+
     @staticmethod
     def _union(masks: np.ndarray) -> np.ndarray:
         return masks.any(0) if len(masks) else np.zeros(masks.shape[1:], bool)
@@ -398,6 +477,11 @@ class InsideContactWorld(ShapeWorld):
         return {"allowed": region & self._sep(outer_mask, gap)}
 
     def build(self, values, ctx, rng, pools):
+        if values["inside"]:
+            scene = Scene(self.size)
+            big, small, dy, dx = self._nested_pair(pools["pair"], rng, values["contact"])
+            self._place_pair(scene, big, small, dy, dx, rng)
+            return scene
         outer_shape, inner_shape = pools["pair"].next()
         for _ in range(4):
             scene = Scene(self.size)
@@ -586,32 +670,14 @@ class InsideNumberWorld(ShapeWorld):
         big = bool(rng.integers(2))
         return (c - 1) // 2, int(big), int(not big)
 
-    def _pair_offset(self, big: Shape, small: Shape, rng) -> tuple[int, int]:
-        """Where ``small`` sits inside ``big``'s local box (inside, not touching)."""
-        t = big.h, big.w
-        bm = np.zeros(t, bool)
-        bm[big.pix[:, 0], big.pix[:, 1]] = True
-        bi = np.zeros(t, bool)
-        bi[big.inner[:, 0], big.inner[:, 1]] = True
-        allowed = bi & self._sep(bm, self.cfg.inside_gap)
-        off = _choose(rng, fit_offsets(small, self.size, allowed=allowed, box=t))
-        if off is None:
-            raise PlacementError("inner object does not fit its container")
-        return off
-
     def _free(self, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
         occ = self._union(scene.masks())
         return occ, self._sep(occ) & ~self._union(scene.interiors())
 
-    def _add_pair(self, scene: Scene, big: Shape, small: Shape, rng) -> None:
-        dy, dx = self._pair_offset(big, small, rng)
-        both = Shape(np.concatenate([big.pix, small.pix + [dy, dx]]), big.inner, big.h, big.w)
+    def _add_pair(self, scene: Scene, rng, pools) -> None:
+        big, small, dy, dx = self._nested_pair(pools["pair"], rng)
         occ, allowed = self._free(scene)
-        off = _choose(rng, fit_offsets(both, self.size, allowed=allowed, enclose_none=occ))
-        if off is None:
-            raise PlacementError("no room for a pair")
-        scene.objects.append(SceneObject(big, off[0], off[1], "big"))
-        scene.objects.append(SceneObject(small, off[0] + dy, off[1] + dx, "small"))
+        self._place_pair(scene, big, small, dy, dx, rng, allowed=allowed, enclose_none=occ)
 
     def _add_loose(self, scene: Scene, shape: Shape, role: str, rng) -> None:
         occ, allowed = self._free(scene)
@@ -621,7 +687,7 @@ class InsideNumberWorld(ShapeWorld):
         pairs, bigs, smalls = self._layout(values, ctx["n"], rng)
         scene = Scene(self.size)
         for _ in range(pairs):
-            self._add_pair(scene, *pools["pair"].next(), rng)
+            self._add_pair(scene, rng, pools)
         for _ in range(bigs):
             self._add_loose(scene, pools["pair"].next()[0], "big", rng)
         for _ in range(smalls):
@@ -651,7 +717,7 @@ class InsideNumberWorld(ShapeWorld):
                     scene.objects[b].shape.inner
                 ) else (b, a)
                 bo, so = new.objects[big], new.objects[small]
-                dy, dx = self._pair_offset(bo.shape, so.shape, rng)
+                dy, dx = self._nest(bo.shape, so.shape, rng)
                 so.y, so.x = bo.y + dy, bo.x + dx
                 return new
             if not loose:  # take one pair apart: move its small out
@@ -673,7 +739,7 @@ class InsideNumberWorld(ShapeWorld):
             raise PlacementError("cannot flip number with an odd object count")
         target = 2 * n if k != 2 * n else int(rng.choice([p for p in (2 * n - 2, 2 * n + 2) if p >= 2]))
         if target == k + 2:
-            self._add_pair(new, *pools["pair"].next(), rng)
+            self._add_pair(new, rng, pools)
             new.colours += list(random_colours(rng, (2,)))
             return new
         if target == k - 2:
