@@ -232,10 +232,30 @@ def connected(adj: Bool[np.ndarray, "k k"]) -> bool:
 
 
 # ----------------------------------------------------------------------------- placement
-def _windows(canvas: np.ndarray, h: int, w: int) -> np.ndarray:
-    """All ``(h, w)`` windows of a 2-d array as a float32 ``(ny * nx, h * w)`` matrix."""
-    win = np.lib.stride_tricks.sliding_window_view(canvas.astype(np.float32), (h, w))
-    return win.reshape(-1, h * w)
+_DIRECT_LIMIT = 400_000  # windows x kernel cells above which counts go through an FFT
+
+
+def window_counts(
+    canvas: Bool[np.ndarray, "H W"], kernel: Bool[np.ndarray, "h w"]
+) -> Int[np.ndarray, "ny nx"]:
+    """For every placement of ``kernel`` inside ``canvas``: how many kernel cells hit canvas cells.
+
+    ``out[y, x] = sum(canvas[y:y+h, x:x+w] & kernel)``. Small problems multiply a matrix of all
+    windows by the kernel; large ones (e.g. 128 px canvases) use an exact FFT correlation
+    (rounded: the counts are integers far below float64's precision).
+    """
+    (bh, bw), (h, w) = canvas.shape, kernel.shape
+    ny, nx = bh - h + 1, bw - w + 1
+    if ny <= 0 or nx <= 0:
+        return np.zeros((max(ny, 0), max(nx, 0)), np.int64)
+    if ny * nx * h * w <= _DIRECT_LIMIT:
+        win = np.lib.stride_tricks.sliding_window_view(canvas.astype(np.float32), (h, w))
+        out = win.reshape(ny * nx, h * w) @ kernel.reshape(-1).astype(np.float32)
+        return np.rint(out).astype(np.int64).reshape(ny, nx)
+    fa = np.fft.rfft2(canvas.astype(np.float64), s=(bh, bw))
+    fk = np.fft.rfft2(kernel.astype(np.float64), s=(bh, bw))
+    corr = np.fft.irfft2(fa * np.conj(fk), s=(bh, bw))
+    return np.rint(corr[:ny, :nx]).astype(np.int64)
 
 
 def fit_offsets(
@@ -252,24 +272,20 @@ def fit_offsets(
     (None: no requirement), and none of the ``enclose_none`` pixels may lie in its interior.
     The shape's padded box must lie within a ``box`` = (height, width) canvas (default: the
     ``size`` x ``size`` canvas), so outlines stay 1 px away from the border. Each constraint is
-    a count over every window at once: a matrix product of the canvas's windows with the
-    shape's mask.
+    a count over every placement at once (:func:`window_counts`).
     """
     bh, bw = box if box is not None else (size, size)
     ny, nx = bh - shape.h + 1, bw - shape.w + 1
     if ny <= 0 or nx <= 0:
         return np.zeros((0, 2), np.int64)
-    m = shape.mask.reshape(-1).astype(np.float32)
-    ok = np.ones(ny * nx, bool)
+    ok = np.ones((ny, nx), bool)
     if allowed is not None:
-        ok &= _windows(~allowed[:bh, :bw], shape.h, shape.w) @ m == 0
+        ok &= window_counts(~allowed[:bh, :bw], shape.mask) == 0
     if touch is not None:
-        ok &= _windows(touch[:bh, :bw], shape.h, shape.w) @ m > 0
+        ok &= window_counts(touch[:bh, :bw], shape.mask) > 0
     if enclose_none is not None and shape.interior.any():
-        inner = shape.interior.reshape(-1).astype(np.float32)
-        ok &= _windows(enclose_none[:bh, :bw], shape.h, shape.w) @ inner == 0
-    idx = np.flatnonzero(ok)
-    return np.stack([idx // nx, idx % nx], axis=1)
+        ok &= window_counts(enclose_none[:bh, :bw], shape.interior) == 0
+    return np.argwhere(ok)
 
 
 def _choose(rng: np.random.Generator, offsets: np.ndarray) -> tuple[int, int] | None:
