@@ -107,7 +107,10 @@ def test_window_counts_matches_brute_force(direct, monkeypatch):
         k = rng.random((h, w)) < 0.5
         got = S.window_counts(a, k)
         exp = np.array(
-            [[(a[y : y + h, x : x + w] & k).sum() for x in range(ww - w + 1)] for y in range(hh - h + 1)]
+            [
+                [(a[y : y + h, x : x + w] & k).sum() for x in range(ww - w + 1)]
+                for y in range(hh - h + 1)
+            ]
         )
         np.testing.assert_array_equal(got, exp)
 

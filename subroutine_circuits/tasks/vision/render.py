@@ -96,7 +96,10 @@ def problem_grid(
         for i in range(4):
             y, x = b * cell + pad, i * cell + pad
             colour = ODD_FRAME if i == int(problems.odd[b]) else FRAME
-            grid[y - pad // 2 - 1 : y + side + pad // 2 + 1, x - pad // 2 - 1 : x + side + pad // 2 + 1] = colour
+            grid[
+                y - pad // 2 - 1 : y + side + pad // 2 + 1,
+                x - pad // 2 - 1 : x + side + pad // 2 + 1,
+            ] = colour
             grid[y : y + side, x : x + side] = _upscale(problems.images[b, i], scale)
     return grid
 

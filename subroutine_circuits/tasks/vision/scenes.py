@@ -310,7 +310,9 @@ class _Pool:
         sizes = np.maximum(np.asarray(self.sizes(self.rng, self.cfg.pool_batch), float), 3.0)
         cols = []
         for j in range(sizes.shape[1]):
-            t = make_templates(self.rng, sizes[:, j], depth=self.cfg.depth, roughness=self.cfg.roughness)
+            t = make_templates(
+                self.rng, sizes[:, j], depth=self.cfg.depth, roughness=self.cfg.roughness
+            )
             cols.append(
                 [
                     Shape(t.mask[i, : t.h[i], : t.w[i]], t.interior[i, : t.h[i], : t.w[i]])
@@ -531,7 +533,14 @@ class InsideContactWorld(ShapeWorld):
         om = _stamp(outer.shape.pix, outer, self.size)
         oi = _stamp(outer.shape.inner, outer, self.size)
         new.objects = [outer]
-        self._place(new, inner.shape, rng, "inner", enclose_none=om, **self._inner_constraints(om, oi, values))
+        self._place(
+            new,
+            inner.shape,
+            rng,
+            "inner",
+            enclose_none=om,
+            **self._inner_constraints(om, oi, values),
+        )
         return new
 
 
@@ -729,9 +738,11 @@ class InsideNumberWorld(ShapeWorld):
         if flip == "inside":
             if len(loose) == 2:  # a loose big and a loose small: move the small into the big
                 a, b = loose
-                big, small = (a, b) if len(scene.objects[a].shape.inner) > len(
-                    scene.objects[b].shape.inner
-                ) else (b, a)
+                big, small = (
+                    (a, b)
+                    if len(scene.objects[a].shape.inner) > len(scene.objects[b].shape.inner)
+                    else (b, a)
+                )
                 bo, so = new.objects[big], new.objects[small]
                 dy, dx = self._nest(bo.shape, so.shape, rng)
                 so.y, so.x = bo.y + dy, bo.x + dx
@@ -742,7 +753,9 @@ class InsideNumberWorld(ShapeWorld):
                 obj = new.objects[j]
                 rest = Scene(self.size, [o for i, o in enumerate(new.objects) if i != j])
                 occ, allowed = self._free(rest)
-                off = _choose(rng, fit_offsets(obj.shape, self.size, allowed=allowed, enclose_none=occ))
+                off = _choose(
+                    rng, fit_offsets(obj.shape, self.size, allowed=allowed, enclose_none=occ)
+                )
                 if off is None:
                     raise PlacementError("no room to move a small object out")
                 obj.y, obj.x = off
@@ -753,7 +766,9 @@ class InsideNumberWorld(ShapeWorld):
         n = ctx["n"]
         if k % 2:
             raise PlacementError("cannot flip number with an odd object count")
-        target = 2 * n if k != 2 * n else int(rng.choice([p for p in (2 * n - 2, 2 * n + 2) if p >= 2]))
+        target = (
+            2 * n if k != 2 * n else int(rng.choice([p for p in (2 * n - 2, 2 * n + 2) if p >= 2]))
+        )
         if target == k + 2:
             self._add_pair(new, rng, pools)
             new.colours += list(random_colours(rng, (2,)))

@@ -231,9 +231,7 @@ def render_labels(
     """RGB images from label maps: white background (label 0), object k in ``colours[..., k-1]``."""
     lead = labels.shape[:-2]
     if colours.shape[:-2] != lead:
-        raise ValueError(
-            f"colours lead shape {colours.shape[:-2]} does not match labels {lead}"
-        )
+        raise ValueError(f"colours lead shape {colours.shape[:-2]} does not match labels {lead}")
     k = colours.shape[-2]
     if labels.size and int(labels.max()) > k:
         raise ValueError(f"a label map uses object {int(labels.max())} but only {k} colours given")

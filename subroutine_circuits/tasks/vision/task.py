@@ -101,8 +101,7 @@ class ImageProblems:
     def value_dicts(self, b: int) -> list[dict[str, bool]]:
         """Problem b's predicate values as 4 dicts."""
         return [
-            {p: bool(self.values[b, i, j]) for j, p in enumerate(self.predicates)}
-            for i in range(4)
+            {p: bool(self.values[b, i, j]) for j, p in enumerate(self.predicates)} for i in range(4)
         ]
 
     def subset(self, idx: Sequence[int] | slice | np.ndarray) -> ImageProblems:
@@ -359,7 +358,9 @@ class ImageTask:
             wants = []
             for pos in range(4):
                 want = odd_options[option_ids[b]] if pos == positions[b] else fixed
-                wants.append({q: want[q] if q in want else prng.random() < 0.5 for q in self.predicates})
+                wants.append(
+                    {q: want[q] if q in want else prng.random() < 0.5 for q in self.predicates}
+                )
             scenes, ctx = self._problem_scenes(st, wants, exclude)
             ctx_n[b] = int(ctx.get("n", 0))
             row = []
@@ -417,7 +418,10 @@ class ImageTask:
                 raise ValueError(f"give (n_train, n_val, n_test), got {n_per_kind!r}")
             counts = {s: {k: int(c) for k in kinds} for s, c in zip(SPLITS, n_per_kind)}
         else:
-            counts = {s: {k: int(round(int(n_per_kind) * f)) for k in kinds} for s, f in zip(SPLITS, split_sizes)}
+            counts = {
+                s: {k: int(round(int(n_per_kind) * f)) for k in kinds}
+                for s, f in zip(SPLITS, split_sizes)
+            }
         for s in SPLITS:
             for k, c in counts[s].items():
                 if c < 0:
@@ -469,11 +473,16 @@ class ImageTask:
         rows = []
         for _ in range(n):
             for _try in range(tries):
-                clean_v = {q: values[q] if q in values else prng.random() < 0.5 for q in self.predicates}
+                clean_v = {
+                    q: values[q] if q in values else prng.random() < 0.5 for q in self.predicates
+                }
                 flipped = dict(clean_v)
                 flipped[flip] = not clean_v[flip]
                 ctx_v = [
-                    {q: self.rule[q] if q in self.rule else prng.random() < 0.5 for q in self.predicates}
+                    {
+                        q: self.rule[q] if q in self.rule else prng.random() < 0.5
+                        for q in self.predicates
+                    }
                     for _c in range(n_context)
                 ]
                 try:
@@ -495,8 +504,16 @@ class ImageTask:
         k_max = max([1] + [len(s.objects) for r in rows for s in (r[0], r[1], *r[2])])
 
         def render(scenes: list[Scene]) -> tuple[np.ndarray, np.ndarray]:
-            lab = np.stack([s.label_map() for s in scenes]) if scenes else np.zeros((0, size, size), np.uint8)
-            pal = np.stack([s.colour_array(k_max) for s in scenes]) if scenes else np.zeros((0, k_max, 3), np.uint8)
+            lab = (
+                np.stack([s.label_map() for s in scenes])
+                if scenes
+                else np.zeros((0, size, size), np.uint8)
+            )
+            pal = (
+                np.stack([s.colour_array(k_max) for s in scenes])
+                if scenes
+                else np.zeros((0, k_max, 3), np.uint8)
+            )
             return render_labels(lab, pal), lab
 
         clean_img, clean_lab = render([r[0] for r in rows])
@@ -509,8 +526,12 @@ class ImageTask:
             clean_labels=clean_lab,
             corrupted_labels=corr_lab,
             context_labels=ctx_lab.reshape(n, n_context, size, size),
-            clean_values=np.array([[r[3][q] for q in self.predicates] for r in rows], bool).reshape(n, p),
-            corrupted_values=np.array([[r[4][q] for q in self.predicates] for r in rows], bool).reshape(n, p),
+            clean_values=np.array([[r[3][q] for q in self.predicates] for r in rows], bool).reshape(
+                n, p
+            ),
+            corrupted_values=np.array(
+                [[r[4][q] for q in self.predicates] for r in rows], bool
+            ).reshape(n, p),
             context_n=np.array([r[5] for r in rows], np.int64),
             predicates=self.predicates,
             flip=flip,
@@ -535,8 +556,16 @@ class ImageTask:
             except PlacementError:
                 continue
         k_max = max([1] + [len(s.objects) for s in scenes])
-        lab = np.stack([s.label_map() for s in scenes]) if scenes else np.zeros((0, world.size, world.size), np.uint8)
-        pal = np.stack([s.colour_array(k_max) for s in scenes]) if scenes else np.zeros((0, k_max, 3), np.uint8)
+        lab = (
+            np.stack([s.label_map() for s in scenes])
+            if scenes
+            else np.zeros((0, world.size, world.size), np.uint8)
+        )
+        pal = (
+            np.stack([s.colour_array(k_max) for s in scenes])
+            if scenes
+            else np.zeros((0, k_max, 3), np.uint8)
+        )
         return render_labels(lab, pal), lab
 
 
