@@ -319,13 +319,17 @@ class _Pool:
                     for i in range(len(t))
                 ]
             )
-        self.buf = list(zip(*cols))[::-1]
+        # a shape must enclose at least one pixel (tiny shapes can rasterise to a solid blob)
+        groups = [g for g in zip(*cols) if all(sh.interior.any() for sh in g)]
+        self.buf = groups[::-1]
 
     def next(self) -> tuple[Shape, ...]:
-        """The next group of shapes."""
-        if not self.buf:
+        """The next group of shapes (every shape encloses at least one pixel)."""
+        for _ in range(100):
+            if self.buf:
+                return self.buf.pop()
             self._refill()
-        return self.buf.pop()
+        raise PlacementError("the drawn shapes are too small to enclose any pixel")
 
 
 class PlacementError(Exception):
