@@ -128,3 +128,28 @@ def test_png_roundtrip_with_matplotlib():
     np.testing.assert_array_equal(decode_png(encode_png(gray)), gray)
     with pytest.raises(ValueError):
         encode_png(img.astype(np.float32))
+
+
+def test_augmentations_preserve_every_predicate():
+    from vision_checks import predicates
+
+    from subroutine_circuits.tasks.vision import vision_task
+    from subroutine_circuits.tasks.vision.shapes import augment_labels, dihedral
+
+    probs = vision_task("number_contact").make_problems("composite", 4, seed=0)
+    lab = probs.labels.reshape(-1, 32, 32)
+    n = np.repeat(probs.context_n, 4)
+    for k in range(8):
+        t = dihedral(lab, k)
+        for i in range(len(lab)):
+            assert predicates("number_contact", t[i], int(n[i])) == predicates(
+                "number_contact", lab[i], int(n[i])
+            )
+    assert len({dihedral(lab[0], k).tobytes() for k in range(8)}) == 8
+    img = augment_labels(lab, np.random.default_rng(0))
+    assert img.shape == (len(lab), 32, 32, 3)
+    for i in range(len(lab)):  # the background of each view is one symmetry of the original's
+        white = (img[i] == 255).all(-1)
+        assert any((white == (dihedral(lab[i], k) == 0)).all() for k in range(8))
+    with pytest.raises(ValueError):
+        dihedral(lab, 8)

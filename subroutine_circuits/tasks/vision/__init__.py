@@ -34,6 +34,8 @@ from subroutine_circuits.tasks.vision.scenes import (
     relations,
 )
 from subroutine_circuits.tasks.vision.shapes import (
+    augment_labels,
+    dihedral,
     make_templates,
     random_colours,
     random_contours,
@@ -68,7 +70,9 @@ __all__ = [
     "Scene",
     "ShapeWorld",
     "WorldConfig",
+    "augment_labels",
     "decode_png",
+    "dihedral",
     "encode_png",
     "images_to_tensor",
     "make_templates",

@@ -241,3 +241,25 @@ def render_labels(
     )
     out = np.take_along_axis(pal, flat_lab[:, :, None].repeat(3, -1), axis=1)
     return out.reshape(*labels.shape, 3)
+
+
+def dihedral(labels: UInt8[np.ndarray, "... h w"], k: int) -> UInt8[np.ndarray, "... h w"]:
+    """One of the 8 symmetries of the square (``k`` in 0..7: ``k % 4`` quarter turns, then a
+    transpose when ``k >= 4``) applied to label maps. Pixel adjacency and 4-connectivity are
+    preserved exactly, so inside, contact and number are unchanged."""
+    if not 0 <= int(k) < 8:
+        raise ValueError(f"dihedral index must be in 0..7, got {k}")
+    out = np.rot90(labels, int(k) % 4, axes=(-2, -1))
+    if k >= 4:
+        out = np.swapaxes(out, -1, -2)
+    return np.ascontiguousarray(out)
+
+
+def augment_labels(
+    labels: UInt8[np.ndarray, "n h w"], rng: np.random.Generator
+) -> UInt8[np.ndarray, "n h w 3"]:
+    """Label-preserving views: a random dihedral symmetry per image and fresh object colours."""
+    ks = rng.integers(0, 8, len(labels))
+    out = np.stack([dihedral(lab, int(k)) for lab, k in zip(labels, ks)]) if len(labels) else labels
+    k_max = max(1, int(labels.max())) if labels.size else 1
+    return render_labels(out, random_colours(rng, (len(labels), k_max)))
