@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (train/ val/ test/ inside)")
     s.add_argument("--n", type=int, default=1000, help="problems per kind in train (default 1000)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image tasks only: side in pixels (default: the task's, 32 or 40)",
+    )
+    s.add_argument(
+        "--format",
+        choices=("npz", "png"),
+        default=None,
+        help="image tasks only: one NPZ per split and kind (default) or one PNG per image",
+    )
     s.set_defaults(func=_handler("subroutine_circuits.tasks.cli:cmd_data"))
 
     s = sub.add_parser(

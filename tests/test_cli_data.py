@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from subroutine_circuits.cli import main
-from subroutine_circuits.tasks import OOOProblem, WordTokenizer, get_task, list_tasks
+from subroutine_circuits.tasks import (
+    OOOProblem,
+    WordTokenizer,
+    get_task,
+    list_tasks,
+    list_vision_tasks,
+)
 from subroutine_circuits.tasks import language as L
 from subroutine_circuits.tasks.cli import cmd_data, parse_rule
 
@@ -44,7 +50,7 @@ def test_tasks_table_and_json(capsys):
     assert "subject_plural=false, verb_plural=false" in out
     assert main(["tasks", "--json"]) == 0
     infos = json.loads(capsys.readouterr().out)
-    assert [i["name"] for i in infos] == list_tasks()
+    assert [i["name"] for i in infos] == list_tasks() + list_vision_tasks()
     assert infos[3]["rule"] == {"antecedent_plural": True, "reflexive_plural": True}
 
 

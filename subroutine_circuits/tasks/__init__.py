@@ -24,7 +24,15 @@ from subroutine_circuits.tasks.language import (
     agreement_task,
     anaphora_task,
 )
-from subroutine_circuits.tasks.registry import get_task, list_tasks, load_task, register_task
+from subroutine_circuits.tasks.registry import (
+    get_task,
+    get_vision_task,
+    is_vision_task,
+    list_tasks,
+    list_vision_tasks,
+    load_task,
+    register_task,
+)
 from subroutine_circuits.tasks.tokenizer import SPECIAL_TOKENS, WordTokenizer
 
 
@@ -52,7 +60,10 @@ __all__ = [
     "agreement_task",
     "anaphora_task",
     "get_task",
+    "get_vision_task",
+    "is_vision_task",
     "list_tasks",
+    "list_vision_tasks",
     "load_task",
     "load_user_task",
     "make_label_examples",

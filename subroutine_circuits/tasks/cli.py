@@ -8,6 +8,11 @@
 
 ``--n`` problems per kind in train; val and test get ``max(1, n // 4)`` each. Each line is
 ``{"stimuli": [4 texts], "odd_index": i, "kind": ..., "values": [4 dicts]}``.
+
+For an image task (``inside_contact``, ``number_contact``, ``inside_number``) it writes per
+split and kind an NPZ (``--format npz``, the default) or PNG files (``--format png``) plus a
+JSONL of labels, at ``--image-size`` pixels (default: the task's); see
+``tasks.vision.export``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ import json
 from pathlib import Path
 
 from subroutine_circuits.tasks.base import SPLITS, make_splits
-from subroutine_circuits.tasks.registry import get_task, list_tasks, load_task
+from subroutine_circuits.tasks.registry import (
+    get_task,
+    get_vision_task,
+    is_vision_task,
+    list_tasks,
+    list_vision_tasks,
+    load_task,
+)
 
 
 def parse_rule(items: list[str] | None) -> dict[str, bool] | None:
@@ -41,6 +53,7 @@ def parse_rule(items: list[str] | None) -> dict[str, bool] | None:
 def cmd_tasks(args: argparse.Namespace) -> int:
     """Print the built-in tasks, their predicates and default rules (table or ``--json``)."""
     infos = [get_task(name).to_json() for name in list_tasks()]
+    infos += [get_vision_task(name).to_json() for name in list_vision_tasks()]
     if getattr(args, "json", False):
         print(json.dumps(infos, indent=2))
         return 0
@@ -49,11 +62,12 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             i["name"],
             ", ".join(i["predicates"]),
             ", ".join(f"{k}={str(v).lower()}" for k, v in i["rule"].items()),
+            f"image {i['image_size']} px" if i.get("modality") == "image" else "text",
         )
         for i in infos
     ]
-    header = ("task", "predicates", "rule")
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(3)]
+    header = ("task", "predicates", "rule", "input")
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(4)]
     for r in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
     return 0
@@ -68,10 +82,19 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 1, got {n}")
     rule = parse_rule(getattr(args, "rule", None))
     spec = str(args.task)
-    if not spec.lower().endswith((".jsonl", ".csv")) and spec not in list_tasks():
+    image_size = getattr(args, "image_size", None)
+    fmt = getattr(args, "format", None)
+    if is_vision_task(spec):
+        return _data_vision(args, spec, n, rule, image_size, fmt or "npz")
+    if image_size is not None or fmt is not None:
         raise ValueError(
-            f"unknown task {spec!r}; known tasks: {', '.join(list_tasks())} "
-            "(or give a .jsonl/.csv file)"
+            f"--image-size and --format apply to image tasks ({', '.join(list_vision_tasks())}), "
+            f"not to {spec!r}"
+        )
+    if not spec.lower().endswith((".jsonl", ".csv")) and spec not in list_tasks():
+        known = list_tasks() + list_vision_tasks()
+        raise ValueError(
+            f"unknown task {spec!r}; known tasks: {', '.join(known)} (or give a .jsonl/.csv file)"
         )
     task = load_task(spec, rule=rule)
     n_eval = max(1, n // 4)
@@ -90,4 +113,19 @@ def cmd_data(args: argparse.Namespace) -> int:
     task.tokenizer().save(out / "tokenizer.json")
     total = sum(sum(c.values()) for c in counts.values())
     print(f"wrote {total} problems of task {task.name!r} to {out}")
+    return 0
+
+
+def _data_vision(args, spec, n, rule, image_size, fmt) -> int:
+    """``data`` for an image task: NPZ or PNG files plus JSONL labels per split and kind."""
+    from subroutine_circuits.tasks.vision.export import export_task
+
+    if image_size is not None and int(image_size) < 16:
+        raise ValueError(f"--image-size must be >= 16, got {image_size}")
+    task = get_vision_task(spec, rule=rule)
+    out = Path(args.out)
+    counts = export_task(task, out, n, seed=int(args.seed), image_size=image_size, fmt=fmt)
+    total = sum(sum(c.values()) for c in counts.values())
+    size = int(image_size or task.image_size)
+    print(f"wrote {total} image problems of task {task.name!r} ({size} px, {fmt}) to {out}")
     return 0
