@@ -1,4 +1,4 @@
-"""A hooked ResNet-style CNN for the vision odd-one-out tasks (a TransformerLens ``HookedRootModule``).
+"""A hooked ResNet-style CNN for the vision odd-one-out tasks (a ``HookedRootModule``).
 
 Architecture (as in the paper's vision models, Lepori et al. 2023):
 
@@ -127,7 +127,9 @@ class CNNConfig:
                 )
         for name in ("stage_widths", "stage_channels", "stage_blocks", "stage_strides"):
             if any(v < 1 for v in getattr(self, name)):
-                raise ValueError(f"CNNConfig.{name} entries must be >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"CNNConfig.{name} entries must be >= 1, got {getattr(self, name)}"
+                )
         for name in ("d_hidden", "d_embed"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

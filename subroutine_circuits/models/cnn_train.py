@@ -94,9 +94,7 @@ class CNNTrainConfig:
                 f"CNNTrainConfig.optimizer must be 'adam' or 'adamw', got {self.optimizer!r}"
             )
         if self.weight_decay < 0:
-            raise ValueError(
-                f"CNNTrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}"
-            )
+            raise ValueError(f"CNNTrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.early_stop not in ("acc", "loss"):
             raise ValueError(
                 f"CNNTrainConfig.early_stop must be 'acc' or 'loss', got {self.early_stop!r}"
@@ -107,7 +105,9 @@ class CNNTrainConfig:
             raise ValueError(f"CNNTrainConfig.grad_clip must be > 0, got {self.grad_clip!r}")
 
 
-def as_image_split(split: Any, name: str = "split") -> tuple[Float[Tensor, "b k c h w"], Int[Tensor, "b"]]:
+def as_image_split(
+    split: Any, name: str = "split"
+) -> tuple[Float[Tensor, "b k c h w"], Int[Tensor, "b"]]:
     """``(images, odd)`` of a split given as a pair or an object with ``.images`` / ``.odd``.
 
     Raises ``ValueError`` for wrong shapes, an empty split or odd indices out of range.
@@ -129,9 +129,7 @@ def as_image_split(split: Any, name: str = "split") -> tuple[Float[Tensor, "b k 
     if images.shape[0] == 0:
         raise ValueError(f"empty {name}: no problems")
     if odd.ndim != 1 or odd.shape[0] != images.shape[0]:
-        raise ValueError(
-            f"{name} odd must be [b] with b={images.shape[0]}, got {tuple(odd.shape)}"
-        )
+        raise ValueError(f"{name} odd must be [b] with b={images.shape[0]}, got {tuple(odd.shape)}")
     if odd.dtype.is_floating_point:
         raise ValueError(f"{name} odd must hold integer indices, got {odd.dtype}")
     k = images.shape[1]
@@ -171,9 +169,7 @@ def cnn_ooo_logits(
 
 
 @torch.no_grad()
-def cnn_ooo_eval(
-    model: Any, split: Any, batch_size: int = 64
-) -> tuple[float, float]:
+def cnn_ooo_eval(model: Any, split: Any, batch_size: int = 64) -> tuple[float, float]:
     """``(accuracy, mean cross-entropy)`` of ``model`` on a split (chance accuracy 0.25)."""
     images, odd = as_image_split(split)
     logits = cnn_ooo_logits(model, images, batch_size)

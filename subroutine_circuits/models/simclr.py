@@ -99,9 +99,7 @@ class AugmentConfig:
             raise ValueError("AugmentConfig.contrast and saturation must be <= 1")
 
 
-def foreground(
-    x01: Float[Tensor, "n c h w"], tol: float = 0.02
-) -> Bool[Tensor, "n 1 h w"]:
+def foreground(x01: Float[Tensor, "n c h w"], tol: float = 0.02) -> Bool[Tensor, "n 1 h w"]:
     """Object pixels of un-normalised images: any channel darker than ``1 - tol``."""
     return (x01 < 1.0 - tol).any(dim=1, keepdim=True)
 
@@ -140,6 +138,22 @@ def _forward_maps(
     return f, a, t
 
 
+def warp_white(
+    x01: Float[Tensor, "n c h w"], a: Float[Tensor, "n 2 2"], t: Float[Tensor, "n 2"]
+) -> Float[Tensor, "n c h w"]:
+    """Move every image by its forward map ``p_out = a @ p_in + t`` (normalised coordinates in
+    [-1, 1], x then y), with nearest sampling and white (1.0) fill. ``x01`` is un-normalised."""
+    n, c, h, w = x01.shape
+    a = torch.as_tensor(a, dtype=torch.float64).cpu()
+    t = torch.as_tensor(t, dtype=torch.float64).cpu()
+    a_inv = torch.linalg.inv(a)  # grid_sample maps output coords to input coords
+    theta = torch.cat([a_inv, -(a_inv @ t[:, :, None])], dim=2).to(x01.device, torch.float32)
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    # sample (x - 1) so that zero padding is white; nearest keeps 1-px outlines crisp
+    out = F.grid_sample(x01 - 1.0, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out + 1.0
+
+
 def augment_images(
     images: Float[Tensor, "n c h w"],
     cfg: AugmentConfig | None = None,
@@ -162,7 +176,7 @@ def augment_images(
     device = images.device
     x01 = images.float() * cfg.norm_std + cfg.norm_mean
 
-    # ---- geometry: grid_sample maps output coords to input coords, i.e. the inverse map
+    # ---- geometry
     f, a, t = _forward_maps(n, cfg, gen)
     if cfg.keep_on_canvas:
         fg = foreground(x01, cfg.background_tol)[:, 0].cpu()  # [n, h, w]
@@ -174,12 +188,7 @@ def augment_images(
         ok = reach <= centres[-1] + 1e-9
         a = torch.where(ok[:, None, None], a, f)
         t = torch.where(ok[:, None], t, torch.zeros_like(t))
-    a_inv = torch.linalg.inv(a)
-    theta = torch.cat([a_inv, -(a_inv @ t[:, :, None])], dim=2).to(device, torch.float32)
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
-    # sample (x - 1) so that zero padding is white; nearest keeps outlines crisp
-    x01 = F.grid_sample(x01 - 1.0, grid, mode="nearest", padding_mode="zeros",
-                        align_corners=False) + 1.0  # fmt: skip
+    x01 = warp_white(x01, a, t)
 
     # ---- colour, on object pixels only
     fg = foreground(x01, cfg.background_tol)  # [n, 1, h, w]
@@ -270,7 +279,9 @@ class SimCLRConfig:
                                            or self.max_steps < 1):  # fmt: skip
             raise ValueError(f"SimCLRConfig.max_steps must be None or >= 1, got {self.max_steps!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 2:
-            raise ValueError(f"SimCLRConfig.batch_size must be an int >= 2, got {self.batch_size!r}")
+            raise ValueError(
+                f"SimCLRConfig.batch_size must be an int >= 2, got {self.batch_size!r}"
+            )
         if not self.lr > 0:
             raise ValueError(f"SimCLRConfig.lr must be > 0, got {self.lr!r}")
         if not 0 < self.final_lr_ratio <= 1:
