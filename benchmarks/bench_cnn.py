@@ -43,6 +43,51 @@ def _time(fn, reps: int, device: str) -> float:
     return sorted(out)[len(out) // 2]
 
 
+def bench_preset(name: str, args: argparse.Namespace) -> dict:
+    """Parameters and median OOO / SimCLR step times of one preset on random images."""
+    from subroutine_circuits.models.cnn import HookedCNN, cnn_config
+    from subroutine_circuits.models.simclr import augment_images, nt_xent
+
+    dev = args.device
+    cfg = cnn_config(name, device=dev)
+    model = HookedCNN(cfg)
+    big = cfg.block == "bottleneck"
+    b = args.big_problems if big else args.problems
+    s = cfg.image_size
+    g = torch.Generator().manual_seed(0)
+    problems = torch.randn(b, 4, 3, s, s, generator=g).to(dev)
+    odd = torch.randint(0, 4, (b,), generator=g).to(dev)
+    dots = (torch.rand(max(2, 2 * b), 3, s, s, generator=g) < 0.05).float()
+    single = ((1.0 - dots * 0.7 - 0.9) / 0.1).to(dev)  # white canvas, dark dots, normalised
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def ooo_step():
+        loss = F.cross_entropy(model.ooo_scores(problems), odd)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def simclr_step():
+        v1, v2 = augment_images(single, None, g), augment_images(single, None, g)
+        z = model(torch.cat([v1, v2]))
+        loss = nt_xent(z[: len(single)], z[len(single) :])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t_ooo = _time(ooo_step, args.reps, dev)
+    t_sim = _time(simclr_step, args.reps, dev)
+    return dict(
+        preset=name,
+        params=model.n_params,
+        px=s,
+        images=4 * b,
+        ooo_s=t_ooo,
+        ooo_img_ms=1e3 * t_ooo / (4 * b),
+        simclr_img_ms=1e3 * t_sim / (2 * len(single)),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from subroutine_circuits.masks import UnitMap, UnitMask, WeightMask
     from subroutine_circuits.models.cnn import (
@@ -52,7 +97,6 @@ def main(argv: list[str] | None = None) -> None:
         cnn_unit_groups,
         cnn_weight_names,
     )
-    from subroutine_circuits.models.simclr import augment_images, nt_xent
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", nargs="+", default=list(CNN_PRESETS))
@@ -66,50 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     dev = args.device
     print(f"device {dev}, {args.threads} CPU thread(s), torch {torch.__version__}")
 
-    rows = []
-    for name in args.presets:
-        cfg = cnn_config(name, device=dev)
-        model = HookedCNN(cfg)
-        big = cfg.block == "bottleneck"
-        b = args.big_problems if big else args.problems
-        s = cfg.image_size
-        g = torch.Generator().manual_seed(0)
-        problems = torch.randn(b, 4, 3, s, s, generator=g).to(dev)
-        odd = torch.randint(0, 4, (b,), generator=g).to(dev)
-        single = (torch.rand(max(2, 2 * b), 3, s, s, generator=g) < 0.05).float()
-        single = ((1.0 - single * 0.7) - 0.9) / 0.1  # white canvas with dark dots, normalised
-        single = single.to(dev)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-        def ooo_step():
-            loss = F.cross_entropy(model.ooo_scores(problems), odd)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        def simclr_step():
-            v1, v2 = augment_images(single, None, g), augment_images(single, None, g)
-            z = model(torch.cat([v1, v2]))
-            loss = nt_xent(z[: len(single)], z[len(single) :])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        t_ooo = _time(ooo_step, args.reps, dev)
-        t_sim = _time(simclr_step, args.reps, dev)
-        rows.append(
-            dict(
-                preset=name,
-                params=model.n_params,
-                px=s,
-                images=4 * b,
-                ooo_s=t_ooo,
-                ooo_img_ms=1e3 * t_ooo / (4 * b),
-                simclr_img_ms=1e3 * t_sim / (2 * len(single)),
-            )
-        )
-        del model, opt
-
+    rows = [bench_preset(name, args) for name in args.presets]
     base = next((r for r in rows if r["preset"] == "cpu"), rows[0])
     print(
         f"{'preset':<14}{'params':>12}{'px':>5}{'imgs/step':>10}{'step s':>9}"

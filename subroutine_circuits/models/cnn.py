@@ -43,9 +43,12 @@ it unless told otherwise).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -666,6 +669,52 @@ def cnn_weight_names(
     if not names:
         raise ValueError("cnn_weight_names: the selection contains no weight")
     return names
+
+
+CNN_FORMAT_VERSION = 1
+
+
+def save_cnn(directory: str | os.PathLike, model: HookedCNN, meta: dict | None = None) -> Path:
+    """Write ``config.json`` (model class + CNNConfig), ``weights.pt`` (CPU state dict) and
+    ``meta.json`` (free-form, written last) to ``directory`` atomically; returns it.
+
+    The layout is that of ``models.checkpoint`` (without a vocabulary).
+    """
+    from subroutine_circuits.utils import atomic_torch_save, atomic_write_json
+
+    _check_model(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format_version": CNN_FORMAT_VERSION,
+        "model_class": "HookedCNN",
+        "cfg": model.cfg.to_dict(),
+    }
+    atomic_write_json(directory / "config.json", config)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save(state, directory / "weights.pt")
+    atomic_write_json(directory / "meta.json", dict(meta or {}))
+    return directory
+
+
+def load_cnn(directory: str | os.PathLike, device: str = "cpu") -> tuple[HookedCNN, dict]:
+    """Inverse of :func:`save_cnn`: ``(model in eval mode on device, meta)``."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"no CNN checkpoint in {directory} (config.json missing)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("model_class") != "HookedCNN":
+        raise ValueError(
+            f"{directory} holds a {config.get('model_class')!r} checkpoint, not a HookedCNN"
+        )
+    cfg = CNNConfig.from_dict({**config["cfg"], "device": device})
+    model = HookedCNN(cfg)
+    state = torch.load(directory / "weights.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return model.eval(), meta
 
 
 def count_params(cfg: CNNConfig | str) -> int:

@@ -203,6 +203,8 @@ def train_cnn_ooo(
     va = as_image_split(val, "validation split")
     device = torch.device(cfg.device)
     model.to(device)
+    if hasattr(getattr(model, "cfg", None), "device"):
+        model.cfg.device = str(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (all requires_grad=False)")

@@ -179,13 +179,16 @@ def augment_images(
     # ---- geometry
     f, a, t = _forward_maps(n, cfg, gen)
     if cfg.keep_on_canvas:
-        fg = foreground(x01, cfg.background_tol)[:, 0].cpu()  # [n, h, w]
-        centres = (torch.arange(w, dtype=torch.float64) * 2 + 1) / w - 1  # pixel centres
+        # forward-map every object pixel's centre; images where one leaves the canvas keep
+        # only their flip (computed where the images are, in float32: a pixel is 2/w wide)
+        fg = foreground(x01, cfg.background_tol)[:, 0].reshape(n, -1)  # [n, h*w]
+        centres = (torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1
         yy, xx = torch.meshgrid(centres, centres, indexing="ij")
         pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)  # [h*w, 2] as (x, y)
-        out = torch.einsum("nij,pj->npi", a, pts) + t[:, None, :]  # [n, h*w, 2]
-        reach = out.abs().amax(-1).masked_fill(~fg.reshape(n, -1), 0.0).amax(-1)  # [n]
-        ok = reach <= centres[-1] + 1e-9
+        a32, t32 = a.to(device, torch.float32), t.to(device, torch.float32)
+        out = torch.einsum("nij,pj->npi", a32, pts) + t32[:, None, :]  # [n, h*w, 2]
+        reach = out.abs().amax(-1).masked_fill(~fg, 0.0).amax(-1)  # [n]
+        ok = (reach <= float(centres[-1]) + 1e-4).cpu()
         a = torch.where(ok[:, None, None], a, f)
         t = torch.where(ok[:, None], t, torch.zeros_like(t))
     x01 = warp_white(x01, a, t)
@@ -337,6 +340,8 @@ def simclr_pretrain(
         total = min(total, cfg.max_steps)
     device = torch.device(cfg.device)
     model.to(device)
+    if hasattr(getattr(model, "cfg", None), "device"):
+        model.cfg.device = str(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (all requires_grad=False)")

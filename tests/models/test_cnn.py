@@ -171,8 +171,8 @@ def test_config_roundtrip():
 def test_reinit_seeded_kaiming():
     m = HookedCNN(cnn_config("cpu", seed=0))
     w = m.stages[2].blocks[0].conv2.weight  # [64, 64, 3, 3], fan_out = 64 * 9
-    assert abs(float(w.std()) - (2 / (64 * 9)) ** 0.5) < 0.004
-    assert float(m.head.fc_hidden.bias.abs().max()) == 0.0
+    assert abs(float(w.detach().std()) - (2 / (64 * 9)) ** 0.5) < 0.004
+    assert float(m.head.fc_hidden.bias.detach().abs().max()) == 0.0
     a = {k: v.clone() for k, v in m.state_dict().items()}
     reinit_cnn(m, 1)
     assert any(not torch.equal(a[k], v) for k, v in m.state_dict().items())
@@ -379,3 +379,31 @@ def test_all_weights_zeroed_output_is_input_independent(model):
     with torch.no_grad(), wm.applied(model):
         _, cache = model.run_with_cache(x)
     assert _spread(cache["hook_pooled"]) < 1e-6
+
+
+def test_save_load_roundtrip(tmp_path, model):
+    from subroutine_circuits.models.cnn import load_cnn, save_cnn
+
+    x = images(3)
+    save_cnn(tmp_path / "ck", model, meta={"task": "toy", "val_acc": 0.5})
+    back, meta = load_cnn(tmp_path / "ck")
+    assert meta == {"task": "toy", "val_acc": 0.5}
+    assert back.cfg == model.cfg and torch.equal(back(x), model(x))
+    with pytest.raises(ValueError, match="config.json missing"):
+        load_cnn(tmp_path / "nothing")
+
+
+def test_trainable_masks_get_gradients_model_does_not(model):
+    x = images(4)
+    um = UnitMask(UnitMap(cnn_unit_groups(model)), MaskConfig(parametrization="continuous"))
+    wm = WeightMask(model, MaskConfig(parametrization="continuous"), cnn_weight_names(model))
+    for mask in (um, wm):
+        mask.train()
+        with mask.applied(model):
+            model(x).pow(2).sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mask.parameters())
+    # unit masks leave weights in the graph; weight masks detach them
+    model.zero_grad(set_to_none=True)
+    with wm.applied(model):
+        model(x).pow(2).sum().backward()
+    assert all(model.get_parameter(n).grad is None for n in cnn_weight_names(model))
