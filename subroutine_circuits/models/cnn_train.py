@@ -108,12 +108,16 @@ class CNNTrainConfig:
 def as_image_split(
     split: Any, name: str = "split"
 ) -> tuple[Float[Tensor, "b k c h w"], Int[Tensor, "b"]]:
-    """``(images, odd)`` of a split given as a pair or an object with ``.images`` / ``.odd``.
+    """``(images, odd)`` of a split: a pair, a shape-world ``ImageProblems`` (anything with
+    ``to_tensor()`` and ``odd_tensor()``) or an object with float ``.images`` and ``.odd``.
 
     Raises ``ValueError`` for wrong shapes, an empty split or odd indices out of range.
     """
     if isinstance(split, (tuple, list)) and len(split) == 2:
         images, odd = split
+    elif hasattr(split, "to_tensor") and hasattr(split, "odd_tensor"):
+        # a shape-world ``ImageProblems`` (uint8 [b, 4, h, w, 3] -> normalised [b, 4, 3, h, w])
+        images, odd = split.to_tensor(), split.odd_tensor()
     elif hasattr(split, "images") and hasattr(split, "odd"):
         images, odd = split.images, split.odd
     else:

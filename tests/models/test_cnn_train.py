@@ -102,6 +102,16 @@ def test_split_and_config_errors(toy):
         train_cnn_ooo(small_model(), (images[:0], odd[:0]), val)
     with pytest.raises(ValueError, match="must be \\(images, odd\\)"):
         as_image_split(images)
+
+    class Problems:  # duck-typed like tasks.vision.ImageProblems
+        def to_tensor(self):
+            return images[:3]
+
+        def odd_tensor(self):
+            return odd[:3]
+
+    got_images, got_odd = as_image_split(Problems())
+    assert torch.equal(got_images, images[:3]) and torch.equal(got_odd, odd[:3])
     with pytest.raises(ValueError, match="optimizer"):
         CNNTrainConfig(optimizer="sgd").validate()
     with pytest.raises(ValueError, match="early_stop"):
