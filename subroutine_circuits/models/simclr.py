@@ -255,7 +255,8 @@ class SimCLRConfig:
         reset_head: re-initialise the head (drop the projection head) after pretraining.
         seed: seeds the image order, the views and the head re-initialisation.
         device: where to train; the model is moved there.
-        time_limit_s: stop after this many seconds.
+        time_limit_s: stop after this many seconds (the cosine schedule then follows the
+            elapsed fraction of this budget when it is ahead of the step fraction).
         progress: show a tqdm bar.
         augment: the view augmentations.
     """
@@ -300,10 +301,16 @@ class SimCLRConfig:
         self.augment.validate()
 
 
-def cosine_lr(step: int, total: int, lr: float, final_ratio: float) -> float:
-    """Cosine decay from ``lr`` at step 0 to ``lr * final_ratio`` at step ``total``."""
+def cosine_lr(
+    step: int, total: int, lr: float, final_ratio: float, time_frac: float = 0.0
+) -> float:
+    """Cosine decay from ``lr`` at step 0 to ``lr * final_ratio`` at step ``total``.
+
+    ``time_frac`` (elapsed / time limit) advances the schedule when the time budget runs out
+    before the steps do, so a time-limited run still ends at the low learning rate.
+    """
     lo = lr * final_ratio
-    frac = min(1.0, step / max(1, total))
+    frac = min(1.0, max(step / max(1, total), time_frac))
     return lo + (lr - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
@@ -371,8 +378,11 @@ def simclr_pretrain(
                     raise ValueError(
                         f"NaN/inf SimCLR loss at step {step}: lower SimCLRConfig.lr (now {cfg.lr})"
                     )
+                t_frac = 0.0
+                if cfg.time_limit_s is not None:
+                    t_frac = (time.perf_counter() - start) / cfg.time_limit_s
                 for g in optim.param_groups:
-                    g["lr"] = cosine_lr(step, total, cfg.lr, cfg.final_lr_ratio)
+                    g["lr"] = cosine_lr(step, total, cfg.lr, cfg.final_lr_ratio, t_frac)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()

@@ -113,6 +113,8 @@ def test_cosine_lr_endpoints():
     assert cosine_lr(0, 100, 5e-4, 1 / 50) == pytest.approx(5e-4)
     assert cosine_lr(100, 100, 5e-4, 1 / 50) == pytest.approx(1e-5)
     assert cosine_lr(50, 100, 5e-4, 1 / 50) == pytest.approx((5e-4 + 1e-5) / 2)
+    assert cosine_lr(10, 100, 5e-4, 1 / 50, time_frac=0.5) == pytest.approx((5e-4 + 1e-5) / 2)
+    assert cosine_lr(10, 100, 5e-4, 1 / 50, time_frac=1.7) == pytest.approx(1e-5)
 
 
 def test_simclr_pretrain_learns_and_resets_head(shapes):
