@@ -243,6 +243,9 @@ def join_models(model_a: Any, model_b: Any, scale_a: float = 1.0, scale_b: float
 
     spec = joined_spec(model_a, model_b)
     model = make_model(spec, vocab_size=int(model_a.cfg.d_vocab), seed=0)
+    dtype = model_a.embed.W_E.dtype
+    if model.embed.W_E.dtype != dtype:  # e.g. float64 parts (exactness tests)
+        model.to(dtype, print_details=False)
     new = joined_state_dict(model_a, model_b, scale_a, scale_b)
     state = model.state_dict()
     missing = [k for k in state if k not in new and state[k].dtype.is_floating_point]

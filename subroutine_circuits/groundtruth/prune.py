@@ -340,6 +340,9 @@ def compact_part(
         normalization_type=cfg.normalization_type,
     )
     new = make_model(spec, vocab_size=int(cfg.d_vocab), seed=0)
+    dtype = model.embed.W_E.dtype
+    if new.embed.W_E.dtype != dtype:
+        new.to(dtype, print_details=False)
     old_sd, sd = model.state_dict(), new.state_dict()
     for k in ("embed.W_E", "pos_embed.W_pos", "unembed.W_U", "unembed.b_U"):
         sd[k] = old_sd[k].clone()
