@@ -7,12 +7,16 @@ of a built-in task, part B on ``sub_B``; each part is pruned to the units it nee
 
 Ground truth of a modular model, stated precisely: for subroutine A (the task's first
 predicate) the planted subnetwork is the set of block-A units of the joined model, i.e. the
-units that ``greedy_prune`` kept in part A: with every other unit of part A zero-ablated, part A
-stays within ``prune_tol`` of its ``sub_A`` accuracy and within ``prune_loss_tol`` of its
-cross-entropy on the pruning problems, and zero-ablating any one of them as well breaks one of
-these tolerances. Every other unit (all of block B, plus, with ``compact=False``, A's pruned
-units, whose weights are zeroed) is outside A's subnetwork. The same holds for B. Because the
-join is exact, block A of the joined model computes exactly what the pruned part A computed.
+units that ``prune.greedy_prune`` kept in part A on its own ``sub_A`` problems (validation plus
+``prune_train_problems`` training problems): with every other unit of part A zero-ablated, part A
+stays within ``prune_tol`` of its accuracy and ``prune_loss_tol`` nats of its cross-entropy
+(up to the removals of the next rule), units whose removal costs less than
+``prune_min_effect`` nats are dropped, and zero-ablating any kept unit on top raises the loss by
+at least ``prune_min_effect`` (``PlantedModel.necessity`` has each unit's effect). Every other
+unit (all of block B, plus, with ``compact=False``, A's pruned units, whose weights are zeroed;
+with ``compact=True`` the zero-weight slots that pad a layer to the widest layer) is outside
+A's subnetwork. The same holds for B. Because the join is exact, block A of the joined model
+computes exactly what the pruned part A computed.
 
 ``redundant``: two parts, each trained on the *composite* task (different seeds), pruned on the
 composite task, joined the same way: both subroutines are computed twice, in disjoint blocks, so
@@ -61,6 +65,7 @@ class PlantedConfig:
         train: ``models.TrainConfig`` overrides for the parts.
         prune: prune the parts to the units they need (else every unit is planted).
         prune_tol, prune_loss_tol: the pruning tolerances (accuracy, mean cross-entropy).
+        prune_min_effect: the smallest loss increase (nats) of a planted unit's ablation.
         prune_train_problems: training problems added to the validation problems for pruning.
         compact: drop pruned units from the architecture (else zero their weights).
         fit_scale: fit the block-A scale of the join on composite training problems.
@@ -83,6 +88,7 @@ class PlantedConfig:
     prune: bool = True
     prune_tol: float = 0.01
     prune_loss_tol: float = 0.05
+    prune_min_effect: float = 0.01
     prune_train_problems: int = 200
     compact: bool = True
     fit_scale: bool = True
@@ -134,8 +140,10 @@ class PlantedModel:
 
     ``truth[predicate]``: the planted units ``(layer, kind, index)`` of that subroutine (``None``
     for kinds without a unit-level truth). ``metrics``: validation accuracies of the parts and the
-    joined model (see :func:`describe`). ``splits``: the problems it was built from (an
-    experiment on it should use the same ``data_seed`` so that no test text was trained on).
+    joined model (see :func:`describe`). ``necessity[unit]``: ``(accuracy drop, loss
+    increase)`` of ablating that planted unit on top of its part's pruned units. ``splits``:
+    the problems it was built from (an experiment on it should use the same ``data_seed`` so
+    that no test text was trained on).
     """
 
     kind: str
@@ -149,6 +157,7 @@ class PlantedModel:
     scale_a: float = 1.0
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    necessity: dict[Unit, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def subroutines(self) -> tuple[str, ...]:
@@ -231,12 +240,18 @@ def _train_part(cfg, kind: str, seed: int, tokenizer, splits) -> tuple[Any, dict
         "n_units": len(all_units(part)),
     }
     kept = set(all_units(part))
+    necessity: dict[Unit, tuple[float, float]] = {}
     if cfg.prune:
         pool = splits["val"][kind] + splits["train"][kind][: cfg.prune_train_problems]
         pr = greedy_prune(
-            part, Encoded.of(pool, tokenizer), tol=cfg.prune_tol, loss_tol=cfg.prune_loss_tol
+            part,
+            Encoded.of(pool, tokenizer),
+            tol=cfg.prune_tol,
+            loss_tol=cfg.prune_loss_tol,
+            min_effect=cfg.prune_min_effect,
         )
         kept = pr.kept
+        necessity = {u: (pr.necessity[u], pr.loss_necessity[u]) for u in kept}
         info.update(
             prune_base_acc=pr.base_acc,
             prune_acc=pr.pruned_acc,
@@ -246,8 +261,9 @@ def _train_part(cfg, kind: str, seed: int, tokenizer, splits) -> tuple[Any, dict
             min_loss_necessity=min(pr.loss_necessity.values(), default=float("nan")),
             prune_evaluations=pr.evaluations,
         )
-    part, kept, _ = compact_part(part, kept, keep_width=not cfg.compact)
+    part, kept, mapping = compact_part(part, kept, keep_width=not cfg.compact)
     info["n_kept"] = len(kept)
+    info["necessity"] = {mapping[u]: v for u, v in necessity.items()}
     val = Encoded.of(splits["val"][kind], tokenizer)
     (info["val_acc_pruned"],), _ = evaluate_ablations(part, val, [set()])
     info["seconds"] = time.perf_counter() - t0
@@ -333,6 +349,9 @@ def _build_joined(kind: str, seed: int, cfg: PlantedConfig | None, splits) -> Pl
     lay = layout_of(part_a, part_b)
     truth = None
     kept_a, kept_b = info_a.pop("kept"), info_b.pop("kept")
+    nec_a, nec_b = info_a.pop("necessity"), info_b.pop("necessity")
+    necessity = {_to_joined(u, lay, "A"): v for u, v in nec_a.items()}
+    necessity.update({_to_joined(u, lay, "B"): v for u, v in nec_b.items()})
     if kind == "modular":
         truth = {
             pa: frozenset(_to_joined(u, lay, "A") for u in kept_a),
@@ -342,7 +361,7 @@ def _build_joined(kind: str, seed: int, cfg: PlantedConfig | None, splits) -> Pl
     metrics["joined"] = describe(model, task, tok, splits, lay)
     return PlantedModel(
         kind, seed, model, task, tok, splits, truth, lay, scale, metrics,
-        time.perf_counter() - t0,
+        time.perf_counter() - t0, necessity,
     )  # fmt: skip
 
 

@@ -3,10 +3,13 @@
 A unit is ``(layer, kind, index)`` with kind ``"head"`` (``blocks.{l}.attn.hook_z``, axis 2)
 or ``"neuron"`` (``blocks.{l}.mlp.hook_post``, axis 2), the vocabulary of ``masks.UnitMap``.
 
-The planted subnetwork of a part is defined by :func:`greedy_prune`: a set ``S`` of the part's
-units such that, with every unit outside ``S`` zero-ablated, the part's validation accuracy on its
-own task is at least ``base - tol`` (``base`` = the unablated part's accuracy), and zero-ablating
-any one more unit of ``S`` takes it below ``base - tol``. Every unit of ``S`` therefore matters.
+The planted subnetwork of a part is defined by :func:`greedy_prune` (zero ablation, on the
+part's own problems): starting from all units, units are removed, least important first, while
+the part stays within ``tol`` of its accuracy and within ``loss_tol`` nats of its mean
+cross-entropy; then units whose own removal raises the loss by less than ``min_effect`` nats are
+removed too. The result ``S``: every unit of ``S`` matters (ablating it on top of the removed
+ones raises the loss by at least ``min_effect`` or breaks a tolerance), every unit outside ``S``
+was removed by one of those two rules. The pruned part's accuracy and loss are reported.
 :func:`compact_part` then builds the part with only ``S``: units of ``S`` are moved to the front
 of their layer (heads and neurons of a layer are summed, so order is irrelevant), the layer width
 becomes the largest kept count over layers, and the remaining slots get all-zero weights (their
@@ -210,9 +213,8 @@ class PruneResult:
     ``kept``: the planted units; ``base_acc`` / ``base_loss``: accuracy and mean cross-entropy
     with nothing ablated; ``pruned_acc`` / ``pruned_loss``: with every unit outside ``kept``
     ablated (within the tolerances); ``necessity[u]``: ``pruned_acc`` minus the accuracy when
-    ``u`` is ablated as well; ``loss_necessity[u]``: the loss increase of that. By construction
-    every kept unit's extra ablation breaks a tolerance (accuracy below ``base_acc - tol`` or
-    loss above ``base_loss + loss_tol``).
+    ``u`` is ablated as well; ``loss_necessity[u]``: the loss increase of that (at least
+    ``min_effect`` by construction).
     """
 
     kept: set[Unit]
@@ -239,6 +241,7 @@ def greedy_prune(
     loss_tol: float = 0.05,
     pool: str | None = None,
     max_passes: int = 4,
+    min_effect: float = 0.01,
 ) -> PruneResult:
     """Backward elimination of units under zero ablation (see the module docstring).
 
@@ -247,7 +250,11 @@ def greedy_prune(
     alone would strip, so the pruned part still generalises). Units are visited least important
     first (:func:`attribution_importance`): a binary search finds a long allowed prefix of that
     order, then each remaining unit is removed when the set stays allowed, pass after pass until
-    nothing changes. At the end no single kept unit can be removed within the tolerances.
+    nothing changes. Finally units whose own removal (on top of the others) raises the loss by
+    less than ``min_effect`` nats are removed one at a time, smallest first (these are units the
+    tolerance budget kept only because earlier removals had used it up; a method cannot be asked
+    to find a unit of negligible effect). At the end no single kept unit can be removed within
+    the tolerances, and removing any one raises the loss by at least ``min_effect``.
     """
     if not 0 <= tol < 1:
         raise ValueError(f"tol must be in [0, 1), got {tol}")
@@ -288,6 +295,19 @@ def greedy_prune(
                 changed = True
         if not changed:
             break
+    if min_effect < 0:
+        raise ValueError(f"min_effect must be >= 0, got {min_effect}")
+    while True:
+        kept = [u for u in units if u not in removed]
+        if not kept or min_effect == 0:
+            break
+        (_,), (now_loss,) = evaluate([removed])
+        _, losses = evaluate([removed | {u} for u in kept])
+        effect = [loss - now_loss for loss in losses]
+        weakest = min(range(len(kept)), key=lambda i: effect[i])
+        if effect[weakest] >= min_effect:
+            break
+        removed.add(kept[weakest])
     kept = [u for u in units if u not in removed]
     (pruned,), (pruned_loss,) = evaluate([removed])
     necessity: dict[Unit, float] = {}
