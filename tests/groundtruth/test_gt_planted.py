@@ -107,15 +107,23 @@ def test_greedy_prune_removes_dead_units_and_keeps_only_needed_ones(modular):
     # plant dead units: keep the full architecture but zero every block-B unit
     live = set(all_units(model)) - modular.layout.units("B")
     dead_model, _, _ = compact_part(model, live, keep_width=True)
-    res = greedy_prune(dead_model, data, tol=0.05, loss_tol=0.1)
-    assert not (res.kept & modular.layout.units("B"))
+    res = greedy_prune(dead_model, data, tol=0.05, loss_tol=0.1, min_effect=0.02)
+    assert res.kept and not (res.kept & modular.layout.units("B"))
     removed = set(all_units(dead_model)) - res.kept
     base_acc, base_loss = _hand_eval(dead_model, data, set())
     acc, loss = _hand_eval(dead_model, data, removed)
-    assert acc >= base_acc - 0.05 - 1e-6 and loss <= base_loss + 0.1 + 1e-5
-    for u in res.kept:  # every kept unit is needed
-        acc, loss = _hand_eval(dead_model, data, removed | {u})
-        assert acc < base_acc - 0.05 or loss > base_loss + 0.1
+    assert res.base_acc == pytest.approx(base_acc, abs=1e-6)
+    assert res.pruned_acc == pytest.approx(acc, abs=1e-6)
+    assert res.pruned_loss == pytest.approx(loss, rel=1e-4)
+    for u in res.kept:  # every kept unit is needed: its removal costs at least min_effect
+        _, loss_u = _hand_eval(dead_model, data, removed | {u})
+        assert loss_u - loss >= 0.02 - 1e-5
+        assert res.loss_necessity[u] == pytest.approx(loss_u - loss, abs=1e-4)
+    # without the minimum-effect rule the kept set stays within the tolerances
+    res0 = greedy_prune(dead_model, data, tol=0.05, loss_tol=0.1, min_effect=0.0)
+    acc0, loss0 = _hand_eval(dead_model, data, set(all_units(dead_model)) - res0.kept)
+    assert acc0 >= base_acc - 0.05 - 1e-6 and loss0 <= base_loss + 0.1 + 1e-5
+    assert res.kept <= res0.kept
 
 
 def test_mask_from_existing_engine_recovers_block(modular):
