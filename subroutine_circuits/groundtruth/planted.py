@@ -18,10 +18,13 @@ with ``compact=True`` the zero-weight slots that pad a layer to the widest layer
 A's subnetwork. The same holds for B. Because the join is exact, block A of the joined model
 computes exactly what the pruned part A computed.
 
-``redundant``: two parts, each trained on the *composite* task (different seeds), pruned on the
-composite task, joined the same way: both subroutines are computed twice, in disjoint blocks, so
-no single subnetwork is necessary for either; there is no unit-level truth (``truth is None``)
-and the expected verdict is "not compositional".
+``redundant``: two parts, each trained on the composite task *and* both subroutines' problems
+(``composite`` + ``sub_A`` + ``sub_B``, different seeds), pruned on the same mixture, joined the
+same way: each block computes both subroutines, in disjoint blocks, so no single subnetwork is
+necessary for either (ablating one block leaves the other); there is no unit-level truth
+(``truth is None``) and the expected verdict is "not compositional". (Parts trained on the
+composite alone do not solve ``sub_*`` problems, so masks on them would only "fail to search";
+the sub problems make them solvable, so the verdict itself is tested.)
 
 ``random_init``: a randomly initialised model of the joined architecture (dense, like any
 random-init control); no truth, expected verdict "not compositional".
@@ -68,6 +71,8 @@ class PlantedConfig:
         prune_min_effect: the smallest loss increase (nats) of a planted unit's ablation.
         prune_train_problems: training problems added to the validation problems for pruning.
         compact: drop pruned units from the architecture (else zero their weights).
+        redundant_on_subs: redundant parts train on composite + both ``sub_*`` kinds (else on
+            the composite alone).
         fit_scale: fit the block-A scale of the join on composite training problems.
         scale_grid: multipliers of the norm-equalising scale tried by the fit.
         fit_problems: composite training problems used by the fit.
@@ -91,6 +96,7 @@ class PlantedConfig:
     prune_min_effect: float = 0.01
     prune_train_problems: int = 200
     compact: bool = True
+    redundant_on_subs: bool = True
     fit_scale: bool = True
     scale_grid: tuple[float, ...] = (0.5, 0.71, 1.0, 1.41, 2.0)
     fit_problems: int = 200
@@ -224,14 +230,27 @@ def _data(cfg: PlantedConfig, seed: int, splits: dict | None):
     return task, task.tokenizer(), splits
 
 
-def _train_part(cfg, kind: str, seed: int, tokenizer, splits) -> tuple[Any, dict[str, Any]]:
-    """Train, prune and compact one part on problems of ``kind``; returns (part, info)."""
+def _mix(splits: dict, split: str, kinds: Sequence[str], n: int | None = None) -> list[Any]:
+    """The problems of several kinds, interleaved (the first ``n`` of each kind if given)."""
+    lists = [splits[split][k][:n] if n is not None else splits[split][k] for k in kinds]
+    out = []
+    for i in range(max(len(x) for x in lists)):
+        out.extend(x[i] for x in lists if i < len(x))
+    return out
+
+
+def _train_part(
+    cfg, kinds: Sequence[str], seed: int, tokenizer, splits
+) -> tuple[Any, dict[str, Any]]:
+    """Train, prune and compact one part on problems of ``kinds``; returns (part, info)."""
     from subroutine_circuits.models import TrainConfig, make_model, train_ooo
 
+    kinds = list(kinds)
+    kind = "+".join(kinds)
     t0 = time.perf_counter()
     part = make_model(cfg.part_spec(), vocab_size=tokenizer.vocab_size, seed=seed)
     tcfg = TrainConfig(**{"progress": False, "seed": seed, **cfg.train})
-    res = train_ooo(part, splits["train"][kind], splits["val"][kind], tokenizer, tcfg)
+    res = train_ooo(part, _mix(splits, "train", kinds), _mix(splits, "val", kinds), tokenizer, tcfg)
     info: dict[str, Any] = {
         "kind": kind,
         "seed": seed,
@@ -242,7 +261,8 @@ def _train_part(cfg, kind: str, seed: int, tokenizer, splits) -> tuple[Any, dict
     kept = set(all_units(part))
     necessity: dict[Unit, tuple[float, float]] = {}
     if cfg.prune:
-        pool = splits["val"][kind] + splits["train"][kind][: cfg.prune_train_problems]
+        n_train = cfg.prune_train_problems // len(kinds)
+        pool = _mix(splits, "val", kinds) + _mix(splits, "train", kinds, n_train)
         pr = greedy_prune(
             part,
             Encoded.of(pool, tokenizer),
@@ -264,7 +284,7 @@ def _train_part(cfg, kind: str, seed: int, tokenizer, splits) -> tuple[Any, dict
     part, kept, mapping = compact_part(part, kept, keep_width=not cfg.compact)
     info["n_kept"] = len(kept)
     info["necessity"] = {mapping[u]: v for u, v in necessity.items()}
-    val = Encoded.of(splits["val"][kind], tokenizer)
+    val = Encoded.of(_mix(splits, "val", kinds), tokenizer)
     (info["val_acc_pruned"],), _ = evaluate_ablations(part, val, [set()])
     info["seconds"] = time.perf_counter() - t0
     return part, {"kept": kept, **info}
@@ -340,7 +360,11 @@ def _build_joined(kind: str, seed: int, cfg: PlantedConfig | None, splits) -> Pl
     t0 = time.perf_counter()
     task, tok, splits = _data(cfg, seed, splits)
     pa, pb = task.predicates
-    kinds = (f"sub_{pa}", f"sub_{pb}") if kind == "modular" else ("composite", "composite")
+    if kind == "modular":
+        kinds = ([f"sub_{pa}"], [f"sub_{pb}"])
+    else:  # each block computes both subroutines (and solves their own problems)
+        both = ["composite", f"sub_{pa}", f"sub_{pb}"] if cfg.redundant_on_subs else ["composite"]
+        kinds = (both, both)
     offset = 0 if kind == "modular" else 500
     part_a, info_a = _train_part(cfg, kinds[0], 1000 * seed + offset + 1, tok, splits)
     part_b, info_b = _train_part(cfg, kinds[1], 1000 * seed + offset + 2, tok, splits)
