@@ -110,7 +110,9 @@ def _final_resid(
             one_zero = (~key_padding_mask(lengths, pos)).long()
             return model.encoder_output(tokens, None, one_zero)
         resid = model(tokens, stop_at_layer=model.cfg.n_layers)
-        return model.ln_final(resid)
+        # normalization_type=None models (e.g. the planted ground-truth models) have no ln_final
+        ln_final = getattr(model, "ln_final", None)
+        return ln_final(resid) if ln_final is not None else resid
 
 
 def pool_positions(

@@ -1,0 +1,451 @@
+"""Planted models whose structure is known: modular, redundant and random-init.
+
+``modular``: part A (``normalization_type=None``, see ``join``) is trained on ``sub_A`` problems
+of a built-in task, part B on ``sub_B``; each part is pruned to the units it needs
+(``prune.greedy_prune`` on its own task) and compacted; the two are joined side by side
+(``join.join_models``) with a per-block scale fitted on composite *training* problems.
+
+Ground truth of a modular model, stated precisely: for subroutine A (the task's first
+predicate) the planted subnetwork is the set of block-A units of the joined model, i.e. the
+units that ``prune.greedy_prune`` kept in part A on its own ``sub_A`` problems (validation plus
+``prune_train_problems`` training problems): with every other unit of part A zero-ablated, part A
+stays within ``prune_tol`` of its accuracy and ``prune_loss_tol`` nats of its cross-entropy
+(up to the removals of the next rule), units whose removal costs less than
+``prune_min_effect`` nats are dropped, and zero-ablating any kept unit on top raises the loss by
+at least ``prune_min_effect`` (``PlantedModel.necessity`` has each unit's effect). Every other
+unit (all of block B, plus, with ``compact=False``, A's pruned units, whose weights are zeroed;
+with ``compact=True`` the zero-weight slots that pad a layer to the widest layer) is outside
+A's subnetwork. The same holds for B. Because the join is exact, block A of the joined model
+computes exactly what the pruned part A computed.
+
+``redundant``: two parts, each trained on the composite task *and* both subroutines' problems
+(``composite`` + ``sub_A`` + ``sub_B``, different seeds), pruned on the same mixture, joined the
+same way: each block computes both subroutines, in disjoint blocks, so no single subnetwork is
+necessary for either (ablating one block leaves the other); there is no unit-level truth
+(``truth is None``) and the expected verdict is "not compositional". (Parts trained on the
+composite alone do not solve ``sub_*`` problems, so masks on them would only "fail to search";
+the sub problems make them solvable, so the verdict itself is tested.)
+
+``random_init``: a randomly initialised model of the joined architecture (dense, like any
+random-init control); no truth, expected verdict "not compositional".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from subroutine_circuits.groundtruth.join import BlockLayout, join_models, joined_spec, layout_of
+from subroutine_circuits.groundtruth.prune import (
+    Encoded,
+    Unit,
+    all_units,
+    compact_part,
+    evaluate_ablations,
+    greedy_prune,
+)
+
+KINDS = ("modular", "redundant", "random_init")
+
+
+@dataclass
+class PlantedConfig:
+    """How planted models are built (defaults: parts train and prune in seconds on one core).
+
+    Args:
+        task: a built-in task name (two predicates, A then B).
+        n_train: training OOO problems per kind (val and test get a quarter each).
+        data_seed: seed of the problem splits (``None``: the planted model's seed).
+        n_layers, d_model, n_heads, d_head, d_mlp: each part's size before pruning.
+        n_ctx, attention, pool: as in ``models.ModelSpec``.
+        train: ``models.TrainConfig`` overrides for the parts.
+        prune: prune the parts to the units they need (else every unit is planted).
+        prune_tol, prune_loss_tol: the pruning tolerances (accuracy, mean cross-entropy).
+        prune_min_effect: the smallest loss increase (nats) of a planted unit's ablation.
+        prune_train_problems: training problems added to the validation problems for pruning.
+        compact: drop pruned units from the architecture (else zero their weights).
+        redundant_on_subs: redundant parts train on composite + both ``sub_*`` kinds (else on
+            the composite alone).
+        fit_scale: fit the block-A scale of the join on composite training problems.
+        scale_grid: multipliers of the norm-equalising scale tried by the fit.
+        fit_problems: composite training problems used by the fit.
+    """
+
+    task: str = "agreement_singular"
+    n_train: int = 400
+    data_seed: int | None = None
+    n_layers: int = 2
+    d_model: int = 32
+    n_heads: int = 4
+    d_head: int = 8
+    d_mlp: int = 16
+    n_ctx: int = 32
+    attention: str = "causal"
+    pool: str = "last"
+    train: dict[str, Any] = field(default_factory=dict)
+    prune: bool = True
+    prune_tol: float = 0.01
+    prune_loss_tol: float = 0.05
+    prune_min_effect: float = 0.01
+    prune_train_problems: int = 200
+    compact: bool = True
+    redundant_on_subs: bool = True
+    fit_scale: bool = True
+    scale_grid: tuple[float, ...] = (0.5, 0.71, 1.0, 1.41, 2.0)
+    fit_problems: int = 200
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        for name in ("n_train", "n_layers", "d_model", "n_heads", "d_head", "d_mlp"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"PlantedConfig.{name} must be an int >= 1, got {v!r}")
+        if not 0 <= self.prune_tol < 1:
+            raise ValueError(f"PlantedConfig.prune_tol must be in [0, 1), got {self.prune_tol}")
+        if self.prune_loss_tol < 0:
+            raise ValueError(
+                f"PlantedConfig.prune_loss_tol must be >= 0, got {self.prune_loss_tol}"
+            )
+        if not self.scale_grid or any(not g > 0 for g in self.scale_grid):
+            raise ValueError(f"PlantedConfig.scale_grid must be positive, got {self.scale_grid}")
+
+    def part_spec(self):
+        """The ``ModelSpec`` of one part (``normalization_type=None``: see ``join``)."""
+        from subroutine_circuits.models import ModelSpec
+
+        return ModelSpec(
+            "tiny",
+            attention=self.attention,
+            n_ctx=self.n_ctx,
+            pool=self.pool,
+            n_layers=self.n_layers,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            d_head=self.d_head,
+            d_mlp=self.d_mlp,
+            normalization_type=None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        d = asdict(self)
+        d["scale_grid"] = list(self.scale_grid)
+        return d
+
+
+@dataclass
+class PlantedModel:
+    """A planted model and what is known about it.
+
+    ``truth[predicate]``: the planted units ``(layer, kind, index)`` of that subroutine (``None``
+    for kinds without a unit-level truth). ``metrics``: validation accuracies of the parts and the
+    joined model (see :func:`describe`). ``necessity[unit]``: ``(accuracy drop, loss
+    increase)`` of ablating that planted unit on top of its part's pruned units. ``splits``:
+    the problems it was built from (an experiment on it should use the same ``data_seed`` so
+    that no test text was trained on).
+    """
+
+    kind: str
+    seed: int
+    model: Any
+    task: Any
+    tokenizer: Any
+    splits: dict[str, dict[str, list[Any]]]
+    truth: dict[str, frozenset[Unit]] | None
+    layout: BlockLayout | None = None
+    scale_a: float = 1.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    necessity: dict[Unit, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def subroutines(self) -> tuple[str, ...]:
+        """The task's predicates (A, B)."""
+        return tuple(self.task.predicates)
+
+    def truth_vector(self, subroutine: str, units: Any = None) -> Bool[Tensor, " n_units"]:
+        """Planted units of ``subroutine`` as a boolean vector aligned with ``units``.
+
+        ``units``: a ``masks.UnitMap`` (anything with ``.units()``), a list of ``(layer, kind,
+        index)``, or ``None`` for every head and neuron in ``UnitMap.from_model`` order.
+        Raises ``ValueError`` for a model kind without a truth or an unknown subroutine.
+        """
+        if self.truth is None:
+            raise ValueError(f"a {self.kind!r} planted model has no unit-level ground truth")
+        if subroutine not in self.truth:
+            raise ValueError(
+                f"unknown subroutine {subroutine!r}; planted ones: {sorted(self.truth)}"
+            )
+        return truth_vector(self.truth[subroutine], units if units is not None else self.units())
+
+    def units(self) -> list[Unit]:
+        """Every head and neuron of the model, in ``UnitMap.from_model`` order."""
+        return all_units(self.model)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able description (no weights)."""
+        return {
+            "kind": self.kind,
+            "seed": self.seed,
+            "task": self.task.name,
+            "n_units": len(self.units()),
+            "truth_sizes": None
+            if self.truth is None
+            else {k: len(v) for k, v in self.truth.items()},
+            "layout": None if self.layout is None else self.layout.to_dict(),
+            "scale_a": self.scale_a,
+            "metrics": self.metrics,
+            "seconds": self.seconds,
+        }
+
+
+def truth_vector(truth: frozenset[Unit] | set[Unit], units: Any) -> Bool[Tensor, " n_units"]:
+    """``truth`` as a boolean vector over ``units`` (a ``UnitMap`` or a list of units)."""
+    if hasattr(units, "units"):
+        units = units.units()
+    return torch.tensor([tuple(u) in truth for u in units], dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------- building
+def _data(cfg: PlantedConfig, seed: int, splits: dict | None):
+    from subroutine_circuits.tasks import get_task, make_splits
+
+    task = get_task(cfg.task)
+    if len(task.predicates) != 2:
+        raise ValueError(f"task {cfg.task!r} must have exactly two predicates (A, B)")
+    if splits is None:
+        data_seed = seed if cfg.data_seed is None else cfg.data_seed
+        splits = make_splits(task, cfg.n_train, seed=data_seed)
+    for kind in ("composite", *(f"sub_{p}" for p in task.predicates)):
+        for split in ("train", "val"):
+            if not splits.get(split, {}).get(kind):
+                raise ValueError(f"splits[{split!r}] has no {kind!r} problems")
+    return task, task.tokenizer(), splits
+
+
+def _mix(splits: dict, split: str, kinds: Sequence[str], n: int | None = None) -> list[Any]:
+    """The problems of several kinds, interleaved (the first ``n`` of each kind if given)."""
+    lists = [splits[split][k][:n] if n is not None else splits[split][k] for k in kinds]
+    out = []
+    for i in range(max(len(x) for x in lists)):
+        out.extend(x[i] for x in lists if i < len(x))
+    return out
+
+
+def _train_part(
+    cfg, kinds: Sequence[str], seed: int, tokenizer, splits
+) -> tuple[Any, dict[str, Any]]:
+    """Train, prune and compact one part on problems of ``kinds``; returns (part, info)."""
+    from subroutine_circuits.models import TrainConfig, make_model, train_ooo
+
+    kinds = list(kinds)
+    kind = "+".join(kinds)
+    t0 = time.perf_counter()
+    part = make_model(cfg.part_spec(), vocab_size=tokenizer.vocab_size, seed=seed)
+    tcfg = TrainConfig(**{"progress": False, "seed": seed, **cfg.train})
+    res = train_ooo(part, _mix(splits, "train", kinds), _mix(splits, "val", kinds), tokenizer, tcfg)
+    info: dict[str, Any] = {
+        "kind": kind,
+        "seed": seed,
+        "val_acc": res.best_val_acc,
+        "train_seconds": res.seconds,
+        "n_units": len(all_units(part)),
+    }
+    kept = set(all_units(part))
+    necessity: dict[Unit, tuple[float, float]] = {}
+    if cfg.prune:
+        n_train = cfg.prune_train_problems // len(kinds)
+        pool = _mix(splits, "val", kinds) + _mix(splits, "train", kinds, n_train)
+        pr = greedy_prune(
+            part,
+            Encoded.of(pool, tokenizer),
+            tol=cfg.prune_tol,
+            loss_tol=cfg.prune_loss_tol,
+            min_effect=cfg.prune_min_effect,
+        )
+        kept = pr.kept
+        necessity = {u: (pr.necessity[u], pr.loss_necessity[u]) for u in kept}
+        info.update(
+            prune_base_acc=pr.base_acc,
+            prune_acc=pr.pruned_acc,
+            prune_base_loss=pr.base_loss,
+            prune_loss=pr.pruned_loss,
+            min_acc_necessity=pr.min_necessity,
+            min_loss_necessity=min(pr.loss_necessity.values(), default=float("nan")),
+            prune_evaluations=pr.evaluations,
+        )
+    part, kept, mapping = compact_part(part, kept, keep_width=not cfg.compact)
+    info["n_kept"] = len(kept)
+    info["necessity"] = {mapping[u]: v for u, v in necessity.items()}
+    val = Encoded.of(_mix(splits, "val", kinds), tokenizer)
+    (info["val_acc_pruned"],), _ = evaluate_ablations(part, val, [set()])
+    info["seconds"] = time.perf_counter() - t0
+    return part, {"kept": kept, **info}
+
+
+@torch.no_grad()
+def _fit_scale(part_a, part_b, cfg, tokenizer, splits) -> tuple[float, dict[str, Any]]:
+    """Block-A scale: equalise the blocks' mean final-embedding norms, then pick the grid
+    multiplier with the best composite *training* accuracy (ties: the one nearest 1)."""
+    from subroutine_circuits.models import final_hidden
+
+    problems = splits["train"]["composite"][: cfg.fit_problems]
+    data = Encoded.of(problems, tokenizer)
+    b, k, pos = data.tokens.shape
+    joined = join_models(part_a, part_b)
+    lay = layout_of(part_a, part_b)
+    emb = final_hidden(joined, data.tokens.view(b * k, pos), data.lengths.view(b * k))
+    norm_a = float(emb[:, lay.resid("A")].norm(dim=-1).mean())
+    norm_b = float(emb[:, lay.resid("B")].norm(dim=-1).mean())
+    base = norm_b / max(norm_a, 1e-12)
+    if not cfg.fit_scale:
+        return 1.0, {"norm_a": norm_a, "norm_b": norm_b}
+    results = []
+    for g in cfg.scale_grid:
+        (acc,), _ = evaluate_ablations(join_models(part_a, part_b, scale_a=base * g), data, [set()])
+        results.append((acc, -abs(math.log(g)), g))
+    acc, _, g = max(results)
+    return base * g, {"norm_a": norm_a, "norm_b": norm_b, "fit_acc": acc, "grid_factor": g}
+
+
+@torch.no_grad()
+def describe(
+    model: Any, task: Any, tokenizer: Any, splits: dict, layout: BlockLayout | None = None
+) -> dict[str, Any]:
+    """Validation accuracies of a joined model: every problem kind, with nothing ablated, with
+    every unit ablated (the bypass check: must be near chance) and, given a ``layout``, with one
+    block's units ablated (``onlyA_*`` keeps block A only)."""
+    units = all_units(model)
+    configs: dict[str, set[Unit]] = {"full": set(), "none": set(units)}
+    if layout is not None:
+        configs["onlyA"] = layout.units("B") & set(units)
+        configs["onlyB"] = layout.units("A") & set(units)
+    kinds = ["composite", *(f"sub_{p}" for p in task.predicates)]
+    kinds += [f"partition_{p}" for p in task.predicates]
+    out: dict[str, Any] = {}
+    for kind in kinds:
+        problems = splits["val"].get(kind)
+        if not problems:
+            continue
+        accs, _ = evaluate_ablations(model, Encoded.of(problems, tokenizer), list(configs.values()))
+        for name, acc in zip(configs, accs):
+            out[f"{name}_{kind}"] = acc
+    return out
+
+
+def build_modular(
+    seed: int, cfg: PlantedConfig | None = None, splits: dict | None = None
+) -> PlantedModel:
+    """A modular planted model: block A trained on ``sub_A``, block B on ``sub_B``."""
+    return _build_joined("modular", seed, cfg, splits)
+
+
+def build_redundant(
+    seed: int, cfg: PlantedConfig | None = None, splits: dict | None = None
+) -> PlantedModel:
+    """A redundant planted model: both blocks trained on the composite task (other seeds)."""
+    return _build_joined("redundant", seed, cfg, splits)
+
+
+def _build_joined(kind: str, seed: int, cfg: PlantedConfig | None, splits) -> PlantedModel:
+    cfg = cfg if cfg is not None else PlantedConfig()
+    cfg.validate()
+    t0 = time.perf_counter()
+    task, tok, splits = _data(cfg, seed, splits)
+    pa, pb = task.predicates
+    if kind == "modular":
+        kinds = ([f"sub_{pa}"], [f"sub_{pb}"])
+    else:  # each block computes both subroutines (and solves their own problems)
+        both = ["composite", f"sub_{pa}", f"sub_{pb}"] if cfg.redundant_on_subs else ["composite"]
+        kinds = (both, both)
+    offset = 0 if kind == "modular" else 500
+    part_a, info_a = _train_part(cfg, kinds[0], 1000 * seed + offset + 1, tok, splits)
+    part_b, info_b = _train_part(cfg, kinds[1], 1000 * seed + offset + 2, tok, splits)
+    scale, fit = _fit_scale(part_a, part_b, cfg, tok, splits)
+    model = join_models(part_a, part_b, scale_a=scale)
+    lay = layout_of(part_a, part_b)
+    truth = None
+    kept_a, kept_b = info_a.pop("kept"), info_b.pop("kept")
+    nec_a, nec_b = info_a.pop("necessity"), info_b.pop("necessity")
+    necessity = {_to_joined(u, lay, "A"): v for u, v in nec_a.items()}
+    necessity.update({_to_joined(u, lay, "B"): v for u, v in nec_b.items()})
+    if kind == "modular":
+        truth = {
+            pa: frozenset(_to_joined(u, lay, "A") for u in kept_a),
+            pb: frozenset(_to_joined(u, lay, "B") for u in kept_b),
+        }
+    metrics = {"part_a": info_a, "part_b": info_b, "scale_fit": fit}
+    metrics["joined"] = describe(model, task, tok, splits, lay)
+    return PlantedModel(
+        kind, seed, model, task, tok, splits, truth, lay, scale, metrics,
+        time.perf_counter() - t0, necessity,
+    )  # fmt: skip
+
+
+def _to_joined(unit: Unit, layout: BlockLayout, block: str) -> Unit:
+    layer, kind, idx = unit
+    if block == "A":
+        return (layer, kind, idx)
+    return (layer, kind, idx + (layout.n_heads_a if kind == "head" else layout.d_mlp_a))
+
+
+def build_random(
+    seed: int,
+    cfg: PlantedConfig | None = None,
+    splits: dict | None = None,
+    like: Any = None,
+) -> PlantedModel:
+    """A random-init model of the joined architecture (of ``like``, a joined model, if given;
+    else of two unpruned parts of ``cfg``)."""
+    from subroutine_circuits.models import ModelSpec, make_model
+
+    cfg = cfg if cfg is not None else PlantedConfig()
+    cfg.validate()
+    t0 = time.perf_counter()
+    task, tok, splits = _data(cfg, seed, splits)
+    if like is None:
+        part = make_model(cfg.part_spec(), vocab_size=tok.vocab_size, seed=0)
+        spec = joined_spec(part, part)
+    else:
+        from subroutine_circuits.models.presets import POOL_ATTR
+
+        c = like.cfg
+        spec = ModelSpec(
+            "tiny", attention=c.attention_dir, n_ctx=int(c.n_ctx),
+            pool=getattr(like, POOL_ATTR, "last"), n_layers=int(c.n_layers),
+            d_model=int(c.d_model), n_heads=int(c.n_heads), d_head=int(c.d_head),
+            d_mlp=int(c.d_mlp), act_fn=c.act_fn, normalization_type=c.normalization_type,
+        )  # fmt: skip
+    model = make_model(spec, vocab_size=tok.vocab_size, seed=1000 * seed + 999)
+    metrics = {"joined": describe(model, task, tok, splits)}
+    return PlantedModel(
+        "random_init", seed, model, task, tok, splits, None, None, 1.0, metrics,
+        time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def build_planted(
+    kind: str, seed: int, cfg: PlantedConfig | None = None, splits: dict | None = None
+) -> PlantedModel:
+    """Build a planted model of ``kind`` (one of :data:`KINDS`)."""
+    if kind == "modular":
+        return build_modular(seed, cfg, splits)
+    if kind == "redundant":
+        return build_redundant(seed, cfg, splits)
+    if kind == "random_init":
+        return build_random(seed, cfg, splits)
+    raise ValueError(f"unknown planted model kind {kind!r}; choose one of {list(KINDS)}")
+
+
+def block_units(planted: PlantedModel, block: str) -> Sequence[Unit]:
+    """The units of ``block`` (``"A"``/``"B"``) of a joined planted model, sorted."""
+    if planted.layout is None:
+        raise ValueError(f"a {planted.kind!r} planted model has no blocks")
+    return sorted(planted.layout.units(block))

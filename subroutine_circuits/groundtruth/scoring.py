@@ -1,0 +1,216 @@
+"""Score unit rankings and kept sets against a planted truth; rows of ``groundtruth.csv``.
+
+Conventions: a higher unit score means "more part of the subnetwork". For a mask the score is
+its continuous parameter (hard concrete: ``log_alpha``; continuous sparsification: the logit
+``s``; a fixed mask: 1 kept / 0 dropped); for patching scores the caller decides the sign (an
+effect can be negative: ``use_abs=True`` ranks by magnitude).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+#: Columns of ``groundtruth.csv`` in order (``verdict`` is filled by the experiment).
+ROW_FIELDS = (
+    "model_kind",
+    "seed",
+    "subroutine",
+    "method",
+    "roc_auc",
+    "precision",
+    "recall",
+    "n_units",
+    "n_truth",
+    "n_kept",
+    "verdict",
+)
+
+
+def _as_vectors(scores: Any, truth: Any) -> tuple[Float[Tensor, " n"], Bool[Tensor, " n"]]:
+    scores = torch.as_tensor(scores).detach().reshape(-1).double().cpu()
+    truth = torch.as_tensor(truth).detach().reshape(-1).cpu()
+    if truth.dtype != torch.bool:
+        if not bool(((truth == 0) | (truth == 1)).all()):
+            raise ValueError("truth must be boolean (or 0/1)")
+        truth = truth.bool()
+    if scores.numel() != truth.numel():
+        raise ValueError(
+            f"scores has {scores.numel()} units but truth has {truth.numel()}: align both to "
+            "the same unit order (PlantedModel.truth_vector(subroutine, unit_map))"
+        )
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("unit scores contain NaN or inf")
+    return scores, truth
+
+
+def score_units(unit_scores: Any, truth_bool: Any) -> float:
+    """ROC AUC of ``unit_scores`` against the planted units ``truth_bool``.
+
+    The probability that a planted unit scores higher than a non-planted one, ties counting a
+    half (the Mann-Whitney U statistic over ``n_pos * n_neg``, with average ranks for ties).
+    NaN when every unit or no unit is planted.
+    """
+    scores, truth = _as_vectors(unit_scores, truth_bool)
+    n_pos = int(truth.sum())
+    n_neg = truth.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    # average ranks (1-based) with ties sharing their mean rank
+    sorted_scores, order = torch.sort(scores)
+    ranks = torch.empty_like(scores)
+    n = scores.numel()
+    i = 0
+    values = sorted_scores.tolist()
+    while i < n:
+        j = i
+        while j + 1 < n and values[j + 1] == values[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = float(ranks[truth].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def precision_recall(kept: Any, truth_bool: Any) -> tuple[float, float]:
+    """``(precision, recall)`` of a kept set against the planted units.
+
+    precision = |kept & truth| / |kept| (NaN if nothing is kept), recall = |kept & truth| /
+    |truth| (NaN if nothing is planted).
+    """
+    kept_t = torch.as_tensor(kept).detach().reshape(-1).cpu()
+    kept_t, truth = _as_vectors(kept_t.double(), truth_bool)
+    if not bool(((kept_t == 0) | (kept_t == 1)).all()):
+        raise ValueError("kept must be boolean (or 0/1)")
+    kept_b = kept_t.bool()
+    hit = int((kept_b & truth).sum())
+    n_kept, n_truth = int(kept_b.sum()), int(truth.sum())
+    precision = hit / n_kept if n_kept else float("nan")
+    recall = hit / n_truth if n_truth else float("nan")
+    return precision, recall
+
+
+def mask_unit_scores(mask: Any) -> Float[Tensor, " n_units"]:
+    """A unit mask's continuous scores in its flat (unit map) order (see the module docstring)."""
+    parts = getattr(mask, "parts", None)
+    if parts is None:
+        raise ValueError(f"{type(mask).__name__} has no mask parts; pass a masks.UnitMask")
+    out = []
+    for p in parts:
+        if hasattr(p, "log_alpha"):
+            v = p.log_alpha
+        elif hasattr(p, "logits"):
+            v = p.logits
+        else:
+            v = p.binary().float()
+        out.append(v.detach().reshape(-1).float().cpu())
+    return torch.cat(out)
+
+
+def top_k_kept(scores: Any, k: int) -> Bool[Tensor, " n"]:
+    """The ``k`` highest-scoring units (ties broken by unit order), e.g. at the planted size."""
+    scores = torch.as_tensor(scores).detach().reshape(-1).double().cpu()
+    if not 0 <= k <= scores.numel():
+        raise ValueError(f"k must be in [0, {scores.numel()}], got {k}")
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[torch.sort(-scores, stable=True).indices[:k]] = True
+    return keep
+
+
+def groundtruth_row(
+    planted: Any,
+    subroutine: str,
+    method: str,
+    scores: Any,
+    kept: Any = None,
+    units: Any = None,
+    use_abs: bool = False,
+    verdict: Any = None,
+) -> dict[str, Any]:
+    """One row of ``groundtruth.csv`` for a method's unit scores on a planted model.
+
+    ``planted``: a ``PlantedModel``; ``scores``: one score per unit of ``units`` (a
+    ``masks.UnitMap`` or a list of ``(layer, kind, index)``; default every head and neuron in
+    ``UnitMap.from_model`` order); ``kept``: the method's kept set over the same units (``None``:
+    precision and recall are NaN). For planted kinds without a unit-level truth (redundant,
+    random-init) ``roc_auc``, ``precision`` and ``recall`` are NaN; the row still carries the
+    verdict.
+    """
+    scores_t = torch.as_tensor(scores).detach().reshape(-1).double().cpu()
+    if use_abs:
+        scores_t = scores_t.abs()
+    unit_list = units if units is not None else planted.units()
+    if hasattr(unit_list, "units"):
+        unit_list = unit_list.units()
+    if scores_t.numel() != len(unit_list):
+        raise ValueError(
+            f"{method}: {scores_t.numel()} scores for {len(unit_list)} units (pass the unit map "
+            "the scores were computed over)"
+        )
+    row: dict[str, Any] = {
+        "model_kind": planted.kind,
+        "seed": planted.seed,
+        "subroutine": subroutine,
+        "method": method,
+        "roc_auc": float("nan"),
+        "precision": float("nan"),
+        "recall": float("nan"),
+        "n_units": len(unit_list),
+        "n_truth": float("nan"),
+        "n_kept": float("nan") if kept is None else int(torch.as_tensor(kept).sum()),
+        "verdict": verdict,
+    }
+    if planted.truth is None:
+        if subroutine not in planted.subroutines:
+            raise ValueError(
+                f"unknown subroutine {subroutine!r}; the task has {list(planted.subroutines)}"
+            )
+        return row
+    truth = planted.truth_vector(subroutine, unit_list)
+    row["n_truth"] = int(truth.sum())
+    row["roc_auc"] = score_units(scores_t, truth)
+    if kept is not None:
+        row["precision"], row["recall"] = precision_recall(kept, truth)
+    return row
+
+
+def mask_row(planted: Any, subroutine: str, mask: Any, verdict: Any = None) -> dict[str, Any]:
+    """:func:`groundtruth_row` for a trained ``UnitMask`` (method ``"mask"``): its continuous
+    scores rank the units, its binary mask is the kept set, its unit map aligns the truth."""
+    unit_map = getattr(mask, "unit_map", None)
+    if unit_map is None:
+        raise ValueError("mask_row needs a masks.UnitMask (a weight mask has no units)")
+    return groundtruth_row(
+        planted,
+        subroutine,
+        "mask",
+        mask_unit_scores(mask),
+        kept=mask.flat_binary(),
+        units=unit_map,
+        verdict=verdict,
+    )
+
+
+def error_rates(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Verdict error rates over rows with a boolean ``verdict`` (others are ignored).
+
+    ``missed_compositional``: share of modular-model rows not called compositional;
+    ``false_compositional``: share of redundant / random-init rows called compositional.
+    """
+    mod = [r["verdict"] for r in rows if r["model_kind"] == "modular" and _is_bool(r["verdict"])]
+    non = [r["verdict"] for r in rows if r["model_kind"] != "modular" and _is_bool(r["verdict"])]
+    return {
+        "missed_compositional": (sum(not v for v in mod) / len(mod)) if mod else math.nan,
+        "false_compositional": (sum(bool(v) for v in non) / len(non)) if non else math.nan,
+        "n_modular": len(mod),
+        "n_non_compositional": len(non),
+    }
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool) or (hasattr(v, "dtype") and str(v.dtype) == "bool")

@@ -1,0 +1,175 @@
+"""Planted models: structure, the defining behaviour of each kind, pruning, and mask recovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from subroutine_circuits.groundtruth.planted import (
+    PlantedConfig,
+    build_modular,
+    build_planted,
+    build_random,
+    build_redundant,
+)
+from subroutine_circuits.groundtruth.prune import (
+    Encoded,
+    all_units,
+    evaluate_ablations,
+    greedy_prune,
+)
+
+SMALL = PlantedConfig(n_train=200)
+
+
+@pytest.fixture(scope="module")
+def modular():
+    torch.set_num_threads(1)
+    return build_modular(0, SMALL)
+
+
+def _hand_eval(model, data, units):
+    """Independent accuracy / loss of one zero-ablation config (plain TL hooks, one pass)."""
+    from subroutine_circuits.models import ooo_logits
+
+    def zero(idx):
+        def fn(x, hook):
+            x = x.clone()
+            x[:, :, idx] = 0.0
+            return x
+
+        return fn
+
+    hooks = []
+    for layer in range(model.cfg.n_layers):
+        for kind, name in (("head", "attn.hook_z"), ("neuron", "mlp.hook_post")):
+            idx = [i for (lay, k, i) in units if lay == layer and k == kind]
+            if idx:
+                hooks.append((f"blocks.{layer}.{name}", zero(idx)))
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        logits = ooo_logits(model, data.tokens, data.lengths)
+    acc = float((logits.argmax(-1) == data.odd).float().mean())
+    return acc, float(F.cross_entropy(logits, data.odd))
+
+
+def test_evaluate_ablations_matches_one_config_at_a_time(modular):
+    model = modular.model
+    data = Encoded.of(modular.splits["val"]["composite"][:30], modular.tokenizer)
+    units = all_units(model)
+    configs = [set(), {units[0]}, set(units[::3]), set(units)]
+    accs, losses = evaluate_ablations(model, data, configs, max_rows=50)  # several passes
+    for cfg, acc, loss in zip(configs, accs, losses):
+        want_acc, want_loss = _hand_eval(model, data, cfg)
+        assert acc == pytest.approx(want_acc, abs=1e-6)
+        assert loss == pytest.approx(want_loss, rel=1e-4)
+
+
+def test_modular_truth_is_block_structured(modular):
+    a, b = modular.subroutines
+    lay = modular.layout
+    ta, tb = modular.truth[a], modular.truth[b]
+    assert ta and tb and not (ta & tb)
+    assert ta <= lay.units("A") and tb <= lay.units("B")
+    # compacted: every unit of the joined model is planted for A or for B, except for slots
+    # kept only to give each layer the same width
+    vec = modular.truth_vector(a)
+    assert vec.shape == (len(all_units(modular.model)),) and int(vec.sum()) == len(ta)
+    from subroutine_circuits.masks import UnitMap
+
+    um = UnitMap.from_model(modular.model)
+    assert um.units() == modular.units()
+    assert torch.equal(modular.truth_vector(a, um), vec)
+    with pytest.raises(ValueError, match="subroutine"):
+        modular.truth_vector("nope")
+
+
+def test_modular_blocks_compute_their_subroutine(modular):
+    a, b = modular.subroutines
+    m = modular.metrics["joined"]
+    assert m["full_composite"] >= 0.9
+    assert m["none_composite"] <= 0.4  # no bypass: every unit ablated -> near chance
+    # block A alone solves A's partition and not B's; block B the reverse
+    assert m[f"onlyA_partition_{a}"] >= 0.9 and m[f"onlyA_partition_{b}"] <= 0.45
+    assert m[f"onlyB_partition_{b}"] >= 0.9 and m[f"onlyB_partition_{a}"] <= 0.45
+    for part in ("part_a", "part_b"):
+        info = modular.metrics[part]
+        assert info["val_acc_pruned"] >= 0.9
+        assert info["n_kept"] < info["n_units"]
+
+
+def test_greedy_prune_removes_dead_units_and_keeps_only_needed_ones(modular):
+    from subroutine_circuits.groundtruth.prune import compact_part
+
+    model = modular.model
+    a = modular.subroutines[0]
+    data = Encoded.of(modular.splits["val"][f"sub_{a}"][:40], modular.tokenizer)
+    # plant dead units: keep the full architecture but zero every block-B unit
+    live = set(all_units(model)) - modular.layout.units("B")
+    dead_model, _, _ = compact_part(model, live, keep_width=True)
+    res = greedy_prune(dead_model, data, tol=0.05, loss_tol=0.1, min_effect=0.02)
+    assert res.kept and not (res.kept & modular.layout.units("B"))
+    removed = set(all_units(dead_model)) - res.kept
+    base_acc, base_loss = _hand_eval(dead_model, data, set())
+    acc, loss = _hand_eval(dead_model, data, removed)
+    assert res.base_acc == pytest.approx(base_acc, abs=1e-6)
+    assert res.pruned_acc == pytest.approx(acc, abs=1e-6)
+    assert res.pruned_loss == pytest.approx(loss, rel=1e-4)
+    for u in res.kept:  # every kept unit is needed: its removal costs at least min_effect
+        _, loss_u = _hand_eval(dead_model, data, removed | {u})
+        assert loss_u - loss >= 0.02 - 1e-5
+        assert res.loss_necessity[u] == pytest.approx(loss_u - loss, abs=1e-4)
+    # without the minimum-effect rule the kept set stays within the tolerances
+    res0 = greedy_prune(dead_model, data, tol=0.05, loss_tol=0.1, min_effect=0.0)
+    acc0, loss0 = _hand_eval(dead_model, data, set(all_units(dead_model)) - res0.kept)
+    assert acc0 >= base_acc - 0.05 - 1e-6 and loss0 <= base_loss + 0.1 + 1e-5
+    assert res.kept <= res0.kept
+
+
+def test_mask_from_existing_engine_recovers_block(modular):
+    from subroutine_circuits.experiment.config import MaskSearchConfig
+    from subroutine_circuits.experiment.search import encode, train_mask
+    from subroutine_circuits.groundtruth.scoring import mask_row
+
+    a = modular.subroutines[0]
+    train = encode(modular.splits["train"][f"sub_{a}"], modular.tokenizer)
+    mask = train_mask(modular.model, train, MaskSearchConfig(), {}, seed=0, pool="last")
+    row = mask_row(modular, a, mask)
+    assert row["roc_auc"] >= 0.95
+    assert row["precision"] >= 0.8 and row["recall"] >= 0.8
+
+
+def test_joined_model_round_trips_through_checkpoint(modular, tmp_path):
+    from subroutine_circuits.models import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "m", modular.model, modular.tokenizer, {"kind": "modular"})
+    loaded, _, _ = load_checkpoint(tmp_path / "m")
+    tokens = torch.randint(1, modular.tokenizer.vocab_size, (2, 6))
+    torch.testing.assert_close(loaded(tokens), modular.model(tokens))
+
+
+def test_redundant_blocks_each_solve_the_composite():
+    p = build_redundant(0, SMALL)
+    assert p.truth is None
+    m = p.metrics["joined"]
+    assert m["full_composite"] >= 0.9
+    # no single block is necessary: either block alone still solves both partitions far above
+    # chance (0.25); alone it is below the joined model because the ablated block still adds
+    # its embeddings to the readout
+    for only in ("onlyA", "onlyB"):
+        for sub in p.subroutines:
+            assert m[f"{only}_partition_{sub}"] >= 0.6
+    with pytest.raises(ValueError, match="ground truth"):
+        p.truth_vector(p.subroutines[0])
+
+
+def test_random_init_and_bad_kind(modular):
+    r = build_random(0, SMALL, splits=modular.splits, like=modular.model)
+    assert r.truth is None and r.kind == "random_init"
+    assert r.model.cfg.d_model == modular.model.cfg.d_model
+    assert r.model.cfg.n_heads == modular.model.cfg.n_heads
+    assert r.metrics["joined"]["full_composite"] <= 0.45
+    with pytest.raises(ValueError, match="kind"):
+        build_planted("entangled", 0, SMALL)
+    with pytest.raises(ValueError, match="n_train"):
+        build_planted("modular", 0, PlantedConfig(n_train=0))
