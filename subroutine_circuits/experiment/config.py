@@ -95,6 +95,9 @@ class ExperimentConfig:
     )
     workers: int = 1
     device: str = "auto"
+    # how base-model jobs run: "auto" (worker processes when workers > 1, else in-process),
+    # "inprocess" or "processes" (see experiment.executors)
+    executor: str = "auto"
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent setting."""

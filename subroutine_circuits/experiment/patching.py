@@ -1,6 +1,8 @@
-"""Patching experiment for one subroutine: scores, circuits, comparison with its mask.
+"""The study's patching driver: for one subroutine of a task, patching scores, circuits and
+their comparison with the subroutine's mask.
 
-:func:`run_patching` is what the experiment runner and ``subroutine-circuits patch`` call.
+:func:`run_patching` is what the experiment's patching stage and ``subroutine-circuits patch``
+call; it uses the generic library :mod:`subroutine_circuits.patching`.
 For OOO models (embed 4 stimuli, L2-normalise, ``s_i = -sum_{j != i} <x_i, x_j>``) the metric of
 a minimal pair for subroutine ``p`` is the oddness score of the stimulus among 3 fixed context
 stimuli that satisfy the rule (their embeddings are computed once, unpatched); the clean input
@@ -24,13 +26,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from subroutine_circuits.patching.activation import (
-    Group,
-    PatchScores,
-    activation_patching,
-    merge_scores,
-    unit_groups,
-)
+from subroutine_circuits.adapters import as_adapter
+from subroutine_circuits.masks.units import UnitGroup
+from subroutine_circuits.patching.activation import activation_patching
 from subroutine_circuits.patching.attribution import attribution_patching, integrated_gradients
 from subroutine_circuits.patching.circuits import (
     DEFAULT_FRACTIONS,
@@ -41,6 +39,8 @@ from subroutine_circuits.patching.circuits import (
     top_k_circuit,
 )
 from subroutine_circuits.patching.compare import compare_with_mask
+from subroutine_circuits.patching.scores import PatchScores, merge_scores
+from subroutine_circuits.utils import CHANCE, clipped_diff
 
 METHODS = ("activation", "attribution", "integrated_gradients")
 READOUT_KINDS = ("ooo", "label")
@@ -121,14 +121,13 @@ class PairData:
     texts: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+def _adapter(model, tokenizer=None, pool: str | None = None):
+    """The model's adapter (with the task's tokenizer and the readout's pooling)."""
+    from subroutine_circuits.adapters.base import ModelAdapter
 
-
-def _pool(model, pool: str | None) -> str:
-    from subroutine_circuits.models.readout import resolve_pool
-
-    return resolve_pool(model, pool)
+    if isinstance(model, ModelAdapter):
+        return model
+    return as_adapter(model, tokenizer=tokenizer, pool=pool)
 
 
 def sample_pairs(
@@ -180,9 +179,13 @@ def _label_metric(yes_id: int, no_id: int):
 
 @torch.no_grad()
 def build_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig) -> PairData:
-    """Sample minimal pairs, tokenise, group by length and attach each group's metric."""
+    """Sample minimal pairs, tokenise, group by length and attach each group's metric.
+
+    ``model`` is the model or its adapter."""
+    adapter = _adapter(model, tokenizer, cfg.pool)
+    model = adapter.model
     pairs = sample_pairs(task, subroutine, cfg.n_pairs, cfg.seed)
-    device = _device(model)
+    device = adapter.device
     by_len: dict[int, list[int]] = {}
     enc = []
     for i, (clean, corr, _) in enumerate(pairs):
@@ -198,16 +201,11 @@ def build_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig
         by_len.setdefault(len(a), []).append(i)
     batches = []
     if cfg.readout == "ooo":
-        from subroutine_circuits.models.readout import final_hidden
-
-        pool = _pool(model, cfg.pool)
-        readout = {"last": "hidden_last", "mean": "hidden_mean"}[pool]
+        readout = {"last": "hidden_last", "mean": "hidden_mean"}[adapter.pool]
         for _, idx in sorted(by_len.items()):
             ctx_texts = [t for i in idx for t in pairs[i][2]]
-            toks, lens = tokenizer.encode_batch(ctx_texts)
-            emb = final_hidden(
-                model, torch.as_tensor(toks).to(device), torch.as_tensor(lens).to(device), pool
-            )
+            ctx = {k: v.to(device) for k, v in adapter.encode_stimuli(ctx_texts).items()}
+            emb = adapter.embed(ctx)
             ctx_sum = F.normalize(emb.float(), dim=-1).view(len(idx), -1, emb.shape[-1]).sum(1)
             batches.append(_make_batch(enc, idx, device, _oddness_metric(ctx_sum)))
     else:
@@ -228,7 +226,7 @@ def _make_batch(enc, idx, device, metric) -> PatchBatch:
 
 
 def patching_scores(
-    model, data: PairData, groups: Sequence[Group], method: str, cfg: PatchingConfig
+    model, data: PairData, groups: Sequence[UnitGroup], method: str, cfg: PatchingConfig
 ) -> PatchScores:
     """Scores of one method over all length groups (merged, weighted by pair counts)."""
     parts = []
@@ -278,13 +276,12 @@ def cross_ablation(
     """Ablate each circuit and measure OOO accuracy on the target and other partitions, as the
     mask experiment does (``UnitMask.fixed`` keeping the complement; ``zero`` ablation, or
     ``mean`` values from the ``sub_<subroutine>`` test problems). One dict per circuit with
-    ``abl_target_acc``, ``abl_other_acc`` and ``abl_diff`` (clipped at chance 0.25)."""
+    ``abl_target_acc``, ``abl_other_acc`` and ``abl_diff`` (clipped at chance)."""
     from subroutine_circuits.masks import UnitMask
-    from subroutine_circuits.models import encode_problems, ooo_accuracy
 
+    adapter = _adapter(model, tokenizer, cfg.pool)
     if isinstance(circuits, Tensor) and circuits.ndim == 1:
         circuits = [circuits]
-    pool = _pool(model, cfg.pool)
     target_kind, other_kind = f"partition_{subroutine}", f"partition_{other}"
     for kind in (target_kind, other_kind):
         if not test_problems.get(kind):
@@ -295,23 +292,20 @@ def cross_ablation(
     if cfg.cross_ablation == "mean":
         base = UnitMask.fixed(unit_map, torch.ones(unit_map.n_units, dtype=torch.bool), "mean")
         ref = test_problems.get(f"sub_{subroutine}") or test_problems[target_kind]
-        toks, lens, _ = encode_problems(ref, tokenizer)
-        b, k, pos = toks.shape
-        dev = _device(model)
-        base.set_mean(model, toks.reshape(b * k, pos).to(dev), lens.reshape(b * k).to(dev))
+        enc = adapter.encode_problems(ref).to(adapter.device)
+        base.set_mean(adapter, enc.flat_inputs())
         values = base.ablation_values
+    data = {
+        kind: adapter.encode_problems(test_problems[kind]) for kind in (target_kind, other_kind)
+    }
     results = []
-    chance = 0.25
     for circuit in circuits:
         fm = UnitMask.fixed(unit_map, ~circuit.bool().cpu(), ablation=cfg.cross_ablation)
         fm.ablation_values = dict(values)
         out = {}
-        with fm.applied(model):
-            for name, kind in (("target", target_kind), ("other", other_kind)):
-                out[f"abl_{name}_acc"] = ooo_accuracy(
-                    model, test_problems[kind], tokenizer, pool, cfg.batch_size
-                )
-        out["abl_diff"] = max(out["abl_target_acc"], chance) - max(out["abl_other_acc"], chance)
+        for name, kind in (("target", target_kind), ("other", other_kind)):
+            out[f"abl_{name}_acc"] = adapter.accuracy(data[kind], fm, cfg.batch_size)
+        out["abl_diff"] = clipped_diff(out["abl_target_acc"], out["abl_other_acc"], CHANCE)
         results.append(out)
     return results
 
@@ -336,23 +330,24 @@ def run_patching(
     partition problems). With ``cfg.out_dir`` the per-unit scores go to
     ``scores_[<meta values>_]<subroutine>_<method>.pt`` (key ``scores_file``).
     """
-    from subroutine_circuits.masks import UnitMap
+    from subroutine_circuits.patching.scores import resolve_groups
 
     cfg = cfg or PatchingConfig()
+    adapter = _adapter(model, tokenizer, cfg.pool)
     if mask is not None and not hasattr(mask, "unit_map"):
         raise ValueError("patching compares with unit masks only (this mask has no unit_map)")
-    unit_map = mask.unit_map if mask is not None else UnitMap.from_model(model, kinds=cfg.kinds)
-    groups = unit_groups(model, unit_map)
+    unit_map = mask.unit_map if mask is not None else adapter.unit_map(kinds=cfg.kinds)
+    groups = resolve_groups(adapter, unit_map)
     n = sum(g.size for g in groups)
     others = [p for p in task.predicates if p != subroutine]
-    data = build_pair_data(model, tokenizer, task, subroutine, cfg)
-    model.eval()
+    data = build_pair_data(adapter, tokenizer, task, subroutine, cfg)
+    adapter.model.eval()
     rows = []
     for method in cfg.methods:
-        res = patching_scores(model, data, groups, method, cfg)
+        res = patching_scores(adapter, data, groups, method, cfg)
         scores = res.flat()
         curve = faithfulness_curve(
-            model,
+            adapter,
             data.batches,
             groups,
             scores,
@@ -363,7 +358,7 @@ def run_patching(
             cfg.chunk_rows,
         )
         faithful, f_faithful = smallest_faithful_circuit(
-            model,
+            adapter,
             data.batches,
             groups,
             scores,
@@ -398,7 +393,7 @@ def run_patching(
         row["k"] = int(circuit.sum())
         ends = torch.stack([circuit, torch.ones_like(circuit), torch.zeros_like(circuit)])
         m_k, m_full, m_empty = circuit_metrics(
-            model, data.batches, groups, ends, cfg.curve_ablation, data.readout, cfg.chunk_rows
+            adapter, data.batches, groups, ends, cfg.curve_ablation, data.readout, cfg.chunk_rows
         ).tolist()
         row["f_k"] = (m_k - m_empty) / (m_full - m_empty) if m_full != m_empty else math.nan
         if mask is not None:
@@ -419,7 +414,7 @@ def run_patching(
             ks = sorted({int(round(f * n)) for f in cfg.ablation_curve_fractions})
             circuits = [circuit] + [top_k_circuit(scores, k, cfg.use_abs) for k in ks]
             res_abl = cross_ablation(
-                model, tokenizer, unit_map, circuits, test_problems, subroutine, others[0], cfg
+                adapter, tokenizer, unit_map, circuits, test_problems, subroutine, others[0], cfg
             )
             row.update(res_abl[0])
             acc_curve = {
@@ -452,3 +447,18 @@ def run_patching(
             row["scores_file"] = path.name
         rows.append(row)
     return rows
+
+
+def jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Convert tensors / numpy scalars in result rows to plain Python values."""
+    clean = []
+    for r in rows:
+        d = {}
+        for k, v in r.items():
+            if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+                v = v.item()
+            elif hasattr(v, "tolist"):
+                v = v.tolist()
+            d[k] = v
+        clean.append(d)
+    return clean
