@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from experiment_fixtures import SUBS, make_experiment, save_fixture_mask, synth_units  # noqa: F401
+from experiment_fixtures import D_MLP, N_HEADS, N_LAYERS, SUBS, make_experiment, synth_units  # noqa: F401
 from scipy.stats import norm
 
 from subroutine_circuits.analysis import summary as stats

@@ -18,6 +18,7 @@ import torch
 from conftest import make_tiny_transformer
 from experiment_fixtures import make_experiment
 
+from subroutine_circuits.adapters import tl_unit_map
 from subroutine_circuits.report import build_report
 from subroutine_circuits.report import html as rhtml
 
