@@ -338,115 +338,157 @@ def run_patching(
         raise ValueError("patching compares with unit masks only (this mask has no unit_map)")
     unit_map = mask.unit_map if mask is not None else adapter.unit_map(kinds=cfg.kinds)
     groups = resolve_groups(adapter, unit_map)
-    n = sum(g.size for g in groups)
     others = [p for p in task.predicates if p != subroutine]
     data = build_pair_data(adapter, tokenizer, task, subroutine, cfg)
     adapter.model.eval()
-    rows = []
-    for method in cfg.methods:
-        res = patching_scores(adapter, data, groups, method, cfg)
-        scores = res.flat()
-        curve = faithfulness_curve(
-            adapter,
-            data.batches,
-            groups,
-            scores,
-            cfg.fractions,
-            cfg.curve_ablation,
-            data.readout,
-            cfg.use_abs,
-            cfg.chunk_rows,
-        )
-        faithful, f_faithful = smallest_faithful_circuit(
-            adapter,
-            data.batches,
-            groups,
-            scores,
-            cfg.faithfulness_target,
-            cfg.curve_ablation,
-            data.readout,
-            cfg.use_abs,
-            cfg.chunk_rows,
-        )
-        row: dict[str, Any] = {
-            **cfg.meta,
-            "subroutine": subroutine,
-            "method": method,
-            "n_pairs": data.n_pairs,
-            "n_units": n,
-            "clean_metric": res.clean_metric,
-            "corr_metric": res.corr_metric,
-            "cpr": curve.cpr,
-            "cmd": curve.cmd,
-            "k_faithful": int(faithful.sum()),
-            "f_faithful": f_faithful,
-            "jaccard": math.nan,
-            "spearman": math.nan,
-            "roc_auc": math.nan,
-        }
-        if isinstance(cfg.circuit_size, int):
-            circuit = top_k_circuit(scores, cfg.circuit_size, cfg.use_abs)
-        elif cfg.circuit_size == "mask" and mask is not None:
-            circuit = top_k_circuit(scores, int(mask.flat_binary().sum()), cfg.use_abs)
-        else:
-            circuit = faithful
-        row["k"] = int(circuit.sum())
-        ends = torch.stack([circuit, torch.ones_like(circuit), torch.zeros_like(circuit)])
-        m_k, m_full, m_empty = circuit_metrics(
-            adapter, data.batches, groups, ends, cfg.curve_ablation, data.readout, cfg.chunk_rows
-        ).tolist()
-        row["f_k"] = (m_k - m_empty) / (m_full - m_empty) if m_full != m_empty else math.nan
-        if mask is not None:
-            keep = mask.flat_binary().bool().cpu()
-            row.update(
-                {
-                    k: v
-                    for k, v in compare_with_mask(
-                        scores, keep, mask_unit_params(mask), cfg.use_abs
-                    ).items()
-                    if k != "k"
-                }
-            )
-            row["mask_k"] = int(keep.sum())
-        row.update({"abl_target_acc": math.nan, "abl_other_acc": math.nan, "abl_diff": math.nan})
-        acc_curve = None
-        if cfg.readout == "ooo" and test_problems and others:
-            ks = sorted({int(round(f * n)) for f in cfg.ablation_curve_fractions})
-            circuits = [circuit] + [top_k_circuit(scores, k, cfg.use_abs) for k in ks]
-            res_abl = cross_ablation(
-                adapter, tokenizer, unit_map, circuits, test_problems, subroutine, others[0], cfg
-            )
-            row.update(res_abl[0])
-            acc_curve = {
-                "k": ks,
-                "target_acc": [r["abl_target_acc"] for r in res_abl[1:]],
-                "other_acc": [r["abl_other_acc"] for r in res_abl[1:]],
-            }
-        if cfg.out_dir is not None:
-            from subroutine_circuits.utils import atomic_torch_save
+    ctx = _PatchContext(adapter, tokenizer, subroutine, unit_map, groups, data, mask, cfg)
+    return [
+        _method_row(ctx, method, test_problems, others[0] if others else None)
+        for method in cfg.methods
+    ]
 
-            parts = [str(v) for v in cfg.meta.values()] + [subroutine, method]
-            stem = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
-            path = Path(cfg.out_dir) / f"scores_{stem}.pt"
-            atomic_torch_save(
-                {
-                    **cfg.meta,
-                    "subroutine": subroutine,
-                    "method": method,
-                    "scores": scores,
-                    "units": unit_map.units(),
-                    "hooks": [asdict(g) for g in groups],
-                    "normalised": res.normalised(),
-                    "circuit": circuit,
-                    "curve": asdict(curve),
-                    "faithfulness": acc_curve,
-                    "row": dict(row),
-                },
-                path,
-            )
-            row["scores_file"] = path.name
-        rows.append(row)
-    return rows
+
+@dataclass
+class _PatchContext:
+    """What every method of one :func:`run_patching` call shares."""
+
+    adapter: Any
+    tokenizer: Any
+    subroutine: str
+    unit_map: Any
+    groups: list[UnitGroup]
+    data: PairData
+    mask: Any
+    cfg: PatchingConfig
+
+    @property
+    def n_units(self) -> int:
+        return sum(g.size for g in self.groups)
+
+
+def _faithfulness(ctx: _PatchContext, scores: Tensor):
+    """MIB faithfulness curve of the top-k circuits and the smallest faithful circuit."""
+    cfg, data = ctx.cfg, ctx.data
+    common = (cfg.curve_ablation, data.readout, cfg.use_abs, cfg.chunk_rows)
+    curve = faithfulness_curve(
+        ctx.adapter, data.batches, ctx.groups, scores, cfg.fractions, *common
+    )
+    faithful, f_faithful = smallest_faithful_circuit(
+        ctx.adapter, data.batches, ctx.groups, scores, cfg.faithfulness_target, *common
+    )
+    return curve, faithful, f_faithful
+
+
+def _circuit_of(ctx: _PatchContext, scores: Tensor, faithful: Tensor) -> Tensor:
+    """The patching circuit compared with the mask (size: ``cfg.circuit_size``)."""
+    cfg = ctx.cfg
+    if isinstance(cfg.circuit_size, int):
+        return top_k_circuit(scores, cfg.circuit_size, cfg.use_abs)
+    if cfg.circuit_size == "mask" and ctx.mask is not None:
+        return top_k_circuit(scores, int(ctx.mask.flat_binary().sum()), cfg.use_abs)
+    return faithful
+
+
+def _circuit_faithfulness(ctx: _PatchContext, circuit: Tensor) -> float:
+    """``f(circuit)`` relative to the full and the fully ablated model."""
+    cfg, data = ctx.cfg, ctx.data
+    ends = torch.stack([circuit, torch.ones_like(circuit), torch.zeros_like(circuit)])
+    m_k, m_full, m_empty = circuit_metrics(
+        ctx.adapter, data.batches, ctx.groups, ends, cfg.curve_ablation, data.readout,
+        cfg.chunk_rows,
+    ).tolist()  # fmt: skip
+    return (m_k - m_empty) / (m_full - m_empty) if m_full != m_empty else math.nan
+
+
+def _mask_comparison(ctx: _PatchContext, scores: Tensor) -> dict[str, Any]:
+    """Jaccard / Spearman / ROC AUC against the mask, and its size (empty without a mask)."""
+    if ctx.mask is None:
+        return {}
+    keep = ctx.mask.flat_binary().bool().cpu()
+    cmp = compare_with_mask(scores, keep, mask_unit_params(ctx.mask), ctx.cfg.use_abs)
+    return {**{k: v for k, v in cmp.items() if k != "k"}, "mask_k": int(keep.sum())}
+
+
+def _cross_ablation(
+    ctx: _PatchContext, scores: Tensor, circuit: Tensor, test_problems, other: str | None
+) -> tuple[dict[str, float], dict[str, list] | None]:
+    """The circuit ablated on the test partitions (NaN where not applicable) and the
+    accuracy-vs-size curve of ablating the top-k units."""
+    nan = {"abl_target_acc": math.nan, "abl_other_acc": math.nan, "abl_diff": math.nan}
+    cfg = ctx.cfg
+    if not (cfg.readout == "ooo" and test_problems and other):
+        return nan, None
+    ks = sorted({int(round(f * ctx.n_units)) for f in cfg.ablation_curve_fractions})
+    circuits = [circuit] + [top_k_circuit(scores, k, cfg.use_abs) for k in ks]
+    res = cross_ablation(
+        ctx.adapter, ctx.tokenizer, ctx.unit_map, circuits, test_problems, ctx.subroutine, other,
+        cfg,
+    )  # fmt: skip
+    curve = {
+        "k": ks,
+        "target_acc": [r["abl_target_acc"] for r in res[1:]],
+        "other_acc": [r["abl_other_acc"] for r in res[1:]],
+    }
+    return {**nan, **res[0]}, curve
+
+
+def _save_scores(ctx: _PatchContext, method: str, res: PatchScores, extra: dict) -> str:
+    """Write ``scores_<meta>_<subroutine>_<method>.pt`` into ``cfg.out_dir``; its file name."""
+    from subroutine_circuits.utils import atomic_torch_save
+
+    cfg = ctx.cfg
+    parts = [str(v) for v in cfg.meta.values()] + [ctx.subroutine, method]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
+    path = Path(cfg.out_dir) / f"scores_{stem}.pt"
+    atomic_torch_save(
+        {
+            **cfg.meta,
+            "subroutine": ctx.subroutine,
+            "method": method,
+            "units": ctx.unit_map.units(),
+            "hooks": [asdict(g) for g in ctx.groups],
+            "normalised": res.normalised(),
+            **extra,
+        },
+        path,
+    )
+    return path.name
+
+
+def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | None) -> dict:
+    """Scores of one method, its circuits and faithfulness, the comparison with the mask, the
+    cross-ablation; the row of patching.csv (per-unit scores saved with ``cfg.out_dir``)."""
+    cfg, data = ctx.cfg, ctx.data
+    res = patching_scores(ctx.adapter, data, ctx.groups, method, cfg)
+    scores = res.flat()
+    curve, faithful, f_faithful = _faithfulness(ctx, scores)
+    row: dict[str, Any] = {
+        **cfg.meta,
+        "subroutine": ctx.subroutine,
+        "method": method,
+        "n_pairs": data.n_pairs,
+        "n_units": ctx.n_units,
+        "clean_metric": res.clean_metric,
+        "corr_metric": res.corr_metric,
+        "cpr": curve.cpr,
+        "cmd": curve.cmd,
+        "k_faithful": int(faithful.sum()),
+        "f_faithful": f_faithful,
+        "jaccard": math.nan,
+        "spearman": math.nan,
+        "roc_auc": math.nan,
+    }
+    circuit = _circuit_of(ctx, scores, faithful)
+    row["k"] = int(circuit.sum())
+    row["f_k"] = _circuit_faithfulness(ctx, circuit)
+    row.update(_mask_comparison(ctx, scores))
+    abl, acc_curve = _cross_ablation(ctx, scores, circuit, test_problems, other)
+    row.update(abl)
+    if cfg.out_dir is not None:
+        extra = {"scores": scores, "circuit": circuit, "curve": asdict(curve)}
+        extra.update(faithfulness=acc_curve, row=dict(row))
+        row["scores_file"] = _save_scores(ctx, method, res, extra)
+    return row
 
 
 def jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
