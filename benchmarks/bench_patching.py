@@ -73,7 +73,8 @@ def run_benchmark(
     """
     from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
 
-    from subroutine_circuits.patching.activation import activation_patching, unit_groups
+    from subroutine_circuits.adapters import tl_unit_map
+    from subroutine_circuits.patching.activation import activation_patching
 
     mcfg = HookedTransformerConfig(
         n_layers=cfg.n_layers,
@@ -98,7 +99,7 @@ def run_benchmark(
     def metric(logits):  # per-example logit difference at the last position
         return logits[..., -1, 1] - logits[..., -1, 2]
 
-    groups = unit_groups(model, kinds=("head",))
+    groups = tl_unit_map(model, kinds=("head",)).groups
 
     paths = []
 

@@ -3,24 +3,32 @@
 #
 # Cell by cell (open in Jupyter/VS Code as a percent-format notebook, or run as a script):
 # a compositional task, a tiny transformer trained on it, a subroutine mask, the ablation
-# matrix, a random-init control, and the patching circuit of the same subroutine.
+# matrix, and the patching circuit of the same subroutine. Everything comes from the public
+# API, `from subroutine_circuits import ...`.
 # `SC_DEMO_QUICK=1` shrinks every size (used by the test suite).
 
 # %%
 import os
 import random
 
-import torch
+from subroutine_circuits import (
+    UnitMask,
+    accuracy,
+    build_model,
+    evaluate_mask,
+    get_task,
+    make_splits,
+    patch,
+    train_mask,
+    train_model,
+)
 
 QUICK = os.environ.get("SC_DEMO_QUICK") == "1"
-torch.set_num_threads(1)  # tiny models: one thread is fastest
 
 # %% [markdown]
-# ## 1. A task: subject-verb agreement, with predicates A = subject number, B = verb number
+# ## 1. A task: subject-verb agreement, with subroutines A = subject number, B = verb number
 
 # %%
-from subroutine_circuits.tasks import get_task, make_splits
-
 task = get_task("agreement_singular")
 print(task.predicates, task.rule)
 rng = random.Random(0)
@@ -31,37 +39,25 @@ clean, flipped = task.minimal_pair(
 print(clean.text, "|", flipped.text)
 
 n_train, n_eval = (80, 30) if QUICK else (600, 200)
-splits = make_splits(task, n_train, seed=0, split_sizes=(n_train, n_eval, n_eval))
-tok = task.tokenizer()
+splits = make_splits(task, n_train=n_train, n_val=n_eval, n_test=n_eval, seed=0)
 print({k: len(v) for k, v in splits["train"].items()})
 
 # %% [markdown]
 # ## 2. A tiny transformer trained on the composite odd-one-out task
+#
+# `build_model` returns a *model adapter*: it knows where the model's units live and how
+# stimuli are encoded and read out; `model.model` is the TransformerLens `HookedTransformer`.
 
 # %%
-from subroutine_circuits.models import ModelSpec, TrainConfig, make_model, train_ooo
-
-model = make_model(ModelSpec("tiny"), tok.vocab_size, seed=0)
-res = train_ooo(
-    model,
-    splits["train"]["composite"],
-    splits["val"]["composite"],
-    tok,
-    TrainConfig(max_steps=40 if QUICK else 600, progress=False),
-)
+model = build_model(task, preset="tiny", seed=0)
+res = train_model(model, splits, max_steps=40 if QUICK else 600, progress=False)
 print("best validation accuracy", res.best_val_acc)
 
 # %% [markdown]
-# ## 3. A mask for subroutine A, trained with the base model frozen
+# ## 3. A mask for subroutine A, trained with the base model frozen: the subnetwork
 
 # %%
-from subroutine_circuits.experiment.config import MaskSearchConfig
-from subroutine_circuits.experiment.evaluate import ablation_matrix
-from subroutine_circuits.experiment.search import encode, train_mask
-
-enc = {s: {k: encode(v, tok) for k, v in kinds.items()} for s, kinds in splits.items()}
-mcfg = MaskSearchConfig(steps=20 if QUICK else 100)
-mask = train_mask(model, enc["train"]["sub_subject_plural"], mcfg, {"l0_weight": 1.0}, 0, "last")
+mask = train_mask(model, splits, "subject_plural", steps=20 if QUICK else 100, l0_weight=1.0)
 print(f"kept {int(mask.flat_binary().sum())} of {mask.flat_binary().numel()} units")
 for s in mask.stats():
     print(s)
@@ -70,17 +66,7 @@ for s in mask.stats():
 # ## 4. The ablation matrix on test problems, and the verdict
 
 # %%
-row = ablation_matrix(
-    model,
-    mask,
-    enc["test"],
-    "subject_plural",
-    "verb_plural",
-    "last",
-    seed=0,
-    reference=enc["train"]["sub_subject_plural"],
-    ablation="mean",
-)
+row = evaluate_mask(model, mask, splits, "subject_plural", ablation="mean")
 for key in ("sub_target_acc", "sub_other_acc", "abl_target_acc", "abl_other_acc", "sub_diff"):
     print(f"{key:>16}: {row[key]:.3f}")
 print("abl_diff", round(row["abl_diff"], 3), "compositional:", row["compositional"])
@@ -89,28 +75,22 @@ print("abl_diff", round(row["abl_diff"], 3), "compositional:", row["compositiona
 # Apply any mask to the model for the duration of a block (here: the subnetwork ablated):
 
 # %%
-from subroutine_circuits.masks import UnitMask
-from subroutine_circuits.models import ooo_accuracy
-
 ablated = UnitMask.fixed(mask.unit_map, ~mask.flat_binary().bool())
-with ablated.applied(model):
-    acc = ooo_accuracy(model, splits["test"]["partition_subject_plural"], tok)
+acc = accuracy(model, splits["test"]["partition_subject_plural"], mask=ablated)
 print("target partition with subnetwork zero-ablated:", acc)
 
 # %% [markdown]
 # ## 5. Activation and attribution patching for the same subroutine, compared with the mask
 
 # %%
-from subroutine_circuits.patching.run import PatchingConfig, run_patching
-
-rows = run_patching(
+rows = patch(
     model,
-    tok,
     task,
     "subject_plural",
-    splits["test"],
+    splits=splits,
     mask=mask,
-    cfg=PatchingConfig(n_pairs=8 if QUICK else 24, ablation_curve_fractions=()),
+    n_pairs=8 if QUICK else 24,
+    ablation_curve_fractions=(),
 )
 for r in rows:
     print(
@@ -121,6 +101,6 @@ for r in rows:
 # ## 6. The whole experiment (all inits, seeds and controls) is one call:
 #
 # ```python
-# from subroutine_circuits.experiment import demo_config, run_experiment
+# from subroutine_circuits import demo_config, run_experiment
 # results = run_experiment(demo_config(), "out/demo")
 # ```

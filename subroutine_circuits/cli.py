@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64, help="minimal pairs per subroutine")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
-    s.set_defaults(func=_handler("subroutine_circuits.patching.cli:cmd_patch"))
+    s.set_defaults(func=_handler("subroutine_circuits.experiment.cli:cmd_patch"))
     return p
 
 

@@ -72,3 +72,52 @@ def lazy_exports(package: str, exports: dict[str, str], namespace: dict[str, Any
         return sorted(set(namespace) | set(exports))
 
     return __getattr__, __dir__
+
+
+#: Chance accuracy of a 4-way odd-one-out problem.
+CHANCE = 0.25
+
+
+def clipped_diff(target: Any, other: Any, chance: float = CHANCE) -> Any:
+    """The paper's chance-clipped difference ``max(target, chance) - max(other, chance)``.
+
+    Works on scalars (returns a float; NaN if either input is NaN) and on arrays (element-wise,
+    returns a numpy array). The one implementation used by the mask evaluation, patching's
+    cross-ablation and the summary statistics.
+    """
+    import numpy as np
+
+    t = np.maximum(np.asarray(target, dtype=float), chance)
+    o = np.maximum(np.asarray(other, dtype=float), chance)
+    out = t - o
+    return float(out) if out.ndim == 0 else out
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """``"auto"``/None -> ``"cuda"`` when available, else ``"cpu"``; other values are checked.
+
+    Raises ValueError for an unknown device string or a CUDA device on a machine without CUDA.
+    """
+    import torch
+
+    device = "auto" if device is None else str(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        return device
+    if device in ("cpu", "mps") or device.startswith("cpu"):
+        return device
+    raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+
+
+def real_positions(lengths: Any, n_pos: int) -> Any:
+    """``Bool[Tensor, "n pos"]``: True at real positions ``pos < length`` of right-padded rows.
+
+    The one padding helper: key-padding masks are its negation.
+    """
+    import torch
+
+    lengths = torch.as_tensor(lengths)
+    return torch.arange(n_pos, device=lengths.device)[None, :] < lengths[:, None].to(torch.long)

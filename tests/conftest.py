@@ -32,6 +32,31 @@ def make_tiny_transformer(seed: int = 0, attention_dir: str = "causal", d_vocab:
     return model
 
 
+def make_tiny_cnn():
+    """A 2-conv ``HookedRootModule`` (channels at ``hook_c1`` [n, 5, h, w] and ``hook_c2``
+    [n, 6, h, w]) with a linear head; inputs ``[n, 2, H, W]``. Stands in for a CNN family."""
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.HookedRootModule import HookedRootModule
+
+    class TinyCNN(HookedRootModule):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(2, 5, 3, padding=1)
+            self.hook_c1 = HookPoint()
+            self.conv2 = torch.nn.Conv2d(5, 6, 3, padding=1)
+            self.hook_c2 = HookPoint()
+            self.head = torch.nn.Linear(6, 3)
+            self.setup()
+
+        def forward(self, x):
+            x = self.hook_c1(torch.relu(self.conv1(x)))
+            x = self.hook_c2(torch.relu(self.conv2(x)))
+            return self.head(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
 @pytest.fixture
 def tiny_model():
     """A tiny causal HookedTransformer (fresh per test)."""

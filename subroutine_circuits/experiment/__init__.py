@@ -1,4 +1,9 @@
-"""The structural-compositionality experiment: mask search, ablation matrix, controls, runner."""
+"""The study: configuration, jobs, stages, executors, the patching driver and the runner.
+
+```python
+from subroutine_circuits.experiment import load_config, demo_config, run_experiment
+```
+"""
 
 from subroutine_circuits.experiment.config import (
     DataConfig,

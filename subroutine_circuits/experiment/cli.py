@@ -1,8 +1,10 @@
-"""CLI handlers of ``demo``, ``run`` and ``report``."""
+"""CLI handlers of ``demo``, ``run``, ``report`` and ``patch``."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
 from pathlib import Path
 
 
@@ -74,4 +76,102 @@ def cmd_report(args) -> int:
         raise FileNotFoundError(f"{out} has no results.csv: is it an experiment output folder?")
     path = build_report(out)
     print(f"report: {path}")
+    return 0
+
+
+def _parse_masks(specs: list[str], predicates) -> dict[str, str]:
+    out = {}
+    for s in specs:
+        if "=" not in s:
+            raise ValueError(f"--mask {s!r}: expected SUBROUTINE=PATH")
+        sub, path = s.split("=", 1)
+        if sub not in predicates:
+            raise ValueError(f"--mask {s!r}: unknown subroutine {sub!r}; predicates: {predicates}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--mask {s!r}: no file {path}")
+        out[sub] = path
+    return out
+
+
+def test_problems_for(task, n: int, seed: int, split_seed: int = 0) -> dict[str, list]:
+    """``partition_<p>`` and ``sub_<p>`` problems, from the test split's texts when possible."""
+    from subroutine_circuits.tasks import make_problems
+
+    kinds = [f"{pre}_{p}" for p in task.predicates for pre in ("partition", "sub")]
+    out = {}
+    for i, kind in enumerate(kinds):
+        try:
+            out[kind] = make_problems(task, kind, n, seed + 7919 * i, split="test", seed=split_seed)
+        except ValueError:  # e.g. a small user task whose test split lacks some combination
+            out[kind] = make_problems(task, kind, n, seed + 7919 * i)
+    return out
+
+
+def cmd_patch(args: argparse.Namespace) -> int:
+    """Run activation/attribution patching for every subroutine of TASK on MODEL_DIR and write
+    ``patching.csv`` (plus ``patching.json`` and per-unit ``scores_<sub>_<method>.pt``)."""
+    import pandas as pd
+
+    from subroutine_circuits.experiment.patching import PatchingConfig, run_patching
+    from subroutine_circuits.masks import load_mask
+    from subroutine_circuits.models import load_checkpoint
+    from subroutine_circuits.tasks import load_task
+    from subroutine_circuits.utils import atomic_write_json, atomic_write_text, resolve_device
+
+    device = resolve_device(args.device)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    model, tokenizer, meta = load_checkpoint(args.model_dir, device=device)
+    if tokenizer is None:
+        raise ValueError(f"checkpoint {args.model_dir} has no tokenizer (needed for the task)")
+    task = load_task(args.task, rule=meta.get("rule"))
+    masks = _parse_masks(args.mask, task.predicates)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = PatchingConfig(
+        methods=args.methods,
+        n_pairs=args.n,
+        seed=args.seed,
+        readout=meta.get("readout", "ooo"),
+        out_dir=str(out_dir),
+    )
+    test = test_problems_for(task, args.n, args.seed, int(meta.get("split_seed", 0)))
+    rows = []
+    t0 = time.time()
+    for sub in task.predicates:
+        mask = load_mask(masks[sub], model) if sub in masks else None
+        if mask is not None:
+            mask.to(device)
+        rows += run_patching(model, tokenizer, task, sub, test, mask, cfg)
+        print(f"patched {sub} ({time.time() - t0:.1f} s)", file=sys.stderr)
+    df = pd.DataFrame(rows)
+    atomic_write_text(out_dir / "patching.csv", df.to_csv(index=False))
+    atomic_write_json(
+        out_dir / "patching.json",
+        {
+            "model_dir": str(args.model_dir),
+            "task": str(args.task),
+            "masks": masks,
+            "config": {k: v for k, v in vars(cfg).items()},
+            "device": device,
+            "seconds": time.time() - t0,
+        },
+    )
+    cols = [
+        c
+        for c in (
+            "subroutine",
+            "method",
+            "k",
+            "jaccard",
+            "roc_auc",
+            "cpr",
+            "cmd",
+            "abl_target_acc",
+            "abl_other_acc",
+        )
+        if c in df
+    ]
+    print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {out_dir / 'patching.csv'}")
     return 0

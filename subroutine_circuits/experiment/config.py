@@ -658,6 +658,9 @@ class ExperimentConfig(_Table):
     patching_options: PatchingOptions = field(default_factory=PatchingOptions)
     workers: int = _opt(1, ge=1)
     device: str = "auto"
+    # how base-model jobs run: "auto" (worker processes when workers > 1, else in-process),
+    # "inprocess" or "processes" (see experiment.executors)
+    executor: str = "auto"
 
     def __post_init__(self) -> None:
         for name, cls in _SUBTABLES.items():

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from subroutine_circuits.experiment.search import EncodedProblems, accuracy, clipped_diff
+from subroutine_circuits.adapters.base import EncodedProblems
+from subroutine_circuits.utils import clipped_diff
 
 
 def fixed_variants(mask, seed: int) -> dict[str, Any]:
@@ -42,12 +43,11 @@ def fixed_variants(mask, seed: int) -> dict[str, Any]:
 
 
 def ablation_matrix(
-    model,
+    adapter,
     mask,
     test: dict[str, EncodedProblems],
     subroutine: str,
     other: str,
-    pool: str,
     seed: int,
     reference: EncodedProblems | None = None,
     chance: float = 0.25,
@@ -56,7 +56,9 @@ def ablation_matrix(
 ) -> dict[str, Any]:
     """Evaluate every condition on the target/other partitions; returns one results row (dict).
 
-    ``test`` maps problem kinds (``partition_<p>``, ``sub_<p>``) to encoded test problems;
+    ``adapter`` wraps the frozen base model (``adapters.as_adapter``); ``mask`` is the trained
+    subroutine mask (unit or weight). ``test`` maps problem kinds (``partition_<p>``,
+    ``sub_<p>``) to encoded test problems;
     ``reference`` supplies the stimuli whose mean activations define mean ablation.
     ``ablation`` ("zero" or "mean") picks the ablated condition reported as ``abl_*`` and used
     for ``abl_diff`` and the verdict; both are always reported as ``ablzero_*`` / ``ablmean_*``.
@@ -68,19 +70,16 @@ def ablation_matrix(
     variants = fixed_variants(mask, seed)
     if "ablmean" in variants:
         ref = reference if reference is not None else test[f"sub_{subroutine}"]
-        b, k, pos = ref.tokens.shape
-        variants["ablmean"].set_mean(
-            model, ref.tokens.reshape(b * k, pos), ref.lengths.reshape(b * k)
-        )
+        variants["ablmean"].set_mean(adapter, ref.flat_inputs())
     row: dict[str, Any] = {}
     for name, m in variants.items():
-        row[f"{name}_target_acc"] = accuracy(model, test[target_kind], pool, m)
-        row[f"{name}_other_acc"] = accuracy(model, test[other_kind], pool, m)
+        row[f"{name}_target_acc"] = adapter.accuracy(test[target_kind], m)
+        row[f"{name}_other_acc"] = adapter.accuracy(test[other_kind], m)
     for col in ("target", "other"):
         row[f"ablzero_{col}_acc"] = row[f"abl_{col}_acc"]
         if ablation == "mean" and f"ablmean_{col}_acc" in row:
             row[f"abl_{col}_acc"] = row[f"ablmean_{col}_acc"]
-    row["sub_sub_acc"] = accuracy(model, test[f"sub_{subroutine}"], pool, variants["sub"])
+    row["sub_sub_acc"] = adapter.accuracy(test[f"sub_{subroutine}"], variants["sub"])
     row["sub_diff"] = clipped_diff(row["sub_target_acc"], row["sub_other_acc"], chance)
     row["abl_diff"] = clipped_diff(row["abl_target_acc"], row["abl_other_acc"], chance)
     row["randabl_diff"] = clipped_diff(row["randabl_target_acc"], row["randabl_other_acc"], chance)

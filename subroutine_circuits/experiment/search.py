@@ -7,72 +7,35 @@ hyperparameters is compared on VALIDATION problems only; the test split is never
 
 from __future__ import annotations
 
-import math
 import random
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
-from torch import Tensor
 
+from subroutine_circuits.adapters.base import EncodedProblems
 from subroutine_circuits.experiment.config import MaskSearchConfig
 
 
-@dataclass
-class EncodedProblems:
-    """OOO problems as padded token tensors, ready for batched forward passes."""
-
-    tokens: Int[Tensor, "b 4 pos"]
-    lengths: Int[Tensor, "b 4"]
-    odd: Int[Tensor, " b"]
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def to(self, device: str | torch.device) -> EncodedProblems:
-        """Move all tensors to ``device``."""
-        return EncodedProblems(self.tokens.to(device), self.lengths.to(device), self.odd.to(device))
-
-    def batch(self, idx: Tensor) -> EncodedProblems:
-        """The problems at ``idx``, trimmed to the longest stimulus among them."""
-        lengths = self.lengths[idx]
-        max_len = int(lengths.max())
-        return EncodedProblems(self.tokens[idx][..., :max_len], lengths, self.odd[idx])
-
-
-def encode(problems, tokenizer, device="cpu") -> EncodedProblems:
-    """Encode a list of OOOProblem with the library's readout encoding."""
-    from subroutine_circuits.models import encode_problems
-
+def encode(adapter, problems, device: str | torch.device | None = None) -> EncodedProblems:
+    """Encode a list of OOOProblem with the adapter's encoding (on ``device``, default the
+    model's)."""
     if len(problems) == 0:
         raise ValueError("cannot encode an empty list of problems")
-    tokens, lengths, odd = encode_problems(problems, tokenizer)
-    return EncodedProblems(tokens, lengths, odd).to(device)
+    return adapter.encode_problems(problems).to(device if device is not None else adapter.device)
 
 
-@torch.no_grad()
-def accuracy(model, data: EncodedProblems, pool: str, mask=None, batch_size: int = 256) -> float:
-    """OOO accuracy of ``model`` (under ``mask`` if given) on encoded problems."""
-    import contextlib
-
-    from subroutine_circuits.models import ooo_logits
-
-    ctx = mask.applied(model) if mask is not None else contextlib.nullcontext()
-    correct = 0
-    with ctx:
-        for start in range(0, len(data), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(data)), device=data.odd.device)
-            chunk = data.batch(idx)
-            scores = ooo_logits(model, chunk.tokens, chunk.lengths, pool)
-            correct += int((scores.argmax(-1) == chunk.odd).sum())
-    return correct / len(data)
+def accuracy(adapter, data: EncodedProblems, mask=None, batch_size: int = 256) -> float:
+    """OOO accuracy of the adapter's model (under ``mask`` if given) on encoded problems."""
+    return adapter.accuracy(data, mask, batch_size)
 
 
-def make_mask(model, cfg: MaskSearchConfig, hp: dict[str, Any], seed: int, ablation: str = "zero"):
-    """A fresh trainable mask (unit or weight) for ``model`` with hyperparameters ``hp``."""
-    from subroutine_circuits.masks import MaskConfig, UnitMap, UnitMask, WeightMask
+def make_mask(
+    adapter, cfg: MaskSearchConfig, hp: dict[str, Any], seed: int, ablation: str = "zero"
+):
+    """A fresh trainable mask (unit or weight) for the adapter's model with hyperparameters
+    ``hp`` (the adapter says where the units / maskable weights are)."""
+    from subroutine_circuits.masks import MaskConfig, UnitMask, WeightMask
 
     mcfg = MaskConfig(
         parametrization=cfg.parametrization,
@@ -81,33 +44,33 @@ def make_mask(model, cfg: MaskSearchConfig, hp: dict[str, Any], seed: int, ablat
         seed=seed,
     )
     if cfg.kind == "unit":
-        unit_map = UnitMap.from_model(
-            model, layers=hp.get("layers", cfg.layers), kinds=cfg.unit_kinds
-        )
+        unit_map = adapter.unit_map(kinds=cfg.unit_kinds, layers=hp.get("layers", cfg.layers))
         return UnitMask(unit_map, mcfg)
-    return WeightMask(model, mcfg)
+    return WeightMask(adapter.model, mcfg, adapter.weight_names(), init_std=adapter.init_std())
 
 
 def train_mask(
-    model,
+    adapter,
     train: EncodedProblems,
     cfg: MaskSearchConfig,
     hp: dict[str, Any],
     seed: int,
-    pool: str,
     progress: bool = False,
 ):
-    """Train one mask on ``train`` with the base model frozen; returns the mask in eval mode."""
+    """Train one mask on ``train`` with the base model frozen; returns the mask in eval mode.
+
+    The objective is 4-way cross-entropy of the adapter's OOO readout plus ``l0_weight`` times
+    the expected number of kept units (or weights) divided by their total.
+    """
     from tqdm.auto import tqdm
 
-    from subroutine_circuits.models import ooo_logits
-
+    model = adapter.model
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    device = train.tokens.device
-    mask = make_mask(model, cfg, hp, seed).to(device)
+    device = train.odd.device
+    mask = make_mask(adapter, cfg, hp, seed).to(device)
     mask.train()
     params = [p for p in mask.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=float(hp.get("lr", cfg.lr)))
@@ -125,7 +88,7 @@ def train_mask(
         del order[: cfg.batch_size]
         batch = train.batch(idx)
         with mask.applied(model):
-            scores = ooo_logits(model, batch.tokens, batch.lengths, pool)
+            scores = adapter.ooo_logits(batch.inputs)
         loss = F.cross_entropy(scores, batch.odd) + l0_weight * mask.penalty() / n_units
         if not torch.isfinite(loss):
             raise ValueError(f"mask training produced a non-finite loss at step {step}")
@@ -144,12 +107,11 @@ def grid_points(cfg: MaskSearchConfig) -> list[dict[str, Any]]:
 
 
 def search_mask(
-    model,
+    adapter,
     train: EncodedProblems,
     val: EncodedProblems,
     cfg: MaskSearchConfig,
     seed: int,
-    pool: str,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
     """Choose mask hyperparameters on validation data: best val accuracy, ties -> sparser.
 
@@ -158,19 +120,10 @@ def search_mask(
     """
     log, masks = [], []
     for hp in grid_points(cfg):
-        mask = train_mask(model, train, cfg, hp, seed, pool)
+        mask = train_mask(adapter, train, cfg, hp, seed)
         masks.append(mask)
-        log.append(
-            {"hp": hp, "val_acc": accuracy(model, val, pool, mask), "density": mask.density()}
-        )
+        log.append({"hp": hp, "val_acc": adapter.accuracy(val, mask), "density": mask.density()})
     best_acc = max(e["val_acc"] for e in log)
     eligible = [i for i, e in enumerate(log) if e["val_acc"] >= best_acc - cfg.tolerance]
     best = min(eligible, key=lambda i: (log[i]["density"], -log[i]["val_acc"]))
     return log[best]["hp"], log, masks[best]
-
-
-def clipped_diff(target: float, other: float, chance: float = 0.25) -> float:
-    """max(target, chance) - max(other, chance): the paper's chance-clipped difference."""
-    if math.isnan(target) or math.isnan(other):
-        return float("nan")
-    return max(target, chance) - max(other, chance)

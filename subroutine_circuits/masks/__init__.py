@@ -1,5 +1,8 @@
 """The mask engine: unit maps, unit masks (hooks), weight masks, parametrisations, save/load.
 
+Free of model-family knowledge: a model adapter (``subroutine_circuits.adapters``) says where
+a family's units and maskable weights live; ``masks.ablation`` is the one ablation formula.
+
 ```python
 from subroutine_circuits.masks import (
     UnitGroup, UnitMap, UnitMask, WeightMask, MaskConfig, Ablation,
@@ -8,6 +11,7 @@ from subroutine_circuits.masks import (
 ```
 """
 
+from . import ablation
 from .io import load_mask, model_signature, save_mask
 from .parametrization import (
     Ablation,
@@ -19,12 +23,12 @@ from .parametrization import (
 )
 from .unit_mask import UnitMask
 from .units import UnitGroup, UnitMap
-from .weight_mask import DEFAULT_WEIGHT_SUFFIXES, WeightMask
+from .weight_mask import WeightMask
 
 __all__ = [
+    "ablation",
     "Ablation",
     "ContinuousSparsification",
-    "DEFAULT_WEIGHT_SUFFIXES",
     "FixedMask",
     "HardConcrete",
     "MaskConfig",

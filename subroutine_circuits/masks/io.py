@@ -18,12 +18,19 @@ FORMAT_VERSION = 1
 SIGNATURE_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab")
 
 
+def _module(model: Any) -> nn.Module:
+    """The ``nn.Module`` behind a model adapter (or ``model`` itself)."""
+    return model.model if hasattr(model, "record_activations") else model
+
+
 def model_signature(model: nn.Module) -> dict[str, Any]:
     """Essentials of a model's architecture: class name and cfg fields (or hook names).
 
     For TransformerLens models: ``model_class`` and ``n_layers, d_model, n_heads, d_head, d_mlp,
     d_vocab``. For other ``HookedRootModule`` s (no cfg): ``model_class`` and the sorted hook names.
     """
+    if hasattr(model, "signature"):  # a model adapter describes its own model
+        return model.signature()
     sig: dict[str, Any] = {"model_class": type(model).__name__}
     cfg = getattr(model, "cfg", None)
     if cfg is not None:
@@ -52,11 +59,17 @@ def save_mask(
     model: nn.Module,
     meta: dict | None = None,
 ) -> None:
-    """Atomically write ``mask`` (state, kind, config, units/params, model signature, meta)."""
+    """Atomically write ``mask`` (state, kind, config, units/params, model signature, meta).
+
+    ``model`` is the model the mask belongs to, or its adapter.
+    """
     if isinstance(mask, UnitMask):
         kind = "unit"
         layout: dict[str, Any] = {"unit_map": mask.unit_map.to_dict()}
-        extra = {"ablation_values": {k: v.cpu() for k, v in mask.ablation_values.items()}}
+        extra = {
+            "ablation_values": {k: v.cpu() for k, v in mask.ablation_values.items()},
+            "readout_values": {k: v.cpu() for k, v in mask.readout_values.items()},
+        }
     elif isinstance(mask, WeightMask):
         kind = "weight"
         layout = {"params": mask.shapes_dict()}
@@ -103,12 +116,13 @@ def load_mask(path: str | os.PathLike, model: nn.Module | None = None) -> UnitMa
         mask: UnitMask | WeightMask = UnitMask(unit_map, cfg, fixed=fixed)
         mask.load_state_dict(obj["state_dict"])
         mask.ablation_values = dict(obj.get("ablation_values") or {})
+        mask.readout_values = dict(obj.get("readout_values") or {})
         if model is not None:
-            unit_map.validate(model)
+            unit_map.validate(_module(model))
     elif obj["mask_kind"] == "weight":
         shapes = obj["layout"]["params"]
         if model is not None:
-            params = dict(model.named_parameters())
+            params = dict(_module(model).named_parameters())
             for n, sh in shapes.items():
                 if n not in params:
                     raise ValueError(f"mask parameter {n!r} does not exist on this model")

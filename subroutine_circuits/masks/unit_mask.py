@@ -8,10 +8,11 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool
 from torch import Tensor
 
 from ._base import MaskBase, hybridmethod
+from .ablation import current_readout_positions, mix, reference_mean, unit_shape
 from .parametrization import Ablation, MaskConfig
 from .units import UnitGroup, UnitMap
 
@@ -45,12 +46,6 @@ def remove_owned_hook(token: tuple) -> None:
             break
 
 
-def padding_mask(lengths: Int[Tensor, "batch"], n_pos: int) -> Bool[Tensor, "batch pos"]:
-    """``True`` at real positions ``pos < length`` (right padding)."""
-    lengths = torch.as_tensor(lengths)
-    return torch.arange(n_pos, device=lengths.device)[None, :] < lengths[:, None].to(torch.long)
-
-
 class UnitMask(MaskBase):
     """A mask over the units of a :class:`UnitMap`, applied through forward hooks.
 
@@ -61,7 +56,8 @@ class UnitMask(MaskBase):
 
     Example::
 
-        mask = UnitMask(UnitMap.from_model(model), MaskConfig(parametrization="hard_concrete"))
+        adapter = as_adapter(model)  # subroutine_circuits.adapters
+        mask = UnitMask(adapter.unit_map(), MaskConfig(parametrization="hard_concrete"))
         with mask.applied(model):
             logits = model(tokens)
     """
@@ -92,6 +88,8 @@ class UnitMask(MaskBase):
         self._build_parts([(g.size,) for g in unit_map.groups], self.cfg, fixed, generator)
         # hook_name -> ablation tensor (mean: broadcastable, keepdim; resample: full shape)
         self.ablation_values: dict[str, Tensor] = {}
+        # position-aware mean ablation: hook_name -> mean over readout positions (else empty)
+        self.readout_values: dict[str, Tensor] = {}
         self.meta: dict = {}
 
     # ------------------------------------------------------------------ constructors
@@ -109,6 +107,7 @@ class UnitMask(MaskBase):
         """A fixed mask on the same unit map with the same ablation (values copied)."""
         out = UnitMask.fixed(self.unit_map, flat_bool, self.ablation)
         out.ablation_values = {k: v.clone() for k, v in self.ablation_values.items()}
+        out.readout_values = {k: v.clone() for k, v in self.readout_values.items()}
         return out
 
     def complement(self) -> UnitMask:
@@ -146,75 +145,64 @@ class UnitMask(MaskBase):
         self,
         acts: Mapping[str, Tensor],
         pos_mask: Bool[Tensor, "batch pos"] | None = None,
+        readout_mask: Bool[Tensor, "batch pos"] | None = None,
     ) -> None:
         """Mean ablation values from recorded activations ``{hook_name: tensor}``.
 
         Per unit, the mean runs over every axis except the unit axis and the group's
-        ``feature_axes`` (i.e. over batch and positions for heads/neurons, over batch and space for
-        CNN channels). ``pos_mask`` (``[batch, pos]``, True = real token) excludes padding; it
-        applies to axes 0 and 1 of each activation.
+        ``feature_axes`` (batch and positions for heads/neurons, batch and space for CNN
+        channels); see :func:`~subroutine_circuits.masks.ablation.reference_mean`. ``pos_mask``
+        (``[batch, pos]``, True = real token) excludes padding.
+
+        ``readout_mask`` (``[batch, pos]``, True = the position the readout reads) makes the
+        ablation *position-aware*: readout positions get the mean over readout positions and
+        every other position the mean over the other real positions. At run time the adapter
+        marks the readout positions of each forward pass (``ablation.readout_positions``).
         """
-        values = {}
+        values, readout_values = {}, {}
         for g in self.unit_map.groups:
             if g.hook_name not in acts:
                 raise ValueError(f"no activations for hook {g.hook_name!r} to compute the mean")
-            x = acts[g.hook_name].detach().float()
+            x = acts[g.hook_name]
             self._check_unit_axis(g, x)
-            dims = [d for d in range(x.dim()) if d != g.axis and d not in g.feature_axes]
-            if pos_mask is None:
-                values[g.hook_name] = x.mean(dim=dims, keepdim=True)
+            if readout_mask is None:
+                values[g.hook_name] = reference_mean(g, x, pos_mask)
                 continue
-            pm = torch.as_tensor(pos_mask).bool()
-            if pm.dim() != 2 or tuple(x.shape[:2]) != tuple(pm.shape):
-                raise ValueError(
-                    f"pos_mask of shape {tuple(pm.shape)} does not match the batch/pos axes of "
-                    f"{g.hook_name!r} activations {tuple(x.shape)}"
-                )
-            if 0 not in dims or 1 not in dims:
-                raise ValueError(f"pos_mask needs axes 0 and 1 of {g.hook_name!r} to be averaged")
-            if not pm.any():
-                raise ValueError("pos_mask selects no position")
-            w = pm.float().reshape(*pm.shape, *([1] * (x.dim() - 2))).expand_as(x)
-            values[g.hook_name] = (x * w).sum(dim=dims, keepdim=True) / w.sum(
-                dim=dims, keepdim=True
-            )
+            ro = torch.as_tensor(readout_mask).bool().to(x.device)
+            real = ro.new_ones(ro.shape) if pos_mask is None else torch.as_tensor(pos_mask).bool()
+            real = real.to(x.device)
+            values[g.hook_name] = reference_mean(g, x, real & ~ro)
+            readout_values[g.hook_name] = reference_mean(g, x, real & ro)
         self.ablation_values = values
+        self.readout_values = readout_values
 
     @torch.no_grad()
     def set_mean(
         self,
-        model: nn.Module,
-        tokens: Tensor,
-        lengths: Int[Tensor, "batch"] | None = None,
-        pos_mask: Bool[Tensor, "batch pos"] | None = None,
+        source,
+        inputs: Mapping[str, Tensor] | Tensor,
+        *,
+        position_aware: bool = False,
     ) -> None:
-        """Run ``model`` on ``tokens`` (no mask) and store per-unit means as ablation values.
+        """Store per-unit means over reference ``inputs`` (run without any mask) as ablation values.
 
-        ``lengths`` (right padding) or ``pos_mask`` exclude padded positions from the mean; with
-        ``lengths`` given, padded *keys* are also masked out of attention (a hook on every
-        ``hook_attn_scores``) so that bidirectional models see only real tokens.
+        ``source`` is a model adapter (``subroutine_circuits.adapters.as_adapter(model)``): it
+        encodes how its family runs a batch of reference inputs, which positions are padding
+        (excluded from the mean) and which are read out. ``inputs`` is the adapter's input dict
+        with leading axis ``[n]`` (e.g. ``{"tokens": ..., "lengths": ...}``), or a tensor
+        (the adapter's main input). ``position_aware=True`` stores separate means for readout
+        positions and other positions (see :meth:`set_mean_from_activations`).
         """
-        self.unit_map.validate(model)
-        if lengths is not None and pos_mask is not None:
-            raise ValueError("give either lengths or pos_mask, not both")
-        if lengths is not None:
-            pos_mask = padding_mask(lengths, tokens.shape[1])
-        acts: dict[str, Tensor] = {}
-
-        def save(x: Tensor, hook) -> None:
-            acts[hook.name] = x.detach()
-
-        hooks = [(g.hook_name, save) for g in self.unit_map.groups]
-        if lengths is not None:
-            key_ok = pos_mask
-
-            def mask_keys(scores: Float[Tensor, "batch head q k"], hook) -> Tensor:
-                keep = key_ok[:, None, None, : scores.shape[-1]].to(scores.device)
-                return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-
-            hooks += [(n, mask_keys) for n in model.hook_dict if n.endswith("hook_attn_scores")]
-        model.run_with_hooks(tokens, fwd_hooks=hooks)
-        self.set_mean_from_activations(acts, pos_mask)
+        if not hasattr(source, "record_activations"):
+            raise ValueError(
+                f"set_mean needs a model adapter, got {type(source).__name__}; wrap the model "
+                "with subroutine_circuits.adapters.as_adapter(model)"
+            )
+        self.unit_map.validate(source.model)
+        rec = source.record_activations(inputs, self.unit_map.hook_names())
+        self.set_mean_from_activations(
+            rec.acts, rec.pos_mask, rec.readout_mask if position_aware else None
+        )
 
     def set_resample(self, cache: Mapping[str, Tensor]) -> None:
         """Resample ablation: ``a`` = activations recorded on a corrupted input.
@@ -230,6 +218,7 @@ class UnitMask(MaskBase):
             self._check_unit_axis(g, x)
             values[g.hook_name] = x
         self.ablation_values = values
+        self.readout_values = {}
 
     @staticmethod
     def _check_unit_axis(g: UnitGroup, x: Tensor) -> None:
@@ -242,24 +231,31 @@ class UnitMask(MaskBase):
 
     # ------------------------------------------------------------------ application
     def _mix(self, idx: int, x: Tensor, hook=None) -> Tensor:
-        """The hook function for group ``idx``: ``m*x + (1-m)*a``."""
+        """The hook function for group ``idx``: ``m*x + (1-m)*a`` (:func:`ablation.mix`)."""
         g = self.unit_map.groups[idx]
         part = self.parts[idx]
         self._check_unit_axis(g, x)
         part.check_finite(self.labels[idx])
-        m = part().to(device=x.device, dtype=x.dtype)
-        shape = [1] * x.dim()
-        shape[g.axis] = g.size
-        m = m.reshape(shape)
+        m = part().to(device=x.device, dtype=x.dtype).reshape(unit_shape(g, x.dim()))
         if self.ablation == Ablation.ZERO:
-            return x * m
+            return mix(x, m)
         a = self.ablation_values[g.hook_name].to(device=x.device, dtype=x.dtype)
         if self.ablation == Ablation.RESAMPLE and tuple(a.shape) != tuple(x.shape):
             raise ValueError(
                 f"resample activations for {g.hook_name!r} have shape {tuple(a.shape)}, the "
                 f"masked run has {tuple(x.shape)}"
             )
-        return m * x + (1 - m) * a
+        ro = current_readout_positions() if g.hook_name in self.readout_values else None
+        if ro is not None:
+            if tuple(ro.shape) != tuple(x.shape[:2]):
+                raise ValueError(
+                    f"readout positions {tuple(ro.shape)} do not match the batch/pos axes of "
+                    f"{g.hook_name!r} activations {tuple(x.shape)}"
+                )
+            a_ro = self.readout_values[g.hook_name].to(device=x.device, dtype=x.dtype)
+            sel = ro.to(x.device).reshape(*ro.shape, *([1] * (x.dim() - 2)))
+            a = torch.where(sel, a_ro, a)
+        return mix(x, m, a)
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[UnitMask]:

@@ -7,23 +7,19 @@ A *unit* is one slice of a hooked activation along one axis: an attention head o
 
 A :class:`UnitMap` is an ordered list of :class:`UnitGroup` (one per hook). The global unit
 order used everywhere (``flat_binary``, ``units()``, patching scores) is group order, then index.
+This module knows no model family: a model adapter (``subroutine_circuits.adapters``) builds the
+unit map of its family (``adapter.unit_map(kinds=..., layers=...)``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch.nn as nn
 
 KNOWN_KINDS = ("head", "neuron", "channel")
-
-# Hook-name templates of the transformer unit kinds.
-_TEMPLATES = {
-    "head": "blocks.{layer}.attn.hook_z",
-    "neuron": "blocks.{layer}.mlp.hook_post",
-}
 
 
 @dataclass(frozen=True)
@@ -98,59 +94,6 @@ class UnitMap:
                 raise ValueError(f"UnitMap has two groups on the same hook {g.hook_name!r}")
             seen.add(g.hook_name)
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_model(
-        cls,
-        model: nn.Module,
-        layers: Sequence[int] | None = None,
-        kinds: Sequence[str] = ("head", "neuron"),
-    ) -> UnitMap:
-        """Heads and/or MLP neurons of a HookedTransformer / HookedEncoder.
-
-        Args:
-            model: a TransformerLens model with a ``cfg`` (``n_layers``, ``n_heads``, ``d_mlp``).
-            layers: the layers to include (default: all).
-            kinds: subset of ``("head", "neuron")``. Neuron groups are skipped for attention-only
-                models (no ``mlp.hook_post``).
-        """
-        cfg = getattr(model, "cfg", None)
-        if cfg is None or not hasattr(cfg, "n_layers"):
-            raise ValueError(
-                f"UnitMap.from_model needs a TransformerLens model with a cfg; for "
-                f"{type(model).__name__} build UnitMap([UnitGroup(...), ...]) explicitly"
-            )
-        kinds = tuple(kinds)
-        for k in kinds:
-            if k not in _TEMPLATES:
-                raise ValueError(f"unknown unit kind {k!r} for from_model; use 'head' or 'neuron'")
-        if not kinds:
-            raise ValueError("UnitMap.from_model: kinds is empty")
-        n_layers = int(cfg.n_layers)
-        layer_list = list(range(n_layers)) if layers is None else [int(x) for x in layers]
-        for layer in layer_list:
-            if not 0 <= layer < n_layers:
-                raise ValueError(f"layer {layer} out of range: the model has n_layers={n_layers}")
-        hook_dict = getattr(model, "hook_dict", {})
-        groups = []
-        for layer in layer_list:
-            for kind in ("head", "neuron"):
-                if kind not in kinds:
-                    continue
-                name = _TEMPLATES[kind].format(layer=layer)
-                if name not in hook_dict:
-                    if kind == "neuron":  # attention-only model
-                        continue
-                    raise ValueError(f"model has no hook {name!r}")
-                if kind == "head":
-                    groups.append(UnitGroup(name, 2, int(cfg.n_heads), layer, "head", (3,)))
-                else:
-                    d_mlp = getattr(cfg, "d_mlp", None)
-                    if d_mlp is None or int(d_mlp) <= 0:
-                        continue
-                    groups.append(UnitGroup(name, 2, int(d_mlp), layer, "neuron"))
-        return cls(groups)
-
     # ------------------------------------------------------------------ queries
     @property
     def n_units(self) -> int:
@@ -186,30 +129,41 @@ class UnitMap:
         return [g.hook_name for g in self.groups]
 
     def validate(self, model: nn.Module) -> None:
-        """Check that every hook exists on ``model`` (and sizes match its cfg for heads/neurons).
+        """Check that every hook exists on ``model`` (a ``HookedRootModule``).
+
+        Unit counts are checked against the activations when the hooks fire.
 
         Raises:
-            ValueError: naming the unknown hook or the mismatching size.
+            ValueError: naming the unknown hook.
         """
         hook_dict = getattr(model, "hook_dict", None)
         if hook_dict is None:
             raise ValueError(
                 f"{type(model).__name__} is not a HookedRootModule (no hook_dict; call setup())"
             )
-        cfg = getattr(model, "cfg", None)
         for g in self.groups:
             if g.hook_name not in hook_dict:
                 raise ValueError(f"unknown hook name {g.hook_name!r}: the model has no such hook")
-            if cfg is not None:
-                want = None
-                if g.kind == "head" and hasattr(cfg, "n_heads"):
-                    want = int(cfg.n_heads)
-                elif g.kind == "neuron" and getattr(cfg, "d_mlp", None):
-                    want = int(cfg.d_mlp)
-                if want is not None and want != g.size:
-                    raise ValueError(
-                        f"unit group {g.hook_name!r} has size {g.size}, the model has {want}"
-                    )
+
+    def group(self, hook_name: str) -> UnitGroup:
+        """The group of ``hook_name`` (ValueError naming it if absent)."""
+        for g in self.groups:
+            if g.hook_name == hook_name:
+                return g
+        raise ValueError(f"the unit map has no group on hook {hook_name!r}")
+
+    def split(self, flat: Any) -> dict[str, Any]:
+        """Cut a ``[..., n_units]`` tensor into ``{hook_name: [..., size]}`` (group order)."""
+        if flat.shape[-1] != self.n_units:
+            raise ValueError(
+                f"a per-unit tensor needs {self.n_units} entries on its last axis, got "
+                f"{tuple(flat.shape)}"
+            )
+        out, start = {}, 0
+        for g in self.groups:
+            out[g.hook_name] = flat[..., start : start + g.size]
+            start += g.size
+        return out
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

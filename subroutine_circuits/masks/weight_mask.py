@@ -19,9 +19,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ._base import MaskBase, hybridmethod, layer_of
+from .ablation import mix
 from .parametrization import Ablation, MaskConfig
 
-DEFAULT_WEIGHT_SUFFIXES = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")
 _EMBEDDING_NAMES = ("W_E", "W_pos", "W_U", "W_token_type")
 
 
@@ -40,11 +40,6 @@ def check_maskable(name: str, param: Tensor, module: nn.Module | None = None) ->
         raise ValueError(
             f"parameter {name!r} is 1-D (bias/norm-like); weight masks need a matrix or kernel"
         )
-
-
-def default_param_names(model: nn.Module) -> list[str]:
-    """All parameters whose name ends in W_Q, W_K, W_V, W_O, W_in or W_out (model order)."""
-    return [n for n, _ in model.named_parameters() if n.split(".")[-1] in DEFAULT_WEIGHT_SUFFIXES]
 
 
 def _split_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -66,14 +61,15 @@ class WeightMask(MaskBase):
         model: the model whose parameters are masked, or a mapping ``{name: shape}`` (used when
             loading without a model).
         cfg: the mask configuration (``cfg.ablation`` is ``"zero"`` or ``"reinit"``).
-        param_names: parameters to mask; default: every W_Q, W_K, W_V, W_O, W_in, W_out.
-            Biases, embeddings and LayerNorm parameters are rejected with ValueError.
+        param_names: parameters to mask (required with a model: the model adapter knows its
+            family's maskable weights, ``adapter.weight_names()``). Biases, embeddings and
+            LayerNorm parameters are rejected with ValueError.
         reinit: for ``ablation="reinit"``: ``{name: tensor}`` of replacement values; if None they
-            are drawn ``N(0, model.cfg.initializer_range)`` with a generator seeded by
-            ``cfg.seed`` (parameters in order).
+            are drawn ``N(0, init_std)`` with a generator seeded by ``cfg.seed`` (parameters in
+            order).
         fixed: a flat boolean vector making this a constant mask (see :meth:`fixed`).
         generator: source of hard-concrete samples (default: seeded with ``cfg.seed``).
-        init_std: std of reinit values; default ``model.cfg.initializer_range`` (if any).
+        init_std: std of reinit values (``adapter.init_std()``).
     """
 
     def __init__(
@@ -94,13 +90,15 @@ class WeightMask(MaskBase):
             raise ValueError(
                 f"weight masks support ablation 'zero' or 'reinit', got {self.ablation.value!r}"
             )
-        if init_std is None and isinstance(model, nn.Module):
-            init_std = getattr(getattr(model, "cfg", None), "initializer_range", None)
         self.init_std = None if init_std is None else float(init_std)
         if isinstance(model, nn.Module):
-            names = list(param_names) if param_names is not None else default_param_names(model)
+            if param_names is None:
+                raise ValueError(
+                    "WeightMask: give param_names (the model adapter's weight_names())"
+                )
+            names = list(param_names)
             if not names:
-                raise ValueError("WeightMask: no parameters to mask (none named W_Q/W_K/...)")
+                raise ValueError("WeightMask: no parameters to mask (param_names is empty)")
             params = dict(model.named_parameters())
             shapes = []
             for n in names:
@@ -140,7 +138,7 @@ class WeightMask(MaskBase):
         std = self.init_std
         if std is None or std <= 0:
             raise ValueError(
-                "reinit ablation needs reinit values or a model with cfg.initializer_range > 0"
+                "reinit ablation needs reinit values or init_std > 0 (adapter.init_std())"
             )
         g = torch.Generator().manual_seed(int(seed) + 7919)
         return {
@@ -158,10 +156,11 @@ class WeightMask(MaskBase):
         ablation: str | Ablation = "zero",
         reinit: Mapping[str, Tensor] | None = None,
         seed: int = 0,
+        init_std: float | None = None,
     ) -> WeightMask:
         """A non-trainable weight mask keeping the weights where ``flat_bool`` is True."""
         cfg = MaskConfig(ablation=Ablation.parse(ablation).value, seed=seed)
-        return cls(model, cfg, param_names, reinit, fixed=flat_bool)
+        return cls(model, cfg, param_names, reinit, fixed=flat_bool, init_std=init_std)
 
     def _fixed_copy(self, flat_bool: Bool[Tensor, "n"]) -> WeightMask:
         """A fixed mask over the same parameters with the same ablation (values copied)."""
@@ -231,15 +230,16 @@ class WeightMask(MaskBase):
 
     # ------------------------------------------------------------------ application
     def masked_weight(self, idx: int, weight: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
-        """``m * W`` (zero) or ``m*W + (1-m)*W_reinit`` for part ``idx`` (W detached)."""
+        """``m * W`` (zero) or ``m*W + (1-m)*W_reinit`` for part ``idx`` (W detached), through
+        the one ablation formula :func:`~subroutine_circuits.masks.ablation.mix`."""
         part = self.parts[idx]
         part.check_finite(self.labels[idx])
         w = weight.detach()
         m = part().to(device=w.device, dtype=w.dtype)
         if self.ablation == Ablation.ZERO:
-            return w * m
+            return mix(w, m)
         r = self.reinit_values[self.param_names[idx]].to(device=w.device, dtype=w.dtype)
-        return m * w + (1 - m) * r
+        return mix(w, m, r)
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[WeightMask]:

@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from subroutine_circuits.models.presets import POOL_ATTR, POOLS
+from subroutine_circuits.utils import real_positions
 
 ATTN_SCORES_SUFFIX = "attn.hook_attn_scores"
 
@@ -79,8 +80,8 @@ def check_tokens(
 
 
 def key_padding_mask(lengths: Int[Tensor, "n"], pos: int) -> Bool[Tensor, "n pos"]:
-    """``True`` where a position is padding (index >= length)."""
-    return torch.arange(pos, device=lengths.device)[None, :] >= lengths[:, None]
+    """``True`` where a position is padding (index >= length): ``~utils.real_positions``."""
+    return ~real_positions(lengths, pos)
 
 
 @contextmanager

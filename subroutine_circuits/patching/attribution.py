@@ -19,18 +19,15 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from subroutine_circuits.adapters import as_adapter
+from subroutine_circuits.adapters.base import Readout
+from subroutine_circuits.masks.units import UnitGroup, UnitMap
 from subroutine_circuits.patching.activation import (
-    Group,
     Metric,
     PatchScores,
-    Readout,
-    _check_model,
-    _check_tokens,
+    check_pair_tokens,
     expand_batch,
-    forward_collect,
-    get_readout,
-    run_from_layer,
-    unit_groups,
+    resolve_groups,
 )
 
 
@@ -47,7 +44,7 @@ def attribution_patching(
     clean_tokens: Int[Tensor, "batch pos"],
     corr_tokens: Int[Tensor, "batch pos"],
     metric: Metric,
-    groups: Sequence[Group] | None = None,
+    groups: UnitMap | Sequence[UnitGroup] | None = None,
     per_position: bool = False,
     readout: str | Readout = "logits",
 ) -> PatchScores:
@@ -57,13 +54,15 @@ def attribution_patching(
     paths, including later layers), so the estimate of a unit is the batch mean of
     ``(a_clean - a_corr) . grad``.
     """
-    _check_model(model)
-    _check_tokens(clean_tokens, corr_tokens)
-    groups = list(groups) if groups is not None else unit_groups(model)
-    readout = get_readout(readout)
+    adapter = as_adapter(model)
+    adapter.check_patchable()
+    check_pair_tokens(clean_tokens, corr_tokens)
+    groups = resolve_groups(adapter, groups)
+    readout = adapter.readout(readout)
+    model = adapter.model
     hooks = [g.hook_name for g in groups]
     with torch.no_grad():
-        _, clean_acts, clean_out = forward_collect(model, clean_tokens, hooks, readout)
+        _, clean_acts, clean_out = adapter.layer_states(clean_tokens, hooks, readout)
     m_clean = float(metric(clean_out).float().mean())
 
     probes: dict[str, Tensor] = {}
@@ -78,7 +77,7 @@ def attribution_patching(
         return act + probe
 
     with torch.enable_grad(), model.hooks(fwd_hooks=[(h, add_probe) for h in hooks]):
-        out = readout(model, model(corr_tokens, stop_at_layer=model.cfg.n_layers))
+        out = adapter.forward(corr_tokens, readout)
         m = metric(out).float().mean()
         grads = torch.autograd.grad(m, [probes[h] for h in hooks], allow_unused=True)
     m_corr = float(m.detach())
@@ -104,7 +103,7 @@ def integrated_gradients(
     clean_tokens: Int[Tensor, "batch pos"],
     corr_tokens: Int[Tensor, "batch pos"],
     metric: Metric,
-    groups: Sequence[Group] | None = None,
+    groups: UnitMap | Sequence[UnitGroup] | None = None,
     per_position: bool = False,
     readout: str | Readout = "logits",
     steps: int = 16,
@@ -117,16 +116,18 @@ def integrated_gradients(
     corrupted ``resid_pre`` of the unit's layer. Summed over the units of one hook point the
     estimates approach the effect of patching that whole hook point.
     """
-    _check_model(model)
-    _check_tokens(clean_tokens, corr_tokens)
+    adapter = as_adapter(model)
+    adapter.check_patchable()
+    check_pair_tokens(clean_tokens, corr_tokens)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    groups = list(groups) if groups is not None else unit_groups(model)
-    readout = get_readout(readout)
+    groups = resolve_groups(adapter, groups)
+    readout = adapter.readout(readout)
+    model = adapter.model
     hooks = [g.hook_name for g in groups]
     with torch.no_grad():
-        _, clean_acts, clean_out = forward_collect(model, clean_tokens, hooks, readout)
-        corr_resids, corr_acts, corr_out = forward_collect(model, corr_tokens, hooks, readout)
+        _, clean_acts, clean_out = adapter.layer_states(clean_tokens, hooks, readout)
+        corr_resids, corr_acts, corr_out = adapter.layer_states(corr_tokens, hooks, readout)
     m_clean = float(metric(clean_out).float().mean())
     m_corr = float(metric(corr_out).float().mean())
     batch = corr_tokens.shape[0]
@@ -151,7 +152,8 @@ def integrated_gradients(
                 return interp
 
             with torch.enable_grad(), model.hooks(fwd_hooks=[(h, set_act)]):
-                out = run_from_layer(model, expand_batch(corr_resids[g.layer], k), g.layer, readout)
+                start = adapter.layer_of(g.layer)
+                out = adapter.run_from_layer(expand_batch(corr_resids[start], k), start, readout)
                 m = metric(out.reshape(k, batch, *out.shape[1:])).float().mean(-1).sum()
                 (grad,) = torch.autograd.grad(m, [interp])
             grad_sum = grad.reshape(k, batch, *delta.shape[1:]).sum(0)

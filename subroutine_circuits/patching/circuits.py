@@ -1,10 +1,12 @@
 """Circuits from per-unit scores, and their faithfulness under ablation of the complement.
 
-A circuit is a boolean vector over units (group order of
-:func:`~subroutine_circuits.patching.activation.unit_groups`). Faithfulness of a circuit ``C``
-is MIB's ``f(C) = (m(C) - m(empty)) / (m(full) - m(empty))``: the model runs on the clean inputs
-with every unit outside ``C`` ablated (zero, mean, or resampled from the corrupted input).
-Many circuits are evaluated in one forward pass (one batch copy per circuit).
+A circuit is a boolean vector over units (global order of a
+:class:`~subroutine_circuits.masks.UnitMap`: group order, then index). Faithfulness of a circuit
+``C`` is MIB's ``f(C) = (m(C) - m(empty)) / (m(full) - m(empty))``: the model runs on the clean
+inputs with every unit outside ``C`` ablated (zero, mean, or resampled from the corrupted input).
+Many circuits are evaluated in one forward pass (one batch copy per circuit). Ablation goes
+through the masks' one implementation (:mod:`subroutine_circuits.masks.ablation`,
+:class:`~subroutine_circuits.masks.UnitMask`).
 """
 
 from __future__ import annotations
@@ -18,25 +20,25 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from subroutine_circuits.patching.activation import (
-    Group,
+from subroutine_circuits.adapters import as_adapter
+from subroutine_circuits.adapters.base import Readout
+from subroutine_circuits.masks.ablation import mix_copies, pooled_mean
+from subroutine_circuits.masks.parametrization import Ablation
+from subroutine_circuits.masks.unit_mask import UnitMask
+from subroutine_circuits.masks.units import UnitGroup, UnitMap
+from subroutine_circuits.patching.scores import (
     Metric,
-    Readout,
-    _check_tokens,
-    _where_units,
+    check_pair_tokens,
     expand_batch,
-    forward_collect,
-    get_readout,
     n_units,
-    run_from_layer,
 )
 
 ABLATIONS = ("zero", "mean", "resample")
 
 
 def _ablation_name(ablation) -> str:
-    """Accept a string or an Enum (e.g. ``masks.Ablation``) and return its lowercase name."""
-    name = str(getattr(ablation, "value", getattr(ablation, "name", ablation))).lower()
+    """Accept a string or ``masks.Ablation`` and return its name (zero / mean / resample)."""
+    name = Ablation.parse(ablation).value
     if name not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {ABLATIONS}")
     return name
@@ -51,7 +53,7 @@ class PatchBatch:
     metric: Metric
 
     def __post_init__(self) -> None:
-        _check_tokens(self.clean_tokens, self.corr_tokens)
+        check_pair_tokens(self.clean_tokens, self.corr_tokens)
 
     @property
     def n(self) -> int:
@@ -93,7 +95,9 @@ def threshold_circuit(
 # ----------------------------------------------------------------------------- ablation values
 
 
-def _keep_by_group(keep: Bool[Tensor, "c n_units"], groups: Sequence[Group]) -> dict[str, Tensor]:
+def _keep_by_group(
+    keep: Bool[Tensor, "c n_units"], groups: Sequence[UnitGroup]
+) -> dict[str, Tensor]:
     out, start = {}, 0
     for g in groups:
         out[g.hook_name] = keep[:, start : start + g.size]
@@ -104,17 +108,18 @@ def _keep_by_group(keep: Bool[Tensor, "c n_units"], groups: Sequence[Group]) -> 
 @torch.no_grad()
 def ablation_values(
     model,
-    groups: Sequence[Group],
+    groups: Sequence[UnitGroup],
     batches: Sequence[PatchBatch],
     ablation: str = "mean",
 ) -> list[dict[str, Tensor]]:
     """Per batch, the value each hook's ablated units take.
 
     zero: ``0``; mean: the mean over every clean and corrupted example and position of all
-    batches (shape ``act.shape[2:]``, the same for every batch); resample: that batch's
-    corrupted activation (``[batch, pos, ...]``).
+    batches (:func:`~subroutine_circuits.masks.ablation.pooled_mean`, broadcastable, the same
+    for every batch); resample: that batch's corrupted activation (``[batch, pos, ...]``).
     """
     ablation = _ablation_name(ablation)
+    adapter = as_adapter(model)
     hooks = [g.hook_name for g in groups]
     if ablation == "zero":
         return [{h: torch.zeros(()) for h in hooks} for _ in batches]
@@ -124,58 +129,57 @@ def ablation_values(
 
     per_batch = []
     for b in batches:
-        _, corr_acts, _ = forward_collect(model, b.corr_tokens, hooks, noop)
+        _, corr_acts, _ = adapter.layer_states(b.corr_tokens, hooks, noop)
         per_batch.append(corr_acts)
     if ablation == "resample":
         return per_batch
-    sums: dict[str, Tensor] = {}
-    count = 0
+    refs: dict[str, list[Tensor]] = {h: [] for h in hooks}
     for b, corr_acts in zip(batches, per_batch):
-        _, clean_acts, _ = forward_collect(model, b.clean_tokens, hooks, noop)
+        _, clean_acts, _ = adapter.layer_states(b.clean_tokens, hooks, noop)
         for h in hooks:
-            s = clean_acts[h].flatten(0, 1).sum(0) + corr_acts[h].flatten(0, 1).sum(0)
-            sums[h] = s if h not in sums else sums[h] + s
-        count += 2 * b.clean_tokens.shape[0] * b.clean_tokens.shape[1]
-    mean = {h: v / count for h, v in sums.items()}
+            refs[h] += [clean_acts[h], corr_acts[h]]
+    mean = {g.hook_name: pooled_mean(g, refs[g.hook_name]) for g in groups}
     return [mean for _ in batches]
+
+
+def _broadcasts_over_batch(value: Tensor) -> bool:
+    """True if ``value`` is the same for every example and position (zero / mean values)."""
+    return value.ndim <= 2 or (value.shape[0] == 1 and value.shape[1] == 1)
 
 
 @contextmanager
 def ablate_units(
     model,
-    groups: Sequence[Group],
+    groups: Sequence[UnitGroup] | UnitMap,
     ablated: Bool[Tensor, "n_units"],
     values: dict[str, Tensor] | None = None,
 ):
-    """Context manager: hooks that replace the ``ablated`` units by ``values`` (default zero).
+    """Context manager: the ``ablated`` units take ``values`` (default zero) inside the block.
 
-    Values must broadcast over ``[batch, pos]`` (zero or mean values), so this works on inputs
-    of any length, e.g. inside :func:`subroutine_circuits.models.ooo_accuracy`.
+    A fixed :class:`~subroutine_circuits.masks.UnitMask` keeping the other units, so this is the
+    very ablation of the mask experiment. Values must broadcast over ``[batch, pos]`` (zero or
+    mean values), so this works on inputs of any length.
     """
+    unit_map = groups if isinstance(groups, UnitMap) else UnitMap(groups)
     ablated = torch.as_tensor(ablated, dtype=torch.bool)
-    if ablated.shape != (n_units(groups),):
+    if ablated.shape != (unit_map.n_units,):
         raise ValueError(
-            f"ablated has shape {tuple(ablated.shape)}, expected ({n_units(groups)},) units"
+            f"ablated has shape {tuple(ablated.shape)}, expected ({unit_map.n_units},) units"
         )
-    per_group = _keep_by_group(ablated[None], groups)
-    hooks = []
-    for g in groups:
-        sel = per_group[g.hook_name][0]
-        if not sel.any():
-            continue
-        value = torch.zeros(()) if values is None else values[g.hook_name]
-        if value.ndim > 2:
-            raise ValueError(
-                f"ablation value for {g.hook_name} has shape {tuple(value.shape)}; it must "
-                "broadcast over batch and position (zero or mean ablation)"
-            )
-
-        def hook_fn(act, hook, sel=sel, value=value):
-            s = sel.to(act.device).view(*sel.shape, *([1] * (act.ndim - 3)))
-            return torch.where(s, value.to(act.device, act.dtype), act)
-
-        hooks.append((g.hook_name, hook_fn))
-    with model.hooks(fwd_hooks=hooks):
+    kind = "zero" if values is None else "mean"
+    mask = UnitMask.fixed(unit_map, ~ablated.cpu(), ablation=kind)
+    if values is not None:
+        vals = {}
+        for g in unit_map.groups:
+            v = torch.as_tensor(values.get(g.hook_name, torch.zeros(())))
+            if not _broadcasts_over_batch(v):
+                raise ValueError(
+                    f"ablation value for {g.hook_name} has shape {tuple(v.shape)}; it must "
+                    "broadcast over batch and position (zero or mean ablation)"
+                )
+            vals[g.hook_name] = v
+        mask.ablation_values = vals
+    with mask.applied(as_adapter(model).model):
         yield model
 
 
@@ -186,7 +190,7 @@ def ablate_units(
 def circuit_metrics(
     model,
     batches: Sequence[PatchBatch] | PatchBatch,
-    groups: Sequence[Group],
+    groups: Sequence[UnitGroup],
     keeps: Bool[Tensor, "c n_units"],
     ablation: str = "mean",
     readout: str | Readout = "logits",
@@ -204,30 +208,31 @@ def circuit_metrics(
     keeps = torch.as_tensor(keeps, dtype=torch.bool)
     if keeps.ndim != 2 or keeps.shape[1] != n_units(groups):
         raise ValueError(f"keeps must be [circuits, {n_units(groups)}], got {tuple(keeps.shape)}")
-    readout = get_readout(readout)
+    adapter = as_adapter(model)
+    readout = adapter.readout(readout)
     if values is None:
-        values = ablation_values(model, groups, batches, ablation)
+        values = ablation_values(adapter, groups, batches, ablation)
     total = torch.zeros(keeps.shape[0])
     n_total = 0
     for b, vals in zip(batches, values):
         batch, n_pos = b.clean_tokens.shape
         k_max = max(1, chunk_rows // batch)
-        resid0 = model(b.clean_tokens, stop_at_layer=0)
+        resid0 = adapter.input_state(b.clean_tokens)
         for start in range(0, keeps.shape[0], k_max):
             kc = keeps[start : start + k_max]
             k = kc.shape[0]
             per_group = _keep_by_group(kc, groups)
-            sels = {}
+            keeps_k = {}
             for g in groups:
-                abl = ~per_group[g.hook_name].to(resid0.device)  # [k, size]
-                if abl.any():
-                    sels[g.hook_name] = abl[:, None, :].expand(k, n_pos, g.size)
+                keep_g = per_group[g.hook_name].to(resid0.device)  # [k, size]
+                if not keep_g.all():
+                    keeps_k[g.hook_name] = keep_g[:, None, :].expand(k, n_pos, g.size)
 
-            def hook_fn(act, hook, k=k, sels=sels, vals=vals):
-                return _where_units(act, sels[hook.name], vals[hook.name].to(act.device), k)
+            def hook_fn(act, hook, k=k, keeps_k=keeps_k, vals=vals):
+                return mix_copies(act, keeps_k[hook.name], vals[hook.name].to(act.device), k)
 
-            with model.hooks(fwd_hooks=[(h, hook_fn) for h in sels]):
-                out = run_from_layer(model, expand_batch(resid0, k), 0, readout)
+            with adapter.model.hooks(fwd_hooks=[(h, hook_fn) for h in keeps_k]):
+                out = adapter.run_from_layer(expand_batch(resid0, k), 0, readout)
             m = b.metric(out.reshape(k, batch, *out.shape[1:])).float().mean(-1).cpu()
             total[start : start + k] += m * batch
         n_total += batch
@@ -290,7 +295,7 @@ def _normalise(m: Tensor, m_full: float, m_empty: float) -> Tensor:
 def faithfulness_curve(
     model,
     batches: Sequence[PatchBatch] | PatchBatch,
-    groups: Sequence[Group],
+    groups: Sequence[UnitGroup],
     scores: Float[Tensor, "n_units"],
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     ablation: str = "mean",
@@ -321,7 +326,7 @@ def faithfulness_curve(
 def smallest_faithful_circuit(
     model,
     batches: Sequence[PatchBatch] | PatchBatch,
-    groups: Sequence[Group],
+    groups: Sequence[UnitGroup],
     scores: Float[Tensor, "n_units"],
     target: float = 0.8,
     ablation: str = "mean",

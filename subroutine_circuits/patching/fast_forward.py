@@ -70,7 +70,7 @@ def fast_path_unsupported(model, groups: Sequence, per_position: bool, readout) 
     soft-caps, no hooks on the model; only head groups (``hook_z``), ``per_position=True``, and
     the ``logits`` or ``hidden_last`` readout.
     """
-    from .activation import hidden_last_readout, logits_readout
+    from subroutine_circuits.adapters.transformer_lens import hidden_last_readout, logits_readout
 
     cfg = model.cfg
     if type(model).__name__ != "HookedTransformer":
@@ -214,7 +214,7 @@ def _suffix_block(
 
 @torch.no_grad()
 def fast_head_patching_by_pos(
-    model,
+    adapter,
     clean_tokens: Int[Tensor, "batch pos"],
     corr_tokens: Int[Tensor, "batch pos"],
     metric,
@@ -229,8 +229,10 @@ def fast_head_patching_by_pos(
     :func:`fast_path_unsupported` first. ``extra["path"]`` records the mode used:
     ``"fast-last"`` (last position only) or ``"fast-suffix"`` (full logits).
     """
-    from .activation import PatchScores, forward_collect, hidden_last_readout
+    from subroutine_circuits.adapters.transformer_lens import hidden_last_readout
+    from subroutine_circuits.patching.scores import PatchScores
 
+    model = adapter.model
     n_layers = model.cfg.n_layers
     layers = sorted({g.layer for g in groups})
     z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in layers]
@@ -239,9 +241,9 @@ def fast_head_patching_by_pos(
         for m in range(min(layers) + 1, n_layers)
         for kind in ("q", "k", "v")
     ]
-    _, clean_acts, clean_out = forward_collect(model, clean_tokens, z_hooks, readout)
-    corr_resids, corr_acts, corr_out = forward_collect(
-        model, corr_tokens, z_hooks + kv_hooks, readout
+    _, clean_acts, clean_out = adapter.layer_states(clean_tokens, z_hooks, readout)
+    corr_resids, corr_acts, corr_out = adapter.layer_states(
+        corr_tokens, z_hooks + kv_hooks, readout
     )
     m_clean = float(metric(clean_out).float().mean())
     corr_vals = metric(corr_out).float()

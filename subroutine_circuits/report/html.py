@@ -24,8 +24,9 @@ import pandas as pd
 from jaxtyping import Int
 from torch import Tensor
 
-from subroutine_circuits.experiment import stats
+from subroutine_circuits.analysis import summary as stats
 from subroutine_circuits.report import plots
+from subroutine_circuits.store import RunStore, base_id
 from subroutine_circuits.utils import atomic_write_text
 
 CV_BEGIN = "<!-- circuitsvis:begin -->"
@@ -145,7 +146,7 @@ def section_run(manifest: dict[str, Any], results: pd.DataFrame) -> str:
     if excluded is None:
         bad = results[~results["base_ok"]]
         excluded = sorted(
-            {f"{t}__{i}__s{s}" for t, i, s in zip(bad["task"], bad["init"], bad["base_seed"])}
+            {base_id(t, i, s) for t, i, s in zip(bad["task"], bad["init"], bad["base_seed"])}
         )
     if excluded:
         accs = manifest.get("base_models", {})
@@ -389,7 +390,7 @@ def section_attention(
 
     from subroutine_circuits.models import load_checkpoint
 
-    if not (out_dir / "models").is_dir():
+    if not RunStore(out_dir).models_dir.is_dir():
         return _note("no models/ folder: attention patterns unavailable")
     out, widget_done = [], not cfg.circuitsvis
     for task in sorted(results["task"].unique()):
@@ -414,7 +415,7 @@ def section_attention(
             if sel.empty:
                 continue
             seed = sorted(sel["base_seed"].unique())[0]
-            mdir = out_dir / "models" / f"{task}__{init}__s{seed}"
+            mdir = RunStore(out_dir).model_dir(base_id(task, init, seed))
             if not (mdir / "meta.json").is_file():
                 out.append(_note(f"{task} / {init}: checkpoint {mdir.name} not found"))
                 continue
@@ -462,7 +463,8 @@ def _load_score_files(out_dir: Path) -> list[dict[str, Any]]:
     import torch
 
     found = []
-    files = sorted((out_dir / "patching").rglob("*.pt")) if (out_dir / "patching").is_dir() else []
+    pdir = RunStore(out_dir).patching_dir
+    files = sorted(pdir.rglob("*.pt")) if pdir.is_dir() else []
     files += sorted(out_dir.glob("scores_*.pt"))
     for p in files:
         try:
@@ -478,7 +480,7 @@ def _load_score_files(out_dir: Path) -> list[dict[str, Any]]:
 
 def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
     """Mask vs activation-patching comparison: table, side-by-side heatmaps, faithfulness."""
-    path = out_dir / "patching.csv"
+    path = RunStore(out_dir).patching_csv
     if not path.is_file():
         return _note("no patching.csv: patching comparison not run")
     df = pd.read_csv(path)
@@ -647,6 +649,6 @@ def build_report(out_dir: str | os.PathLike, cfg: ReportConfig | None = None) ->
     They are looked for under ``OUT/patching/`` (recursively) and as ``OUT/scores_*.pt``.
     """
     page, _ = render_report(out_dir, cfg)
-    path = Path(out_dir) / "report.html"
+    path = RunStore(out_dir).report_path
     atomic_write_text(path, page)
     return path

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from subroutine_circuits.experiment.stats import CHANCE, cluster_bootstrap_ci
+from subroutine_circuits.analysis.summary import CHANCE, cluster_bootstrap_ci
 
 #: Conditions of the accuracy plot: label -> column prefix in results.csv.
 CONDITIONS: dict[str, str] = {

@@ -73,13 +73,29 @@ def get_task(name: str, rule: Mapping[str, bool] | None = None, **kwargs) -> Tas
 
 
 def is_user_file(spec: str | os.PathLike) -> bool:
-    """Whether ``spec`` names a user data file (.jsonl/.csv suffix) rather than a built-in task."""
-    return Path(spec).suffix.lower() in USER_FILE_SUFFIXES
+    """Whether ``spec`` names a user data file (a .jsonl/.csv/.json suffix or a path with a
+    folder) rather than a built-in task."""
+    text = str(spec)
+    return (
+        Path(text).suffix.lower() in (*USER_FILE_SUFFIXES, ".json")
+        or os.path.sep in text
+        or isinstance(spec, Path)
+    )
 
 
 def load_task(spec: str | os.PathLike, rule: Mapping[str, bool] | None = None) -> Task:
-    """A built-in task name or a .jsonl/.csv path -> Task (``rule`` overrides the default)."""
+    """A built-in task name or a data file -> Task (``rule`` overrides the default rule).
+
+    The one task loader of the library (experiments, the CLI, the public API).
+
+    Raises:
+        FileNotFoundError: a data file that does not exist.
+        ValueError: an unknown task name, an unsupported file type or a bad rule.
+    """
+    rule = rule or None  # an empty rule means the task's default
     if is_user_file(spec):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"task data file not found: {spec}")
         from subroutine_circuits.tasks.user import load_user_task
 
         return load_user_task(spec, rule=rule)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from subroutine_circuits.patching.activation import activation_patching, unit_groups
+from subroutine_circuits.adapters import tl_unit_map
+from subroutine_circuits.patching.activation import activation_patching
 from subroutine_circuits.patching.attribution import attribution_patching, integrated_gradients
 
 
@@ -53,7 +54,7 @@ def test_attribution_equals_manual_gradient(tiny_model, tiny_tokens):
 
 def test_attribution_correlates_with_activation(tiny_model, tiny_tokens):
     clean, corr = _pair(tiny_tokens)
-    groups = unit_groups(tiny_model, kinds=("head",))
+    groups = tl_unit_map(tiny_model, kinds=("head",)).groups
     act = activation_patching(tiny_model, clean, corr, _metric, groups).flat()
     att = attribution_patching(tiny_model, clean, corr, _metric, groups).flat()
     c = torch.corrcoef(torch.stack([act, att]))[0, 1]
@@ -63,7 +64,7 @@ def test_attribution_correlates_with_activation(tiny_model, tiny_tokens):
 def test_integrated_gradients_completeness(tiny_model, tiny_tokens):
     """Summed over one hook point, IG equals the effect of patching the whole hook point."""
     clean, corr = _pair(tiny_tokens)
-    groups = unit_groups(tiny_model, kinds=("head", "neuron"), layers=[0])
+    groups = tl_unit_map(tiny_model, kinds=("head", "neuron"), layers=[0]).groups
     ig = integrated_gradients(tiny_model, clean, corr, _metric, groups, steps=32, chunk_rows=64)
     _, clean_cache = tiny_model.run_with_cache(clean)
     for g in groups:

@@ -28,9 +28,10 @@ import pandas as pd
 from jaxtyping import Bool
 from torch import Tensor
 
+from subroutine_circuits.store import RunStore
+from subroutine_circuits.utils import CHANCE as CHANCE  # re-exported for the report
 from subroutine_circuits.utils import atomic_write_text
 
-CHANCE = 0.25
 DEFAULT_MARGIN = 0.05
 
 #: The cells a summary is computed for.
@@ -94,7 +95,7 @@ def validate_results(results: pd.DataFrame) -> pd.DataFrame:
 
 def load_results(out_dir: str | os.PathLike) -> pd.DataFrame:
     """Read and validate ``OUT/results.csv``."""
-    path = Path(out_dir) / "results.csv"
+    path = RunStore(out_dir).results_csv
     if not path.exists():
         raise FileNotFoundError(f"no results.csv in {out_dir}")
     df = pd.read_csv(path)
@@ -105,7 +106,7 @@ def load_results(out_dir: str | os.PathLike) -> pd.DataFrame:
 
 def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     """Read ``OUT/manifest.json``; an absent manifest gives ``{}``."""
-    path = Path(out_dir) / "manifest.json"
+    path = RunStore(out_dir).manifest_path
     if not path.exists():
         return {}
     with open(path, encoding="utf-8") as f:
@@ -116,13 +117,6 @@ def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- bootstrap
-
-
-def clip_diff(target: Any, other: Any, chance: float = CHANCE) -> np.ndarray:
-    """The paper's difference clipped at chance: ``max(target, chance) - max(other, chance)``."""
-    t = np.maximum(np.asarray(target, dtype=float), chance)
-    o = np.maximum(np.asarray(other, dtype=float), chance)
-    return t - o
 
 
 def cluster_bootstrap_ci(
@@ -400,7 +394,8 @@ def resolve_mask_path(out_dir: str | os.PathLike, mask_path: Any) -> Path | None
     if mask_path is None or (isinstance(mask_path, float) and np.isnan(mask_path)):
         return None
     p = Path(str(mask_path))
-    for cand in (p, Path(out_dir) / p, Path(out_dir) / "masks" / p):
+    store = RunStore(out_dir)
+    for cand in (p, store.resolve(p), store.mask_path(p.stem)):
         if cand.is_file():
             return cand
     return None
@@ -513,7 +508,7 @@ def write_summary(out_dir: str | os.PathLike, n_boot: int = 2000, seed: int = 0)
     if not tests.empty:
         tests.insert(0, "kind", "test")
     summary = pd.concat([groups, tests], ignore_index=True) if not tests.empty else groups
-    path = out_dir / "summary.csv"
+    path = RunStore(out_dir).summary_csv
     atomic_write_text(path, _csv(summary))
     overlap = overlap_table(out_dir)
     if overlap.empty:
@@ -522,5 +517,5 @@ def write_summary(out_dir: str | os.PathLike, n_boot: int = 2000, seed: int = 0)
             + ["subroutine_a", "subroutine_b", "base_ok", "layer", "kind"]
             + ["n_units", "n_a", "n_b", "n_shared", "n_union", "jaccard"]
         )
-    atomic_write_text(out_dir / "overlap.csv", _csv(overlap))
+    atomic_write_text(RunStore(out_dir).overlap_csv, _csv(overlap))
     return path

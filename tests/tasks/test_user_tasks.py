@@ -21,7 +21,7 @@ from subroutine_circuits.tasks import (
 )
 from subroutine_circuits.tasks.user import parse_bool
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _truth(text: str) -> dict[str, bool]:

@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 
+from subroutine_circuits.adapters import as_adapter
+from subroutine_circuits.adapters.transformer_lens import weight_names
 from subroutine_circuits.masks import MaskConfig, WeightMask, load_mask, save_mask
 
 
@@ -24,7 +26,7 @@ def _maxdiff(a, b) -> float:
 
 
 def test_default_params_and_rejections(tiny_model):
-    wm = WeightMask(tiny_model)
+    wm = WeightMask(tiny_model, None, weight_names(tiny_model))
     assert wm.param_names == [
         f"blocks.{layer}.{m}.{w}"
         for layer in range(2)
@@ -51,7 +53,7 @@ def test_default_params_and_rejections(tiny_model):
     with pytest.raises(ValueError, match="unknown parameter 'blocks.0.attn.W_X'"):
         WeightMask(tiny_model, param_names=["blocks.0.attn.W_X"])
     with pytest.raises(ValueError, match="weight masks support"):
-        WeightMask(tiny_model, MaskConfig(ablation="mean"))
+        WeightMask(tiny_model, MaskConfig(ablation="mean"), weight_names(tiny_model))
 
 
 @pytest.mark.parametrize(
@@ -65,7 +67,8 @@ def test_default_params_and_rejections(tiny_model):
 def test_all_ones_weight_mask_reproduces_logits(tiny_model, tiny_tokens, cfg):
     ref = tiny_model(tiny_tokens)
     originals = {n: p for n, p in tiny_model.named_parameters()}
-    wm = WeightMask(tiny_model, cfg)
+    adapter = as_adapter(tiny_model)
+    wm = WeightMask(tiny_model, cfg, adapter.weight_names(), init_std=adapter.init_std())
     wm.eval()
     assert wm.density() == 1.0
     with torch.no_grad(), wm.applied(tiny_model):
@@ -74,7 +77,9 @@ def test_all_ones_weight_mask_reproduces_logits(tiny_model, tiny_tokens, cfg):
     # the very same Parameter objects are back
     for n, p in tiny_model.named_parameters():
         assert p is originals[n]
-    fixed = WeightMask.fixed(tiny_model, torch.ones(wm.n_total, dtype=torch.bool))
+    fixed = WeightMask.fixed(
+        tiny_model, torch.ones(wm.n_total, dtype=torch.bool), weight_names(tiny_model)
+    )
     assert list(fixed.parameters()) == []
     with torch.no_grad(), fixed.applied(tiny_model):
         assert _maxdiff(tiny_model(tiny_tokens), ref) <= 1e-6
@@ -117,8 +122,9 @@ def test_masking_w_out_row_equals_zero_ablating_neuron(tiny_model, tiny_tokens):
 
 
 def test_reinit_ablation_matches_weight_replacement(tiny_model, tiny_tokens):
+    STD = tiny_model.cfg.initializer_range  # noqa: N806
     names = ["blocks.0.mlp.W_in", "blocks.1.attn.W_V"]
-    wm = WeightMask(tiny_model, MaskConfig(ablation="reinit", seed=4), param_names=names)
+    wm = WeightMask(tiny_model, MaskConfig(ablation="reinit", seed=4), names, init_std=STD)
     std = tiny_model.cfg.initializer_range
     for n in names:
         r = wm.reinit_values[n]
@@ -140,7 +146,7 @@ def test_reinit_ablation_matches_weight_replacement(tiny_model, tiny_tokens):
     with torch.no_grad(), fixed.applied(tiny_model):
         assert _maxdiff(tiny_model(tiny_tokens), expected) <= 1e-5
     # reinit values are reproducible from the seed
-    again = WeightMask(tiny_model, MaskConfig(ablation="reinit", seed=4), param_names=names)
+    again = WeightMask(tiny_model, MaskConfig(ablation="reinit", seed=4), names, init_std=STD)
     assert torch.equal(again.reinit_values[names[1]], wm.reinit_values[names[1]])
     with pytest.raises(ValueError, match="reinit values missing"):
         WeightMask(tiny_model, MaskConfig(ablation="reinit"), names, reinit={})
@@ -148,7 +154,9 @@ def test_reinit_ablation_matches_weight_replacement(tiny_model, tiny_tokens):
 
 def test_gradients_reach_mask_only_and_restore_on_exception(tiny_model, tiny_tokens):
     assert all(p.requires_grad for p in tiny_model.parameters())  # not frozen on purpose
-    wm = WeightMask(tiny_model, MaskConfig(parametrization="hard_concrete", init=1.0))
+    wm = WeightMask(
+        tiny_model, MaskConfig(parametrization="hard_concrete", init=1.0), weight_names(tiny_model)
+    )
     wm.train()
     with wm.applied(tiny_model):
         for _ in range(2):  # two forward/backward passes in one block (fresh samples each)
@@ -168,7 +176,7 @@ def test_gradients_reach_mask_only_and_restore_on_exception(tiny_model, tiny_tok
 
 
 def test_nan_guard_names_parameter(tiny_model, tiny_tokens):
-    wm = WeightMask(tiny_model, MaskConfig(parametrization="continuous"))
+    wm = WeightMask(tiny_model, MaskConfig(parametrization="continuous"), weight_names(tiny_model))
     with torch.no_grad():
         wm.parts[5].logits[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.W_out.*NaN"):
@@ -221,14 +229,14 @@ def test_weight_fixed_complement_random_save_load(tiny_model, tiny_tokens, tmp_p
 
 
 def test_weight_mask_on_custom_cnn_and_generator():
-    from test_masks import _tiny_cnn
+    from conftest import make_tiny_cnn
 
-    cnn = _tiny_cnn()
+    cnn = make_tiny_cnn()
     x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(2))
     ref = cnn(x)
     with pytest.raises(ValueError, match="'conv1.bias' is a bias"):
         WeightMask(cnn, param_names=["conv1.bias"])
-    with pytest.raises(ValueError, match="initializer_range"):
+    with pytest.raises(ValueError, match="init_std"):
         WeightMask(cnn, MaskConfig(ablation="reinit"), param_names=["conv2.weight"])
     keep = torch.ones(6, 5, 3, 3, dtype=torch.bool)
     keep[4, 2] = False  # kernel from input channel 2 to output channel 4
@@ -253,7 +261,9 @@ def test_weight_mask_on_custom_cnn_and_generator():
 def test_fixed_like_and_instance_random_like(tiny_model, tiny_tokens, tmp_path):
     """The forms the experiment code uses: mask.fixed_like(...), mask.random_like(seed=...)."""
     names = ["blocks.0.mlp.W_out"]
-    wm = WeightMask(tiny_model, MaskConfig(init=2.0, seed=3), names)
+    wm = WeightMask(
+        tiny_model, MaskConfig(init=2.0, seed=3), names, init_std=tiny_model.cfg.initializer_range
+    )
     with torch.no_grad():
         wm.parts[0].log_alpha[:5] = -4.0  # drop 5 rows = 5 neurons
     wm.eval()

@@ -1,6 +1,6 @@
 """Tests of report.html: built from a synthetic experiment folder with real masks and checkpoints.
 
-The folder has a fake results.csv and manifest (from test_stats.make_experiment), masks written
+The folder has a fake results.csv and manifest (from test_summary.make_experiment), masks written
 with the real ``save_mask`` on a tiny model, tiny model checkpoints with the task tokenizer, and a
 patching.csv with per-unit score files. The page must contain every plot and table, and must not
 reference anything on the network.
@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_tiny_transformer
-from test_stats import make_experiment
+from experiment_fixtures import make_experiment
 
+from subroutine_circuits.adapters import tl_unit_map
 from subroutine_circuits.report import build_report
 from subroutine_circuits.report import html as rhtml
 
@@ -113,10 +114,10 @@ def test_network_check_catches_remote_references():
 
 def _write_real_masks(out: Path, results: pd.DataFrame) -> dict[str, np.ndarray]:
     """Overwrite every mask of results.csv with a real UnitMask saved by save_mask."""
-    from subroutine_circuits.masks import UnitMap, UnitMask, save_mask
+    from subroutine_circuits.masks import UnitMask, save_mask
 
     model = make_tiny_transformer(seed=0, d_vocab=50)
-    unit_map = UnitMap.from_model(model)
+    unit_map = tl_unit_map(model)
     rng = np.random.default_rng(5)
     flats = {}
     for rel in results["mask_path"]:
@@ -287,18 +288,19 @@ def test_report_needs_results(tmp_path):
 
 def test_report_with_weight_masks(tmp_path):
     """Weight masks have no units: heatmaps and overlap give notes, the rest of the page works."""
+    from subroutine_circuits.adapters.transformer_lens import weight_names
     from subroutine_circuits.masks import WeightMask, save_mask
 
     res = make_experiment(tmp_path, inits=("trained",), n_base=2, n_mask=1)
     res["mask_kind"] = "weight"
     res.to_csv(tmp_path / "results.csv", index=False)
     model = make_tiny_transformer(seed=0, d_vocab=50)
-    mask = WeightMask(model)
+    mask = WeightMask(model, None, weight_names(model))
     n = int(mask.flat_binary().numel())
     for i, rel in enumerate(res["mask_path"]):
         flat = torch.zeros(n, dtype=torch.bool)
         flat[i::7] = True
-        save_mask(tmp_path / rel, WeightMask.fixed(model, flat), model)
+        save_mask(tmp_path / rel, WeightMask.fixed(model, flat, weight_names(model)), model)
     page = build_report(tmp_path, rhtml.ReportConfig(n_boot=50)).read_text(encoding="utf-8")
     assert "section unavailable" not in page
     assert "weight masks: per-unit heatmaps need unit masks" in page
@@ -309,10 +311,10 @@ def test_report_with_weight_masks(tmp_path):
 
 def test_load_mask_units_reads_real_masks(tmp_path, tiny_model):
     """The stats adapter returns save_mask's binary mask and the unit map's (layer, kind, index)."""
-    from subroutine_circuits.experiment.stats import load_mask_units
-    from subroutine_circuits.masks import UnitMap, UnitMask, save_mask
+    from subroutine_circuits.analysis.summary import load_mask_units
+    from subroutine_circuits.masks import UnitMask, save_mask
 
-    unit_map = UnitMap.from_model(tiny_model)
+    unit_map = tl_unit_map(tiny_model)
     flat = torch.zeros(unit_map.n_units, dtype=torch.bool)
     flat[[0, 3, 5, 70]] = True
     save_mask(tmp_path / "m.pt", UnitMask.fixed(unit_map, flat), tiny_model)

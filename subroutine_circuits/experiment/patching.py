@@ -1,6 +1,8 @@
-"""Patching experiment for one subroutine: scores, circuits, comparison with its mask.
+"""The study's patching driver: for one subroutine of a task, patching scores, circuits and
+their comparison with the subroutine's mask.
 
-:func:`run_patching` is what the experiment runner and ``subroutine-circuits patch`` call.
+:func:`run_patching` is what the experiment's patching stage and ``subroutine-circuits patch``
+call; it uses the generic library :mod:`subroutine_circuits.patching`.
 For OOO models (embed 4 stimuli, L2-normalise, ``s_i = -sum_{j != i} <x_i, x_j>``) the metric of
 a minimal pair for subroutine ``p`` is the oddness score of the stimulus among 3 fixed context
 stimuli that satisfy the rule (their embeddings are computed once, unpatched); the clean input
@@ -24,13 +26,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from subroutine_circuits.patching.activation import (
-    Group,
-    PatchScores,
-    activation_patching,
-    merge_scores,
-    unit_groups,
-)
+from subroutine_circuits.adapters import as_adapter
+from subroutine_circuits.masks.units import UnitGroup
+from subroutine_circuits.patching.activation import activation_patching
 from subroutine_circuits.patching.attribution import attribution_patching, integrated_gradients
 from subroutine_circuits.patching.circuits import (
     DEFAULT_FRACTIONS,
@@ -41,6 +39,8 @@ from subroutine_circuits.patching.circuits import (
     top_k_circuit,
 )
 from subroutine_circuits.patching.compare import compare_with_mask
+from subroutine_circuits.patching.scores import PatchScores, merge_scores
+from subroutine_circuits.utils import CHANCE, clipped_diff
 
 METHODS = ("activation", "attribution", "integrated_gradients")
 READOUT_KINDS = ("ooo", "label")
@@ -121,14 +121,13 @@ class PairData:
     texts: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+def _adapter(model, tokenizer=None, pool: str | None = None):
+    """The model's adapter (with the task's tokenizer and the readout's pooling)."""
+    from subroutine_circuits.adapters.base import ModelAdapter
 
-
-def _pool(model, pool: str | None) -> str:
-    from subroutine_circuits.models.readout import resolve_pool
-
-    return resolve_pool(model, pool)
+    if isinstance(model, ModelAdapter):
+        return model
+    return as_adapter(model, tokenizer=tokenizer, pool=pool)
 
 
 def sample_pairs(
@@ -180,9 +179,13 @@ def _label_metric(yes_id: int, no_id: int):
 
 @torch.no_grad()
 def build_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig) -> PairData:
-    """Sample minimal pairs, tokenise, group by length and attach each group's metric."""
+    """Sample minimal pairs, tokenise, group by length and attach each group's metric.
+
+    ``model`` is the model or its adapter."""
+    adapter = _adapter(model, tokenizer, cfg.pool)
+    model = adapter.model
     pairs = sample_pairs(task, subroutine, cfg.n_pairs, cfg.seed)
-    device = _device(model)
+    device = adapter.device
     by_len: dict[int, list[int]] = {}
     enc = []
     for i, (clean, corr, _) in enumerate(pairs):
@@ -198,16 +201,11 @@ def build_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig
         by_len.setdefault(len(a), []).append(i)
     batches = []
     if cfg.readout == "ooo":
-        from subroutine_circuits.models.readout import final_hidden
-
-        pool = _pool(model, cfg.pool)
-        readout = {"last": "hidden_last", "mean": "hidden_mean"}[pool]
+        readout = {"last": "hidden_last", "mean": "hidden_mean"}[adapter.pool]
         for _, idx in sorted(by_len.items()):
             ctx_texts = [t for i in idx for t in pairs[i][2]]
-            toks, lens = tokenizer.encode_batch(ctx_texts)
-            emb = final_hidden(
-                model, torch.as_tensor(toks).to(device), torch.as_tensor(lens).to(device), pool
-            )
+            ctx = {k: v.to(device) for k, v in adapter.encode_stimuli(ctx_texts).items()}
+            emb = adapter.embed(ctx)
             ctx_sum = F.normalize(emb.float(), dim=-1).view(len(idx), -1, emb.shape[-1]).sum(1)
             batches.append(_make_batch(enc, idx, device, _oddness_metric(ctx_sum)))
     else:
@@ -228,7 +226,7 @@ def _make_batch(enc, idx, device, metric) -> PatchBatch:
 
 
 def patching_scores(
-    model, data: PairData, groups: Sequence[Group], method: str, cfg: PatchingConfig
+    model, data: PairData, groups: Sequence[UnitGroup], method: str, cfg: PatchingConfig
 ) -> PatchScores:
     """Scores of one method over all length groups (merged, weighted by pair counts)."""
     parts = []
@@ -278,13 +276,12 @@ def cross_ablation(
     """Ablate each circuit and measure OOO accuracy on the target and other partitions, as the
     mask experiment does (``UnitMask.fixed`` keeping the complement; ``zero`` ablation, or
     ``mean`` values from the ``sub_<subroutine>`` test problems). One dict per circuit with
-    ``abl_target_acc``, ``abl_other_acc`` and ``abl_diff`` (clipped at chance 0.25)."""
+    ``abl_target_acc``, ``abl_other_acc`` and ``abl_diff`` (clipped at chance)."""
     from subroutine_circuits.masks import UnitMask
-    from subroutine_circuits.models import encode_problems, ooo_accuracy
 
+    adapter = _adapter(model, tokenizer, cfg.pool)
     if isinstance(circuits, Tensor) and circuits.ndim == 1:
         circuits = [circuits]
-    pool = _pool(model, cfg.pool)
     target_kind, other_kind = f"partition_{subroutine}", f"partition_{other}"
     for kind in (target_kind, other_kind):
         if not test_problems.get(kind):
@@ -295,23 +292,20 @@ def cross_ablation(
     if cfg.cross_ablation == "mean":
         base = UnitMask.fixed(unit_map, torch.ones(unit_map.n_units, dtype=torch.bool), "mean")
         ref = test_problems.get(f"sub_{subroutine}") or test_problems[target_kind]
-        toks, lens, _ = encode_problems(ref, tokenizer)
-        b, k, pos = toks.shape
-        dev = _device(model)
-        base.set_mean(model, toks.reshape(b * k, pos).to(dev), lens.reshape(b * k).to(dev))
+        enc = adapter.encode_problems(ref).to(adapter.device)
+        base.set_mean(adapter, enc.flat_inputs())
         values = base.ablation_values
+    data = {
+        kind: adapter.encode_problems(test_problems[kind]) for kind in (target_kind, other_kind)
+    }
     results = []
-    chance = 0.25
     for circuit in circuits:
         fm = UnitMask.fixed(unit_map, ~circuit.bool().cpu(), ablation=cfg.cross_ablation)
         fm.ablation_values = dict(values)
         out = {}
-        with fm.applied(model):
-            for name, kind in (("target", target_kind), ("other", other_kind)):
-                out[f"abl_{name}_acc"] = ooo_accuracy(
-                    model, test_problems[kind], tokenizer, pool, cfg.batch_size
-                )
-        out["abl_diff"] = max(out["abl_target_acc"], chance) - max(out["abl_other_acc"], chance)
+        for name, kind in (("target", target_kind), ("other", other_kind)):
+            out[f"abl_{name}_acc"] = adapter.accuracy(data[kind], fm, cfg.batch_size)
+        out["abl_diff"] = clipped_diff(out["abl_target_acc"], out["abl_other_acc"], CHANCE)
         results.append(out)
     return results
 
@@ -336,119 +330,177 @@ def run_patching(
     partition problems). With ``cfg.out_dir`` the per-unit scores go to
     ``scores_[<meta values>_]<subroutine>_<method>.pt`` (key ``scores_file``).
     """
-    from subroutine_circuits.masks import UnitMap
+    from subroutine_circuits.patching.scores import resolve_groups
 
     cfg = cfg or PatchingConfig()
+    adapter = _adapter(model, tokenizer, cfg.pool)
     if mask is not None and not hasattr(mask, "unit_map"):
         raise ValueError("patching compares with unit masks only (this mask has no unit_map)")
-    unit_map = mask.unit_map if mask is not None else UnitMap.from_model(model, kinds=cfg.kinds)
-    groups = unit_groups(model, unit_map)
-    n = sum(g.size for g in groups)
+    unit_map = mask.unit_map if mask is not None else adapter.unit_map(kinds=cfg.kinds)
+    groups = resolve_groups(adapter, unit_map)
     others = [p for p in task.predicates if p != subroutine]
-    data = build_pair_data(model, tokenizer, task, subroutine, cfg)
-    model.eval()
-    rows = []
-    for method in cfg.methods:
-        res = patching_scores(model, data, groups, method, cfg)
-        scores = res.flat()
-        curve = faithfulness_curve(
-            model,
-            data.batches,
-            groups,
-            scores,
-            cfg.fractions,
-            cfg.curve_ablation,
-            data.readout,
-            cfg.use_abs,
-            cfg.chunk_rows,
-        )
-        faithful, f_faithful = smallest_faithful_circuit(
-            model,
-            data.batches,
-            groups,
-            scores,
-            cfg.faithfulness_target,
-            cfg.curve_ablation,
-            data.readout,
-            cfg.use_abs,
-            cfg.chunk_rows,
-        )
-        row: dict[str, Any] = {
-            **cfg.meta,
-            "subroutine": subroutine,
-            "method": method,
-            "n_pairs": data.n_pairs,
-            "n_units": n,
-            "clean_metric": res.clean_metric,
-            "corr_metric": res.corr_metric,
-            "cpr": curve.cpr,
-            "cmd": curve.cmd,
-            "k_faithful": int(faithful.sum()),
-            "f_faithful": f_faithful,
-            "jaccard": math.nan,
-            "spearman": math.nan,
-            "roc_auc": math.nan,
-        }
-        if isinstance(cfg.circuit_size, int):
-            circuit = top_k_circuit(scores, cfg.circuit_size, cfg.use_abs)
-        elif cfg.circuit_size == "mask" and mask is not None:
-            circuit = top_k_circuit(scores, int(mask.flat_binary().sum()), cfg.use_abs)
-        else:
-            circuit = faithful
-        row["k"] = int(circuit.sum())
-        ends = torch.stack([circuit, torch.ones_like(circuit), torch.zeros_like(circuit)])
-        m_k, m_full, m_empty = circuit_metrics(
-            model, data.batches, groups, ends, cfg.curve_ablation, data.readout, cfg.chunk_rows
-        ).tolist()
-        row["f_k"] = (m_k - m_empty) / (m_full - m_empty) if m_full != m_empty else math.nan
-        if mask is not None:
-            keep = mask.flat_binary().bool().cpu()
-            row.update(
-                {
-                    k: v
-                    for k, v in compare_with_mask(
-                        scores, keep, mask_unit_params(mask), cfg.use_abs
-                    ).items()
-                    if k != "k"
-                }
-            )
-            row["mask_k"] = int(keep.sum())
-        row.update({"abl_target_acc": math.nan, "abl_other_acc": math.nan, "abl_diff": math.nan})
-        acc_curve = None
-        if cfg.readout == "ooo" and test_problems and others:
-            ks = sorted({int(round(f * n)) for f in cfg.ablation_curve_fractions})
-            circuits = [circuit] + [top_k_circuit(scores, k, cfg.use_abs) for k in ks]
-            res_abl = cross_ablation(
-                model, tokenizer, unit_map, circuits, test_problems, subroutine, others[0], cfg
-            )
-            row.update(res_abl[0])
-            acc_curve = {
-                "k": ks,
-                "target_acc": [r["abl_target_acc"] for r in res_abl[1:]],
-                "other_acc": [r["abl_other_acc"] for r in res_abl[1:]],
-            }
-        if cfg.out_dir is not None:
-            from subroutine_circuits.utils import atomic_torch_save
+    data = build_pair_data(adapter, tokenizer, task, subroutine, cfg)
+    adapter.model.eval()
+    ctx = _PatchContext(adapter, tokenizer, subroutine, unit_map, groups, data, mask, cfg)
+    return [
+        _method_row(ctx, method, test_problems, others[0] if others else None)
+        for method in cfg.methods
+    ]
 
-            parts = [str(v) for v in cfg.meta.values()] + [subroutine, method]
-            stem = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
-            path = Path(cfg.out_dir) / f"scores_{stem}.pt"
-            atomic_torch_save(
-                {
-                    **cfg.meta,
-                    "subroutine": subroutine,
-                    "method": method,
-                    "scores": scores,
-                    "units": unit_map.units(),
-                    "hooks": [asdict(g) for g in groups],
-                    "normalised": res.normalised(),
-                    "circuit": circuit,
-                    "curve": asdict(curve),
-                    "faithfulness": acc_curve,
-                    "row": dict(row),
-                },
-                path,
-            )
-            row["scores_file"] = path.name
-        rows.append(row)
-    return rows
+
+@dataclass
+class _PatchContext:
+    """What every method of one :func:`run_patching` call shares."""
+
+    adapter: Any
+    tokenizer: Any
+    subroutine: str
+    unit_map: Any
+    groups: list[UnitGroup]
+    data: PairData
+    mask: Any
+    cfg: PatchingConfig
+
+    @property
+    def n_units(self) -> int:
+        return sum(g.size for g in self.groups)
+
+
+def _faithfulness(ctx: _PatchContext, scores: Tensor):
+    """MIB faithfulness curve of the top-k circuits and the smallest faithful circuit."""
+    cfg, data = ctx.cfg, ctx.data
+    common = (cfg.curve_ablation, data.readout, cfg.use_abs, cfg.chunk_rows)
+    curve = faithfulness_curve(
+        ctx.adapter, data.batches, ctx.groups, scores, cfg.fractions, *common
+    )
+    faithful, f_faithful = smallest_faithful_circuit(
+        ctx.adapter, data.batches, ctx.groups, scores, cfg.faithfulness_target, *common
+    )
+    return curve, faithful, f_faithful
+
+
+def _circuit_of(ctx: _PatchContext, scores: Tensor, faithful: Tensor) -> Tensor:
+    """The patching circuit compared with the mask (size: ``cfg.circuit_size``)."""
+    cfg = ctx.cfg
+    if isinstance(cfg.circuit_size, int):
+        return top_k_circuit(scores, cfg.circuit_size, cfg.use_abs)
+    if cfg.circuit_size == "mask" and ctx.mask is not None:
+        return top_k_circuit(scores, int(ctx.mask.flat_binary().sum()), cfg.use_abs)
+    return faithful
+
+
+def _circuit_faithfulness(ctx: _PatchContext, circuit: Tensor) -> float:
+    """``f(circuit)`` relative to the full and the fully ablated model."""
+    cfg, data = ctx.cfg, ctx.data
+    ends = torch.stack([circuit, torch.ones_like(circuit), torch.zeros_like(circuit)])
+    m_k, m_full, m_empty = circuit_metrics(
+        ctx.adapter, data.batches, ctx.groups, ends, cfg.curve_ablation, data.readout,
+        cfg.chunk_rows,
+    ).tolist()  # fmt: skip
+    return (m_k - m_empty) / (m_full - m_empty) if m_full != m_empty else math.nan
+
+
+def _mask_comparison(ctx: _PatchContext, scores: Tensor) -> dict[str, Any]:
+    """Jaccard / Spearman / ROC AUC against the mask, and its size (empty without a mask)."""
+    if ctx.mask is None:
+        return {}
+    keep = ctx.mask.flat_binary().bool().cpu()
+    cmp = compare_with_mask(scores, keep, mask_unit_params(ctx.mask), ctx.cfg.use_abs)
+    return {**{k: v for k, v in cmp.items() if k != "k"}, "mask_k": int(keep.sum())}
+
+
+def _cross_ablation(
+    ctx: _PatchContext, scores: Tensor, circuit: Tensor, test_problems, other: str | None
+) -> tuple[dict[str, float], dict[str, list] | None]:
+    """The circuit ablated on the test partitions (NaN where not applicable) and the
+    accuracy-vs-size curve of ablating the top-k units."""
+    nan = {"abl_target_acc": math.nan, "abl_other_acc": math.nan, "abl_diff": math.nan}
+    cfg = ctx.cfg
+    if not (cfg.readout == "ooo" and test_problems and other):
+        return nan, None
+    ks = sorted({int(round(f * ctx.n_units)) for f in cfg.ablation_curve_fractions})
+    circuits = [circuit] + [top_k_circuit(scores, k, cfg.use_abs) for k in ks]
+    res = cross_ablation(
+        ctx.adapter, ctx.tokenizer, ctx.unit_map, circuits, test_problems, ctx.subroutine, other,
+        cfg,
+    )  # fmt: skip
+    curve = {
+        "k": ks,
+        "target_acc": [r["abl_target_acc"] for r in res[1:]],
+        "other_acc": [r["abl_other_acc"] for r in res[1:]],
+    }
+    return {**nan, **res[0]}, curve
+
+
+def _save_scores(ctx: _PatchContext, method: str, res: PatchScores, extra: dict) -> str:
+    """Write ``scores_<meta>_<subroutine>_<method>.pt`` into ``cfg.out_dir``; its file name."""
+    from subroutine_circuits.utils import atomic_torch_save
+
+    cfg = ctx.cfg
+    parts = [str(v) for v in cfg.meta.values()] + [ctx.subroutine, method]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
+    path = Path(cfg.out_dir) / f"scores_{stem}.pt"
+    atomic_torch_save(
+        {
+            **cfg.meta,
+            "subroutine": ctx.subroutine,
+            "method": method,
+            "units": ctx.unit_map.units(),
+            "hooks": [asdict(g) for g in ctx.groups],
+            "normalised": res.normalised(),
+            **extra,
+        },
+        path,
+    )
+    return path.name
+
+
+def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | None) -> dict:
+    """Scores of one method, its circuits and faithfulness, the comparison with the mask, the
+    cross-ablation; the row of patching.csv (per-unit scores saved with ``cfg.out_dir``)."""
+    cfg, data = ctx.cfg, ctx.data
+    res = patching_scores(ctx.adapter, data, ctx.groups, method, cfg)
+    scores = res.flat()
+    curve, faithful, f_faithful = _faithfulness(ctx, scores)
+    row: dict[str, Any] = {
+        **cfg.meta,
+        "subroutine": ctx.subroutine,
+        "method": method,
+        "n_pairs": data.n_pairs,
+        "n_units": ctx.n_units,
+        "clean_metric": res.clean_metric,
+        "corr_metric": res.corr_metric,
+        "cpr": curve.cpr,
+        "cmd": curve.cmd,
+        "k_faithful": int(faithful.sum()),
+        "f_faithful": f_faithful,
+        "jaccard": math.nan,
+        "spearman": math.nan,
+        "roc_auc": math.nan,
+    }
+    circuit = _circuit_of(ctx, scores, faithful)
+    row["k"] = int(circuit.sum())
+    row["f_k"] = _circuit_faithfulness(ctx, circuit)
+    row.update(_mask_comparison(ctx, scores))
+    abl, acc_curve = _cross_ablation(ctx, scores, circuit, test_problems, other)
+    row.update(abl)
+    if cfg.out_dir is not None:
+        extra = {"scores": scores, "circuit": circuit, "curve": asdict(curve)}
+        extra.update(faithfulness=acc_curve, row=dict(row))
+        row["scores_file"] = _save_scores(ctx, method, res, extra)
+    return row
+
+
+def jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Convert tensors / numpy scalars in result rows to plain Python values."""
+    clean = []
+    for r in rows:
+        d = {}
+        for k, v in r.items():
+            if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+                v = v.item()
+            elif hasattr(v, "tolist"):
+                v = v.tolist()
+            d[k] = v
+        clean.append(d)
+    return clean

@@ -10,7 +10,7 @@ import pytest
 
 
 def _load_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_patching.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_patching.py"
     spec = importlib.util.spec_from_file_location("bench_patching", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["bench_patching"] = mod  # dataclasses look their module up here

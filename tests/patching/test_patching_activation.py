@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subroutine_circuits.patching.activation import (
-    activation_patching,
-    merge_scores,
-    unit_groups,
-)
+from subroutine_circuits.adapters import tl_unit_map
+from subroutine_circuits.patching.activation import activation_patching, merge_scores
 
 
 def _pair(tiny_tokens):
@@ -38,7 +35,7 @@ def test_heads_equal_transformer_lens(tiny_model, tiny_tokens, per_position):
         else patching.get_act_patch_attn_head_out_all_pos
     )
     expected = tl_fn(tiny_model, corr, clean_cache, lambda lg: _logit_diff(lg).mean())
-    groups = unit_groups(tiny_model, kinds=("head",))
+    groups = tl_unit_map(tiny_model, kinds=("head",)).groups
     ours = activation_patching(
         tiny_model, clean, corr, _logit_diff, groups, per_position=per_position, chunk_rows=18
     )
@@ -52,7 +49,7 @@ def test_heads_equal_transformer_lens(tiny_model, tiny_tokens, per_position):
 def test_neurons_equal_hand_written_hook(tiny_model, tiny_tokens):
     clean, corr = _pair(tiny_tokens)
     _, clean_cache = tiny_model.run_with_cache(clean)
-    groups = unit_groups(tiny_model, kinds=("neuron",), layers=[0])
+    groups = tl_unit_map(tiny_model, kinds=("neuron",), layers=[0]).groups
     ours = activation_patching(tiny_model, clean, corr, _logit_diff, groups, chunk_rows=60)
     hook = "blocks.0.mlp.hook_post"
     for n in [0, 5, 17, 63]:
@@ -81,7 +78,7 @@ def test_normalised_scores_and_full_patch(tiny_model, tiny_tokens):
 
 def test_merge_weights_by_count(tiny_model, tiny_tokens):
     clean, corr = _pair(tiny_tokens)
-    groups = unit_groups(tiny_model, kinds=("head",))
+    groups = tl_unit_map(tiny_model, kinds=("head",)).groups
     a = activation_patching(tiny_model, clean[:2], corr[:2], _logit_diff, groups)
     b = activation_patching(tiny_model, clean[2:], corr[2:], _logit_diff, groups)
     whole = activation_patching(tiny_model, clean, corr, _logit_diff, groups)
@@ -95,7 +92,7 @@ def test_bad_input(tiny_model, tiny_tokens):
     with pytest.raises(ValueError, match="differ in shape"):
         activation_patching(tiny_model, tiny_tokens, tiny_tokens[:, :5], _logit_diff)
     with pytest.raises(ValueError, match="unknown unit kind"):
-        unit_groups(tiny_model, kinds=("channel",))
+        tl_unit_map(tiny_model, kinds=("channel",))
 
 
 # ----------------------------------------------------------------------------- fast path
@@ -154,7 +151,7 @@ def test_fast_path_equals_transformer_lens_and_generic(norm, act, n_layers, n_po
     clean = torch.randint(0, 50, (5, n_pos), generator=g)
     corr = clean.clone()
     corr[:, n_pos // 2] = (corr[:, n_pos // 2] + 13) % 50
-    groups = unit_groups(model, kinds=("head",))
+    groups = tl_unit_map(model, kinds=("head",)).groups
     expected = _tl_by_pos(model, clean, corr, metric)
     # chunk_rows=7 with batch 5: one head per chunk, exercising the chunking
     fast = activation_patching(model, clean, corr, metric, groups, per_position=True, chunk_rows=7)
@@ -177,7 +174,7 @@ def test_fast_path_hidden_last_readout_equals_generic(tiny_model, tiny_tokens):
     def metric(hidden):  # [..., batch, d_model] -> [..., batch]
         return hidden @ w
 
-    groups = unit_groups(tiny_model, kinds=("head",))
+    groups = tl_unit_map(tiny_model, kinds=("head",)).groups
     kw = dict(per_position=True, readout="hidden_last")
     fast = activation_patching(tiny_model, clean, corr, metric, groups, **kw)
     generic = activation_patching(tiny_model, clean, corr, metric, groups, fast=False, **kw)
@@ -191,7 +188,7 @@ def test_fast_path_falls_back_for_bidirectional_model(tiny_tokens):
 
     model = make_tiny_transformer(seed=2, attention_dir="bidirectional")
     clean, corr = _pair(tiny_tokens)
-    groups = unit_groups(model, kinds=("head",))
+    groups = tl_unit_map(model, kinds=("head",)).groups
     res = activation_patching(model, clean, corr, _logit_diff, groups, per_position=True)
     assert res.extra["path"] == "generic"
     assert "attention_dir" in res.extra["fallback_reason"]
@@ -201,7 +198,7 @@ def test_fast_path_falls_back_for_bidirectional_model(tiny_tokens):
 
 def test_fast_path_falls_back_with_hooks_and_for_neurons(tiny_model, tiny_tokens):
     clean, corr = _pair(tiny_tokens)
-    heads = unit_groups(tiny_model, kinds=("head",))
+    heads = tl_unit_map(tiny_model, kinds=("head",)).groups
 
     def scale(act, hook):  # a hook the fast path would bypass (like a mask)
         return act * 0.5
@@ -211,7 +208,7 @@ def test_fast_path_falls_back_with_hooks_and_for_neurons(tiny_model, tiny_tokens
         hooked_corr = float(_logit_diff(tiny_model(corr)).mean())
     assert res.extra["path"] == "generic" and "hooks" in res.extra["fallback_reason"]
     assert abs(res.corr_metric - hooked_corr) < 1e-5
-    neurons = unit_groups(tiny_model, kinds=("neuron",), layers=[1])
+    neurons = tl_unit_map(tiny_model, kinds=("neuron",), layers=[1]).groups
     res = activation_patching(tiny_model, clean, corr, _logit_diff, neurons, per_position=True)
     assert res.extra["path"] == "generic"
     res = activation_patching(tiny_model, clean, corr, _logit_diff, heads, per_position=False)
@@ -231,7 +228,7 @@ def test_metric_probe_detects_last_position_metrics():
 def test_fast_path_layer_subset(tiny_tokens):
     model = _make_model("LN", "gelu", 3, seed=5)
     clean, corr = _pair(tiny_tokens)
-    groups = unit_groups(model, kinds=("head",), layers=[2, 1])  # unsorted subset
+    groups = tl_unit_map(model, kinds=("head",), layers=[2, 1]).groups  # unsorted subset
     fast = activation_patching(model, clean, corr, _logit_diff, groups, per_position=True)
     generic = activation_patching(
         model, clean, corr, _logit_diff, groups, per_position=True, fast=False

@@ -19,7 +19,7 @@ from subroutine_circuits.tasks import (
 from subroutine_circuits.tasks import language as L
 from subroutine_circuits.tasks.cli import cmd_data, parse_rule
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _read(path: Path) -> list[OOOProblem]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subroutine_circuits.masks import MaskConfig, UnitMap, UnitMask
+from subroutine_circuits.adapters import tl_unit_map
+from subroutine_circuits.masks import MaskConfig, UnitMask
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,7 +27,7 @@ def _one_thread():
 def _setup(model):
     model.requires_grad_(False)
     tokens = torch.randint(1, 50, (16, 10), generator=torch.Generator().manual_seed(1))
-    um = UnitMap.from_model(model)
+    um = tl_unit_map(model)
     n = um.n_units
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
     target_keep = torch.zeros(n, dtype=torch.bool)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from subroutine_circuits.patching.activation import activation_patching, unit_groups
+from subroutine_circuits.adapters import tl_unit_map
+from subroutine_circuits.patching.activation import activation_patching
 from subroutine_circuits.patching.circuits import (
     PatchBatch,
     ablate_units,
@@ -46,7 +47,7 @@ def test_selection():
 def test_circuit_metrics_equal_hand_ablation(tiny_model, tiny_tokens):
     """Batched circuit evaluation equals running each circuit with explicit hooks."""
     b = _batch(tiny_tokens)
-    groups = unit_groups(tiny_model)
+    groups = tl_unit_map(tiny_model).groups
     n = 2 * 4 + 2 * 64
     g = torch.Generator().manual_seed(3)
     keeps = torch.rand(3, n, generator=g) < 0.5
@@ -83,7 +84,7 @@ def test_circuit_metrics_equal_hand_ablation(tiny_model, tiny_tokens):
 
 
 def test_ablate_units_context_uses_mean(tiny_model, tiny_tokens):
-    groups = unit_groups(tiny_model, kinds=("head",))
+    groups = tl_unit_map(tiny_model, kinds=("head",)).groups
     ablated = torch.zeros(8, dtype=torch.bool)
     ablated[5] = True  # layer 1, head 1
     value = {g.hook_name: torch.full((4, 8), 0.25) for g in groups}
@@ -99,7 +100,7 @@ def test_ablate_units_context_uses_mean(tiny_model, tiny_tokens):
 
 def test_faithfulness_curve_and_smallest(tiny_model, tiny_tokens):
     b = _batch(tiny_tokens)
-    groups = unit_groups(tiny_model)
+    groups = tl_unit_map(tiny_model).groups
     scores = activation_patching(tiny_model, b.clean_tokens, b.corr_tokens, _metric, groups).flat()
     curve = faithfulness_curve(tiny_model, b, groups, scores, ablation="resample")
     assert curve.fractions[0] == 0 and curve.fractions[-1] == 1

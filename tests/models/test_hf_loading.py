@@ -22,7 +22,7 @@ import torch
 from subroutine_circuits.models.hf import SUPPORTED_ARCHITECTURES, load_hf_checkpoint
 
 TOL = 1e-4
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["the", "cat", "dog", "sees", "see", "cats", "dogs", "runs", "run", "a"]
 
 

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_transformer
+from conftest import make_tiny_cnn, make_tiny_transformer
 
+from subroutine_circuits.adapters import HookedModuleAdapter, as_adapter, tl_unit_map
 from subroutine_circuits.masks import (
     ContinuousSparsification,
     HardConcrete,
@@ -35,7 +36,7 @@ def _maxdiff(a, b) -> float:
 
 # ---------------------------------------------------------------------- unit map
 def test_unit_map_from_model(tiny_model):
-    um = UnitMap.from_model(tiny_model)
+    um = tl_unit_map(tiny_model)
     assert um.n_units == 2 * (4 + 64)
     assert um.hook_names() == [
         "blocks.0.attn.hook_z",
@@ -48,7 +49,7 @@ def test_unit_map_from_model(tiny_model):
     assert units[0] == (0, "head", 0) and units[4] == (0, "neuron", 0)
     assert units[68] == (1, "head", 0) and units[-1] == (1, "neuron", 63)
     assert um.offsets() == [0, 4, 68, 72]
-    heads1 = UnitMap.from_model(tiny_model, layers=[1], kinds=("head",))
+    heads1 = tl_unit_map(tiny_model, layers=[1], kinds=("head",))
     assert heads1.groups == [UnitGroup("blocks.1.attn.hook_z", 2, 4, 1, "head", (3,))]
     assert UnitMap.from_dict(um.to_dict()) == um
     um.validate(tiny_model)
@@ -62,11 +63,13 @@ def test_unit_map_errors(tiny_model):
         with UnitMask(bad).applied(tiny_model):
             pass
     with pytest.raises(ValueError, match="unknown unit kind 'channel'"):
-        UnitMap.from_model(tiny_model, kinds=("channel",))
+        tl_unit_map(tiny_model, kinds=("channel",))
     with pytest.raises(ValueError, match="n_layers=2"):
-        UnitMap.from_model(tiny_model, layers=[5])
+        tl_unit_map(tiny_model, layers=[5])
     with pytest.raises(ValueError, match="size 5"):
-        UnitMap([UnitGroup("blocks.0.attn.hook_z", 2, 5, 0, "head")]).validate(tiny_model)
+        as_adapter(tiny_model).check_unit_map(
+            UnitMap([UnitGroup("blocks.0.attn.hook_z", 2, 5, 0, "head")])
+        )
     with pytest.raises(ValueError, match="same hook"):
         UnitMap([UnitGroup("a", 1, 2, 0, "x"), UnitGroup("a", 1, 2, 0, "x")])
 
@@ -82,9 +85,9 @@ def test_unit_map_errors(tiny_model):
 )
 def test_all_ones_unit_mask_reproduces_logits(tiny_model, tiny_tokens, cfg):
     ref = tiny_model(tiny_tokens)
-    mask = UnitMask(UnitMap.from_model(tiny_model), cfg)
+    mask = UnitMask(tl_unit_map(tiny_model), cfg)
     if cfg.ablation == "mean":
-        mask.set_mean(tiny_model, tiny_tokens)
+        mask.set_mean(as_adapter(tiny_model), tiny_tokens)
     mask.eval()
     assert mask.density() == 1.0
     with torch.no_grad(), mask.applied(tiny_model):
@@ -96,11 +99,11 @@ def test_all_ones_unit_mask_reproduces_logits(tiny_model, tiny_tokens, cfg):
 
 @pytest.mark.parametrize("ablation", ["zero", "mean", "resample"])
 def test_fixed_all_true_reproduces_logits(tiny_model, tiny_tokens, ablation):
-    um = UnitMap.from_model(tiny_model)
+    um = tl_unit_map(tiny_model)
     ref = tiny_model(tiny_tokens)
     mask = UnitMask.fixed(um, torch.ones(um.n_units, dtype=torch.bool), ablation=ablation)
     if ablation == "mean":
-        mask.set_mean(tiny_model, tiny_tokens)
+        mask.set_mean(as_adapter(tiny_model), tiny_tokens)
     if ablation == "resample":
         _, cache = tiny_model.run_with_cache(tiny_tokens.flip(0))
         mask.set_resample({n: cache[n] for n in um.hook_names()})
@@ -123,7 +126,7 @@ def test_all_ones_on_hooked_encoder():
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     tokens = torch.randint(1, 50, (3, 8), generator=torch.Generator().manual_seed(0))
-    um = UnitMap.from_model(enc)
+    um = tl_unit_map(enc)
     assert um.n_units == 136
     ref = enc(tokens)
     mask = UnitMask.fixed(um, torch.ones(um.n_units, dtype=torch.bool))
@@ -147,7 +150,7 @@ def test_zero_mean_resample_head_match_manual_hooks(tiny_model, tiny_tokens):
     model, tokens = tiny_model, tiny_tokens
     layer, head = 1, 2
     name = f"blocks.{layer}.attn.hook_z"
-    um = UnitMap.from_model(model)
+    um = tl_unit_map(model)
     keep = _head_keep(um, layer, head)
     ref_tokens = torch.randint(1, 50, (5, 10), generator=torch.Generator().manual_seed(7))
     corrupt = torch.randint(1, 50, tokens.shape, generator=torch.Generator().manual_seed(8))
@@ -175,7 +178,7 @@ def test_zero_mean_resample_head_match_manual_hooks(tiny_model, tiny_tokens):
         expected = model.run_with_hooks(tokens, fwd_hooks=[(name, fn)])
         mask = UnitMask.fixed(um, keep, ablation=ablation)
         if ablation == "mean":
-            mask.set_mean(model, ref_tokens)
+            mask.set_mean(as_adapter(model), ref_tokens)
         elif ablation == "resample":
             mask.set_resample(dict(cor_cache.items()))
         with torch.no_grad(), mask.applied(model):
@@ -188,7 +191,7 @@ def test_neuron_mean_ablation_with_padding_matches_manual(tiny_model, tiny_token
     model, tokens = tiny_model, tiny_tokens
     layer, neurons = 0, [3, 17, 40]
     name = f"blocks.{layer}.mlp.hook_post"
-    um = UnitMap.from_model(model, kinds=("neuron",))
+    um = tl_unit_map(model, kinds=("neuron",))
     keep = torch.ones(um.n_units, dtype=torch.bool)
     keep[neurons] = False  # layer-0 neurons come first
     ref_tokens = torch.randint(1, 50, (4, 10), generator=torch.Generator().manual_seed(9))
@@ -201,16 +204,17 @@ def test_neuron_mean_ablation_with_padding_matches_manual(tiny_model, tiny_token
         [torch.cat([acts[b, : lengths[b], n] for b in range(4)]).mean() for n in neurons]
     )
     mask = UnitMask.fixed(um, keep, ablation="mean")
-    mask.set_mean(model, ref_tokens, lengths=lengths)
+    mask.set_mean(as_adapter(model), {"tokens": ref_tokens, "lengths": lengths})
     stored = mask.ablation_values[name].reshape(-1)
     assert _maxdiff(stored[neurons], manual) <= 1e-5
     # pos_mask gives the same; without it the mean differs
     mask2 = UnitMask.fixed(um, keep, ablation="mean")
     pm = torch.arange(10)[None, :] < lengths[:, None]
-    mask2.set_mean(model, ref_tokens, pos_mask=pm)
+    rec = as_adapter(model).record_activations(ref_tokens, um.hook_names())
+    mask2.set_mean_from_activations(rec.acts, pos_mask=pm)
     assert _maxdiff(mask2.ablation_values[name], mask.ablation_values[name]) <= 1e-6
     mask3 = UnitMask.fixed(um, keep, ablation="mean")
-    mask3.set_mean(model, ref_tokens)
+    mask3.set_mean(as_adapter(model), ref_tokens)
     assert _maxdiff(mask3.ablation_values[name], mask.ablation_values[name]) > 1e-4
 
     def hook(x, hook):
@@ -226,11 +230,11 @@ def test_neuron_mean_ablation_with_padding_matches_manual(tiny_model, tiny_token
 def test_soft_mask_formula(tiny_model, tiny_tokens):
     """Training mode: x' = m*x + (1-m)*a with the soft continuous mask, checked by hand."""
     model, tokens = tiny_model, tiny_tokens
-    um = UnitMap.from_model(model, layers=[0], kinds=("head",))
+    um = tl_unit_map(model, layers=[0], kinds=("head",))
     mask = UnitMask(um, MaskConfig(parametrization="continuous", ablation="mean"))
     with torch.no_grad():
         mask.parts[0].logits.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
-    mask.set_mean(model, tokens)
+    mask.set_mean(as_adapter(model), tokens)
     m = torch.sigmoid(torch.tensor([0.5, -1.0, 2.0, 0.0]))
     a = mask.ablation_values["blocks.0.attn.hook_z"]
 
@@ -246,7 +250,7 @@ def test_soft_mask_formula(tiny_model, tiny_tokens):
 # ---------------------------------------------------------------------- composition / cleanup
 def test_composes_with_other_hooks_and_removes_only_its_own(tiny_model, tiny_tokens):
     model, tokens = tiny_model, tiny_tokens
-    um = UnitMap.from_model(model)
+    um = tl_unit_map(model)
     keep = _head_keep(um, 0, 1)
     scores_name = "blocks.1.attn.hook_attn_scores"
 
@@ -283,7 +287,7 @@ def test_composes_with_other_hooks_and_removes_only_its_own(tiny_model, tiny_tok
 
 
 def test_nan_guard_names_group(tiny_model, tiny_tokens):
-    mask = UnitMask(UnitMap.from_model(tiny_model), MaskConfig())
+    mask = UnitMask(tl_unit_map(tiny_model), MaskConfig())
     with torch.no_grad():
         mask.parts[2].log_alpha[1] = float("nan")
     with pytest.raises(ValueError, match=r"blocks\.1\.attn\.hook_z.*NaN|NaN.*blocks\.1\.attn"):
@@ -291,7 +295,7 @@ def test_nan_guard_names_group(tiny_model, tiny_tokens):
             pass
     assert not any(hp.fwd_hooks for hp in tiny_model.hook_dict.values())
     # NaN appearing mid-block (after a bad step) is caught in the forward pass
-    mask2 = UnitMask(UnitMap.from_model(tiny_model), MaskConfig(parametrization="continuous"))
+    mask2 = UnitMask(tl_unit_map(tiny_model), MaskConfig(parametrization="continuous"))
     with pytest.raises(ValueError, match="blocks.0.mlp.hook_post"):
         with mask2.applied(tiny_model):
             with torch.no_grad():
@@ -300,7 +304,7 @@ def test_nan_guard_names_group(tiny_model, tiny_tokens):
 
 
 def test_missing_ablation_values_and_bad_resample(tiny_model, tiny_tokens):
-    um = UnitMap.from_model(tiny_model, layers=[0])
+    um = tl_unit_map(tiny_model, layers=[0])
     keep = torch.zeros(um.n_units, dtype=torch.bool)
     with pytest.raises(ValueError, match="set_mean"):
         with UnitMask.fixed(um, keep, ablation="mean").applied(tiny_model):
@@ -369,7 +373,7 @@ def test_continuous_temperature_schedule():
 
 # ---------- fixed / complement / random / stats
 def test_fixed_complement_random_and_stats(tiny_model):
-    um = UnitMap.from_model(tiny_model)
+    um = tl_unit_map(tiny_model)
     mask = UnitMask(um, MaskConfig(init=2.0))
     with torch.no_grad():
         mask.parts[0].log_alpha[:] = torch.tensor([3.0, -3.0, 3.0, -3.0])  # 2 of 4 heads
@@ -402,12 +406,12 @@ def test_fixed_complement_random_and_stats(tiny_model):
 
 # ---------------------------------------------------------------------- save / load
 def test_save_load_roundtrip_and_model_mismatch(tiny_model, tiny_tokens, tmp_path):
-    um = UnitMap.from_model(tiny_model)
+    um = tl_unit_map(tiny_model)
     mask = UnitMask(um, MaskConfig(parametrization="continuous", ablation="mean", init=0.3))
     with torch.no_grad():
         mask.parts[1].logits.copy_(torch.linspace(-1, 1, 64))
     mask.step_temperature()
-    mask.set_mean(tiny_model, tiny_tokens)
+    mask.set_mean(as_adapter(tiny_model), tiny_tokens)
     path = tmp_path / "m.pt"
     save_mask(path, mask, tiny_model, meta={"subroutine": "A", "seed": 3})
     loaded = load_mask(path, tiny_model)
@@ -439,39 +443,20 @@ def test_save_load_roundtrip_and_model_mismatch(tiny_model, tiny_tokens, tmp_pat
 
 
 # ---------------------------------------------------------------------- CNN-like HookedRootModule
-def _tiny_cnn():
-    from transformer_lens.hook_points import HookPoint
-    from transformer_lens.HookedRootModule import HookedRootModule
-
-    class TinyCNN(HookedRootModule):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = torch.nn.Conv2d(2, 5, 3, padding=1)
-            self.hook_c1 = HookPoint()
-            self.conv2 = torch.nn.Conv2d(5, 6, 3, padding=1)
-            self.hook_c2 = HookPoint()
-            self.head = torch.nn.Linear(6, 3)
-            self.setup()
-
-        def forward(self, x):
-            x = self.hook_c1(torch.relu(self.conv1(x)))
-            x = self.hook_c2(torch.relu(self.conv2(x)))
-            return self.head(x.mean(dim=(2, 3)))
-
-    torch.manual_seed(0)
-    return TinyCNN().eval()
-
-
 def test_custom_hooked_root_module_cnn(tmp_path):
-    cnn = _tiny_cnn()
+    """A CNN-style HookedRootModule through the generic adapter: mask, mean-ablate, save, reload."""
+    cnn = make_tiny_cnn()
     x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(0))
     ref_x = torch.randn(7, 2, 6, 6, generator=torch.Generator().manual_seed(1))
     um = UnitMap(
         [UnitGroup("hook_c1", 1, 5, 0, "channel"), UnitGroup("hook_c2", 1, 6, 1, "channel")]
     )
     um.validate(cnn)
-    with pytest.raises(ValueError, match="explicitly"):
-        UnitMap.from_model(cnn)
+    with pytest.raises(ValueError, match="no model adapter for TinyCNN"):
+        as_adapter(cnn)
+    adapter = HookedModuleAdapter(cnn, um)
+    assert adapter.unit_map() == um
+    assert adapter.unit_map(layers=[1]).hook_names() == ["hook_c2"]
     with pytest.raises(ValueError, match="hook_c3"):
         UnitMap([UnitGroup("hook_c3", 1, 5, 0, "channel")]).validate(cnn)
     ref = cnn(x)
@@ -496,7 +481,7 @@ def test_custom_hooked_root_module_cnn(tmp_path):
 
     expected = cnn.run_with_hooks(x, fwd_hooks=[("hook_c1", h1), ("hook_c2", h2)])
     mask = UnitMask.fixed(um, keep, ablation="mean")
-    mask.set_mean(cnn, ref_x)
+    mask.set_mean(adapter, {"inputs": ref_x})
     with torch.no_grad(), mask.applied(cnn):
         got = cnn(x)
     assert _maxdiff(got, expected) <= 1e-5 and _maxdiff(got, ref) > 1e-4
@@ -506,17 +491,24 @@ def test_custom_hooked_root_module_cnn(tmp_path):
     with tm.applied(cnn):
         cnn(x).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tm.parameters())
-    save_mask(tmp_path / "cnn.pt", mask, cnn)
-    back = load_mask(tmp_path / "cnn.pt", cnn)
+    save_mask(tmp_path / "cnn.pt", mask, adapter)
+    back = load_mask(tmp_path / "cnn.pt", adapter)
     assert back.unit_map == um and torch.equal(back.flat_binary(), keep)
+    with torch.no_grad(), back.applied(cnn):  # the reloaded mask ablates the same way
+        assert _maxdiff(cnn(x), got) <= 1e-6
+    # the generic adapter's readout scores odd-one-out problems of images
+    images = torch.randn(2, 4, 2, 6, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        scores = adapter.ooo_logits({"inputs": images})
+    assert scores.shape == (2, 4) and torch.isfinite(scores).all()
 
 
 def test_unit_fixed_like_and_instance_random_like(tiny_model, tiny_tokens):
-    um = UnitMap.from_model(tiny_model)
+    um = tl_unit_map(tiny_model)
     keep = torch.zeros(um.n_units, dtype=torch.bool)
     keep[::3] = True
     fm = UnitMask.fixed(um, keep, ablation="mean")
-    fm.set_mean(tiny_model, tiny_tokens)
+    fm.set_mean(as_adapter(tiny_model), tiny_tokens)
     assert torch.equal(
         fm.random_like(seed=4).flat_binary(), UnitMask.random_like(fm, 4).flat_binary()
     )

@@ -11,13 +11,14 @@ import pytest
 import torch
 from scipy import stats
 
+from subroutine_circuits.experiment.patching import PatchingConfig, run_patching, sample_pairs
 from subroutine_circuits.patching.compare import roc_auc
-from subroutine_circuits.patching.run import PatchingConfig, run_patching, sample_pairs
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from subroutine_circuits.masks import UnitMap, UnitMask
+    from subroutine_circuits.adapters import tl_unit_map
+    from subroutine_circuits.masks import UnitMask
     from subroutine_circuits.models import ModelSpec, make_model
     from subroutine_circuits.tasks import get_task, make_problems
 
@@ -27,7 +28,7 @@ def setup():
     model.eval()
     kinds = ["partition_subject_plural", "partition_verb_plural", "sub_subject_plural"]
     test = {k: make_problems(task, k, 12, i) for i, k in enumerate(kinds)}
-    um = UnitMap.from_model(model, kinds=("head",))
+    um = tl_unit_map(model, kinds=("head",))
     keep = torch.zeros(um.n_units, dtype=torch.bool)
     keep[[1, 6]] = True
     mask = UnitMask.fixed(um, keep)
@@ -91,13 +92,12 @@ def test_run_patching_ooo(setup, tmp_path):
     top = set(torch.argsort(-scores.abs(), stable=True)[:2].tolist())
     assert act["k"] == 2 and act["mask_k"] == 2
     # f_k: the top-2 circuit's faithfulness, independently from the curve code's pieces
+    from subroutine_circuits.experiment.patching import build_pair_data
     from subroutine_circuits.patching.circuits import circuit_metrics
-    from subroutine_circuits.patching.run import build_pair_data
 
     data = build_pair_data(model, tok, task, "subject_plural", cfg)
-    from subroutine_circuits.patching.activation import unit_groups
 
-    groups = unit_groups(model, um)
+    groups = um.groups
     ends = torch.stack(
         [saved["circuit"], torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool)]
     )
@@ -157,9 +157,9 @@ def test_run_patching_without_mask_and_bad_input(setup):
 
 
 def test_cmd_patch_writes_csv(setup, tmp_path):
+    from subroutine_circuits.experiment.cli import cmd_patch
     from subroutine_circuits.masks import save_mask
     from subroutine_circuits.models import save_checkpoint
-    from subroutine_circuits.patching.cli import cmd_patch
 
     task, tok, model, test, um, mask = setup
     save_checkpoint(tmp_path / "model", model, tok, {"task": task.name})

@@ -1,0 +1,74 @@
+"""The study layer: the run store's layout and resumption, typed jobs, executors."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from subroutine_circuits.experiment.config import ExperimentConfig
+from subroutine_circuits.experiment.executors import (
+    InProcessExecutor,
+    ProcessPoolExecutor,
+    make_executor,
+)
+from subroutine_circuits.experiment.jobs import plan_base_model, plan_study
+from subroutine_circuits.store import RunStore, base_id, run_key
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_run_store_layout_and_resumption(tmp_path):
+    store = RunStore(tmp_path)
+    bid = base_id("agr", "trained", 2)
+    assert bid == "agr__trained__s2"
+    key = run_key(bid, "subject_plural", 1)
+    assert key == "agr__trained__s2__subject_plural__m1"
+    assert store.mask_rel(key) == f"masks/{key}.pt"
+    assert store.model_dir(bid) == tmp_path / "models" / bid
+    assert not store.run_done(key)
+    store.write_run(key, {"a": 1})
+    assert store.run_done(key) and store.read_runs() == [{"a": 1}]
+    store.write_patching_rows(bid, "subject_plural", [{"m": "activation"}])
+    assert store.patching_done(bid, ["subject_plural"])
+    assert not store.patching_done(bid, ["subject_plural", "verb_plural"])
+    store.check_same_config({"x": 1, "workers": 1}, ("workers",))
+    store.check_same_config({"x": 1, "workers": 4}, ("workers",))  # resumable field
+    with pytest.raises(ValueError, match="'x' was 1, now 2"):
+        store.check_same_config({"x": 2, "workers": 1}, ("workers",))
+    assert pickle.loads(pickle.dumps(store)).root == store.root
+
+
+def test_jobs_are_typed_keyed_and_picklable(tmp_path):
+    cfg = ExperimentConfig(
+        inits=["trained", "random_init"], base_seeds=[0, 1], mask_seeds=[3, 4],
+        patching_inits=["trained"],
+    )  # fmt: skip
+    jobs = plan_study(cfg, str(tmp_path), "agr")
+    assert [j.key for j in jobs] == [
+        "agr__trained__s0", "agr__trained__s1", "agr__random_init__s0", "agr__random_init__s1",
+    ]  # fmt: skip
+    back = pickle.loads(pickle.dumps(jobs[0]))
+    assert back == jobs[0] and back.key == jobs[0].key and back.cfg.mask_seeds == [3, 4]
+    plan = plan_base_model(jobs[0], ["a", "b"], {"a": "b", "b": "a"})
+    assert [s.key for s in plan.searches] == ["agr__trained__s0__a", "agr__trained__s0__b"]
+    assert all(s.seed == 3 for s in plan.searches)
+    assert [e.key for e in plan.evaluations] == [
+        "agr__trained__s0__a__m3", "agr__trained__s0__a__m4",
+        "agr__trained__s0__b__m3", "agr__trained__s0__b__m4",
+    ]  # fmt: skip
+    assert [e.other for e in plan.evaluations] == ["b", "b", "a", "a"]
+    assert len(plan.patchings) == 2 and plan.patchings[0].mask_seed == 3
+    assert plan_base_model(jobs[2], ["a", "b"], {"a": "b", "b": "a"}).patchings == ()
+
+
+def test_executors_agree_and_keep_job_order():
+    jobs = [3, 1, 2]
+    assert InProcessExecutor().map(_square, jobs) == [9, 1, 4]
+    assert ProcessPoolExecutor(2).map(_square, jobs) == [9, 1, 4]
+    assert isinstance(make_executor("auto", 1), InProcessExecutor)
+    assert isinstance(make_executor("auto", 3), ProcessPoolExecutor)
+    with pytest.raises(ValueError, match="unknown executor 'dusk'"):
+        make_executor("dusk")

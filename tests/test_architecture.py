@@ -1,0 +1,137 @@
+"""The package's import graph: no cycles (function-level imports count), layers respected."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "subroutine_circuits"
+NAME = "subroutine_circuits"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    """The absolute module named by a (possibly relative) ``from ... import``."""
+    if node.level == 0:
+        return node.module or ""
+    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Edges ``module -> imported package module`` from every import statement, at any depth.
+
+    ``from a.b import c`` counts as an import of ``a.b.c`` when that is a module, else of
+    ``a.b``. Lazy-export tables (strings) are not imports.
+    """
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(mod, is_pkg, node)
+                for a in node.names:
+                    full = f"{base}.{a.name}"
+                    targets.append(full if full in mods else base)
+            for t in targets:
+                if t.startswith(NAME) and t in mods and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m) :] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_graph_sees_function_level_imports():
+    """Sanity check of the parser on a known function-level import."""
+    g = import_graph()
+    assert "subroutine_circuits.experiment.runner" in g["subroutine_circuits.experiment"]
+    assert "subroutine_circuits.adapters.transformer_lens" in g["subroutine_circuits.adapters"]
+
+
+def test_find_cycle_detects_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        for m in graph[n]:
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
+def test_layers_are_respected():
+    """report/ and analysis/ never reach experiment/; masks/ knows no adapter, model or study;
+    patching/ knows no study."""
+    g = import_graph()
+
+    def deps(prefix: str) -> set[str]:
+        out: set[str] = set()
+        for m in g:
+            if m == prefix or m.startswith(prefix + "."):
+                out |= {d for d in g[m]}
+        return out
+
+    def bad(prefix: str, forbidden: tuple[str, ...]) -> set[str]:
+        return {d for d in deps(prefix) if d.startswith(forbidden)}
+
+    exp = (f"{NAME}.experiment",)
+    assert not bad(f"{NAME}.report", exp)
+    assert not bad(f"{NAME}.analysis", exp)
+    assert not bad(f"{NAME}.store", exp)
+    assert not bad(f"{NAME}.masks", (f"{NAME}.adapters", f"{NAME}.models", *exp))
+    assert not bad(f"{NAME}.patching", (f"{NAME}.tasks", *exp))
+    assert not bad(f"{NAME}.adapters", (f"{NAME}.patching", *exp))
+    # transitively too: nothing report imports leads to the study
+    for m in [m for m in g if m.startswith(f"{NAME}.report")]:
+        assert not {d for d in _reachable(g, m) if d.startswith(exp)}, m
