@@ -25,7 +25,7 @@ from subroutine_circuits.experiment.config import (
     load_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (where the typo goes, the TOML text, the key the error must name, the table it must name)
 TYPOS = [
@@ -257,7 +257,7 @@ def test_override_tables_feed_the_real_dataclasses():
 
 def test_patching_options_feed_patching_config():
     """Every settable PatchingOptions key is a PatchingConfig field and builds one."""
-    from subroutine_circuits.patching import PatchingConfig
+    from subroutine_circuits.experiment.patching import PatchingConfig
 
     cfg = config_from_dict(_full_config())
     pcfg = PatchingConfig(**{"methods": ("activation",), "seed": 0, **cfg.patching_options})
@@ -278,7 +278,7 @@ def _optional(tp):
     [
         (TrainSettings, "subroutine_circuits.models.train:TrainConfig"),
         (PretrainSettings, "subroutine_circuits.models.pretraining:PretrainConfig"),
-        (PatchingOptions, "subroutine_circuits.patching.run:PatchingConfig"),
+        (PatchingOptions, "subroutine_circuits.experiment.patching:PatchingConfig"),
     ],
 )
 def test_override_tables_mirror_their_dataclasses(ours, theirs_path):
@@ -344,7 +344,7 @@ def test_mirrored_constants_match_the_library():
     from subroutine_circuits.models import presets
     from subroutine_circuits.models.pretraining import OBJECTIVES
     from subroutine_circuits.patching.circuits import ABLATIONS
-    from subroutine_circuits.patching.run import METHODS
+    from subroutine_circuits.experiment.patching import METHODS
 
     assert c.PARAMETRIZATIONS == PARAMETRIZATIONS
     assert c.PRETRAIN_OBJECTIVES == OBJECTIVES
