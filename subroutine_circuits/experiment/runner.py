@@ -88,8 +88,8 @@ def run_base_models(cfg: ExperimentConfig, store: RunStore, prep: Prepared, prog
     from subroutine_circuits.experiment.jobs import plan_study
     from subroutine_circuits.experiment.stages import run_base_model_job
 
-    jobs = plan_study(cfg, str(store.root), prep.label)
     executor = make_executor(getattr(cfg, "executor", "auto"), cfg.workers)
+    jobs = plan_study(cfg, str(store.root), prep.label)
     fn = functools.partial(run_base_model_job, prep=prep)
     return executor.map(fn, jobs, progress=progress, desc="base models")
 
@@ -134,7 +134,10 @@ def finish_outputs(cfg: ExperimentConfig, out: str | os.PathLike) -> dict[str, f
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: bool = True):
     """Run (or resume) the experiment into ``out_dir``; returns the results DataFrame."""
+    from subroutine_circuits.experiment.executors import make_executor
+
     cfg.validate()
+    make_executor(getattr(cfg, "executor", "auto"), cfg.workers)  # an unknown name fails now
     store = RunStore(out_dir)
     store.root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -145,6 +145,96 @@ def _check_split(problems: Sequence[Any], name: str) -> list[Any]:
     return problems
 
 
+class _Progress:
+    """Early-stopping bookkeeping of :func:`_fit`: the training-loss window, the validation
+    history, the best weights and the stop decision."""
+
+    def __init__(self, model: Any, cfg: TrainConfig, steps_per_epoch: int, first_acc: float):
+        self.model, self.cfg, self.steps_per_epoch = model, cfg, steps_per_epoch
+        self.start = time.perf_counter()
+        self.best_acc, self.best_step, self.evals_since_best = first_acc, 0, 0
+        self.best_state = self._state()
+        self.history: list[dict[str, float]] = [
+            {"step": 0, "epoch": 0, "train_loss": float("nan"), "train_acc": float("nan"),
+             "val_acc": first_acc, "seconds": self.elapsed()}
+        ]  # fmt: skip
+        self.win_loss, self.win_correct, self.win_n = 0.0, 0, 0
+
+    def _state(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def elapsed(self) -> float:
+        """Seconds since training started."""
+        return time.perf_counter() - self.start
+
+    def over_time(self) -> bool:
+        """Whether ``cfg.time_limit_s`` has passed."""
+        return self.cfg.time_limit_s is not None and self.elapsed() > self.cfg.time_limit_s
+
+    def add_batch(self, loss: Tensor, n_correct: int, n: int) -> None:
+        """Accumulate one batch into the training window."""
+        self.win_loss += float(loss.detach()) * n
+        self.win_correct += n_correct
+        self.win_n += n
+
+    def evaluated(self, step: int, acc: float, bar: Any, over_time: bool) -> str | None:
+        """Record a validation accuracy; returns the stop reason, or None to go on."""
+        self.history.append(
+            {
+                "step": step,
+                "epoch": step / self.steps_per_epoch,
+                "train_loss": self.win_loss / self.win_n,
+                "train_acc": self.win_correct / self.win_n,
+                "val_acc": acc,
+                "seconds": self.elapsed(),
+            }
+        )
+        bar.set_postfix(loss=f"{self.win_loss / self.win_n:.3f}", val=f"{acc:.3f}")
+        self.win_loss, self.win_correct, self.win_n = 0.0, 0, 0
+        if acc > self.best_acc:
+            self.best_acc, self.best_step, self.evals_since_best = acc, step, 0
+            self.best_state = self._state()
+        else:
+            self.evals_since_best += 1
+        if self.best_acc >= self.cfg.target_val_acc:
+            return "target_val_acc"
+        if self.evals_since_best >= self.cfg.patience:
+            return "patience"
+        if over_time:
+            return "time_limit"
+        return None
+
+
+def _optimiser(model: Any, cfg: TrainConfig):
+    """``(params, AdamW, warm-up scheduler)`` over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (all requires_grad=False)")
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    )
+    return params, optim, sched
+
+
+def _step(model, batch_step, idx, params, optim, sched, cfg: TrainConfig, step: int):
+    """One optimiser step on the batch ``idx``; returns ``(loss, n_correct)``."""
+    model.train()
+    loss, n_correct = batch_step(idx)
+    if not torch.isfinite(loss):
+        raise ValueError(
+            f"NaN/inf loss ({float(loss.detach())}) at step {step}: lower "
+            f"TrainConfig.lr (now {cfg.lr}) or check the model"
+        )
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optim.step()
+    sched.step()
+    return loss, n_correct
+
+
 def _fit(
     model: Any,
     n_train: int,
@@ -157,31 +247,15 @@ def _fit(
     ``val_accuracy()`` every ``cfg.eval_every`` steps, early stopping, best-weight restore."""
     device = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (all requires_grad=False)")
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    )
-
+    params, optim, sched = _optimiser(model, cfg)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = min(cfg.max_steps, cfg.max_epochs * steps_per_epoch)
-    start = time.perf_counter()
     model.eval()
-    best_acc = val_accuracy()
-    best_step = 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    history: list[dict[str, float]] = [
-        {"step": 0, "epoch": 0, "train_loss": float("nan"), "train_acc": float("nan"),
-         "val_acc": best_acc, "seconds": time.perf_counter() - start}
-    ]  # fmt: skip
-    evals_since_best = 0
+    track = _Progress(model, cfg, steps_per_epoch, val_accuracy())
     step = 0
     stop_reason = "max_steps" if total_steps == cfg.max_steps else "max_epochs"
-    win_loss, win_correct, win_n = 0.0, 0, 0
     bar = _progress(total_steps, cfg.progress, desc)
-    done = best_acc >= cfg.target_val_acc
+    done = track.best_acc >= cfg.target_val_acc
     if done:
         stop_reason = "target_val_acc"
     try:
@@ -189,66 +263,28 @@ def _fit(
             order = torch.randperm(n_train, generator=gen).to(device)
             for b in range(0, n_train, cfg.batch_size):
                 idx = order[b : b + cfg.batch_size]
-                model.train()
-                loss, n_correct = batch_step(idx)
-                if not torch.isfinite(loss):
-                    raise ValueError(
-                        f"NaN/inf loss ({float(loss.detach())}) at step {step}: lower "
-                        f"TrainConfig.lr (now {cfg.lr}) or check the model"
-                    )
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optim.step()
-                sched.step()
+                loss, n_correct = _step(model, batch_step, idx, params, optim, sched, cfg, step)
                 step += 1
                 bar.update(1)
-                win_loss += float(loss.detach()) * len(idx)
-                win_correct += n_correct
-                win_n += len(idx)
-
+                track.add_batch(loss, n_correct, len(idx))
                 last = step >= total_steps
-                over_time = (
-                    cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s
-                )
+                over_time = track.over_time()
                 if step % cfg.eval_every == 0 or last or over_time:
                     model.eval()
-                    acc = val_accuracy()
-                    history.append(
-                        {
-                            "step": step,
-                            "epoch": step / steps_per_epoch,
-                            "train_loss": win_loss / win_n,
-                            "train_acc": win_correct / win_n,
-                            "val_acc": acc,
-                            "seconds": time.perf_counter() - start,
-                        }
-                    )
-                    bar.set_postfix(loss=f"{win_loss / win_n:.3f}", val=f"{acc:.3f}")
-                    win_loss, win_correct, win_n = 0.0, 0, 0
-                    if acc > best_acc:
-                        best_acc, best_step, evals_since_best = acc, step, 0
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    else:
-                        evals_since_best += 1
-                    if best_acc >= cfg.target_val_acc:
-                        done, stop_reason = True, "target_val_acc"
-                    elif evals_since_best >= cfg.patience:
-                        done, stop_reason = True, "patience"
-                    elif over_time:
-                        done, stop_reason = True, "time_limit"
+                    reason = track.evaluated(step, val_accuracy(), bar, over_time)
+                    if reason is not None:
+                        done, stop_reason = True, reason
                 if done or last:
                     break
     finally:
         bar.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(track.best_state)
     model.eval()
     return TrainResult(
-        best_val_acc=best_acc,
-        best_step=best_step,
-        history=history,
-        seconds=time.perf_counter() - start,
+        best_val_acc=track.best_acc,
+        best_step=track.best_step,
+        history=track.history,
+        seconds=track.elapsed(),
         steps=step,
         stop_reason=stop_reason,
     )

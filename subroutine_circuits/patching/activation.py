@@ -93,6 +93,54 @@ def activation_patching(
             return fast_head_patching_by_pos(
                 adapter, clean_tokens, corr_tokens, metric, groups, readout, chunk_rows
             )
+    return _generic_patching(
+        adapter, clean_tokens, corr_tokens, metric, groups, per_position, readout, chunk_rows,
+        reason,
+    )  # fmt: skip
+
+
+#: One patch: ``(group, unit index, position or -1 for all positions)``.
+_Item = tuple[UnitGroup, int, int]
+
+
+def _patch_items(groups: Sequence[UnitGroup], layer: int, n_pos: int, per_position: bool):
+    """Every patch of the groups of ``layer``, in unit (then position) order."""
+    return [
+        (g, u, p)
+        for g in groups
+        if g.layer == layer
+        for u in range(g.size)
+        for p in (range(n_pos) if per_position else [-1])
+    ]
+
+
+def _selections(
+    chunk: list[_Item], groups: Sequence[UnitGroup], layer: int, n_pos: int, device
+) -> dict[str, Tensor]:
+    """Per hook of ``layer``: ``[k, pos, size]``, True where copy ``i`` patches a unit."""
+    k = len(chunk)
+    sels = {}
+    for g in groups:
+        if g.layer != layer:
+            continue
+        # built on the CPU, moved once (avoids one tiny kernel per unit on a GPU)
+        sel = torch.zeros(k, n_pos, g.size, dtype=torch.bool)
+        for i, (gi, u, p) in enumerate(chunk):
+            if gi is g:
+                if p < 0:
+                    sel[i, :, u] = True
+                else:
+                    sel[i, p, u] = True
+        if sel.any():
+            sels[g.hook_name] = sel.to(device)
+    return sels
+
+
+def _generic_patching(
+    adapter, clean_tokens, corr_tokens, metric, groups, per_position, readout, chunk_rows, reason
+) -> PatchScores:
+    """The generic path: per layer, chunks of patches run as copies of the corrupted batch
+    from that layer's cached input, each copy with its units set to their clean values."""
     hooks = [g.hook_name for g in groups]
     _, clean_acts, clean_out = adapter.layer_states(clean_tokens, hooks, readout)
     corr_resids, _, corr_out = adapter.layer_states(corr_tokens, [], readout)
@@ -100,38 +148,17 @@ def activation_patching(
     m_corr = float(metric(corr_out).float().mean())
     batch, n_pos = corr_tokens.shape
     k_max = max(1, chunk_rows // batch)
-
     patched = {
         g.hook_name: torch.zeros((n_pos, g.size) if per_position else (g.size,)) for g in groups
     }
     for layer in sorted({g.layer for g in groups}):
-        # items: (group, unit index, position or -1)
-        items = [
-            (g, u, p)
-            for g in groups
-            if g.layer == layer
-            for u in range(g.size)
-            for p in (range(n_pos) if per_position else [-1])
-        ]
+        items = _patch_items(groups, layer, n_pos, per_position)
         start_layer = adapter.layer_of(layer)
         resid = corr_resids[start_layer]
         for start in range(0, len(items), k_max):
             chunk = items[start : start + k_max]
             k = len(chunk)
-            sels = {}
-            for g in groups:
-                if g.layer != layer:
-                    continue
-                # built on the CPU, moved once (avoids one tiny kernel per unit on a GPU)
-                sel = torch.zeros(k, n_pos, g.size, dtype=torch.bool)
-                for i, (gi, u, p) in enumerate(chunk):
-                    if gi is g:
-                        if p < 0:
-                            sel[i, :, u] = True
-                        else:
-                            sel[i, p, u] = True
-                if sel.any():
-                    sels[g.hook_name] = sel.to(resid.device)
+            sels = _selections(chunk, groups, layer, n_pos, resid.device)
 
             def hook_fn(act, hook, k=k, sels=sels):
                 # the patched units take their clean value: "ablate" them to the clean run

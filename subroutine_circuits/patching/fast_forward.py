@@ -212,6 +212,57 @@ def _suffix_block(
     return resid_mid + block.mlp(block.ln2(resid_mid))
 
 
+def _patched_suffix(
+    model,
+    layer: int,
+    p: int,
+    heads: Tensor,
+    z_clean: Float[Tensor, "batch pos head d_head"],
+    z_corr: Float[Tensor, "batch pos head d_head"],
+    corr_resids: list[Tensor],
+    expanded,
+    corr_out: Tensor,
+    last_only: bool,
+    hidden: bool,
+) -> Tensor:
+    """The readout of ``k = len(heads)`` corrupted runs, copy ``i`` with head ``heads[i]`` of
+    ``layer`` patched to its clean value at position ``p``: ``[k, batch, ...]``.
+
+    Layer ``layer`` changes only at position ``p`` (attention output, then the MLP); later
+    layers run on positions ``>= p`` with the corrupted keys/values before ``p``
+    (``expanded(m, kind, k)``); in the first of them only position ``p``'s input differs.
+    """
+    k, batch = len(heads), z_corr.shape[0]
+    n_layers = model.cfg.n_layers
+    block = model.blocks[layer]
+    size = z_corr.shape[2]
+    sel = heads[:, None] == torch.arange(size, device=z_corr.device)[None, :]
+    z_p = torch.where(sel[:, None, :, None], z_clean[None, :, p], z_corr[None, :, p])
+    resid_mid = corr_resids[layer][:, p] + _out_linear(block.attn, z_p)
+    resid_post = resid_mid + block.mlp(block.ln2(resid_mid))  # [k, batch, d]
+    rest = corr_resids[layer + 1][:, p + 1 :]
+    x = torch.cat([resid_post.reshape(k * batch, 1, -1), _expand_rows(rest, k)], dim=1)
+    for m in range(layer + 1, n_layers):
+        x = _suffix_block(
+            model.blocks[m],
+            x,
+            *(expanded(m, c, k) for c in ("q", "k", "v")),
+            last_only=last_only and m == n_layers - 1,
+            tail_from_cache=m == layer + 1,
+        )
+    if last_only:
+        x = x[:, -1:]
+    final = model.ln_final(x) if getattr(model, "ln_final", None) is not None else x
+    if hidden:
+        return final[:, -1].reshape(k, batch, -1)
+    logits = model.unembed(final)
+    logits = logits.reshape(k, batch, *logits.shape[1:])
+    if not last_only:
+        prefix = corr_out[:, :p].unsqueeze(0).expand(k, *corr_out[:, :p].shape)
+        logits = torch.cat([prefix, logits], dim=2)
+    return logits
+
+
 @torch.no_grad()
 def fast_head_patching_by_pos(
     adapter,
@@ -270,7 +321,6 @@ def fast_head_patching_by_pos(
         layer = g.layer
         for key in [key for key in expanded_cache if key[0] <= layer]:
             del expanded_cache[key]
-        block = model.blocks[layer]
         z_corr = corr_acts[f"blocks.{layer}.attn.hook_z"]
         z_clean = clean_acts[f"blocks.{layer}.attn.hook_z"]
         for p in range(n_pos):
@@ -280,36 +330,10 @@ def fast_head_patching_by_pos(
                 continue
             for h0 in range(0, g.size, k_max):
                 heads = torch.arange(h0, min(h0 + k_max, g.size), device=z_corr.device)
-                k = len(heads)
-                # layer `layer`: only position p changes (attention output, then the MLP)
-                sel = heads[:, None] == torch.arange(g.size, device=z_corr.device)[None, :]
-                z_p = torch.where(sel[:, None, :, None], z_clean[None, :, p], z_corr[None, :, p])
-                resid_mid = corr_resids[layer][:, p] + _out_linear(block.attn, z_p)
-                resid_post = resid_mid + block.mlp(block.ln2(resid_mid))  # [k, batch, d]
-                rest = corr_resids[layer + 1][:, p + 1 :]
-                x = torch.cat([resid_post.reshape(k * batch, 1, -1), _expand_rows(rest, k)], dim=1)
-                # later layers: positions >= p, corrupted keys/values before p; in the first
-                # of them only position p's input differs (q/k/v after p from the cache)
-                for m in range(layer + 1, n_layers):
-                    x = _suffix_block(
-                        model.blocks[m],
-                        x,
-                        *(expanded(m, c, k) for c in ("q", "k", "v")),
-                        last_only=last_only and m == n_layers - 1,
-                        tail_from_cache=m == layer + 1,
-                    )
-                if last_only:
-                    x = x[:, -1:]
-                final = model.ln_final(x) if getattr(model, "ln_final", None) is not None else x
-                if hidden:
-                    out = final[:, -1].reshape(k, batch, -1)
-                else:
-                    logits = model.unembed(final)
-                    logits = logits.reshape(k, batch, *logits.shape[1:])
-                    if not last_only:
-                        prefix = corr_out[:, :p].unsqueeze(0).expand(k, *corr_out[:, :p].shape)
-                        logits = torch.cat([prefix, logits], dim=2)
-                    out = logits
+                out = _patched_suffix(
+                    model, layer, p, heads, z_clean, z_corr, corr_resids, expanded, corr_out,
+                    last_only, hidden,
+                )  # fmt: skip
                 # kept on the device: no synchronisation per chunk
                 pending.append((g.hook_name, p, h0, metric(out).float().mean(-1)))
     if pending:

@@ -478,14 +478,8 @@ def _load_score_files(out_dir: Path) -> list[dict[str, Any]]:
     return found
 
 
-def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
-    """Mask vs activation-patching comparison: table, side-by-side heatmaps, faithfulness."""
-    path = RunStore(out_dir).patching_csv
-    if not path.is_file():
-        return _note("no patching.csv: patching comparison not run")
-    df = pd.read_csv(path)
-    if df.empty:
-        return _note("patching.csv has no rows")
+def _patching_table(df: pd.DataFrame) -> pd.DataFrame:
+    """patching.csv averaged per (task, init, subroutine, method), with the row count ``n``."""
     keys = [c for c in ("task", "init", "subroutine", "method") if c in df.columns]
     if not keys:
         raise ValueError("patching.csv has none of the columns task, init, subroutine, method")
@@ -500,12 +494,104 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
         num[c] = pd.to_numeric(df[c], errors="coerce")
     agg = num.groupby(keys, sort=True)[metrics].mean().reset_index()
     agg.insert(len(keys), "n", df.groupby(keys, sort=True).size().to_numpy())
+    return agg
+
+
+def _method_panels(method: str, ss: list[dict]) -> tuple[list, list[dict], list[dict]]:
+    """Heatmap panel of one method's mean |score| per head, its accuracy curves and its MIB
+    faithfulness curves (one per score file)."""
+    panels, curves, mib = [], [], []
+    tab = pd.DataFrame(
+        [u + (float(v),) for s in ss for u, v in zip(s["units"], np.asarray(s["scores"]))],
+        columns=["layer", "kind", "index", "score"],
+    )
+    tab["freq"] = tab["score"].abs()
+    tab = tab.groupby(["layer", "kind", "index"], as_index=False)["freq"].mean()
+    if (tab["kind"] == "head").any():
+        grid, layers = plots.head_grid(tab)
+        top = np.nanmax(grid)
+        panels.append((f"{method}: |score| / max", grid / top if top > 0 else grid, layers))
+    for s in ss:
+        label = f"{method} s{s.get('base_seed', '?')}"
+        f = s.get("faithfulness")
+        if (
+            isinstance(f, dict)
+            and {"k", "target_acc", "other_acc"} <= set(f)
+            and np.atleast_1d(f["k"]).size >= 2  # a curve needs two sizes at least
+        ):
+            curves.append(dict(f, label=label))
+        c = s.get("curve")
+        if isinstance(c, dict) and {"fractions", "faithfulness"} <= set(c):
+            mib.append(dict(c, label=label))
+    return panels, curves, mib
+
+
+def _patching_cell(cell: tuple, items: list[dict], freq: pd.DataFrame) -> list[str]:
+    """Figures of one (task, init, subroutine): mask vs patching heatmaps, accuracy curves,
+    faithfulness curves."""
+    task, init, sub = cell
+    panels: list = []
+    m = (
+        freq[(freq["task"] == task) & (freq["init"] == init) & (freq["subroutine"] == sub)]
+        if not freq.empty
+        else freq
+    )
+    if not m.empty and (m["kind"] == "head").any():
+        grid, layers = plots.head_grid(m)
+        panels.append(("mask: kept frequency", grid, layers))
+    methods: dict[str, list[dict]] = {}
+    for s in items:
+        methods.setdefault(str(s.get("method", "patching")), []).append(s)
+    curves: list[dict] = []
+    mib: list[dict] = []
+    for method, ss in sorted(methods.items()):
+        p, c, f = _method_panels(method, ss)
+        panels, curves, mib = panels + p, curves + c, mib + f
+    where = " / ".join(str(x) for x in (task, init) if x is not None)
+    where = f"{where}: {sub}" if where else str(sub)
+    out = []
+    if panels:
+        has_mask = panels[0][0].startswith("mask")
+        out.append(
+            _fig(
+                plots.heatmap_panels(panels, f"{where}, mask vs patching", "value"),
+                ("Left: how often masks keep each head; right: " if has_mask else "")
+                + "normalised |patching score| per head.",
+            )
+        )
+    if curves:
+        out.append(
+            _fig(
+                plots.faithfulness_curves(curves, where),
+                "Accuracy after ablating the top-k patching units: target falls, other "
+                "should stay.",
+            )
+        )
+    if mib:
+        out.append(
+            _fig(
+                plots.circuit_faithfulness(mib, where),
+                "Faithfulness of the top-scoring circuit as a function of its size "
+                "(1 = full model, 0 = everything ablated).",
+            )
+        )
+    return out
+
+
+def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
+    """Mask vs activation-patching comparison: table, side-by-side heatmaps, faithfulness."""
+    path = RunStore(out_dir).patching_csv
+    if not path.is_file():
+        return _note("no patching.csv: patching comparison not run")
+    df = pd.read_csv(path)
+    if df.empty:
+        return _note("patching.csv has no rows")
     out = [
         "<p>Mask subnetwork vs patching circuit of the same subroutine (mean over base "
         "models): Jaccard at matched size k, Spearman rank correlation and ROC AUC of patching "
         "scores against the mask, faithfulness (cpr, cmd) and the target/other accuracy after "
         "ablating the patching circuit.</p>",
-        _table(agg),
+        _table(_patching_table(df)),
     ]
     scores = _load_score_files(out_dir)
     if not scores:
@@ -515,71 +601,8 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
     for s in scores:
         cell = (s.get("task"), s.get("init"), s.get("subroutine"))
         by_cell.setdefault(cell, []).append(s)
-    for (task, init, sub), items in sorted(by_cell.items(), key=lambda kv: str(kv[0])):
-        panels = []
-        m = (
-            freq[(freq["task"] == task) & (freq["init"] == init) & (freq["subroutine"] == sub)]
-            if not freq.empty
-            else freq
-        )
-        if not m.empty and (m["kind"] == "head").any():
-            grid, layers = plots.head_grid(m)
-            panels.append(("mask: kept frequency", grid, layers))
-        methods: dict[str, list[dict]] = {}
-        for s in items:
-            methods.setdefault(str(s.get("method", "patching")), []).append(s)
-        curves: list[dict] = []
-        mib: list[dict] = []
-        for method, ss in sorted(methods.items()):
-            tab = pd.DataFrame(
-                [u + (float(v),) for s in ss for u, v in zip(s["units"], np.asarray(s["scores"]))],
-                columns=["layer", "kind", "index", "score"],
-            )
-            tab["freq"] = tab["score"].abs()
-            tab = tab.groupby(["layer", "kind", "index"], as_index=False)["freq"].mean()
-            if (tab["kind"] == "head").any():
-                grid, layers = plots.head_grid(tab)
-                top = np.nanmax(grid)
-                panels.append((f"{method}: |score| / max", grid / top if top > 0 else grid, layers))
-            for s in ss:
-                label = f"{method} s{s.get('base_seed', '?')}"
-                f = s.get("faithfulness")
-                if (
-                    isinstance(f, dict)
-                    and {"k", "target_acc", "other_acc"} <= set(f)
-                    and np.atleast_1d(f["k"]).size >= 2  # a curve needs two sizes at least
-                ):
-                    curves.append(dict(f, label=label))
-                c = s.get("curve")
-                if isinstance(c, dict) and {"fractions", "faithfulness"} <= set(c):
-                    mib.append(dict(c, label=label))
-        where = " / ".join(str(x) for x in (task, init) if x is not None)
-        where = f"{where}: {sub}" if where else str(sub)
-        if panels:
-            has_mask = panels[0][0].startswith("mask")
-            out.append(
-                _fig(
-                    plots.heatmap_panels(panels, f"{where}, mask vs patching", "value"),
-                    ("Left: how often masks keep each head; right: " if has_mask else "")
-                    + "normalised |patching score| per head.",
-                )
-            )
-        if curves:
-            out.append(
-                _fig(
-                    plots.faithfulness_curves(curves, where),
-                    "Accuracy after ablating the top-k patching units: target falls, other "
-                    "should stay.",
-                )
-            )
-        if mib:
-            out.append(
-                _fig(
-                    plots.circuit_faithfulness(mib, where),
-                    "Faithfulness of the top-scoring circuit as a function of its size "
-                    "(1 = full model, 0 = everything ablated).",
-                )
-            )
+    for cell, items in sorted(by_cell.items(), key=lambda kv: str(kv[0])):
+        out += _patching_cell(cell, items, freq)
     return "".join(out)
 
 
