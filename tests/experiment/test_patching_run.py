@@ -344,3 +344,55 @@ def test_agreement_rows_per_kind_in_score_file(setup, tmp_path):
     # the pooled row equals patching.csv's pooled Jaccard
     pooled = ag[ag["scope"] == "pooled"].iloc[0]
     assert pooled["jaccard"] == pytest.approx(row["jaccard"])
+
+
+def test_study_patching_uses_test_texts_and_writes_agreement(tmp_path):
+    """End to end: the study's patching stage draws every text from the test split (none is a
+    train/val text of the study's own splits), keeps scoring and faithfulness pairs disjoint,
+    and the folder gets agreement.csv (per kind and layer) and a base-model summary.csv."""
+    from subroutine_circuits.experiment import config_from_dict, run_experiment
+    from subroutine_circuits.experiment.data import prepare
+
+    cfg = config_from_dict(
+        {
+            "task": "agreement_singular",
+            "inits": ["trained"],
+            "base_seeds": [0],
+            "mask_seeds": [0],
+            "min_composite_acc": 0.0,
+            "patching_methods": ["attribution"],
+            "patching_pairs": 6,
+            "patching_inits": ["trained"],
+            "data": {"n_train": 60, "n_val": 20, "n_test": 20, "corpus_size": 100, "seed": 3},
+            "train": {"max_steps": 20, "eval_every": 10},
+            "mask": {"steps": 20, "lr": 0.1, "init": 1.0, "grid": [{"l0_weight": 4.0}]},
+        }
+    )
+    run_experiment(cfg, tmp_path, progress=False)
+    prep = prepare(cfg)
+    seen = set()
+    for split in ("train", "val"):
+        for probs in prep.splits[split].values():
+            seen |= _problem_texts(probs)
+    files = sorted((tmp_path / "patching").glob("scores_*.pt"))
+    assert len(files) == 2  # one method x two subroutines
+    for f in files:
+        obj = torch.load(f, weights_only=False)
+        score_t = {t for pair in obj["pairs_scoring"] for t in pair}
+        faith_t = {t for pair in obj["pairs_faithfulness"] for t in pair}
+        assert len(obj["pairs_scoring"]) == len(obj["pairs_faithfulness"]) == 6
+        assert not score_t & faith_t
+        assert not (score_t | faith_t) & seen
+        assert obj["mask_seed"] == 0
+    agreement = pd.read_csv(tmp_path / "agreement.csv")
+    assert {"scope", "kind", "layer", "expected_jaccard", "spearman_p", "auc_p"} <= set(
+        agreement.columns
+    )
+    assert set(agreement.loc[agreement["scope"] == "kind", "kind"]) == {"head", "neuron"}
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert {"n_base_models", "base_models_compositional", "p_value", "p_holm"} <= set(
+        summary.columns
+    )
+    patching = pd.read_csv(tmp_path / "patching.csv")
+    assert (patching["cross_ablation"] == cfg.ablation).all()
+    assert "section unavailable" not in (tmp_path / "report.html").read_text(encoding="utf-8")
