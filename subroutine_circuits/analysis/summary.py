@@ -59,6 +59,8 @@ _BOOL_COLUMNS: dict[str, bool | None] = {
     "mask_ok": True,
     "compositional": None,
 }
+#: File name of the agreement table in an experiment folder.
+AGREEMENT_CSV = "agreement.csv"
 #: Verdicts whose runs enter the per-kind densities (the mask search succeeded on a usable base
 #: model; the run may still lack a random control).
 _DENSITY_VERDICTS = (inference.COMPOSITIONAL, inference.NOT_COMPOSITIONAL, inference.NO_CONTROL)
@@ -297,14 +299,20 @@ def kept_frequency(out_dir: str | os.PathLike, only_ok: bool = True) -> pd.DataF
     """How often each unit is kept across mask seeds (and base models), per init and subroutine.
 
     Returns rows (task, model, init, subroutine, layer, kind, index, freq, n_masks), ``freq`` the
-    fraction of readable masks of that cell keeping the unit. Rows of excluded base models are
-    left out when ``only_ok``. Empty when no mask can be read.
+    fraction of readable masks of that cell keeping the unit. With ``only_ok`` only masks that
+    may enter a verdict count: base model usable (``base_ok``, no ``bypass``) and mask search
+    succeeded (``mask_ok``; absent flags do not filter). Empty when no mask can be read.
     """
     df = load_results(out_dir)
     if "mask_path" not in df.columns:
         return pd.DataFrame()
     if only_ok:
-        df = df[df["base_ok"]]
+        keep = df["base_ok"].copy()
+        if "bypass" in df.columns:
+            keep &= ~df["bypass"]
+        if "mask_ok" in df.columns:
+            keep &= df["mask_ok"]
+        df = df[keep]
     parts = []
     for key, g in df.groupby(["task", "model", "init", "subroutine"], sort=True):
         flats, units = [], None
@@ -505,6 +513,3 @@ def write_summary(out_dir: str | os.PathLike) -> Path:
         atomic_write_text(store.root / AGREEMENT_CSV, _csv(agreement))
     return path
 
-
-#: File name of the agreement table in an experiment folder.
-AGREEMENT_CSV = "agreement.csv"
