@@ -519,7 +519,12 @@ def _circuit_faithfulness(ctx: _PatchContext, circuit: Tensor) -> float:
 
 
 def agreement_rows(
-    scores: Tensor, mask, unit_map, use_abs: bool = True, n_perm: int = 2000, seed: int = 0
+    scores: Float[Tensor, "n_units"],
+    mask,
+    unit_map,
+    use_abs: bool = True,
+    n_perm: int = 2000,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Mask-vs-patching agreement per unit kind and per (kind, layer), each with its null
     (:func:`subroutine_circuits.analysis.inference.agreement_table`: expected Jaccard of a
