@@ -38,11 +38,17 @@ def make_experiment(
     n_mask: int = 3,
     seed: int = 0,
     task: str = "agreement_singular",
+    legacy: bool = False,
 ) -> pd.DataFrame:
     """A synthetic results table (and, with ``out_dir``, results.csv, manifest.json and masks).
 
     Trained/pretrained models show the compositional pattern most of the time, random-init ones
-    rarely; base seed 2 of "trained" fails the composite task (base_ok False).
+    rarely; base seed 2 of "trained" fails the composite task (base_ok False). The verdict
+    columns of the current version are written too (``legacy=True`` leaves them out, as in
+    results written before the matched random control): ``randabl_p`` (0.02 for compositional
+    runs, else 0.4), ``mask_ok`` (False for mask seed 1 of pretrained base seed 0 and subroutine
+    SUBS[0]: a failed search), ``mask_val_acc``, ``bypass`` (False) and ``verdict``;
+    ``compositional`` follows the verdict rule.
     """
     rng = np.random.default_rng(seed)
     rows = []
@@ -70,6 +76,26 @@ def make_experiment(
                         save_fixture_mask(out_dir / "masks" / mask_name, flat)
                     sub_diff = float(clipped_diff(sub_t, sub_o))
                     abl_diff = float(clipped_diff(abl_t, abl_o))
+                    mask_ok = not (init == "pretrained" and base_seed == 0 and mask_seed == 1)
+                    mask_ok = mask_ok or sub != SUBS[0]
+                    randabl_p = 0.02 if comp else 0.4
+                    pattern = sub_diff > 0.05 and abl_diff < -0.05 and randabl_p < 0.05
+                    if not base_ok:
+                        verdict = "excluded"
+                    elif not mask_ok:
+                        verdict = "search failed"
+                    else:
+                        verdict = "compositional" if pattern else "not compositional"
+                    new_cols = {
+                        "mask_ok": mask_ok,
+                        "mask_val_acc": 0.95 if mask_ok else 0.6,
+                        "randabl_p": randabl_p,
+                        "randabl_diff_mean": float(clipped_diff(rand_t, rand_o)),
+                        "randabl_n_distinct": 39,
+                        "bypass": False,
+                        "verdict": verdict,
+                    }
+                    legacy_comp = bool(sub_diff > 0.05 and abl_diff < -0.05)
                     rows.append(
                         {
                             "task": task,
@@ -98,10 +124,11 @@ def make_experiment(
                             "sub_diff": sub_diff,
                             "abl_diff": abl_diff,
                             "randabl_diff": float(clipped_diff(rand_t, rand_o)),
-                            "compositional": bool(sub_diff > 0.05 and abl_diff < -0.05),
+                            "compositional": legacy_comp if legacy else verdict == "compositional",
                             "mask_path": f"masks/{mask_name}",
                             "hparams": json.dumps({"l0_lambda": 1e-3}),
                             "val_score": 0.5,
+                            **({} if legacy else new_cols),
                         }
                     )
     df = pd.DataFrame(rows)

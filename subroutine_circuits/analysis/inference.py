@@ -5,7 +5,9 @@ The input of the table functions is a results table with one row per run, i.e. p
 (task, model, init, base_seed, mask_seed, subroutine), holding at least ``task``, ``model``,
 ``init``, ``subroutine``, ``base_seed``, ``sub_diff``, ``abl_diff`` and ``randabl_p``. The columns
 ``base_ok`` (default True), ``bypass`` (default False) and ``mask_ok`` (default True) are read
-when present.
+when present (an empty / NaN cell takes the default too). A table without ``randabl_p`` (results
+written before the matched random control existed) is accepted: its runs get the verdict
+``"no random control"`` and count as neither compositional nor not compositional.
 
 Why base models are the unit of analysis: the mask seeds of one base model search the *same*
 weights, so their verdicts are correlated; counting them as independent draws (as a Fisher test
@@ -42,7 +44,7 @@ CELL_KEYS: tuple[str, ...] = ("task", "model", "init", "subroutine")
 #: Keys of one base model within a cell.
 BASE_KEYS: tuple[str, ...] = (*CELL_KEYS, "base_seed")
 #: Columns every results table must hold.
-REQUIRED_COLUMNS: tuple[str, ...] = (*BASE_KEYS, "sub_diff", "abl_diff", "randabl_p")
+REQUIRED_COLUMNS: tuple[str, ...] = (*BASE_KEYS, "sub_diff", "abl_diff")
 #: Optional boolean columns and the value assumed when a table lacks them.
 OPTIONAL_BOOL_DEFAULTS: dict[str, bool] = {"base_ok": True, "bypass": False, "mask_ok": True}
 DEFAULT_MARGIN = 0.05
@@ -57,7 +59,10 @@ COMPOSITIONAL = "compositional"
 NOT_COMPOSITIONAL = "not compositional"
 SEARCH_FAILED = "search failed"
 EXCLUDED = "excluded"
-VERDICTS: tuple[str, ...] = (COMPOSITIONAL, NOT_COMPOSITIONAL, SEARCH_FAILED, EXCLUDED)
+NO_CONTROL = "no random control"
+VERDICTS: tuple[str, ...] = (
+    COMPOSITIONAL, NOT_COMPOSITIONAL, SEARCH_FAILED, EXCLUDED, NO_CONTROL
+)  # fmt: skip
 
 
 # ============================================================================ helpers
@@ -79,10 +84,14 @@ def _to_bool(value: Any, name: str) -> bool:
     raise ValueError(f"{name!r} must be a boolean, got {value!r}")
 
 
-def _bool_column(series: pd.Series, name: str) -> pd.Series:
-    """A column coerced to bool element-wise (raises naming the column on a bad value)."""
+def _bool_column(series: pd.Series, name: str, default: bool | None = None) -> pd.Series:
+    """A column coerced to bool element-wise (raises naming the column on a bad value).
+
+    With ``default``, empty / NaN cells take that value (a flag not measured for that row)."""
     if series.dtype == bool:
         return series
+    if default is not None:
+        series = series.where(series.notna(), default)
     return series.map(lambda v: _to_bool(v, name)).astype(bool)
 
 
@@ -92,6 +101,14 @@ def _get(row: Mapping[str, Any] | pd.Series, key: str, default: Any = None) -> A
         return row[key]
     except (KeyError, IndexError):
         return default
+
+
+def _flag(row: Mapping[str, Any] | pd.Series, key: str, default: bool) -> Any:
+    """An optional flag of a row: ``default`` when absent, None or NaN."""
+    v = _get(row, key, default)
+    if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+        return default
+    return v
 
 
 def _finite_float(value: Any, name: str) -> float:
@@ -152,6 +169,8 @@ def run_verdict(
       information reaches the readout around the maskable units);
     - ``"search failed"``: the mask did not reach the success threshold (``mask_ok`` false); such a
       run says nothing about compositionality either way;
+    - ``"no random control"``: ``randabl_p`` absent or NaN (no matched random control was run,
+      e.g. results written by an older version): the run cannot be judged either way;
     - ``"compositional"``: ``sub_diff > margin``, ``abl_diff < -margin`` and ``randabl_p < alpha``
       (the learned subnetwork's ablation is more specific than a matched random one's);
     - ``"not compositional"`` otherwise.
@@ -164,11 +183,14 @@ def run_verdict(
         raise ValueError(f"margin must be >= 0, got {margin}")
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    flags = {k: _to_bool(_get(row, k, d), k) for k, d in OPTIONAL_BOOL_DEFAULTS.items()}
+    flags = {k: _to_bool(_flag(row, k, d), k) for k, d in OPTIONAL_BOOL_DEFAULTS.items()}
     if not flags["base_ok"] or flags["bypass"]:
         return EXCLUDED
     if not flags["mask_ok"]:
         return SEARCH_FAILED
+    p = _get(row, "randabl_p")
+    if p is None or (isinstance(p, (float, np.floating)) and math.isnan(p)):
+        return NO_CONTROL
     values = {}
     for k in ("sub_diff", "abl_diff", "randabl_p"):
         v = _get(row, k)
@@ -194,7 +216,9 @@ def validate_runs(results: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"results table lacks columns {missing}")
     out = results.copy()
     for c, default in OPTIONAL_BOOL_DEFAULTS.items():
-        out[c] = _bool_column(out[c], c) if c in out.columns else default
+        out[c] = _bool_column(out[c], c, default) if c in out.columns else default
+    if "randabl_p" not in out.columns:
+        out["randabl_p"] = np.nan
     for c in ("task", "model", "init", "subroutine"):
         out[c] = out[c].astype(str)
     return out
@@ -267,9 +291,11 @@ def base_model_table(
     """One row per (task, model, init, subroutine, base_seed): the base model as the unit.
 
     Columns: the keys, ``n_runs``, ``n_excluded`` (runs of an excluded / bypassing base model),
-    ``n_failed`` (mask search failed), ``n_usable``, ``n_compositional``, ``frac_compositional``
-    (``n_compositional / n_usable``, NaN without usable runs), ``mostly_compositional`` (more
-    than half of the usable runs compositional; False without usable runs, see ``has_usable``),
+    ``n_failed`` (mask search failed), ``n_no_control`` (no matched random control),
+    ``base_ok`` / ``bypass`` (the base model's flags), ``n_usable``, ``n_compositional``,
+    ``frac_compositional`` (``n_compositional / n_usable``, NaN without usable runs),
+    ``mostly_compositional`` (more than half of the usable runs compositional; False without
+    usable runs, see ``has_usable``),
     ``has_usable`` and ``sub_diff_mean`` / ``abl_diff_mean`` over usable runs.
     """
     df = run_verdicts(results, margin, alpha)
@@ -284,6 +310,9 @@ def base_model_table(
             n_runs=len(g),
             n_excluded=int((g["verdict"] == EXCLUDED).sum()),
             n_failed=int((g["verdict"] == SEARCH_FAILED).sum()),
+            n_no_control=int((g["verdict"] == NO_CONTROL).sum()),
+            base_ok=bool(g["base_ok"].all()),
+            bypass=bool(g["bypass"].any()),
             n_usable=n_usable,
             n_compositional=n_comp,
             frac_compositional=frac,
@@ -310,7 +339,9 @@ def summarize_cells(
     and its exact Clopper-Pearson interval ``..._lo`` / ``..._hi``; ``sub_diff_mean/_lo/_hi`` and
     ``abl_diff_mean/_lo/_hi``: mean over base-model means with a t interval (df = n_base - 1,
     NaN bounds with one base model); run counts ``runs_total``, ``runs_usable``, ``runs_failed``,
-    ``runs_excluded``, ``runs_compositional``.
+    ``runs_excluded``, ``runs_no_control``, ``runs_compositional``; base-model flags
+    ``base_models_excluded`` (``base_ok`` false: failed the composite task on validation) and
+    ``base_models_bypass`` (passed it but flagged ``bypass``).
     """
     bm = base_model_table(results, margin, alpha)
     rows = []
@@ -336,6 +367,9 @@ def summarize_cells(
             runs_usable=int(g["n_usable"].sum()),
             runs_failed=int(g["n_failed"].sum()),
             runs_excluded=int(g["n_excluded"].sum()),
+            runs_no_control=int(g["n_no_control"].sum()),
+            base_models_excluded=int((~g["base_ok"]).sum()),
+            base_models_bypass=int((g["base_ok"] & g["bypass"]).sum()),
             runs_compositional=int(g["n_compositional"].sum()),
         )
         rows.append(row)
@@ -627,7 +661,8 @@ def summary_table(
         raise ValueError(f"each init may be compared with one control only, got {comparisons}")
     cells = summarize_cells(results, margin, alpha, level)
     tests = cell_tests(results, comparisons, margin, alpha, **test_kwargs)
-    keep = ["control_init", "test", "p_value", "p_holm", "gee_log_odds", "gee_p", "gee_note"]
+    keep = ["control_init", "test", "p_value", "p_holm", "gee_log_odds", "gee_se", "gee_p"]
+    keep.append("gee_note")
     merged = cells.merge(
         tests[["task", "model", "subroutine", "init", *keep]],
         on=["task", "model", "subroutine", "init"],

@@ -1,16 +1,21 @@
-"""Statistics over an experiment folder: clustered bootstrap CIs, frequency tests, mask overlap.
+"""The tables of an experiment folder: ``summary.csv``, ``overlap.csv`` and ``agreement.csv``.
 
-Everything here is plain pandas / numpy / scipy (torch only to read saved masks). The input is the
-experiment output folder written by :func:`subroutine_circuits.experiment.run_experiment`:
+Everything here is plain pandas / numpy / scipy (torch only to read saved masks and score files).
+The input is the experiment output folder written by
+:func:`subroutine_circuits.experiment.run_experiment`:
 
-- ``results.csv``: one row per base model x mask seed x subroutine (columns listed in
-  :data:`REQUIRED_COLUMNS` and more);
-- ``manifest.json``: ``{"config", "margin", "chance", "versions", "device", "timings",
-  "excluded_base_models"}``;
-- ``masks/*.pt``: saved masks (read through :func:`load_mask_units`).
+- ``results.csv``: one row per base model x mask seed x subroutine (see docs/RESULTS.md);
+- ``manifest.json``: ``{"config", "margin", "chance", "versions", "device", "timings", ...}``;
+- ``masks/*.pt``: saved masks (read through :func:`load_mask_units`);
+- ``patching/*.pt``: per-unit patching score files (their ``agreement`` tables).
 
-Runs of one base model are not independent (they share its weights), so every confidence interval
-is a *cluster* bootstrap: resample base models with replacement, then take all their mask-seed rows.
+The statistics themselves live in :mod:`subroutine_circuits.analysis.inference`: the base model
+is the unit of analysis (mask seeds of one base model search the same weights and are not
+independent), intervals are exact (Clopper-Pearson) or Student-t over base-model means, and the
+tests of one init against its control are exact permutation tests over base models with Holm's
+correction over the experiment's family (GEE columns as a secondary reading). This module adds
+what needs the folder: the margin from the manifest, per-kind densities from the masks, the A/B
+mask overlap and the mask-vs-patching agreement per unit kind and layer.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import functools
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +32,15 @@ import pandas as pd
 from jaxtyping import Bool
 from torch import Tensor
 
+from subroutine_circuits.analysis import inference
 from subroutine_circuits.store import RunStore
 from subroutine_circuits.utils import CHANCE as CHANCE  # re-exported for the report
 from subroutine_circuits.utils import atomic_write_text
 
-DEFAULT_MARGIN = 0.05
+DEFAULT_MARGIN = inference.DEFAULT_MARGIN
 
 #: The cells a summary is computed for.
-GROUP_KEYS: tuple[str, ...] = ("task", "model", "init", "subroutine")
-#: Columns whose mean and clustered 95% CI :func:`summarize` reports.
-CI_COLUMNS: tuple[str, ...] = ("sub_diff", "abl_diff", "randabl_diff", "density")
+GROUP_KEYS: tuple[str, ...] = inference.CELL_KEYS
 #: Columns :func:`load_results` insists on.
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "task",
@@ -46,27 +49,34 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "base_seed",
     "mask_seed",
     "subroutine",
-    "base_ok",
-    "compositional",
     "sub_diff",
     "abl_diff",
 )
-_BOOL_COLUMNS = ("base_ok", "compositional")
-#: The frequency comparisons :func:`frequency_tests` runs when both inits are present.
-DEFAULT_COMPARISONS: tuple[tuple[str, str], ...] = (
-    ("trained", "random_init"),
-    ("pretrained", "trained"),
-    ("pretrained", "random_init"),
-)
+#: Boolean columns coerced when present, with the value an empty cell takes.
+_BOOL_COLUMNS: dict[str, bool | None] = {
+    "base_ok": True,
+    "bypass": False,
+    "mask_ok": True,
+    "compositional": None,
+}
+#: File name of the agreement table in an experiment folder.
+AGREEMENT_CSV = "agreement.csv"
+#: Verdicts whose runs enter the per-kind densities (the mask search succeeded on a usable base
+#: model; the run may still lack a random control).
+_DENSITY_VERDICTS = (inference.COMPOSITIONAL, inference.NOT_COMPOSITIONAL, inference.NO_CONTROL)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def _as_bool(series: pd.Series, name: str) -> pd.Series:
-    """Coerce a column of bools / 0-1 / 'True'-'False' strings to bool, or raise naming it."""
+def _as_bool(series: pd.Series, name: str, default: bool | None = None) -> pd.Series:
+    """Coerce a column of bools / 0-1 / 'True'-'False' strings to bool, or raise naming it.
+
+    With ``default``, empty (NaN) cells take that value; without, they raise."""
     if series.dtype == bool:
         return series
+    if default is not None:
+        series = series.where(series.notna(), default)
     mapping = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}
     out = series.map(lambda v: mapping.get(str(v).strip().lower()))
     if out.isna().any():
@@ -78,7 +88,9 @@ def _as_bool(series: pd.Series, name: str) -> pd.Series:
 def validate_results(results: pd.DataFrame) -> pd.DataFrame:
     """Check the columns of a results table and return a copy with boolean columns as bool.
 
-    Raises ``ValueError`` naming the missing columns, or an empty table.
+    Raises ``ValueError`` naming the missing columns. Optional columns written by newer versions
+    (``mask_ok``, ``randabl_p``, ``bypass``, ``verdict``) may be absent: see
+    :func:`inference.validate_runs` for how their absence is read.
     """
     if not isinstance(results, pd.DataFrame):
         raise ValueError(f"results must be a pandas DataFrame, got {type(results).__name__}")
@@ -86,8 +98,11 @@ def validate_results(results: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"results table lacks columns {missing}")
     out = results.copy()
-    for c in _BOOL_COLUMNS:
-        out[c] = _as_bool(out[c], c)
+    for c, default in _BOOL_COLUMNS.items():
+        if c in out.columns:
+            out[c] = _as_bool(out[c], c, default)
+    if "base_ok" not in out.columns:
+        out["base_ok"] = True
     for c in ("task", "model", "init", "subroutine"):
         out[c] = out[c].astype(str)
     return out
@@ -116,170 +131,9 @@ def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-# ----------------------------------------------------------------------------- bootstrap
-
-
-def cluster_bootstrap_ci(
-    values: Sequence[float] | np.ndarray,
-    clusters: Sequence[Any] | np.ndarray | None = None,
-    n_boot: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float, float]:
-    """Mean of ``values`` and a percentile bootstrap CI, resampling whole clusters.
-
-    Each bootstrap replicate draws as many clusters as there are, with replacement, and takes the
-    mean over all rows of the drawn clusters (so a cluster drawn twice counts twice).
-    ``clusters=None`` makes every row its own cluster (the ordinary row-wise bootstrap). NaN values
-    are dropped first. Returns ``(mean, lo, hi)``; all NaN when no value is left, and NaN
-    ``lo``/``hi`` when fewer than two clusters remain (one base model says nothing about the
-    spread between base models, so no interval is claimed).
-    """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    v = np.asarray(values, dtype=float)
-    c = np.arange(len(v)) if clusters is None else np.asarray(clusters)
-    if c.shape != v.shape:
-        raise ValueError(f"values and clusters differ in length: {v.shape} vs {c.shape}")
-    keep = ~np.isnan(v)
-    v, c = v[keep], c[keep]
-    if len(v) == 0:
-        return (float("nan"),) * 3
-    _, inv = np.unique(c, return_inverse=True)
-    sums = np.bincount(inv, weights=v)
-    counts = np.bincount(inv).astype(float)
-    k = len(sums)
-    if k < 2:
-        return float(v.mean()), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, k, size=(n_boot, k))
-    boot = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
-    return float(v.mean()), float(lo), float(hi)
-
-
-# ----------------------------------------------------------------------------- summaries
-
-
-def summarize(results: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Per (task, model, init, subroutine): counts and clustered-bootstrap CIs over usable runs.
-
-    Only rows with ``base_ok`` enter the statistics. Columns: the group keys, ``n_base_models``,
-    ``n_runs``, ``n_compositional``, ``frac_compositional`` (+ ``_lo``/``_hi``), for each of
-    ``sub_diff, abl_diff, randabl_diff, density`` its ``_mean``, ``_lo`` and ``_hi`` (95% CI from
-    a bootstrap clustered by base model, i.e. ``base_seed``), and ``n_excluded_base_models`` /
-    ``n_excluded_runs`` (rows with ``base_ok`` False). A cell whose base models were all excluded
-    still gets a row, with ``n_runs`` 0 and NaN statistics.
-    """
-    df = validate_results(results)
-    rows = []
-    for i, (key, g) in enumerate(df.groupby(list(GROUP_KEYS), sort=True)):
-        ok = g[g["base_ok"]]
-        bad = g[~g["base_ok"]]
-        row: dict[str, Any] = dict(zip(GROUP_KEYS, key))
-        row["n_base_models"] = int(ok["base_seed"].nunique())
-        row["n_runs"] = len(ok)
-        row["n_compositional"] = int(ok["compositional"].sum())
-        clusters = ok["base_seed"].to_numpy()
-        m, lo, hi = cluster_bootstrap_ci(
-            ok["compositional"].astype(float).to_numpy(), clusters, n_boot, seed + i
-        )
-        row.update(frac_compositional=m, frac_compositional_lo=lo, frac_compositional_hi=hi)
-        for col in CI_COLUMNS:
-            if col in ok.columns:
-                vals = pd.to_numeric(ok[col], errors="coerce").to_numpy(dtype=float)
-                m, lo, hi = cluster_bootstrap_ci(vals, clusters, n_boot, seed + i)
-            else:
-                m = lo = hi = float("nan")
-            row.update({f"{col}_mean": m, f"{col}_lo": lo, f"{col}_hi": hi})
-        row["n_excluded_base_models"] = int(bad["base_seed"].nunique())
-        row["n_excluded_runs"] = len(bad)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def verdict(row: pd.Series | dict, margin: float = DEFAULT_MARGIN) -> str:
-    """A one-word reading of a :func:`summarize` row.
-
-    ``"compositional"`` when the CI of ``sub_diff`` lies above ``margin`` and the CI of
-    ``abl_diff`` lies below ``-margin``; ``"not compositional"`` when the sub CI lies at or below
-    ``margin`` or the abl CI at or above ``-margin`` (the pattern is excluded by the CIs);
-    ``"inconclusive"`` otherwise; ``"no usable runs"`` without rows; ``"too few base models"``
-    when the CIs are undefined (fewer than two usable base models).
-    """
-    if int(row["n_runs"]) == 0 or np.isnan(row["sub_diff_mean"]):
-        return "no usable runs"
-    if any(np.isnan(row[c]) for c in ("sub_diff_lo", "sub_diff_hi", "abl_diff_lo", "abl_diff_hi")):
-        return "too few base models"
-    if row["sub_diff_lo"] > margin and row["abl_diff_hi"] < -margin:
-        return "compositional"
-    if row["sub_diff_hi"] <= margin or row["abl_diff_lo"] >= -margin:
-        return "not compositional"
-    return "inconclusive"
-
-
-def compare_frequencies(
-    results: pd.DataFrame,
-    a: str = "trained",
-    b: str = "random_init",
-    alternative: str = "two-sided",
-) -> pd.DataFrame:
-    """Fisher exact test of compositional frequency, init ``a`` vs init ``b``.
-
-    One row per (task, model, subroutine) where both inits have usable (``base_ok``) runs:
-    ``k_a, n_a, k_b, n_b`` (compositional / total runs), ``frac_a, frac_b``, the sample
-    ``odds_ratio`` and ``p_value`` of ``scipy.stats.fisher_exact([[k_a, n_a-k_a], [k_b,
-    n_b-k_b]])``. Note that the test treats runs as independent although mask seeds of one base
-    model are not; read it together with the clustered CIs of :func:`summarize`.
-    """
-    from scipy.stats import fisher_exact
-
-    if a == b:
-        raise ValueError(f"compare_frequencies needs two different inits, got {a!r} twice")
-    df = validate_results(results)
-    df = df[df["base_ok"]]
-    rows = []
-    for (task, model, sub), g in df.groupby(["task", "model", "subroutine"], sort=True):
-        ga, gb = g[g["init"] == a], g[g["init"] == b]
-        if ga.empty or gb.empty:
-            continue
-        k_a, n_a = int(ga["compositional"].sum()), len(ga)
-        k_b, n_b = int(gb["compositional"].sum()), len(gb)
-        res = fisher_exact([[k_a, n_a - k_a], [k_b, n_b - k_b]], alternative=alternative)
-        rows.append(
-            {
-                "task": task,
-                "model": model,
-                "subroutine": sub,
-                "init_a": a,
-                "init_b": b,
-                "k_a": k_a,
-                "n_a": n_a,
-                "k_b": k_b,
-                "n_b": n_b,
-                "frac_a": k_a / n_a,
-                "frac_b": k_b / n_b,
-                "odds_ratio": float(res.statistic),
-                "p_value": float(res.pvalue),
-            }
-        )
-    cols = ["task", "model", "subroutine", "init_a", "init_b", "k_a", "n_a", "k_b", "n_b"]
-    cols += ["frac_a", "frac_b", "odds_ratio", "p_value"]
-    return pd.DataFrame(rows, columns=cols)
-
-
-def frequency_tests(
-    results: pd.DataFrame, comparisons: Iterable[tuple[str, str]] = DEFAULT_COMPARISONS
-) -> pd.DataFrame:
-    """:func:`compare_frequencies` for every pair in ``comparisons``, stacked in one table."""
-    parts = [compare_frequencies(results, a, b) for a, b in comparisons]
-    parts = [p for p in parts if not p.empty]
-    if not parts:
-        return pd.DataFrame()
-    return pd.concat(parts, ignore_index=True)
+def margin_of(out_dir: str | os.PathLike) -> float:
+    """The verdict margin recorded in the manifest (default :data:`DEFAULT_MARGIN`)."""
+    return float(load_manifest(out_dir).get("margin", DEFAULT_MARGIN))
 
 
 # ----------------------------------------------------------------------------- masks
@@ -445,14 +299,20 @@ def kept_frequency(out_dir: str | os.PathLike, only_ok: bool = True) -> pd.DataF
     """How often each unit is kept across mask seeds (and base models), per init and subroutine.
 
     Returns rows (task, model, init, subroutine, layer, kind, index, freq, n_masks), ``freq`` the
-    fraction of readable masks of that cell keeping the unit. Rows of excluded base models are
-    left out when ``only_ok``. Empty when no mask can be read.
+    fraction of readable masks of that cell keeping the unit. With ``only_ok`` only masks that
+    may enter a verdict count: base model usable (``base_ok``, no ``bypass``) and mask search
+    succeeded (``mask_ok``; absent flags do not filter). Empty when no mask can be read.
     """
     df = load_results(out_dir)
     if "mask_path" not in df.columns:
         return pd.DataFrame()
     if only_ok:
-        df = df[df["base_ok"]]
+        keep = df["base_ok"].copy()
+        if "bypass" in df.columns:
+            keep &= ~df["bypass"]
+        if "mask_ok" in df.columns:
+            keep &= df["mask_ok"]
+        df = df[keep]
     parts = []
     for key, g in df.groupby(["task", "model", "init", "subroutine"], sort=True):
         flats, units = [], None
@@ -480,6 +340,143 @@ def kept_frequency(out_dir: str | os.PathLike, only_ok: bool = True) -> pd.DataF
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+# ----------------------------------------------------------------------------- densities
+
+
+def kind_densities(out_dir: str | os.PathLike, results: pd.DataFrame) -> pd.DataFrame:
+    """Share of units of each kind a run's mask keeps (heads, neurons, channels, ...).
+
+    One row per (run, kind) for the rows of ``results`` whose ``mask_path`` can be read as a
+    unit mask: the run keys, ``kind``, ``n_units``, ``n_kept`` and ``density = n_kept /
+    n_units``. Pooled densities hide that a mask keeping 3 of 8 heads and 1% of the neurons is
+    a head circuit; this table keeps them apart. Empty when no mask can be read.
+    """
+    if "mask_path" not in results.columns:
+        return pd.DataFrame()
+    keys = [*GROUP_KEYS, "base_seed", "mask_seed"]
+    rows = []
+    for rec in results.to_dict("records"):
+        path = resolve_mask_path(out_dir, rec["mask_path"])
+        if path is None:
+            continue
+        try:
+            flat, units = load_mask_units(path)
+        except (ValueError, OSError, RuntimeError):
+            continue
+        kinds = np.array([u[1] for u in units])
+        for kind in dict.fromkeys(kinds.tolist()):
+            sel = kinds == kind
+            n_kept = int(flat[sel].sum())
+            row = {k: rec[k] for k in keys}
+            row.update(kind=kind, n_units=int(sel.sum()), n_kept=n_kept)
+            row["density"] = n_kept / int(sel.sum())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cell_densities(
+    out_dir: str | os.PathLike, results: pd.DataFrame, margin: float
+) -> pd.DataFrame:
+    """Per cell, the mean share of each unit kind kept (``density_<kind>`` columns).
+
+    Means over the runs whose mask search succeeded on a usable base model (verdict
+    compositional, not compositional, or no random control). Empty without readable masks.
+    """
+    runs = inference.run_verdicts(results, margin)
+    runs = runs[runs["verdict"].isin(_DENSITY_VERDICTS)]
+    dens = kind_densities(out_dir, runs)
+    if dens.empty:
+        return pd.DataFrame(columns=list(GROUP_KEYS))
+    wide = dens.pivot_table(
+        index=list(GROUP_KEYS), columns="kind", values="density", aggfunc="mean"
+    )
+    wide.columns = [f"density_{k}" for k in wide.columns]
+    return wide.reset_index()
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summary_frame(
+    out_dir: str | os.PathLike, results: pd.DataFrame | None = None, margin: float | None = None
+) -> pd.DataFrame:
+    """What ``summary.csv`` holds: :func:`inference.summary_table` plus densities.
+
+    One row per (task, model, init, subroutine): base-model counts with their Clopper-Pearson
+    interval, run counts (usable, search failed, excluded, no random control, compositional),
+    t intervals of the mean ``sub_diff`` / ``abl_diff`` over base models, the permutation test
+    against the control init with ``p_value`` / ``p_holm`` (Holm over the experiment's family)
+    and the GEE columns; then ``density_mean`` (mean ``density`` column of the same runs as the
+    per-kind densities) and ``density_<kind>`` per unit kind (:func:`cell_densities`).
+    ``margin`` defaults to the manifest's.
+    """
+    results = load_results(out_dir) if results is None else validate_results(results)
+    margin = margin_of(out_dir) if margin is None else float(margin)
+    table = inference.summary_table(results, margin=margin)
+    runs = inference.run_verdicts(results, margin)
+    runs = runs[runs["verdict"].isin(_DENSITY_VERDICTS)]
+    if "density" in runs.columns and len(runs):
+        dens = runs.groupby(list(GROUP_KEYS))["density"].mean().rename("density_mean")
+        table = table.merge(dens.reset_index(), on=list(GROUP_KEYS), how="left")
+    else:
+        table["density_mean"] = np.nan
+    kinds = cell_densities(out_dir, results, margin)
+    if len(kinds.columns) > len(GROUP_KEYS):
+        table = table.merge(kinds, on=list(GROUP_KEYS), how="left")
+    return table
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+def load_score_files(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per-unit patching score files of a folder (``patching/**/*.pt`` and ``scores_*.pt``).
+
+    Only dicts holding ``scores`` and ``units`` are returned (each with ``_file``, its name).
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    pdir = RunStore(out_dir).patching_dir
+    files = sorted(pdir.rglob("*.pt")) if pdir.is_dir() else []
+    files += sorted(out_dir.glob("scores_*.pt"))
+    found = []
+    for p in files:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception:  # an unreadable or foreign file is skipped, not fatal
+            continue
+        if isinstance(obj, dict) and "scores" in obj and "units" in obj:
+            found.append({**obj, "_file": p.name})
+    return found
+
+
+#: Keys of a score file copied into each of its agreement rows.
+_AGREEMENT_KEYS = ("task", "init", "base_seed", "mask_seed", "subroutine", "method")
+
+
+def agreement_frame(out_dir: str | os.PathLike) -> pd.DataFrame:
+    """``agreement.csv``: mask-vs-patching agreement per unit kind and layer, with nulls.
+
+    Stacks the ``agreement`` tables of the score files (computed by the patching driver with
+    :func:`inference.agreement_table`), prefixed with the file's task, init, base seed, mask
+    seed, subroutine and method and the file name (``scores_file``). Empty when no score file
+    holds one (patching off, or no mask to compare with).
+    """
+    parts = []
+    for obj in load_score_files(out_dir):
+        table = obj.get("agreement")
+        if not table:
+            continue
+        df = pd.DataFrame(table)
+        prefix = {k: obj.get(k) for k in _AGREEMENT_KEYS}
+        prefix["scores_file"] = obj["_file"]
+        for k, v in reversed(list(prefix.items())):
+            df.insert(0, k, v)
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -490,32 +487,29 @@ def _csv(df: pd.DataFrame) -> str:
     return buf.getvalue()
 
 
-def write_summary(out_dir: str | os.PathLike, n_boot: int = 2000, seed: int = 0) -> Path:
-    """Write ``OUT/summary.csv`` (group statistics + frequency tests) and ``OUT/overlap.csv``.
+_OVERLAP_COLUMNS = [
+    *_RUN_KEYS, "subroutine_a", "subroutine_b", "base_ok", "layer", "kind",
+    "n_units", "n_a", "n_b", "n_shared", "n_union", "jaccard",
+]  # fmt: skip
 
-    summary.csv stacks :func:`summarize` rows (``kind="group"``, with a ``verdict`` column using
-    the manifest's margin) and :func:`frequency_tests` rows (``kind="test"``); columns a kind does
-    not use are empty. overlap.csv holds :func:`overlap_table` (empty file with a header line when
-    no masks could be read). Both are written atomically. Returns the path of summary.csv.
-    """
+
+def write_summary(out_dir: str | os.PathLike) -> Path:
+    """Write ``OUT/summary.csv`` (:func:`summary_frame`), ``OUT/overlap.csv``
+    (:func:`overlap_table`) and, when patching score files hold agreement tables,
+    ``OUT/agreement.csv`` (:func:`agreement_frame`). All written atomically; overlap.csv is a
+    header line when no masks could be read. Returns the path of summary.csv."""
     out_dir = Path(out_dir)
+    store = RunStore(out_dir)
     results = load_results(out_dir)
-    margin = float(load_manifest(out_dir).get("margin", DEFAULT_MARGIN))
-    groups = summarize(results, n_boot=n_boot, seed=seed)
-    groups["verdict"] = [verdict(r, margin) for _, r in groups.iterrows()]
-    groups.insert(0, "kind", "group")
-    tests = frequency_tests(results)
-    if not tests.empty:
-        tests.insert(0, "kind", "test")
-    summary = pd.concat([groups, tests], ignore_index=True) if not tests.empty else groups
-    path = RunStore(out_dir).summary_csv
+    summary = summary_frame(out_dir, results)
+    path = store.summary_csv
     atomic_write_text(path, _csv(summary))
     overlap = overlap_table(out_dir)
     if overlap.empty:
-        overlap = pd.DataFrame(
-            columns=_RUN_KEYS
-            + ["subroutine_a", "subroutine_b", "base_ok", "layer", "kind"]
-            + ["n_units", "n_a", "n_b", "n_shared", "n_union", "jaccard"]
-        )
-    atomic_write_text(RunStore(out_dir).overlap_csv, _csv(overlap))
+        overlap = pd.DataFrame(columns=_OVERLAP_COLUMNS)
+    atomic_write_text(store.overlap_csv, _csv(overlap))
+    agreement = agreement_frame(out_dir)
+    if not agreement.empty:
+        atomic_write_text(store.root / AGREEMENT_CSV, _csv(agreement))
     return path
+

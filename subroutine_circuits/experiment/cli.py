@@ -134,6 +134,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
         seed=args.seed,
         readout=meta.get("readout", "ooo"),
         out_dir=str(out_dir),
+        split_seed=int(meta.get("split_seed", 0)),  # pairs from the model's test split
     )
     test = test_problems_for(task, args.n, args.seed, int(meta.get("split_seed", 0)))
     rows = []
@@ -146,6 +147,11 @@ def cmd_patch(args: argparse.Namespace) -> int:
         print(f"patched {sub} ({time.time() - t0:.1f} s)", file=sys.stderr)
     df = pd.DataFrame(rows)
     atomic_write_text(out_dir / "patching.csv", df.to_csv(index=False))
+    from subroutine_circuits.analysis.summary import AGREEMENT_CSV, agreement_frame
+
+    agreement = agreement_frame(out_dir)  # per unit kind and layer, from the score files
+    if not agreement.empty:
+        atomic_write_text(out_dir / AGREEMENT_CSV, agreement.to_csv(index=False))
     atomic_write_json(
         out_dir / "patching.json",
         {

@@ -597,6 +597,9 @@ class PatchingOptions(_Overrides):
         "readout": "the experiment's models are odd-one-out models (readout 'ooo')",
         "out_dir": "scores are written under the output folder",
         "meta": "the runner fills meta",
+        "split": "patching pairs always come from the test split",
+        "split_seed": "the test split is that of [data] seed",
+        "position_aware": "cross-ablation follows the mask experiment's ablation",
     }
 
     kinds: tuple[str, ...] | None = _opt(choices=UNIT_KINDS)
@@ -609,6 +612,8 @@ class PatchingOptions(_Overrides):
     chunk_rows: int | None = _opt(ge=1)
     batch_size: int | None = _opt(ge=1)
     ablation_curve_fractions: tuple[float, ...] | None = _opt(factory=tuple, ge=0, le=1)
+    n_faith_pairs: int | None = _opt(ge=1)
+    agreement_perms: int | None = _opt(ge=1)
 
 
 _SUBTABLES = {

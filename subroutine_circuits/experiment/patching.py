@@ -9,6 +9,16 @@ stimuli that satisfy the rule (their embeddings are computed once, unpatched); t
 breaks ``p`` (it is the odd one), the corrupted input is its minimal pair with ``p`` restored.
 For label-token models the metric is ``logit[yes] - logit[no]`` at the last position.
 Pairs are grouped by token count, so no padding is needed; results of the groups are merged.
+
+No test data decides anything, and no mask-training data is measured on: every text of a
+minimal pair and of its contexts comes from the ``test`` split of the study (``cfg.split``,
+``cfg.split_seed``: the hash split of :func:`subroutine_circuits.tasks.split_of`). The pairs
+form two DISJOINT sets (no clean or corrupted text in both): *scoring* pairs decide which units
+matter and which circuit is chosen (scores, top-k, smallest faithful circuit), *faithfulness*
+pairs measure the chosen circuits (faithfulness curve, CPR / CMD, ``f_k``, ``f_faithful``).
+Cross-ablation removes the circuit with the mask experiment's ablation, whose mean values come
+from the mask experiment's reference set (training composite problems, position-aware), and
+measures accuracy on the test partitions.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +66,15 @@ class PatchingConfig:
     - ``pool``: ``last`` / ``mean`` / None (the model's own ``sc_pool``, else last).
     - ``curve_ablation``: ablation of the complement in faithfulness curves (``resample`` =
       the corrupted activation, MIB's convention; or ``mean`` / ``zero``).
+    - ``n_faith_pairs``: minimal pairs measuring faithfulness (disjoint from the ``n_pairs``
+      scoring pairs; None: as many as ``n_pairs``).
+    - ``split`` / ``split_seed``: every pair and context text comes from this split of the
+      task's hash split with this seed (the study's ``[data] seed``); None: no restriction.
     - ``cross_ablation``: ablation used to remove the patching circuit before measuring OOO
-      accuracy on the partitions (``zero``, like the mask experiment's ``abl`` condition, or
-      ``mean`` over the ``sub_<p>`` test problems like its ``ablmean``).
+      accuracy on the partitions: the mask experiment's ablation, ``zero`` or ``mean`` (means
+      over the ``reference`` problems given to :func:`run_patching`, the mask experiment's
+      reference set; separate means for readout and other positions when
+      ``position_aware``).
     - ``circuit_size``: size of the patching circuit for Jaccard and cross-ablation:
       ``"mask"`` (the mask's kept count, else the smallest faithful circuit), ``"faithful"``
       (smallest circuit reaching ``faithfulness_target``) or an int.
@@ -90,6 +106,11 @@ class PatchingConfig:
     ablation_curve_fractions: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
     out_dir: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    n_faith_pairs: int | None = None
+    split: str | None = "test"
+    split_seed: int = 0
+    position_aware: bool = True
+    agreement_perms: int = 2000
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
@@ -102,6 +123,17 @@ class PatchingConfig:
             raise ValueError(f"unknown readout {self.readout!r}; choose one of {READOUT_KINDS}")
         if self.n_pairs < 1:
             raise ValueError(f"n_pairs must be >= 1, got {self.n_pairs}")
+        if self.n_faith_pairs is not None and self.n_faith_pairs < 1:
+            raise ValueError(f"n_faith_pairs must be >= 1, got {self.n_faith_pairs}")
+        if self.split not in (None, "train", "val", "test"):
+            raise ValueError(f"split must be train, val, test or None, got {self.split!r}")
+        if self.cross_ablation not in ("zero", "mean"):
+            raise ValueError(
+                f"cross_ablation must be 'zero' or 'mean' (inputs vary in length), "
+                f"got {self.cross_ablation!r}"
+            )
+        if self.agreement_perms < 1:
+            raise ValueError(f"agreement_perms must be >= 1, got {self.agreement_perms}")
         if isinstance(self.circuit_size, str) and self.circuit_size not in ("mask", "faithful"):
             raise ValueError(
                 f"circuit_size must be 'mask', 'faithful' or an int, got {self.circuit_size!r}"
@@ -130,11 +162,34 @@ def _adapter(model, tokenizer=None, pool: str | None = None):
     return as_adapter(model, tokenizer=tokenizer, pool=pool)
 
 
+Pair = tuple[str, str, list[str]]
+
+
+def _accepted(task, values: Mapping[str, bool], rng: random.Random, accept) -> str:
+    """The text of a stimulus with ``values`` that ``accept`` keeps."""
+    if accept is None:
+        return task.sample(values, rng).text
+    return task.sample_where(values, rng, accept).text
+
+
 def sample_pairs(
-    task, subroutine: str, n: int, seed: int, n_context: int = 3
-) -> list[tuple[str, str, list[str]]]:
+    task,
+    subroutine: str,
+    n: int,
+    seed: int,
+    n_context: int = 3,
+    accept: Callable[[str], bool] | None = None,
+    exclude: set[str] | None = None,
+    max_tries: int = 2000,
+) -> list[Pair]:
     """``n`` (clean, corrupted, contexts): clean breaks ``subroutine`` only, corrupted is its
-    minimal pair with it restored (satisfies the rule), contexts satisfy the rule."""
+    minimal pair with it restored (satisfies the rule), contexts satisfy the rule.
+
+    ``accept`` (a text filter, e.g. :func:`tasks.split_filter` of the test split) must keep the
+    clean text, the corrupted text and every context. No clean or corrupted text occurs twice in
+    the result or in ``exclude``. Raises ``ValueError`` when ``max_tries`` draws give no new
+    accepted pair (too few stimuli in the split).
+    """
     if subroutine not in task.predicates:
         raise ValueError(
             f"unknown subroutine {subroutine!r} for task {task.name!r}; "
@@ -144,20 +199,47 @@ def sample_pairs(
     rule = dict(task.rule)
     broken = dict(rule)
     broken[subroutine] = not rule[subroutine]
-    out = []
+    used = set(exclude or ())
+    out: list[Pair] = []
     for _ in range(n):
-        clean, corr = task.minimal_pair(broken, subroutine, rng)
+        for _try in range(max_tries):
+            clean, corr = task.minimal_pair(broken, subroutine, rng)
+            ok = accept is None or (accept(clean.text) and accept(corr.text))
+            if ok and clean.text not in used and corr.text not in used:
+                break
+        else:
+            raise ValueError(
+                f"task {task.name!r}: no new minimal pair for {subroutine!r} in the patching "
+                f"split after {max_tries} draws ({len(out)} of {n} found); lower n_pairs / "
+                "n_faith_pairs or give the task more stimuli"
+            )
+        used.update((clean.text, corr.text))
         contexts: list[str] = []
         for _try in range(50 * n_context):
             if len(contexts) == n_context:
                 break
-            t = task.sample(rule, rng).text
+            t = _accepted(task, rule, rng, accept)
             if t not in contexts and t not in (clean.text, corr.text):
                 contexts.append(t)
         if len(contexts) < n_context:
             raise ValueError(f"task {task.name!r}: cannot sample {n_context} distinct contexts")
         out.append((clean.text, corr.text, contexts))
     return out
+
+
+def pair_sets(task, subroutine: str, cfg: PatchingConfig) -> tuple[list[Pair], list[Pair]]:
+    """The scoring pairs and the faithfulness pairs of one subroutine: disjoint, from
+    ``cfg.split`` only (see the module docstring). Deterministic given ``cfg.seed``."""
+    from subroutine_circuits.tasks.base import split_filter
+
+    accept = split_filter(cfg.split, cfg.split_seed)
+    scoring = sample_pairs(task, subroutine, cfg.n_pairs, cfg.seed, accept=accept)
+    used = {t for c, x, _ in scoring for t in (c, x)}
+    n_faith = cfg.n_faith_pairs or cfg.n_pairs
+    faith = sample_pairs(
+        task, subroutine, n_faith, cfg.seed + 1_000_003, accept=accept, exclude=used
+    )
+    return scoring, faith
 
 
 def _oddness_metric(context_sum: Float[Tensor, "batch d"]):
@@ -178,13 +260,12 @@ def _label_metric(yes_id: int, no_id: int):
 
 
 @torch.no_grad()
-def build_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig) -> PairData:
-    """Sample minimal pairs, tokenise, group by length and attach each group's metric.
+def pair_data(model, tokenizer, pairs: Sequence[Pair], cfg: PatchingConfig) -> PairData:
+    """Tokenise ``pairs``, group them by length and attach each group's metric.
 
     ``model`` is the model or its adapter."""
     adapter = _adapter(model, tokenizer, cfg.pool)
     model = adapter.model
-    pairs = sample_pairs(task, subroutine, cfg.n_pairs, cfg.seed)
     device = adapter.device
     by_len: dict[int, list[int]] = {}
     enc = []
@@ -214,6 +295,16 @@ def build_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig
         for _, idx in sorted(by_len.items()):
             batches.append(_make_batch(enc, idx, device, metric))
     return PairData(batches, readout, len(pairs), [(p[0], p[1]) for p in pairs])
+
+
+def build_pair_data(
+    model, tokenizer, task, subroutine: str, cfg: PatchingConfig
+) -> tuple[PairData, PairData]:
+    """The scoring and the faithfulness :class:`PairData` of one subroutine (:func:`pair_sets`).
+
+    ``model`` is the model or its adapter."""
+    scoring, faith = pair_sets(task, subroutine, cfg)
+    return pair_data(model, tokenizer, scoring, cfg), pair_data(model, tokenizer, faith, cfg)
 
 
 def _make_batch(enc, idx, device, metric) -> PatchBatch:
@@ -263,6 +354,31 @@ def mask_unit_params(mask) -> Tensor:
     return torch.cat(vals)
 
 
+def ablation_base(adapter, unit_map, ablation: str, reference=None, position_aware: bool = True):
+    """A fixed all-ones :class:`~subroutine_circuits.masks.UnitMask` carrying the ablation
+    values of the mask experiment: ``zero``, or ``mean`` over ``reference`` (the mask
+    experiment's reference set: training composite problems, a list of problems or their
+    :class:`EncodedProblems`), position-aware when ``position_aware`` (readout positions get
+    the mean over readout positions, other positions the mean over the other real positions).
+    Masks derived with ``.fixed_like(keep)`` share these values."""
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.masks import UnitMask
+
+    base = UnitMask.fixed(unit_map, torch.ones(unit_map.n_units, dtype=torch.bool), ablation)
+    if ablation == "zero":
+        return base
+    if reference is None or len(reference) == 0:
+        raise ValueError(
+            "mean cross-ablation needs the mask experiment's reference problems (training "
+            "composite problems); pass reference= to run_patching / cross_ablation"
+        )
+    enc = (
+        reference if isinstance(reference, EncodedProblems) else adapter.encode_problems(reference)
+    )
+    base.set_mean(adapter, enc.to(adapter.device).flat_inputs(), position_aware=position_aware)
+    return base
+
+
 def cross_ablation(
     model,
     tokenizer,
@@ -272,13 +388,13 @@ def cross_ablation(
     subroutine: str,
     other: str,
     cfg: PatchingConfig,
+    reference=None,
 ) -> list[dict[str, float]]:
     """Ablate each circuit and measure OOO accuracy on the target and other partitions, as the
-    mask experiment does (``UnitMask.fixed`` keeping the complement; ``zero`` ablation, or
-    ``mean`` values from the ``sub_<subroutine>`` test problems). One dict per circuit with
-    ``abl_target_acc``, ``abl_other_acc`` and ``abl_diff`` (clipped at chance)."""
-    from subroutine_circuits.masks import UnitMask
-
+    mask experiment does (a fixed unit mask keeping the complement, ablated with
+    ``cfg.cross_ablation``; mean values from ``reference``, see :func:`ablation_base`). One
+    dict per circuit with ``abl_target_acc``, ``abl_other_acc`` and ``abl_diff`` (clipped at
+    chance)."""
     adapter = _adapter(model, tokenizer, cfg.pool)
     if isinstance(circuits, Tensor) and circuits.ndim == 1:
         circuits = [circuits]
@@ -286,22 +402,13 @@ def cross_ablation(
     for kind in (target_kind, other_kind):
         if not test_problems.get(kind):
             raise ValueError(f"test problems have no {kind!r} problems (needed for cross-ablation)")
-    if cfg.cross_ablation not in ("zero", "mean"):
-        raise ValueError("cross_ablation must be 'zero' or 'mean' (inputs vary in length)")
-    values: dict[str, Tensor] = {}
-    if cfg.cross_ablation == "mean":
-        base = UnitMask.fixed(unit_map, torch.ones(unit_map.n_units, dtype=torch.bool), "mean")
-        ref = test_problems.get(f"sub_{subroutine}") or test_problems[target_kind]
-        enc = adapter.encode_problems(ref).to(adapter.device)
-        base.set_mean(adapter, enc.flat_inputs())
-        values = base.ablation_values
+    base = ablation_base(adapter, unit_map, cfg.cross_ablation, reference, cfg.position_aware)
     data = {
         kind: adapter.encode_problems(test_problems[kind]) for kind in (target_kind, other_kind)
     }
     results = []
     for circuit in circuits:
-        fm = UnitMask.fixed(unit_map, ~circuit.bool().cpu(), ablation=cfg.cross_ablation)
-        fm.ablation_values = dict(values)
+        fm = base.fixed_like(~circuit.bool().cpu())
         out = {}
         for name, kind in (("target", target_kind), ("other", other_kind)):
             out[f"abl_{name}_acc"] = adapter.accuracy(data[kind], fm, cfg.batch_size)
@@ -318,17 +425,22 @@ def run_patching(
     test_problems: Mapping[str, list] | None,
     mask=None,
     cfg: PatchingConfig | None = None,
+    reference=None,
 ) -> list[dict[str, Any]]:
     """Patch, build circuits and compare with ``mask`` for one subroutine.
 
     Returns one dict per method with the ``cfg.meta`` items and ``subroutine, method,
-    n_pairs, n_units, clean_metric, corr_metric, k`` (circuit size: see
-    ``cfg.circuit_size``), ``f_k`` (its faithfulness), ``k_faithful, f_faithful`` (smallest
-    circuit reaching ``cfg.faithfulness_target``), ``cpr, cmd``, with a mask ``mask_k, jaccard,
-    spearman, roc_auc``, and ``abl_target_acc, abl_other_acc, abl_diff`` (the circuit ablated;
-    NaN where not applicable: no mask, label readout, or no
-    partition problems). With ``cfg.out_dir`` the per-unit scores go to
-    ``scores_[<meta values>_]<subroutine>_<method>.pt`` (key ``scores_file``).
+    n_pairs`` (scoring pairs), ``n_faith_pairs``, ``n_units, clean_metric, corr_metric`` (on
+    the scoring pairs), ``k`` (circuit size: see ``cfg.circuit_size``), ``f_k`` (its
+    faithfulness), ``k_faithful, f_faithful`` (smallest circuit reaching
+    ``cfg.faithfulness_target`` on the scoring pairs, its faithfulness on the faithfulness
+    pairs), ``cpr, cmd`` (faithfulness pairs), with a mask ``mask_k`` and the pooled
+    ``jaccard, spearman, roc_auc`` (reference only: per unit kind and layer with nulls in the
+    score file's ``agreement`` table, see :func:`agreement_rows`), and ``abl_target_acc,
+    abl_other_acc, abl_diff`` (the circuit ablated with ``cfg.cross_ablation``, means over
+    ``reference``; NaN where not applicable: label readout or no partition problems). With
+    ``cfg.out_dir`` the per-unit scores go to ``scores_[<meta values>_]<subroutine>_<method>.pt``
+    (key ``scores_file``).
     """
     from subroutine_circuits.patching.scores import resolve_groups
 
@@ -339,9 +451,11 @@ def run_patching(
     unit_map = mask.unit_map if mask is not None else adapter.unit_map(kinds=cfg.kinds)
     groups = resolve_groups(adapter, unit_map)
     others = [p for p in task.predicates if p != subroutine]
-    data = build_pair_data(adapter, tokenizer, task, subroutine, cfg)
+    scoring, faith = build_pair_data(adapter, tokenizer, task, subroutine, cfg)
     adapter.model.eval()
-    ctx = _PatchContext(adapter, tokenizer, subroutine, unit_map, groups, data, mask, cfg)
+    ctx = _PatchContext(
+        adapter, tokenizer, subroutine, unit_map, groups, scoring, faith, mask, cfg, reference
+    )
     return [
         _method_row(ctx, method, test_problems, others[0] if others else None)
         for method in cfg.methods
@@ -357,9 +471,11 @@ class _PatchContext:
     subroutine: str
     unit_map: Any
     groups: list[UnitGroup]
-    data: PairData
+    data: PairData  # scoring pairs: which units matter, which circuit
+    faith: PairData  # faithfulness pairs (disjoint): how faithful the chosen circuits are
     mask: Any
     cfg: PatchingConfig
+    reference: Any = None  # the mask experiment's reference problems (mean ablation)
 
     @property
     def n_units(self) -> int:
@@ -367,16 +483,17 @@ class _PatchContext:
 
 
 def _faithfulness(ctx: _PatchContext, scores: Tensor):
-    """MIB faithfulness curve of the top-k circuits and the smallest faithful circuit."""
-    cfg, data = ctx.cfg, ctx.data
-    common = (cfg.curve_ablation, data.readout, cfg.use_abs, cfg.chunk_rows)
+    """MIB faithfulness curve of the top-k circuits (faithfulness pairs) and the smallest
+    faithful circuit (chosen on the scoring pairs, measured on the faithfulness pairs)."""
+    cfg = ctx.cfg
+    common = (cfg.curve_ablation, ctx.data.readout, cfg.use_abs, cfg.chunk_rows)
     curve = faithfulness_curve(
-        ctx.adapter, data.batches, ctx.groups, scores, cfg.fractions, *common
+        ctx.adapter, ctx.faith.batches, ctx.groups, scores, cfg.fractions, *common
     )
-    faithful, f_faithful = smallest_faithful_circuit(
-        ctx.adapter, data.batches, ctx.groups, scores, cfg.faithfulness_target, *common
+    faithful, _ = smallest_faithful_circuit(
+        ctx.adapter, ctx.data.batches, ctx.groups, scores, cfg.faithfulness_target, *common
     )
-    return curve, faithful, f_faithful
+    return curve, faithful, _circuit_faithfulness(ctx, faithful)
 
 
 def _circuit_of(ctx: _PatchContext, scores: Tensor, faithful: Tensor) -> Tensor:
@@ -390,8 +507,9 @@ def _circuit_of(ctx: _PatchContext, scores: Tensor, faithful: Tensor) -> Tensor:
 
 
 def _circuit_faithfulness(ctx: _PatchContext, circuit: Tensor) -> float:
-    """``f(circuit)`` relative to the full and the fully ablated model."""
-    cfg, data = ctx.cfg, ctx.data
+    """``f(circuit)`` relative to the full and the fully ablated model, on the faithfulness
+    pairs."""
+    cfg, data = ctx.cfg, ctx.faith
     ends = torch.stack([circuit, torch.ones_like(circuit), torch.zeros_like(circuit)])
     m_k, m_full, m_empty = circuit_metrics(
         ctx.adapter, data.batches, ctx.groups, ends, cfg.curve_ablation, data.readout,
@@ -400,8 +518,39 @@ def _circuit_faithfulness(ctx: _PatchContext, circuit: Tensor) -> float:
     return (m_k - m_empty) / (m_full - m_empty) if m_full != m_empty else math.nan
 
 
+def agreement_rows(
+    scores: Float[Tensor, "n_units"],
+    mask,
+    unit_map,
+    use_abs: bool = True,
+    n_perm: int = 2000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Mask-vs-patching agreement per unit kind and per (kind, layer), each with its null
+    (:func:`subroutine_circuits.analysis.inference.agreement_table`: expected Jaccard of a
+    random subset of the same size, permutation p for Spearman with the mask's per-unit
+    parameters, Mann-Whitney p for ROC AUC, a forward-order baseline; a pooled row for
+    reference). One dict per row."""
+    from subroutine_circuits.analysis.inference import agreement_table
+
+    units = unit_map.units()
+    keep = mask.flat_binary().bool().cpu().numpy()
+    table = agreement_table(
+        keep,
+        torch.as_tensor(scores).detach().float().cpu().numpy(),
+        [u[0] for u in units],
+        [u[1] for u in units],
+        mask_params=mask_unit_params(mask).numpy(),
+        use_abs=use_abs,
+        n_perm=n_perm,
+        seed=seed,
+    )
+    return table.to_dict("records")
+
+
 def _mask_comparison(ctx: _PatchContext, scores: Tensor) -> dict[str, Any]:
-    """Jaccard / Spearman / ROC AUC against the mask, and its size (empty without a mask)."""
+    """Pooled Jaccard / Spearman / ROC AUC against the mask, and its size (empty without a
+    mask); the per-kind agreement table is added by :func:`_method_row`."""
     if ctx.mask is None:
         return {}
     keep = ctx.mask.flat_binary().bool().cpu()
@@ -422,7 +571,7 @@ def _cross_ablation(
     circuits = [circuit] + [top_k_circuit(scores, k, cfg.use_abs) for k in ks]
     res = cross_ablation(
         ctx.adapter, ctx.tokenizer, ctx.unit_map, circuits, test_problems, ctx.subroutine, other,
-        cfg,
+        cfg, ctx.reference,
     )  # fmt: skip
     curve = {
         "k": ks,
@@ -448,6 +597,8 @@ def _save_scores(ctx: _PatchContext, method: str, res: PatchScores, extra: dict)
             "units": ctx.unit_map.units(),
             "hooks": [asdict(g) for g in ctx.groups],
             "normalised": res.normalised(),
+            "pairs_scoring": list(ctx.data.texts),
+            "pairs_faithfulness": list(ctx.faith.texts),
             **extra,
         },
         path,
@@ -467,6 +618,7 @@ def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | Non
         "subroutine": ctx.subroutine,
         "method": method,
         "n_pairs": data.n_pairs,
+        "n_faith_pairs": ctx.faith.n_pairs,
         "n_units": ctx.n_units,
         "clean_metric": res.clean_metric,
         "corr_metric": res.corr_metric,
@@ -477,6 +629,7 @@ def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | Non
         "jaccard": math.nan,
         "spearman": math.nan,
         "roc_auc": math.nan,
+        "cross_ablation": cfg.cross_ablation,
     }
     circuit = _circuit_of(ctx, scores, faithful)
     row["k"] = int(circuit.sum())
@@ -487,6 +640,11 @@ def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | Non
     if cfg.out_dir is not None:
         extra = {"scores": scores, "circuit": circuit, "curve": asdict(curve)}
         extra.update(faithfulness=acc_curve, row=dict(row))
+        if ctx.mask is not None:
+            extra["mask_keep"] = ctx.mask.flat_binary().bool().cpu()
+            extra["agreement"] = agreement_rows(
+                scores, ctx.mask, ctx.unit_map, cfg.use_abs, cfg.agreement_perms, cfg.seed
+            )
         row["scores_file"] = _save_scores(ctx, method, res, extra)
     return row
 

@@ -265,6 +265,9 @@ def patching_stage(
     mask = load_mask(mask_path, base.adapter) if mask_path.exists() else None
     if mask is not None and not hasattr(mask, "unit_map"):
         mask = None  # weight masks: patching works on units, compare without a mask
+    meta = {"task": prep.label, "init": job.init, "base_seed": job.seed}
+    if mask is not None:
+        meta["mask_seed"] = job.mask_seed
     pcfg = PatchingConfig(
         **{
             "methods": tuple(cfg.patching_methods),
@@ -272,14 +275,17 @@ def patching_stage(
             "seed": job.seed,
             "pool": cfg.model.pool,
             "cross_ablation": cfg.ablation,
+            "split_seed": cfg.data.seed,  # pairs from the test split of the study's splits
             "out_dir": str(store.patching_dir),
-            "meta": {"task": prep.label, "init": job.init, "base_seed": job.seed},
+            "meta": meta,
             **cfg.patching_options,
         }
     )
+    # cross-ablation means: the mask experiment's reference set (training composite problems)
     rows = run_patching(
-        base.adapter, prep.tokenizer, prep.task, job.subroutine, prep.splits["test"], mask, pcfg
-    )
+        base.adapter, prep.tokenizer, prep.task, job.subroutine, prep.splits["test"], mask, pcfg,
+        reference=base.enc["train"]["composite"],
+    )  # fmt: skip
     for r in rows:
         r["composite_acc"] = base.meta.get("composite_acc")
         r["mask_seed"] = job.mask_seed if mask is not None else None

@@ -9,7 +9,6 @@ experiment folder still gets a report.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from subroutine_circuits.analysis import summary as stats
 from subroutine_circuits.report import plots
+from subroutine_circuits.report.fragments import _esc, _fig, _note, _table
 from subroutine_circuits.store import RunStore, base_id
 from subroutine_circuits.utils import atomic_write_text
 
@@ -49,13 +49,12 @@ pre { background: #f7f7f7; padding: 0.6em; font-size: 0.8em; overflow-x: auto; }
 class ReportConfig:
     """Options of :func:`build_report`.
 
-    n_boot: bootstrap replicates of the verdict table's CIs; seed: their seed;
+    seed: seed of the example stimuli drawn for the attention patterns;
     circuitsvis: embed one interactive circuitsvis attention widget (adds ~1.3 MB of inlined JS);
     n_examples: example stimuli per model for the attention patterns; max_heads: most kept heads
     drawn per model; device: where checkpoints are loaded for the attention patterns.
     """
 
-    n_boot: int = 1000
     seed: int = 0
     circuitsvis: bool = True
     n_examples: int = 2
@@ -66,41 +65,7 @@ class ReportConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _esc(x: Any) -> str:
-    """HTML-escaped ``str(x)``."""
-    return html.escape(str(x))
-
-
-def _note(text: str) -> str:
-    """A greyed-out paragraph."""
-    return f'<p class="note">{_esc(text)}</p>'
-
-
-def _fig(svg: str, caption: str = "") -> str:
-    """Wrap an inline SVG figure with an optional caption."""
-    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
-    return f'<figure class="fig">{svg}{cap}</figure>'
-
-
-def _table(df: pd.DataFrame, digits: int = 3) -> str:
-    """A DataFrame as an escaped HTML table (NaN shown as a dash)."""
-    fmt = {}
-    for c in df.columns:
-        if pd.api.types.is_float_dtype(df[c]):
-            vals = df[c].dropna()
-            integral = len(vals) > 0 and bool((vals == vals.round()).all())
-            d = 0 if integral else digits
-            fmt[c] = lambda v, d=d: "–" if pd.isna(v) else f"{v:.{d}f}"
-    return df.to_html(index=False, escape=True, na_rep="–", formatters=fmt, border=0)
-
-
-def _ci(m: float, lo: float, hi: float) -> str:
-    """``mean [lo, hi]`` with two decimals (a dash for NaN)."""
-    if m is None or np.isnan(m):
-        return "–"
-    if np.isnan(lo) or np.isnan(hi):
-        return f"{m:+.2f} [no CI: 1 base model]"
-    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+# _esc, _note, _fig, _table, _ci live in report/fragments.py (shared with report/verdicts.py)
 
 
 def _find_key(obj: Any, key: str) -> Any:
@@ -157,7 +122,8 @@ def section_run(manifest: dict[str, Any], results: pd.DataFrame) -> str:
             for e in excluded
         )
         parts.append(
-            "<p>Excluded base models (failed the composite task; left out of every verdict):</p>"
+            "<p>Excluded base models (failed the composite task on validation data, or "
+            "bypass the masks; left out of every verdict):</p>"
             f"<ul>{items}</ul>"
         )
     else:
@@ -169,74 +135,13 @@ def section_run(manifest: dict[str, Any], results: pd.DataFrame) -> str:
     return "".join(parts)
 
 
-def verdict_table(summary: pd.DataFrame, margin: float) -> pd.DataFrame:
-    """The human-readable verdict table from :func:`stats.summarize` rows."""
-    rows = []
-    for _, r in summary.iterrows():
-        rows.append(
-            {
-                "task": r["task"],
-                "model": r["model"],
-                "init": r["init"],
-                "subroutine": r["subroutine"],
-                "compositional k/n": f"{int(r['n_compositional'])}/{int(r['n_runs'])}",
-                "base models": int(r["n_base_models"]),
-                "sub_diff [95% CI]": _ci(r["sub_diff_mean"], r["sub_diff_lo"], r["sub_diff_hi"]),
-                "abl_diff [95% CI]": _ci(r["abl_diff_mean"], r["abl_diff_lo"], r["abl_diff_hi"]),
-                "randabl_diff [95% CI]": _ci(
-                    r["randabl_diff_mean"], r["randabl_diff_lo"], r["randabl_diff_hi"]
-                ),
-                "density": "–"
-                if np.isnan(r["density_mean"])
-                else f"{100 * r['density_mean']:.1f}%",
-                "excluded base models": int(r["n_excluded_base_models"]),
-                "verdict": stats.verdict(r, margin),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def section_verdicts(results: pd.DataFrame, margin: float, cfg: ReportConfig) -> str:
-    """Verdict table per (task, model, init, subroutine) and the frequency tests."""
-    summary = stats.summarize(results, n_boot=cfg.n_boot, seed=cfg.seed)
-    table = verdict_table(summary, margin)
-    body = _table(table)
-    for v, cls in (
-        ("not compositional", "verdict-not"),
-        ("compositional", "verdict-compositional"),
-        ("inconclusive", "verdict-inconclusive"),
-    ):
-        body = body.replace(f"<td>{v}</td>", f'<td class="{cls}">{v}</td>')
-    out = [
-        f"<p>Runs of base models that pass the composite task. A run is compositional when "
-        f"sub_diff &gt; {margin} and abl_diff &lt; -{margin} (differences clipped at chance). "
-        "CIs: 95% percentile bootstrap clustered by base model (base models resampled with "
-        "replacement, all their mask seeds kept together). Verdict: "
-        "<i>compositional</i> when the sub_diff CI lies above the margin and the abl_diff CI "
-        "below minus the margin; <i>not compositional</i> when a CI excludes the pattern; "
-        "otherwise <i>inconclusive</i>. With a single usable base model no CI (and no "
-        "verdict) is given.</p>",
-        body,
-    ]
-    tests = stats.frequency_tests(results)
-    if not tests.empty:
-        out.append(
-            "<h3>Frequency of the pattern between inits (Fisher exact test, two-sided)</h3>"
-            "<p>Runs are treated as independent here, although mask seeds of one base model "
-            "are not; read the p-values together with the clustered CIs above.</p>"
-        )
-        out.append(_table(tests, digits=4))
-    return "".join(out)
-
-
 def section_accuracy(results: pd.DataFrame, margin: float) -> str:
     """Accuracy bars per (task, subroutine) and the sub/abl difference scatter per task."""
     out = []
     for task in sorted(results["task"].unique()):
         for sub in sorted(results.loc[results["task"] == task, "subroutine"].unique()):
-            ok = results[
-                (results["task"] == task) & (results["subroutine"] == sub) & results["base_ok"]
-            ]
+            ok = plots.usable_rows(results)
+            ok = ok[(ok["task"] == task) & (ok["subroutine"] == sub)]
             if ok.empty:
                 out.append(_note(f"{task} / {sub}: no usable runs"))
                 continue
@@ -244,7 +149,8 @@ def section_accuracy(results: pd.DataFrame, margin: float) -> str:
                 _fig(
                     plots.accuracy_bars(results, task, sub),
                     f"{task}, subroutine {sub}: accuracy on the target partition (only {sub} "
-                    "decides) and the other partition, mean over runs with 95% clustered CIs.",
+                    "decides) and the other partition of usable runs: mean over base models "
+                    "with a Student-t 95% interval.",
                 )
             )
         out.append(
@@ -635,10 +541,18 @@ def render_report(out_dir: str | os.PathLike, cfg: ReportConfig | None = None) -
     except Exception as e:
         problems.append(f"mask frequencies: {type(e).__name__}: {e}")
         freq = pd.DataFrame()
+    from subroutine_circuits.report import verdicts as rv
+
     sections = [
         ("Run summary", "run", lambda: section_run(manifest, results)),
-        ("Verdicts", "verdicts", lambda: section_verdicts(results, margin, cfg)),
+        ("Verdicts", "verdicts", lambda: rv.section_verdicts(out_dir, results, margin)),
+        ("Bypass check", "bypass", lambda: rv.section_bypass(manifest)),
         ("Accuracy by condition", "accuracy", lambda: section_accuracy(results, margin)),
+        (
+            "Mask density per unit kind",
+            "density",
+            lambda: rv.section_densities(out_dir, results, margin),
+        ),  # fmt: skip
         ("Mask heatmaps", "masks", lambda: section_masks(freq, results)),
         ("A/B mask overlap", "overlap", lambda: section_overlap(stats.overlap_table(out_dir))),
         (
@@ -647,6 +561,7 @@ def render_report(out_dir: str | os.PathLike, cfg: ReportConfig | None = None) -
             lambda: section_attention(out_dir, results, manifest, cfg),
         ),
         ("Mask vs activation patching", "patching", lambda: section_patching(out_dir, freq)),
+        ("Mask vs patching per unit kind", "agreement", lambda: rv.section_agreement(out_dir)),
     ]
     body = "".join(_section(t, a, b, problems) for t, a, b in sections)
     nav = " | ".join(f'<a href="#{a}">{_esc(t)}</a>' for t, a, _ in sections)

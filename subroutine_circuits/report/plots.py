@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from subroutine_circuits.analysis.summary import CHANCE, cluster_bootstrap_ci
+from subroutine_circuits.analysis.inference import t_interval
+from subroutine_circuits.analysis.summary import CHANCE
 
 #: Conditions of the accuracy plot: label -> column prefix in results.csv.
 CONDITIONS: dict[str, str] = {
@@ -24,6 +25,8 @@ CONDITIONS: dict[str, str] = {
     "subnetwork": "sub",
     "ablated": "abl",
     "mean-ablated": "ablmean",
+    "zero-ablated": "ablzero",
+    "resample-ablated": "ablresample",
     "random ablated": "randabl",
 }
 INIT_ORDER = ("pretrained", "trained", "random_init")
@@ -70,24 +73,36 @@ def order_inits(inits: Sequence[str]) -> list[str]:
     return known + sorted(i for i in set(inits) if i not in INIT_ORDER)
 
 
+def usable_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """Runs that may enter a verdict: base model usable (``base_ok``, no ``bypass``) and mask
+    search succeeded (``mask_ok``); absent flag columns (older results) do not filter."""
+    keep = pd.Series(True, index=results.index)
+    for col, good in (("base_ok", True), ("bypass", False), ("mask_ok", True)):
+        if col in results.columns:
+            keep &= results[col].fillna(good).astype(bool) == good
+    return results[keep]
+
+
 def _mean_ci(df: pd.DataFrame, col: str) -> tuple[float, float, float]:
-    """Mean and 95% CI of a column, clustered by base model."""
+    """Mean over base-model means and its Student-t 95% interval (base models are the unit:
+    mask seeds of one base model are not independent). NaN bounds with one base model."""
     if col not in df.columns or df.empty:
         return (float("nan"),) * 3
-    vals = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
-    return cluster_bootstrap_ci(vals, df["base_seed"].to_numpy(), n_boot=500, seed=0)
+    vals = pd.to_numeric(df[col], errors="coerce")
+    per_base = vals.groupby(df["base_seed"]).mean().to_numpy(dtype=float)
+    return t_interval(per_base)
 
 
 def accuracy_bars(results: pd.DataFrame, task: str, subroutine: str) -> str:
-    """Grouped bars: target/other accuracy per condition, one panel per init, clustered CIs.
+    """Grouped bars: target/other accuracy per condition, one panel per init, with the mean
+    over base models and its t interval.
 
-    Uses the ``base_ok`` rows of one (task, subroutine); conditions whose columns are absent
-    are left out. A dotted line marks chance.
+    Uses the usable rows (:func:`usable_rows`) of one (task, subroutine); conditions whose
+    columns are absent are left out. A dotted line marks chance.
     """
     plt = _plt()
-    df = results[
-        (results["task"] == task) & (results["subroutine"] == subroutine) & results["base_ok"]
-    ]
+    df = usable_rows(results)
+    df = df[(df["task"] == task) & (df["subroutine"] == subroutine)]
     inits = order_inits(df["init"].unique().tolist())
     if not inits:
         raise ValueError(f"no usable rows for task {task!r}, subroutine {subroutine!r}")
@@ -118,7 +133,7 @@ def accuracy_bars(results: pd.DataFrame, task: str, subroutine: str) -> str:
         ax.axhline(CHANCE, color="gray", ls=":", lw=1)
         ax.set_xticks(x, [c[0] for c in conds], rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{init} (n={len(g)})", fontsize=9)
+        ax.set_title(f"{init} ({g['base_seed'].nunique()} base models)", fontsize=9)
     axes[0][0].set_ylabel("accuracy")
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"{task}: subroutine {subroutine}", fontsize=10)
@@ -129,10 +144,12 @@ def diff_scatter(results: pd.DataFrame, task: str, margin: float = 0.05) -> str:
     """sub_diff (x) against abl_diff (y) per run, one panel per init, colour per subroutine.
 
     The shaded quadrant ``sub_diff > margin, abl_diff < -margin`` is the compositional pattern;
-    excluded base models are drawn as hollow markers.
+    runs that cannot enter a verdict (excluded or bypassing base model, failed mask search) are
+    drawn as hollow markers.
     """
     plt = _plt()
-    df = results[results["task"] == task]
+    df = results[results["task"] == task].copy()
+    df["_usable"] = df.index.isin(usable_rows(df).index)
     inits = order_inits(df["init"].unique().tolist())
     if not inits:
         raise ValueError(f"no rows for task {task!r}")
@@ -147,7 +164,7 @@ def diff_scatter(results: pd.DataFrame, task: str, margin: float = 0.05) -> str:
         for k, sub in enumerate(subs):
             s = g[g["subroutine"] == sub]
             for ok, face in ((True, None), (False, "none")):
-                t = s[s["base_ok"] == ok]
+                t = s[s["_usable"] == ok]
                 if t.empty:
                     continue
                 color = f"C{k}"
@@ -158,7 +175,7 @@ def diff_scatter(results: pd.DataFrame, task: str, margin: float = 0.05) -> str:
                     marker=markers[k % len(markers)],
                     facecolors=face if face else color,
                     edgecolors=color,
-                    label=sub if ok else f"{sub} (excluded)",
+                    label=sub if ok else f"{sub} (not usable)",
                 )
         ax.axhline(0, color="gray", lw=0.6)
         ax.axvline(0, color="gray", lw=0.6)

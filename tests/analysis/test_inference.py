@@ -79,8 +79,13 @@ def test_run_verdict_branches_and_precedence():
     # absent optional flags take their defaults; a Series works like a dict
     minimal = {k: good[k] for k in ("sub_diff", "abl_diff", "randabl_p")}
     assert inf.run_verdict(pd.Series(minimal)) == "compositional"
-    with pytest.raises(ValueError, match="randabl_p"):
-        inf.run_verdict({**good, "randabl_p": float("nan")})
+    # no matched random control: neither compositional nor not, and never an error
+    assert inf.run_verdict({**good, "randabl_p": float("nan")}) == "no random control"
+    assert inf.run_verdict({k: good[k] for k in ("sub_diff", "abl_diff")}) == "no random control"
+    # an empty flag cell (NaN) takes the flag's default
+    assert inf.run_verdict({**good, "bypass": float("nan")}) == "compositional"
+    with pytest.raises(ValueError, match="sub_diff"):
+        inf.run_verdict({**good, "sub_diff": float("nan")})
     with pytest.raises(ValueError, match="mask_ok"):
         inf.run_verdict({**good, "mask_ok": "maybe"})
     # a failed search with NaN measurements is still a failed search, not an error
@@ -88,8 +93,15 @@ def test_run_verdict_branches_and_precedence():
 
 
 def test_validate_runs_names_missing_columns():
-    with pytest.raises(ValueError, match="randabl_p"):
-        inf.run_verdicts(pd.DataFrame([_run("trained", 0, 0, True)]).drop(columns="randabl_p"))
+    with pytest.raises(ValueError, match="abl_diff"):
+        inf.run_verdicts(pd.DataFrame([_run("trained", 0, 0, True)]).drop(columns="abl_diff"))
+    # old results without the matched random control: every usable run is "no random control"
+    old = pd.DataFrame([_run("trained", 0, m, True) for m in range(3)]).drop(columns="randabl_p")
+    v = inf.run_verdicts(old)
+    assert (v["verdict"] == "no random control").all() and not v["usable"].any()
+    cells = inf.summary_table(old)
+    assert cells.loc[0, "n_base_models"] == 0 and cells.loc[0, "runs_no_control"] == 3
+    assert math.isnan(cells.loc[0, "base_models_compositional_frac"])
     with pytest.raises(ValueError, match="no rows"):
         inf.run_verdicts(pd.DataFrame(columns=list(inf.REQUIRED_COLUMNS)))
     with pytest.raises(ValueError, match="DataFrame"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -9,162 +10,111 @@ import pandas as pd
 import pytest
 import torch
 from experiment_fixtures import D_MLP, N_HEADS, N_LAYERS, SUBS, make_experiment, synth_units  # noqa: F401
-from scipy.stats import norm
 
 from subroutine_circuits.analysis import summary as stats
-from subroutine_circuits.utils import clipped_diff
 
 
-def test_cluster_bootstrap_matches_explicit_loop():
-    """The vectorised bootstrap equals a plain loop that concatenates the drawn clusters' rows."""
-    vals = np.array([0.1, 0.2, 0.9, 0.4, 0.5, 0.55, 0.7])
-    clus = np.array([0, 0, 1, 2, 2, 2, 3])
-    n_boot, seed = 300, 7
-    mean, lo, hi = stats.cluster_bootstrap_ci(vals, clus, n_boot=n_boot, seed=seed)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, 4, size=(n_boot, 4))
-    reps = []
-    for draw in idx:
-        rows = np.concatenate([vals[clus == c] for c in draw])
-        reps.append(rows.mean())
-    assert mean == pytest.approx(vals.mean())
-    assert lo == pytest.approx(np.quantile(reps, 0.025))
-    assert hi == pytest.approx(np.quantile(reps, 0.975))
+def _by_hand(df: pd.DataFrame, margin: float = 0.05) -> dict:
+    """Per cell: base-model fractions and flags, computed with plain loops from the rules."""
+    out: dict = {}
+    for (init, sub), g in df.groupby(["init", "subroutine"]):
+        fracs, mostly, subm, ablm = [], [], [], []
+        for _, b in g.groupby("base_seed"):
+            u = b[b["base_ok"] & b["mask_ok"]]
+            if u.empty:
+                continue
+            comp = (u["sub_diff"] > margin) & (u["abl_diff"] < -margin) & (u["randabl_p"] < 0.05)
+            fracs.append(comp.mean())
+            mostly.append(2 * comp.sum() > len(u))
+            subm.append(u["sub_diff"].mean())
+            ablm.append(u["abl_diff"].mean())
+        out[(init, sub)] = {"fracs": fracs, "k": sum(mostly), "sub": subm, "abl": ablm}
+    return out
 
 
-def test_ci_contains_mean_and_shrinks_with_more_clusters():
-    """CI brackets the mean, and 40 base models give a narrower CI than 5 of the same spread."""
-    rng = np.random.default_rng(0)
-    widths = {}
-    for k in (5, 40):
-        # the same spread of base-model effects in both cases: normal quantiles
-        effects = norm.ppf((np.arange(k) + 0.5) / k)
-        clus = np.repeat(np.arange(k), 3)
-        vals = effects[clus] + rng.normal(0.0, 0.1, size=3 * k)
-        mean, lo, hi = stats.cluster_bootstrap_ci(vals, clus, n_boot=2000, seed=1)
-        assert lo <= mean <= hi
-        assert mean == pytest.approx(vals.mean())
-        widths[k] = hi - lo
-    assert widths[40] < 0.6 * widths[5]
+def _perm_p(a: list, b: list) -> float:
+    """Exact two-sided permutation p of mean(a) - mean(b) by enumerating every relabelling."""
+    pooled = np.array(a + b, dtype=float)
+    obs = abs(np.mean(a) - np.mean(b))
+    hits = total = 0
+    for idx in itertools.combinations(range(len(pooled)), len(a)):
+        mask = np.zeros(len(pooled), dtype=bool)
+        mask[list(idx)] = True
+        d = abs(pooled[mask].mean() - pooled[~mask].mean())
+        hits += d >= obs - 1e-12
+        total += 1
+    return hits / total
 
 
-def test_clustered_ci_wider_than_rowwise_for_identical_rows():
-    """Rows within a base model identical: the clustered CI must be wider than the row-wise one."""
-    effects = np.array([0.1, 0.5, -0.2, 0.3, 0.0, 0.6])
-    clus = np.repeat(np.arange(len(effects)), 5)
-    vals = effects[clus]
-    _, clo, chi = stats.cluster_bootstrap_ci(vals, clus, n_boot=4000, seed=3)
-    _, rlo, rhi = stats.cluster_bootstrap_ci(vals, None, n_boot=4000, seed=3)
-    assert (chi - clo) > 1.5 * (rhi - rlo)
+def test_summary_frame_against_hand_computation(tmp_path):
+    from scipy.stats import t as t_dist
+    from statsmodels.stats.multitest import multipletests
+    from statsmodels.stats.proportion import proportion_confint
 
-
-def test_bootstrap_bad_input():
-    with pytest.raises(ValueError, match="n_boot"):
-        stats.cluster_bootstrap_ci([1.0], [0], n_boot=0)
-    with pytest.raises(ValueError, match="length"):
-        stats.cluster_bootstrap_ci([1.0, 2.0], [0])
-    assert all(math.isnan(x) for x in stats.cluster_bootstrap_ci([np.nan], [0]))
-    # one cluster: mean, but no interval
-    m, lo, hi = stats.cluster_bootstrap_ci([0.2, 0.4], [7, 7])
-    assert m == pytest.approx(0.3) and math.isnan(lo) and math.isnan(hi)
-
-
-def test_clip_diff():
-    assert clipped_diff(0.9, 0.1) == pytest.approx(0.65)
-    assert clipped_diff(0.1, 0.2) == pytest.approx(0.0)
-    assert clipped_diff(0.3, 0.8) == pytest.approx(-0.5)
-
-
-# ----------------------------------------------------------------------------- summaries
-
-
-def test_summarize_counts_and_exclusion():
-    df = make_experiment()
-    s = stats.summarize(df, n_boot=200)
-    assert len(s) == 3 * 2  # inits x subroutines
-    for _, row in s.iterrows():
-        g = df[
-            (df["init"] == row["init"]) & (df["subroutine"] == row["subroutine"]) & df["base_ok"]
-        ]
-        assert row["n_runs"] == len(g)
-        assert row["n_compositional"] == int(g["compositional"].sum())
-        assert row["frac_compositional"] == pytest.approx(g["compositional"].mean())
-        assert row["sub_diff_mean"] == pytest.approx(g["sub_diff"].mean())
+    df = make_experiment(tmp_path, n_base=3, n_mask=3)
+    s = stats.summary_frame(tmp_path).set_index(["init", "subroutine"])
+    assert len(s) == 3 * 2
+    hand = _by_hand(df)
+    for (init, sub), h in hand.items():
+        row = s.loc[(init, sub)]
+        n = len(h["fracs"])
+        assert row["n_base_models"] == n
+        assert row["base_models_compositional"] == h["k"]
+        lo, hi = proportion_confint(h["k"], n, alpha=0.05, method="beta")
+        assert row["base_models_compositional_lo"] == pytest.approx(lo, abs=1e-9)
+        assert row["base_models_compositional_hi"] == pytest.approx(hi, abs=1e-9)
+        lo, hi = t_dist.interval(0.95, n - 1, loc=np.mean(h["sub"]), scale=stats_sem(h["sub"]))
+        assert row["sub_diff_mean"] == pytest.approx(np.mean(h["sub"]))
+        assert (row["sub_diff_lo"], row["sub_diff_hi"]) == pytest.approx((lo, hi))
+    # trained: base seed 2 failed the composite task; pretrained: one failed mask search
+    assert s.loc[("trained", SUBS[0]), "base_models_excluded"] == 1
+    assert s.loc[("trained", SUBS[0]), "runs_excluded"] == 3
+    assert s.loc[("pretrained", SUBS[0]), "runs_failed"] == 1
+    assert s.loc[("pretrained", SUBS[1]), "runs_failed"] == 0
+    # tests: exact permutation over base models, Holm over the 4 tests of the experiment
+    tested = [(i, c, sub) for i, c in (("trained", "random_init"), ("pretrained", "trained"))
+              for sub in SUBS]  # fmt: skip
+    ps = [_perm_p(hand[(i, sub)]["fracs"], hand[(c, sub)]["fracs"]) for i, c, sub in tested]
+    holm = multipletests(ps, method="holm")[1]
+    for (init, control, sub), p, ph in zip(tested, ps, holm):
+        row = s.loc[(init, sub)]
+        assert row["control_init"] == control
+        assert row["p_value"] == pytest.approx(p)
+        assert row["p_holm"] == pytest.approx(ph)
+    assert math.isnan(s.loc[("random_init", SUBS[0]), "p_value"])
+    # per-kind densities from the mask files themselves
+    units = synth_units()
+    kinds = np.array([u[1] for u in units])
+    for (init, sub), row in s.iterrows():
+        g = df[(df["init"] == init) & (df["subroutine"] == sub) & df["base_ok"] & df["mask_ok"]]
+        flats = np.stack([torch.load(tmp_path / p)["flat"].numpy() for p in g["mask_path"]])
+        for kind in ("head", "neuron"):
+            assert row[f"density_{kind}"] == pytest.approx(flats[:, kinds == kind].mean())
         assert row["density_mean"] == pytest.approx(g["density"].mean())
-        for col in ("sub_diff", "abl_diff", "density"):
-            assert row[f"{col}_lo"] <= row[f"{col}_mean"] + 1e-12 <= row[f"{col}_hi"] + 2e-12
-    trained = s[s["init"] == "trained"].iloc[0]
-    assert trained["n_runs"] == 2 * 3  # base seed 2 excluded: 2 base models x 3 mask seeds
-    assert trained["n_excluded_base_models"] == 1
-    assert trained["n_excluded_runs"] == 3
-    assert s[s["init"] == "random_init"]["n_excluded_base_models"].eq(0).all()
 
 
-def test_summarize_rejects_missing_columns():
+def stats_sem(values: list) -> float:
+    """Standard error of the mean (sample sd / sqrt(n))."""
+    v = np.asarray(values, dtype=float)
+    return float(v.std(ddof=1) / math.sqrt(v.size))
+
+
+def test_summary_of_legacy_results_degrades(tmp_path):
+    """Results without randabl_p / mask_ok: no crash, no verdict, counts say why."""
+    make_experiment(tmp_path, inits=("trained", "random_init"), n_base=2, n_mask=2, legacy=True)
+    path = stats.write_summary(tmp_path)
+    s = pd.read_csv(path)
+    assert (s["n_base_models"] == 0).all()
+    assert s["base_models_compositional_frac"].isna().all()
+    assert s["p_value"].isna().all()
+    ok_runs = s["runs_total"] - s["runs_excluded"]
+    assert (s["runs_no_control"] == ok_runs).all()
+
+
+def test_summary_rejects_missing_columns(tmp_path):
     df = make_experiment().drop(columns=["abl_diff"])
     with pytest.raises(ValueError, match="abl_diff"):
-        stats.summarize(df)
-
-
-def test_verdict_rules():
-    base = {"n_runs": 9, "sub_diff_mean": 0.5}
-    good = dict(base, sub_diff_lo=0.3, sub_diff_hi=0.6, abl_diff_lo=-0.6, abl_diff_hi=-0.3)
-    assert stats.verdict(good) == "compositional"
-    weak = dict(good, abl_diff_lo=-0.01, abl_diff_hi=0.02)
-    assert stats.verdict(weak) == "not compositional"
-    unsure = dict(good, abl_diff_lo=-0.4, abl_diff_hi=0.02)
-    assert stats.verdict(unsure) == "inconclusive"
-    single = dict(good, sub_diff_lo=np.nan, sub_diff_hi=np.nan)
-    assert stats.verdict(single) == "too few base models"
-
-
-def test_fisher_against_hand_computation():
-    """[[8, 1], [1, 8]]: two-sided p = (1 + 81 + 81 + 1) / C(18, 9), odds ratio 64."""
-    rows = []
-    for init, k in (("trained", 8), ("random_init", 1)):
-        for i in range(9):
-            rows.append(
-                {
-                    "task": "t",
-                    "model": "tiny",
-                    "init": init,
-                    "base_seed": i // 3,
-                    "mask_seed": i % 3,
-                    "subroutine": "a",
-                    "base_ok": True,
-                    "compositional": i < k,
-                    "sub_diff": 0.5,
-                    "abl_diff": -0.5,
-                }
-            )
-    res = stats.compare_frequencies(pd.DataFrame(rows), "trained", "random_init")
-    assert len(res) == 1
-    r = res.iloc[0]
-    assert (r["k_a"], r["n_a"], r["k_b"], r["n_b"]) == (8, 9, 1, 9)
-    # hypergeometric probabilities of the first cell given margins 9/9 and 9/9
-    total = math.comb(18, 9)
-    probs = {k: math.comb(9, k) * math.comb(9, 9 - k) / total for k in range(10)}
-    p_obs = probs[8]
-    p_hand = sum(p for p in probs.values() if p <= p_obs * (1 + 1e-9))
-    assert p_hand == pytest.approx(164 / 48620)
-    assert r["p_value"] == pytest.approx(p_hand)
-    assert r["odds_ratio"] == pytest.approx((8 * 8) / (1 * 1))
-
-
-def test_frequency_tests_pairs():
-    df = make_experiment()
-    t = stats.frequency_tests(df)
-    pairs = set(zip(t["init_a"], t["init_b"]))
-    assert pairs == {
-        ("trained", "random_init"),
-        ("pretrained", "trained"),
-        ("pretrained", "random_init"),
-    }
-    # trained rows exclude the failed base model
-    tr = t[(t["init_a"] == "trained")]
-    assert (tr["n_a"] == 6).all()
-    with pytest.raises(ValueError, match="two different"):
-        stats.compare_frequencies(df, "trained", "trained")
+        stats.summary_frame(tmp_path, df)
 
 
 # ----------------------------------------------------------------------------- overlap
@@ -191,13 +141,14 @@ def test_mask_overlap_by_hand():
 
 def test_write_summary_and_overlap(tmp_path):
     df = make_experiment(tmp_path, inits=("trained", "random_init"), n_base=3, n_mask=2)
-    path = stats.write_summary(tmp_path, n_boot=200)
+    path = stats.write_summary(tmp_path)
     assert path == tmp_path / "summary.csv"
     summary = pd.read_csv(path)
-    assert set(summary["kind"]) == {"group", "test"}
-    assert (summary["kind"] == "group").sum() == 4
-    assert (summary["kind"] == "test").sum() == 2  # trained vs random_init, per subroutine
-    assert summary.loc[summary["kind"] == "group", "verdict"].notna().all()
+    assert len(summary) == 4  # one row per cell; no test rows stacked in
+    for col in ("n_base_models", "base_models_compositional", "p_value", "p_holm"):
+        assert col in summary.columns
+    assert summary["p_value"].notna().sum() == 2  # trained vs random_init, per subroutine
+    assert not (tmp_path / "agreement.csv").exists()  # no patching score files
 
     overlap = pd.read_csv(tmp_path / "overlap.csv")
     n_runs = 2 * 3 * 2  # inits x base x mask seeds

@@ -11,7 +11,12 @@ import pytest
 import torch
 from scipy import stats
 
-from subroutine_circuits.experiment.patching import PatchingConfig, run_patching, sample_pairs
+from subroutine_circuits.experiment.patching import (
+    PatchingConfig,
+    cross_ablation,
+    pair_sets,
+    run_patching,
+)
 from subroutine_circuits.patching.compare import roc_auc
 
 
@@ -49,7 +54,7 @@ def test_run_patching_ooo(setup, tmp_path):
     cfg = PatchingConfig(n_pairs=4, seed=3, out_dir=str(tmp_path), fractions=(0, 0.25, 0.5, 1))
     rows = run_patching(model, tok, task, "subject_plural", test, mask, cfg)
     assert [r["method"] for r in rows] == ["activation", "attribution"]
-    pairs = sample_pairs(task, "subject_plural", 4, 3)
+    pairs = pair_sets(task, "subject_plural", cfg)[0]  # the scoring pairs
     m_clean = sum(_oddness(model, tok, [c] + ctx) for c, _, ctx in pairs) / 4
     m_corr = sum(_oddness(model, tok, [x] + ctx) for _, x, ctx in pairs) / 4
     act = rows[0]
@@ -95,13 +100,14 @@ def test_run_patching_ooo(setup, tmp_path):
     from subroutine_circuits.experiment.patching import build_pair_data
     from subroutine_circuits.patching.circuits import circuit_metrics
 
-    data = build_pair_data(model, tok, task, "subject_plural", cfg)
+    _, faith = build_pair_data(model, tok, task, "subject_plural", cfg)
 
     groups = um.groups
     ends = torch.stack(
         [saved["circuit"], torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool)]
     )
-    m = circuit_metrics(model, data.batches, groups, ends, "resample", data.readout)
+    # measured on the faithfulness pairs, not on the scoring pairs that chose the circuit
+    m = circuit_metrics(model, faith.batches, groups, ends, "resample", faith.readout)
     assert act["f_k"] == pytest.approx(float((m[0] - m[2]) / (m[1] - m[2])), abs=1e-5)
     assert act["jaccard"] == pytest.approx(len(top & {1, 6}) / len(top | {1, 6}))
     keep = mask.flat_binary()
@@ -182,6 +188,10 @@ def test_cmd_patch_writes_csv(setup, tmp_path):
     sub = df[df["subroutine"] == "subject_plural"]
     assert (sub["k"] == 2).all() and sub["jaccard"].notna().all()
     assert df["abl_target_acc"].between(0, 1).all()
+    agreement = pd.read_csv(tmp_path / "out" / "agreement.csv")
+    assert set(agreement["subroutine"]) == {"subject_plural"}  # the only subroutine with a mask
+    assert set(agreement["scope"]) == {"pooled", "kind", "kind_layer"}
+    assert set(agreement["method"]) == {"activation", "attribution"}
     with pytest.raises(ValueError, match="unknown subroutine"):
         cmd_patch(argparse.Namespace(**{**vars(args), "mask": ["colour=x.pt"]}))
 
@@ -193,7 +203,7 @@ def test_run_patching_label_readout(setup):
         methods="activation", readout="label", n_pairs=3, kinds=("head",), fractions=(0, 1)
     )
     rows = run_patching(model, tok, task, "subject_plural", None, None, cfg)
-    pairs = sample_pairs(task, "subject_plural", 3, cfg.seed)
+    pairs = pair_sets(task, "subject_plural", cfg)[0]
 
     def diff(text):
         logits = model(torch.tensor([tok.encode(text)]))[0, -1]
@@ -201,3 +211,188 @@ def test_run_patching_label_readout(setup):
 
     assert rows[0]["clean_metric"] == pytest.approx(sum(diff(c) for c, _, _ in pairs) / 3, abs=1e-4)
     assert rows[0]["corr_metric"] == pytest.approx(sum(diff(x) for _, x, _ in pairs) / 3, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- data hygiene
+
+
+def _problem_texts(problems) -> set[str]:
+    return {t for p in problems for t in p.stimuli}
+
+
+def test_patching_pairs_come_from_test_split_and_are_disjoint():
+    """Every patching text is a test-split text (never a train/val text of the study's splits),
+    and the scoring and faithfulness pairs share no clean or corrupted text."""
+    from subroutine_circuits.tasks import get_task, make_splits, split_of
+
+    task = get_task("agreement_singular")
+    for split_seed in (0, 5):
+        cfg = PatchingConfig(n_pairs=20, n_faith_pairs=15, seed=2, split_seed=split_seed)
+        scoring, faith = pair_sets(task, "subject_plural", cfg)
+        assert (len(scoring), len(faith)) == (20, 15)
+        texts = {t for c, x, ctx in scoring + faith for t in (c, x, *ctx)}
+        assert all(split_of(t, split_seed) == "test" for t in texts)
+        splits = make_splits(task, 40, seed=split_seed, split_sizes=(40, 20, 20))
+        seen = set().union(
+            *(_problem_texts(v) for k in ("train", "val") for v in splits[k].values())
+        )
+        assert not texts & seen
+        a = {t for c, x, _ in scoring for t in (c, x)}
+        b = {t for c, x, _ in faith for t in (c, x)}
+        assert not a & b and len(a) == 40 and len(b) == 30  # distinct within each set too
+        # deterministic
+        assert pair_sets(task, "subject_plural", cfg) == (scoring, faith)
+    # no restriction when asked
+    free = PatchingConfig(n_pairs=30, split=None)
+    texts = {t for c, x, _ in pair_sets(task, "verb_plural", free)[0] for t in (c, x)}
+    assert {split_of(t, 0) for t in texts} > {"test"}
+    with pytest.raises(ValueError, match="split"):
+        PatchingConfig(split="dev")
+
+
+def test_cross_ablation_mean_uses_reference_position_aware(setup):
+    """Mean cross-ablation: means over the REFERENCE problems (training composite), separately
+    for the readout (last) position and the other positions; checked against hand-written hooks
+    that run every stimulus alone."""
+    from subroutine_circuits.models import final_hidden
+    from subroutine_circuits.tasks import make_problems
+
+    task, tok, model, test, um, mask = setup
+    reference = make_problems(task, "composite", 10, 99, split="train")
+    circuit = torch.zeros(um.n_units, dtype=torch.bool)
+    circuit[[0, 5, 7]] = True  # L0H0, L1H1, L1H3
+    cfg = PatchingConfig(cross_ablation="mean", batch_size=7)
+    got = cross_ablation(
+        model, tok, um, circuit, test, "subject_plural", "verb_plural", cfg, reference
+    )[0]
+
+    # hand: per-head mean of hook_z over readout positions and over other positions
+    z_ro = {la: [] for la in range(2)}
+    z_other = {la: [] for la in range(2)}
+    for p in reference:
+        for text in p.stimuli:
+            _, cache = model.run_with_cache(torch.tensor([tok.encode(text)]))
+            for la in range(2):
+                z = cache[f"blocks.{la}.attn.hook_z"][0]  # [pos, head, d_head]
+                z_ro[la].append(z[-1:])
+                z_other[la].append(z[:-1])
+    mean_ro = {la: torch.cat(z_ro[la]).mean(0) for la in range(2)}
+    mean_other = {la: torch.cat(z_other[la]).mean(0) for la in range(2)}
+
+    def ablate(z, hook):
+        la = int(hook.name.split(".")[1])
+        z = z.clone()
+        for h in range(4):
+            if circuit[4 * la + h]:
+                z[0, :-1, h] = mean_other[la][h]
+                z[0, -1, h] = mean_ro[la][h]
+        return z
+
+    def accuracy(problems):
+        correct = 0
+        for p in problems:
+            embs = []
+            for text in p.stimuli:
+                toks = torch.tensor([tok.encode(text)])
+                hooks = [(f"blocks.{la}.attn.hook_z", ablate) for la in range(2)]
+                with model.hooks(fwd_hooks=hooks):
+                    e = final_hidden(model, toks, torch.tensor([toks.shape[1]]))
+                embs.append(torch.nn.functional.normalize(e[0].float(), dim=-1))
+            x = torch.stack(embs)
+            sim = x @ x.T
+            scores = -(sim.sum(1) - sim.diagonal())
+            correct += int(int(scores.argmax()) == p.odd_index)
+        return correct / len(problems)
+
+    assert got["abl_target_acc"] == pytest.approx(accuracy(test["partition_subject_plural"]))
+    assert got["abl_other_acc"] == pytest.approx(accuracy(test["partition_verb_plural"]))
+    with pytest.raises(ValueError, match="reference"):
+        cross_ablation(model, tok, um, circuit, test, "subject_plural", "verb_plural", cfg)
+
+
+def test_agreement_rows_per_kind_in_score_file(setup, tmp_path):
+    """The score file's agreement table: per kind and per layer, with a pooled reference row;
+    the head row's Jaccard equals the top-k overlap computed among heads only."""
+    from subroutine_circuits.adapters import tl_unit_map
+    from subroutine_circuits.masks import UnitMask
+
+    task, tok, model, test, _, _ = setup
+    um = tl_unit_map(model)  # heads and neurons
+    kinds = [u[1] for u in um.units()]
+    keep = torch.zeros(um.n_units, dtype=torch.bool)
+    heads = [i for i, k in enumerate(kinds) if k == "head"]
+    neurons = [i for i, k in enumerate(kinds) if k == "neuron"]
+    keep[[heads[1], heads[6], neurons[3], neurons[20]]] = True
+    m = UnitMask.fixed(um, keep)
+    cfg = PatchingConfig(methods="attribution", n_pairs=4, out_dir=str(tmp_path), fractions=(0, 1))
+    (row,) = run_patching(model, tok, task, "subject_plural", None, m, cfg)
+    saved = torch.load(tmp_path / row["scores_file"], weights_only=False)
+    ag = pd.DataFrame(saved["agreement"])
+    assert set(ag["scope"]) == {"pooled", "kind", "kind_layer"}
+    s = saved["scores"].abs()
+    for kind, idx in (("head", heads), ("neuron", neurons)):
+        r = ag[(ag["scope"] == "kind") & (ag["kind"] == kind)].iloc[0]
+        sub = s[idx]
+        kk = int(keep[idx].sum())
+        top = {idx[i] for i in torch.argsort(-sub, stable=True)[:kk].tolist()}
+        kept = {i for i in idx if keep[i]}
+        assert r["k"] == kk and r["n_units"] == len(idx)
+        assert r["jaccard"] == pytest.approx(len(top & kept) / len(top | kept))
+        assert 0 < r["expected_jaccard"] < 1 and 0 <= r["auc"] <= 1
+    layers = ag[(ag["scope"] == "kind_layer")]
+    assert len(layers) == 2 * 2  # (head, neuron) x 2 layers
+    # the pooled row equals patching.csv's pooled Jaccard
+    pooled = ag[ag["scope"] == "pooled"].iloc[0]
+    assert pooled["jaccard"] == pytest.approx(row["jaccard"])
+
+
+def test_study_patching_uses_test_texts_and_writes_agreement(tmp_path):
+    """End to end: the study's patching stage draws every text from the test split (none is a
+    train/val text of the study's own splits), keeps scoring and faithfulness pairs disjoint,
+    and the folder gets agreement.csv (per kind and layer) and a base-model summary.csv."""
+    from subroutine_circuits.experiment import config_from_dict, run_experiment
+    from subroutine_circuits.experiment.data import prepare
+
+    cfg = config_from_dict(
+        {
+            "task": "agreement_singular",
+            "inits": ["trained"],
+            "base_seeds": [0],
+            "mask_seeds": [0],
+            "min_composite_acc": 0.0,
+            "patching_methods": ["attribution"],
+            "patching_pairs": 6,
+            "patching_inits": ["trained"],
+            "data": {"n_train": 60, "n_val": 20, "n_test": 20, "corpus_size": 100, "seed": 3},
+            "train": {"max_steps": 20, "eval_every": 10},
+            "mask": {"steps": 20, "lr": 0.1, "init": 1.0, "grid": [{"l0_weight": 4.0}]},
+        }
+    )
+    run_experiment(cfg, tmp_path, progress=False)
+    prep = prepare(cfg)
+    seen = set()
+    for split in ("train", "val"):
+        for probs in prep.splits[split].values():
+            seen |= _problem_texts(probs)
+    files = sorted((tmp_path / "patching").glob("scores_*.pt"))
+    assert len(files) == 2  # one method x two subroutines
+    for f in files:
+        obj = torch.load(f, weights_only=False)
+        score_t = {t for pair in obj["pairs_scoring"] for t in pair}
+        faith_t = {t for pair in obj["pairs_faithfulness"] for t in pair}
+        assert len(obj["pairs_scoring"]) == len(obj["pairs_faithfulness"]) == 6
+        assert not score_t & faith_t
+        assert not (score_t | faith_t) & seen
+        assert obj["mask_seed"] == 0
+    agreement = pd.read_csv(tmp_path / "agreement.csv")
+    assert {"scope", "kind", "layer", "expected_jaccard", "spearman_p", "auc_p"} <= set(
+        agreement.columns
+    )
+    assert set(agreement.loc[agreement["scope"] == "kind", "kind"]) == {"head", "neuron"}
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert {"n_base_models", "base_models_compositional", "p_value", "p_holm"} <= set(
+        summary.columns
+    )
+    patching = pd.read_csv(tmp_path / "patching.csv")
+    assert (patching["cross_ablation"] == cfg.ablation).all()
+    assert "section unavailable" not in (tmp_path / "report.html").read_text(encoding="utf-8")

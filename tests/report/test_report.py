@@ -8,6 +8,7 @@ reference anything on the network.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -140,8 +141,11 @@ def _write_checkpoints(out: Path) -> None:
         save_checkpoint(out / "models" / f"{TASK}__{init}__s0", model, tok, {"init": init})
 
 
-def _write_patching(out: Path, units: list[tuple[int, str, int]]) -> None:
-    """patching.csv rows and per-unit score files in the format build_report documents."""
+def _write_patching(out: Path, units: list[tuple[int, str, int]], keep: np.ndarray) -> None:
+    """patching.csv rows and per-unit score files in the format build_report documents (the
+    score file's agreement table compares its scores with the mask ``keep``)."""
+    from subroutine_circuits.analysis.inference import agreement_table
+
     rows = []
     for init in INITS:
         for seed in range(2):
@@ -165,6 +169,9 @@ def _write_patching(out: Path, units: list[tuple[int, str, int]]) -> None:
         "faithfulness": {"k": [0, 2, 4], "target_acc": [0.9, 0.5, 0.3], "other_acc": [0.9] * 3},
         "curve": {"fractions": [0.0, 0.1, 0.5, 1.0], "faithfulness": [0.0, 0.4, 0.8, 1.0]},
     }
+    obj["agreement"] = agreement_table(
+        keep, obj["scores"].numpy(), [u[0] for u in units], [u[1] for u in units], n_perm=200
+    ).to_dict("records")
     torch.save(obj, out / "patching" / f"{TASK}__trained__s0__{SUBS[0]}__activation.pt")
 
 
@@ -177,9 +184,18 @@ def report(tmp_path_factory):
     _write_checkpoints(out)
     from subroutine_circuits.masks import load_mask
 
-    units = load_mask(out / results["mask_path"].iloc[0]).unit_map.units()
-    _write_patching(out, units)
-    cfg = rhtml.ReportConfig(n_boot=300, n_examples=N_EXAMPLES, max_heads=3)
+    first = results[(results["init"] == "trained") & (results["subroutine"] == SUBS[0])]
+    first = first[first["base_seed"] == 0]["mask_path"].iloc[0]
+    units = load_mask(out / first).unit_map.units()
+    _write_patching(out, units, flats[first])
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["bypass_check"] = {
+        f"{TASK}__{init}__s{s}": {"composite": 0.26, "partition_a": 0.24, "bypass": False}
+        for init in INITS
+        for s in range(3)
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    cfg = rhtml.ReportConfig(n_examples=N_EXAMPLES, max_heads=3)
     path = build_report(out, cfg)
     page = path.read_text(encoding="utf-8")
     return {"out": out, "results": results, "flats": flats, "page": page, "path": path}
@@ -201,7 +217,8 @@ def test_report_written_and_complete(report):
     expected = 2 + 1 + 2 + 1 + len(INITS) * N_EXAMPLES + 1 + 1 + 1
     assert rest.count("<svg") == expected
     assert len(blocks) == 1  # one interactive circuitsvis widget
-    for anchor in ("run", "verdicts", "accuracy", "masks", "overlap", "attention", "patching"):
+    anchors = ("run", "verdicts", "bypass", "accuracy", "density", "masks", "overlap")
+    for anchor in (*anchors, "attention", "patching", "agreement"):
         assert f'<section id="{anchor}">' in page
     assert "section unavailable" not in page
 
@@ -214,20 +231,63 @@ def test_report_is_offline(report):
     assert len(blocks[0]) > 100_000
 
 
+def _cell(page: str, init: str, sub: str) -> str:
+    """The verdict-table row of one cell (its <td> cells after init and subroutine)."""
+    m = re.search(rf"<td>{init}</td>\s*<td>{sub}</td>(.*?)</tr>", page, re.S)
+    assert m, (init, sub)
+    return m.group(1)
+
+
 def test_verdict_table_matches_results(report):
+    """Base-model counts, their exact interval and the t interval of sub_diff, by hand."""
+    from scipy.stats import beta
+    from scipy.stats import t as t_dist
+
     page, res = report["page"], report["results"]
-    assert "compositional k/n" in page
     for init in INITS:
         for sub in SUBS:
             g = res[(res["init"] == init) & (res["subroutine"] == sub) & res["base_ok"]]
-            k, n = int(g["compositional"].sum()), len(g)
-            cell = rf"<td>{init}</td>\s*<td>{sub}</td>\s*<td>{k}/{n}</td>"
-            assert re.search(cell, page), cell
-            mean = g["sub_diff"].mean()
-            assert f"{mean:+.2f} [" in page
-    # the failed base model is listed in the run summary
+            g = g[g["mask_ok"]]
+            comp = (g["sub_diff"] > 0.05) & (g["abl_diff"] < -0.05) & (g["randabl_p"] < 0.05)
+            per_base = comp.groupby(g["base_seed"]).mean()
+            n, k = len(per_base), int((per_base > 0.5).sum())
+            lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
+            hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
+            row = _cell(page, init, sub)
+            assert f"<td>{k}/{n} [{lo:.2f}, {hi:.2f}]</td>" in row
+            assert f"<td>{int(comp.sum())}/{len(g)}</td>" in row
+            means = g.groupby("base_seed")["sub_diff"].mean()
+            half = t_dist.ppf(0.975, n - 1) * means.std(ddof=1) / np.sqrt(n)
+            m = means.mean()
+            assert f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]" in row
+    # the failed base model is listed in the run summary, counted in its cell
     assert f"{TASK}__trained__s2" in page
-    assert "Fisher exact test" in page
+    assert re.search(r"<td>1 / 0</td>", _cell(page, "trained", SUBS[0]))
+    assert "Fisher" not in page and "bootstrap" not in page
+    assert "p (Holm)" in page
+
+
+def test_densities_and_agreement_sections(report):
+    """Share of heads kept (from the real masks) and the per-kind agreement with its null."""
+    page, res, flats = report["page"], report["results"], report["flats"]
+    from subroutine_circuits.masks import load_mask
+
+    g = res[(res["init"] == "trained") & (res["subroutine"] == SUBS[0]) & res["base_ok"]]
+    units = load_mask(report["out"] / g["mask_path"].iloc[0]).unit_map.units()
+    heads = np.array([u[1] == "head" for u in units])
+    share = np.mean([flats[p][heads].mean() for p in g["mask_path"]])
+    section = page[page.index('<section id="density">') :]
+    section = section[: section.index("</section>")]
+    assert f"{100 * share:.1f}%" in section
+    agree = page[page.index('<section id="agreement">') :]
+    agree = agree[: agree.index("</section>")]
+    assert "jaccard_null" in agree and "baseline_auc" in agree
+    from subroutine_circuits.analysis.inference import expected_jaccard
+
+    k = int(flats[g["mask_path"].iloc[0]][heads].sum())
+    assert f"{expected_jaccard(int(heads.sum()), k, k):.2f}" in agree
+    bypass = page[page.index('<section id="bypass">') :]
+    assert "No base model bypasses the masks" in bypass[: bypass.index("</section>")]
 
 
 def test_overlap_table_in_report(report):
@@ -261,7 +321,7 @@ def test_report_without_optional_pieces(tmp_path):
     """Only results.csv: every optional section shows a note, nothing crashes, still offline."""
     res = make_experiment(None, inits=("trained",), n_base=2, n_mask=2)
     res.to_csv(tmp_path / "results.csv", index=False)  # masks, manifest, models absent
-    cfg = rhtml.ReportConfig(n_boot=100)
+    cfg = rhtml.ReportConfig()
     path = build_report(tmp_path, cfg)
     assert path.is_file()
     page = path.read_text(encoding="utf-8")
@@ -276,7 +336,7 @@ def test_report_without_optional_pieces(tmp_path):
 def test_broken_optional_input_becomes_note(tmp_path):
     make_experiment(tmp_path, inits=("trained",), n_base=1, n_mask=1)
     pd.DataFrame({"foo": [1]}).to_csv(tmp_path / "patching.csv", index=False)
-    page, problems = rhtml.render_report(tmp_path, rhtml.ReportConfig(n_boot=50))
+    page, problems = rhtml.render_report(tmp_path, rhtml.ReportConfig())
     assert len(problems) == 1 and problems[0].startswith("Mask vs activation patching")
     assert "section unavailable" in page
 
@@ -301,7 +361,7 @@ def test_report_with_weight_masks(tmp_path):
         flat = torch.zeros(n, dtype=torch.bool)
         flat[i::7] = True
         save_mask(tmp_path / rel, WeightMask.fixed(model, flat, weight_names(model)), model)
-    page = build_report(tmp_path, rhtml.ReportConfig(n_boot=50)).read_text(encoding="utf-8")
+    page = build_report(tmp_path, rhtml.ReportConfig()).read_text(encoding="utf-8")
     assert "section unavailable" not in page
     assert "weight masks: per-unit heatmaps need unit masks" in page
     assert "no pair of readable A/B masks" in page
