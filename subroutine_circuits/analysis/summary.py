@@ -512,4 +512,3 @@ def write_summary(out_dir: str | os.PathLike) -> Path:
     if not agreement.empty:
         atomic_write_text(store.root / AGREEMENT_CSV, _csv(agreement))
     return path
-
