@@ -41,6 +41,7 @@ class PackedIndex:
     """
 
     k: int
+    q_from: int  # the first patched position of the chunk (queries start there)
     b_row: Int[Tensor, " R"]
     p_row: Int[Tensor, " R"]
     h_row: Int[Tensor, " R"]
@@ -50,6 +51,8 @@ class PackedIndex:
     last_tok: Int[Tensor, " R"]
     row_tok: Int[Tensor, " T"]
     pos_tok: Int[Tensor, " T"]
+    qpos_tok: Int[Tensor, " T"]  # pos_tok - q_from
+    row_ids: Int[Tensor, " R"]  # 0 .. R-1
     flat_tok: Int[Tensor, " T"]  # row * pos + position: the token in the [R * pos] layout
     src_tok: Int[Tensor, " T"]  # batch * pos + position: the token in the [batch * pos] layout
 
@@ -76,6 +79,8 @@ def _index_parts(items: list[tuple[int, int]], batch: int, n_pos: int) -> dict[s
         "last_tok": ends - 1,
         "row_tok": row_tok,
         "pos_tok": pos_tok,
+        "qpos_tok": pos_tok - int(p_item.min()),
+        "row_ids": torch.arange(k * batch),
         "flat_tok": row_tok * n_pos + pos_tok,
         "src_tok": b_row[row_tok] * n_pos + pos_tok,
     }
@@ -99,7 +104,8 @@ def packed_indexes(
         for name, t in p.items():
             fields[name] = flat[i : i + len(t)]
             i += len(t)
-        out.append(PackedIndex(k=len(items), **fields))
+        q_from = min(pos for pos, _ in items)
+        out.append(PackedIndex(k=len(items), q_from=q_from, **fields))
     return out
 
 
@@ -125,36 +131,41 @@ def _mlp_residual(block, resid_mid: Float[Tensor, "n d_model"]) -> Float[Tensor,
 
 
 def _rows_layout(
-    cache: Float[Tensor, "batch pos head d_head"],
+    cache: Float[Tensor, "batch head pos d_head"],
     ix: PackedIndex,
-    new: Tensor,
-    at: Int[Tensor, " n"],
-) -> Float[Tensor, "R pos head d_head"]:
-    """The corrupted ``cache`` of every row with ``new`` written at the flat positions ``at``."""
-    rows = cache.index_select(0, ix.b_row)
-    rows.view(-1, *cache.shape[2:]).index_copy_(0, at, new)
-    return rows
+    new: Float[Tensor, "n head d_head"],
+    rows: Int[Tensor, " n"],
+    pos: Int[Tensor, " n"],
+    start: int = 0,
+) -> Float[Tensor, "R head s d_head"]:
+    """The corrupted ``cache`` (positions ``start..``) of every row, with ``new[i]`` written at
+    row ``rows[i]``, position ``start + pos[i]``."""
+    out = cache[:, :, start:].index_select(0, ix.b_row)
+    out[rows, :, pos] = new
+    return out
 
 
 def _attend(
     attn,
-    q: Float[Tensor, "R sq head d_head"],
-    keys: Float[Tensor, "R pos head d_head"],
-    values: Float[Tensor, "R pos head d_head"],
-    causal: bool,
+    q: Float[Tensor, "R head sq d_head"],
+    keys: Float[Tensor, "R head pos d_head"],
+    values: Float[Tensor, "R head pos d_head"],
+    q_from: int | None,
     sdpa: bool,
 ) -> Float[Tensor, "R head sq d_head"]:
-    """Attention of the queries ``q`` over each row's keys (causal: query ``i`` sees ``<= i``)."""
-    q, keys, values = (t.transpose(1, 2) for t in (q, keys, values))
+    """Attention of the queries ``q`` over each row's keys. Query ``i`` sits at position
+    ``q_from + i`` and sees keys ``<= q_from + i`` (causal); ``q_from=None``: every key."""
+    sq, n = q.shape[2], keys.shape[2]
     if sdpa:
-        return F.scaled_dot_product_attention(
-            q, keys, values, is_causal=causal, scale=1.0 / float(attn.attn_scale)
-        )
-    scores = q @ keys.transpose(-1, -2) / attn.attn_scale
-    if causal:
-        n = scores.shape[-1]
-        mask = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril_()
-        scores = torch.where(mask, scores, attn.IGNORE.to(scores.device))
+        mask = None
+        if q_from is not None:
+            mask = torch.ones(sq, n, dtype=torch.bool, device=q.device).tril_(q_from)
+        scale = 1.0 / float(attn.attn_scale)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    scores = (q @ keys.transpose(-1, -2)).div_(attn.attn_scale)
+    if q_from is not None:
+        hidden = torch.ones(sq, n, dtype=torch.bool, device=q.device).triu_(q_from + 1)
+        scores.masked_fill_(hidden, attn.IGNORE)
     return F.softmax(scores, dim=-1) @ values
 
 
@@ -168,24 +179,29 @@ def packed_block(
 ) -> Float[Tensor, "T_out d_model"]:
     """One later block on the packed suffix tokens ``x`` (``T_out = R`` with ``last_only``).
 
-    ``kqv`` are the corrupted run's keys, queries and values of this block (``[batch, pos,
-    head, d_head]``); keys/values before each row's patched position come from them. With
-    ``last_only`` the query, attention output and MLP are computed at each row's last token.
+    ``kqv`` are the corrupted run's keys, queries and values of this block, heads first
+    (``[batch, head, pos, d_head]``); keys/values before each row's patched position come
+    from them. With ``last_only`` the query, attention output and MLP are computed at each
+    row's last token only.
     """
     attn = block.attn
-    cache_k, cache_q, cache_v = kqv
+    cache_k, _, cache_v = kqv
     h = block.ln1(x.unsqueeze(0)).squeeze(0)
-    keys = _rows_layout(cache_k, ix, _linear_heads(h, attn.W_K, attn.b_K), ix.flat_tok)
-    values = _rows_layout(cache_v, ix, _linear_heads(h, attn.W_V, attn.b_V), ix.flat_tok)
+    tok = (ix.row_tok, ix.pos_tok)
+    keys = _rows_layout(cache_k, ix, _linear_heads(h, attn.W_K, attn.b_K), *tok)
+    values = _rows_layout(cache_v, ix, _linear_heads(h, attn.W_V, attn.b_V), *tok)
     if last_only:
         q = _linear_heads(h.index_select(0, ix.last_tok), attn.W_Q, attn.b_Q)
-        z = _attend(attn, q.unsqueeze(1), keys, values, False, sdpa).squeeze(2)
+        z = _attend(attn, q.unsqueeze(2), keys, values, None, sdpa).squeeze(2)
         resid = x.index_select(0, ix.last_tok)
     else:
         q_tok = _linear_heads(h, attn.W_Q, attn.b_Q)
-        q = q_tok.new_zeros(keys.shape)  # queries before p_r are never read: zeros suffice
-        q.view(-1, *q.shape[2:]).index_copy_(0, ix.flat_tok, q_tok)
-        z = _attend(attn, q, keys, values, True, sdpa)[ix.row_tok, :, ix.pos_tok]
+        # queries of a row before its patched position are never read: zeros suffice
+        q = q_tok.new_zeros(
+            keys.shape[0], keys.shape[1], keys.shape[2] - ix.q_from, q_tok.shape[-1]
+        )
+        q[ix.row_tok, :, ix.qpos_tok] = q_tok
+        z = _attend(attn, q, keys, values, ix.q_from, sdpa)[ix.row_tok, :, ix.qpos_tok]
         resid = x
     return _mlp_residual(block, resid + _out_heads(attn, z))
 
@@ -201,22 +217,24 @@ def first_block_after(
 ) -> Float[Tensor, "T_out d_model"]:
     """The block right after the patched layer: its input differs from the corrupted run only
     at each row's patched token (``resid_p``), so ``ln1`` and the projections run there only
-    and every other query/key/value comes from the cache."""
+    and every other query/key/value comes from the cache (heads first, as in
+    :func:`packed_block`)."""
     attn = block.attn
     cache_k, cache_q, cache_v = kqv
     h = block.ln1(resid_p.unsqueeze(0)).squeeze(0)
-    keys = _rows_layout(cache_k, ix, _linear_heads(h, attn.W_K, attn.b_K), ix.flat_first)
-    values = _rows_layout(cache_v, ix, _linear_heads(h, attn.W_V, attn.b_V), ix.flat_first)
+    first = (ix.row_ids, ix.p_row)
+    keys = _rows_layout(cache_k, ix, _linear_heads(h, attn.W_K, attn.b_K), *first)
+    values = _rows_layout(cache_v, ix, _linear_heads(h, attn.W_V, attn.b_V), *first)
     q_p = _linear_heads(h, attn.W_Q, attn.b_Q)
     if last_only:
-        n_pos = cache_q.shape[1]
-        q = cache_q[:, -1].index_select(0, ix.b_row)
+        n_pos = cache_q.shape[2]
+        q = cache_q[:, :, -1].index_select(0, ix.b_row)
         q = torch.where((ix.p_row == n_pos - 1)[:, None, None], q_p, q)
-        z = _attend(attn, q.unsqueeze(1), keys, values, False, sdpa).squeeze(2)
+        z = _attend(attn, q.unsqueeze(2), keys, values, None, sdpa).squeeze(2)
         resid = x.index_select(0, ix.last_tok)
     else:
-        q = _rows_layout(cache_q, ix, q_p, ix.flat_first)
-        z = _attend(attn, q, keys, values, True, sdpa)[ix.row_tok, :, ix.pos_tok]
+        q = _rows_layout(cache_q, ix, q_p, ix.row_ids, ix.p_row - ix.q_from, ix.q_from)
+        z = _attend(attn, q, keys, values, ix.q_from, sdpa)[ix.row_tok, :, ix.qpos_tok]
         resid = x
     return _mlp_residual(block, resid + _out_heads(attn, z))
 
@@ -240,13 +258,17 @@ def _patched_rows(
     return _mlp_residual(block, resid_mid)
 
 
-def packed_chunk(model, layer: int, ix: PackedIndex, runs, last_only: bool, sdpa: bool) -> Tensor:
+def packed_chunk(
+    model, layer: int, ix: PackedIndex, runs, heads_first: dict, last_only: bool, sdpa: bool
+) -> Tensor:
     """The readout of the ``ix.k`` patched corrupted runs of one chunk: ``[k, batch, ...]``.
 
     ``runs`` holds the clean and corrupted activations
-    (:class:`~subroutine_circuits.patching.fast_forward.PatchRuns`). With ``last_only`` the
-    logits (or hidden state) are those of the last position (``[k, batch, 1, d_vocab]``);
-    otherwise the full logits, the corrupted ones before each row's patched position.
+    (:class:`~subroutine_circuits.patching.fast_forward.PatchRuns`), ``heads_first[m]`` the
+    corrupted keys, queries and values of block ``m`` as ``[batch, head, pos, d_head]``. With
+    ``last_only`` the logits (or hidden state) are those of the last position (``[k, batch,
+    1, d_vocab]``); otherwise the full logits, the corrupted ones before each row's patched
+    position.
     """
     n_layers = model.cfg.n_layers
     hook = f"blocks.{layer}.attn.hook_z"
@@ -260,7 +282,7 @@ def packed_chunk(model, layer: int, ix: PackedIndex, runs, last_only: bool, sdpa
         x = runs.corr_resids[layer + 1].flatten(0, 1).index_select(0, ix.src_tok)
         x.index_copy_(0, ix.first_tok, resid_p)
     for m in range(layer + 1, n_layers):
-        kqv = tuple(runs.corr_acts[f"blocks.{m}.attn.hook_{c}"] for c in ("k", "q", "v"))
+        kqv = heads_first[m]
         last = last_only and m == n_layers - 1
         if m == layer + 1:
             x = first_block_after(model.blocks[m], resid_p, x, kqv, ix, last, sdpa)
@@ -308,9 +330,17 @@ def packed_scores(
         ]
         plan += [(g, items[i : i + k_max]) for i in range(0, len(items), k_max)]
     indexes = packed_indexes([c for _, c in plan], batch, n_pos, runs.corr_out.device)
+    first = min((g.layer for g in groups), default=n_layers) + 1
+    heads_first = {
+        m: tuple(
+            runs.corr_acts[f"blocks.{m}.attn.hook_{c}"].transpose(1, 2).contiguous()
+            for c in ("k", "q", "v")
+        )
+        for m in range(first, n_layers)
+    }
     pending: list[tuple[str, list[tuple[int, int]], Tensor]] = []
     for (g, chunk), ix in zip(plan, indexes):
-        out = packed_chunk(model, g.layer, ix, runs, runs.last_only, sdpa)
+        out = packed_chunk(model, g.layer, ix, runs, heads_first, runs.last_only, sdpa)
         # kept on the device: no synchronisation per chunk
         pending.append((g.hook_name, chunk, metric(out).float().mean(-1)))
     if pending:
