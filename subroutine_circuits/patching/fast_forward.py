@@ -396,7 +396,7 @@ def fast_head_patching_by_pos(
 def _per_position_scores(model, runs: PatchRuns, groups, metric, k_max: int) -> dict[str, Tensor]:
     """The ``"positions"`` layout: one suffix computation per (layer, position, head chunk)."""
     n_layers = model.cfg.n_layers
-    n_pos = runs.corr_out.shape[1]
+    n_pos = runs.corr_resids[0].shape[1]
     patched = {g.hook_name: torch.zeros(n_pos, g.size) for g in groups}
     pending: list[tuple[str, int, int, Tensor]] = []
     # corrupted q/k/v repeated for k copies, keyed by (layer, kind, k); made once, reused, and

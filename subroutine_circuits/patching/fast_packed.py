@@ -311,7 +311,7 @@ def packed_scores(
     layer before the last position when only the last position is read, and (``skip_identical``)
     those whose clean and corrupted ``z`` are bitwise equal.
     """
-    batch, n_pos = runs.corr_out.shape[:2]
+    batch, n_pos = runs.corr_resids[0].shape[:2]
     n_layers = model.cfg.n_layers
     hooks = [g.hook_name for g in groups]
     if skip_identical:
