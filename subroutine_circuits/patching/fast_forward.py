@@ -273,7 +273,8 @@ class FastVariant:
     suffix computation per (layer, position). ``attention``: ``"manual"`` (TransformerLens'
     formula: scores, mask, softmax) or ``"sdpa"`` (``F.scaled_dot_product_attention``, packed
     layout only). ``skip_identical``: patches whose clean and corrupted ``z`` are bitwise equal
-    keep the corrupted metric without computation (packed layout only).
+    keep the corrupted metric without computation (the ``positions`` layout skips a position
+    only when all its heads are identical).
     """
 
     layout: str = "packed"
@@ -288,6 +289,7 @@ FAST_VARIANTS: dict[str, FastVariant] = {
     "packed-sdpa": FastVariant(attention="sdpa"),
     "packed-noskip": FastVariant(skip_identical=False),
     "positions": FastVariant(layout="positions", skip_identical=False),
+    "positions-skip": FastVariant(layout="positions"),
 }
 
 
@@ -379,7 +381,9 @@ def fast_head_patching_by_pos(
             adapter.model, runs, by_layer, metric, k_max, sdpa, v.skip_identical
         )
     else:
-        patched = _per_position_scores(adapter.model, runs, by_layer, metric, k_max)
+        patched = _per_position_scores(
+            adapter.model, runs, by_layer, metric, k_max, v.skip_identical
+        )
     name = variant if variant != "auto" else next(n for n, f in FAST_VARIANTS.items() if f == v)
     return PatchScores(
         groups=list(groups),
@@ -393,10 +397,26 @@ def fast_head_patching_by_pos(
     )
 
 
-def _per_position_scores(model, runs: PatchRuns, groups, metric, k_max: int) -> dict[str, Tensor]:
-    """The ``"positions"`` layout: one suffix computation per (layer, position, head chunk)."""
+def identical_patches(runs: PatchRuns, groups) -> Tensor:
+    """``[group, pos, unit]`` (CPU, bool): True where the clean and corrupted ``z`` of the unit
+    are bitwise equal at that position for the whole batch, so patching it changes nothing
+    (one synchronisation)."""
+    return torch.stack(
+        [
+            (runs.clean_acts[g.hook_name] == runs.corr_acts[g.hook_name]).all(-1).all(0)
+            for g in groups
+        ]
+    ).cpu()
+
+
+def _per_position_scores(
+    model, runs: PatchRuns, groups, metric, k_max: int, skip_identical: bool
+) -> dict[str, Tensor]:
+    """The ``"positions"`` layout: one suffix computation per (layer, position, head chunk);
+    with ``skip_identical``, positions whose heads are all identical are not computed."""
     n_layers = model.cfg.n_layers
     n_pos = runs.corr_resids[0].shape[1]
+    same = identical_patches(runs, groups).all(-1) if skip_identical else None
     patched = {g.hook_name: torch.zeros(n_pos, g.size) for g in groups}
     pending: list[tuple[str, int, int, Tensor]] = []
     # corrupted q/k/v repeated for k copies, keyed by (layer, kind, k); made once, reused, and
@@ -410,15 +430,18 @@ def _per_position_scores(model, runs: PatchRuns, groups, metric, k_max: int) -> 
             expanded_cache[(m, kind, k)] = _expand_rows(act, k)
         return expanded_cache[(m, kind, k)]
 
-    for g in groups:
+    for gi, g in enumerate(groups):
         layer = g.layer
         for key in [key for key in expanded_cache if key[0] <= layer]:
             del expanded_cache[key]
         z_corr = runs.corr_acts[f"blocks.{layer}.attn.hook_z"]
         z_clean = runs.clean_acts[f"blocks.{layer}.attn.hook_z"]
         for p in range(n_pos):
-            if runs.last_only and layer == n_layers - 1 and p < n_pos - 1:
-                # the last position of the last layer never sees position p of that layer
+            if (runs.last_only and layer == n_layers - 1 and p < n_pos - 1) or (
+                same is not None and bool(same[gi, p])
+            ):
+                # the last position of the last layer never sees position p of that layer;
+                # identical clean and corrupted z leave the run as it is
                 patched[g.hook_name][p, :] = runs.m_corr
                 continue
             for h0 in range(0, g.size, k_max):

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from subroutine_circuits.patching.fast_forward import identical_patches
+
 
 @dataclass
 class PackedIndex:
@@ -314,10 +316,7 @@ def packed_scores(
     batch, n_pos = runs.corr_resids[0].shape[:2]
     n_layers = model.cfg.n_layers
     hooks = [g.hook_name for g in groups]
-    if skip_identical:
-        same = torch.stack(
-            [(runs.clean_acts[h] == runs.corr_acts[h]).all(-1).all(0) for h in hooks]
-        ).cpu()
+    same = identical_patches(runs, groups) if skip_identical else None
     patched = {h: torch.full((n_pos, g.size), runs.m_corr) for h, g in zip(hooks, groups)}
     plan: list[tuple[object, list[tuple[int, int]]]] = []
     for gi, g in enumerate(groups):
@@ -326,7 +325,7 @@ def packed_scores(
             for p in range(n_pos)
             if not (runs.last_only and g.layer == n_layers - 1 and p < n_pos - 1)
             for h in range(g.size)
-            if not (skip_identical and bool(same[gi, p, h]))
+            if same is None or not bool(same[gi, p, h])
         ]
         plan += [(g, items[i : i + k_max]) for i in range(0, len(items), k_max)]
     indexes = packed_indexes([c for _, c in plan], batch, n_pos, runs.corr_out.device)

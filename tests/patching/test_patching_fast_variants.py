@@ -68,8 +68,8 @@ def test_packed_hidden_readout_and_layer_subset(variant):
 
 def test_identical_activations_keep_the_corrupted_metric():
     """Before the first corrupted position clean and corrupted z are equal (causal model): the
-    packed variant skips those patches (exactly the corrupted metric); computing them anyway
-    gives the same numbers."""
+    skipping variants do not compute those patches (exactly the corrupted metric); computing
+    them anyway gives the same numbers."""
     model = _make_model("LN", "gelu", 2, seed=4)
     clean, corr = _tokens(8, corrupt=(4,), seed=2)
     groups = tl_unit_map(model, kinds=("head",)).groups
@@ -78,8 +78,13 @@ def test_identical_activations_keep_the_corrupted_metric():
     full = activation_patching(
         model, clean, corr, _mean_over_pos_diff, groups, fast="packed-noskip", **kw
     )
+    pos_skip = activation_patching(
+        model, clean, corr, _mean_over_pos_diff, groups, fast="positions-skip", **kw
+    )
     grid_skip, grid_full = skip.layer_grid("head"), full.layer_grid("head")
     assert torch.all(grid_skip[:, :4] == skip.corr_metric)
+    assert torch.all(pos_skip.layer_grid("head")[:, :4] == skip.corr_metric)
+    assert (pos_skip.layer_grid("head") - grid_full).abs().max() <= 1e-5
     assert (grid_full[:, :4] - full.corr_metric).abs().max() <= 1e-5
     assert (grid_skip - grid_full).abs().max() <= 1e-5
     assert (grid_skip[:, 4:] - skip.corr_metric).abs().max() > 1e-3
