@@ -13,6 +13,14 @@ maximum absolute difference of the results.
 
 ``--baseline`` also times our generic (pre-fast-path) implementation, ``activation_patching(...,
 fast=False)``, in the same process, and prints the ratios against it.
+
+``--variant A,B`` and ``--chunk-rows N,M`` time each fast-path variant (see
+``subroutine_circuits.patching.fast_forward.FAST_VARIANTS``) at each chunk size in the same
+process too, and print each one's time, its ratio vs TransformerLens and vs our previous fast
+path (``positions`` at 4096 rows, always timed with a sweep) and its maximum difference to TL;
+``--sweep`` is every variant at 4096 and 16384 rows:
+
+    python benchmarks/bench_patching.py --device cuda --repeats 3 --baseline --sweep
 """
 
 from __future__ import annotations
@@ -64,12 +72,22 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+#: The fast path before the packed variant (the reference of a sweep): variant, chunk_rows.
+PREVIOUS = ("positions", 4096)
+
+
 def run_benchmark(
-    cfg: BenchConfig, device: str = "cpu", repeats: int = 1, baseline: bool = False
+    cfg: BenchConfig,
+    device: str = "cpu",
+    repeats: int = 1,
+    baseline: bool = False,
+    sweep: list[tuple[str, int]] | None = None,
 ) -> dict:
     """Time both implementations on the same model, data and metric; return the figures.
 
-    With ``baseline`` also time our generic path (``fast=False``) and compare it too.
+    With ``baseline`` also time our generic path (``fast=False``) and compare it too. With
+    ``sweep`` (``[(variant, chunk_rows), ...]``) also time those fast-path variants and
+    :data:`PREVIOUS`; their figures are in ``out["sweep"]`` (one dict per entry).
     """
     from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
 
@@ -103,7 +121,7 @@ def run_benchmark(
 
     paths = []
 
-    def ours(fast=True):
+    def ours(fast=True, chunk_rows=cfg.chunk_rows):
         res = activation_patching(
             model,
             clean,
@@ -111,7 +129,7 @@ def run_benchmark(
             metric,
             groups,
             per_position=True,
-            chunk_rows=cfg.chunk_rows,
+            chunk_rows=chunk_rows,
             fast=fast,
         )
         paths.append(res.extra.get("path"))
@@ -160,7 +178,30 @@ def run_benchmark(
         out["speedup_vs_generic"] = t_gen / t_ours
         out["speedup_generic_vs_tl"] = t_tl / t_gen
         out["max_abs_diff_generic"] = float((r_gen.cpu() - r_tl.cpu()).abs().max())
+    if sweep:
+        out["sweep"] = _sweep(sweep, ours, timed, r_tl, t_tl)
     return out
+
+
+def _sweep(entries: list[tuple[str, int]], ours, timed, r_tl, t_tl) -> list[dict]:
+    """Time each ``(variant, chunk_rows)`` (after one untimed warm-up run) and
+    :data:`PREVIOUS`; ratios vs TransformerLens and vs :data:`PREVIOUS`."""
+    rows = []
+    for variant, chunk_rows in [PREVIOUS] + [e for e in entries if e != PREVIOUS]:
+        ours(variant, chunk_rows)  # warm-up: kernels, allocator
+        t, r = timed(lambda v=variant, c=chunk_rows: ours(v, c))
+        rows.append(
+            {
+                "variant": variant,
+                "chunk_rows": chunk_rows,
+                "t_s": t,
+                "speedup_vs_tl": t_tl / t,
+                "max_abs_diff": float((r.cpu() - r_tl.cpu()).abs().max()),
+            }
+        )
+    for row in rows:
+        row["speedup_vs_previous"] = rows[0]["t_s"] / row["t_s"]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--repeats", type=int, default=1, help="timed repeats (best is reported)")
-    p.add_argument("--chunk-rows", type=int, default=None, help="rows per forward (ours)")
+    p.add_argument(
+        "--chunk-rows", default=None, help="rows per forward (ours); a comma list with --variant"
+    )
+    p.add_argument("--variant", default=None, help="fast-path variants to time, comma-separated")
+    p.add_argument(
+        "--sweep", action="store_true", help="every variant at 4096 and 16384 rows per forward"
+    )
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
@@ -185,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.mid:
         raise SystemExit("error: choose one of --quick and --mid")
     cfg = QUICK if args.quick else MID if args.mid else BenchConfig()
-    if args.chunk_rows is not None:
-        cfg.chunk_rows = args.chunk_rows
-    r = run_benchmark(cfg, args.device, args.repeats, args.baseline)
+    sweep = _sweep_entries(args)
+    if args.chunk_rows is not None and not sweep:
+        cfg.chunk_rows = _int_list(args.chunk_rows)[0]
+    r = run_benchmark(cfg, args.device, args.repeats, args.baseline, sweep)
     print(f"device:                 {r['device']}")
     print(
         f"model:                  {cfg.n_layers} layers, d_model {cfg.d_model}, "
@@ -203,7 +251,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"speed ratio (generic/ours): {r['speedup_vs_generic']:.1f}x")
         print(f"speed ratio (TL/generic):   {r['speedup_generic_vs_tl']:.1f}x")
         print(f"max abs difference generic: {r['max_abs_diff_generic']:.2e}")
+    if sweep:
+        _print_sweep(r["sweep"])
     return 0
+
+
+def _int_list(text: str) -> list[int]:
+    """``"4096,16384"`` -> ``[4096, 16384]`` (each >= 1)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --chunk-rows takes integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"error: --chunk-rows values must be >= 1, got {text!r}")
+    return values
+
+
+def _sweep_entries(args) -> list[tuple[str, int]]:
+    """The ``(variant, chunk_rows)`` pairs asked for by ``--variant``/``--sweep``."""
+    from subroutine_circuits.patching.fast_forward import FAST_VARIANTS
+
+    if args.sweep:
+        variants = list(FAST_VARIANTS)
+        sizes = _int_list(args.chunk_rows) if args.chunk_rows else [4096, 16384]
+    elif args.variant:
+        variants = [v.strip() for v in args.variant.split(",") if v.strip()]
+        sizes = _int_list(args.chunk_rows) if args.chunk_rows else [BenchConfig.chunk_rows]
+    else:
+        return []
+    unknown = [v for v in variants if v not in FAST_VARIANTS and v != "auto"]
+    if unknown:
+        raise SystemExit(f"error: unknown --variant {unknown}; known: {list(FAST_VARIANTS)}")
+    return [(v, c) for v in variants for c in sizes]
+
+
+def _print_sweep(rows: list[dict]) -> None:
+    """One line per timed variant (the first is the previous fast path, the reference)."""
+    prev = f"{PREVIOUS[0]}@{PREVIOUS[1]}"
+    print(f"\nfast-path variants (ratios vs TL and vs the previous fast path {prev}):")
+    print(f"{'variant':<16}{'chunk_rows':>11}{'time (s)':>10}{'TL/x':>8}{'prev/x':>8}{'diff':>10}")
+    for row in rows:
+        print(
+            f"{row['variant']:<16}{row['chunk_rows']:>11}{row['t_s']:>10.3f}"
+            f"{row['speedup_vs_tl']:>7.1f}x{row['speedup_vs_previous']:>7.2f}x"
+            f"{row['max_abs_diff']:>10.1e}"
+        )
 
 
 if __name__ == "__main__":

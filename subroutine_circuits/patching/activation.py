@@ -29,6 +29,7 @@ from subroutine_circuits.masks.units import UnitGroup, UnitMap
 from subroutine_circuits.patching.fast_forward import (
     fast_head_patching_by_pos,
     fast_path_unsupported,
+    resolve_fast_variant,
 )
 from subroutine_circuits.patching.scores import (
     Metric,
@@ -64,7 +65,7 @@ def activation_patching(
     per_position: bool = False,
     readout: str | Readout = "logits",
     chunk_rows: int = 4096,
-    fast: bool = True,
+    fast: bool | str = True,
 ) -> PatchScores:
     """Patch every unit (optionally at every position) from the clean into the corrupted run.
 
@@ -75,7 +76,9 @@ def activation_patching(
     With ``fast`` (default), per-position head patching of a standard causal model without
     hooks runs on the exact suffix-only path of
     :mod:`subroutine_circuits.patching.fast_forward`; everything else (and ``fast=False``) runs
-    the generic path. ``extra["path"]`` of the result names the path taken (``"generic"``,
+    the generic path. ``fast`` may also name a fast-path variant
+    (:data:`~subroutine_circuits.patching.fast_forward.FAST_VARIANTS`, ``True`` = ``"auto"``).
+    ``extra["path"]`` of the result names the path taken (``"generic"``,
     ``"fast-last"`` or ``"fast-suffix"``) and ``extra["fallback_reason"]`` why the fast path
     was not taken.
     """
@@ -87,11 +90,13 @@ def activation_patching(
     groups = resolve_groups(adapter, groups)
     readout = adapter.readout(readout)
     reason = "fast=False"
-    if fast:
+    if isinstance(fast, str) or fast:
+        variant = fast if isinstance(fast, str) else "auto"
+        resolve_fast_variant(variant, clean_tokens.device)  # unknown names fail here
         reason = fast_path_unsupported(adapter.model, groups, per_position, readout)
         if reason is None:
             return fast_head_patching_by_pos(
-                adapter, clean_tokens, corr_tokens, metric, groups, readout, chunk_rows
+                adapter, clean_tokens, corr_tokens, metric, groups, readout, chunk_rows, variant
             )
     return _generic_patching(
         adapter, clean_tokens, corr_tokens, metric, groups, per_position, readout, chunk_rows,

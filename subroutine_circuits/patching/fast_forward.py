@@ -27,6 +27,7 @@ position-wise), so their numerics are TransformerLens' own.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -263,28 +264,66 @@ def _patched_suffix(
     return logits
 
 
-@torch.no_grad()
-def fast_head_patching_by_pos(
-    adapter,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corr_tokens: Int[Tensor, "batch pos"],
-    metric,
-    groups: Sequence,
-    readout,
-    chunk_rows: int = 4096,
-):
-    """Per-position head patching on the fast path (see the module docstring).
+@dataclass
+class FastVariant:
+    """How the fast path computes the patches (all variants give the same numbers).
 
-    Same arguments and result (a :class:`~subroutine_circuits.patching.activation.PatchScores`)
-    as ``activation_patching(..., per_position=True)``; the caller checks
-    :func:`fast_path_unsupported` first. ``extra["path"]`` records the mode used:
-    ``"fast-last"`` (last position only) or ``"fast-suffix"`` (full logits).
+    ``layout``: ``"packed"`` runs the patches of many positions of a layer together on packed
+    suffix tokens (:mod:`subroutine_circuits.patching.fast_packed`); ``"positions"`` runs one
+    suffix computation per (layer, position). ``attention``: ``"manual"`` (TransformerLens'
+    formula: scores, mask, softmax) or ``"sdpa"`` (``F.scaled_dot_product_attention``, packed
+    layout only). ``skip_identical``: patches whose clean and corrupted ``z`` are bitwise equal
+    keep the corrupted metric without computation (the ``positions`` layout skips a position
+    only when all its heads are identical).
     """
-    from subroutine_circuits.adapters.transformer_lens import hidden_last_readout
-    from subroutine_circuits.patching.scores import PatchScores
 
-    model = adapter.model
-    n_layers = model.cfg.n_layers
+    layout: str = "packed"
+    attention: str = "manual"
+    skip_identical: bool = True
+
+
+#: Named fast-path variants (``activation_patching(..., fast=NAME)``, the benchmark's
+#: ``--variant``); ``"auto"`` picks per device (:func:`resolve_fast_variant`).
+FAST_VARIANTS: dict[str, FastVariant] = {
+    "packed": FastVariant(),
+    "packed-sdpa": FastVariant(attention="sdpa"),
+    "packed-noskip": FastVariant(skip_identical=False),
+    "positions": FastVariant(layout="positions", skip_identical=False),
+    "positions-skip": FastVariant(layout="positions"),
+}
+
+
+def resolve_fast_variant(name: str, device) -> FastVariant:
+    """The :class:`FastVariant` named ``name``; ``"auto"`` is the fastest measured on the
+    device type (``packed`` on CPU and CUDA, see ``docs/BENCHMARKS.md``)."""
+    if name == "auto":
+        name = "packed"
+    if name not in FAST_VARIANTS:
+        raise ValueError(
+            f"unknown fast-path variant {name!r}; known: auto, {', '.join(FAST_VARIANTS)}"
+        )
+    return FAST_VARIANTS[name]
+
+
+@dataclass
+class PatchRuns:
+    """The clean and corrupted runs the fast path patches from (computed once)."""
+
+    clean_acts: dict[str, Tensor]  # hook_z of the patched layers
+    corr_acts: dict[str, Tensor]  # hook_z of the patched layers, hook_q/k/v of later ones
+    corr_resids: list[Tensor]  # resid_pre of every layer, then the final residual
+    corr_out: Tensor  # the corrupted readout
+    m_clean: float
+    m_corr: float
+    last_only: bool  # only the last position's readout is needed
+    hidden: bool  # the readout is the final hidden state (not logits)
+
+
+def patch_runs(adapter, clean_tokens, corr_tokens, metric, groups, readout) -> PatchRuns:
+    """Run the clean and corrupted inputs once, keeping what the fast path needs."""
+    from subroutine_circuits.adapters.transformer_lens import hidden_last_readout
+
+    n_layers = adapter.model.cfg.n_layers
     layers = sorted({g.layer for g in groups})
     z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in layers]
     kv_hooks = [
@@ -296,14 +335,88 @@ def fast_head_patching_by_pos(
     corr_resids, corr_acts, corr_out = adapter.layer_states(
         corr_tokens, z_hooks + kv_hooks, readout
     )
-    m_clean = float(metric(clean_out).float().mean())
-    corr_vals = metric(corr_out).float()
-    m_corr = float(corr_vals.mean())
-    batch, n_pos = corr_tokens.shape
-    k_max = max(1, chunk_rows // batch)
     hidden = readout is hidden_last_readout
-    last_only = hidden or metric_reads_last_position(metric, corr_out)
+    return PatchRuns(
+        clean_acts=clean_acts,
+        corr_acts=corr_acts,
+        corr_resids=corr_resids,
+        corr_out=corr_out,
+        m_clean=float(metric(clean_out).float().mean()),
+        m_corr=float(metric(corr_out).float().mean()),
+        last_only=hidden or metric_reads_last_position(metric, corr_out),
+        hidden=hidden,
+    )
 
+
+@torch.no_grad()
+def fast_head_patching_by_pos(
+    adapter,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corr_tokens: Int[Tensor, "batch pos"],
+    metric,
+    groups: Sequence,
+    readout,
+    chunk_rows: int = 4096,
+    variant: str = "auto",
+):
+    """Per-position head patching on the fast path (see the module docstring).
+
+    Same arguments and result (a :class:`~subroutine_circuits.patching.activation.PatchScores`)
+    as ``activation_patching(..., per_position=True)``; the caller checks
+    :func:`fast_path_unsupported` first. ``variant`` names a :data:`FAST_VARIANTS` entry (or
+    ``"auto"``). ``extra["path"]`` records the mode used: ``"fast-last"`` (last position only)
+    or ``"fast-suffix"`` (full logits); ``extra["variant"]`` the variant.
+    """
+    from subroutine_circuits.patching.fast_packed import packed_scores
+    from subroutine_circuits.patching.scores import PatchScores
+
+    runs = patch_runs(adapter, clean_tokens, corr_tokens, metric, groups, readout)
+    batch = corr_tokens.shape[0]
+    k_max = max(1, chunk_rows // batch)
+    v = resolve_fast_variant(variant, corr_tokens.device)
+    by_layer = sorted(groups, key=lambda g: g.layer)
+    if v.layout == "packed":
+        sdpa = v.attention == "sdpa"
+        patched = packed_scores(
+            adapter.model, runs, by_layer, metric, k_max, sdpa, v.skip_identical
+        )
+    else:
+        patched = _per_position_scores(
+            adapter.model, runs, by_layer, metric, k_max, v.skip_identical
+        )
+    name = variant if variant != "auto" else next(n for n, f in FAST_VARIANTS.items() if f == v)
+    return PatchScores(
+        groups=list(groups),
+        patched=patched,
+        clean_metric=runs.m_clean,
+        corr_metric=runs.m_corr,
+        n=batch,
+        method="activation",
+        per_position=True,
+        extra={"path": "fast-last" if runs.last_only else "fast-suffix", "variant": name},
+    )
+
+
+def identical_patches(runs: PatchRuns, groups) -> Tensor:
+    """``[group, pos, unit]`` (CPU, bool): True where the clean and corrupted ``z`` of the unit
+    are bitwise equal at that position for the whole batch, so patching it changes nothing
+    (one synchronisation)."""
+    return torch.stack(
+        [
+            (runs.clean_acts[g.hook_name] == runs.corr_acts[g.hook_name]).all(-1).all(0)
+            for g in groups
+        ]
+    ).cpu()
+
+
+def _per_position_scores(
+    model, runs: PatchRuns, groups, metric, k_max: int, skip_identical: bool
+) -> dict[str, Tensor]:
+    """The ``"positions"`` layout: one suffix computation per (layer, position, head chunk);
+    with ``skip_identical``, positions whose heads are all identical are not computed."""
+    n_layers = model.cfg.n_layers
+    n_pos = runs.corr_resids[0].shape[1]
+    same = identical_patches(runs, groups).all(-1) if skip_identical else None
     patched = {g.hook_name: torch.zeros(n_pos, g.size) for g in groups}
     pending: list[tuple[str, int, int, Tensor]] = []
     # corrupted q/k/v repeated for k copies, keyed by (layer, kind, k); made once, reused, and
@@ -313,26 +426,29 @@ def fast_head_patching_by_pos(
     def expanded(m: int, kind: str, k: int) -> Tensor:
         """The corrupted ``blocks.{m}.attn.hook_{kind}`` repeated for ``k`` copies."""
         if (m, kind, k) not in expanded_cache:
-            act = corr_acts[f"blocks.{m}.attn.hook_{kind}"]
+            act = runs.corr_acts[f"blocks.{m}.attn.hook_{kind}"]
             expanded_cache[(m, kind, k)] = _expand_rows(act, k)
         return expanded_cache[(m, kind, k)]
 
-    for g in sorted(groups, key=lambda g: g.layer):
+    for gi, g in enumerate(groups):
         layer = g.layer
         for key in [key for key in expanded_cache if key[0] <= layer]:
             del expanded_cache[key]
-        z_corr = corr_acts[f"blocks.{layer}.attn.hook_z"]
-        z_clean = clean_acts[f"blocks.{layer}.attn.hook_z"]
+        z_corr = runs.corr_acts[f"blocks.{layer}.attn.hook_z"]
+        z_clean = runs.clean_acts[f"blocks.{layer}.attn.hook_z"]
         for p in range(n_pos):
-            if last_only and layer == n_layers - 1 and p < n_pos - 1:
-                # the last position of the last layer never sees position p of that layer
-                patched[g.hook_name][p, :] = m_corr
+            if (runs.last_only and layer == n_layers - 1 and p < n_pos - 1) or (
+                same is not None and bool(same[gi, p])
+            ):
+                # the last position of the last layer never sees position p of that layer;
+                # identical clean and corrupted z leave the run as it is
+                patched[g.hook_name][p, :] = runs.m_corr
                 continue
             for h0 in range(0, g.size, k_max):
                 heads = torch.arange(h0, min(h0 + k_max, g.size), device=z_corr.device)
                 out = _patched_suffix(
-                    model, layer, p, heads, z_clean, z_corr, corr_resids, expanded, corr_out,
-                    last_only, hidden,
+                    model, layer, p, heads, z_clean, z_corr, runs.corr_resids, expanded,
+                    runs.corr_out, runs.last_only, runs.hidden,
                 )  # fmt: skip
                 # kept on the device: no synchronisation per chunk
                 pending.append((g.hook_name, p, h0, metric(out).float().mean(-1)))
@@ -342,13 +458,4 @@ def fast_head_patching_by_pos(
         for hook, p, h0, v in pending:
             patched[hook][p, h0 : h0 + len(v)] = flat[i : i + len(v)]
             i += len(v)
-    return PatchScores(
-        groups=list(groups),
-        patched=patched,
-        clean_metric=m_clean,
-        corr_metric=m_corr,
-        n=batch,
-        method="activation",
-        per_position=True,
-        extra={"path": "fast-last" if last_only else "fast-suffix"},
-    )
+    return patched

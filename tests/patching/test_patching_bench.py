@@ -44,3 +44,35 @@ def test_benchmark_cli_rejects_two_sizes():
     bench = _load_bench()
     with pytest.raises(SystemExit, match="one of --quick and --mid"):
         bench.main(["--device", "cpu", "--quick", "--mid"])
+
+
+def test_benchmark_sweep_times_each_variant_against_the_previous_path():
+    bench = _load_bench()
+    cfg = bench.BenchConfig(
+        n_layers=2, d_model=32, n_heads=4, d_mlp=64, d_vocab=40, batch=4, pos=6, chunk_rows=40
+    )
+    sweep = [("packed", 8), ("packed-sdpa", 4096), ("positions", 4096)]
+    r = bench.run_benchmark(cfg, "cpu", sweep=sweep)
+    rows = r["sweep"]
+    # the previous fast path comes first (the reference) and is not timed twice
+    assert [(x["variant"], x["chunk_rows"]) for x in rows] == [
+        ("positions", 4096),
+        ("packed", 8),
+        ("packed-sdpa", 4096),
+    ]
+    assert rows[0]["speedup_vs_previous"] == 1.0
+    for x in rows:
+        assert x["max_abs_diff"] <= 1e-4
+        assert abs(x["speedup_vs_tl"] - r["t_transformer_lens_s"] / x["t_s"]) < 1e-9
+        assert abs(x["speedup_vs_previous"] - rows[0]["t_s"] / x["t_s"]) < 1e-9
+
+
+def test_benchmark_cli_sweep_options(capsys):
+    bench = _load_bench()
+    with pytest.raises(SystemExit, match="unknown --variant"):
+        bench.main(["--device", "cpu", "--quick", "--variant", "packed,nope"])
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        bench.main(["--device", "cpu", "--quick", "--variant", "packed", "--chunk-rows", "0"])
+    args = bench.argparse.Namespace(sweep=True, variant=None, chunk_rows=None)
+    entries = bench._sweep_entries(args)
+    assert ("packed", 4096) in entries and ("positions", 16384) in entries
