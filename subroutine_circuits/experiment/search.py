@@ -156,7 +156,14 @@ def train_mask_run(
     mask.eval()
     val_acc = plateau.best_acc if val is not None else math.nan
     return MaskRun(
-        mask, val_acc, mask.density(), step, plateau.best_step or step, temp, step < schedule.steps
+        mask,
+        val_acc,
+        mask.density(),
+        step,
+        plateau.best_step or step,
+        temp,
+        step < schedule.steps,
+        list(plateau.history),
     )
 
 

@@ -24,7 +24,7 @@ CPU ``torch.Generator`` (seeded with its seed) when the group's hook fires, exac
 ``[n_units]`` vector per mask and step from a per-mask generator on the model's device (no host
 work, no transfers: the fast path on GPUs; reproducible per seed and independent of the other
 masks of the batch, but on a GPU not equal to ``train_mask``'s CPU stream; on the CPU it equals
-``exact`` whenever the hooks fire in unit-map order, as for ``UnitMap.from_model``).
+``exact`` whenever the hooks fire in unit-map order, as for ``adapters.tl_unit_map``).
 ``"auto"`` picks ``exact`` on CPU and ``device`` elsewhere.
 """
 
@@ -223,6 +223,8 @@ class BatchedUnitMask(nn.Module):
         ablation_values: per mask ``{hook_name: tensor}`` mean values (or None for zero
             ablation); a single mapping is shared by all masks.
         noise: ``"auto"``, ``"exact"`` or ``"device"`` (see the module docstring).
+        ablator: one :class:`~subroutine_circuits.masks.ablator.Ablator` for all masks
+            (position-aware mean, zero or resample) instead of ``ablation_values``.
 
     In ``train()`` mode the hooks use soft / sampled masks, in ``eval()`` mode the binary masks.
     """
@@ -233,6 +235,7 @@ class BatchedUnitMask(nn.Module):
         cfgs: Sequence[MaskConfig],
         ablation_values: Sequence[Mapping[str, Tensor] | None] | Mapping[str, Tensor] | None = None,
         noise: str = "auto",
+        ablator: Ablator | None = None,
     ):
         super().__init__()
         if not isinstance(unit_map, UnitMap):
@@ -287,12 +290,14 @@ class BatchedUnitMask(nn.Module):
                 raise ValueError(f"{len(per_mask)} ablation value sets for {self.k} masks")
         for i, (c, v) in enumerate(zip(cfgs, per_mask)):
             abl = Ablation.parse(c.ablation)
-            if abl == Ablation.MEAN and v is None:
+            if abl == Ablation.MEAN and v is None and ablator is None:
                 raise ValueError(f"mask {i} uses mean ablation but has no ablation values")
             if abl == Ablation.ZERO:
                 per_mask[i] = None
         self.ablation_values = [None if v is None else dict(v) for v in per_mask]
         self._abl = _stack_ablation(unit_map, self.ablation_values)
+        if ablator is not None:
+            self.use_ablator(ablator)
 
     # ------------------------------------------------------------------ construction helpers
     def _resolved_noise(self) -> str:
@@ -538,6 +543,13 @@ def _concat_problems(datasets: Sequence[Any]) -> tuple[Any, list[int]]:
 
 
 # ---------------------------------------------------------------------------- training
+def _tl_unit_map(model: nn.Module, layers: Any = None, kinds: Any = None) -> UnitMap:
+    """Heads and neurons of a TransformerLens model (``adapters.tl_unit_map``)."""
+    from subroutine_circuits.adapters.transformer_lens import tl_unit_map
+
+    return tl_unit_map(model, kinds=kinds, layers=layers)
+
+
 def _shared_steps(cfg: Any, hps: Sequence[Mapping[str, Any]], train: Any) -> int:
     """The one step budget of K batched masks (``hp["steps"]``, ``cfg.steps`` or the epoch
     budget of ``cfg``, see :func:`~subroutine_circuits.masks.converge.mask_schedule`)."""
@@ -633,9 +645,7 @@ def train_masks_batched(
     # validate all tokens once (this is the only host sync outside the chunk boundaries)
     check_tokens(model, data.tokens.reshape(-1, data.tokens.shape[-1]), data.lengths.reshape(-1))
 
-    unit_map = UnitMap.from_model(
-        model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds
-    )
+    unit_map = _tl_unit_map(model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds)
     cfgs = mask_configs(cfg, hps, seeds)
     if isinstance(ablation_values, Mapping):
         for c in cfgs:
@@ -892,7 +902,7 @@ def evaluate_fixed_masks(
     Keyword arguments as :func:`fixed_mask_scores`.
     """
     scores = fixed_mask_scores(model, data, masks, pool, **kwargs)
-    return (scores.argmax(-1) == data.odd.cpu()[None, :]).float().mean(1)
+    return (scores.argmax(-1) == data.odd.cpu()[None, :]).double().mean(1)
 
 
 # ---------------------------------------------------------------------------- random controls

@@ -26,7 +26,7 @@ import contextlib
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .ablator import Ablator
+from .batched import _tl_unit_map
 from .parametrization import MaskConfig
 from .unit_mask import UnitMask
 from .units import UnitMap
@@ -95,11 +96,11 @@ class Plateau:
         self.max_acc = -1.0
         self.best_acc, self.best_density, self.best_step = -1.0, math.inf, 0
         self.since = 0
-        self.n_evals = 0
+        self.history: list[tuple[int, float, float]] = []
 
     def update(self, acc: float, density: float, step: int) -> bool:
         """Record an evaluation; returns True when it is the new best checkpoint."""
-        self.n_evals += 1
+        self.history.append((int(step), float(acc), float(density)))
         better = acc > self.max_acc or (
             acc >= self.max_acc - self.tolerance and density < self.best_density
         )
@@ -134,6 +135,7 @@ class MaskRun:
     best_step: int
     final_temp: float | None
     stopped_early: bool
+    history: list[tuple[int, float, float]] = field(default_factory=list)
 
     def info(self) -> dict[str, Any]:
         """The run's training record (JSON-ready)."""
@@ -144,6 +146,7 @@ class MaskRun:
             "best_step": self.best_step,
             "final_temp": self.final_temp,
             "stopped_early": self.stopped_early,
+            "history": [list(h) for h in self.history],
         }
 
 
@@ -315,15 +318,14 @@ class _ConvergedLoop:
         self.data.inputs["tokens"] = self.data.tokens[..., : int(self.lmax_cpu.max())]
         flat = self.data.tokens.reshape(-1, self.data.tokens.shape[-1])
         check_tokens(model, flat, self.data.lengths.reshape(-1))
-        self.unit_map = UnitMap.from_model(
+        self.unit_map = _tl_unit_map(
             model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds
         )
         self.ablator = ablator.to(device)
         self.cfgs = mask_configs(cfg, hps, seeds)
         for c in self.cfgs:
             c.ablation = ablator.kind
-        self.bm = BatchedUnitMask(self.unit_map, self.cfgs, None, noise=noise).to(device)
-        self.bm.use_ablator(self.ablator)
+        self.bm = BatchedUnitMask(self.unit_map, self.cfgs, None, noise, self.ablator).to(device)
         self.opt = StackedAdam(self.bm.logits, [float(h.get("lr", cfg.lr)) for h in hps])
         self.l0_all = torch.tensor([float(h.get("l0_weight", cfg.l0_weight)) for h in hps])
         self.alive = [
@@ -439,6 +441,7 @@ class _ConvergedLoop:
                 p.best_step,
                 b.temp,
                 b.steps < self.schedule.steps,
+                list(p.history),
             )
         return out  # type: ignore[return-value]
 
