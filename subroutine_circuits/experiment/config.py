@@ -505,9 +505,10 @@ class MaskSearchConfig(_Table):
     Training runs to convergence (``masks.converge``): a budget of ``epochs`` passes over the
     subroutine's training problems (``steps``, when set, replaces it), an evaluation of the
     binary mask on validation problems every ``eval_every`` steps (None: once per epoch), a stop
-    after ``patience`` evaluations without improvement (0: never early) and the best checkpoint
-    kept. Continuous sparsification reaches temperature ``temp_max`` at the last step of the
-    budget. ``engine = "batched"`` trains all unit masks of a base model in one loop,
+    after ``patience`` evaluations without improvement (0: never early; an improvement is a
+    higher accuracy, or one within ``tolerance`` of the best with at least ``min_density_drop``
+    fewer units) and the best checkpoint kept. Continuous sparsification reaches temperature
+    ``temp_max`` at the last step of the budget. ``engine = "batched"`` trains all unit masks of a base model in one loop,
     ``"separate"`` one by one (same masks; weight masks always run separately); ``noise`` is the
     hard-concrete noise of the batched engine (``masks.batched``).
     """
@@ -515,14 +516,15 @@ class MaskSearchConfig(_Table):
     kind: str = _opt("unit", choices=MASK_KINDS)  # "unit" (heads + neurons) or "weight"
     parametrization: str = _opt("hard_concrete", choices=PARAMETRIZATIONS)
     unit_kinds: tuple[str, ...] = _opt(factory=lambda: UNIT_KINDS, choices=UNIT_KINDS)
-    epochs: float = _opt(30.0, gt=0)
+    epochs: float = _opt(20.0, gt=0)
     steps: int | None = _opt(ge=1)
     eval_every: int | None = _opt(ge=1)
-    patience: int = _opt(5, ge=0)
+    patience: int = _opt(3, ge=0)
+    min_density_drop: float = _opt(0.01, ge=0, lt=1)
     temp_max: float = _opt(200.0, ge=1)
     engine: str = _opt("batched", choices=MASK_ENGINES)
     noise: str = _opt("auto", choices=NOISE_MODES)
-    batch_size: int = _opt(16, ge=1)
+    batch_size: int = _opt(32, ge=1)
     lr: float = _opt(0.15, gt=0)
     init: float = 2.0
     l0_weight: float = _opt(1.0, ge=0)

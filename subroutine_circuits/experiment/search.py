@@ -124,7 +124,7 @@ def train_mask_run(
     )
     l0_weight = float(hp.get("l0_weight", cfg.l0_weight))
     n_units = max(1, int(mask.flat_binary().numel()))
-    plateau, best, order = Plateau(schedule.tolerance, schedule.patience), None, []
+    plateau, best, order = schedule.plateau(), None, []
     step, temp = 0, None
     for step in tqdm(range(1, schedule.steps + 1), disable=not progress, desc="mask", leave=False):
         if len(order) < cfg.batch_size:

@@ -53,13 +53,16 @@ class Schedule:
         patience: stop after this many evaluations without improvement (0: never early).
         temp_max: continuous sparsification's temperature after the last step of the budget.
         tolerance: accuracy within this of the best counts as equal (then sparser is better).
+        min_density_drop: at equal accuracy, a checkpoint must keep at least this share of
+            units fewer than the best one to count as an improvement.
     """
 
     steps: int
     eval_every: int
-    patience: int = 5
+    patience: int = 3
     temp_max: float = 200.0
     tolerance: float = 0.02
+    min_density_drop: float = 0.01
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.eval_every < 1:
@@ -72,6 +75,10 @@ class Schedule:
     def temperature(self, step: int) -> float:
         """Continuous sparsification's temperature after ``step`` optimiser steps."""
         return float(self.temp_max ** (min(step, self.steps) / self.steps))
+
+    def plateau(self) -> Plateau:
+        """A fresh :class:`Plateau` with this schedule's stopping rule."""
+        return Plateau(self.tolerance, self.patience, self.min_density_drop)
 
     def evaluates_after(self, step: int) -> bool:
         """Whether an evaluation follows optimiser step ``step`` (1-based)."""
@@ -89,10 +96,16 @@ def budget_steps(epochs: float, n_train: int, batch_size: int) -> int:
 
 
 class Plateau:
-    """The best checkpoint so far and the patience counter of one mask."""
+    """The best checkpoint so far and the patience counter of one mask.
 
-    def __init__(self, tolerance: float, patience: int):
+    An evaluation is the new best when its accuracy exceeds every earlier one, or when it lies
+    within ``tolerance`` of the best accuracy seen and keeps at least ``min_density_drop`` fewer
+    units (as a share) than the current best.
+    """
+
+    def __init__(self, tolerance: float, patience: int, min_density_drop: float = 0.0):
         self.tolerance, self.patience = float(tolerance), int(patience)
+        self.min_density_drop = float(min_density_drop)
         self.max_acc = -1.0
         self.best_acc, self.best_density, self.best_step = -1.0, math.inf, 0
         self.since = 0
@@ -102,7 +115,8 @@ class Plateau:
         """Record an evaluation; returns True when it is the new best checkpoint."""
         self.history.append((int(step), float(acc), float(density)))
         better = acc > self.max_acc or (
-            acc >= self.max_acc - self.tolerance and density < self.best_density
+            acc >= self.max_acc - self.tolerance
+            and density < self.best_density - self.min_density_drop
         )
         self.max_acc = max(self.max_acc, acc)
         if better:
@@ -329,9 +343,7 @@ class _ConvergedLoop:
         self.opt = StackedAdam(self.bm.logits, [float(h.get("lr", cfg.lr)) for h in hps])
         self.l0_all = torch.tensor([float(h.get("l0_weight", cfg.l0_weight)) for h in hps])
         self.alive = [
-            _Batch(
-                i, d, len(trains[d]), offsets[d], s, Plateau(schedule.tolerance, schedule.patience)
-            )
+            _Batch(i, d, len(trains[d]), offsets[d], s, schedule.plateau())
             for i, (d, s) in enumerate(zip(which, seeds))
         ]
         self.done: list[_Batch] = []
@@ -488,4 +500,5 @@ def mask_schedule(cfg: Any, n_train: int) -> Schedule:
         patience=int(getattr(cfg, "patience", 0)),
         temp_max=float(getattr(cfg, "temp_max", 200.0)),
         tolerance=float(getattr(cfg, "tolerance", 0.02)),
+        min_density_drop=float(getattr(cfg, "min_density_drop", 0.0)),
     )
