@@ -508,9 +508,10 @@ class MaskSearchConfig(_Table):
     after ``patience`` evaluations without improvement (0: never early; an improvement is a
     higher accuracy, or one within ``tolerance`` of the best with at least ``min_density_drop``
     fewer units) and the best checkpoint kept. Continuous sparsification reaches temperature
-    ``temp_max`` at the last step of the budget. ``engine = "batched"`` trains all unit masks of a base model in one loop,
-    ``"separate"`` one by one (same masks; weight masks always run separately); ``noise`` is the
-    hard-concrete noise of the batched engine (``masks.batched``).
+    ``temp_max`` at the last step of the budget. ``engine = "batched"`` trains all unit masks
+    of a base model in one loop, ``"separate"`` one by one (same masks; weight masks always
+    run separately); ``noise`` is the hard-concrete noise of the batched engine
+    (``masks.batched``).
     """
 
     kind: str = _opt("unit", choices=MASK_KINDS)  # "unit" (heads + neurons) or "weight"

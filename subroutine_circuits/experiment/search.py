@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from subroutine_circuits.adapters.base import EncodedProblems
 from subroutine_circuits.experiment.config import MaskSearchConfig
 from subroutine_circuits.masks.ablator import Ablator
-from subroutine_circuits.masks.converge import MaskRun, Plateau, Schedule, mask_schedule
+from subroutine_circuits.masks.converge import MaskRun, Schedule, mask_schedule
 
 __all__ = [
     "EncodedProblems",
