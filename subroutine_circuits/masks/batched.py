@@ -985,9 +985,10 @@ def train_weight_masks_batched(
     whose readout bypasses ``forward``). Returns K :class:`WeightMask` (eval mode, CPU).
     """
     from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.adapters.transformer_lens import weight_names as default_param_names
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
-    from .weight_mask import WeightMask, default_param_names
+    from .weight_mask import WeightMask
 
     hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
     if len(hps) != len(seeds) or not hps:
@@ -1122,7 +1123,7 @@ def train_weight_masks_batched(
     out = []
     flat = logits.detach().cpu()
     for i, c in enumerate(cfgs):
-        wm = WeightMask(model, c)
+        wm = WeightMask(model, c, names)
         with torch.no_grad():
             for part, o, z in zip(wm.parts, offs, sizes):
                 if par == "continuous":
