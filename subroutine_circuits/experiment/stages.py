@@ -126,7 +126,11 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
     encode the splits and measure its test accuracies (saved with the checkpoint)."""
     from subroutine_circuits.adapters import as_adapter
     from subroutine_circuits.experiment.search import encode
-    from subroutine_circuits.experiment.verdicts import bypass_check, reference_ablators
+    from subroutine_circuits.experiment.verdicts import (
+        bypass_check,
+        bypass_setting,
+        reference_ablators,
+    )
     from subroutine_circuits.models import load_checkpoint, save_checkpoint
 
     cfg = job.cfg
@@ -146,7 +150,10 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
     ablators = {}
     if cfg.mask.kind == "unit":
         ablators = reference_ablators(adapter, cfg, enc["train"]["composite"], seed=job.seed)
-    if "composite_val_acc" not in meta or "bypass_check" not in meta:
+    stale = bypass_setting(cfg) != {
+        k: meta.get("bypass_check", {}).get(k) for k in bypass_setting(cfg)
+    }
+    if "composite_val_acc" not in meta or stale:
         meta["composite_acc"] = adapter.accuracy(test["composite"])
         meta["composite_val_acc"] = adapter.accuracy(enc["val"]["composite"])
         meta["full"] = {kind: adapter.accuracy(data) for kind, data in test.items()}

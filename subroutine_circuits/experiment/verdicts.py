@@ -84,8 +84,20 @@ def bypass_check(adapter, cfg, val: dict[str, Any], subroutines: list[str], abla
             f"with every maskable {what} ablated, accuracy stays away from chance "
             f"({cfg.chance}) on {worst}: {where}"
         )
-    kind = "zero" if cfg.mask.kind == "weight" else cfg.ablation
-    return {"accuracies": accs, "bypass": bool(far), "path": path, "ablation": kind}
+    return {"accuracies": accs, "bypass": bool(far), "path": path, **bypass_setting(cfg)}
+
+
+def bypass_setting(cfg) -> dict[str, Any]:
+    """What the bypass check depends on besides the model (a stored check is reused only when
+    these agree)."""
+    m = cfg.mask
+    return {
+        "ablation": "zero" if m.kind == "weight" else cfg.ablation,
+        "mask_kind": m.kind,
+        "unit_kinds": list(m.unit_kinds) if m.kind == "unit" else None,
+        "layers": None if m.layers is None else list(m.layers),
+        "tolerance": cfg.bypass_tolerance,
+    }
 
 
 # ---------------------------------------------------------------------------- the mask stage
