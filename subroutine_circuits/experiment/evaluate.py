@@ -256,3 +256,43 @@ def evaluate_weight_runs(
         row.update(_kind_counts(r.mask))
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------- one mask
+def ablation_matrix(
+    adapter,
+    mask,
+    test: dict[str, EncodedProblems],
+    subroutine: str,
+    other: str,
+    seed: int = 0,
+    reference: EncodedProblems | None = None,
+    chance: float = 0.25,
+    margin: float = 0.05,
+    ablation: str = "mean",
+    n_random: int = 39,
+) -> dict[str, Any]:
+    """The ablation matrix, random controls and verdict of ONE mask (outside a study).
+
+    ``reference`` supplies the stimuli of the mean / resample ablation (a balanced set such as
+    the training composite problems; required unless ``ablation == "zero"``). Unit masks get
+    ``abl<kind>_*`` columns for all three ablations; weight masks zero their weights. The
+    ``verdict`` / ``compositional`` columns assume a usable base model and a successful search
+    (check ``mask_val_acc`` yourself).
+    """
+    from subroutine_circuits.analysis.inference import COMPOSITIONAL, run_verdict
+    from subroutine_circuits.masks.ablator import ABLATIONS, reference_ablator
+
+    run = RunToEvaluate(subroutine, other, seed, mask, True, draw_seed=seed)
+    if hasattr(mask, "unit_map"):
+        if reference is None and ablation != "zero":
+            raise ValueError(f"{ablation} ablation needs reference problems")
+        kinds = ABLATIONS if reference is not None else ("zero",)
+        flat = reference.flat_inputs() if reference is not None else {}
+        abls = {k: reference_ablator(adapter, mask.unit_map, flat, k, seed) for k in kinds}
+        row = evaluate_unit_runs(adapter, [run], test, abls, ablation, n_random, chance)[0]
+    else:
+        row = evaluate_weight_runs(adapter, [run], test, n_random, chance)[0]
+    row["verdict"] = run_verdict(row, margin=margin)
+    row["compositional"] = row["verdict"] == COMPOSITIONAL
+    return row
