@@ -174,9 +174,15 @@ def train_mask(
     hp: dict[str, Any],
     seed: int,
     progress: bool = False,
+    pool: str | None = None,
     **kwargs: Any,
 ):
-    """:func:`train_mask_run`, returning only the mask (eval mode)."""
+    """:func:`train_mask_run`, returning only the mask (eval mode). ``adapter`` may also be a
+    plain model (wrapped with ``as_adapter(model, pool=pool)``)."""
+    if not hasattr(adapter, "ooo_logits"):
+        from subroutine_circuits.adapters import as_adapter
+
+        adapter = as_adapter(adapter, pool=pool)
     return train_mask_run(adapter, train, cfg, hp, seed, progress=progress, **kwargs).mask
 
 
