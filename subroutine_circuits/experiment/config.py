@@ -678,6 +678,9 @@ class ExperimentConfig(_Table):
     mask_min_acc: float = _opt(0.9, ge=0, le=1)
     # matched random subnetworks per run; with n draws the smallest randabl_p is 1/(n+1)
     n_random: int = _opt(39, ge=20)
+    # which runs get random controls: every usable run, or only the "candidates" that pass both
+    # margins (the only runs whose verdict the controls can change; faster, randabl_* NaN else)
+    random_controls: str = _opt("usable", choices=("usable", "candidates"))
     # with every maskable unit ablated each accuracy must lie within this of chance (else bypass)
     bypass_tolerance: float = _opt(0.1, gt=0, lt=1)
     patching: bool = True

@@ -115,21 +115,6 @@ def _matrix_row(acc: dict[str, float], chance: float, chosen: str) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------- unit masks
-class _Conditions:
-    """Rows of one big ``[rows, n_units]`` keep matrix and what each row means."""
-
-    def __init__(self) -> None:
-        self.keep: list[torch.Tensor] = []
-        self.index: dict[tuple, int] = {}
-
-    def add(self, key: tuple, keep: torch.Tensor) -> None:
-        self.index[key] = len(self.keep)
-        self.keep.append(keep)
-
-    def matrix(self) -> torch.Tensor:
-        return torch.stack(self.keep)
-
-
 def evaluate_unit_runs(
     adapter,
     runs: Sequence[RunToEvaluate],
@@ -138,30 +123,22 @@ def evaluate_unit_runs(
     chosen: str,
     n_random: int,
     chance: float = 0.25,
+    margin: float | None = None,
 ) -> list[dict[str, Any]]:
     """The ablation-matrix rows of unit-mask runs (one dict per run, in order).
 
     ``ablators`` maps ablation kinds to :class:`Ablator` objects (``chosen`` among them); the
     chosen one decides ``sub_*``, ``abl_*`` and the random controls, the others only give
-    ``abl<kind>_*`` robustness columns.
+    ``abl<kind>_*`` robustness columns. Random controls are drawn for usable runs; with
+    ``margin`` given, only for usable runs that pass both margins (the only runs whose verdict
+    the controls can change: ``randabl_*`` is NaN for the others).
     """
-    from subroutine_circuits.masks.batched import matched_random_masks, n_distinct
-
     _check_test(test, runs)
     um = runs[0].mask.unit_map
     learned = [r.mask.flat_binary().bool() for r in runs]
-    draws = [
-        matched_random_masks(um, keep, n_random, r.draw_seed) if r.usable else None
-        for r, keep in zip(runs, learned)
-    ]
-    cond = _Conditions()
-    for i, keep in enumerate(learned):
-        cond.add(("sub", i), keep)
-        cond.add(("abl", i), ~keep)
-        for j, d in enumerate(draws[i] if draws[i] is not None else []):
-            cond.add(("rand", i, j), ~d)
     parts = sorted({f"partition_{x}" for r in runs for x in (r.subroutine, r.other)})
-    acc = {p: _fixed_acc(adapter, test[p], cond.matrix(), um, ablators[chosen]) for p in parts}
+    keep = torch.stack([k for pair in zip(learned, [~k for k in learned]) for k in pair])
+    acc = {p: _fixed_acc(adapter, test[p], keep, um, ablators[chosen]) for p in parts}
     rob_keep = torch.stack([~k for k in learned])
     rob = {
         kind: {p: _fixed_acc(adapter, test[p], rob_keep, um, ab) for p in parts}
@@ -175,30 +152,53 @@ def evaluate_unit_runs(
             adapter, test[f"sub_{r.subroutine}"], learned[i][None], um, ablators[chosen]
         )[0]
         a = {
-            "sub_target_acc": acc[t][cond.index[("sub", i)]],
-            "sub_other_acc": acc[o][cond.index[("sub", i)]],
+            "sub_target_acc": acc[t][2 * i],
+            "sub_other_acc": acc[o][2 * i],
             "sub_sub_acc": own,
-            f"abl{chosen}_target_acc": acc[t][cond.index[("abl", i)]],
-            f"abl{chosen}_other_acc": acc[o][cond.index[("abl", i)]],
+            f"abl{chosen}_target_acc": acc[t][2 * i + 1],
+            f"abl{chosen}_other_acc": acc[o][2 * i + 1],
         }
         for kind, by_part in rob.items():
             a[f"abl{kind}_target_acc"], a[f"abl{kind}_other_acc"] = by_part[t][i], by_part[o][i]
         row = _matrix_row(a, chance, chosen)
-        n_draw = 0 if draws[i] is None else len(draws[i])
-        ri = [cond.index[("rand", i, j)] for j in range(n_draw)]
-        row.update(
-            _random_columns(
-                row["abl_diff"],
-                np.asarray([acc[t][j] for j in ri]),
-                np.asarray([acc[o][j] for j in ri]),
-                0 if draws[i] is None else n_distinct(draws[i]),
-                chance,
-            )
-        )
-        row["n_random"] = n_draw
         row.update(_kind_counts(r.mask))
         rows.append(row)
+    need = [
+        r.usable and (margin is None or (row["sub_diff"] > margin and row["abl_diff"] < -margin))
+        for r, row in zip(runs, rows)
+    ]
+    _add_random_controls(adapter, runs, rows, learned, need, test, ablators[chosen], n_random,
+                         chance)  # fmt: skip
     return rows
+
+
+def _add_random_controls(adapter, runs, rows, learned, need, test, ablator, n_random, chance):
+    """Matched random draws of the runs in ``need``, all evaluated in batched passes; fills the
+    ``randabl_*`` and ``n_random`` columns of every row."""
+    from subroutine_circuits.masks.batched import matched_random_masks, n_distinct
+
+    um = runs[0].mask.unit_map
+    draws = {
+        i: matched_random_masks(um, learned[i], n_random, runs[i].draw_seed)
+        for i in range(len(runs))
+        if need[i]
+    }
+    acc: dict[str, list[float]] = {}
+    if draws:
+        keep = ~torch.cat([draws[i] for i in sorted(draws)])
+        parts = sorted({f"partition_{x}" for i in draws for x in (runs[i].subroutine,
+                                                                   runs[i].other)})  # fmt: skip
+        acc = {p: _fixed_acc(adapter, test[p], keep, um, ablator) for p in parts}
+    start = 0
+    for i, (r, row) in enumerate(zip(runs, rows)):
+        n = n_random if i in draws else 0
+        t, o = f"partition_{r.subroutine}", f"partition_{r.other}"
+        tt = np.asarray(acc[t][start : start + n]) if n else np.zeros(0)
+        oo = np.asarray(acc[o][start : start + n]) if n else np.zeros(0)
+        nd = n_distinct(draws[i]) if n else 0
+        row.update(_random_columns(row["abl_diff"], tt, oo, nd, chance))
+        row["n_random"] = n
+        start += n
 
 
 def _fixed_acc(adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator) -> list[float]:
@@ -223,6 +223,7 @@ def evaluate_weight_runs(
     test: dict[str, EncodedProblems],
     n_random: int,
     chance: float = 0.25,
+    margin: float | None = None,
 ) -> list[dict[str, Any]]:
     """The ablation-matrix rows of weight-mask runs (masked weights zeroed; ``ablreinit_*``:
     re-initialised instead). Random controls keep as many weights per parameter tensor."""
@@ -244,7 +245,9 @@ def evaluate_weight_runs(
         }
         row = _matrix_row(a, chance, "zero")
         rand = []
-        if r.usable:
+        if r.usable and (
+            margin is None or (row["sub_diff"] > margin and row["abl_diff"] < -margin)
+        ):
             for j in range(n_random):
                 d = r.mask.random_like(seed=r.draw_seed + j, per_param=True).flat_binary()
                 rand.append((d, r.mask.fixed_like(~d.bool())))

@@ -128,12 +128,13 @@ def _evaluate(base, cfg, runs_by_key, others, base_seed: int) -> dict[str, dict[
         for ev, run in runs_by_key.values()
     ]
     test = base.enc["test"]
+    margin = cfg.margin if cfg.random_controls == "candidates" else None
     if cfg.mask.kind == "unit":
         rows = evaluate_unit_runs(
-            base.adapter, todo, test, base.ablators, cfg.ablation, cfg.n_random, cfg.chance
+            base.adapter, todo, test, base.ablators, cfg.ablation, cfg.n_random, cfg.chance, margin
         )
     else:
-        rows = evaluate_weight_runs(base.adapter, todo, test, cfg.n_random, cfg.chance)
+        rows = evaluate_weight_runs(base.adapter, todo, test, cfg.n_random, cfg.chance, margin)
     return dict(zip(keys, rows))
 
 
