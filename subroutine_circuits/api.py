@@ -215,11 +215,13 @@ def evaluate_mask(
     """The ablation matrix of a subroutine mask on the TEST split, with the verdict.
 
     Rows of the matrix: the subnetwork alone (``sub_*``), the subnetwork ablated (``abl_*``,
-    by ``ablation``; ``ablzero_*`` / ``ablmean_*`` both reported) and an equal-size random
-    subnetwork ablated (``randabl_*``); columns: the target partition (only ``subroutine``
-    breaks the rule), the ``other`` subroutine's partition. ``sub_diff`` / ``abl_diff`` are
-    chance-clipped differences; ``compositional`` is ``sub_diff > margin and abl_diff <
-    -margin``. Mean ablation uses the training problems of the subroutine as reference.
+    by ``ablation``; ``ablzero_*`` / ``ablmean_*`` / ``ablresample_*`` all reported) and 39
+    random subnetworks with as many units per layer and kind ablated (``randabl_*``,
+    ``randabl_p``); columns: the target partition (only ``subroutine`` breaks the rule), the
+    ``other`` subroutine's partition. ``sub_diff`` / ``abl_diff`` are chance-clipped
+    differences; ``compositional`` is ``sub_diff > margin``, ``abl_diff < -margin`` and
+    ``randabl_p < 0.05``. Mean ablation (position-aware) uses the training composite problems
+    as reference (``experiment.evaluate.ablation_matrix``).
     """
     from subroutine_circuits.experiment.evaluate import ablation_matrix
     from subroutine_circuits.experiment.search import encode
@@ -232,7 +234,8 @@ def evaluate_mask(
             raise ValueError(f"no other subroutine than {subroutine!r} in the splits")
         other = rest[0]
     test = {k: encode(adapter, v) for k, v in splits["test"].items()}
-    reference = encode(adapter, splits["train"][f"sub_{subroutine}"])
+    ref_kind = "composite" if splits["train"].get("composite") else f"sub_{subroutine}"
+    reference = encode(adapter, splits["train"][ref_kind])
     return ablation_matrix(
         adapter,
         mask,

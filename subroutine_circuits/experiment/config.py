@@ -47,7 +47,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 INITS = ("trained", "pretrained", "random_init")
-ABLATIONS = ("zero", "mean")
+ABLATIONS = ("zero", "mean", "resample")  # masks.ablator.ABLATIONS
+MASK_ENGINES = ("batched", "separate")
+NOISE_MODES = ("auto", "exact", "device")  # masks.batched.NOISE_MODES
 MASK_KINDS = ("unit", "weight")
 # mirrors of constants of modules that import torch (tests/test_config_keys.py checks them)
 PARAMETRIZATIONS = ("hard_concrete", "continuous")  # masks.parametrization.PARAMETRIZATIONS
@@ -408,7 +410,7 @@ class DataConfig(_Table):
 
     n_train: int = _opt(600, ge=1)
     n_val: int = _opt(150, ge=1)
-    n_test: int = _opt(160, ge=1)
+    n_test: int = _opt(500, ge=1)  # per problem kind: each partition gets this many
     seed: int = 0
     corpus_size: int = _opt(6000, ge=1)  # pretraining sentences
 
@@ -473,14 +475,19 @@ _POSITIVE_OVERRIDES = ("d_model", "d_head", "n_layers", "n_heads", "d_mlp")
 class MaskGridPoint(_Overrides):
     """One entry of ``mask.grid``: the ``[mask]`` values this point replaces (``None``: keep).
 
-    These are the only keys the mask search reads per point.
+    These are the only keys the mask search reads per point. The training budget is not one of
+    them: every point (and every parametrisation) trains on the same schedule.
     """
+
+    _REFUSED: ClassVar[dict[str, str]] = {
+        "steps": "the budget is the same for every grid point: set [mask] epochs (or steps)",
+        "epochs": "the budget is the same for every grid point: set [mask] epochs (or steps)",
+    }
 
     lr: float | None = _opt(gt=0)
     init: float | None = None
     l0_weight: float | None = _opt(ge=0)
     layers: list[int] | None = _opt(ge=0)
-    steps: int | None = _opt(ge=1)
 
 
 def _default_grid() -> list[MaskGridPoint]:
@@ -491,16 +498,34 @@ def _default_grid() -> list[MaskGridPoint]:
 class MaskSearchConfig(_Table):
     """``[mask]``: mask training and the small hyperparameter grid chosen on validation data.
 
-    Each grid point overrides the defaults below; the chosen point maximises validation accuracy
-    on the subroutine's own problems, ties (within ``tolerance``) broken by the smaller density.
-    An empty grid means one point: these defaults.
+    Each grid point overrides the defaults below; the chosen point maximises the mean validation
+    accuracy over mask seeds on the subroutine's own problems, ties (within ``tolerance``) broken
+    by the smaller mean density. An empty grid means one point: these defaults.
+
+    Training runs to convergence (``masks.converge``): a budget of ``epochs`` passes over the
+    subroutine's training problems (``steps``, when set, replaces it), an evaluation of the
+    binary mask on validation problems every ``eval_every`` steps (None: once per epoch), a stop
+    after ``patience`` evaluations without improvement (0: never early; an improvement is a
+    higher accuracy, or one within ``tolerance`` of the best with at least ``min_density_drop``
+    fewer units) and the best checkpoint kept. Continuous sparsification reaches temperature
+    ``temp_max`` at the last step of the budget. ``engine = "batched"`` trains all unit masks
+    of a base model in one loop, ``"separate"`` one by one (same masks; weight masks always
+    run separately); ``noise`` is the hard-concrete noise of the batched engine
+    (``masks.batched``).
     """
 
     kind: str = _opt("unit", choices=MASK_KINDS)  # "unit" (heads + neurons) or "weight"
     parametrization: str = _opt("hard_concrete", choices=PARAMETRIZATIONS)
     unit_kinds: tuple[str, ...] = _opt(factory=lambda: UNIT_KINDS, choices=UNIT_KINDS)
-    steps: int = _opt(100, ge=1)
-    batch_size: int = _opt(16, ge=1)
+    epochs: float = _opt(20.0, gt=0)
+    steps: int | None = _opt(ge=1)
+    eval_every: int | None = _opt(ge=1)
+    patience: int = _opt(3, ge=0)
+    min_density_drop: float = _opt(0.01, ge=0, lt=1)
+    temp_max: float = _opt(200.0, ge=1)
+    engine: str = _opt("batched", choices=MASK_ENGINES)
+    noise: str = _opt("auto", choices=NOISE_MODES)
+    batch_size: int = _opt(32, ge=1)
     lr: float = _opt(0.15, gt=0)
     init: float = 2.0
     l0_weight: float = _opt(1.0, ge=0)
@@ -647,13 +672,22 @@ class ExperimentConfig(_Table):
     mask: MaskSearchConfig = field(default_factory=MaskSearchConfig)
     margin: float = _opt(0.05, ge=0, lt=0.75)
     chance: float = _opt(0.25, gt=0, lt=1)
-    # Which ablation decides abl_diff and the verdict: "mean" (default) or "zero". Zero ablation
-    # removes a unit's average contribution as well as its information; on our models it drove
-    # accuracies far below chance (0.03 on a 4-way task) while equal-size random subnetworks
-    # stayed near 1.0, i.e. it measures an off-distribution shift, not the loss of a subroutine.
-    # Both are always reported (ablzero_*, ablmean_* columns).
+    # The one ablation, fixed before any run: mask training, the subnetwork alone, its removal,
+    # the random controls and the bypass check all use it (masks.ablator says why "mean",
+    # position-aware, over the training composite problems, is the default). The other two are
+    # reported as robustness columns (abl<kind>_*), never as verdicts. Weight masks zero weights.
     ablation: str = _opt("mean", choices=ABLATIONS)
+    # base models below this VALIDATION composite accuracy are excluded (random_init never)
     min_composite_acc: float = _opt(0.9, ge=0, le=1)
+    # a run's mask must reach this validation accuracy on its own subroutine ("search failed")
+    mask_min_acc: float = _opt(0.9, ge=0, le=1)
+    # matched random subnetworks per run; with n draws the smallest randabl_p is 1/(n+1)
+    n_random: int = _opt(39, ge=20)
+    # which runs get random controls: every usable run, or only the "candidates" that pass both
+    # margins (the only runs whose verdict the controls can change; faster, randabl_* NaN else)
+    random_controls: str = _opt("usable", choices=("usable", "candidates"))
+    # with every maskable unit ablated each accuracy must lie within this of chance (else bypass)
+    bypass_tolerance: float = _opt(0.1, gt=0, lt=1)
     patching: bool = True
     patching_methods: list[str] = _opt(
         factory=lambda: ["activation", "attribution"], choices=PATCHING_METHODS
@@ -687,6 +721,17 @@ class ExperimentConfig(_Table):
             raise ValueError(f"mask.unit_kinds must list at least one of {list(UNIT_KINDS)}")
         if self.patching and not self.patching_methods:
             raise ValueError("patching_methods is empty; list one or set patching = false")
+        if self.model.pool == "mean":
+            raise ValueError(
+                "model.pool = 'mean' lets every word's own embedding reach the readout through "
+                "the residual stream, around every maskable unit: no mask could remove a "
+                "subroutine. Use pool = 'last' (the bypass check still tests what reaches it)"
+            )
+        if self.mask.kind == "weight" and self.ablation != "zero":
+            raise ValueError(
+                f"ablation = {self.ablation!r} replaces unit activations; weight masks zero their "
+                "masked weights: set ablation = 'zero' for mask.kind = 'weight'"
+            )
 
 
 def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:

@@ -1,89 +1,301 @@
-"""The ablation matrix of one subroutine mask, evaluated on TEST problems.
+"""The ablation matrix of subroutine masks, evaluated on TEST problems, with matched random
+controls.
 
-Conditions (rows of the matrix): the full model, the subnetwork alone (everything outside it
-ablated), the subnetwork ablated (zero and mean ablation; re-initialised weights for weight masks),
-and an equal-size random subnetwork ablated. Columns: the target partition (only this subroutine's
-predicate breaks the rule), the other partition, and the subroutine's own problems.
+Conditions (all under the experiment's one ablation, :mod:`subroutine_circuits.masks.ablator`):
+the subnetwork alone (everything outside it ablated), the subnetwork ablated, and ``n_random``
+random subnetworks with the same number of kept units per (layer, unit kind) ablated
+(:func:`~subroutine_circuits.masks.batched.matched_random_masks`). Columns: the target partition
+(only this subroutine's predicate breaks the rule), the other partition, and the subroutine's
+own problems. The subnetwork's removal is also reported under the other ablations
+(``ablzero_*``, ablmean_*``, ``ablresample_*``; ``ablreinit_*`` for weight masks) as robustness
+columns; they never enter the verdict.
+
+``randabl_p`` (:func:`~subroutine_circuits.analysis.inference.randabl_p`) is the share of
+random draws (the learned mask counted as one) whose ``abl_diff`` is at most the learned one's:
+small when the learned subnetwork's removal is more specific to its subroutine than removing
+any subnetwork of the same shape. Draws are skipped (``randabl_p`` NaN) for runs that cannot
+be compositional anyway (``usable`` false: search failed, base model excluded or bypassed).
+
+All conditions of all runs of a base model go through
+:func:`~subroutine_circuits.masks.batched.evaluate_fixed_masks` in batches (unit masks).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
 from subroutine_circuits.adapters.base import EncodedProblems
+from subroutine_circuits.masks.ablator import Ablator
 from subroutine_circuits.utils import clipped_diff
 
 
-def fixed_variants(mask, seed: int) -> dict[str, Any]:
-    """Fixed (non-trainable) masks for each condition, derived from a trained ``mask``.
+@dataclass
+class RunToEvaluate:
+    """One learned mask to evaluate: its subroutine, the other one, its seed and whether the
+    run is usable (random controls drawn only then)."""
 
-    Keys: ``sub`` (keep only the subnetwork), ``abl`` (keep all but the subnetwork, zero
-    ablation), ``ablmean`` (same, mean ablation; unit masks), ``ablreinit`` (weight masks:
-    masked-out weights replaced by re-initialised ones) and ``randabl`` (an equal-size random
-    subnetwork ablated).
-    """
-    from subroutine_circuits.masks import UnitMask
+    subroutine: str
+    other: str
+    mask_seed: int
+    mask: Any
+    usable: bool = True
+    draw_seed: int = 0
 
-    keep = mask.flat_binary().bool()
-    out: dict[str, Any] = {}
-    if isinstance(mask, UnitMask):
-        um = mask.unit_map
-        out["sub"] = UnitMask.fixed(um, keep, ablation="zero")
-        out["abl"] = UnitMask.fixed(um, ~keep, ablation="zero")
-        out["ablmean"] = UnitMask.fixed(um, ~keep, ablation="mean")
-        rand = UnitMask.random_like(out["sub"], seed=seed)
-        out["randabl"] = UnitMask.fixed(um, ~rand.flat_binary().bool(), ablation="zero")
-    else:
-        out["sub"] = mask.fixed_like(keep)
-        out["abl"] = mask.fixed_like(~keep)
-        out["ablreinit"] = mask.fixed_like(~keep, ablation="reinit", seed=seed)
-        rand = mask.random_like(seed=seed)
-        out["randabl"] = mask.fixed_like(~rand.flat_binary().bool())
+
+def _check_test(test: dict[str, EncodedProblems], runs: Sequence[RunToEvaluate]) -> None:
+    for r in runs:
+        for kind in (f"partition_{r.subroutine}", f"partition_{r.other}", f"sub_{r.subroutine}"):
+            if kind not in test or len(test[kind]) == 0:
+                raise ValueError(f"test split has no {kind!r} problems")
+
+
+def _kind_counts(mask: Any) -> dict[str, Any]:
+    """``density``, ``n_kept`` and per unit kind ``density_<kind>`` / ``n_kept_<kind>``."""
+    out: dict[str, Any] = {
+        "density": float(mask.density()),
+        "n_kept": int(mask.flat_binary().sum()),
+    }
+    by_kind: dict[str, list[int]] = {}
+    for s in mask.stats():
+        acc = by_kind.setdefault(str(s["kind"]), [0, 0])
+        acc[0] += int(s["kept"])
+        acc[1] += int(s["n"])
+    if hasattr(mask, "unit_map"):
+        for kind, (kept, n) in sorted(by_kind.items()):
+            out[f"n_kept_{kind}"] = kept
+            out[f"density_{kind}"] = kept / n if n else 0.0
     return out
 
 
+def _random_columns(
+    learned_abl_diff: float, target: np.ndarray, other: np.ndarray, n_distinct: int, chance: float
+) -> dict[str, Any]:
+    """randabl_* columns from the random draws' accuracies (NaN when none were drawn)."""
+    from subroutine_circuits.analysis.inference import randabl_p
+
+    if len(target) == 0:
+        nan = math.nan
+        return {
+            "randabl_target_acc": nan,
+            "randabl_other_acc": nan,
+            "randabl_diff": nan,
+            "randabl_diff_mean": nan,
+            "randabl_p": nan,
+            "randabl_n_distinct": 0,
+        }
+    diffs = np.asarray(clipped_diff(target, other, chance), dtype=float)
+    return {
+        "randabl_target_acc": float(target.mean()),
+        "randabl_other_acc": float(other.mean()),
+        "randabl_diff": float(diffs.mean()),
+        "randabl_diff_mean": float(diffs.mean()),
+        "randabl_p": randabl_p(learned_abl_diff, diffs),
+        "randabl_n_distinct": int(n_distinct),
+    }
+
+
+def _matrix_row(acc: dict[str, float], chance: float, chosen: str) -> dict[str, Any]:
+    """sub_*/abl_* columns and their clipped differences from the condition accuracies."""
+    row = dict(acc)
+    row["sub_diff"] = clipped_diff(row["sub_target_acc"], row["sub_other_acc"], chance)
+    for k in [
+        k[: -len("_target_acc")] for k in acc if k.startswith("abl") and k.endswith("_target_acc")
+    ]:
+        row[f"{k}_diff"] = clipped_diff(row[f"{k}_target_acc"], row[f"{k}_other_acc"], chance)
+    for col in ("target_acc", "other_acc", "diff"):
+        row[f"abl_{col}"] = row[f"abl{chosen}_{col}"]
+    row["ablation"] = chosen
+    return row
+
+
+# ---------------------------------------------------------------------------- unit masks
+def evaluate_unit_runs(
+    adapter,
+    runs: Sequence[RunToEvaluate],
+    test: dict[str, EncodedProblems],
+    ablators: dict[str, Ablator],
+    chosen: str,
+    n_random: int,
+    chance: float = 0.25,
+    margin: float | None = None,
+) -> list[dict[str, Any]]:
+    """The ablation-matrix rows of unit-mask runs (one dict per run, in order).
+
+    ``ablators`` maps ablation kinds to :class:`Ablator` objects (``chosen`` among them); the
+    chosen one decides ``sub_*``, ``abl_*`` and the random controls, the others only give
+    ``abl<kind>_*`` robustness columns. Random controls are drawn for usable runs; with
+    ``margin`` given, only for usable runs that pass both margins (the only runs whose verdict
+    the controls can change: ``randabl_*`` is NaN for the others).
+    """
+    _check_test(test, runs)
+    um = runs[0].mask.unit_map
+    learned = [r.mask.flat_binary().bool() for r in runs]
+    parts = sorted({f"partition_{x}" for r in runs for x in (r.subroutine, r.other)})
+    keep = torch.stack([k for pair in zip(learned, [~k for k in learned]) for k in pair])
+    acc = {p: _fixed_acc(adapter, test[p], keep, um, ablators[chosen]) for p in parts}
+    rob_keep = torch.stack([~k for k in learned])
+    rob = {
+        kind: {p: _fixed_acc(adapter, test[p], rob_keep, um, ab) for p in parts}
+        for kind, ab in ablators.items()
+        if kind != chosen
+    }
+    rows = []
+    for i, r in enumerate(runs):
+        t, o = f"partition_{r.subroutine}", f"partition_{r.other}"
+        own = _fixed_acc(
+            adapter, test[f"sub_{r.subroutine}"], learned[i][None], um, ablators[chosen]
+        )[0]
+        a = {
+            "sub_target_acc": acc[t][2 * i],
+            "sub_other_acc": acc[o][2 * i],
+            "sub_sub_acc": own,
+            f"abl{chosen}_target_acc": acc[t][2 * i + 1],
+            f"abl{chosen}_other_acc": acc[o][2 * i + 1],
+        }
+        for kind, by_part in rob.items():
+            a[f"abl{kind}_target_acc"], a[f"abl{kind}_other_acc"] = by_part[t][i], by_part[o][i]
+        row = _matrix_row(a, chance, chosen)
+        row.update(_kind_counts(r.mask))
+        rows.append(row)
+    need = [
+        r.usable and (margin is None or (row["sub_diff"] > margin and row["abl_diff"] < -margin))
+        for r, row in zip(runs, rows)
+    ]
+    _add_random_controls(adapter, runs, rows, learned, need, test, ablators[chosen], n_random,
+                         chance)  # fmt: skip
+    return rows
+
+
+def _add_random_controls(adapter, runs, rows, learned, need, test, ablator, n_random, chance):
+    """Matched random draws of the runs in ``need``, all evaluated in batched passes; fills the
+    ``randabl_*`` and ``n_random`` columns of every row."""
+    from subroutine_circuits.masks.batched import matched_random_masks, n_distinct
+
+    um = runs[0].mask.unit_map
+    draws = {
+        i: matched_random_masks(um, learned[i], n_random, runs[i].draw_seed)
+        for i in range(len(runs))
+        if need[i]
+    }
+    acc: dict[str, list[float]] = {}
+    if draws:
+        keep = ~torch.cat([draws[i] for i in sorted(draws)])
+        parts = sorted({f"partition_{x}" for i in draws for x in (runs[i].subroutine,
+                                                                   runs[i].other)})  # fmt: skip
+        acc = {p: _fixed_acc(adapter, test[p], keep, um, ablator) for p in parts}
+    start = 0
+    for i, (r, row) in enumerate(zip(runs, rows)):
+        n = n_random if i in draws else 0
+        t, o = f"partition_{r.subroutine}", f"partition_{r.other}"
+        tt = np.asarray(acc[t][start : start + n]) if n else np.zeros(0)
+        oo = np.asarray(acc[o][start : start + n]) if n else np.zeros(0)
+        nd = n_distinct(draws[i]) if n else 0
+        row.update(_random_columns(row["abl_diff"], tt, oo, nd, chance))
+        row["n_random"] = n
+        start += n
+
+
+def _fixed_acc(adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator) -> list[float]:
+    """Accuracy of each fixed keep row on ``data`` under ``ablator`` (batched passes)."""
+    from subroutine_circuits.masks.batched import evaluate_fixed_masks
+
+    got = evaluate_fixed_masks(
+        adapter.model,
+        data,
+        keep,
+        adapter.pool,
+        unit_map=unit_map,
+        ablator=ablator.to(adapter.device),
+    )
+    return [float(x) for x in got.tolist()]
+
+
+# ---------------------------------------------------------------------------- weight masks
+def evaluate_weight_runs(
+    adapter,
+    runs: Sequence[RunToEvaluate],
+    test: dict[str, EncodedProblems],
+    n_random: int,
+    chance: float = 0.25,
+    margin: float | None = None,
+) -> list[dict[str, Any]]:
+    """The ablation-matrix rows of weight-mask runs (masked weights zeroed; ``ablreinit_*``:
+    re-initialised instead). Random controls keep as many weights per parameter tensor."""
+    _check_test(test, runs)
+    rows = []
+    for r in runs:
+        t, o = f"partition_{r.subroutine}", f"partition_{r.other}"
+        keep = r.mask.flat_binary().bool()
+        sub, abl = r.mask.fixed_like(keep), r.mask.fixed_like(~keep)
+        reinit = r.mask.fixed_like(~keep, ablation="reinit", seed=r.mask_seed)
+        a = {
+            "sub_target_acc": adapter.accuracy(test[t], sub),
+            "sub_other_acc": adapter.accuracy(test[o], sub),
+            "sub_sub_acc": adapter.accuracy(test[f"sub_{r.subroutine}"], sub),
+            "ablzero_target_acc": adapter.accuracy(test[t], abl),
+            "ablzero_other_acc": adapter.accuracy(test[o], abl),
+            "ablreinit_target_acc": adapter.accuracy(test[t], reinit),
+            "ablreinit_other_acc": adapter.accuracy(test[o], reinit),
+        }
+        row = _matrix_row(a, chance, "zero")
+        rand = []
+        if r.usable and (
+            margin is None or (row["sub_diff"] > margin and row["abl_diff"] < -margin)
+        ):
+            for j in range(n_random):
+                d = r.mask.random_like(seed=r.draw_seed + j, per_param=True).flat_binary()
+                rand.append((d, r.mask.fixed_like(~d.bool())))
+        tt = np.asarray([adapter.accuracy(test[t], m) for _, m in rand])
+        oo = np.asarray([adapter.accuracy(test[o], m) for _, m in rand])
+        distinct = len({tuple(d.tolist()) for d, _ in rand})
+        row.update(_random_columns(row["abl_diff"], tt, oo, distinct, chance))
+        row["n_random"] = len(rand)
+        row.update(_kind_counts(r.mask))
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- one mask
 def ablation_matrix(
     adapter,
     mask,
     test: dict[str, EncodedProblems],
     subroutine: str,
     other: str,
-    seed: int,
+    seed: int = 0,
     reference: EncodedProblems | None = None,
     chance: float = 0.25,
     margin: float = 0.05,
-    ablation: str = "zero",
+    ablation: str = "mean",
+    n_random: int = 39,
 ) -> dict[str, Any]:
-    """Evaluate every condition on the target/other partitions; returns one results row (dict).
+    """The ablation matrix, random controls and verdict of ONE mask (outside a study).
 
-    ``adapter`` wraps the frozen base model (``adapters.as_adapter``); ``mask`` is the trained
-    subroutine mask (unit or weight). ``test`` maps problem kinds (``partition_<p>``,
-    ``sub_<p>``) to encoded test problems;
-    ``reference`` supplies the stimuli whose mean activations define mean ablation.
-    ``ablation`` ("zero" or "mean") picks the ablated condition reported as ``abl_*`` and used
-    for ``abl_diff`` and the verdict; both are always reported as ``ablzero_*`` / ``ablmean_*``.
+    ``reference`` supplies the stimuli of the mean / resample ablation (a balanced set such as
+    the training composite problems; required unless ``ablation == "zero"``). Unit masks get
+    ``abl<kind>_*`` columns for all three ablations; weight masks zero their weights. The
+    ``verdict`` / ``compositional`` columns assume a usable base model and a successful search
+    (check ``mask_val_acc`` yourself).
     """
-    target_kind, other_kind = f"partition_{subroutine}", f"partition_{other}"
-    for kind in (target_kind, other_kind, f"sub_{subroutine}"):
-        if kind not in test or len(test[kind]) == 0:
-            raise ValueError(f"test split has no {kind!r} problems")
-    variants = fixed_variants(mask, seed)
-    if "ablmean" in variants:
-        ref = reference if reference is not None else test[f"sub_{subroutine}"]
-        variants["ablmean"].set_mean(adapter, ref.flat_inputs())
-    row: dict[str, Any] = {}
-    for name, m in variants.items():
-        row[f"{name}_target_acc"] = adapter.accuracy(test[target_kind], m)
-        row[f"{name}_other_acc"] = adapter.accuracy(test[other_kind], m)
-    for col in ("target", "other"):
-        row[f"ablzero_{col}_acc"] = row[f"abl_{col}_acc"]
-        if ablation == "mean" and f"ablmean_{col}_acc" in row:
-            row[f"abl_{col}_acc"] = row[f"ablmean_{col}_acc"]
-    row["sub_sub_acc"] = adapter.accuracy(test[f"sub_{subroutine}"], variants["sub"])
-    row["sub_diff"] = clipped_diff(row["sub_target_acc"], row["sub_other_acc"], chance)
-    row["abl_diff"] = clipped_diff(row["abl_target_acc"], row["abl_other_acc"], chance)
-    row["randabl_diff"] = clipped_diff(row["randabl_target_acc"], row["randabl_other_acc"], chance)
-    row["compositional"] = bool(row["sub_diff"] > margin and row["abl_diff"] < -margin)
-    row["density"] = float(mask.density())
-    row["n_kept"] = int(mask.flat_binary().sum())
+    from subroutine_circuits.analysis.inference import COMPOSITIONAL, run_verdict
+    from subroutine_circuits.masks.ablator import ABLATIONS, reference_ablator
+
+    run = RunToEvaluate(subroutine, other, seed, mask, True, draw_seed=seed)
+    if hasattr(mask, "unit_map"):
+        if reference is None and ablation != "zero":
+            raise ValueError(f"{ablation} ablation needs reference problems")
+        kinds = ABLATIONS if reference is not None else ("zero",)
+        flat = reference.flat_inputs() if reference is not None else {}
+        abls = {k: reference_ablator(adapter, mask.unit_map, flat, k, seed) for k in kinds}
+        row = evaluate_unit_runs(adapter, [run], test, abls, ablation, n_random, chance)[0]
+    else:
+        row = evaluate_weight_runs(adapter, [run], test, n_random, chance)[0]
+    row["verdict"] = run_verdict(row, margin=margin)
+    row["compositional"] = row["verdict"] == COMPOSITIONAL
     return row

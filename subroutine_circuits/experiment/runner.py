@@ -24,12 +24,17 @@ from subroutine_circuits.utils import resolve_device
 #: Column order of results.csv (each column is documented in docs/RESULTS.md).
 RESULT_COLUMNS = [
     "task", "model", "init", "base_seed", "mask_seed", "subroutine", "other", "mask_kind",
-    "density", "n_kept", "composite_acc", "base_ok", "full_target_acc", "full_other_acc",
+    "verdict", "compositional", "base_ok", "bypass", "mask_ok", "mask_val_acc", "mask_steps",
+    "mask_best_step", "mask_stopped_early", "mask_final_temp", "ablation",
+    "density", "n_kept", "density_head", "density_neuron", "n_kept_head", "n_kept_neuron",
+    "composite_acc", "composite_val_acc", "full_target_acc", "full_other_acc",
     "full_sub_acc", "sub_target_acc", "sub_other_acc", "sub_sub_acc", "abl_target_acc",
     "abl_other_acc", "ablzero_target_acc", "ablzero_other_acc", "ablmean_target_acc",
-    "ablmean_other_acc", "ablreinit_target_acc",
-    "ablreinit_other_acc", "randabl_target_acc", "randabl_other_acc", "sub_diff", "abl_diff",
-    "randabl_diff", "compositional", "mask_path", "hparams", "val_score",
+    "ablmean_other_acc", "ablresample_target_acc", "ablresample_other_acc",
+    "ablreinit_target_acc", "ablreinit_other_acc", "randabl_target_acc", "randabl_other_acc",
+    "sub_diff", "abl_diff", "ablzero_diff", "ablmean_diff", "ablresample_diff", "ablreinit_diff",
+    "randabl_diff", "randabl_diff_mean", "randabl_p", "randabl_n_distinct", "n_random",
+    "mask_path", "hparams", "val_score",
 ]  # fmt: skip
 
 # Settings that do not change any result: a folder may be resumed with other values of these.
@@ -110,6 +115,13 @@ def write_manifest(
         "timings": {**timings, "base_models": sorted(infos, key=lambda i: i["base_id"])},
         "excluded_base_models": sorted(i["base_id"] for i in infos if not i["base_ok"]),
         "base_models": {i["base_id"]: i["composite_acc"] for i in infos},
+        # exclusion uses the VALIDATION composite accuracy (base_models: test, for reference)
+        "base_models_val": {i["base_id"]: i.get("composite_val_acc") for i in infos},
+        # per base model: accuracies with every maskable unit ablated, bypass flag and path
+        "bypass_check": {i["base_id"]: i.get("bypass_check") for i in infos},
+        "bypass_base_models": sorted(
+            i["base_id"] for i in infos if (i.get("bypass_check") or {}).get("bypass")
+        ),
         # timings of earlier invocations into this folder (a resumed run times only its part)
         "previous_timings": [*previous.get("previous_timings", []),
                              *([previous["timings"]] if "timings" in previous else [])],

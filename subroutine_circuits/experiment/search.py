@@ -1,13 +1,26 @@
-"""Mask search: train a binary mask over a frozen model for one subroutine's OOO problems.
+"""Mask search: binary masks over a frozen model, trained to convergence on one subroutine's
+training problems and chosen on VALIDATION problems (the test split is never looked at here).
 
 The objective is 4-way cross-entropy on the subroutine's training problems plus an L0 penalty
-(expected number of kept units, normalised by the number of units). A small grid of mask
-hyperparameters is compared on VALIDATION problems only; the test split is never looked at here.
+(expected number of kept units, normalised by the number of units), under the experiment's one
+ablation (:class:`~subroutine_circuits.masks.ablator.Ablator`). Training follows
+:func:`~subroutine_circuits.masks.converge.mask_schedule`: a budget in epochs, a validation
+plateau stop, the best checkpoint kept, and continuous sparsification annealed to ``temp_max``
+by the last step of the budget.
+
+Every (grid point, mask seed, subroutine) is trained; for each subroutine the grid point with
+the best mean validation accuracy over mask seeds is chosen, ties (within ``tolerance``) broken
+by the smaller mean density. Two engines give the same masks: ``"batched"`` trains all unit
+masks of a base model in one loop (:func:`~subroutine_circuits.masks.converge.
+train_masks_converged`); ``"separate"`` trains them one by one (:func:`train_mask_run`; weight
+masks always run this way).
 """
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,6 +28,23 @@ import torch.nn.functional as F
 
 from subroutine_circuits.adapters.base import EncodedProblems
 from subroutine_circuits.experiment.config import MaskSearchConfig
+from subroutine_circuits.masks.ablator import Ablator
+from subroutine_circuits.masks.converge import MaskRun, Schedule, mask_schedule
+
+__all__ = [
+    "EncodedProblems",
+    "SubroutineSearch",
+    "accuracy",
+    "choose_point",
+    "encode",
+    "grid_points",
+    "make_mask",
+    "mask_schedule",
+    "search_all",
+    "search_mask",
+    "train_mask",
+    "train_mask_run",
+]
 
 
 def encode(adapter, problems, device: str | torch.device | None = None) -> EncodedProblems:
@@ -31,22 +61,110 @@ def accuracy(adapter, data: EncodedProblems, mask=None, batch_size: int = 256) -
 
 
 def make_mask(
-    adapter, cfg: MaskSearchConfig, hp: dict[str, Any], seed: int, ablation: str = "zero"
+    adapter, cfg: MaskSearchConfig, hp: dict[str, Any], seed: int, ablator: Ablator | None = None
 ):
-    """A fresh trainable mask (unit or weight) for the adapter's model with hyperparameters
-    ``hp`` (the adapter says where the units / maskable weights are)."""
-    from subroutine_circuits.masks import MaskConfig, UnitMask, WeightMask
+    """A fresh trainable mask (unit or weight) with hyperparameters ``hp``.
 
+    Unit masks ablate with ``ablator`` (zero when None; mean values copied in); weight masks
+    always zero their masked weights.
+    """
+    from subroutine_circuits.masks import MaskConfig, UnitMask, WeightMask
+    from subroutine_circuits.masks.ablator import apply_to_unit_mask
+
+    ablator = ablator if ablator is not None else Ablator("zero")
+    kind = ablator.kind if cfg.kind == "unit" else "zero"
     mcfg = MaskConfig(
         parametrization=cfg.parametrization,
         init=float(hp.get("init", cfg.init)),
-        ablation=ablation,
+        ablation=kind,
         seed=seed,
     )
     if cfg.kind == "unit":
         unit_map = adapter.unit_map(kinds=cfg.unit_kinds, layers=hp.get("layers", cfg.layers))
-        return UnitMask(unit_map, mcfg)
+        return apply_to_unit_mask(UnitMask(unit_map, mcfg), ablator)
     return WeightMask(adapter.model, mcfg, adapter.weight_names(), init_std=adapter.init_std())
+
+
+def _set_temperature(mask, value: float) -> None:
+    """Continuous sparsification: every part's temperature becomes ``value``."""
+    from subroutine_circuits.masks.parametrization import ContinuousSparsification
+
+    for p in mask.parts:
+        if isinstance(p, ContinuousSparsification):
+            p.temperature.fill_(value)
+
+
+def train_mask_run(
+    adapter,
+    train: EncodedProblems,
+    cfg: MaskSearchConfig,
+    hp: dict[str, Any],
+    seed: int,
+    *,
+    val: EncodedProblems | None = None,
+    ablator: Ablator | None = None,
+    schedule: Schedule | None = None,
+    progress: bool = False,
+) -> MaskRun:
+    """Train one mask with the base model frozen; returns the best validation checkpoint.
+
+    Without ``val`` there is no evaluation and no early stop: the mask after the whole budget.
+    """
+    from tqdm.auto import tqdm
+
+    schedule = schedule if schedule is not None else mask_schedule(cfg, len(train))
+    adapter.freeze()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    device = train.odd.device
+    mask = make_mask(adapter, cfg, hp, seed, ablator).to(device)
+    mask.train()
+    opt = torch.optim.Adam(
+        [p for p in mask.parameters() if p.requires_grad], lr=float(hp.get("lr", cfg.lr))
+    )
+    l0_weight = float(hp.get("l0_weight", cfg.l0_weight))
+    n_units = max(1, int(mask.flat_binary().numel()))
+    plateau, best, order = schedule.plateau(), None, []
+    step, temp = 0, None
+    for step in tqdm(range(1, schedule.steps + 1), disable=not progress, desc="mask", leave=False):
+        if len(order) < cfg.batch_size:
+            perm = list(range(len(train)))
+            rng.shuffle(perm)
+            order.extend(perm)
+        batch = train.batch(torch.tensor(order[: cfg.batch_size], device=device))
+        del order[: cfg.batch_size]
+        with mask.applied(adapter.model):
+            scores = adapter.ooo_logits(batch.inputs)
+        loss = F.cross_entropy(scores, batch.odd) + l0_weight * mask.penalty() / n_units
+        if not torch.isfinite(loss):
+            raise ValueError(f"mask training produced a non-finite loss at step {step - 1}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if cfg.parametrization == "continuous":
+            temp = schedule.temperature(step)
+            _set_temperature(mask, temp)
+        if val is not None and schedule.evaluates_after(step):
+            mask.eval()
+            if plateau.update(adapter.accuracy(val, mask), mask.density(), step):
+                best = {k: v.detach().clone() for k, v in mask.state_dict().items()}
+            mask.train()
+            if plateau.stopped:
+                break
+    if best is not None:
+        mask.load_state_dict(best)
+    mask.eval()
+    val_acc = plateau.best_acc if val is not None else math.nan
+    return MaskRun(
+        mask,
+        val_acc,
+        mask.density(),
+        step,
+        plateau.best_step or step,
+        temp,
+        step < schedule.steps,
+        list(plateau.history),
+    )
 
 
 def train_mask(
@@ -56,54 +174,135 @@ def train_mask(
     hp: dict[str, Any],
     seed: int,
     progress: bool = False,
+    pool: str | None = None,
+    **kwargs: Any,
 ):
-    """Train one mask on ``train`` with the base model frozen; returns the mask in eval mode.
+    """:func:`train_mask_run`, returning only the mask (eval mode). ``adapter`` may also be a
+    plain model (wrapped with ``as_adapter(model, pool=pool)``)."""
+    if not hasattr(adapter, "ooo_logits"):
+        from subroutine_circuits.adapters import as_adapter
 
-    The objective is 4-way cross-entropy of the adapter's OOO readout plus ``l0_weight`` times
-    the expected number of kept units (or weights) divided by their total.
-    """
-    from tqdm.auto import tqdm
-
-    model = adapter.model
-    for p in model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    device = train.odd.device
-    mask = make_mask(adapter, cfg, hp, seed).to(device)
-    mask.train()
-    params = [p for p in mask.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=float(hp.get("lr", cfg.lr)))
-    l0_weight = float(hp.get("l0_weight", cfg.l0_weight))
-    steps = int(hp.get("steps", cfg.steps))
-    n_units = max(1, int(mask.flat_binary().numel()))
-    n = len(train)
-    order: list[int] = []
-    for step in tqdm(range(steps), disable=not progress, desc="mask", leave=False):
-        if len(order) < cfg.batch_size:
-            perm = list(range(n))
-            rng.shuffle(perm)
-            order.extend(perm)
-        idx = torch.tensor(order[: cfg.batch_size], device=device)
-        del order[: cfg.batch_size]
-        batch = train.batch(idx)
-        with mask.applied(model):
-            scores = adapter.ooo_logits(batch.inputs)
-        loss = F.cross_entropy(scores, batch.odd) + l0_weight * mask.penalty() / n_units
-        if not torch.isfinite(loss):
-            raise ValueError(f"mask training produced a non-finite loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if hasattr(mask, "step_temperature") and (step + 1) % max(1, steps // 10) == 0:
-            mask.step_temperature()
-    mask.eval()
-    return mask
+        adapter = as_adapter(adapter, pool=pool)
+    return train_mask_run(adapter, train, cfg, hp, seed, progress=progress, **kwargs).mask
 
 
 def grid_points(cfg: MaskSearchConfig) -> list[dict[str, Any]]:
     """The hyperparameter points to compare (at least one: the defaults)."""
     return [dict(p) for p in cfg.grid] or [{}]
+
+
+def choose_point(
+    runs: dict[tuple[int, int], MaskRun], n_points: int, tolerance: float
+) -> tuple[int, list[dict[str, Any]]]:
+    """The chosen grid point from ``runs[(point, seed)]``, and the log of every point.
+
+    Best mean validation accuracy over mask seeds; points within ``tolerance`` of it count as
+    equal and the one with the smaller mean density wins (then higher accuracy, then order).
+    """
+    log = []
+    for p in range(n_points):
+        rs = [r for (q, _), r in sorted(runs.items()) if q == p]
+        accs = [r.val_acc for r in rs]
+        log.append(
+            {
+                "val_acc": sum(accs) / len(accs),
+                "density": sum(r.density for r in rs) / len(rs),
+                "runs": {str(s): r.info() for (q, s), r in sorted(runs.items()) if q == p},
+            }
+        )
+    best = max(e["val_acc"] for e in log)
+    eligible = [i for i, e in enumerate(log) if e["val_acc"] >= best - tolerance]
+    return min(eligible, key=lambda i: (log[i]["density"], -log[i]["val_acc"], i)), log
+
+
+@dataclass
+class SubroutineSearch:
+    """The search of one subroutine: chosen point, the log of every point, the chosen runs."""
+
+    hp: dict[str, Any]
+    log: list[dict[str, Any]]
+    runs: dict[int, MaskRun] = field(default_factory=dict)  # mask seed -> run at the chosen hp
+
+
+def _jobs(subs: list[str], points: list[dict], seeds: list[int]) -> list[tuple[str, int, int]]:
+    """Every (subroutine, grid point index, mask seed) to train, in a fixed order."""
+    return [(s, p, m) for s in subs for p in range(len(points)) for m in seeds]
+
+
+def _train_all(adapter, train, val, cfg, jobs, points, ablator, engine, progress):
+    """Train every job; returns ``{job: MaskRun}``."""
+    from subroutine_circuits.masks.converge import train_masks_converged
+
+    subs = sorted({s for s, _, _ in jobs}, key=[j[0] for j in jobs].index)
+    n_train = max(len(train[s]) for s in subs)
+    schedule = mask_schedule(cfg, n_train)
+    if engine == "separate" or cfg.kind != "unit":
+        return {
+            (s, p, m): train_mask_run(
+                adapter,
+                train[s],
+                cfg,
+                points[p],
+                m,
+                val=val[s],
+                ablator=ablator,
+                schedule=schedule,
+                progress=progress,
+            )
+            for s, p, m in jobs
+        }
+    out: dict = {}
+    groups: dict[str, list] = {}
+    for j in jobs:  # one batched loop per unit map (grid points may choose other layers)
+        groups.setdefault(repr(points[j[1]].get("layers", cfg.layers)), []).append(j)
+    for group in groups.values():
+        runs = train_masks_converged(
+            adapter.model,
+            [train[s] for s in subs],
+            [val[s] for s in subs],
+            cfg,
+            [points[p] for _, p, _ in group],
+            [m for _, _, m in group],
+            schedule,
+            ablator,
+            adapter.pool,
+            data_index=[subs.index(s) for s, _, _ in group],
+            noise=cfg.noise,
+            progress=progress,
+        )
+        out.update(zip(group, runs))
+    return out
+
+
+def search_all(
+    adapter,
+    train: dict[str, EncodedProblems],
+    val: dict[str, EncodedProblems],
+    cfg: MaskSearchConfig,
+    seeds: list[int],
+    ablator: Ablator,
+    engine: str = "batched",
+    progress: bool = False,
+) -> dict[str, SubroutineSearch]:
+    """Train every (subroutine, grid point, mask seed) and choose each subroutine's point.
+
+    ``train`` / ``val`` map subroutine names to their own problems (``sub_<name>``).
+    """
+    if engine not in ("batched", "separate"):
+        raise ValueError(f"unknown mask engine {engine!r}; choose 'batched' or 'separate'")
+    points = grid_points(cfg)
+    subs = list(train)
+    runs = _train_all(
+        adapter, train, val, cfg, _jobs(subs, points, seeds), points, ablator, engine, progress
+    )
+    out = {}
+    for s in subs:
+        mine = {(p, m): r for (t, p, m), r in runs.items() if t == s}
+        best, log = choose_point(mine, len(points), cfg.tolerance)
+        for i, e in enumerate(log):
+            e["hp"] = points[i]
+        out[s] = SubroutineSearch(points[best], log, {m: mine[(best, m)] for m in seeds})
+    return out
 
 
 def search_mask(
@@ -112,18 +311,16 @@ def search_mask(
     val: EncodedProblems,
     cfg: MaskSearchConfig,
     seed: int,
+    ablator: Ablator | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
-    """Choose mask hyperparameters on validation data: best val accuracy, ties -> sparser.
-
-    Returns the chosen point, a log of every point (val accuracy and density) and the mask
-    trained at the chosen point (with ``seed``, so a caller can reuse it for that mask seed).
-    """
-    log, masks = [], []
-    for hp in grid_points(cfg):
-        mask = train_mask(adapter, train, cfg, hp, seed)
-        masks.append(mask)
-        log.append({"hp": hp, "val_acc": adapter.accuracy(val, mask), "density": mask.density()})
-    best_acc = max(e["val_acc"] for e in log)
-    eligible = [i for i, e in enumerate(log) if e["val_acc"] >= best_acc - cfg.tolerance]
-    best = min(eligible, key=lambda i: (log[i]["density"], -log[i]["val_acc"]))
-    return log[best]["hp"], log, masks[best]
+    """One subroutine, one mask seed: ``(chosen hp, log, chosen mask)`` (separate engine)."""
+    res = search_all(
+        adapter,
+        {"sub": train},
+        {"sub": val},
+        cfg,
+        [seed],
+        ablator if ablator is not None else Ablator("zero"),
+        "separate",
+    )["sub"]
+    return res.hp, res.log, res.runs[seed].mask

@@ -6,22 +6,16 @@ skipped, which is what makes a study resumable).
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from subroutine_circuits.experiment.config import ExperimentConfig
 from subroutine_circuits.experiment.data import Prepared, other_subroutine, prepare
-from subroutine_circuits.experiment.jobs import (
-    BaseModelJob,
-    EvaluationJob,
-    MaskSearchJob,
-    PatchingJob,
-    plan_base_model,
-)
+from subroutine_circuits.experiment.jobs import BaseModelJob, PatchingJob, plan_base_model
+from subroutine_circuits.experiment.verdicts import run_masks_stage
 from subroutine_circuits.store import RunStore
 from subroutine_circuits.utils import resolve_device
 
@@ -30,13 +24,22 @@ from subroutine_circuits.utils import resolve_device
 
 @dataclass
 class BaseModel:
-    """A frozen base model (through its adapter), its metadata and its encoded splits."""
+    """A frozen base model (through its adapter), its metadata and its encoded splits.
+
+    ``base_ok`` compares the VALIDATION composite accuracy with ``min_composite_acc``
+    (random-init models are controls: always ok); ``bypass`` is the bypass check's flag
+    (``meta["bypass_check"]``, see ``experiment.verdicts``); ``ablators`` the reference
+    ablations (by kind) from the training composite problems.
+    """
 
     adapter: Any
     meta: dict[str, Any]
     enc: dict[str, dict[str, Any]]  # split -> kind -> EncodedProblems
     composite_acc: float
     base_ok: bool
+    val_composite_acc: float = float("nan")
+    bypass: bool = False
+    ablators: dict[str, Any] = field(default_factory=dict)
 
 
 def _load_user_checkpoint(path: str, device: str):
@@ -123,6 +126,11 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
     encode the splits and measure its test accuracies (saved with the checkpoint)."""
     from subroutine_circuits.adapters import as_adapter
     from subroutine_circuits.experiment.search import encode
+    from subroutine_circuits.experiment.verdicts import (
+        bypass_check,
+        bypass_setting,
+        reference_ablators,
+    )
     from subroutine_circuits.models import load_checkpoint, save_checkpoint
 
     cfg = job.cfg
@@ -139,116 +147,29 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
         for split, kinds in prep.splits.items()
     }
     test = enc["test"]
-    if "composite_acc" not in meta:
+    ablators = {}
+    if cfg.mask.kind == "unit":
+        ablators = reference_ablators(adapter, cfg, enc["train"]["composite"], seed=job.seed)
+    stale = bypass_setting(cfg) != {
+        k: meta.get("bypass_check", {}).get(k) for k in bypass_setting(cfg)
+    }
+    if "composite_val_acc" not in meta or stale:
         meta["composite_acc"] = adapter.accuracy(test["composite"])
+        meta["composite_val_acc"] = adapter.accuracy(enc["val"]["composite"])
         meta["full"] = {kind: adapter.accuracy(data) for kind, data in test.items()}
+        meta["bypass_check"] = bypass_check(
+            adapter, cfg, enc["val"], prep.subroutines, ablators.get(cfg.ablation)
+        )
         save_checkpoint(model_dir, model, prep.tokenizer, meta)
-    composite_acc = float(meta["composite_acc"])
-    base_ok = job.init == "random_init" or composite_acc >= cfg.min_composite_acc
-    return BaseModel(adapter, meta, enc, composite_acc, base_ok)
+    val_acc = float(meta["composite_val_acc"])
+    base_ok = job.init == "random_init" or val_acc >= cfg.min_composite_acc  # never test data
+    return BaseModel(adapter, meta, enc, float(meta["composite_acc"]), base_ok, val_acc,
+                     bool(meta["bypass_check"]["bypass"]), ablators)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- masks
-
-
-@dataclass
-class SearchResult:
-    """The chosen hyperparameters, the log of every grid point, and the mask trained at the
-    chosen point with the search's seed (None when the search was loaded from the store)."""
-
-    hp: dict[str, Any]
-    log: list[dict[str, Any]]
-    mask: Any = None
-
-
-def mask_search_stage(job: MaskSearchJob, cfg: ExperimentConfig, base: BaseModel) -> SearchResult:
-    """Train a mask per grid point on the subroutine's training problems; choose on validation."""
-    from subroutine_circuits.experiment.search import search_mask
-
-    kind = f"sub_{job.subroutine}"
-    hp, log, mask = search_mask(
-        base.adapter, base.enc["train"][kind], base.enc["val"][kind], cfg.mask, seed=job.seed
-    )
-    return SearchResult(hp, log, mask)
-
-
-def evaluation_stage(
-    job: EvaluationJob,
-    cfg: ExperimentConfig,
-    base: BaseModel,
-    hp: dict[str, Any],
-    mask: Any = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Train the mask of ``job`` (unless given) and evaluate its ablation matrix on test data.
-
-    Returns ``(mask, row)``; ``row`` has the ablation-matrix columns and ``val_score``.
-    """
-    from subroutine_circuits.experiment.evaluate import ablation_matrix
-    from subroutine_circuits.experiment.search import train_mask
-
-    kind = f"sub_{job.subroutine}"
-    if mask is None:
-        mask = train_mask(base.adapter, base.enc["train"][kind], cfg.mask, hp, job.mask_seed)
-    val_score = base.adapter.accuracy(base.enc["val"][kind], mask)
-    row = ablation_matrix(
-        base.adapter, mask, base.enc["test"], job.subroutine, job.other, seed=job.mask_seed,
-        reference=base.enc["train"][kind], chance=cfg.chance, margin=cfg.margin,
-        ablation=cfg.ablation,
-    )  # fmt: skip
-    row["val_score"] = val_score
-    return mask, row
-
-
-def _run_row(
-    job: EvaluationJob, base_job: BaseModelJob, base: BaseModel, hp: dict, row: dict, rel: str
-) -> dict[str, Any]:
-    """The results.csv row of one evaluation (columns documented in docs/RESULTS.md)."""
-    cfg, meta = base_job.cfg, base.meta
-    val_score = row.pop("val_score")
-    row.update(
-        task=base_job.task,
-        model=cfg.model.preset if not cfg.model.checkpoint else "checkpoint",
-        init=base_job.init, base_seed=base_job.seed, mask_seed=job.mask_seed,
-        subroutine=job.subroutine, other=job.other,
-        mask_kind=cfg.mask.kind, composite_acc=base.composite_acc, base_ok=base.base_ok,
-        full_target_acc=meta["full"][f"partition_{job.subroutine}"],
-        full_other_acc=meta["full"][f"partition_{job.other}"],
-        full_sub_acc=meta["full"][f"sub_{job.subroutine}"],
-        mask_path=rel, hparams=json.dumps(hp, sort_keys=True),
-        val_score=val_score,
-    )  # fmt: skip
-    return row
-
-
-def run_subroutine_masks(
-    base_job: BaseModelJob,
-    base: BaseModel,
-    store: RunStore,
-    search: MaskSearchJob,
-    evaluations: list[EvaluationJob],
-) -> None:
-    """The search of one subroutine (loaded if stored) and every unfinished evaluation of it."""
-    from subroutine_circuits.masks import save_mask
-
-    cfg = base_job.cfg
-    chosen = store.read_search(search.base, search.subroutine)
-    reuse: dict[int, Any] = {}
-    if chosen is None:
-        res = mask_search_stage(search, cfg, base)
-        chosen = {"hp": res.hp, "log": res.log}
-        store.write_search(search.base, search.subroutine, chosen)
-        reuse[search.seed] = res.mask  # same hp and seed: the same training
-    for ev in evaluations:
-        if store.run_done(ev.key):
-            continue
-        mask, row = evaluation_stage(ev, cfg, base, chosen["hp"], reuse.pop(ev.mask_seed, None))
-        rel = store.mask_rel(ev.key)
-        save_mask(
-            store.mask_path(ev.key), mask, base.adapter,
-            {"subroutine": ev.subroutine, "base_id": ev.base, "mask_seed": ev.mask_seed,
-             "hparams": chosen["hp"]},
-        )  # fmt: skip
-        store.write_run(ev.key, _run_row(ev, base_job, base, chosen["hp"], row, rel))
+# The mask search, evaluation and verdict of a base model live in experiment.verdicts
+# (run_masks_stage); experiment.search and experiment.evaluate hold their pieces.
 
 
 # ----------------------------------------------------------------------------- patching
@@ -313,9 +234,7 @@ def run_base_model_job(job: BaseModelJob, prep: Prepared | None = None) -> dict[
     }
     plan = plan_base_model(job, prep.subroutines, others)
     t1 = time.time()
-    for search in plan.searches:
-        evals = [e for e in plan.evaluations if e.subroutine == search.subroutine]
-        run_subroutine_masks(job, base, store, search, evals)
+    run_masks_stage(job, base, store, plan.searches, plan.evaluations)
     timings["masks"] = time.time() - t1
     t2 = time.time()
     for pjob in plan.patchings:
@@ -327,6 +246,8 @@ def run_base_model_job(job: BaseModelJob, prep: Prepared | None = None) -> dict[
     return {
         "base_id": job.key,
         "composite_acc": base.composite_acc,
+        "composite_val_acc": base.val_composite_acc,
         "base_ok": base.base_ok,
+        "bypass_check": base.meta["bypass_check"],
         **timings,
     }

@@ -24,7 +24,7 @@ CPU ``torch.Generator`` (seeded with its seed) when the group's hook fires, exac
 ``[n_units]`` vector per mask and step from a per-mask generator on the model's device (no host
 work, no transfers: the fast path on GPUs; reproducible per seed and independent of the other
 masks of the batch, but on a GPU not equal to ``train_mask``'s CPU stream; on the CPU it equals
-``exact`` whenever the hooks fire in unit-map order, as for ``UnitMap.from_model``).
+``exact`` whenever the hooks fire in unit-map order, as for ``adapters.tl_unit_map``).
 ``"auto"`` picks ``exact`` on CPU and ``device`` elsewhere.
 """
 
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .ablator import AblationState, Ablator
 from .parametrization import Ablation, MaskConfig
 from .unit_mask import UnitMask
 from .units import UnitMap
@@ -222,6 +223,8 @@ class BatchedUnitMask(nn.Module):
         ablation_values: per mask ``{hook_name: tensor}`` mean values (or None for zero
             ablation); a single mapping is shared by all masks.
         noise: ``"auto"``, ``"exact"`` or ``"device"`` (see the module docstring).
+        ablator: one :class:`~subroutine_circuits.masks.ablator.Ablator` for all masks
+            (position-aware mean, zero or resample) instead of ``ablation_values``.
 
     In ``train()`` mode the hooks use soft / sampled masks, in ``eval()`` mode the binary masks.
     """
@@ -232,6 +235,7 @@ class BatchedUnitMask(nn.Module):
         cfgs: Sequence[MaskConfig],
         ablation_values: Sequence[Mapping[str, Tensor] | None] | Mapping[str, Tensor] | None = None,
         noise: str = "auto",
+        ablator: Ablator | None = None,
     ):
         super().__init__()
         if not isinstance(unit_map, UnitMap):
@@ -251,9 +255,12 @@ class BatchedUnitMask(nn.Module):
                     )
             if Ablation.parse(c.ablation) == Ablation.REINIT:
                 raise ValueError("ablation 'reinit' applies to weight masks; use zero or mean")
-            if Ablation.parse(c.ablation) == Ablation.RESAMPLE:
-                raise ValueError("batched masks support zero and mean ablation, not resample")
+            if Ablation.parse(c.ablation) == Ablation.RESAMPLE and ablation_values is not None:
+                raise ValueError("batched resample ablation comes from an Ablator (use_ablator)")
         self.unit_map = unit_map
+        self.ablator: Ablator | None = None  # set by use_ablator: replaces ablation_values
+        self.ablation_state: AblationState | None = None
+        self._recording: dict[str, Tensor] | None = None
         self.cfgs = cfgs
         self.k = len(cfgs)
         self.parametrization = c0.parametrization
@@ -283,12 +290,14 @@ class BatchedUnitMask(nn.Module):
                 raise ValueError(f"{len(per_mask)} ablation value sets for {self.k} masks")
         for i, (c, v) in enumerate(zip(cfgs, per_mask)):
             abl = Ablation.parse(c.ablation)
-            if abl == Ablation.MEAN and v is None:
+            if abl == Ablation.MEAN and v is None and ablator is None:
                 raise ValueError(f"mask {i} uses mean ablation but has no ablation values")
             if abl == Ablation.ZERO:
                 per_mask[i] = None
         self.ablation_values = [None if v is None else dict(v) for v in per_mask]
         self._abl = _stack_ablation(unit_map, self.ablation_values)
+        if ablator is not None:
+            self.use_ablator(ablator)
 
     # ------------------------------------------------------------------ construction helpers
     def _resolved_noise(self) -> str:
@@ -369,8 +378,45 @@ class BatchedUnitMask(nn.Module):
                 f"activation at {g.hook_name!r} has shape {tuple(x.shape)}; expected size "
                 f"{g.size} on axis {g.axis}"
             )
-        a = None if self._abl is None else self._abl[g.hook_name]
+        if self._recording is not None:  # the clean source pass of resample ablation
+            self._recording[g.hook_name] = x.detach()
+            return x
+        if self.ablator is not None:
+            a = self.ablator.value(g, x, self.ablation_state)
+        else:
+            a = None if self._abl is None else self._abl[g.hook_name]
         return mix_slices(x, self.group_values(gi), g.axis, a)
+
+    def use_ablator(self, ablator: Ablator) -> BatchedUnitMask:
+        """Ablate with ``ablator`` (shared by all K masks; its kind must be theirs)."""
+        kinds = {Ablation.parse(c.ablation).value for c in self.cfgs}
+        if kinds != {ablator.kind}:
+            raise ValueError(f"the masks ablate with {sorted(kinds)}, the ablator {ablator.kind}")
+        ablator.check(self.unit_map)
+        self.ablator = ablator
+        return self
+
+    def begin_batch(
+        self,
+        model: nn.Module,
+        tokens: Int[Tensor, "rows pos"],
+        lengths: Int[Tensor, " rows"],
+        pad_state: dict,
+    ) -> None:
+        """Prepare the ablation of the next forward pass over ``tokens`` (the K slices)."""
+        if self.ablator is None:
+            return
+
+        def record(tok: Tensor, ln: Tensor) -> dict[str, Tensor]:
+            self._recording = {}
+            try:
+                with torch.no_grad():
+                    _clean_pass(model, tok, ln, pad_state)
+                return self._recording
+            finally:
+                self._recording = None
+
+        self.ablation_state = self.ablator.begin(tokens, lengths, self.k, False, record)
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[BatchedUnitMask]:
@@ -379,6 +425,8 @@ class BatchedUnitMask(nn.Module):
         In training with ``noise="device"`` call :meth:`new_step` before every forward pass.
         """
         self.unit_map.validate(model)
+        if self.ablator is None and any(c.ablation == "resample" for c in self.cfgs):
+            raise ValueError("resample ablation needs an Ablator: call use_ablator(...) first")
         hooks = [
             (g.hook_name, (lambda gi: lambda x, hook: self._hook(gi, x, hook))(i))
             for i, g in enumerate(self.unit_map.groups)
@@ -411,7 +459,10 @@ class BatchedUnitMask(nn.Module):
                         part.log_alpha.copy_(logits[k, sl])
                         part.generator = self.generators[k]
             m.generator = self.generators[k]
-            if self.ablation_values[k] is not None:
+            if self.ablator is not None and self.ablator.kind == "mean":
+                m.ablation_values = {h: v.cpu() for h, v in self.ablator.values.items()}
+                m.readout_values = {h: v.cpu() for h, v in self.ablator.readout_values.items()}
+            elif self.ablation_values[k] is not None:
                 m.ablation_values = {
                     h: v.detach().cpu() for h, v in self.ablation_values[k].items()
                 }
@@ -449,6 +500,20 @@ def _ooo_scores_nosync(
     return ooo_scores(emb.view(b, n_stim, -1))
 
 
+def _clean_pass(
+    model: nn.Module, tokens: Int[Tensor, "n pos"], lengths: Int[Tensor, " n"], pad_state: dict
+) -> None:
+    """Run the blocks on ``tokens`` (padded keys masked through ``pad_state``), no readout."""
+    from subroutine_circuits.models.readout import key_padding_mask
+
+    pad = key_padding_mask(lengths, tokens.shape[1])
+    pad_state["pad"] = pad
+    if hasattr(model, "encoder_output") and hasattr(model, "mlm_head"):
+        model.encoder_output(tokens, None, (~pad).long())
+    else:
+        model(tokens, stop_at_layer=model.cfg.n_layers)
+
+
 def _pad_hooks(model: nn.Module, pad_state: dict) -> list[tuple[str, Any]]:
     """Key-padding hooks on every ``hook_attn_scores`` reading ``pad_state["pad"]``."""
 
@@ -460,7 +525,7 @@ def _pad_hooks(model: nn.Module, pad_state: dict) -> list[tuple[str, Any]]:
 
 def _concat_problems(datasets: Sequence[Any]) -> tuple[Any, list[int]]:
     """Concatenate EncodedProblems (token widths padded to the widest); returns offsets."""
-    from subroutine_circuits.experiment.search import EncodedProblems
+    from subroutine_circuits.adapters.base import EncodedProblems
 
     width = max(d.tokens.shape[-1] for d in datasets)
     toks, lens, odds, offsets, acc = [], [], [], [], 0
@@ -473,10 +538,32 @@ def _concat_problems(datasets: Sequence[Any]) -> tuple[Any, list[int]]:
         odds.append(d.odd)
         offsets.append(acc)
         acc += len(d)
-    return EncodedProblems(torch.cat(toks), torch.cat(lens), torch.cat(odds)), offsets
+    inputs = {"tokens": torch.cat(toks), "lengths": torch.cat(lens)}
+    return EncodedProblems(inputs, torch.cat(odds)), offsets
 
 
 # ---------------------------------------------------------------------------- training
+def _tl_unit_map(model: nn.Module, layers: Any = None, kinds: Any = None) -> UnitMap:
+    """Heads and neurons of a TransformerLens model (``adapters.tl_unit_map``)."""
+    from subroutine_circuits.adapters.transformer_lens import tl_unit_map
+
+    return tl_unit_map(model, kinds=kinds, layers=layers)
+
+
+def _shared_steps(cfg: Any, hps: Sequence[Mapping[str, Any]], train: Any) -> int:
+    """The one step budget of K batched masks (``hp["steps"]``, ``cfg.steps`` or the epoch
+    budget of ``cfg``, see :func:`~subroutine_circuits.masks.converge.mask_schedule`)."""
+    from .converge import mask_schedule
+
+    sets = list(train) if isinstance(train, (list, tuple)) else [train]
+    n_train = max(len(d) for d in sets) if sets else 1
+    default = mask_schedule(cfg, max(1, n_train)).steps
+    steps_all = {int(h.get("steps", default)) for h in hps}
+    if len(steps_all) != 1:
+        raise ValueError(f"batched masks must share the number of steps, got {sorted(steps_all)}")
+    return steps_all.pop()
+
+
 def mask_configs(cfg: Any, hps: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> list:
     """The MaskConfig of each run, built as ``experiment.search.make_mask`` does."""
     return [
@@ -526,7 +613,7 @@ def train_masks_batched(
     Returns:
         K :class:`UnitMask` in eval mode (CPU), in the order of ``hps``.
     """
-    from subroutine_circuits.experiment.search import EncodedProblems
+    from subroutine_circuits.adapters.base import EncodedProblems
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
     hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
@@ -535,10 +622,7 @@ def train_masks_batched(
     if getattr(cfg, "kind", "unit") != "unit":
         raise ValueError("train_masks_batched trains unit masks; use a loop for weight masks")
     k = len(hps)
-    steps_all = {int(h.get("steps", cfg.steps)) for h in hps}
-    if len(steps_all) != 1:
-        raise ValueError(f"batched masks must share the number of steps, got {sorted(steps_all)}")
-    steps = steps_all.pop()
+    steps = _shared_steps(cfg, hps, train)
     layers_all = {repr(h.get("layers", cfg.layers)) for h in hps}
     if len(layers_all) != 1:
         raise ValueError("batched masks must share one unit map (same 'layers' for all)")
@@ -556,14 +640,12 @@ def train_masks_batched(
     device = next(model.parameters()).device
     data, offsets = _concat_problems([d.to(device) for d in datasets])
     lmax_cpu = data.lengths.amax(1).cpu()
-    data.tokens = data.tokens[..., : int(lmax_cpu.max())]
+    data.inputs["tokens"] = data.tokens[..., : int(lmax_cpu.max())]
     n_sets = [len(d) for d in datasets]
     # validate all tokens once (this is the only host sync outside the chunk boundaries)
     check_tokens(model, data.tokens.reshape(-1, data.tokens.shape[-1]), data.lengths.reshape(-1))
 
-    unit_map = UnitMap.from_model(
-        model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds
-    )
+    unit_map = _tl_unit_map(model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds)
     cfgs = mask_configs(cfg, hps, seeds)
     if isinstance(ablation_values, Mapping):
         for c in cfgs:
@@ -581,7 +663,7 @@ def train_masks_batched(
     bsz = int(cfg.batch_size)
     rngs = [random.Random(s) for s in seeds]
     orders: list[list[int]] = [[] for _ in range(k)]
-    temp_every = max(1, steps // 10)
+    temp_max = float(getattr(cfg, "temp_max", 200.0))
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     pad_state: dict = {}
     autocast = (
@@ -626,8 +708,8 @@ def train_masks_batched(
                 opt.zero_grad()
                 loss_k.sum().backward()
                 opt.step()
-                if (s + 1) % temp_every == 0:
-                    bm.step_temperature()
+                with torch.no_grad():  # continuous: T reaches temp_max at the last step
+                    bm.temperature.fill_(temp_max ** ((s + 1) / steps))
             bar.update(c1 - c0)
             if bool((first_bad >= 0).any()):  # one sync per chunk
                 i = int((first_bad >= 0).nonzero()[0])
@@ -695,27 +777,33 @@ def fixed_mask_scores(
     *,
     unit_map: UnitMap | None = None,
     ablation_values: Sequence[Mapping[str, Tensor] | None] | Mapping[str, Tensor] | None = None,
+    ablator: Ablator | None = None,
     max_rows: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> Float[Tensor, "k b 4"]:
     """OOO logits of ``data`` (EncodedProblems) under each of K fixed binary unit masks.
 
     ``masks`` are fixed :class:`UnitMask` objects (zero or mean ablation, values taken from
-    them) or a ``[K, n_units]`` boolean tensor with ``unit_map`` (and optional
-    ``ablation_values``: one mapping shared by all, or one per mask, None = zero). The problems
-    are repeated once per mask along the batch, in forward passes of at most ``max_rows``
-    sequences (masks and problems chunked; default 1024 on the CPU, where large batches only
-    spill the caches, 16384 on accelerators). Returned on the CPU.
+    them) or a ``[K, n_units]`` boolean tensor with ``unit_map`` and either ``ablation_values``
+    (one mapping shared by all, or one per mask, None = zero) or an ``ablator``
+    (:class:`~subroutine_circuits.masks.ablator.Ablator`: position-aware mean, zero or resample,
+    shared by all masks). The problems are repeated once per mask along the batch, in forward
+    passes of at most ``max_rows`` sequences (masks and problems chunked; default 256 on the
+    CPU, where large batches only spill the caches, 16384 on accelerators). Returned on the CPU.
     """
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
     device = next(model.parameters()).device
     if max_rows is None:
-        max_rows = 1024 if device.type == "cpu" else 16384
+        max_rows = 256 if device.type == "cpu" else 16384
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if ablator is not None and (ablation_values is not None or not isinstance(masks, Tensor)):
+        raise ValueError("an ablator goes with a [K, n_units] mask tensor, without ablation_values")
     unit_map, keep, abls = _fixed_inputs(masks, unit_map, ablation_values)
     unit_map.validate(model)
+    if ablator is not None:
+        ablator.check(unit_map)
     pool = resolve_pool(model, pool)
     n, n_stim, _ = data.tokens.shape
     if n == 0:
@@ -724,51 +812,81 @@ def fixed_mask_scores(
     tokens_all = data.tokens[..., : int(lmax_cpu.max())].to(device)
     lengths_all = data.lengths.to(device)
     check_tokens(model, tokens_all.reshape(-1, tokens_all.shape[-1]), lengths_all.reshape(-1))
-    abl_all = _stack_ablation(unit_map, abls, device)
-    keep_f = keep.to(device=device, dtype=torch.float32)
+    run = _FixedRun(model, unit_map, keep.to(device=device, dtype=torch.float32), pool)
+    run.abl_all = None if ablator is not None else _stack_ablation(unit_map, abls, device)
+    run.ablator = ablator
     k = keep.shape[0]
-    per_prob = n_stim
-    pc = max(1, min(n, max_rows // per_prob))
-    kc = max(1, min(k, max_rows // (per_prob * pc)))
+    pc = max(1, min(n, max_rows // n_stim))
+    kc = max(1, min(k, max_rows // (n_stim * pc)))
     out = torch.empty(k, n, n_stim, device=device)
-    pad_state: dict = {}
-    state: dict = {}
-
-    def hook(gi: int, x: Tensor, hook=None) -> Tensor:
-        g = unit_map.groups[gi]
-        sl = slices[gi]
-        a = None if state["abl"] is None else state["abl"][g.hook_name]
-        return mix_slices(x, state["keep"][:, sl], g.axis, a)
-
-    slices = [slice(o, o + g.size) for o, g in zip(unit_map.offsets(), unit_map.groups)]
-    hooks = [
-        (g.hook_name, (lambda gi: lambda x, h: hook(gi, x, h))(i))
-        for i, g in enumerate(unit_map.groups)
-    ]
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    with _hooks_on(model, hooks), _hooks_on(model, _pad_hooks(model, pad_state)):
+    with _hooks_on(model, run.hooks()), _hooks_on(model, _pad_hooks(model, run.pad_state)):
         for p0 in range(0, n, pc):
             p1 = min(n, p0 + pc)
             width = int(lmax_cpu[p0:p1].max())
-            tok = tokens_all[p0:p1, :, :width]
-            lens = lengths_all[p0:p1]
+            tok, lens = tokens_all[p0:p1, :, :width], lengths_all[p0:p1]
             for k0 in range(0, k, kc):
                 k1 = min(k, k0 + kc)
-                m = k1 - k0
-                state["keep"] = keep_f[k0:k1]
-                state["abl"] = (
-                    None if abl_all is None else {h: v[k0:k1] for h, v in abl_all.items()}
-                )
-                rep_tok = tok.repeat(m, 1, 1)
-                rep_len = lens.repeat(m, 1)
                 with autocast:
-                    scores = _ooo_scores_nosync(model, rep_tok, rep_len, pool, pad_state)
-                out[k0:k1, p0:p1] = scores.float().view(m, p1 - p0, n_stim)
+                    scores = run.scores(tok, lens, k0, k1)
+                out[k0:k1, p0:p1] = scores.float().view(k1 - k0, p1 - p0, n_stim)
     return out.cpu()
+
+
+class _FixedRun:
+    """The hooks and per-chunk state of :func:`fixed_mask_scores`."""
+
+    def __init__(self, model: nn.Module, unit_map: UnitMap, keep_f: Tensor, pool: str):
+        self.model, self.unit_map, self.keep_f, self.pool = model, unit_map, keep_f, pool
+        self.slices = [slice(o, o + g.size) for o, g in zip(unit_map.offsets(), unit_map.groups)]
+        self.abl_all: dict[str, Tensor] | None = None
+        self.ablator: Ablator | None = None
+        self.pad_state: dict = {}
+        self.keep: Tensor | None = None
+        self.abl: dict[str, Tensor] | None = None
+        self.state: AblationState | None = None
+        self.recording: dict[str, Tensor] | None = None
+
+    def hook(self, gi: int, x: Tensor) -> Tensor:
+        g = self.unit_map.groups[gi]
+        if self.recording is not None:
+            self.recording[g.hook_name] = x.detach()
+            return x
+        if self.ablator is not None:
+            a = self.ablator.value(g, x, self.state)
+        else:
+            a = None if self.abl is None else self.abl[g.hook_name]
+        return mix_slices(x, self.keep[:, self.slices[gi]], g.axis, a)
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        return [
+            (g.hook_name, (lambda gi: lambda x, h: self.hook(gi, x))(i))
+            for i, g in enumerate(self.unit_map.groups)
+        ]
+
+    def record(self, tok: Tensor, ln: Tensor) -> dict[str, Tensor]:
+        self.recording = {}
+        try:
+            _clean_pass(self.model, tok, ln, self.pad_state)
+            return self.recording
+        finally:
+            self.recording = None
+
+    def scores(self, tok: Tensor, lens: Tensor, k0: int, k1: int) -> Tensor:
+        """OOO logits of problems ``tok`` ``[p, 4, w]`` under masks ``k0:k1``: ``[m * p, 4]``."""
+        m = k1 - k0
+        self.keep = self.keep_f[k0:k1]
+        self.abl = None if self.abl_all is None else {h: v[k0:k1] for h, v in self.abl_all.items()}
+        if self.ablator is not None:
+            flat_tok, flat_len = tok.reshape(-1, tok.shape[-1]), lens.reshape(-1)
+            self.state = self.ablator.begin(flat_tok, flat_len, m, True, self.record)
+        return _ooo_scores_nosync(
+            self.model, tok.repeat(m, 1, 1), lens.repeat(m, 1), self.pool, self.pad_state
+        )
 
 
 @torch.no_grad()
@@ -784,7 +902,7 @@ def evaluate_fixed_masks(
     Keyword arguments as :func:`fixed_mask_scores`.
     """
     scores = fixed_mask_scores(model, data, masks, pool, **kwargs)
-    return (scores.argmax(-1) == data.odd.cpu()[None, :]).float().mean(1)
+    return (scores.argmax(-1) == data.odd.cpu()[None, :]).double().mean(1)
 
 
 # ---------------------------------------------------------------------------- random controls
@@ -866,10 +984,11 @@ def train_weight_masks_batched(
     then replaces (two draws per part and step for ``HookedTransformer``, one for encoders,
     whose readout bypasses ``forward``). Returns K :class:`WeightMask` (eval mode, CPU).
     """
-    from subroutine_circuits.experiment.search import EncodedProblems
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.adapters.transformer_lens import weight_names as default_param_names
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
-    from .weight_mask import WeightMask, default_param_names
+    from .weight_mask import WeightMask
 
     hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
     if len(hps) != len(seeds) or not hps:
@@ -877,10 +996,7 @@ def train_weight_masks_batched(
     if noise not in NOISE_MODES:
         raise ValueError(f"unknown noise mode {noise!r}; choose one of {list(NOISE_MODES)}")
     k = len(hps)
-    steps_all = {int(h.get("steps", cfg.steps)) for h in hps}
-    if len(steps_all) != 1:
-        raise ValueError(f"batched masks must share the number of steps, got {sorted(steps_all)}")
-    steps = steps_all.pop()
+    steps = _shared_steps(cfg, hps, train)
     if not isinstance(train, EncodedProblems) or len(train) == 0:
         raise ValueError("train must be non-empty EncodedProblems")
     pool = resolve_pool(model, pool)
@@ -905,7 +1021,6 @@ def train_weight_masks_batched(
     init = torch.tensor([c.init_value for c in cfgs], dtype=torch.float32, device=device)
     logits = nn.Parameter(init[:, None].expand(k, n_total).clone())
     temperature = torch.ones(k, device=device)
-    growth = torch.tensor([c.temp_growth for c in cfgs], dtype=torch.float32, device=device)
     c0 = cfgs[0]
     beta, gamma, zeta = float(c0.beta), float(c0.gamma), float(c0.zeta)
     mode = noise if noise != "auto" else ("exact" if device.type == "cpu" else "device")
@@ -954,7 +1069,7 @@ def train_weight_masks_batched(
     n = len(data)
     rngs = [random.Random(s) for s in seeds]
     orders: list[list[int]] = [[] for _ in range(k)]
-    temp_every = max(1, steps // 10)
+    temp_max = float(getattr(cfg, "temp_max", 200.0))
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype)
@@ -998,8 +1113,7 @@ def train_weight_masks_batched(
                 opt.zero_grad()
                 loss_k.sum().backward()
                 opt.step()
-                if (s + 1) % temp_every == 0:
-                    temperature.mul_(growth)
+                temperature.fill_(temp_max ** ((s + 1) / steps))
             if bool((first_bad >= 0).any()):
                 i = int((first_bad >= 0).nonzero()[0])
                 raise ValueError(
@@ -1009,7 +1123,7 @@ def train_weight_masks_batched(
     out = []
     flat = logits.detach().cpu()
     for i, c in enumerate(cfgs):
-        wm = WeightMask(model, c)
+        wm = WeightMask(model, c, names)
         with torch.no_grad():
             for part, o, z in zip(wm.parts, offs, sizes):
                 if par == "continuous":

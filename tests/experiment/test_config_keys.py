@@ -94,7 +94,13 @@ def test_loading_a_config_imports_neither_torch_nor_transformer_lens(tmp_path):
             {"mask": {"grid": [{"lr": 0.1}, {"lr": "x"}]}},
             "mask.grid[1].lr must be a number, got 'x'",
         ),
-        ({"mask": {"grid": [{"steps": 2.5}]}}, "mask.grid[0].steps must be an integer, got 2.5"),
+        ({"mask": {"grid": [{"steps": 4}]}}, "key 'steps' is not allowed in [mask.grid[0]]"),
+        ({"mask": {"epochs": 0}}, "mask.epochs must be > 0, got 0"),
+        ({"mask": {"steps": 2.5}}, "mask.steps must be an integer, got 2.5"),
+        ({"n_random": 19}, "n_random must be >= 20, got 19"),
+        ({"mask_min_acc": 1.5}, "mask_min_acc must be <= 1, got 1.5"),
+        ({"model": {"pool": "mean"}}, "model.pool = 'mean' lets every word's own embedding"),
+        ({"mask": {"kind": "weight"}}, "set ablation = 'zero' for mask.kind = 'weight'"),
         ({"mask": {"grid": [{"layers": [0, "a"]}]}}, "mask.grid[0].layers[1] must be an integer"),
         ({"mask": {"grid": [{"l0_weight": -1}]}}, "mask.grid[0].l0_weight must be >= 0, got -1"),
         ({"mask": {"grid": {"lr": 0.1}}}, "mask.grid must be a list of tables"),
@@ -128,7 +134,7 @@ def test_loading_a_config_imports_neither_torch_nor_transformer_lens(tmp_path):
         ({"patching": 1}, "patching must be true or false, got 1"),
         ({"rule": {"negated": "no"}}, "rule.negated must be true or false, got 'no'"),
         ({"base_seeds": 0}, "base_seeds must be a list of integers, got 0"),
-        ({"ablation": "resample"}, "ablation must be one of ['zero', 'mean']"),
+        ({"ablation": "gaussian"}, "ablation must be one of ['zero', 'mean', 'resample']"),
         ({"patching_methods": ["activaton"]}, "patching_methods[0] must be one of"),
         ({"inits": ["pretraind"]}, "unknown init 'pretraind'"),
         ({"workers": 0}, "workers must be >= 1, got 0"),
@@ -146,7 +152,7 @@ def test_unknown_key_message_names_table_known_keys_and_close_match():
         config_from_dict({"mask": {"grid": [{"l0_wieght": 1.0}]}})
     msg = str(err.value)
     assert msg.startswith("unknown key 'l0_wieght' in [mask.grid[0]] (did you mean 'l0_weight'?)")
-    assert "known keys: ['init', 'l0_weight', 'layers', 'lr', 'steps']" in msg
+    assert "known keys: ['init', 'l0_weight', 'layers', 'lr']" in msg
 
 
 def test_python_construction_is_typed_and_checked():
@@ -176,13 +182,14 @@ def _full_config() -> dict:
         "base_seeds": [3],
         "mask_seeds": [4, 5],
         "data": {"n_train": 10, "n_val": 5, "n_test": 6, "seed": 2, "corpus_size": 50},
-        "model": {"preset": "small", "attention": "bidirectional", "pool": "mean", "n_ctx": 20,
+        "model": {"preset": "small", "attention": "bidirectional", "pool": "last", "n_ctx": 20,
                   "overrides": {"n_layers": 3, "act_fn": "relu", "rotary_base": 500}},
         "train": {"lr": 0.01, "max_steps": 7, "grad_clip": 0.5, "time_limit_s": 30},
         "pretrain": {"steps": 9, "objective": "mlm", "mask_prob": 0.2},
         "mask": {"kind": "weight", "parametrization": "continuous", "unit_kinds": ["head"],
                  "steps": 11, "layers": [1], "tolerance": 0.0,
-                 "grid": [{"lr": 0.2, "init": -1, "l0_weight": 3, "layers": [0, 1], "steps": 4},
+                 "epochs": 2.5, "patience": 0, "temp_max": 50.0, "engine": "separate",
+                 "grid": [{"lr": 0.2, "init": -1, "l0_weight": 3, "layers": [0, 1]},
                           {}]},
         "margin": 0.1,
         "ablation": "zero",
@@ -248,11 +255,11 @@ def test_override_tables_feed_the_real_dataclasses():
     )  # fmt: skip
     assert ExperimentConfig().train.build() == TrainConfig()  # nothing set: the defaults
     hp = [dict(point) for point in cfg.mask.grid]  # what the search logs and JSON-dumps
-    assert hp == [{"lr": 0.2, "init": -1.0, "l0_weight": 3.0, "layers": [0, 1], "steps": 4}, {}]
+    assert hp == [{"lr": 0.2, "init": -1.0, "l0_weight": 3.0, "layers": [0, 1]}, {}]
     json.dumps(hp)
     assert cfg.mask.grid[1].get("lr", cfg.mask.lr) == cfg.mask.lr
     assert "lr" in cfg.mask.grid[0] and "lr" not in cfg.mask.grid[1]
-    assert not cfg.mask.grid[1] and len(cfg.mask.grid[0]) == 5
+    assert not cfg.mask.grid[1] and len(cfg.mask.grid[0]) == 4
 
 
 def test_patching_options_feed_patching_config():

@@ -28,6 +28,7 @@ def small_config(**extra) -> dict:
         "data": {"n_train": 120, "n_val": 40, "n_test": 40, "corpus_size": 200},
         "train": {"max_steps": 60, "eval_every": 30},
         "mask": {"steps": 60, "lr": 0.1, "init": 1.0, "grid": [{"l0_weight": 4.0}]},
+        "n_random": 20,
     }
     cfg.update(extra)
     return cfg
@@ -43,8 +44,29 @@ def small_run(tmp_path_factory):
     return cfg, out, df
 
 
-def _by_hand_accuracy(model, tokenizer, problems, ablate_flat, units) -> float:
-    """OOO accuracy with the units in ``ablate_flat`` zeroed by plain TransformerLens hooks.
+def _hand_means(model, tokenizer, problems) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Position-aware means by hand: per hook, the mean activation at the last token and over
+    the other tokens of every stimulus of ``problems`` (each run alone, float64)."""
+    names = [n for n in model.hook_dict if n.endswith(("attn.hook_z", "mlp.hook_post"))]
+    acc = {n: [0.0, 0, 0.0, 0] for n in names}
+    with torch.no_grad():
+        for p in problems:
+            for text in p.stimuli:
+                _, cache = model.run_with_cache(
+                    torch.tensor([tokenizer.encode(text)]), names_filter=names
+                )
+                for n in names:
+                    a = cache[n][0].double()
+                    acc[n][0] += a[-1]
+                    acc[n][1] += 1
+                    acc[n][2] += a[:-1].sum(0)
+                    acc[n][3] += a.shape[0] - 1
+    return {n: (v[0] / v[1], v[2] / v[3]) for n, v in acc.items()}
+
+
+def _by_hand_accuracy(model, tokenizer, problems, ablate_flat, units, means=None) -> float:
+    """OOO accuracy with the units in ``ablate_flat`` ablated by plain TransformerLens hooks:
+    zeroed, or (``means`` from :func:`_hand_means`) set to their readout / other-position mean.
 
     Independent of the library's readout and masks: every stimulus runs alone (no padding),
     the hidden state is ln_final of the last block's output at the last token, and the OOO
@@ -61,7 +83,12 @@ def _by_hand_accuracy(model, tokenizer, problems, ablate_flat, units) -> float:
     def make_hook(idxs):
         def hook(act, hook):
             act = act.clone()
-            act[:, :, idxs] = 0.0
+            if means is None:
+                act[:, :, idxs] = 0.0
+            else:
+                ro, other = means[hook.name]
+                act[:, :-1, idxs] = other[idxs].to(act.dtype)
+                act[:, -1, idxs] = ro[idxs].to(act.dtype)
             return act
 
         return hook
@@ -104,15 +131,21 @@ def test_ablation_cell_recomputed_by_hand(small_run):
     )
     target = splits["test"][f"partition_{row.subroutine}"]
     other = splits["test"][f"partition_{row.other}"]
-    # subnetwork ablated (zero): the kept units are zeroed
+    # subnetwork ablated (zero, a robustness column): the kept units are zeroed
     assert _by_hand_accuracy(model, tokenizer, target, keep, units) == pytest.approx(
         row.ablzero_target_acc, abs=1e-9
     )
     assert _by_hand_accuracy(model, tokenizer, other, keep, units) == pytest.approx(
         row.ablzero_other_acc, abs=1e-9
     )
-    # subnetwork alone: everything else is zeroed
-    assert _by_hand_accuracy(model, tokenizer, target, ~keep, units) == pytest.approx(
+    # the verdict's ablation: position-aware means over the training composite problems
+    assert cfg.ablation == "mean" and row.ablation == "mean"
+    means = _hand_means(model, tokenizer, splits["train"]["composite"])
+    for problems, col in ((target, "abl_target_acc"), (other, "abl_other_acc")):
+        got = _by_hand_accuracy(model, tokenizer, problems, keep, units, means)
+        assert got == pytest.approx(row[col], abs=1e-9), col
+    # subnetwork alone: everything else mean-ablated
+    assert _by_hand_accuracy(model, tokenizer, target, ~keep, units, means) == pytest.approx(
         row.sub_target_acc, abs=1e-9
     )
     # the full model
@@ -203,6 +236,7 @@ def test_other_experiment_variants_run(tmp_path, variant):
     extra: dict = {"mask_seeds": [0]}
     if variant == "weight_masks":
         extra["mask"] = {"kind": "weight", "steps": 30, "lr": 0.1, "grid": [{"l0_weight": 2.0}]}
+        extra["ablation"] = "zero"  # weight masks zero their weights
     else:
         data = Path(__file__).resolve().parents[2] / "examples" / "user_task.jsonl"
         extra.update(

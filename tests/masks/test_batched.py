@@ -6,9 +6,11 @@ import pytest
 import torch
 from conftest import make_tiny_transformer
 
+from subroutine_circuits.adapters import as_adapter, tl_unit_map
 from subroutine_circuits.experiment.config import MaskSearchConfig
-from subroutine_circuits.experiment.search import EncodedProblems, train_mask
-from subroutine_circuits.masks import MaskConfig, UnitMap, UnitMask, load_mask, save_mask
+from subroutine_circuits.experiment.search import EncodedProblems
+from subroutine_circuits.experiment.search import train_mask as _train_mask
+from subroutine_circuits.masks import MaskConfig, UnitMask, load_mask, save_mask
 from subroutine_circuits.masks.batched import (
     BatchedUnitMask,
     StackedAdam,
@@ -24,7 +26,12 @@ def make_problems(n: int, pos: int, seed: int, min_len: int = 3) -> EncodedProbl
     lens = torch.randint(min_len, pos + 1, (n, 4), generator=g)
     toks = toks * (torch.arange(pos)[None, None, :] < lens[..., None])
     odd = torch.randint(0, 4, (n,), generator=g)
-    return EncodedProblems(toks, lens, odd)
+    return EncodedProblems({"tokens": toks, "lengths": lens}, odd)
+
+
+def train_mask(model, train, cfg, hp, seed, pool):
+    """The reference: one ``experiment.search.train_mask`` run (no validation, whole budget)."""
+    return _train_mask(as_adapter(model, pool=pool), train, cfg, hp, seed)
 
 
 def logits_of(mask: UnitMask) -> torch.Tensor:
@@ -114,7 +121,7 @@ def test_stacked_adam_equals_torch_adam_param_groups():
 @pytest.mark.parametrize("parametrization", ["hard_concrete", "continuous"])
 def test_hooks_equal_unit_masks_slice_by_slice_with_mean_ablation(model, parametrization):
     """Each slice of a batched forward == that mask's own UnitMask forward (mean ablation)."""
-    um = UnitMap.from_model(model)
+    um = tl_unit_map(model)
     tokens = torch.randint(1, 50, (5, 9), generator=torch.Generator().manual_seed(0))
     cfgs = [
         MaskConfig(parametrization=parametrization, init=0.3, ablation="mean", seed=s)
@@ -123,7 +130,7 @@ def test_hooks_equal_unit_masks_slice_by_slice_with_mean_ablation(model, paramet
     singles = [UnitMask(um, c) for c in cfgs]
     for i, s in enumerate(singles):
         ref_tokens = torch.randint(1, 50, (4, 9), generator=torch.Generator().manual_seed(10 + i))
-        s.set_mean(model, ref_tokens)
+        s.set_mean(as_adapter(model), ref_tokens)
     bm = BatchedUnitMask(um, cfgs, [s.ablation_values for s in singles], noise="exact")
     with torch.no_grad():
         bm.logits.normal_(generator=torch.Generator().manual_seed(5))
@@ -177,15 +184,15 @@ def test_bad_input_is_named(model):
     with pytest.raises(ValueError, match="training sets"):
         train_masks_batched(model, [train, train], cfg, [{}, {}, {}], [0, 1, 2])
     with pytest.raises(ValueError, match="unknown noise"):
-        BatchedUnitMask(UnitMap.from_model(model), [MaskConfig()], noise="gpu")
+        BatchedUnitMask(tl_unit_map(model), [MaskConfig()], noise="gpu")
     with pytest.raises(ValueError, match="share parametrization"):
         BatchedUnitMask(
-            UnitMap.from_model(model),
+            tl_unit_map(model),
             [MaskConfig(), MaskConfig(parametrization="continuous")],
         )
     with pytest.raises(ValueError, match="equal mask slices"):
         mix_slices(torch.ones(5, 3), torch.ones(2, 3), axis=1)
-    um = UnitMap.from_model(model)
+    um = tl_unit_map(model)
     with pytest.raises(ValueError, match="mean ablation but has no ablation values"):
         BatchedUnitMask(um, [MaskConfig(ablation="mean")])
 
@@ -193,7 +200,7 @@ def test_bad_input_is_named(model):
 def test_non_finite_loss_names_the_mask(model):
     train = make_problems(12, 8, seed=3)
     cfg = MaskSearchConfig(steps=3, batch_size=4)
-    um = UnitMap.from_model(model)
+    um = tl_unit_map(model)
     good = {
         g.hook_name: torch.zeros(1, 1, g.size, *([8] if g.kind == "head" else []))
         for g in um.groups
@@ -209,7 +216,7 @@ def test_mixed_zero_and_mean_ablation_training(model):
     """A zero-ablation mask trained next to a mean-ablation one equals its train_mask run."""
     train = make_problems(12, 8, seed=3)
     cfg = MaskSearchConfig(steps=6, batch_size=4)
-    um = UnitMap.from_model(model)
+    um = tl_unit_map(model)
     mean = {
         g.hook_name: torch.randn(1, 1, g.size, *([8] if g.kind == "head" else []))
         for g in um.groups

@@ -6,8 +6,10 @@ import pytest
 import torch
 from conftest import make_tiny_transformer
 
-from subroutine_circuits.experiment.search import EncodedProblems, accuracy
-from subroutine_circuits.masks import UnitMap, UnitMask
+from subroutine_circuits.adapters import as_adapter, tl_unit_map
+from subroutine_circuits.experiment.search import EncodedProblems
+from subroutine_circuits.experiment.search import accuracy as _accuracy
+from subroutine_circuits.masks import UnitMask
 from subroutine_circuits.masks.batched import (
     evaluate_fixed_masks,
     fixed_mask_scores,
@@ -22,14 +24,20 @@ def make_problems(n: int, pos: int, seed: int) -> EncodedProblems:
     toks = torch.randint(1, 50, (n, 4, pos), generator=g)
     lens = torch.randint(3, pos + 1, (n, 4), generator=g)
     toks = toks * (torch.arange(pos)[None, None, :] < lens[..., None])
-    return EncodedProblems(toks, lens, torch.randint(0, 4, (n,), generator=g))
+    return EncodedProblems(
+        {"tokens": toks, "lengths": lens}, torch.randint(0, 4, (n,), generator=g)
+    )
+
+
+def accuracy(model, data, pool, mask):
+    return _accuracy(as_adapter(model, pool=pool), data, mask)
 
 
 @pytest.fixture(scope="module")
 def setup():
     model = make_tiny_transformer(seed=2)
     model.requires_grad_(False)
-    um = UnitMap.from_model(model)
+    um = tl_unit_map(model)
     data = make_problems(37, 11, seed=0)
     g = torch.Generator().manual_seed(1)
     keep = (
@@ -41,7 +49,8 @@ def setup():
     b, k, pos = ref.tokens.shape
     for kk in keep[:3]:
         m = UnitMask.fixed(um, kk, ablation="mean")
-        m.set_mean(model, ref.tokens.reshape(b * k, pos), ref.lengths.reshape(b * k))
+        flat = {"tokens": ref.tokens.reshape(b * k, pos), "lengths": ref.lengths.reshape(b * k)}
+        m.set_mean(as_adapter(model), flat)
         masks.append(m)
     return model, um, data, masks
 

@@ -1,0 +1,219 @@
+"""The mask stage of one base model, and the checks that decide whether its runs can be trusted.
+
+Per base model, in order:
+
+1. **Reference ablation** (:func:`reference_ablators`): the experiment's one ablation (and the
+   two robustness ones) from ONE balanced reference set, the training composite problems,
+   shared by both subroutines and every condition.
+2. **Bypass check** (:func:`bypass_check`): with every maskable unit ablated, accuracy on the
+   validation composite problems and on both validation partitions must lie within
+   ``bypass_tolerance`` of chance. Otherwise information reaches the readout around the masks
+   (e.g. a word's own embedding through the residual stream), no mask can remove a subroutine,
+   and the base model is kept out of verdicts (``bypass`` true, with the path named).
+3. **Masks** (:func:`run_masks_stage`): every (subroutine, grid point, mask seed) trained to
+   convergence (one batched loop for unit masks), a grid point chosen per subroutine on
+   validation data, then the ablation matrix and matched random controls on test problems.
+4. **Verdict** per run (:func:`~subroutine_circuits.analysis.inference.run_verdict`):
+   "excluded" (base model fails its VALIDATION composite accuracy, or bypass), "search failed"
+   (``mask_val_acc < mask_min_acc``), "compositional" (``sub_diff > margin``,
+   ``abl_diff < -margin``, ``randabl_p < 0.05``) or "not compositional".
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from subroutine_circuits.masks.ablator import ABLATIONS, Ablator, reference_ablator
+
+#: Where information escapes the masks, by readout (for the bypass message).
+BYPASS_PATHS = {
+    "last": "the readout position's own token and position embeddings reach ln_final through "
+    "the residual stream without passing any head or neuron",
+    "mean": "mean pooling reads every word's own embedding through the residual stream",
+}
+
+
+def reference_ablators(
+    adapter, cfg, reference, seed: int, kinds: tuple[str, ...] = ABLATIONS
+) -> dict[str, Ablator]:
+    """Ablators of ``kinds`` over the unit map of ``cfg.mask`` from ``reference`` problems
+    (EncodedProblems; their stimuli are the reference set)."""
+    um = adapter.unit_map(kinds=cfg.mask.unit_kinds, layers=cfg.mask.layers)
+    flat = reference.flat_inputs()
+    return {k: reference_ablator(adapter, um, flat, k, seed=seed) for k in kinds}
+
+
+def _all_ablated_accuracy(adapter, cfg, data, ablator: Ablator | None) -> float:
+    """Accuracy on ``data`` with every maskable unit (or weight) ablated."""
+    if cfg.mask.kind == "weight":
+        from subroutine_circuits.masks import WeightMask
+
+        names = adapter.weight_names()
+        n = sum(int(dict(adapter.model.named_parameters())[k].numel()) for k in names)
+        none = WeightMask.fixed(adapter.model, torch.zeros(n, dtype=torch.bool), names)
+        return adapter.accuracy(data, none)
+    from subroutine_circuits.masks.batched import evaluate_fixed_masks
+
+    um = adapter.unit_map(kinds=cfg.mask.unit_kinds, layers=cfg.mask.layers)
+    keep = torch.zeros(1, um.n_units, dtype=torch.bool)
+    acc = evaluate_fixed_masks(
+        adapter.model, data, keep, adapter.pool, unit_map=um, ablator=ablator.to(adapter.device)
+    )
+    return float(acc[0])
+
+
+def bypass_check(adapter, cfg, val: dict[str, Any], subroutines: list[str], ablator) -> dict:
+    """Accuracies on validation composite/partition problems with everything ablated.
+
+    Returns ``{"accuracies": {kind: acc}, "bypass": bool, "path": str | None,
+    "ablation": kind}``; ``bypass`` when any accuracy is farther than ``cfg.bypass_tolerance``
+    from chance.
+    """
+    kinds = ["composite", *[f"partition_{s}" for s in subroutines]]
+    accs = {k: _all_ablated_accuracy(adapter, cfg, val[k], ablator) for k in kinds if k in val}
+    far = {k: a for k, a in accs.items() if abs(a - cfg.chance) > cfg.bypass_tolerance}
+    path = None
+    if far:
+        what = "weight" if cfg.mask.kind == "weight" else "unit"
+        worst = ", ".join(f"{k} {a:.2f}" for k, a in far.items())
+        where = BYPASS_PATHS.get(adapter.pool, "a path around the masks")
+        path = (
+            f"with every maskable {what} ablated, accuracy stays away from chance "
+            f"({cfg.chance}) on {worst}: {where}"
+        )
+    return {"accuracies": accs, "bypass": bool(far), "path": path, **bypass_setting(cfg)}
+
+
+def bypass_setting(cfg) -> dict[str, Any]:
+    """What the bypass check depends on besides the model (a stored check is reused only when
+    these agree)."""
+    m = cfg.mask
+    return {
+        "ablation": "zero" if m.kind == "weight" else cfg.ablation,
+        "mask_kind": m.kind,
+        "unit_kinds": list(m.unit_kinds) if m.kind == "unit" else None,
+        "layers": None if m.layers is None else list(m.layers),
+        "tolerance": cfg.bypass_tolerance,
+    }
+
+
+# ---------------------------------------------------------------------------- the mask stage
+def _usable(base, run, cfg) -> bool:
+    """Whether a run can be compositional at all (random controls are drawn only then)."""
+    return bool(base.base_ok and not base.bypass and run.val_acc >= cfg.mask_min_acc)
+
+
+def _evaluate(base, cfg, runs_by_key, others, base_seed: int) -> dict[str, dict[str, Any]]:
+    """Ablation-matrix rows of every run to write (``{run key: row}``)."""
+    from subroutine_circuits.experiment.evaluate import (
+        RunToEvaluate,
+        evaluate_unit_runs,
+        evaluate_weight_runs,
+    )
+
+    keys = list(runs_by_key)
+    subs = list(others)
+    todo = [
+        RunToEvaluate(
+            ev.subroutine,
+            ev.other,
+            ev.mask_seed,
+            run.mask,
+            _usable(base, run, cfg),
+            draw_seed=104_729 * base_seed + 7_919 * subs.index(ev.subroutine) + ev.mask_seed,
+        )
+        for ev, run in runs_by_key.values()
+    ]
+    test = base.enc["test"]
+    margin = cfg.margin if cfg.random_controls == "candidates" else None
+    if cfg.mask.kind == "unit":
+        rows = evaluate_unit_runs(
+            base.adapter, todo, test, base.ablators, cfg.ablation, cfg.n_random, cfg.chance, margin
+        )
+    else:
+        rows = evaluate_weight_runs(base.adapter, todo, test, cfg.n_random, cfg.chance, margin)
+    return dict(zip(keys, rows))
+
+
+def run_row(base_job, base, ev, run, hp: dict, row: dict, rel: str) -> dict[str, Any]:
+    """The results.csv row of one run (columns documented in docs/RESULTS.md)."""
+    from subroutine_circuits.analysis.inference import COMPOSITIONAL, run_verdict
+
+    cfg, meta = base_job.cfg, base.meta
+    row.update(
+        task=base_job.task,
+        model=cfg.model.preset if not cfg.model.checkpoint else "checkpoint",
+        init=base_job.init,
+        base_seed=base_job.seed,
+        mask_seed=ev.mask_seed,
+        subroutine=ev.subroutine,
+        other=ev.other,
+        mask_kind=cfg.mask.kind,
+        composite_acc=base.composite_acc,
+        composite_val_acc=base.val_composite_acc,
+        base_ok=base.base_ok,
+        bypass=base.bypass,
+        full_target_acc=meta["full"][f"partition_{ev.subroutine}"],
+        full_other_acc=meta["full"][f"partition_{ev.other}"],
+        full_sub_acc=meta["full"][f"sub_{ev.subroutine}"],
+        mask_val_acc=run.val_acc,
+        mask_ok=bool(run.val_acc >= cfg.mask_min_acc),
+        mask_steps=run.steps,
+        mask_best_step=run.best_step,
+        mask_stopped_early=run.stopped_early,
+        mask_final_temp=run.final_temp,
+        mask_path=rel,
+        hparams=json.dumps(hp, sort_keys=True),
+        val_score=run.val_acc,
+    )
+    row["verdict"] = run_verdict(row, margin=cfg.margin)
+    row["compositional"] = row["verdict"] == COMPOSITIONAL
+    return row
+
+
+def run_masks_stage(base_job, base, store, searches, evaluations) -> None:
+    """Train and choose the masks of every subroutine of one base model, evaluate every
+    unfinished run and write its mask and row. Finished base models are skipped; a partly
+    finished one retrains its masks (deterministic) and writes only the missing runs."""
+    from subroutine_circuits.experiment.search import search_all
+    from subroutine_circuits.masks import save_mask
+
+    cfg = base_job.cfg
+    todo = [ev for ev in evaluations if not store.run_done(ev.key)]
+    if not todo:
+        return
+    subs = [s.subroutine for s in searches]
+    train = {s: base.enc["train"][f"sub_{s}"] for s in subs}
+    val = {s: base.enc["val"][f"sub_{s}"] for s in subs}
+    found = search_all(
+        base.adapter,
+        train,
+        val,
+        cfg.mask,
+        [int(m) for m in cfg.mask_seeds],
+        base.ablators.get(cfg.ablation, Ablator("zero")),
+        cfg.mask.engine,
+    )
+    for s in subs:
+        store.write_search(base_job.key, s, {"hp": found[s].hp, "log": found[s].log})
+    others = {ev.subroutine: ev.other for ev in evaluations}
+    runs = {ev.key: (ev, found[ev.subroutine].runs[ev.mask_seed]) for ev in todo}
+    rows = _evaluate(base, cfg, runs, others, base_job.seed)
+    for key, (ev, run) in runs.items():
+        hp = found[ev.subroutine].hp
+        save_mask(
+            store.mask_path(key),
+            run.mask,
+            base.adapter,
+            {
+                "subroutine": ev.subroutine,
+                "base_id": ev.base,
+                "mask_seed": ev.mask_seed,
+                "hparams": hp,
+                "training": run.info(),
+            },
+        )
+        store.write_run(key, run_row(base_job, base, ev, run, hp, rows[key], store.mask_rel(key)))

@@ -1,0 +1,504 @@
+"""Masks trained to convergence, many at once: an epoch budget, a validation-plateau stop and
+the experiment's one ablation.
+
+The schedule (:class:`Schedule`) is the same for every parametrisation: a budget of optimiser
+steps (set from epochs over the training problems by the caller), an evaluation of the binary
+mask's validation accuracy every ``eval_every`` steps, and a stop once ``patience`` evaluations
+pass without improvement (:class:`Plateau`). Continuous sparsification's temperature follows
+``T(s) = temp_max ** (s / steps)`` after optimiser step ``s``, so it reaches ``temp_max`` at the
+last step of the budget whatever the budget is.
+
+*Improvement* is the rule the grid search chooses by: a higher validation accuracy, or an
+accuracy within ``tolerance`` of the best seen with fewer kept units. A mask that starts with
+every unit kept reaches the full model's accuracy at once; counting only accuracy would stop it
+before the sparsity penalty has removed anything. The returned mask is the best checkpoint.
+
+:func:`train_masks_converged` trains K unit masks (grid points x mask seeds x subroutines) in
+one loop with :class:`~subroutine_circuits.masks.batched.BatchedUnitMask`. A mask that has
+stopped is dropped from the batch at the next evaluation (its rows leave the logits, optimiser
+state and data order), so finished masks cost nothing; the others continue exactly as if
+trained alone. Host synchronisations happen only at evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from .ablator import Ablator
+from .batched import _tl_unit_map
+from .parametrization import MaskConfig
+from .unit_mask import UnitMask
+from .units import UnitMap
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Budget and stopping rule of mask training.
+
+    Attributes:
+        steps: optimiser steps at most (the budget).
+        eval_every: evaluate the binary mask on validation problems every this many steps
+            (and after the last step).
+        patience: stop after this many evaluations without improvement (0: never early).
+        temp_max: continuous sparsification's temperature after the last step of the budget.
+        tolerance: accuracy within this of the best counts as equal (then sparser is better).
+        min_density_drop: at equal accuracy, a checkpoint must keep at least this share of
+            units fewer than the best one to count as an improvement.
+    """
+
+    steps: int
+    eval_every: int
+    patience: int = 3
+    temp_max: float = 200.0
+    tolerance: float = 0.02
+    min_density_drop: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.eval_every < 1:
+            raise ValueError(
+                f"steps and eval_every must be >= 1, got {self.steps}, {self.eval_every}"
+            )
+        if self.patience < 0 or not self.temp_max >= 1 or self.tolerance < 0:
+            raise ValueError("patience must be >= 0, temp_max >= 1 and tolerance >= 0")
+
+    def temperature(self, step: int) -> float:
+        """Continuous sparsification's temperature after ``step`` optimiser steps."""
+        return float(self.temp_max ** (min(step, self.steps) / self.steps))
+
+    def plateau(self) -> Plateau:
+        """A fresh :class:`Plateau` with this schedule's stopping rule."""
+        return Plateau(self.tolerance, self.patience, self.min_density_drop)
+
+    def evaluates_after(self, step: int) -> bool:
+        """Whether an evaluation follows optimiser step ``step`` (1-based)."""
+        return step % self.eval_every == 0 or step == self.steps
+
+
+def budget_steps(epochs: float, n_train: int, batch_size: int) -> int:
+    """Optimiser steps of ``epochs`` passes over ``n_train`` problems at ``batch_size``."""
+    if epochs <= 0 or n_train < 1 or batch_size < 1:
+        raise ValueError(
+            f"need epochs > 0, n_train >= 1, batch_size >= 1 (got {epochs}, "
+            f"{n_train}, {batch_size})"
+        )
+    return max(1, math.ceil(epochs * n_train / batch_size))
+
+
+class Plateau:
+    """The best checkpoint so far and the patience counter of one mask.
+
+    An evaluation is the new best when its accuracy exceeds every earlier one, or when it lies
+    within ``tolerance`` of the best accuracy seen and keeps at least ``min_density_drop`` fewer
+    units (as a share) than the current best.
+    """
+
+    def __init__(self, tolerance: float, patience: int, min_density_drop: float = 0.0):
+        self.tolerance, self.patience = float(tolerance), int(patience)
+        self.min_density_drop = float(min_density_drop)
+        self.max_acc = -1.0
+        self.best_acc, self.best_density, self.best_step = -1.0, math.inf, 0
+        self.since = 0
+        self.history: list[tuple[int, float, float]] = []
+
+    def update(self, acc: float, density: float, step: int) -> bool:
+        """Record an evaluation; returns True when it is the new best checkpoint."""
+        self.history.append((int(step), float(acc), float(density)))
+        better = acc > self.max_acc or (
+            acc >= self.max_acc - self.tolerance
+            and density < self.best_density - self.min_density_drop
+        )
+        self.max_acc = max(self.max_acc, acc)
+        if better:
+            self.best_acc, self.best_density, self.best_step = acc, density, step
+            self.since = 0
+        else:
+            self.since += 1
+        return better
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``patience`` evaluations passed without improvement."""
+        return self.patience > 0 and self.since >= self.patience
+
+
+@dataclass
+class MaskRun:
+    """One trained mask and how its training went.
+
+    ``val_acc`` / ``density`` are those of the returned (best) checkpoint, ``steps`` the
+    optimiser steps taken, ``best_step`` the step of the best checkpoint, ``final_temp`` the
+    continuous-sparsification temperature after the last step taken (None for hard concrete),
+    ``stopped_early`` whether the plateau stop ended training before the budget.
+    """
+
+    mask: Any
+    val_acc: float
+    density: float
+    steps: int
+    best_step: int
+    final_temp: float | None
+    stopped_early: bool
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def info(self) -> dict[str, Any]:
+        """The run's training record (JSON-ready)."""
+        return {
+            "val_acc": self.val_acc,
+            "density": self.density,
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "final_temp": self.final_temp,
+            "stopped_early": self.stopped_early,
+            "history": [list(h) for h in self.history],
+        }
+
+
+# ---------------------------------------------------------------------------- batched training
+class _Batch:
+    """Per-mask state of the batched loop that follows its rows (data, rng, plateau, best)."""
+
+    def __init__(self, i: int, data_idx: int, n: int, off: int, seed: int, plateau: Plateau):
+        self.i, self.data_idx, self.n, self.off = i, data_idx, n, off
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.plateau = plateau
+        self.best_logits: Tensor | None = None
+        self.steps = 0
+        self.temp: float | None = None
+
+    def draw(self, bsz: int) -> list[int]:
+        """The next minibatch, consumed from the mask's rng exactly like ``train_mask``."""
+        if len(self.order) < bsz:
+            perm = list(range(self.n))
+            self.rng.shuffle(perm)
+            self.order.extend(perm)
+        out = [self.off + j for j in self.order[:bsz]]
+        del self.order[:bsz]
+        return out
+
+
+def _select_rows(bm: Any, opt: Any, rows: list[int]) -> None:
+    """Keep only ``rows`` of a BatchedUnitMask and its StackedAdam (in place)."""
+    idx = torch.tensor(rows, device=bm.logits.device)
+    bm.logits = nn.Parameter(bm.logits.detach()[idx].clone())
+    bm.temperature = bm.temperature[idx].clone()
+    bm.temp_growth = bm.temp_growth[idx].clone()
+    bm.cfgs = [bm.cfgs[r] for r in rows]
+    bm.generators = [bm.generators[r] for r in rows]
+    if bm._device_generators is not None:
+        bm._device_generators = [bm._device_generators[r] for r in rows]
+    bm.ablation_values = [bm.ablation_values[r] for r in rows]
+    bm.k = len(rows)
+    opt.param = bm.logits
+    opt.exp_avg = opt.exp_avg[idx].clone()
+    opt.exp_avg_sq = opt.exp_avg_sq[idx].clone()
+    opt.lrs = opt.lrs[idx.cpu()]
+    opt._lrs_dev = opt._lrs_dev[idx]
+    opt._shape[0] = len(rows)
+
+
+def _evaluate(
+    model: nn.Module,
+    keep: Bool[Tensor, "k n"],
+    val_sets: Sequence[Any],
+    which: list[int],
+    unit_map: UnitMap,
+    ablator: Ablator,
+    pool: str,
+    autocast_dtype: torch.dtype | None,
+) -> list[float]:
+    """Validation accuracy of each binary mask row on its own validation set."""
+    from .batched import evaluate_fixed_masks
+
+    acc = [0.0] * len(which)
+    for d in sorted(set(which)):
+        rows = [r for r, w in enumerate(which) if w == d]
+        got = evaluate_fixed_masks(
+            model,
+            val_sets[d],
+            keep[rows],
+            pool,
+            unit_map=unit_map,
+            ablator=ablator,
+            autocast_dtype=autocast_dtype,
+        )
+        for r, a in zip(rows, got.tolist()):
+            acc[r] = float(a)
+    return acc
+
+
+def train_masks_converged(
+    model: nn.Module,
+    train: Any | Sequence[Any],
+    val: Any | Sequence[Any],
+    cfg: Any,
+    hps: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    schedule: Schedule,
+    ablator: Ablator,
+    pool: str | None = None,
+    *,
+    data_index: Sequence[int] | None = None,
+    noise: str = "auto",
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> list[MaskRun]:
+    """Train K unit masks to convergence in one loop; returns one :class:`MaskRun` per mask.
+
+    Args:
+        model: the frozen TransformerLens model.
+        train, val: one ``EncodedProblems`` each, or lists of them (one per dataset).
+        cfg: a ``MaskSearchConfig`` (parametrisation, defaults of lr / init / l0_weight,
+            batch size, unit kinds and layers).
+        hps, seeds: per mask, hyperparameter overrides and the seed (data order, noise).
+        schedule: budget and stopping rule (the same for every mask).
+        ablator: the ablation of every forward pass (training and validation).
+        data_index: per mask, which training/validation set it uses (default: all the first).
+        noise, autocast_dtype: as :func:`~subroutine_circuits.masks.batched.train_masks_batched`.
+    """
+    loop = _ConvergedLoop(
+        model,
+        train,
+        val,
+        cfg,
+        hps,
+        seeds,
+        schedule,
+        ablator,
+        pool,
+        data_index,
+        noise,
+        autocast_dtype,
+    )
+    return loop.run(progress)
+
+
+class _ConvergedLoop:
+    """The state of :func:`train_masks_converged` (split into short steps)."""
+
+    def __init__(
+        self,
+        model,
+        train,
+        val,
+        cfg,
+        hps,
+        seeds,
+        schedule,
+        ablator,
+        pool,
+        data_index,
+        noise,
+        autocast_dtype,
+    ):
+        from subroutine_circuits.models.readout import check_tokens, resolve_pool
+
+        from .batched import BatchedUnitMask, StackedAdam, _concat_problems, mask_configs
+
+        hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
+        if len(hps) != len(seeds) or not hps:
+            raise ValueError(f"need one seed per hyperparameter point: {len(hps)} vs {len(seeds)}")
+        if len({repr(h.get("layers", cfg.layers)) for h in hps}) != 1:
+            raise ValueError("batched masks must share one unit map (same 'layers' for all)")
+        trains = list(train) if isinstance(train, (list, tuple)) else [train]
+        self.vals = list(val) if isinstance(val, (list, tuple)) else [val]
+        which = [0] * len(hps) if data_index is None else [int(d) for d in data_index]
+        if len(which) != len(hps) or not all(0 <= d < len(trains) for d in which):
+            raise ValueError("data_index must give each mask a training set index")
+        if len(self.vals) != len(trains):
+            raise ValueError(f"{len(trains)} training sets but {len(self.vals)} validation sets")
+        for name, sets in (("training", trains), ("validation", self.vals)):
+            if any(len(d) == 0 for d in sets):
+                raise ValueError(f"a {name} set is empty")
+        self.model, self.cfg, self.schedule, self.hps, self.seeds = model, cfg, schedule, hps, seeds
+        self.pool = resolve_pool(model, pool)
+        self.autocast_dtype = autocast_dtype
+        for p in model.parameters():
+            p.requires_grad_(False)
+        device = next(model.parameters()).device
+        self.data, offsets = _concat_problems([d.to(device) for d in trains])
+        self.lmax_cpu = self.data.lengths.amax(1).cpu()
+        self.data.inputs["tokens"] = self.data.tokens[..., : int(self.lmax_cpu.max())]
+        flat = self.data.tokens.reshape(-1, self.data.tokens.shape[-1])
+        check_tokens(model, flat, self.data.lengths.reshape(-1))
+        self.unit_map = _tl_unit_map(
+            model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds
+        )
+        self.ablator = ablator.to(device)
+        self.cfgs = mask_configs(cfg, hps, seeds)
+        for c in self.cfgs:
+            c.ablation = ablator.kind
+        self.bm = BatchedUnitMask(self.unit_map, self.cfgs, None, noise, self.ablator).to(device)
+        self.opt = StackedAdam(self.bm.logits, [float(h.get("lr", cfg.lr)) for h in hps])
+        self.l0_all = torch.tensor([float(h.get("l0_weight", cfg.l0_weight)) for h in hps])
+        self.alive = [
+            _Batch(i, d, len(trains[d]), offsets[d], s, schedule.plateau())
+            for i, (d, s) in enumerate(zip(which, seeds))
+        ]
+        self.done: list[_Batch] = []
+        self.device = device
+        self.pad_state: dict = {}
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+
+    def _step(self, step: int) -> None:
+        """One optimiser step of every alive mask (no host sync)."""
+        from .batched import _ooo_scores_nosync
+
+        bsz, bm, k = int(self.cfg.batch_size), self.bm, len(self.alive)
+        idx_list = [j for b in self.alive for j in b.draw(bsz)]
+        idx_cpu = torch.tensor(idx_list)
+        width = int(self.lmax_cpu[idx_cpu].max())
+        idx = idx_cpu.to(self.device, non_blocking=True)
+        tokens, lengths = self.data.tokens[idx][..., :width], self.data.lengths[idx]
+        bm.new_step()
+        bm.begin_batch(self.model, tokens.reshape(-1, width), lengths.reshape(-1), self.pad_state)
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            scores = _ooo_scores_nosync(self.model, tokens, lengths, self.pool, self.pad_state)
+        ce = F.cross_entropy(scores.float(), self.data.odd[idx], reduction="none")
+        l0 = self.l0_all[[b.i for b in self.alive]].to(self.device)
+        loss_k = ce.view(k, bsz).mean(1) + l0 * bm.penalty() / max(1, self.unit_map.n_units)
+        self.bad |= ~torch.isfinite(loss_k).all()
+        self.opt.zero_grad()
+        loss_k.sum().backward()
+        self.opt.step()
+        if bm.parametrization == "continuous":
+            with torch.no_grad():
+                bm.temperature.fill_(self.schedule.temperature(step))
+        for b in self.alive:
+            b.steps = step
+            b.temp = self.schedule.temperature(step) if bm.parametrization == "continuous" else None
+
+    def _evaluate_and_prune(self, step: int) -> None:
+        """Validation accuracy of every alive mask, plateau bookkeeping, finished ones dropped."""
+        if bool(self.bad):
+            raise ValueError(f"mask training produced a non-finite loss by step {step}")
+        self.bm.eval()
+        keep = self.bm.binary()
+        acc = _evaluate(
+            self.model,
+            keep,
+            self.vals,
+            [b.data_idx for b in self.alive],
+            self.unit_map,
+            self.ablator,
+            self.pool,
+            self.autocast_dtype,
+        )
+        density = keep.float().mean(1).tolist()
+        for r, b in enumerate(self.alive):
+            if b.plateau.update(acc[r], density[r], step):
+                b.best_logits = self.bm.logits.detach()[r].clone()
+        self.bm.train()
+        stay = [r for r, b in enumerate(self.alive) if not b.plateau.stopped]
+        if len(stay) < len(self.alive):
+            self.done += [b for r, b in enumerate(self.alive) if r not in stay]
+            self.alive = [self.alive[r] for r in stay]
+            if stay:
+                _select_rows(self.bm, self.opt, stay)
+
+    def run(self, progress: bool) -> list[MaskRun]:
+        """Train until every mask has stopped or the budget is spent."""
+        from tqdm.auto import tqdm
+
+        from .batched import _hooks_on, _pad_hooks
+
+        sched = self.schedule
+        bar = tqdm(
+            total=sched.steps, disable=not progress, desc=f"{len(self.alive)} masks", leave=False
+        )
+        self.bm.train()
+        step = 0
+        while self.alive and step < sched.steps:
+            with (
+                self.bm.applied(self.model),
+                _hooks_on(self.model, _pad_hooks(self.model, self.pad_state)),
+            ):
+                while True:
+                    step += 1
+                    self._step(step)
+                    if sched.evaluates_after(step):
+                        break
+            bar.update(step - bar.n)
+            self._evaluate_and_prune(step)
+        bar.close()
+        return self._results()
+
+    def _results(self) -> list[MaskRun]:
+        """One MaskRun per mask, in input order, each with its best checkpoint."""
+        out: list[MaskRun | None] = [None] * len(self.hps)
+        for b in self.done + self.alive:
+            mask = _unit_mask(self.unit_map, self.cfgs[b.i], b.best_logits, b.temp, self.ablator)
+            p = b.plateau
+            out[b.i] = MaskRun(
+                mask,
+                p.best_acc,
+                p.best_density,
+                b.steps,
+                p.best_step,
+                b.temp,
+                b.steps < self.schedule.steps,
+                list(p.history),
+            )
+        return out  # type: ignore[return-value]
+
+
+def _unit_mask(
+    unit_map: UnitMap,
+    cfg: MaskConfig,
+    logits: Float[Tensor, " n"],
+    temp: float | None,
+    ablator: Ablator,
+) -> UnitMask:
+    """A trained :class:`UnitMask` (eval mode, CPU) holding ``logits`` and the ablator's values."""
+    m = UnitMask(unit_map, cfg)
+    flat = logits.detach().cpu()
+    offs = unit_map.offsets()
+    with torch.no_grad():
+        for part, off, g in zip(m.parts, offs, unit_map.groups):
+            row = flat[off : off + g.size]
+            if hasattr(part, "log_alpha"):
+                part.log_alpha.copy_(row)
+            else:
+                part.logits.copy_(row)
+                part.temperature.fill_(temp if temp is not None else 1.0)
+    if ablator.kind == "mean":
+        m.ablation_values = {h: v.cpu() for h, v in ablator.values.items()}
+        m.readout_values = {h: v.cpu() for h, v in ablator.readout_values.items()}
+    m.eval()
+    return m
+
+
+def mask_schedule(cfg: Any, n_train: int) -> Schedule:
+    """The :class:`Schedule` of a ``MaskSearchConfig`` for ``n_train`` training problems.
+
+    The budget is ``cfg.steps`` when set, else ``cfg.epochs`` passes at ``cfg.batch_size``;
+    evaluations every ``cfg.eval_every`` steps, or once per epoch when that is None.
+    """
+    bsz = int(cfg.batch_size)
+    steps = getattr(cfg, "steps", None)
+    steps = int(steps) if steps is not None else budget_steps(cfg.epochs, n_train, bsz)
+    every = getattr(cfg, "eval_every", None) or math.ceil(n_train / bsz)
+    return Schedule(
+        steps=steps,
+        eval_every=max(1, min(int(every), steps)),
+        patience=int(getattr(cfg, "patience", 0)),
+        temp_max=float(getattr(cfg, "temp_max", 200.0)),
+        tolerance=float(getattr(cfg, "tolerance", 0.02)),
+        min_density_drop=float(getattr(cfg, "min_density_drop", 0.0)),
+    )

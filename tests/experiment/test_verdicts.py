@@ -1,0 +1,136 @@
+"""The verdict layer end to end: converged masks, mask_ok, matched random controls, the bypass
+check, validation-based exclusion, and bit-identical reruns with one torch thread."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from subroutine_circuits.experiment import config_from_dict, run_experiment
+
+
+def tiny_config(**extra) -> dict:
+    """One trained and one random-init base model, two mask seeds, 20 random draws."""
+    cfg = {
+        "task": "agreement_singular",
+        "inits": ["trained", "random_init"],
+        "base_seeds": [0],
+        "mask_seeds": [0, 1],
+        "patching": False,
+        "n_random": 20,
+        "data": {"n_train": 120, "n_val": 40, "n_test": 40, "corpus_size": 200},
+        "train": {"max_steps": 80, "eval_every": 40},
+        "mask": {"epochs": 3, "eval_every": 5, "patience": 2, "lr": 0.1, "init": 1.0,
+                 "grid": [{"l0_weight": 4.0}]},
+    }  # fmt: skip
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("verdicts")
+    cfg = config_from_dict(tiny_config())
+    df = run_experiment(cfg, out, progress=False)
+    return cfg, out, pd.read_csv(out / "results.csv")
+
+
+def test_verdict_columns_follow_the_rules(run):
+    """mask_ok, randabl_p and the verdict follow their definitions on every row."""
+    from subroutine_circuits.analysis.inference import run_verdict
+
+    cfg, out, df = run
+    assert len(df) == 2 * 2 * 2
+    for col in ("mask_ok", "mask_val_acc", "mask_steps", "randabl_p", "randabl_diff_mean",
+                "randabl_n_distinct", "verdict", "bypass", "composite_val_acc",
+                "ablzero_target_acc", "ablresample_other_acc", "density_head"):  # fmt: skip
+        assert col in df.columns, col
+    for _, r in df.iterrows():
+        assert r.verdict == run_verdict(r, margin=cfg.margin)
+        assert bool(r.compositional) == (r.verdict == "compositional")
+        assert bool(r.mask_ok) == (r.mask_val_acc >= cfg.mask_min_acc)
+        assert 1 <= r.mask_steps <= 12  # ceil(3 epochs * 120 / 32) = 12
+        usable = bool(r.base_ok) and not bool(r.bypass) and bool(r.mask_ok)
+        if usable:
+            assert r.n_random == 20 and 1 / 21 <= r.randabl_p <= 1
+            assert 1 <= r.randabl_n_distinct <= 20
+        else:
+            assert math.isnan(r.randabl_p) and r.n_random == 0
+            assert r.verdict in ("search failed", "excluded")
+        base_ok = r.init == "random_init" or r.composite_val_acc >= cfg.min_composite_acc
+        assert bool(r.base_ok) == base_ok  # validation, never test accuracy
+    comp = df[df["compositional"].astype(bool)]
+    assert comp["mask_ok"].all() and (comp["randabl_p"] < 0.05).all()
+    assert set(df["ablation"]) == {"mean"}
+
+
+def test_manifest_records_the_bypass_check(run):
+    cfg, out, df = run
+    manifest = json.loads((out / "manifest.json").read_text())
+    checks = manifest["bypass_check"]
+    assert set(checks) == {"agreement_singular__trained__s0", "agreement_singular__random_init__s0"}
+    for c in checks.values():
+        assert set(c["accuracies"]) == {
+            "composite", "partition_subject_plural", "partition_verb_plural",
+        }  # fmt: skip
+        far = any(abs(a - 0.25) > cfg.bypass_tolerance for a in c["accuracies"].values())
+        assert c["bypass"] == far and (c["path"] is not None) == far
+        assert c["ablation"] == "mean"
+    assert manifest["bypass_base_models"] == sorted(k for k, c in checks.items() if c["bypass"])
+    search = json.loads(next((out / "search").glob("*trained*.json")).read_text())
+    assert search["log"][0]["runs"]["0"]["history"]  # the convergence record is kept
+
+
+def test_bypass_check_flags_units_left_out_of_the_masks(run):
+    """A planted bypass: masks over heads only leave every MLP neuron in place; the trained
+    model's verb information reaches the readout through them and the check says so."""
+    from subroutine_circuits.adapters import as_adapter
+    from subroutine_circuits.experiment.data import prepare
+    from subroutine_circuits.experiment.verdicts import bypass_check, reference_ablators
+    from subroutine_circuits.models import load_checkpoint
+
+    cfg, out, _ = run
+    model, tok, _ = load_checkpoint(out / "models" / "agreement_singular__trained__s0")
+    prep = prepare(cfg)
+    adapter = as_adapter(model, tokenizer=tok).freeze()
+    enc = {k: adapter.encode_problems(v) for k, v in prep.splits["val"].items()}
+    ref = adapter.encode_problems(prep.splits["train"]["composite"])
+    heads = config_from_dict(tiny_config(mask={"unit_kinds": ["head"]}))
+    for c, want in ((cfg, False), (heads, True)):
+        abl = reference_ablators(adapter, c, ref, seed=0, kinds=("mean",))["mean"]
+        got = bypass_check(adapter, c, enc, prep.subroutines, abl)
+        assert got["bypass"] is want, got
+    assert "residual stream" in got["path"] and got["unit_kinds"] == ["head"]
+
+
+def test_one_thread_reruns_are_bit_identical_and_anneal_to_temp_max(tmp_path):
+    """Two runs of one config give byte-identical results.csv (one torch thread); continuous
+    sparsification ends at temp_max when the whole budget runs."""
+    from subroutine_circuits.masks import load_mask
+
+    assert torch.get_num_threads() == 1
+    extra = {"inits": ["trained"], "mask_seeds": [0],
+             "mask": {"parametrization": "continuous", "steps": 10, "eval_every": 5,
+                      "patience": 0, "lr": 0.1, "temp_max": 120.0}}  # fmt: skip
+    cfg = config_from_dict(tiny_config(**extra))
+    run_experiment(cfg, tmp_path / "a", progress=False)
+    run_experiment(cfg, tmp_path / "b", progress=False)
+    a = (tmp_path / "a" / "results.csv").read_bytes()
+    assert a == (tmp_path / "b" / "results.csv").read_bytes()
+    df = pd.read_csv(tmp_path / "a" / "results.csv")
+    assert (df["mask_steps"] == 10).all()
+    assert df["mask_final_temp"].to_numpy() == pytest.approx(120.0)
+    mask = load_mask(tmp_path / "a" / df["mask_path"].iloc[0])
+    assert float(mask.parts[0].temperature) == pytest.approx(120.0)
+
+
+def test_mirrored_verdict_constants_match_the_library():
+    from subroutine_circuits.experiment import config as c
+    from subroutine_circuits.masks.ablator import ABLATIONS
+    from subroutine_circuits.masks.batched import NOISE_MODES
+
+    assert c.ABLATIONS == ABLATIONS and c.NOISE_MODES == NOISE_MODES
