@@ -719,6 +719,9 @@ def load_config(path: str | Path) -> ExperimentConfig:
             candidate = (path.parent / value).resolve()
             if candidate.exists():
                 setattr(cfg, attr, str(candidate))
+    ckpt = cfg.model.checkpoint
+    if ckpt and not Path(ckpt).is_absolute() and (path.parent / ckpt).exists():
+        cfg.model.checkpoint = str((path.parent / ckpt).resolve())
     return cfg
 
 

@@ -88,6 +88,7 @@ def load_local_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
+    hf_model: Any | None = None,
 ) -> tuple[Any, Any]:
     """Load a local Hugging Face checkpoint folder and its own tokenizer, without network access.
 
@@ -97,6 +98,9 @@ def load_local_model(
         dtype: parameter dtype.
         backend: ``"auto"`` (bridge on TransformerLens 4.x, ``HookedTransformer`` /
             ``HookedEncoder`` on 3.x), ``"hooked"`` (3.x only) or ``"bridge"``.
+        hf_model: a Hugging Face model of the folder's architecture used instead of the saved
+            weights (e.g. freshly initialised from the folder's config); config and tokenizer
+            still come from the folder.
 
     Returns:
         ``(model, tokenizer)``: the TransformerLens model in eval mode and the folder's
@@ -119,7 +123,9 @@ def load_local_model(
     if backend == "hooked" or (backend == "auto" and major < 4):
         from subroutine_circuits.models.hf import load_hf_checkpoint
 
-        model, tokenizer = load_hf_checkpoint(directory, device=device, dtype=dtype)
+        model, tokenizer = load_hf_checkpoint(
+            directory, device=device, dtype=dtype, hf_model=hf_model
+        )
         return model, tokenizer
 
     tokenizer = load_local_tokenizer(directory)
@@ -130,7 +136,7 @@ def load_local_model(
         with _offline_env(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = TransformerBridge.boot_transformers(
-                str(directory), device=device, dtype=dtype, tokenizer=tokenizer
+                str(directory), device=device, dtype=dtype, tokenizer=tokenizer, hf_model=hf_model
             )
     except (OSError, ValueError, KeyError, NotImplementedError, TypeError) as err:
         raise ValueError(
