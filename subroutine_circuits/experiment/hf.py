@@ -6,7 +6,7 @@ base model of every init, on TransformerLens 3.9 (GPT-2 -> ``HookedTransformer``
 
 - ``pretrained``: the checkpoint's weights, fine-tuned on the composite task;
 - ``trained``: the same architecture re-initialised with the model's own (Hugging Face)
-  initialiser under the base seed, then trained on the composite task;
+  initialiser (seeded by the base seed), then trained on the composite task;
 - ``random_init``: re-initialised the same way, not trained.
 
 Every stimulus is encoded with the folder's own tokenizer (:class:`~subroutine_circuits.tasks.
@@ -45,6 +45,9 @@ HF_TRAIN_DEFAULTS: dict[str, Any] = {
     "target_val_acc": 0.99,
     "eval_batch_size": 64,
 }
+#: Re-initialised base models draw their weights under ``REINIT_SEED_OFFSET + base seed`` (a
+#: checkpoint built with ``torch.manual_seed(0)`` must not come back as "re-initialised").
+REINIT_SEED_OFFSET = 20_000
 #: Files of a stored checkpoint base model (``meta.json`` is written last).
 BASE_INFO_FILE = "hf_base.json"
 BASE_WEIGHTS_FILE = "weights.pt"
@@ -88,16 +91,19 @@ def fresh_hf_model(folder: str | os.PathLike, seed: int) -> Any:
 
 
 def task_tokenizer(folder: str | os.PathLike) -> Any:
-    """The folder's own tokenizer wrapped for task stimuli (causal or encoder from its config)."""
+    """The folder's own tokenizer wrapped for task stimuli (causal or encoder from its config).
+
+    The folder is checked first (config, weights, tokenizer files): a ``ValueError`` names
+    what is missing."""
+    from subroutine_circuits.models.bridge import check_checkpoint_folder
     from subroutine_circuits.models.hf import load_local_tokenizer
     from subroutine_circuits.tasks.hf_tokenizer import HFTaskTokenizer, guess_model_kind
 
+    try:
+        check_checkpoint_folder(folder)
+    except ValueError as err:
+        raise ValueError(f"Hugging Face checkpoint {str(folder)!r} cannot be used: {err}") from err
     tok = load_local_tokenizer(folder)
-    if tok is None:
-        raise ValueError(
-            f"no tokenizer files in checkpoint folder {str(folder)!r}: every stimulus is encoded "
-            "with the folder's own tokenizer (save it with save_pretrained next to the model)"
-        )
     return HFTaskTokenizer(tok, kind=guess_model_kind(folder), source=str(folder))
 
 
@@ -134,9 +140,10 @@ def load_hf_model(
 
 def initial_model(cfg: Any, init: str, seed: int, device: str) -> tuple[Any, dict[str, Any]]:
     """The untrained base model of ``init`` from ``cfg.model.checkpoint`` and its metadata:
-    the checkpoint's weights for ``pretrained``, a seeded re-initialisation otherwise."""
+    the checkpoint's weights for ``pretrained``, a re-initialisation under
+    ``REINIT_SEED_OFFSET + seed`` otherwise."""
     folder = str(cfg.model.checkpoint)
-    reinit = None if init == "pretrained" else int(seed)
+    reinit = None if init == "pretrained" else REINIT_SEED_OFFSET + int(seed)
     model, _ = load_hf_model(folder, device=device, reinit_seed=reinit)
     meta: dict[str, Any] = {
         "init": init,
@@ -146,6 +153,7 @@ def initial_model(cfg: Any, init: str, seed: int, device: str) -> tuple[Any, dic
     }
     if reinit is not None:
         meta["reinitialised_from"] = folder
+        meta["init_seed"] = reinit
     return model, meta
 
 

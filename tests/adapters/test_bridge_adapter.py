@@ -115,7 +115,9 @@ def test_mean_ablation_equals_hand_written_hook(loaded, kind, backend):
         one = adapter.encode_stimuli([text])
         acts = adapter.record_activations(one, [hook]).acts[hook][0]
         n = int(one["lengths"][0])
-        torch.testing.assert_close(rec.acts[hook][TEXTS.index(text), :n], acts[:n], atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            rec.acts[hook][TEXTS.index(text), :n], acts[:n], atol=TOL, rtol=0
+        )
         singles.append(acts[:n])
     mean_h1 = torch.cat(singles)[:, 1].mean(0)  # [d_head], over every real position
 
