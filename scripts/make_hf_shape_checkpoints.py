@@ -67,8 +67,15 @@ def bpe_tokenizer(texts: list[str], vocab_size: int) -> object:
 
 def wordpiece_tokenizer(texts: list[str], vocab_size: int) -> object:
     """A BERT-style WordPiece tokenizer (lower-casing, ``[CLS] text [SEP]``)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
