@@ -339,13 +339,12 @@ def test_override_checked_by_the_real_model_builder():
 
 def test_mirrored_constants_match_the_library():
     """Choice lists kept in config.py (to stay torch-free) equal the library's own."""
-    from subroutine_circuits.patching.run import METHODS
-
     from subroutine_circuits.experiment import config as c
     from subroutine_circuits.masks.parametrization import PARAMETRIZATIONS
     from subroutine_circuits.models import presets
     from subroutine_circuits.models.pretraining import OBJECTIVES
     from subroutine_circuits.patching.circuits import ABLATIONS
+    from subroutine_circuits.patching.run import METHODS
 
     assert c.PARAMETRIZATIONS == PARAMETRIZATIONS
     assert c.PRETRAIN_OBJECTIVES == OBJECTIVES
