@@ -40,9 +40,6 @@ from subroutine_circuits.masks.units import UnitMap
 from subroutine_circuits.models import tl_compat as tc
 from subroutine_circuits.utils import real_positions
 
-#: Attribute of a bridge loaded from a folder that names the folder (for :meth:`reinit`).
-SOURCE_ATTR = "sc_source"
-
 
 def is_bridge_model(model: Any) -> bool:
     """Whether ``model`` is a TransformerLens ``TransformerBridge`` (no import of TL)."""
@@ -143,11 +140,11 @@ class BridgeAdapter(ModelAdapter):
         config under ``seed`` (Hugging Face's initialiser); native bridges: ``boot_native`` with
         the same config and ``seed``. Its state then replaces the model's.
         """
+        from subroutine_circuits.models.bridge import SOURCE_ATTR, load_task_model
+
         source = getattr(self.model, SOURCE_ATTR, None)
         if source is not None:
-            from subroutine_circuits.experiment.hf import load_hf_model
-
-            fresh, _ = load_hf_model(
+            fresh, _ = load_task_model(
                 source, device=str(self.device), reinit_seed=seed, backend="bridge"
             )
         elif getattr(self.model, "original_model", None) is None or self._is_native():

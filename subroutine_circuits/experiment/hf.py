@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,33 +62,6 @@ def is_hf_folder(path: str | os.PathLike | None) -> bool:
     return (folder / "config.json").is_file() and not (folder / BASE_META_FILE).is_file()
 
 
-def fresh_hf_model(folder: str | os.PathLike, seed: int) -> Any:
-    """A Hugging Face model of the folder's architecture, freshly initialised under ``seed``.
-
-    The model class's own initialiser (``PreTrainedModel.__init__`` -> ``_init_weights``) draws
-    the weights; the global torch RNG is left untouched.
-    """
-    import torch
-    import transformers
-
-    from subroutine_circuits.models.bridge import architecture_of, check_checkpoint_folder
-    from subroutine_circuits.models.hf import _offline_env
-
-    directory, config_dict = check_checkpoint_folder(folder)
-    arch = architecture_of(config_dict)
-    cls = getattr(transformers, arch, None)
-    if cls is None:
-        raise ValueError(f"transformers has no model class {arch!r} (from {directory}/config.json)")
-    with _offline_env():
-        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    config._attn_implementation = "eager"
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(int(seed))
-        model = cls(config)
-    return model.eval()
-
-
 def task_tokenizer(folder: str | os.PathLike) -> Any:
     """The folder's own tokenizer wrapped for task stimuli (causal or encoder from its config).
 
@@ -116,23 +88,11 @@ def load_hf_model(
     """Load a checkpoint folder as a TransformerLens model; returns ``(model, HFTaskTokenizer)``.
 
     ``reinit_seed`` replaces the saved weights by a fresh initialisation of the same
-    architecture (:func:`fresh_hf_model`). The model is in eval mode and remembers its folder
-    (attribute ``sc_source``, used by ``BridgeAdapter.reinit``).
+    architecture (``models.bridge.fresh_hf_model``). See ``models.bridge.load_task_model``.
     """
-    from subroutine_circuits.adapters.bridge import SOURCE_ATTR
-    from subroutine_circuits.models.bridge import load_local_model
+    from subroutine_circuits.models.bridge import load_task_model
 
-    hf_model = None if reinit_seed is None else fresh_hf_model(folder, reinit_seed)
-    model, _ = load_local_model(folder, device=device, backend=backend, hf_model=hf_model)
-    tok = task_tokenizer(folder)
-    if tok.vocab_size > int(model.cfg.d_vocab):
-        raise ValueError(
-            f"the tokenizer in {str(folder)!r} has {tok.vocab_size} ids but the model's "
-            f"vocabulary has {model.cfg.d_vocab}"
-        )
-    setattr(model, SOURCE_ATTR, str(folder))
-    model.eval()
-    return model, tok
+    return load_task_model(folder, device=device, backend=backend, reinit_seed=reinit_seed)
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -219,7 +179,7 @@ def save_base(
 ) -> Path:
     """Store a checkpoint base model: its folder (``hf_base.json``), its weights, then
     ``meta.json`` (written last: its presence marks a complete model)."""
-    from subroutine_circuits.adapters.bridge import SOURCE_ATTR
+    from subroutine_circuits.models.bridge import SOURCE_ATTR
     from subroutine_circuits.models.tl_compat import tl_version
     from subroutine_circuits.utils import atomic_torch_save, atomic_write_json
 
