@@ -101,7 +101,12 @@ def build_model(
 
 def load_model(path: str | os.PathLike, *, device: str = "auto", pool: str | None = None):
     """A saved model as an adapter: a checkpoint written by this library (``save_model``) or a
-    local Hugging Face folder (GPT-2 -> ``HookedTransformer``, BERT -> ``HookedEncoder``)."""
+    local Hugging Face folder (config, weights and tokenizer files; nothing is downloaded).
+
+    Hugging Face folders load with their own tokenizer (``HFTaskTokenizer``: stimuli end in a
+    constant readout token) into the adapter of the installed TransformerLens: on 3.9 GPT-2 ->
+    ``HookedTransformer``, BERT -> ``HookedEncoder``; on 4.x a ``TransformerBridge`` for any
+    architecture it supports (GPT-2, BERT, Pythia, Llama, ...)."""
     from pathlib import Path
 
     from subroutine_circuits.adapters import as_adapter
@@ -113,10 +118,9 @@ def load_model(path: str | os.PathLike, *, device: str = "auto", pool: str | Non
 
         model, tokenizer, _ = load_checkpoint(path, device=device)
     else:
-        from subroutine_circuits.models import load_hf_checkpoint
+        from subroutine_circuits.experiment.hf import load_hf_model
 
-        model, tokenizer = load_hf_checkpoint(path)
-        model.to(device)
+        model, tokenizer = load_hf_model(path, device=device)
     return as_adapter(model, tokenizer=tokenizer, pool=pool)
 
 

@@ -26,6 +26,7 @@ TransformerLens 4 bridge, a hooked CNN) call :func:`register_adapter` from their
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -277,7 +278,7 @@ class ModelAdapter(ABC):
         def save(act: Tensor, hook: Any) -> None:
             acts[hook.name] = act.detach()
 
-        with self.model.hooks(fwd_hooks=[(h, save) for h in hook_names]):
+        with self.model.hooks(fwd_hooks=named_hooks(hook_names, save)):
             final = self.model(inputs)
         return [inputs], acts, readout(self.model, final).detach()
 
@@ -293,6 +294,34 @@ class ModelAdapter(ABC):
     def layer_of(self, group_layer: int) -> int:
         """The layer :meth:`run_from_layer` starts at to patch a unit of ``group_layer``."""
         return group_layer if self.can_start_at_layer else 0
+
+
+# ---------------------------------------------------------------------------------- hook names
+
+
+class _NamedHook:
+    """A hook point seen under the name it was requested by (``name``); all else delegates."""
+
+    def __init__(self, hook: Any, name: str):
+        self._hook = hook
+        self.name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._hook, attr)
+
+
+def named_hooks(names: Sequence[str], fn: Callable[[Tensor, Any], Any]) -> list[tuple[str, Any]]:
+    """``fwd_hooks`` that call ``fn(act, hook)`` with ``hook.name`` equal to the requested name.
+
+    TransformerLens 4 bridges alias hook points (``blocks.0.attn.hook_z`` is the hook point
+    named ``blocks.0.attn.o.hook_in``), so code that keys activations by ``hook.name`` must use
+    these hooks to get the names it asked for.
+    """
+
+    def call(act: Tensor, hook: Any, name: str) -> Any:
+        return fn(act, _NamedHook(hook, name))
+
+    return [(n, functools.partial(call, name=n)) for n in names]
 
 
 # ---------------------------------------------------------------------------------- registry

@@ -25,6 +25,7 @@ from subroutine_circuits.adapters.base import (
     ModelAdapter,
     Readout,
     Recorded,
+    named_hooks,
     register_adapter,
 )
 from subroutine_circuits.masks.ablation import readout_positions
@@ -117,7 +118,12 @@ def check_unit_sizes(model: nn.Module, unit_map: UnitMap) -> None:
 
 
 def logits_readout(model, resid: Float[Tensor, "n pos d_model"]) -> Float[Tensor, "n pos d_vocab"]:
-    """The model's logits from its final residual stream (ln_final, unembed, soft-cap)."""
+    """The model's logits from its final residual stream (ln_final, unembed, soft-cap; for a
+    ``HookedEncoder`` its masked-LM head and unembedding)."""
+    from subroutine_circuits.models.readout import _is_encoder
+
+    if _is_encoder(model):
+        return model.unembed(model.mlm_head(resid))
     return model(resid, start_at_layer=model.cfg.n_layers)
 
 
@@ -312,17 +318,13 @@ class TransformerLensAdapter(ModelAdapter):
         return int(self.model.cfg.n_layers)
 
     def check_patchable(self) -> None:
-        """Patching runs ``HookedTransformer`` models (no shortformer embeddings)."""
+        """Patching runs ``HookedTransformer`` (no shortformer embeddings) and ``HookedEncoder``
+        models (these from their tokens: they cannot start a forward pass at a layer)."""
         model = self.model
         if getattr(model.cfg, "positional_embedding_type", "standard") == "shortformer":
             raise ValueError("shortformer positional embeddings are not supported by patching")
         if not hasattr(model, "blocks"):
             raise ValueError("patching needs a TransformerLens model with .blocks and .cfg")
-        if self.is_encoder:
-            raise ValueError(
-                "patching runs HookedTransformer models (causal or bidirectional); HookedEncoder "
-                "cannot start a forward pass at a layer"
-            )
 
     def readout(self, name: str | Readout) -> Readout:
         """``logits``, ``hidden_last``, ``hidden_mean`` or a callable ``(model, resid)``."""
@@ -333,22 +335,33 @@ class TransformerLensAdapter(ModelAdapter):
         return READOUTS[name]
 
     def input_state(self, inputs: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        """The residual stream before block 0 (embeddings)."""
+        """The residual stream before block 0 (embeddings); an encoder's tokens."""
+        if self.is_encoder:
+            return inputs
         return self.model(inputs, stop_at_layer=0)
 
     def forward(self, inputs: Int[Tensor, "batch pos"], readout: Readout) -> Tensor:
         """All blocks on ``inputs`` (hooks fire), then ``readout`` of the final residual."""
+        if self.is_encoder:
+            return readout(self.model, self.model.encoder_output(inputs, None, None))
         return readout(self.model, self.model(inputs, stop_at_layer=self.model.cfg.n_layers))
 
     def layer_states(
         self, inputs: Int[Tensor, "batch pos"], hook_names: Sequence[str], readout: Readout
     ) -> tuple[list[Tensor], dict[str, Tensor], Tensor]:
-        """``resid_pre`` of every layer (``[n_layers]`` = final residual), activations, output."""
+        """``resid_pre`` of every layer (``[n_layers]`` = final residual), activations, output.
+
+        Encoders return only their tokens as states (patching runs them from layer 0)."""
         model = self.model
         acts: dict[str, Tensor] = {}
 
         def save(act, hook):
             acts[hook.name] = act.detach()
+
+        if self.is_encoder:
+            with model.hooks(fwd_hooks=named_hooks(hook_names, save)):
+                out = self.forward(inputs, readout)
+            return [inputs], acts, out.detach()
 
         resids = [model(inputs, stop_at_layer=0)]
         with model.hooks(fwd_hooks=[(h, save) for h in hook_names]):
@@ -358,7 +371,12 @@ class TransformerLensAdapter(ModelAdapter):
         return [r.detach() for r in resids], acts, out.detach()
 
     def run_from_layer(self, state: Tensor, layer: int, readout: Readout) -> Tensor:
-        """Blocks ``layer..`` on the residual ``state`` (hooks fire), then ``readout``."""
+        """Blocks ``layer..`` on the residual ``state`` (hooks fire), then ``readout``; an
+        encoder runs from its tokens (``layer`` 0)."""
+        if self.is_encoder:
+            if layer != 0:
+                raise ValueError("a HookedEncoder runs patching from its tokens only (layer 0)")
+            return self.forward(state, readout)
         model = self.model
         final = model(state, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
         return readout(model, final)

@@ -769,6 +769,10 @@ def load_config(path: str | Path) -> ExperimentConfig:
             candidate = (path.parent / value).resolve()
             if candidate.exists():
                 setattr(cfg, attr, str(candidate))
+    ckpt = cfg.model.checkpoint  # relative to the TOML's folder (else to the working folder)
+    if ckpt and not Path(ckpt).is_absolute():
+        if (path.parent / ckpt).exists() or not Path(ckpt).exists():
+            cfg.model.checkpoint = str((path.parent / ckpt).resolve())
     return cfg
 
 

@@ -56,5 +56,15 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         for kind, probs in kinds.items():
             if not probs:
                 raise ValueError(f"the {split} split has no {kind!r} problems")
-    tokenizer = task.tokenizer()
+    tokenizer = task_tokenizer(cfg, task)
     return Prepared(task, tokenizer, splits, subroutines, task_label(cfg, task))
+
+
+def task_tokenizer(cfg: ExperimentConfig, task: Any) -> Any:
+    """The tokenizer of every stimulus: a Hugging Face checkpoint folder's own
+    (``[model] checkpoint``), else the task's built-in word-level tokenizer."""
+    from subroutine_circuits.experiment import hf
+
+    if hf.is_hf_folder(cfg.model.checkpoint):
+        return hf.task_tokenizer(cfg.model.checkpoint)
+    return task.tokenizer()

@@ -149,8 +149,15 @@ class PairData:
 
     batches: list[PatchBatch]
     readout: str  # readout name for the patching functions
-    n_pairs: int
+    n_pairs: int  # pairs used (aligned)
     texts: list[tuple[str, str]] = field(default_factory=list)
+    # pairs whose stimuli could not be aligned token by token: (clean, corrupted, reason)
+    unaligned: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def n_unaligned(self) -> int:
+        """Sampled pairs left out because their tokens could not be aligned."""
+        return len(self.unaligned)
 
 
 def _adapter(model, tokenizer=None, pool: str | None = None):
@@ -266,20 +273,27 @@ def pair_data(model, tokenizer, pairs: Sequence[Pair], cfg: PatchingConfig) -> P
     ``model`` is the model or its adapter."""
     adapter = _adapter(model, tokenizer, cfg.pool)
     model = adapter.model
+    sampled = list(pairs)
     device = adapter.device
     by_len: dict[int, list[int]] = {}
-    enc = []
-    for i, (clean, corr, _) in enumerate(pairs):
-        a, b = tokenizer.encode(clean), tokenizer.encode(corr)
-        if len(a) != len(b):
-            raise ValueError(
-                f"minimal pair with different token counts ({len(a)} vs {len(b)}): "
-                f"{clean!r} / {corr!r}"
-            )
+    enc, pairs, unaligned = [], [], []
+    for clean, corr, contexts in sampled:
+        ids = pair_ids(tokenizer, clean, corr)
+        if isinstance(ids, str):
+            unaligned.append((clean, corr, ids))
+            continue
+        a, b = ids
+        i = len(pairs)
+        pairs.append((clean, corr, contexts))
         if len(a) > model.cfg.n_ctx:
             raise ValueError(f"stimulus of {len(a)} tokens exceeds the model's n_ctx")
         enc.append((a, b))
         by_len.setdefault(len(a), []).append(i)
+    if not pairs:
+        raise ValueError(
+            f"none of the {len(sampled)} minimal pairs could be aligned token "
+            f"by token (e.g. {unaligned[0][0]!r} / {unaligned[0][1]!r}: {unaligned[0][2]})"
+        )
     batches = []
     if cfg.readout == "ooo":
         readout = {"last": "hidden_last", "mean": "hidden_mean"}[adapter.pool]
@@ -294,7 +308,24 @@ def pair_data(model, tokenizer, pairs: Sequence[Pair], cfg: PatchingConfig) -> P
         metric = _label_metric(tokenizer.yes_id, tokenizer.no_id)
         for _, idx in sorted(by_len.items()):
             batches.append(_make_batch(enc, idx, device, metric))
-    return PairData(batches, readout, len(pairs), [(p[0], p[1]) for p in pairs])
+    return PairData(batches, readout, len(pairs), [(p[0], p[1]) for p in pairs], unaligned)
+
+
+def pair_ids(tokenizer, clean: str, corr: str) -> tuple[list[int], list[int]] | str:
+    """Token ids of a minimal pair aligned position by position, or why they cannot be.
+
+    Tokenizers with ``align_pair`` (subword tokenizers, ``HFTaskTokenizer``) align at word
+    boundaries: every word has the same number of tokens in both stimuli, so a unit patched at
+    all positions moves each word's tokens together. Others must give equal token counts.
+    """
+    align = getattr(tokenizer, "align_pair", None)
+    if align is not None:
+        res = align(clean, corr)
+        return (list(res.a.ids), list(res.b.ids)) if res.ok else res.reason
+    a, b = tokenizer.encode(clean), tokenizer.encode(corr)
+    if len(a) != len(b):
+        return f"different token counts ({len(a)} vs {len(b)})"
+    return list(a), list(b)
 
 
 def build_pair_data(
@@ -619,6 +650,8 @@ def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | Non
         "method": method,
         "n_pairs": data.n_pairs,
         "n_faith_pairs": ctx.faith.n_pairs,
+        "n_unaligned": data.n_unaligned,
+        "n_faith_unaligned": ctx.faith.n_unaligned,
         "n_units": ctx.n_units,
         "clean_metric": res.clean_metric,
         "corr_metric": res.corr_metric,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from subroutine_circuits.experiment import hf
 from subroutine_circuits.experiment.config import ExperimentConfig
 from subroutine_circuits.experiment.data import Prepared, other_subroutine, prepare
 from subroutine_circuits.experiment.jobs import BaseModelJob, PatchingJob, plan_base_model
@@ -49,12 +50,7 @@ def _load_user_checkpoint(path: str, device: str):
     if (Path(path) / "meta.json").exists():
         model, tok, meta = load_checkpoint(path)
         return model.to(device), tok, meta
-    if (Path(path) / "config.json").exists():
-        raise ValueError(
-            f"{path} looks like a Hugging Face checkpoint; experiments need the task's word-level "
-            "tokenizer, so they run on checkpoints saved by this library. Load Hugging Face "
-            "models with models.load_hf_checkpoint and use masks/patching on them directly."
-        )
+    # (Hugging Face folders are dispatched to experiment.hf by _initial_model)
     raise FileNotFoundError(f"model checkpoint folder not found or incomplete: {path}")
 
 
@@ -77,6 +73,8 @@ def _initial_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int, 
     from subroutine_circuits.models import ModelSpec, make_model
 
     meta: dict[str, Any] = {"init": init, "seed": seed}
+    if hf.is_hf_folder(cfg.model.checkpoint):
+        return hf.initial_model(cfg, init, seed, device)
     if cfg.model.checkpoint:
         # A user's checkpoint takes the place of self-supervised pretraining: "pretrained"
         # fine-tunes it; "trained" and "random_init" re-initialise the same architecture.
@@ -110,7 +108,9 @@ def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int
         info = pretrain(model, corpus, prep.tokenizer, pcfg)
         meta["pretrain"] = {k: v for k, v in dict(info).items() if not isinstance(v, list)}
     meta["pretrain_seconds"] = time.time() - t0
-    if init != "random_init":
+    if init != "random_init" and hf.is_hf_folder(cfg.model.checkpoint):
+        meta.update(hf.train_base(model, cfg, prep, seed, device))
+    elif init != "random_init":
         tcfg = TrainConfig(**{"seed": seed, "device": device, "progress": False, **cfg.train})
         res = train_ooo(
             model, prep.splits["train"]["composite"], prep.splits["val"]["composite"],
@@ -136,7 +136,9 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
     cfg = job.cfg
     device = resolve_device(cfg.device)
     model_dir = store.model_dir(job.key)
-    if store.has_model(job.key):
+    if store.has_model(job.key) and hf.is_stored_base(model_dir):
+        model, _, meta = hf.load_base(model_dir, device)
+    elif store.has_model(job.key):
         model, _, meta = load_checkpoint(model_dir)
         model.to(device)
     else:
@@ -160,7 +162,10 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
         meta["bypass_check"] = bypass_check(
             adapter, cfg, enc["val"], prep.subroutines, ablators.get(cfg.ablation)
         )
-        save_checkpoint(model_dir, model, prep.tokenizer, meta)
+        if hf.is_hf_folder(cfg.model.checkpoint):
+            hf.save_base(model_dir, model, meta)
+        else:
+            save_checkpoint(model_dir, model, prep.tokenizer, meta)
     val_acc = float(meta["composite_val_acc"])
     base_ok = job.init == "random_init" or val_acc >= cfg.min_composite_acc  # never test data
     return BaseModel(adapter, meta, enc, float(meta["composite_acc"]), base_ok, val_acc,

@@ -37,6 +37,8 @@ from subroutine_circuits.models.hf import (
 from subroutine_circuits.models.tl_compat import tl_major
 
 BACKENDS = ("auto", "hooked", "bridge")
+#: Attribute naming the folder a model was loaded from (``BridgeAdapter.reinit`` uses it).
+SOURCE_ATTR = "sc_source"
 
 
 def check_checkpoint_folder(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
@@ -88,6 +90,7 @@ def load_local_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
+    hf_model: Any | None = None,
 ) -> tuple[Any, Any]:
     """Load a local Hugging Face checkpoint folder and its own tokenizer, without network access.
 
@@ -97,6 +100,9 @@ def load_local_model(
         dtype: parameter dtype.
         backend: ``"auto"`` (bridge on TransformerLens 4.x, ``HookedTransformer`` /
             ``HookedEncoder`` on 3.x), ``"hooked"`` (3.x only) or ``"bridge"``.
+        hf_model: a Hugging Face model of the folder's architecture used instead of the saved
+            weights (e.g. freshly initialised from the folder's config); config and tokenizer
+            still come from the folder.
 
     Returns:
         ``(model, tokenizer)``: the TransformerLens model in eval mode and the folder's
@@ -119,7 +125,9 @@ def load_local_model(
     if backend == "hooked" or (backend == "auto" and major < 4):
         from subroutine_circuits.models.hf import load_hf_checkpoint
 
-        model, tokenizer = load_hf_checkpoint(directory, device=device, dtype=dtype)
+        model, tokenizer = load_hf_checkpoint(
+            directory, device=device, dtype=dtype, hf_model=hf_model
+        )
         return model, tokenizer
 
     tokenizer = load_local_tokenizer(directory)
@@ -130,7 +138,7 @@ def load_local_model(
         with _offline_env(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = TransformerBridge.boot_transformers(
-                str(directory), device=device, dtype=dtype, tokenizer=tokenizer
+                str(directory), device=device, dtype=dtype, tokenizer=tokenizer, hf_model=hf_model
             )
     except (OSError, ValueError, KeyError, NotImplementedError, TypeError) as err:
         raise ValueError(
@@ -152,19 +160,51 @@ def load_task_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
+    reinit_seed: int | None = None,
 ) -> tuple[Any, Any]:
     """:func:`load_local_model`, with the tokenizer wrapped for task stimuli.
 
     Returns ``(model, HFTaskTokenizer)``; the tokenizer's kind (causal / encoder) follows the
     folder's ``config.json`` and its vocabulary must fit the model's ``d_vocab``.
+    ``reinit_seed`` replaces the saved weights by a fresh initialisation of the same
+    architecture (:func:`fresh_hf_model`). The model is in eval mode and remembers its folder
+    (attribute :data:`SOURCE_ATTR`).
     """
     from subroutine_circuits.tasks.hf_tokenizer import HFTaskTokenizer, guess_model_kind
 
-    model, tokenizer = load_local_model(path, device=device, dtype=dtype, backend=backend)
+    hf_model = None if reinit_seed is None else fresh_hf_model(path, reinit_seed)
+    model, tokenizer = load_local_model(
+        path, device=device, dtype=dtype, backend=backend, hf_model=hf_model
+    )
     task_tok = HFTaskTokenizer(tokenizer, kind=guess_model_kind(path), source=str(path))
     if task_tok.vocab_size > int(model.cfg.d_vocab):
         raise ValueError(
             f"the tokenizer in {str(path)!r} has {task_tok.vocab_size} ids but the model's "
             f"vocabulary has {model.cfg.d_vocab}"
         )
+    setattr(model, SOURCE_ATTR, str(path))
+    model.eval()
     return model, task_tok
+
+
+def fresh_hf_model(folder: str | os.PathLike, seed: int) -> Any:
+    """A Hugging Face model of the folder's architecture, freshly initialised under ``seed``.
+
+    The model class's own initialiser (``PreTrainedModel.__init__`` -> ``_init_weights``) draws
+    the weights; the global torch RNG is left untouched.
+    """
+    import transformers
+
+    directory, config_dict = check_checkpoint_folder(folder)
+    arch = architecture_of(config_dict)
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise ValueError(f"transformers has no model class {arch!r} (from {directory}/config.json)")
+    with _offline_env():
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(int(seed))
+        model = cls(config)
+    return model.eval()

@@ -396,7 +396,10 @@ def load_local_tokenizer(directory: str | os.PathLike) -> Any | None:
 
 
 def load_hf_checkpoint(
-    path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | os.PathLike,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    hf_model: Any | None = None,
 ) -> tuple[Any, Any | None]:
     """Load a local Hugging Face checkpoint as a TransformerLens model, without any network access.
 
@@ -405,6 +408,8 @@ def load_hf_checkpoint(
             tokenizer files).
         device: device of the returned model.
         dtype: parameter dtype of the returned model.
+        hf_model: a Hugging Face model of the folder's architecture to convert instead of the
+            saved weights (e.g. one freshly initialised from the folder's config).
 
     Returns:
         ``(model, tokenizer_or_None)``: GPT-2 checkpoints give a causal ``HookedTransformer``,
@@ -422,15 +427,16 @@ def load_hf_checkpoint(
     family = SUPPORTED_ARCHITECTURES[architecture]
     import transformers
 
-    hf_class = getattr(transformers, architecture)
-    with _offline_env(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_model = hf_class.from_pretrained(
-            str(directory),
-            local_files_only=True,
-            attn_implementation="eager",
-            dtype=dtype,
-        )
+    if hf_model is None:
+        hf_class = getattr(transformers, architecture)
+        with _offline_env(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_model = hf_class.from_pretrained(
+                str(directory),
+                local_files_only=True,
+                attn_implementation="eager",
+                dtype=dtype,
+            )
     hf_model.eval()
     tokenizer = load_local_tokenizer(directory)
     model_name = directory.resolve().name

@@ -23,7 +23,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from subroutine_circuits.adapters import as_adapter
-from subroutine_circuits.adapters.base import Readout
+from subroutine_circuits.adapters.base import Readout, named_hooks
 from subroutine_circuits.masks.ablation import mix_copies
 from subroutine_circuits.masks.units import UnitGroup, UnitMap
 from subroutine_circuits.patching.fast_forward import (
@@ -169,7 +169,7 @@ def _generic_patching(
                 # the patched units take their clean value: "ablate" them to the clean run
                 return mix_copies(act, ~sels[hook.name], clean_acts[hook.name], k)
 
-            with adapter.model.hooks(fwd_hooks=[(h, hook_fn) for h in sels]):
+            with adapter.model.hooks(fwd_hooks=named_hooks(list(sels), hook_fn)):
                 out = adapter.run_from_layer(expand_batch(resid, k), start_layer, readout)
             vals = metric(out.reshape(k, batch, *out.shape[1:])).float().mean(-1).cpu()
             for i, (g, u, p) in enumerate(chunk):

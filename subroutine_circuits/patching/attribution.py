@@ -20,7 +20,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from subroutine_circuits.adapters import as_adapter
-from subroutine_circuits.adapters.base import Readout
+from subroutine_circuits.adapters.base import Readout, named_hooks
 from subroutine_circuits.masks.units import UnitGroup, UnitMap
 from subroutine_circuits.patching.activation import (
     Metric,
@@ -76,7 +76,7 @@ def attribution_patching(
         corr_acts[hook.name] = act.detach()
         return act + probe
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(h, add_probe) for h in hooks]):
+    with torch.enable_grad(), model.hooks(fwd_hooks=named_hooks(hooks, add_probe)):
         out = adapter.forward(corr_tokens, readout)
         m = metric(out).float().mean()
         grads = torch.autograd.grad(m, [probes[h] for h in hooks], allow_unused=True)

@@ -21,7 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from subroutine_circuits.adapters import as_adapter
-from subroutine_circuits.adapters.base import Readout
+from subroutine_circuits.adapters.base import Readout, named_hooks
 from subroutine_circuits.masks.ablation import mix_copies, pooled_mean
 from subroutine_circuits.masks.parametrization import Ablation
 from subroutine_circuits.masks.unit_mask import UnitMask
@@ -231,7 +231,7 @@ def circuit_metrics(
             def hook_fn(act, hook, k=k, keeps_k=keeps_k, vals=vals):
                 return mix_copies(act, keeps_k[hook.name], vals[hook.name].to(act.device), k)
 
-            with adapter.model.hooks(fwd_hooks=[(h, hook_fn) for h in keeps_k]):
+            with adapter.model.hooks(fwd_hooks=named_hooks(list(keeps_k), hook_fn)):
                 out = adapter.run_from_layer(expand_batch(resid0, k), 0, readout)
             m = b.metric(out.reshape(k, batch, *out.shape[1:])).float().mean(-1).cpu()
             total[start : start + k] += m * batch

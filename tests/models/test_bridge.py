@@ -283,9 +283,11 @@ def test_run_from_layer_and_resid_pre(gpt2_loaded, bert_loaded):
 
 
 def test_unit_groups_match_unit_map(gpt2_loaded, bert_loaded):
+    from subroutine_circuits.adapters import as_adapter
+
     for name, model in _models(gpt2_loaded, bert_loaded).items():
         groups = tc.unit_groups(model)
-        assert UnitMap(groups) == UnitMap.from_model(model), name
+        assert UnitMap(groups) == as_adapter(model).unit_map(), name
         n_layers, n_heads, d_mlp = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_mlp
         assert UnitMap(groups).n_units == n_layers * (n_heads + d_mlp)
         assert [g.hook_name for g in tc.unit_groups(model, ("head",), [1])] == [
