@@ -3,7 +3,7 @@
 ```python
 from subroutine_circuits.adapters import (
     ModelAdapter, EncodedProblems, Recorded, as_adapter, register_adapter,
-    TransformerLensAdapter, HookedModuleAdapter,
+    TransformerLensAdapter, HookedModuleAdapter, CNNAdapter,
 )
 ```
 Names load lazily: importing the package imports neither torch nor TransformerLens.
@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "TransformerLensAdapter": "transformer_lens",
     "tl_unit_map": "transformer_lens",
     "HookedModuleAdapter": "hooked",
+    "CNNAdapter": "cnn",
 }
 
 __all__ = sorted([*_EXPORTS, "as_adapter"])
@@ -39,7 +40,10 @@ def as_adapter(model: Any, **options: Any):
         ValueError: when no adapter is registered for the model's class, or options are given
             for an existing adapter.
     """
-    from subroutine_circuits.adapters import transformer_lens  # noqa: F401  (registers TL 3.9)
+    from subroutine_circuits.adapters import (
+        cnn,  # noqa: F401  (registers the hooked CNN)
+        transformer_lens,  # noqa: F401  (registers TL 3.9)
+    )
     from subroutine_circuits.adapters.base import ModelAdapter, registered_adapters
 
     if isinstance(model, ModelAdapter):

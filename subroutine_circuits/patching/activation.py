@@ -34,6 +34,7 @@ from subroutine_circuits.patching.scores import (
     Metric,
     PatchScores,
     check_pair_tokens,
+    check_per_position,
     expand_batch,
     merge_scores,
     n_units,
@@ -85,6 +86,7 @@ def activation_patching(
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     groups = resolve_groups(adapter, groups)
+    check_per_position(groups, per_position)
     readout = adapter.readout(readout)
     reason = "fast=False"
     if fast:
@@ -98,7 +100,7 @@ def activation_patching(
     corr_resids, _, corr_out = adapter.layer_states(corr_tokens, [], readout)
     m_clean = float(metric(clean_out).float().mean())
     m_corr = float(metric(corr_out).float().mean())
-    batch, n_pos = corr_tokens.shape
+    batch, n_pos = corr_tokens.shape[:2]
     k_max = max(1, chunk_rows // batch)
 
     patched = {
@@ -123,11 +125,13 @@ def activation_patching(
                 if g.layer != layer:
                     continue
                 # built on the CPU, moved once (avoids one tiny kernel per unit on a GPU)
-                sel = torch.zeros(k, n_pos, g.size, dtype=torch.bool)
+                # [k, pos, size] per position, else [k, 1.., size] (any unit axis)
+                lead = (n_pos,) if per_position else (1,) * (g.axis - 1)
+                sel = torch.zeros(k, *lead, g.size, dtype=torch.bool)
                 for i, (gi, u, p) in enumerate(chunk):
                     if gi is g:
                         if p < 0:
-                            sel[i, :, u] = True
+                            sel[i, ..., u] = True
                         else:
                             sel[i, p, u] = True
                 if sel.any():
