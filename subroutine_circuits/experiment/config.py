@@ -452,7 +452,7 @@ class ModelConfig(_Table):
             check_cnn_model(self, path)
             return
         if self.image_size is not None:
-            raise ValueError(f"{_join(path, 'image_size')} is for CNNs (family = \"cnn\") only")
+            raise ValueError(f'{_join(path, "image_size")} is for CNNs (family = "cnn") only')
         if self.preset not in PRESETS:
             raise ValueError(f"{_join(path, 'preset')} must be one of {sorted(PRESETS)}, "
                              f"got {self.preset!r}")  # fmt: skip

@@ -181,8 +181,12 @@ def _label_metric(yes_id: int, no_id: int):
 def build_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig) -> PairData:
     """Sample minimal pairs, tokenise, group by length and attach each group's metric.
 
-    ``model`` is the model or its adapter."""
+    ``model`` is the model or its adapter. Image tasks: see ``experiment.vision``."""
     adapter = _adapter(model, tokenizer, cfg.pool)
+    if getattr(task, "modality", "text") == "image":
+        from subroutine_circuits.experiment.vision import image_pair_data
+
+        return image_pair_data(adapter, task, subroutine, cfg)
     model = adapter.model
     pairs = sample_pairs(task, subroutine, cfg.n_pairs, cfg.seed)
     device = adapter.device

@@ -126,6 +126,10 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
     from subroutine_circuits.models import load_checkpoint, save_checkpoint
 
     cfg = job.cfg
+    if cfg.model.family == "cnn":  # image tasks on CNNs: experiment/vision.py
+        from subroutine_circuits.experiment.vision import cnn_base_model_stage
+
+        return cnn_base_model_stage(job, prep, store)
     device = resolve_device(cfg.device)
     model_dir = store.model_dir(job.key)
     if store.has_model(job.key):
@@ -217,6 +221,8 @@ def _run_row(
         mask_path=rel, hparams=json.dumps(hp, sort_keys=True),
         val_score=val_score,
     )  # fmt: skip
+    if "bypass" in meta:  # recorded by base-model stages that run the bypass check
+        row["bypass"] = bool(meta["bypass"])
     return row
 
 
@@ -271,6 +277,7 @@ def patching_stage(
             "n_pairs": cfg.patching_pairs,
             "seed": job.seed,
             "pool": cfg.model.pool,
+            "kinds": tuple(cfg.mask.unit_kinds),
             "cross_ablation": cfg.ablation,
             "out_dir": str(store.patching_dir),
             "meta": {"task": prep.label, "init": job.init, "base_seed": job.seed},

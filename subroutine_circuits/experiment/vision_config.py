@@ -68,7 +68,8 @@ def check_cnn_model(model: Any, path: str = "model") -> None:
     where = f"{path}.overrides"
     for key, value in model.overrides.items():
         if key in CNN_OVERRIDES_REFUSED:
-            raise ValueError(f"key {key!r} is not allowed in [{where}]: {CNN_OVERRIDES_REFUSED[key]}")
+            hint = CNN_OVERRIDES_REFUSED[key]
+            raise ValueError(f"key {key!r} is not allowed in [{where}]: {hint}")
         if key not in CNN_OVERRIDE_TYPES:
             raise _unknown_key(key, sorted(CNN_OVERRIDE_TYPES), where)
         model.overrides[key] = _coerce(value, CNN_OVERRIDE_TYPES[key], f"{where}.{key}")
@@ -96,7 +97,7 @@ def check_family(cfg: Any) -> None:
         if len(cfg.simclr):
             raise ValueError('[simclr] is for CNNs ([model] family = "cnn"); use [pretrain]')
         if cfg.data.n_train_composite is not None:
-            raise ValueError("data.n_train_composite is for image tasks (family = \"cnn\")")
+            raise ValueError('data.n_train_composite is for image tasks (family = "cnn")')
         return
     if cfg.task not in VISION_TASKS:
         raise ValueError(
