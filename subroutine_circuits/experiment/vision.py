@@ -35,6 +35,8 @@ from subroutine_circuits.experiment.config import ExperimentConfig
 
 #: Problems per generated chunk (one random stream each).
 CHUNK = 250
+#: Fewest problems of one split worth drawing in worker processes (they take ~1 s to start).
+PARALLEL_MIN = 1000
 #: Accuracy over chance (with every unit ablated) above which a model has a bypass.
 BYPASS_TOLERANCE = 0.05
 
@@ -85,7 +87,8 @@ def make_image_splits(
 
     Every (split, kind) is drawn in chunks of :data:`CHUNK` problems, each from its own stream
     (``(split, chunk)``), in ``workers`` processes (default: the CPU count, at most the number
-    of chunks); a split excludes every scene of the splits before it.
+    of chunks; splits under :data:`PARALLEL_MIN` problems are drawn in this process); a split
+    excludes every scene of the splits before it.
     """
     from concurrent.futures import ProcessPoolExecutor
 
@@ -101,7 +104,7 @@ def make_image_splits(
                 size = min(CHUNK, n - start)
                 jobs.append((task, kind, size, seed, rule, frozenset(seen), (split, i)))
                 owners.append(kind)
-        if workers > 1 and len(jobs) > 1:
+        if workers > 1 and len(jobs) > 1 and sum(j[2] for j in jobs) >= PARALLEL_MIN:
             import multiprocessing as mp
 
             ctx = mp.get_context("spawn")
