@@ -440,6 +440,8 @@ class ModelConfig(_Table):
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides)
+        if self.family == "cnn" and self.preset == "tiny":  # the default of a transformer
+            self.preset = "cpu"
 
     def check(self, path: str = "model") -> None:
         """Types and constraints, the preset name, and the override keys and value types."""
