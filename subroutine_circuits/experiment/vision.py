@@ -26,6 +26,7 @@ are the ones of the language path (:mod:`~subroutine_circuits.experiment.search`
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -186,7 +187,7 @@ def build_cnn_base_model(
     cfg: ExperimentConfig, prep: Any, init: str, seed: int, device: str
 ) -> tuple[Any, dict[str, Any]]:
     """Create (pretrain / train as ``init`` says) one CNN base model; returns ``(model, meta)``
-    with ``meta["compute"]`` (steps, images seen and seconds of each phase)."""
+    with ``meta["compute"]`` (steps, images seen, wall and CPU seconds of each phase)."""
     from subroutine_circuits.models.cnn import HookedCNN, count_params
     from subroutine_circuits.models.cnn_train import train_cnn_ooo
 
@@ -197,15 +198,19 @@ def build_cnn_base_model(
                             "n_params": count_params(mcfg)}  # fmt: skip
     compute: dict[str, Any] = {}
     if init == "pretrained":
+        cpu = time.process_time()
         meta["pretrain"] = _pretrain(model, cfg, prep, seed, device)
         compute.update(pretrain_steps=meta["pretrain"]["steps"],
                        pretrain_images=meta["pretrain"]["images_seen"],
-                       pretrain_seconds=meta["pretrain"]["seconds"])  # fmt: skip
+                       pretrain_seconds=meta["pretrain"]["seconds"],
+                       pretrain_cpu_seconds=time.process_time() - cpu)  # fmt: skip
     if init != "random_init":
         tcfg = cnn_train_config(cfg, seed, device)
+        cpu = time.process_time()
         res = train_cnn_ooo(
             model, prep.splits["train"]["composite"], prep.splits["val"]["composite"], tcfg
         )
+        compute["train_cpu_seconds"] = time.process_time() - cpu
         meta["best_val_acc"] = float(res.best_val_acc)
         meta["train"] = {"steps": res.steps, "best_step": res.best_step,
                          "stop_reason": res.stop_reason, "seconds": res.seconds}  # fmt: skip
