@@ -84,6 +84,7 @@ def test_cnn_config_defaults_and_round_trip():
          "d_hidden must be an integer"),
         ({**CNN, "model": {"family": "cnn", "checkpoint": "x"}}, "build their models"),
         ({**CNN, "simclr": {"augment": {}}}, "augmentations are fixed"),
+        ({**CNN, "mask": {"kind": "weight"}}, "not wired for CNN experiments"),
         ({"model": {"image_size": 32}}, "image_size is for CNNs"),
         ({"simclr": {"max_steps": 3}}, "\\[simclr\\] is for CNNs"),
         ({"data": {"n_train_composite": 3}}, "n_train_composite is for image tasks"),
