@@ -42,6 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
+from subroutine_circuits.experiment.vision_config import (  # torch-free, imports nothing
+    CNN_UNIT_KINDS,
+    check_cnn_model,
+    check_family,
+)
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -53,7 +59,6 @@ MASK_KINDS = ("unit", "weight")
 # mirrors of constants of modules that import torch (tests/test_config_keys.py checks them)
 PARAMETRIZATIONS = ("hard_concrete", "continuous")  # masks.parametrization.PARAMETRIZATIONS
 UNIT_KINDS = ("head", "neuron")  # the unit kinds of a transformer's masks.UnitMap
-CNN_UNIT_KINDS = ("channel", "neuron")  # adapters.cnn.CNN_UNIT_KINDS
 ALL_UNIT_KINDS = ("head", "neuron", "channel")
 MODEL_FAMILIES = ("transformer", "cnn")  # [model] family (see experiment/vision_config.py)
 PATCHING_METHODS = ("activation", "attribution", "integrated_gradients")  # patching.run.METHODS
@@ -449,9 +454,7 @@ class ModelConfig(_Table):
         from subroutine_circuits.models.presets import PRESETS  # light: no torch, no TL
 
         if self.family == "cnn":
-            from subroutine_circuits.experiment.vision_config import check_cnn_model
-
-            check_cnn_model(self, path)
+            check_cnn_model(self, path, _coerce, _unknown_key)
             return
         if self.image_size is not None:
             raise ValueError(f'{_join(path, "image_size")} is for CNNs (family = "cnn") only')
@@ -734,9 +737,7 @@ class ExperimentConfig(_Table):
             raise ValueError(f"mask.unit_kinds must list at least one of {list(UNIT_KINDS)}")
         if self.patching and not self.patching_methods:
             raise ValueError("patching_methods is empty; list one or set patching = false")
-        from subroutine_circuits.experiment.vision_config import check_family
-
-        check_family(self)
+        check_family(self, UNIT_KINDS)
 
 
 def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:

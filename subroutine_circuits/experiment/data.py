@@ -37,7 +37,8 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     if cfg.model.family == "cnn":  # image tasks on CNNs: experiment/vision.py
         from subroutine_circuits.experiment.vision import prepare_vision
 
-        return prepare_vision(cfg)
+        task, splits, subroutines = prepare_vision(cfg)
+        return Prepared(task, None, splits, subroutines, task_label(cfg, task))
     from subroutine_circuits.tasks import load_task, make_splits
 
     task = load_task(cfg.task, cfg.rule)

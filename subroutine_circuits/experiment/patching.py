@@ -184,9 +184,10 @@ def build_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig
     ``model`` is the model or its adapter. Image tasks: see ``experiment.vision``."""
     adapter = _adapter(model, tokenizer, cfg.pool)
     if getattr(task, "modality", "text") == "image":
-        from subroutine_circuits.experiment.vision import image_pair_data
+        from subroutine_circuits.experiment.vision import image_pair_batch
 
-        return image_pair_data(adapter, task, subroutine, cfg)
+        batch = image_pair_batch(adapter, task, subroutine, cfg, _oddness_metric)
+        return PairData([batch], "embed", batch.n)
     model = adapter.model
     pairs = sample_pairs(task, subroutine, cfg.n_pairs, cfg.seed)
     device = adapter.device

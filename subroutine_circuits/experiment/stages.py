@@ -129,7 +129,7 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
     if cfg.model.family == "cnn":  # image tasks on CNNs: experiment/vision.py
         from subroutine_circuits.experiment.vision import cnn_base_model_stage
 
-        return cnn_base_model_stage(job, prep, store)
+        return BaseModel(*cnn_base_model_stage(job, prep, store))
     device = resolve_device(cfg.device)
     model_dir = store.model_dir(job.key)
     if store.has_model(job.key):

@@ -123,9 +123,9 @@ def make_image_splits(
     return out
 
 
-def prepare_vision(cfg: ExperimentConfig):
-    """The image task of ``cfg`` and its splits, as a :class:`~.data.Prepared` (no tokenizer)."""
-    from subroutine_circuits.experiment.data import Prepared, task_label
+def prepare_vision(cfg: ExperimentConfig) -> tuple[Any, dict[str, dict[str, Any]], list[str]]:
+    """The image task of ``cfg``, its splits and the subroutines (``experiment.data.prepare``
+    makes them a ``Prepared``, without a tokenizer)."""
     from subroutine_circuits.tasks.vision import vision_task
 
     task = vision_task(cfg.task, image_size=cfg.model.image_size, rule=cfg.rule)
@@ -137,7 +137,7 @@ def prepare_vision(cfg: ExperimentConfig):
         )
     counts = image_split_counts(task, cfg.data, cfg.rule)
     splits = make_image_splits(task, counts, cfg.data.seed, cfg.rule)
-    return Prepared(task, None, splits, subroutines, task_label(cfg, task))
+    return task, splits, subroutines
 
 
 def pretraining_images(prep: Any, n: int, seed: int):
@@ -238,13 +238,15 @@ def bypass_check(adapter: Any, data: Any, reference: Any, chance: float, ablatio
     return {"bypass_acc": acc, "bypass": bool(acc > chance + BYPASS_TOLERANCE)}
 
 
-def cnn_base_model_stage(job: Any, prep: Any, store: Any):
+def cnn_base_model_stage(job: Any, prep: Any, store: Any) -> tuple[Any, dict, dict, float, bool]:
     """The base-model stage of a CNN job: load it from the store or build and save it; freeze,
     encode the splits, measure test accuracies, the bypass check and ``base_ok`` (validation
-    composite accuracy >= ``min_composite_acc``; random-init models are always kept)."""
+    composite accuracy >= ``min_composite_acc``; random-init models are always kept).
+
+    Returns the fields of ``experiment.stages.BaseModel``: ``(adapter, meta, encoded splits,
+    test composite accuracy, base_ok)``."""
     from subroutine_circuits.adapters.cnn import CNNAdapter
     from subroutine_circuits.experiment.search import encode
-    from subroutine_circuits.experiment.stages import BaseModel
     from subroutine_circuits.models.cnn import load_cnn, save_cnn
     from subroutine_circuits.utils import resolve_device
 
@@ -269,25 +271,26 @@ def cnn_base_model_stage(job: Any, prep: Any, store: Any):
                                  cfg.chance, cfg.ablation))  # fmt: skip
         save_cnn(model_dir, model, meta)
     base_ok = job.init == "random_init" or meta["val_composite_acc"] >= cfg.min_composite_acc
-    return BaseModel(adapter, meta, enc, float(meta["composite_acc"]), bool(base_ok))
+    return adapter, meta, enc, float(meta["composite_acc"]), bool(base_ok)
 
 
 # ----------------------------------------------------------------------------- patching
 
 
-def image_pair_data(adapter: Any, task: Any, subroutine: str, cfg: Any):
-    """Minimal image pairs of ``subroutine`` as one patching batch (``PairData``).
+def image_pair_batch(adapter: Any, task: Any, subroutine: str, cfg: Any, oddness_metric: Any):
+    """Minimal image pairs of ``subroutine`` as one patching batch (a ``PatchBatch``, readout
+    ``"embed"``; ``experiment.patching`` wraps it in its ``PairData``).
 
     The clean image breaks ``subroutine`` only (it is the odd one among 3 rule-following context
     images of the same problem context); the corrupted one is the same scene with the predicate
     restored by moving one object (or adding / removing one for number). The metric is the
     oddness score ``-sum_j <e, c_j>`` of the (patched) embedding against the normalised,
-    unpatched context embeddings; readout ``"embed"``. Pairs come from the test stream.
+    unpatched context embeddings (``oddness_metric(context_sum)`` makes it). Pairs come from the
+    test stream.
     """
     import torch
     import torch.nn.functional as F
 
-    from subroutine_circuits.experiment.patching import PairData, _oddness_metric
     from subroutine_circuits.patching.circuits import PatchBatch
 
     pairs = task.make_minimal_pairs(subroutine, cfg.n_pairs, seed=cfg.seed, split="test")
@@ -297,8 +300,7 @@ def image_pair_data(adapter: Any, task: Any, subroutine: str, cfg: Any):
         ctx = t["contexts"]
         emb = adapter.embed({"images": ctx.reshape(-1, *ctx.shape[2:]).to(device)})
     ctx_sum = F.normalize(emb.float(), dim=-1).view(len(pairs), -1, emb.shape[-1]).sum(1)
-    batch = PatchBatch(t["clean"].to(device), t["corrupted"].to(device), _oddness_metric(ctx_sum))
-    return PairData([batch], "embed", len(pairs))
+    return PatchBatch(t["clean"].to(device), t["corrupted"].to(device), oddness_metric(ctx_sum))
 
 
 # ----------------------------------------------------------------------------- the demo

@@ -19,8 +19,11 @@ checks that they agree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+#: Unit kinds of a CNN (``adapters.cnn.CNN_UNIT_KINDS``).
+CNN_UNIT_KINDS = ("channel", "neuron")
 #: ``models.cnn.CNN_PRESETS`` names.
 CNN_PRESET_NAMES = ("cpu", "cpu_wide", "resnet50", "wide_resnet50")
 #: ``tasks.vision.VISION_TASKS``.
@@ -54,10 +57,16 @@ CNN_TRAIN_KEYS = (
 )  # fmt: skip
 
 
-def check_cnn_model(model: Any, path: str = "model") -> None:
-    """Check a ``[model]`` table with ``family = "cnn"``: preset, overrides (keys and types)."""
-    from subroutine_circuits.experiment.config import _coerce, _unknown_key
+def check_cnn_model(
+    model: Any,
+    path: str,
+    coerce: Callable[[Any, Any, str], Any],
+    unknown_key: Callable[[str, list[str], str], ValueError],
+) -> None:
+    """Check a ``[model]`` table with ``family = "cnn"``: preset, overrides (keys and types).
 
+    ``coerce`` / ``unknown_key`` are the config module's type check and unknown-key error (this
+    module imports nothing from the package, so that ``config`` can import it)."""
     if model.preset not in CNN_PRESET_NAMES:
         raise ValueError(
             f"{path}.preset must be a CNN preset {list(CNN_PRESET_NAMES)} when family = "
@@ -71,19 +80,17 @@ def check_cnn_model(model: Any, path: str = "model") -> None:
             hint = CNN_OVERRIDES_REFUSED[key]
             raise ValueError(f"key {key!r} is not allowed in [{where}]: {hint}")
         if key not in CNN_OVERRIDE_TYPES:
-            raise _unknown_key(key, sorted(CNN_OVERRIDE_TYPES), where)
-        model.overrides[key] = _coerce(value, CNN_OVERRIDE_TYPES[key], f"{where}.{key}")
+            raise unknown_key(key, sorted(CNN_OVERRIDE_TYPES), where)
+        model.overrides[key] = coerce(value, CNN_OVERRIDE_TYPES[key], f"{where}.{key}")
 
 
-def check_family(cfg: Any) -> None:
+def check_family(cfg: Any, transformer_kinds: tuple[str, ...] = ("head", "neuron")) -> None:
     """Cross-table consistency of the model family: a CNN runs an image task with CNN units,
     the CNN trainer's keys and ``[simclr]``; a transformer a text task without them."""
-    from subroutine_circuits.experiment.config import CNN_UNIT_KINDS, UNIT_KINDS
-
     cnn = cfg.model.family == "cnn"
     kinds = {"mask.unit_kinds": cfg.mask.unit_kinds,
              "patching_options.kinds": cfg.patching_options.get("kinds") or ()}  # fmt: skip
-    allowed = CNN_UNIT_KINDS if cnn else UNIT_KINDS
+    allowed = CNN_UNIT_KINDS if cnn else transformer_kinds
     for where, values in kinds.items():
         bad = [k for k in values if k not in allowed]
         if bad:

@@ -32,7 +32,9 @@ def _note(text: str) -> str:
 
 def is_cnn_experiment(manifest: dict[str, Any]) -> bool:
     """Whether the manifest's config is a CNN (``[model] family = "cnn"``) experiment."""
-    return manifest.get("config", {}).get("model", {}).get("family") == "cnn"
+    cfg = manifest.get("config") if isinstance(manifest, dict) else None
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    return isinstance(model, dict) and model.get("family") == "cnn"
 
 
 def _task(manifest: dict[str, Any]):

@@ -41,7 +41,9 @@ def tiny_config(**kw) -> ExperimentConfig:
 
 @pytest.fixture(scope="module")
 def prep():
-    return vision.prepare_vision(tiny_config())
+    from subroutine_circuits.experiment.data import prepare
+
+    return prepare(tiny_config())
 
 
 def test_splits_have_exact_counts_and_share_no_scene(prep):
@@ -100,13 +102,14 @@ def test_base_models_per_init(prep):
 
 def test_image_pair_data_metric_is_the_oddness_of_the_clean_image(prep):
     from subroutine_circuits.adapters import as_adapter
-    from subroutine_circuits.experiment.patching import PatchingConfig
+    from subroutine_circuits.experiment.patching import PatchingConfig, build_pair_data
     from subroutine_circuits.models.cnn import HookedCNN
 
     adapter = as_adapter(HookedCNN(vision.cnn_model_config(tiny_config(), prep.task, 0, "cpu")))
     pcfg = PatchingConfig(n_pairs=3, seed=2, kinds=("channel", "neuron"))
-    data = vision.image_pair_data(adapter, prep.task, "contact", pcfg)
+    data = build_pair_data(adapter, None, prep.task, "contact", pcfg)
     (batch,) = data.batches
+    assert data.n_pairs == 3
     assert data.readout == "embed" and batch.clean_tokens.shape == (3, 3, 32, 32)
     pairs = prep.task.make_minimal_pairs("contact", 3, seed=2, split="test")
     with torch.no_grad():
