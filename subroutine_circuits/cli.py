@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (resumes if it exists)")
     s.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     s.add_argument("--no-patching", action="store_true", help="skip the patching comparison")
+    s.add_argument(
+        "--vision",
+        action="store_true",
+        help="the vision demo: shape-world Number-Contact on trained, SimCLR-pretrained and "
+        "random-init CNNs (channel masks and channel patching)",
+    )
     s.set_defaults(func=_handler("subroutine_circuits.experiment.cli:cmd_demo"))
 
     s = sub.add_parser("run", help="run an experiment from a TOML config")

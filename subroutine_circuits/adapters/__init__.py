@@ -3,7 +3,7 @@
 ```python
 from subroutine_circuits.adapters import (
     ModelAdapter, EncodedProblems, Recorded, as_adapter, register_adapter,
-    TransformerLensAdapter, HookedModuleAdapter, BridgeAdapter,
+    TransformerLensAdapter, HookedModuleAdapter, BridgeAdapter, CNNAdapter,
 )
 ```
 Names load lazily: importing the package imports neither torch nor TransformerLens.
@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "tl_unit_map": "transformer_lens",
     "HookedModuleAdapter": "hooked",
     "BridgeAdapter": "bridge",
+    "CNNAdapter": "cnn",
 }
 
 __all__ = sorted([*_EXPORTS, "as_adapter"])
@@ -42,6 +43,7 @@ def as_adapter(model: Any, **options: Any):
     """
     from subroutine_circuits.adapters import (
         bridge,  # noqa: F401  (registers TL 4 bridges)
+        cnn,  # noqa: F401  (registers the hooked CNN)
         transformer_lens,  # noqa: F401  (registers TL 3.9)
     )
     from subroutine_circuits.adapters.base import ModelAdapter, registered_adapters

@@ -43,11 +43,16 @@ def _finish(df, out: Path) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job: the built-in demo experiment."""
+    """The main job: the built-in demo experiment (``--vision``: the CNN / image demo)."""
     from subroutine_circuits.experiment.config import demo_config
     from subroutine_circuits.experiment.runner import run_experiment
 
-    cfg = demo_config()
+    if getattr(args, "vision", False):
+        from subroutine_circuits.experiment.vision import vision_demo_config
+
+        cfg = vision_demo_config()
+    else:
+        cfg = demo_config()
     cfg.device = args.device
     if getattr(args, "no_patching", False):
         cfg.patching = False

@@ -15,6 +15,7 @@ top level                  ``ExperimentConfig``    the runner
 ``[model] overrides``      checked ``dict``        ``HookedTransformerConfig`` fields
 ``[train]``                ``TrainSettings``       ``models.TrainConfig``
 ``[pretrain]``             ``PretrainSettings``    ``models.PretrainConfig``
+``[simclr]``               ``SimCLRSettings``      ``models.simclr.SimCLRConfig`` (CNNs)
 ``[mask]``                 ``MaskSearchConfig``    mask training and its grid search
 ``[[mask.grid]]`` entries  ``MaskGridPoint``       one point of the grid
 ``[patching_options]``     ``PatchingOptions``     ``patching.run.PatchingConfig``
@@ -41,6 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
+from subroutine_circuits.experiment.vision_config import (  # torch-free, imports nothing
+    CNN_UNIT_KINDS,
+    check_cnn_model,
+    check_family,
+)
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -54,6 +61,8 @@ MASK_KINDS = ("unit", "weight")
 # mirrors of constants of modules that import torch (tests/test_config_keys.py checks them)
 PARAMETRIZATIONS = ("hard_concrete", "continuous")  # masks.parametrization.PARAMETRIZATIONS
 UNIT_KINDS = ("head", "neuron")  # the unit kinds of a transformer's masks.UnitMap
+ALL_UNIT_KINDS = ("head", "neuron", "channel")
+MODEL_FAMILIES = ("transformer", "cnn")  # [model] family (see experiment/vision_config.py)
 PATCHING_METHODS = ("activation", "attribution", "integrated_gradients")  # patching.run.METHODS
 CURVE_ABLATIONS = ("zero", "mean", "resample")  # patching.circuits.ABLATIONS
 PRETRAIN_OBJECTIVES = ("auto", "clm", "mlm")  # models.pretraining.OBJECTIVES
@@ -412,7 +421,8 @@ class DataConfig(_Table):
     n_val: int = _opt(150, ge=1)
     n_test: int = _opt(500, ge=1)  # per problem kind: each partition gets this many
     seed: int = 0
-    corpus_size: int = _opt(6000, ge=1)  # pretraining sentences
+    corpus_size: int = _opt(6000, ge=1)  # pretraining sentences (image tasks: SimCLR images)
+    n_train_composite: int | None = _opt(ge=1)  # image tasks: composite train problems
 
 
 @dataclass
@@ -426,6 +436,9 @@ class ModelConfig(_Table):
     """
 
     preset: str = "tiny"
+    # "transformer" (TransformerLens presets) or "cnn" (models.cnn presets, image tasks)
+    family: str = _opt("transformer", choices=MODEL_FAMILIES)
+    image_size: int | None = _opt(ge=8)  # CNNs: image side in px (None: the task's default)
     attention: str = _opt("causal", choices=ATTENTION_KINDS)
     pool: str = _opt("last", choices=POOLS)
     n_ctx: int = _opt(32, ge=2)
@@ -434,12 +447,19 @@ class ModelConfig(_Table):
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides)
+        if self.family == "cnn" and self.preset == "tiny":  # the default of a transformer
+            self.preset = "cpu"
 
     def check(self, path: str = "model") -> None:
         """Types and constraints, the preset name, and the override keys and value types."""
         super().check(path)
         from subroutine_circuits.models.presets import PRESETS  # light: no torch, no TL
 
+        if self.family == "cnn":
+            check_cnn_model(self, path, _coerce, _unknown_key)
+            return
+        if self.image_size is not None:
+            raise ValueError(f'{_join(path, "image_size")} is for CNNs (family = "cnn") only')
         if self.preset not in PRESETS:
             raise ValueError(f"{_join(path, 'preset')} must be one of {sorted(PRESETS)}, "
                              f"got {self.preset!r}")  # fmt: skip
@@ -516,7 +536,8 @@ class MaskSearchConfig(_Table):
 
     kind: str = _opt("unit", choices=MASK_KINDS)  # "unit" (heads + neurons) or "weight"
     parametrization: str = _opt("hard_concrete", choices=PARAMETRIZATIONS)
-    unit_kinds: tuple[str, ...] = _opt(factory=lambda: UNIT_KINDS, choices=UNIT_KINDS)
+    # CNNs: "channel" and "neuron" (a CNN config's default head/neuron becomes channel/neuron)
+    unit_kinds: tuple[str, ...] = _opt(factory=lambda: UNIT_KINDS, choices=ALL_UNIT_KINDS)
     epochs: float = _opt(20.0, gt=0)
     steps: int | None = _opt(ge=1)
     eval_every: int | None = _opt(ge=1)
@@ -605,6 +626,36 @@ class PretrainSettings(_Overrides):
 
 
 @dataclass(eq=False)
+class SimCLRSettings(_Overrides):
+    """``[simclr]``: overrides of ``models.simclr.SimCLRConfig`` for the ``pretrained`` init of
+    CNNs (``None``: its default). ``seed``, ``device`` and ``progress`` are set by the runner,
+    the augmentations are the library's (label-preserving) ones."""
+
+    _REFUSED: ClassVar[dict[str, str]] = {
+        "seed": "base models are seeded by the top-level base_seeds",
+        "device": "set the top-level device (or --device)",
+        "progress": "progress bars are set by the runner",
+        "augment": "the SimCLR augmentations are fixed (they preserve every predicate)",
+    }
+
+    epochs: int | None = _opt(ge=1)
+    max_steps: int | None = _opt(ge=1)
+    batch_size: int | None = _opt(ge=2)
+    lr: float | None = _opt(gt=0)
+    final_lr_ratio: float | None = _opt(gt=0, le=1)
+    weight_decay: float | None = _opt(ge=0)
+    temperature: float | None = _opt(gt=0)
+    reset_head: bool | None = None
+    time_limit_s: float | None = _opt(gt=0)
+
+    def build(self, **runner: Any):
+        """The ``models.simclr.SimCLRConfig`` these overrides give (imports torch)."""
+        from subroutine_circuits.models.simclr import SimCLRConfig
+
+        return SimCLRConfig(**{**runner, **self._set()})
+
+
+@dataclass(eq=False)
 class PatchingOptions(_Overrides):
     """``[patching_options]``: extra ``PatchingConfig`` fields (``None``: its default).
 
@@ -627,7 +678,7 @@ class PatchingOptions(_Overrides):
         "position_aware": "cross-ablation follows the mask experiment's ablation",
     }
 
-    kinds: tuple[str, ...] | None = _opt(choices=UNIT_KINDS)
+    kinds: tuple[str, ...] | None = _opt(choices=ALL_UNIT_KINDS)
     curve_ablation: str | None = _opt(choices=CURVE_ABLATIONS)
     fractions: tuple[float, ...] | None = _opt(ge=0, le=1)
     faithfulness_target: float | None = _opt(gt=0, le=1)
@@ -647,6 +698,7 @@ _SUBTABLES = {
     "mask": MaskSearchConfig,
     "train": TrainSettings,
     "pretrain": PretrainSettings,
+    "simclr": SimCLRSettings,
     "patching_options": PatchingOptions,
 }
 
@@ -669,6 +721,7 @@ class ExperimentConfig(_Table):
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    simclr: SimCLRSettings = field(default_factory=SimCLRSettings)
     mask: MaskSearchConfig = field(default_factory=MaskSearchConfig)
     margin: float = _opt(0.05, ge=0, lt=0.75)
     chance: float = _opt(0.25, gt=0, lt=1)
@@ -706,6 +759,8 @@ class ExperimentConfig(_Table):
             value = getattr(self, name)
             if not isinstance(value, cls):
                 setattr(self, name, _coerce(value, cls, name))
+        if self.model.family == "cnn" and tuple(self.mask.unit_kinds) == UNIT_KINDS:
+            self.mask.unit_kinds = CNN_UNIT_KINDS  # a CNN's units: channels and head neurons
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad or inconsistent setting (every level)."""
@@ -732,6 +787,7 @@ class ExperimentConfig(_Table):
                 f"ablation = {self.ablation!r} replaces unit activations; weight masks zero their "
                 "masked weights: set ablation = 'zero' for mask.kind = 'weight'"
             )
+        check_family(self, UNIT_KINDS)
 
 
 def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:

@@ -34,6 +34,11 @@ def other_subroutine(subroutines: list[str], predicates: Any, sub: str) -> str:
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Build the task, tokenizer and seeded splits (fails fast on a bad task or empty split)."""
+    if cfg.model.family == "cnn":  # image tasks on CNNs: experiment/vision.py
+        from subroutine_circuits.experiment.vision import prepare_vision
+
+        task, splits, subroutines = prepare_vision(cfg)
+        return Prepared(task, None, splits, subroutines, task_label(cfg, task))
     from subroutine_circuits.tasks import load_task, make_splits
 
     task = load_task(cfg.task, cfg.rule)

@@ -270,8 +270,13 @@ def _label_metric(yes_id: int, no_id: int):
 def pair_data(model, tokenizer, pairs: Sequence[Pair], cfg: PatchingConfig) -> PairData:
     """Tokenise ``pairs``, group them by length and attach each group's metric.
 
-    ``model`` is the model or its adapter."""
+    ``model`` is the model or its adapter. Image tasks: see ``experiment.vision``."""
     adapter = _adapter(model, tokenizer, cfg.pool)
+    if getattr(task, "modality", "text") == "image":
+        from subroutine_circuits.experiment.vision import image_pair_batch
+
+        batch = image_pair_batch(adapter, task, subroutine, cfg, _oddness_metric)
+        return PairData([batch], "embed", batch.n)
     model = adapter.model
     sampled = list(pairs)
     device = adapter.device

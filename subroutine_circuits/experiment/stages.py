@@ -136,14 +136,26 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
     cfg = job.cfg
     device = resolve_device(cfg.device)
     model_dir = store.model_dir(job.key)
-    if store.has_model(job.key) and hf.is_stored_base(model_dir):
-        model, _, meta = hf.load_base(model_dir, device)
-    elif store.has_model(job.key):
-        model, _, meta = load_checkpoint(model_dir)
-        model.to(device)
+    if cfg.model.family == "cnn":  # image tasks on CNNs: experiment/vision.py
+        from subroutine_circuits.experiment.vision import cnn_load_or_build
+
+        model, meta, adapter, save = cnn_load_or_build(job, prep, store, device)
     else:
-        model, meta = build_base_model(cfg, prep, job.init, job.seed, device)
-    adapter = as_adapter(model, tokenizer=prep.tokenizer, pool=cfg.model.pool).freeze()
+        if store.has_model(job.key) and hf.is_stored_base(model_dir):
+            model, _, meta = hf.load_base(model_dir, device)
+        elif store.has_model(job.key):
+            model, _, meta = load_checkpoint(model_dir)
+            model.to(device)
+        else:
+            model, meta = build_base_model(cfg, prep, job.init, job.seed, device)
+        adapter = as_adapter(model, tokenizer=prep.tokenizer, pool=cfg.model.pool).freeze()
+
+        def save(meta: dict[str, Any]) -> None:
+            if hf.is_hf_folder(cfg.model.checkpoint):
+                hf.save_base(model_dir, model, meta)
+            else:
+                save_checkpoint(model_dir, model, prep.tokenizer, meta)
+
     enc = {
         split: {kind: encode(adapter, probs, device) for kind, probs in kinds.items()}
         for split, kinds in prep.splits.items()
@@ -162,10 +174,7 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
         meta["bypass_check"] = bypass_check(
             adapter, cfg, enc["val"], prep.subroutines, ablators.get(cfg.ablation)
         )
-        if hf.is_hf_folder(cfg.model.checkpoint):
-            hf.save_base(model_dir, model, meta)
-        else:
-            save_checkpoint(model_dir, model, prep.tokenizer, meta)
+        save(meta)
     val_acc = float(meta["composite_val_acc"])
     base_ok = job.init == "random_init" or val_acc >= cfg.min_composite_acc  # never test data
     return BaseModel(adapter, meta, enc, float(meta["composite_acc"]), base_ok, val_acc,
@@ -200,6 +209,7 @@ def patching_stage(
             "n_pairs": cfg.patching_pairs,
             "seed": job.seed,
             "pool": cfg.model.pool,
+            "kinds": tuple(cfg.mask.unit_kinds),
             "cross_ablation": cfg.ablation,
             "split_seed": cfg.data.seed,  # pairs from the test split of the study's splits
             "out_dir": str(store.patching_dir),

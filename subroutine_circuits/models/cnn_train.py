@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -186,6 +186,87 @@ def cnn_ooo_accuracy(model: Any, split: Any, batch_size: int = 64) -> float:
     return cnn_ooo_eval(model, split, batch_size)[0]
 
 
+@dataclass
+class _Loop:
+    """The mutable state of one :func:`train_cnn_ooo` run (best weights, window, stopping)."""
+
+    start: float
+    steps_per_epoch: int
+    best_key: tuple[float, float] = (-math.inf, -math.inf)
+    best_acc: float = 0.0
+    best_step: int = 0
+    best_state: dict[str, Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    step: int = 0
+    since_best: int = 0
+    stop_reason: str = ""
+    done: bool = False
+    win_loss: float = 0.0
+    win_correct: int = 0
+    win_n: int = 0
+
+
+def _optimizer(model: Any, cfg: CNNTrainConfig) -> tuple[list[Tensor], torch.optim.Optimizer]:
+    """The trainable parameters and Adam / AdamW over them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (all requires_grad=False)")
+    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return params, opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _val_key(cfg: CNNTrainConfig, acc: float, loss: float) -> tuple[float, float]:
+    """What "better" means: higher accuracy (ties: lower loss), or lower loss (ties: accuracy)."""
+    return (acc, -loss) if cfg.early_stop == "acc" else (-loss, acc)
+
+
+def _train_step(
+    model: Any,
+    optim: torch.optim.Optimizer,
+    params: list[Tensor],
+    x: Float[Tensor, "b k c h w"],
+    y: Int[Tensor, " b"],
+    cfg: CNNTrainConfig,
+    step: int,
+) -> tuple[float, int]:
+    """One optimiser step on a batch; returns its loss and number of correct answers."""
+    model.train()
+    logits = model.ooo_scores(x)
+    loss_t = F.cross_entropy(logits, y)
+    if not torch.isfinite(loss_t):
+        raise ValueError(
+            f"NaN/inf loss ({float(loss_t.detach())}) at step {step}: lower "
+            f"CNNTrainConfig.lr (now {cfg.lr}) or check the images"
+        )
+    optim.zero_grad(set_to_none=True)
+    loss_t.backward()
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optim.step()
+    return float(loss_t.detach()), int((logits.detach().argmax(-1) == y).sum())
+
+
+def _record_eval(model: Any, loop: _Loop, acc: float, loss: float, cfg: CNNTrainConfig) -> None:
+    """Log an evaluation, keep the best weights and decide whether to stop (target, patience)."""
+    loop.history.append(dict(
+        step=loop.step, epoch=loop.step / loop.steps_per_epoch,
+        train_loss=loop.win_loss / loop.win_n if loop.win_n else float("nan"),
+        train_acc=loop.win_correct / loop.win_n if loop.win_n else float("nan"),
+        val_acc=acc, val_loss=loss, seconds=time.perf_counter() - loop.start,
+    ))  # fmt: skip
+    loop.win_loss, loop.win_correct, loop.win_n = 0.0, 0, 0
+    k = _val_key(cfg, acc, loss)
+    if k > loop.best_key:
+        loop.best_key, loop.best_acc, loop.best_step, loop.since_best = k, acc, loop.step, 0
+        loop.best_state = {n: v.detach().clone() for n, v in model.state_dict().items()}
+    else:
+        loop.since_best += 1
+    if cfg.target_val_acc is not None and acc >= cfg.target_val_acc:
+        loop.done, loop.stop_reason = True, "target_val_acc"
+    elif loop.since_best >= cfg.patience:
+        loop.done, loop.stop_reason = True, "patience"
+
+
 def train_cnn_ooo(
     model: Any, train: Any, val: Any, cfg: CNNTrainConfig | None = None
 ) -> TrainResult:
@@ -209,109 +290,52 @@ def train_cnn_ooo(
     model.to(device)
     if hasattr(getattr(model, "cfg", None), "device"):
         model.cfg.device = str(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (all requires_grad=False)")
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    optim = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params, optim = _optimizer(model, cfg)
     gen = torch.Generator().manual_seed(int(cfg.seed))
-
     n_train = tr_img.shape[0]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = min(cfg.max_steps, cfg.max_epochs * steps_per_epoch)
-    start = time.perf_counter()
+    loop = _Loop(start=time.perf_counter(), steps_per_epoch=steps_per_epoch)
+    loop.stop_reason = "max_steps" if total_steps == cfg.max_steps else "max_epochs"
 
-    def evaluate() -> tuple[float, float]:
+    def evaluate() -> None:
         model.eval()
-        return cnn_ooo_eval(model, va, cfg.eval_batch_size)
+        _record_eval(model, loop, *cnn_ooo_eval(model, va, cfg.eval_batch_size), cfg)
 
-    def key(acc: float, loss: float) -> tuple[float, float]:
-        return (acc, -loss) if cfg.early_stop == "acc" else (-loss, acc)
-
-    acc, loss = evaluate()
-    best_key, best_acc, best_step = key(acc, loss), acc, 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    history = [dict(step=0, epoch=0.0, train_loss=float("nan"), train_acc=float("nan"),
-                    val_acc=acc, val_loss=loss, seconds=time.perf_counter() - start)]  # fmt: skip
-    step, since_best = 0, 0
-    stop_reason = "max_steps" if total_steps == cfg.max_steps else "max_epochs"
-    done = cfg.target_val_acc is not None and acc >= cfg.target_val_acc
-    if done:
-        stop_reason = "target_val_acc"
-    win_loss, win_correct, win_n = 0.0, 0, 0
+    evaluate()  # step 0: the initial weights are the first "best"
     bar = _progress(total_steps, cfg.progress, "train_cnn_ooo")
     try:
-        while not done and step < total_steps:
+        while not loop.done and loop.step < total_steps:
             order = torch.randperm(n_train, generator=gen)
             for b0 in range(0, n_train, cfg.batch_size):
                 idx = order[b0 : b0 + cfg.batch_size]
                 x, y = tr_img[idx].to(device), tr_odd[idx].to(device)
                 if cfg.shuffle_odd:
                     x, y = shuffle_problems(x, y, gen)
-                model.train()
-                logits = model.ooo_scores(x)
-                loss_t = F.cross_entropy(logits, y)
-                if not torch.isfinite(loss_t):
-                    raise ValueError(
-                        f"NaN/inf loss ({float(loss_t.detach())}) at step {step}: lower "
-                        f"CNNTrainConfig.lr (now {cfg.lr}) or check the images"
-                    )
-                optim.zero_grad(set_to_none=True)
-                loss_t.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optim.step()
-                step += 1
+                loss, correct = _train_step(model, optim, params, x, y, cfg, loop.step)
+                loop.step += 1
                 bar.update(1)
-                win_loss += float(loss_t.detach()) * len(idx)
-                win_correct += int((logits.detach().argmax(-1) == y).sum())
-                win_n += len(idx)
-
-                last = step >= total_steps
-                over_time = (
-                    cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s
-                )
-                if step % cfg.eval_every == 0 or last or over_time:
-                    acc, loss = evaluate()
-                    history.append(
-                        dict(
-                            step=step,
-                            epoch=step / steps_per_epoch,
-                            train_loss=win_loss / win_n,
-                            train_acc=win_correct / win_n,
-                            val_acc=acc,
-                            val_loss=loss,
-                            seconds=time.perf_counter() - start,
-                        )
-                    )
-                    bar.set_postfix(loss=f"{win_loss / win_n:.3f}", val=f"{acc:.3f}")
-                    win_loss, win_correct, win_n = 0.0, 0, 0
-                    k = key(acc, loss)
-                    if k > best_key:
-                        best_key, best_acc, best_step, since_best = k, acc, step, 0
-                        best_state = {n: v.detach().clone() for n, v in model.state_dict().items()}
-                    else:
-                        since_best += 1
-                    if cfg.target_val_acc is not None and acc >= cfg.target_val_acc:
-                        done, stop_reason = True, "target_val_acc"
-                    elif since_best >= cfg.patience:
-                        done, stop_reason = True, "patience"
-                    elif over_time:
-                        done, stop_reason = True, "time_limit"
-                if done or last:
+                loop.win_loss += loss * len(idx)
+                loop.win_correct += correct
+                loop.win_n += len(idx)
+                last = loop.step >= total_steps
+                over_time = (cfg.time_limit_s is not None
+                             and time.perf_counter() - loop.start > cfg.time_limit_s)  # fmt: skip
+                if loop.step % cfg.eval_every == 0 or last or over_time:
+                    evaluate()
+                    h = loop.history[-1]
+                    bar.set_postfix(loss=f"{h['train_loss']:.3f}", val=f"{h['val_acc']:.3f}")
+                    if over_time and not loop.done:
+                        loop.done, loop.stop_reason = True, "time_limit"
+                if loop.done or last:
                     break
     finally:
         bar.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(loop.best_state)
     model.eval()
-    return TrainResult(
-        best_val_acc=best_acc,
-        best_step=best_step,
-        history=history,
-        seconds=time.perf_counter() - start,
-        steps=step,
-        stop_reason=stop_reason,
-    )
+    return TrainResult(best_val_acc=loop.best_acc, best_step=loop.best_step,
+                       history=loop.history, seconds=time.perf_counter() - loop.start,
+                       steps=loop.step, stop_reason=loop.stop_reason)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- a toy task

@@ -314,6 +314,65 @@ def cosine_lr(
     return lo + (lr - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def _simclr_setup(
+    model: Any, images: Tensor, cfg: SimCLRConfig
+) -> tuple[int, int, int, torch.device, torch.optim.Optimizer]:
+    """Check the inputs, move the model; returns ``(batch size, steps per epoch, total steps,
+    device, AdamW optimiser)``."""
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        raise ValueError(f"images must be [n, c, h, w], got {tuple(getattr(images, 'shape', ()))}")
+    n = images.shape[0]
+    if n < 2:
+        raise ValueError(f"SimCLR needs at least 2 images, got {n}")
+    bs = min(cfg.batch_size, n)
+    steps_per_epoch = n // bs  # drop the last partial batch (too few negatives)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    device = torch.device(cfg.device)
+    model.to(device)
+    if hasattr(getattr(model, "cfg", None), "device"):
+        model.cfg.device = str(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (all requires_grad=False)")
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return bs, steps_per_epoch, total, device, optim
+
+
+@torch.no_grad()
+def partner_accuracy(z: Float[Tensor, "two_n d"]) -> float:
+    """How often a view's nearest neighbour (cosine) among the other ``2n - 1`` is its partner
+    (views ``i`` and ``i + n``)."""
+    bs = z.shape[0] // 2
+    zn = F.normalize(z.detach(), dim=1)
+    sim = (zn @ zn.T).fill_diagonal_(-2.0)
+    partner = torch.cat([torch.arange(bs, 2 * bs), torch.arange(bs)]).to(z.device)
+    return float((sim.argmax(1) == partner).float().mean())
+
+
+def _simclr_step(
+    model: Any, optim: torch.optim.Optimizer, x: Tensor, cfg: SimCLRConfig,
+    aug_gen: torch.Generator, lr: float, step: int,
+) -> tuple[float, float]:  # fmt: skip
+    """Two views of ``x``, NT-Xent, one AdamW step at ``lr``; returns (loss, partner accuracy)."""
+    bs = x.shape[0]
+    v1 = augment_images(x, cfg.augment, aug_gen)
+    v2 = augment_images(x, cfg.augment, aug_gen)
+    z = model(torch.cat([v1, v2]))
+    loss = nt_xent(z[:bs], z[bs:], cfg.temperature)
+    if not torch.isfinite(loss):
+        raise ValueError(
+            f"NaN/inf SimCLR loss at step {step}: lower SimCLRConfig.lr (now {cfg.lr})"
+        )
+    for g in optim.param_groups:
+        g["lr"] = lr
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    return float(loss.detach()), partner_accuracy(z)
+
+
 def simclr_pretrain(
     model: Any, images: Float[Tensor, "n c h w"], cfg: SimCLRConfig | None = None
 ) -> dict[str, Any]:
@@ -335,98 +394,50 @@ def simclr_pretrain(
     """
     cfg = cfg if cfg is not None else SimCLRConfig()
     cfg.validate()
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        raise ValueError(f"images must be [n, c, h, w], got {tuple(getattr(images, 'shape', ()))}")
+    bs, steps_per_epoch, total, device, optim = _simclr_setup(model, images, cfg)
     n = images.shape[0]
-    if n < 2:
-        raise ValueError(f"SimCLR needs at least 2 images, got {n}")
-    bs = min(cfg.batch_size, n)
-    steps_per_epoch = n // bs  # drop the last partial batch (too few negatives)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    device = torch.device(cfg.device)
-    model.to(device)
-    if hasattr(getattr(model, "cfg", None), "device"):
-        model.cfg.device = str(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (all requires_grad=False)")
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(int(cfg.seed))
     aug_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
     start = time.perf_counter()
     history: list[dict[str, float]] = []
     recent: list[tuple[float, float]] = []
-    first_loss = float("nan")
-    step, epoch = 0, 0
+    first_loss, step = float("nan"), 0
     stop_reason = "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "epochs"
     bar = _progress(total, cfg.progress, "simclr")
     model.train()
     try:
-        while step < total:
+        while step < total and stop_reason != "time_limit":
             order = torch.randperm(n, generator=gen)
-            ep_loss, ep_acc, ep_n = 0.0, 0.0, 0
+            ep = []
             for b in range(steps_per_epoch):
                 x = images[order[b * bs : (b + 1) * bs]].to(device)
-                v1 = augment_images(x, cfg.augment, aug_gen)
-                v2 = augment_images(x, cfg.augment, aug_gen)
-                z = model(torch.cat([v1, v2]))
-                z1, z2 = z[:bs], z[bs:]
-                loss = nt_xent(z1, z2, cfg.temperature)
-                if not torch.isfinite(loss):
-                    raise ValueError(
-                        f"NaN/inf SimCLR loss at step {step}: lower SimCLRConfig.lr (now {cfg.lr})"
-                    )
-                t_frac = 0.0
-                if cfg.time_limit_s is not None:
-                    t_frac = (time.perf_counter() - start) / cfg.time_limit_s
-                for g in optim.param_groups:
-                    g["lr"] = cosine_lr(step, total, cfg.lr, cfg.final_lr_ratio, t_frac)
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
-                with torch.no_grad():
-                    zn = F.normalize(z.detach(), dim=1)
-                    sim = (zn @ zn.T).fill_diagonal_(-2.0)
-                    partner = torch.cat([torch.arange(bs, 2 * bs), torch.arange(bs)]).to(device)
-                    acc = float((sim.argmax(1) == partner).float().mean())
-                lv = float(loss.detach())
-                if step == 0:
-                    first_loss = lv
+                t_frac = 0.0 if cfg.time_limit_s is None else (
+                    (time.perf_counter() - start) / cfg.time_limit_s)  # fmt: skip
+                lr = cosine_lr(step, total, cfg.lr, cfg.final_lr_ratio, t_frac)
+                ep.append(_simclr_step(model, optim, x, cfg, aug_gen, lr, step))
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{lv:.3f}", pos=f"{acc:.2f}")
-                ep_loss, ep_acc, ep_n = ep_loss + lv, ep_acc + acc, ep_n + 1
-                recent = (recent + [(lv, acc)])[-10:]
-                over_time = (
-                    cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s
-                )
+                bar.set_postfix(loss=f"{ep[-1][0]:.3f}", pos=f"{ep[-1][1]:.2f}")
+                recent = (recent + ep[-1:])[-10:]
+                over_time = (cfg.time_limit_s is not None
+                             and time.perf_counter() - start > cfg.time_limit_s)  # fmt: skip
                 if step >= total or over_time:
-                    if over_time:
-                        stop_reason = "time_limit"
+                    stop_reason = "time_limit" if over_time else stop_reason
                     break
-            epoch += 1
-            history.append(dict(epoch=epoch, steps=step, loss=ep_loss / ep_n,
-                                pos_acc=ep_acc / ep_n,
+            history.append(dict(epoch=len(history) + 1, steps=step,
+                                loss=sum(e[0] for e in ep) / len(ep),
+                                pos_acc=sum(e[1] for e in ep) / len(ep),
                                 seconds=time.perf_counter() - start))  # fmt: skip
-            if stop_reason == "time_limit":
-                break
+            if len(history) == 1:
+                first_loss = ep[0][0]
     finally:
         bar.close()
     if cfg.reset_head:
         model.reset_head(cfg.seed)
     model.eval()
     return dict(
-        steps=step,
-        epochs=step / steps_per_epoch,
-        seconds=time.perf_counter() - start,
-        first_loss=first_loss,
-        final_loss=sum(r[0] for r in recent) / len(recent),
-        final_pos_acc=sum(r[1] for r in recent) / len(recent),
-        history=history,
-        head_reset=bool(cfg.reset_head),
-        stop_reason=stop_reason,
-        n_images=n,
-        batch_size=bs,
-    )
+        steps=step, epochs=step / steps_per_epoch, seconds=time.perf_counter() - start,
+        first_loss=first_loss, final_loss=sum(r[0] for r in recent) / len(recent),
+        final_pos_acc=sum(r[1] for r in recent) / len(recent), history=history,
+        head_reset=bool(cfg.reset_head), stop_reason=stop_reason, n_images=n, batch_size=bs,
+    )  # fmt: skip

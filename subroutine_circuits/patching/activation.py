@@ -35,6 +35,7 @@ from subroutine_circuits.patching.scores import (
     Metric,
     PatchScores,
     check_pair_tokens,
+    check_per_position,
     expand_batch,
     merge_scores,
     n_units,
@@ -88,6 +89,7 @@ def activation_patching(
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     groups = resolve_groups(adapter, groups)
+    check_per_position(groups, per_position)
     readout = adapter.readout(readout)
     reason = "fast=False"
     if isinstance(fast, str) or fast:
@@ -120,20 +122,27 @@ def _patch_items(groups: Sequence[UnitGroup], layer: int, n_pos: int, per_positi
 
 
 def _selections(
-    chunk: list[_Item], groups: Sequence[UnitGroup], layer: int, n_pos: int, device
+    chunk: list[_Item],
+    groups: Sequence[UnitGroup],
+    layer: int,
+    n_pos: int,
+    device,
+    per_position: bool = True,
 ) -> dict[str, Tensor]:
-    """Per hook of ``layer``: ``[k, pos, size]``, True where copy ``i`` patches a unit."""
+    """Per hook of ``layer``: True where copy ``i`` patches a unit; ``[k, pos, size]`` per
+    position, else ``[k, 1.., size]`` broadcasting over every axis before the unit axis."""
     k = len(chunk)
     sels = {}
     for g in groups:
         if g.layer != layer:
             continue
         # built on the CPU, moved once (avoids one tiny kernel per unit on a GPU)
-        sel = torch.zeros(k, n_pos, g.size, dtype=torch.bool)
+        lead = (n_pos,) if per_position else (1,) * (g.axis - 1)
+        sel = torch.zeros(k, *lead, g.size, dtype=torch.bool)
         for i, (gi, u, p) in enumerate(chunk):
             if gi is g:
                 if p < 0:
-                    sel[i, :, u] = True
+                    sel[i, ..., u] = True
                 else:
                     sel[i, p, u] = True
         if sel.any():
@@ -151,7 +160,7 @@ def _generic_patching(
     corr_resids, _, corr_out = adapter.layer_states(corr_tokens, [], readout)
     m_clean = float(metric(clean_out).float().mean())
     m_corr = float(metric(corr_out).float().mean())
-    batch, n_pos = corr_tokens.shape
+    batch, n_pos = corr_tokens.shape[:2]
     k_max = max(1, chunk_rows // batch)
     patched = {
         g.hook_name: torch.zeros((n_pos, g.size) if per_position else (g.size,)) for g in groups
@@ -163,7 +172,7 @@ def _generic_patching(
         for start in range(0, len(items), k_max):
             chunk = items[start : start + k_max]
             k = len(chunk)
-            sels = _selections(chunk, groups, layer, n_pos, resid.device)
+            sels = _selections(chunk, groups, layer, n_pos, resid.device, per_position)
 
             def hook_fn(act, hook, k=k, sels=sels):
                 # the patched units take their clean value: "ablate" them to the clean run

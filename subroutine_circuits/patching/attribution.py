@@ -29,10 +29,14 @@ from subroutine_circuits.patching.activation import (
     expand_batch,
     resolve_groups,
 )
+from subroutine_circuits.patching.scores import check_per_position
 
 
-def _reduce(delta_grad: Tensor, per_position: bool) -> Tensor:
-    """``[batch, pos, size, ...] -> [pos, size]`` or ``[size]``: sum over batch and features."""
+def _reduce(delta_grad: Tensor, per_position: bool, axis: int = 2) -> Tensor:
+    """``[batch, pos, size, ...] -> [pos, size]`` or ``[size]``: sum over batch and features
+    (without ``per_position``: over every axis but the unit ``axis``)."""
+    if not per_position:
+        return delta_grad.sum(dim=[d for d in range(delta_grad.ndim) if d != axis])
     x = delta_grad.sum(0)
     if x.ndim > 2:
         x = x.flatten(2).sum(-1)
@@ -58,6 +62,7 @@ def attribution_patching(
     adapter.check_patchable()
     check_pair_tokens(clean_tokens, corr_tokens)
     groups = resolve_groups(adapter, groups)
+    check_per_position(groups, per_position)
     readout = adapter.readout(readout)
     model = adapter.model
     hooks = [g.hook_name for g in groups]
@@ -82,10 +87,11 @@ def attribution_patching(
         grads = torch.autograd.grad(m, [probes[h] for h in hooks], allow_unused=True)
     m_corr = float(m.detach())
     patched = {}
-    for h, grad in zip(hooks, grads):
+    for g, grad in zip(groups, grads):
+        h = g.hook_name
         if grad is None:
             grad = torch.zeros_like(probes[h])
-        est = _reduce((clean_acts[h] - corr_acts[h]) * grad, per_position)
+        est = _reduce((clean_acts[h] - corr_acts[h]) * grad, per_position, g.axis)
         patched[h] = (m_corr + est).detach().float().cpu()
     return PatchScores(
         groups=groups,
@@ -122,6 +128,7 @@ def integrated_gradients(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     groups = resolve_groups(adapter, groups)
+    check_per_position(groups, per_position)
     readout = adapter.readout(readout)
     model = adapter.model
     hooks = [g.hook_name for g in groups]
@@ -158,7 +165,7 @@ def integrated_gradients(
                 (grad,) = torch.autograd.grad(m, [interp])
             grad_sum = grad.reshape(k, batch, *delta.shape[1:]).sum(0)
             total = grad_sum if total is None else total + grad_sum
-        est = _reduce(delta * total / steps, per_position)
+        est = _reduce(delta * total / steps, per_position, g.axis)
         patched[h] = (m_corr + est).detach().float().cpu()
     return PatchScores(
         groups=groups,

@@ -29,6 +29,7 @@ from subroutine_circuits.masks.units import UnitGroup, UnitMap
 from subroutine_circuits.patching.scores import (
     Metric,
     check_pair_tokens,
+    copy_keep,
     expand_batch,
     n_units,
 )
@@ -142,9 +143,10 @@ def ablation_values(
     return [mean for _ in batches]
 
 
-def _broadcasts_over_batch(value: Tensor) -> bool:
-    """True if ``value`` is the same for every example and position (zero / mean values)."""
-    return value.ndim <= 2 or (value.shape[0] == 1 and value.shape[1] == 1)
+def _broadcasts_over_batch(value: Tensor, axis: int = 2) -> bool:
+    """True if ``value`` is the same for every example and position (zero / mean values):
+    size 1 on every axis before the unit ``axis`` (batch, and position for axis 2)."""
+    return value.ndim <= 2 or all(s == 1 for s in value.shape[: max(1, min(2, axis))])
 
 
 @contextmanager
@@ -172,7 +174,7 @@ def ablate_units(
         vals = {}
         for g in unit_map.groups:
             v = torch.as_tensor(values.get(g.hook_name, torch.zeros(())))
-            if not _broadcasts_over_batch(v):
+            if not _broadcasts_over_batch(v, g.axis):
                 raise ValueError(
                     f"ablation value for {g.hook_name} has shape {tuple(v.shape)}; it must "
                     "broadcast over batch and position (zero or mean ablation)"
@@ -215,7 +217,7 @@ def circuit_metrics(
     total = torch.zeros(keeps.shape[0])
     n_total = 0
     for b, vals in zip(batches, values):
-        batch, n_pos = b.clean_tokens.shape
+        batch = b.clean_tokens.shape[0]
         k_max = max(1, chunk_rows // batch)
         resid0 = adapter.input_state(b.clean_tokens)
         for start in range(0, keeps.shape[0], k_max):
@@ -226,7 +228,7 @@ def circuit_metrics(
             for g in groups:
                 keep_g = per_group[g.hook_name].to(resid0.device)  # [k, size]
                 if not keep_g.all():
-                    keeps_k[g.hook_name] = keep_g[:, None, :].expand(k, n_pos, g.size)
+                    keeps_k[g.hook_name] = copy_keep(keep_g, g)
 
             def hook_fn(act, hook, k=k, keeps_k=keeps_k, vals=vals):
                 return mix_copies(act, keeps_k[hook.name], vals[hook.name].to(act.device), k)

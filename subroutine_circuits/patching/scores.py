@@ -25,7 +25,9 @@ def resolve_groups(adapter, groups: UnitMap | Sequence[UnitGroup] | None) -> lis
     """The unit groups to patch: ``groups`` (a UnitMap or list of UnitGroup, order kept so flat
     score vectors line up with mask vectors) or, if None, the adapter's default unit map.
 
-    Patching needs activations laid out ``[batch, pos, unit, ...]`` (unit axis 2).
+    Units lie on an axis >= 1 after the batch axis: ``[batch, pos, unit, ...]`` (axis 2) for
+    transformers, ``[batch, channel, h, w]`` (axis 1) for CNNs; per-position patching needs
+    axis 2 (see :func:`check_per_position`).
     """
     if groups is None:
         groups = adapter.unit_map()
@@ -38,12 +40,29 @@ def resolve_groups(adapter, groups: UnitMap | Sequence[UnitGroup] | None) -> lis
             raise ValueError(f"patching expects UnitGroup objects, got {type(g).__name__}")
         if g.hook_name not in hook_dict:
             raise ValueError(f"unknown hook {g.hook_name!r} for this model")
-        if g.axis != 2:
+        if g.axis < 1:
             raise ValueError(
                 f"unit group {g.hook_name!r} ({g.kind}) has its units on axis {g.axis}; patching "
-                "needs activations [batch, pos, unit, ...] (axis 2)"
+                "needs the units after the batch axis (axis >= 1)"
             )
     return groups
+
+
+def check_per_position(groups: Sequence[UnitGroup], per_position: bool) -> None:
+    """Raise ValueError if ``per_position`` is asked of units that are not ``[batch, pos, unit]``
+    (axis 2), e.g. CNN channels."""
+    bad = [g.hook_name for g in groups if g.axis != 2]
+    if per_position and bad:
+        raise ValueError(
+            f"per-position patching needs activations [batch, pos, unit, ...] (axis 2); "
+            f"{bad[0]!r} has its units on another axis"
+        )
+
+
+def copy_keep(keep: Tensor, group: UnitGroup) -> Tensor:
+    """``keep [k, size]`` reshaped to ``[k, 1, ..., size]`` (the unit axis in place) for
+    :func:`~subroutine_circuits.masks.ablation.mix_copies`: the same units in every position."""
+    return keep.reshape(keep.shape[0], *([1] * (group.axis - 1)), group.size)
 
 
 def n_units(groups: Sequence[UnitGroup]) -> int:
@@ -52,8 +71,9 @@ def n_units(groups: Sequence[UnitGroup]) -> int:
 
 
 def check_pair_tokens(clean: Tensor, corr: Tensor) -> None:
-    """Raise ValueError unless clean and corrupted inputs are equal-shaped ``[batch, pos]``."""
-    if clean.ndim != 2 or corr.ndim != 2:
+    """Raise ValueError unless clean and corrupted inputs are equal-shaped ``[batch, pos]``
+    tokens (or other inputs with a batch axis, e.g. images ``[batch, 3, h, w]``)."""
+    if clean.ndim < 2 or corr.ndim < 2:
         raise ValueError(
             f"tokens must be [batch, pos]; got {tuple(clean.shape)}, {tuple(corr.shape)}"
         )

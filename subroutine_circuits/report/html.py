@@ -24,7 +24,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from subroutine_circuits.analysis import summary as stats
-from subroutine_circuits.report import plots
+from subroutine_circuits.report import plots, vision
 from subroutine_circuits.report.fragments import _esc, _fig, _note, _table
 from subroutine_circuits.store import RunStore, base_id
 from subroutine_circuits.utils import atomic_write_text
@@ -563,6 +563,13 @@ def render_report(out_dir: str | os.PathLike, cfg: ReportConfig | None = None) -
         ("Mask vs activation patching", "patching", lambda: section_patching(out_dir, freq)),
         ("Mask vs patching per unit kind", "agreement", lambda: rv.section_agreement(out_dir)),
     ]
+    if vision.is_cnn_experiment(manifest):  # image tasks on CNNs: report/vision.py
+        sections = [s for s in sections if s[1] != "attention"]  # no attention in a CNN
+        stimuli = ("Stimuli and base models", "stimuli",
+                   lambda: vision.section_stimuli(out_dir, manifest))  # fmt: skip
+        channels = ("Channel heatmaps", "channels",
+                    lambda: vision.section_channel_masks(out_dir, freq, manifest))  # fmt: skip
+        sections = [sections[0], stimuli, *sections[1:4], channels, *sections[4:]]
     body = "".join(_section(t, a, b, problems) for t, a, b in sections)
     nav = " | ".join(f'<a href="#{a}">{_esc(t)}</a>' for t, a, _ in sections)
     page = (
