@@ -16,8 +16,9 @@ are the ones of the language path (:mod:`~subroutine_circuits.experiment.search`
   run per base seed, on training-split images only; the projection head dropped) then the very
   same fine-tuning recipe and budget; ``random_init`` = the untrained kaiming init of that seed
   (the init the ``trained`` model of the seed started from). Compute is recorded in the meta.
-- :func:`cnn_load_or_build`: load or build the CNN; the study's base-model stage encodes the splits, decides ``base_ok``
-  on the VALIDATION composite accuracy (a model stuck at 0.75, one subroutine learned, is
+- :func:`cnn_load_or_build`: load or build the CNN; the study's base-model stage encodes the
+  splits and decides ``base_ok`` on the VALIDATION composite accuracy (a model stuck at 0.75,
+  one subroutine learned, is
   excluded and listed, never hidden); the bypass check (every unit ablated) is recorded.
 - :func:`image_pair_data`: minimal image pairs for patching CNN channels.
 - :func:`vision_demo_config`: ``subroutine-circuits demo --vision``.
@@ -221,21 +222,6 @@ def build_cnn_base_model(
     )
     meta["compute"] = compute
     return model.eval(), meta
-
-
-def bypass_check(adapter: Any, data: Any, reference: Any, chance: float, ablation: str) -> dict:
-    """Accuracy with EVERY unit ablated (``ablation``: zero, or mean over ``reference``): a model
-    whose accuracy stays above chance has a path around the masks (``bypass`` True)."""
-    import torch
-
-    from subroutine_circuits.masks import UnitMask
-
-    um = adapter.unit_map()
-    mask = UnitMask.fixed(um, torch.zeros(um.n_units, dtype=torch.bool), ablation)
-    if ablation == "mean":
-        mask.set_mean(adapter, reference.flat_inputs())
-    acc = adapter.accuracy(data, mask)
-    return {"bypass_acc": acc, "bypass": bool(acc > chance + BYPASS_TOLERANCE)}
 
 
 def cnn_load_or_build(job: Any, prep: Any, store: Any, device: str):

@@ -35,7 +35,7 @@ def tiny_config(**extra) -> dict:
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("verdicts")
     cfg = config_from_dict(tiny_config())
-    df = run_experiment(cfg, out, progress=False)
+    run_experiment(cfg, out, progress=False)
     return cfg, out, pd.read_csv(out / "results.csv")
 
 
