@@ -35,7 +35,7 @@ def tiny_config(**extra) -> dict:
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("verdicts")
     cfg = config_from_dict(tiny_config())
-    df = run_experiment(cfg, out, progress=False)
+    run_experiment(cfg, out, progress=False)
     return cfg, out, pd.read_csv(out / "results.csv")
 
 
@@ -134,3 +134,19 @@ def test_mirrored_verdict_constants_match_the_library():
     from subroutine_circuits.masks.batched import NOISE_MODES
 
     assert c.ABLATIONS == ABLATIONS and c.NOISE_MODES == NOISE_MODES
+
+
+def test_demo_config_is_the_shipped_agreement_config():
+    """configs/agreement.toml holds the demo's settings (5 base models per init, >= 20 draws)."""
+    from pathlib import Path
+
+    from subroutine_circuits.experiment import load_config
+    from subroutine_circuits.experiment.config import demo_config
+
+    demo = demo_config()
+    shipped = load_config(Path(__file__).resolve().parents[2] / "configs" / "agreement.toml")
+    shipped.workers = demo.workers
+    assert demo.to_dict() == shipped.to_dict()
+    assert len(demo.base_seeds) >= 5 and set(demo.inits) == {"trained", "pretrained",
+                                                             "random_init"}  # fmt: skip
+    assert demo.n_random >= 20 and demo.data.n_test >= 500

@@ -22,7 +22,6 @@ from subroutine_circuits.masks.ablator import Ablator, reference_ablator
 from subroutine_circuits.masks.batched import fixed_mask_scores
 from subroutine_circuits.masks.converge import (
     Plateau,
-    Schedule,
     budget_steps,
     mask_schedule,
     train_masks_converged,
