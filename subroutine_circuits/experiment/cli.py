@@ -14,15 +14,23 @@ def verdict_table(df) -> str:
         return "(no finished runs)"
     ok = df[df["base_ok"].astype(bool)]
     lines = [
-        f"{'task':<22} {'init':<12} {'subroutine':<18} {'comp.':>7} "
+        f"{'task':<22} {'init':<12} {'subroutine':<18} {'comp.':>7} {'failed':>6} "
         f"{'sub_diff':>9} {'abl_diff':>9} {'randabl':>8} {'density':>8}"
     ]
     for (task, init, sub), g in ok.groupby(["task", "init", "subroutine"], sort=True):
-        n, k = len(g), int(g["compositional"].astype(bool).sum())
+        # compositional runs of the usable ones (search failed / excluded runs are neither)
+        verdict = (
+            g["verdict"]
+            if "verdict" in g
+            else g["compositional"].map({True: "compositional", False: "not compositional"})
+        )
+        usable = verdict.isin(["compositional", "not compositional"])
+        n, k = int(usable.sum()), int((verdict == "compositional").sum())
+        failed = int((verdict == "search failed").sum())
         lines.append(
-            f"{task:<22} {init:<12} {sub:<18} {f'{k}/{n}':>7} {g['sub_diff'].mean():>9.3f} "
-            f"{g['abl_diff'].mean():>9.3f} {g['randabl_diff'].mean():>8.3f} "
-            f"{g['density'].mean():>8.3f}"
+            f"{task:<22} {init:<12} {sub:<18} {f'{k}/{n}':>7} {failed:>6} "
+            f"{g['sub_diff'].mean():>9.3f} {g['abl_diff'].mean():>9.3f} "
+            f"{g['randabl_diff'].mean():>8.3f} {g['density'].mean():>8.3f}"
         )
     excluded = sorted(
         set(

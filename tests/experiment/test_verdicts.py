@@ -134,3 +134,56 @@ def test_mirrored_verdict_constants_match_the_library():
     from subroutine_circuits.masks.batched import NOISE_MODES
 
     assert c.ABLATIONS == ABLATIONS and c.NOISE_MODES == NOISE_MODES
+
+
+def test_demo_config_is_the_shipped_agreement_config():
+    """configs/agreement.toml holds the demo's settings (5 base models per init, >= 20 draws)."""
+    from pathlib import Path
+
+    from subroutine_circuits.experiment import load_config
+    from subroutine_circuits.experiment.config import demo_config
+
+    demo = demo_config()
+    shipped = load_config(Path(__file__).resolve().parents[2] / "configs" / "agreement.toml")
+    shipped.workers = demo.workers
+    assert demo.to_dict() == shipped.to_dict()
+    assert len(demo.base_seeds) >= 5 and set(demo.inits) == {"trained", "pretrained",
+                                                             "random_init"}  # fmt: skip
+    assert demo.n_random >= 20 and demo.data.n_test >= 500
+
+
+def test_random_controls_usable_or_candidates_only():
+    """Draws go to usable runs; with a margin, only to runs that pass both margins; a draw
+    keeps as many units per (layer, kind) as the learned mask and randabl_p follows them."""
+    import numpy as np
+    from conftest import make_tiny_transformer
+
+    from subroutine_circuits.adapters import as_adapter, tl_unit_map
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.experiment.evaluate import RunToEvaluate, evaluate_unit_runs
+    from subroutine_circuits.masks import UnitMask
+    from subroutine_circuits.masks.ablator import Ablator
+
+    model = make_tiny_transformer(seed=4)
+    g = torch.Generator().manual_seed(0)
+
+    def problems(n):
+        toks = torch.randint(1, 50, (n, 4, 7), generator=g)
+        return EncodedProblems({"tokens": toks, "lengths": torch.full((n, 4), 7)},
+                               torch.randint(0, 4, (n,), generator=g))  # fmt: skip
+
+    test = {k: problems(12) for k in ("partition_a", "partition_b", "sub_a", "sub_b")}
+    um = tl_unit_map(model)
+    keep = torch.rand(um.n_units, generator=g) < 0.3
+    mask = UnitMask.fixed(um, keep)
+    runs = [RunToEvaluate("a", "b", 0, mask, True, 1), RunToEvaluate("b", "a", 0, mask, False, 2)]
+    adapter = as_adapter(model, pool="last")
+    abls = {"zero": Ablator("zero")}
+    rows = evaluate_unit_runs(adapter, runs, test, abls, "zero", n_random=20)
+    assert rows[0]["n_random"] == 20 and rows[1]["n_random"] == 0
+    assert 1 / 21 <= rows[0]["randabl_p"] <= 1 and np.isnan(rows[1]["randabl_p"])
+    assert rows[0]["randabl_n_distinct"] == 20
+    strict = evaluate_unit_runs(adapter, runs, test, abls, "zero", n_random=20, margin=0.7)
+    assert strict[0]["n_random"] == 0  # no run can pass a 0.7 margin on random data
+    for k in ("sub_diff", "abl_diff", "ablzero_diff"):
+        assert strict[0][k] == rows[0][k]
