@@ -293,15 +293,25 @@ FAST_VARIANTS: dict[str, FastVariant] = {
 }
 
 
+#: The variant ``"auto"`` picks per device type (measured with ``benchmarks/bench_patching.py
+#: --sweep``, see ``docs/BENCHMARKS.md``): on a CPU the work is compute-bound and the
+#: per-position layout touches less memory; on a GPU the per-position layout is bound by
+#: kernel launches and the packed layout runs a layer's patches in a few large launches.
+AUTO_VARIANTS: dict[str, str] = {"cpu": "positions-skip", "cuda": "packed"}
+
+
+def auto_variant_name(device) -> str:
+    """The name of the variant ``"auto"`` means on ``device`` (``packed`` on other types)."""
+    return AUTO_VARIANTS.get(torch.device(device).type, "packed")
+
+
 def resolve_fast_variant(name: str, device) -> FastVariant:
-    """The :class:`FastVariant` named ``name``; ``"auto"`` is the fastest measured on the
-    device type (``packed`` on CPU and CUDA, see ``docs/BENCHMARKS.md``)."""
+    """The :class:`FastVariant` named ``name``; ``"auto"`` is :func:`auto_variant_name`."""
     if name == "auto":
-        name = "packed"
+        name = auto_variant_name(device)
     if name not in FAST_VARIANTS:
-        raise ValueError(
-            f"unknown fast-path variant {name!r}; known: auto, {', '.join(FAST_VARIANTS)}"
-        )
+        known = ", ".join(["auto", *FAST_VARIANTS])
+        raise ValueError(f"unknown fast-path variant {name!r}; known: {known}")
     return FAST_VARIANTS[name]
 
 
@@ -384,7 +394,7 @@ def fast_head_patching_by_pos(
         patched = _per_position_scores(
             adapter.model, runs, by_layer, metric, k_max, v.skip_identical
         )
-    name = variant if variant != "auto" else next(n for n, f in FAST_VARIANTS.items() if f == v)
+    name = variant if variant != "auto" else auto_variant_name(corr_tokens.device)
     return PatchScores(
         groups=list(groups),
         patched=patched,

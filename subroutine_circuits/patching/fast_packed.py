@@ -167,7 +167,8 @@ def _attend(
     scores = (q @ keys.transpose(-1, -2)).div_(attn.attn_scale)
     if q_from is not None:
         hidden = torch.ones(sq, n, dtype=torch.bool, device=q.device).triu_(q_from + 1)
-        scores.masked_fill_(hidden, attn.IGNORE)
+        # where, not masked_fill_ with the IGNORE tensor (which may read it on the host: a sync)
+        scores = torch.where(hidden, attn.IGNORE, scores)
     return F.softmax(scores, dim=-1) @ values
 
 
