@@ -14,8 +14,13 @@ When the metric reads only the last position (checked by probing it, see
 but the query, attention output, MLP, ``ln_final`` and unembedding only at the last position.
 Otherwise the full logits are assembled from the corrupted run's logits at positions ``< p`` and
 the recomputed ones at ``>= p``. Both modes give the same numbers as a full forward pass (up to
-float rounding). All heads of one layer at one position form one batched suffix computation
-(``heads x batch`` rows), chunked by ``chunk_rows``.
+float rounding). In the ``positions`` layout all heads of one layer at one position form one
+batched suffix computation (``heads x batch`` rows), chunked by ``chunk_rows``; the ``packed``
+layout (:mod:`subroutine_circuits.patching.fast_packed`) computes the same suffix tokens of
+many positions in one run (few, large kernel launches: the GPU default). Patches whose clean
+and corrupted ``z`` are bitwise equal (e.g. before the first differing token) leave the run
+unchanged and can be skipped. :data:`FAST_VARIANTS` names the combinations;
+:data:`AUTO_VARIANTS` is the choice per device type.
 
 The hand-written attention covers the standard TransformerLens ``HookedTransformer`` block only;
 :func:`fast_path_unsupported` lists what it does not cover, and the caller
