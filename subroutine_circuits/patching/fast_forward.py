@@ -431,7 +431,7 @@ def _per_position_scores(
     with ``skip_identical``, positions whose heads are all identical are not computed."""
     n_layers = model.cfg.n_layers
     n_pos = runs.corr_resids[0].shape[1]
-    same = identical_patches(runs, groups).all(-1) if skip_identical else None
+    same = identical_patches(runs, groups).all(-1).tolist() if skip_identical else None
     patched = {g.hook_name: torch.zeros(n_pos, g.size) for g in groups}
     pending: list[tuple[str, int, int, Tensor]] = []
     # corrupted q/k/v repeated for k copies, keyed by (layer, kind, k); made once, reused, and
@@ -453,7 +453,7 @@ def _per_position_scores(
         z_clean = runs.clean_acts[f"blocks.{layer}.attn.hook_z"]
         for p in range(n_pos):
             if (runs.last_only and layer == n_layers - 1 and p < n_pos - 1) or (
-                same is not None and bool(same[gi, p])
+                same is not None and same[gi][p]
             ):
                 # the last position of the last layer never sees position p of that layer;
                 # identical clean and corrupted z leave the run as it is

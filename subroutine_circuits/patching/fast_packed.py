@@ -317,7 +317,7 @@ def packed_scores(
     batch, n_pos = runs.corr_resids[0].shape[:2]
     n_layers = model.cfg.n_layers
     hooks = [g.hook_name for g in groups]
-    same = identical_patches(runs, groups) if skip_identical else None
+    same = identical_patches(runs, groups).tolist() if skip_identical else None
     patched = {h: torch.full((n_pos, g.size), runs.m_corr) for h, g in zip(hooks, groups)}
     plan: list[tuple[object, list[tuple[int, int]]]] = []
     for gi, g in enumerate(groups):
@@ -326,7 +326,7 @@ def packed_scores(
             for p in range(n_pos)
             if not (runs.last_only and g.layer == n_layers - 1 and p < n_pos - 1)
             for h in range(g.size)
-            if same is None or not bool(same[gi, p, h])
+            if same is None or not same[gi][p][h]
         ]
         plan += [(g, items[i : i + k_max]) for i in range(0, len(items), k_max)]
     indexes = packed_indexes([c for _, c in plan], batch, n_pos, runs.corr_out.device)
