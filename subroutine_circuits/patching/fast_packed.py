@@ -147,6 +147,11 @@ def _rows_layout(
     return out
 
 
+#: Rows above which the SDPA variant uses the manual formula (CUDA's memory-efficient kernel
+#: puts the batch on a grid axis limited to 65535 blocks).
+_SDPA_MAX_ROWS = 65535
+
+
 def _attend(
     attn,
     q: Float[Tensor, "R head sq d_head"],
@@ -158,7 +163,7 @@ def _attend(
     """Attention of the queries ``q`` over each row's keys. Query ``i`` sits at position
     ``q_from + i`` and sees keys ``<= q_from + i`` (causal); ``q_from=None``: every key."""
     sq, n = q.shape[2], keys.shape[2]
-    if sdpa:
+    if sdpa and q.shape[0] <= _SDPA_MAX_ROWS:
         mask = None
         if q_from is not None:
             mask = torch.ones(sq, n, dtype=torch.bool, device=q.device).tril_(q_from)
@@ -291,7 +296,8 @@ def packed_chunk(
             x = first_block_after(model.blocks[m], resid_p, x, kqv, ix, last, sdpa)
         else:
             x = packed_block(model.blocks[m], x, kqv, ix, last, sdpa)
-    final = model.ln_final(x.unsqueeze(0)).squeeze(0) if model.ln_final is not None else x
+    ln_final = getattr(model, "ln_final", None)
+    final = ln_final(x.unsqueeze(0)).squeeze(0) if ln_final is not None else x
     k, batch = ix.k, runs.corr_out.shape[0]
     if runs.hidden:
         return final.view(k, batch, -1)
