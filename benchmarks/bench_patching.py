@@ -119,7 +119,7 @@ def run_benchmark(
 
     groups = tl_unit_map(model, kinds=("head",)).groups
 
-    paths = []
+    paths, variants = [], []
 
     def ours(fast=True, chunk_rows=cfg.chunk_rows):
         res = activation_patching(
@@ -133,6 +133,7 @@ def run_benchmark(
             fast=fast,
         )
         paths.append(res.extra.get("path"))
+        variants.append(res.extra.get("variant", "generic"))
         return res.layer_grid("head")
 
     def theirs():
@@ -165,6 +166,7 @@ def run_benchmark(
         "shape": tuple(r_tl.shape),
         "n_patches": int(r_tl.numel()),
         "path": paths[0],
+        "variant": variants[0],
         "t_ours_s": t_ours,
         "t_transformer_lens_s": t_tl,
         "speedup": t_tl / t_ours,
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.n_heads} heads, d_mlp {cfg.d_mlp}; batch {cfg.batch} x {cfg.pos} tokens"
     )
     print(f"patches (layer,pos,head): {r['n_patches']} -> result shape {r['shape']}")
-    print(f"ours ({r['path']}):      {r['t_ours_s']:.3f} s")
+    print(f"ours ({r['path']}, {r['variant']}): {r['t_ours_s']:.3f} s")
     print(f"transformer_lens:       {r['t_transformer_lens_s']:.3f} s")
     print(f"speed ratio (TL/ours):  {r['speedup']:.1f}x")
     print(f"max abs difference:     {r['max_abs_diff']:.2e} (max |value| {r['max_abs_value']:.2e})")

@@ -14,8 +14,13 @@ When the metric reads only the last position (checked by probing it, see
 but the query, attention output, MLP, ``ln_final`` and unembedding only at the last position.
 Otherwise the full logits are assembled from the corrupted run's logits at positions ``< p`` and
 the recomputed ones at ``>= p``. Both modes give the same numbers as a full forward pass (up to
-float rounding). All heads of one layer at one position form one batched suffix computation
-(``heads x batch`` rows), chunked by ``chunk_rows``.
+float rounding). In the ``positions`` layout all heads of one layer at one position form one
+batched suffix computation (``heads x batch`` rows), chunked by ``chunk_rows``; the ``packed``
+layout (:mod:`subroutine_circuits.patching.fast_packed`) computes the same suffix tokens of
+many positions in one run (few, large kernel launches: the GPU default). Patches whose clean
+and corrupted ``z`` are bitwise equal (e.g. before the first differing token) leave the run
+unchanged and can be skipped. :data:`FAST_VARIANTS` names the combinations;
+:data:`AUTO_VARIANTS` is the choice per device type.
 
 The hand-written attention covers the standard TransformerLens ``HookedTransformer`` block only;
 :func:`fast_path_unsupported` lists what it does not cover, and the caller
@@ -293,15 +298,25 @@ FAST_VARIANTS: dict[str, FastVariant] = {
 }
 
 
+#: The variant ``"auto"`` picks per device type (measured with ``benchmarks/bench_patching.py
+#: --sweep``, see ``docs/BENCHMARKS.md``): on a CPU the work is compute-bound and the
+#: per-position layout touches less memory; on a GPU the per-position layout is bound by
+#: kernel launches and the packed layout runs a layer's patches in a few large launches.
+AUTO_VARIANTS: dict[str, str] = {"cpu": "positions-skip", "cuda": "packed"}
+
+
+def auto_variant_name(device) -> str:
+    """The name of the variant ``"auto"`` means on ``device`` (``packed`` on other types)."""
+    return AUTO_VARIANTS.get(torch.device(device).type, "packed")
+
+
 def resolve_fast_variant(name: str, device) -> FastVariant:
-    """The :class:`FastVariant` named ``name``; ``"auto"`` is the fastest measured on the
-    device type (``packed`` on CPU and CUDA, see ``docs/BENCHMARKS.md``)."""
+    """The :class:`FastVariant` named ``name``; ``"auto"`` is :func:`auto_variant_name`."""
     if name == "auto":
-        name = "packed"
+        name = auto_variant_name(device)
     if name not in FAST_VARIANTS:
-        raise ValueError(
-            f"unknown fast-path variant {name!r}; known: auto, {', '.join(FAST_VARIANTS)}"
-        )
+        known = ", ".join(["auto", *FAST_VARIANTS])
+        raise ValueError(f"unknown fast-path variant {name!r}; known: {known}")
     return FAST_VARIANTS[name]
 
 
@@ -384,7 +399,7 @@ def fast_head_patching_by_pos(
         patched = _per_position_scores(
             adapter.model, runs, by_layer, metric, k_max, v.skip_identical
         )
-    name = variant if variant != "auto" else next(n for n, f in FAST_VARIANTS.items() if f == v)
+    name = variant if variant != "auto" else auto_variant_name(corr_tokens.device)
     return PatchScores(
         groups=list(groups),
         patched=patched,
@@ -416,7 +431,7 @@ def _per_position_scores(
     with ``skip_identical``, positions whose heads are all identical are not computed."""
     n_layers = model.cfg.n_layers
     n_pos = runs.corr_resids[0].shape[1]
-    same = identical_patches(runs, groups).all(-1) if skip_identical else None
+    same = identical_patches(runs, groups).all(-1).tolist() if skip_identical else None
     patched = {g.hook_name: torch.zeros(n_pos, g.size) for g in groups}
     pending: list[tuple[str, int, int, Tensor]] = []
     # corrupted q/k/v repeated for k copies, keyed by (layer, kind, k); made once, reused, and
@@ -438,7 +453,7 @@ def _per_position_scores(
         z_clean = runs.clean_acts[f"blocks.{layer}.attn.hook_z"]
         for p in range(n_pos):
             if (runs.last_only and layer == n_layers - 1 and p < n_pos - 1) or (
-                same is not None and bool(same[gi, p])
+                same is not None and same[gi][p]
             ):
                 # the last position of the last layer never sees position p of that layer;
                 # identical clean and corrupted z leave the run as it is

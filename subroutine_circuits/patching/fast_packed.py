@@ -147,6 +147,11 @@ def _rows_layout(
     return out
 
 
+#: Rows above which the SDPA variant uses the manual formula (CUDA's memory-efficient kernel
+#: puts the batch on a grid axis limited to 65535 blocks).
+_SDPA_MAX_ROWS = 65535
+
+
 def _attend(
     attn,
     q: Float[Tensor, "R head sq d_head"],
@@ -158,7 +163,7 @@ def _attend(
     """Attention of the queries ``q`` over each row's keys. Query ``i`` sits at position
     ``q_from + i`` and sees keys ``<= q_from + i`` (causal); ``q_from=None``: every key."""
     sq, n = q.shape[2], keys.shape[2]
-    if sdpa:
+    if sdpa and q.shape[0] <= _SDPA_MAX_ROWS:
         mask = None
         if q_from is not None:
             mask = torch.ones(sq, n, dtype=torch.bool, device=q.device).tril_(q_from)
@@ -167,7 +172,8 @@ def _attend(
     scores = (q @ keys.transpose(-1, -2)).div_(attn.attn_scale)
     if q_from is not None:
         hidden = torch.ones(sq, n, dtype=torch.bool, device=q.device).triu_(q_from + 1)
-        scores.masked_fill_(hidden, attn.IGNORE)
+        # where, not masked_fill_ with the IGNORE tensor (which may read it on the host: a sync)
+        scores = torch.where(hidden, attn.IGNORE, scores)
     return F.softmax(scores, dim=-1) @ values
 
 
@@ -290,7 +296,8 @@ def packed_chunk(
             x = first_block_after(model.blocks[m], resid_p, x, kqv, ix, last, sdpa)
         else:
             x = packed_block(model.blocks[m], x, kqv, ix, last, sdpa)
-    final = model.ln_final(x.unsqueeze(0)).squeeze(0) if model.ln_final is not None else x
+    ln_final = getattr(model, "ln_final", None)
+    final = ln_final(x.unsqueeze(0)).squeeze(0) if ln_final is not None else x
     k, batch = ix.k, runs.corr_out.shape[0]
     if runs.hidden:
         return final.view(k, batch, -1)
@@ -316,7 +323,7 @@ def packed_scores(
     batch, n_pos = runs.corr_resids[0].shape[:2]
     n_layers = model.cfg.n_layers
     hooks = [g.hook_name for g in groups]
-    same = identical_patches(runs, groups) if skip_identical else None
+    same = identical_patches(runs, groups).tolist() if skip_identical else None
     patched = {h: torch.full((n_pos, g.size), runs.m_corr) for h, g in zip(hooks, groups)}
     plan: list[tuple[object, list[tuple[int, int]]]] = []
     for gi, g in enumerate(groups):
@@ -325,7 +332,7 @@ def packed_scores(
             for p in range(n_pos)
             if not (runs.last_only and g.layer == n_layers - 1 and p < n_pos - 1)
             for h in range(g.size)
-            if same is None or not bool(same[gi, p, h])
+            if same is None or not same[gi][p][h]
         ]
         plan += [(g, items[i : i + k_max]) for i in range(0, len(items), k_max)]
     indexes = packed_indexes([c for _, c in plan], batch, n_pos, runs.corr_out.device)

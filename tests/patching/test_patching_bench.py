@@ -26,6 +26,7 @@ def test_benchmark_runs_and_agrees(capsys):
     r = bench.run_benchmark(cfg, "cpu", baseline=True)
     assert r["shape"] == (2, 6, 4)
     assert r["path"] == "fast-last"  # the benchmark exercises the fast path
+    assert r["variant"] == "positions-skip"  # "auto" on a CPU
     assert r["max_abs_value"] > 1e-3
     assert r["max_abs_diff"] <= 1e-4
     assert r["max_abs_diff_generic"] <= 1e-4  # the generic baseline agrees too
