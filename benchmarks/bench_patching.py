@@ -76,23 +76,9 @@ def device_name(device: str) -> str:
 PREVIOUS = ("positions", 4096)
 
 
-def run_benchmark(
-    cfg: BenchConfig,
-    device: str = "cpu",
-    repeats: int = 1,
-    baseline: bool = False,
-    sweep: list[tuple[str, int]] | None = None,
-) -> dict:
-    """Time both implementations on the same model, data and metric; return the figures.
-
-    With ``baseline`` also time our generic path (``fast=False``) and compare it too. With
-    ``sweep`` (``[(variant, chunk_rows), ...]``) also time those fast-path variants and
-    :data:`PREVIOUS`; their figures are in ``out["sweep"]`` (one dict per entry).
-    """
-    from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
-
-    from subroutine_circuits.adapters import tl_unit_map
-    from subroutine_circuits.patching.activation import activation_patching
+def _setup(cfg: BenchConfig, device: str):
+    """The random-weight model and the clean/corrupted tokens (corrupted at ``pos // 2``)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     mcfg = HookedTransformerConfig(
         n_layers=cfg.n_layers,
@@ -113,6 +99,28 @@ def run_benchmark(
     clean = torch.randint(0, cfg.d_vocab, (cfg.batch, cfg.pos), generator=g).to(device)
     corr = clean.clone()
     corr[:, cfg.pos // 2] = torch.randint(0, cfg.d_vocab, (cfg.batch,), generator=g).to(device)
+    return model, clean, corr
+
+
+def run_benchmark(
+    cfg: BenchConfig,
+    device: str = "cpu",
+    repeats: int = 1,
+    baseline: bool = False,
+    sweep: list[tuple[str, int]] | None = None,
+) -> dict:
+    """Time both implementations on the same model, data and metric; return the figures.
+
+    With ``baseline`` also time our generic path (``fast=False``) and compare it too. With
+    ``sweep`` (``[(variant, chunk_rows), ...]``) also time those fast-path variants and
+    :data:`PREVIOUS`; their figures are in ``out["sweep"]`` (one dict per entry).
+    """
+    from transformer_lens import patching
+
+    from subroutine_circuits.adapters import tl_unit_map
+    from subroutine_circuits.patching.activation import activation_patching
+
+    model, clean, corr = _setup(cfg, device)
 
     def metric(logits):  # per-example logit difference at the last position
         return logits[..., -1, 1] - logits[..., -1, 2]

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from subroutine_circuits.patching.fast_packed import identical_patches, packed_scores
+
 #: ``normalization_type`` values of the blocks the fast path supports (position-wise norms).
 SUPPORTED_NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 #: MLP activation functions the fast path supports (the model's own MLP module is called).
@@ -382,7 +384,6 @@ def fast_head_patching_by_pos(
     ``"auto"``). ``extra["path"]`` records the mode used: ``"fast-last"`` (last position only)
     or ``"fast-suffix"`` (full logits); ``extra["variant"]`` the variant.
     """
-    from subroutine_circuits.patching.fast_packed import packed_scores
     from subroutine_circuits.patching.scores import PatchScores
 
     runs = patch_runs(adapter, clean_tokens, corr_tokens, metric, groups, readout)
@@ -410,18 +411,6 @@ def fast_head_patching_by_pos(
         per_position=True,
         extra={"path": "fast-last" if runs.last_only else "fast-suffix", "variant": name},
     )
-
-
-def identical_patches(runs: PatchRuns, groups) -> Tensor:
-    """``[group, pos, unit]`` (CPU, bool): True where the clean and corrupted ``z`` of the unit
-    are bitwise equal at that position for the whole batch, so patching it changes nothing
-    (one synchronisation)."""
-    return torch.stack(
-        [
-            (runs.clean_acts[g.hook_name] == runs.corr_acts[g.hook_name]).all(-1).all(0)
-            for g in groups
-        ]
-    ).cpu()
 
 
 def _per_position_scores(

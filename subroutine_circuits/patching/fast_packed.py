@@ -30,8 +30,6 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from subroutine_circuits.patching.fast_forward import identical_patches
-
 
 @dataclass
 class PackedIndex:
@@ -245,6 +243,18 @@ def first_block_after(
         z = _attend(attn, q, keys, values, ix.q_from, sdpa)[ix.row_tok, :, ix.qpos_tok]
         resid = x
     return _mlp_residual(block, resid + _out_heads(attn, z))
+
+
+def identical_patches(runs, groups) -> Tensor:
+    """``[group, pos, unit]`` (CPU, bool): True where the clean and corrupted ``z`` of the unit
+    are bitwise equal at that position for the whole batch, so patching it changes nothing
+    (one synchronisation)."""
+    return torch.stack(
+        [
+            (runs.clean_acts[g.hook_name] == runs.corr_acts[g.hook_name]).all(-1).all(0)
+            for g in groups
+        ]
+    ).cpu()
 
 
 def _patched_rows(
