@@ -272,11 +272,6 @@ def pair_data(model, tokenizer, pairs: Sequence[Pair], cfg: PatchingConfig) -> P
 
     ``model`` is the model or its adapter. Image tasks: see ``experiment.vision``."""
     adapter = _adapter(model, tokenizer, cfg.pool)
-    if getattr(task, "modality", "text") == "image":
-        from subroutine_circuits.experiment.vision import image_pair_batch
-
-        batch = image_pair_batch(adapter, task, subroutine, cfg, _oddness_metric)
-        return PairData([batch], "embed", batch.n)
     model = adapter.model
     sampled = list(pairs)
     device = adapter.device
@@ -338,7 +333,17 @@ def build_pair_data(
 ) -> tuple[PairData, PairData]:
     """The scoring and the faithfulness :class:`PairData` of one subroutine (:func:`pair_sets`).
 
-    ``model`` is the model or its adapter."""
+    ``model`` is the model or its adapter. Image tasks draw their minimal scenes from the test
+    stream with two seeds (``experiment.vision.image_pair_batch``)."""
+    if getattr(task, "modality", "text") == "image":
+        from subroutine_circuits.experiment.vision import image_pair_batch
+
+        adapter = _adapter(model, tokenizer, cfg.pool)
+        out = []
+        for seed in (cfg.seed, cfg.seed + 1_000_003):
+            batch = image_pair_batch(adapter, task, subroutine, cfg, _oddness_metric, seed=seed)
+            out.append(PairData([batch], "embed", batch.n))
+        return out[0], out[1]
     scoring, faith = pair_sets(task, subroutine, cfg)
     return pair_data(model, tokenizer, scoring, cfg), pair_data(model, tokenizer, faith, cfg)
 

@@ -248,7 +248,9 @@ def cnn_load_or_build(job: Any, prep: Any, store: Any, device: str):
 # ----------------------------------------------------------------------------- patching
 
 
-def image_pair_batch(adapter: Any, task: Any, subroutine: str, cfg: Any, oddness_metric: Any):
+def image_pair_batch(
+    adapter: Any, task: Any, subroutine: str, cfg: Any, oddness_metric: Any, seed: int | None = None
+):
     """Minimal image pairs of ``subroutine`` as one patching batch (a ``PatchBatch``, readout
     ``"embed"``; ``experiment.patching`` wraps it in its ``PairData``).
 
@@ -264,7 +266,8 @@ def image_pair_batch(adapter: Any, task: Any, subroutine: str, cfg: Any, oddness
 
     from subroutine_circuits.patching.circuits import PatchBatch
 
-    pairs = task.make_minimal_pairs(subroutine, cfg.n_pairs, seed=cfg.seed, split="test")
+    seed = cfg.seed if seed is None else seed
+    pairs = task.make_minimal_pairs(subroutine, cfg.n_pairs, seed=seed, split="test")
     t = pairs.to_tensors()
     device = adapter.device
     with torch.no_grad():

@@ -304,7 +304,7 @@ FAST_VARIANTS: dict[str, FastVariant] = {
 #: --sweep``, see ``docs/BENCHMARKS.md``): on a CPU the work is compute-bound and the
 #: per-position layout touches less memory; on a GPU the per-position layout is bound by
 #: kernel launches and the packed layout runs a layer's patches in a few large launches.
-AUTO_VARIANTS: dict[str, str] = {"cpu": "positions-skip", "cuda": "packed"}
+AUTO_VARIANTS: dict[str, str] = {"cpu": "positions-skip", "cuda": "positions-skip"}
 
 
 def auto_variant_name(device) -> str:
