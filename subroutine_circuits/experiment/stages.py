@@ -22,8 +22,8 @@ from subroutine_circuits.experiment.jobs import (
     PatchingJob,
     plan_base_model,
 )
+from subroutine_circuits.experiment.timing import collect_stage_times, timed_stage
 from subroutine_circuits.store import RunStore
-from subroutine_circuits.utils import resolve_device
 
 # ----------------------------------------------------------------------------- base model
 
@@ -118,15 +118,17 @@ def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int
     return model, meta
 
 
+@timed_stage("base_model")
 def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> BaseModel:
     """Load the base model of ``job`` from the store, or build, train and save it; freeze it,
     encode the splits and measure its test accuracies (saved with the checkpoint)."""
     from subroutine_circuits.adapters import as_adapter
+    from subroutine_circuits.experiment.dask_executor import worker_device
     from subroutine_circuits.experiment.search import encode
     from subroutine_circuits.models import load_checkpoint, save_checkpoint
 
     cfg = job.cfg
-    device = resolve_device(cfg.device)
+    device = worker_device(cfg.device)  # "auto": the device of the worker running the job
     model_dir = store.model_dir(job.key)
     if store.has_model(job.key):
         model, _, meta = load_checkpoint(model_dir)
@@ -161,6 +163,7 @@ class SearchResult:
     mask: Any = None
 
 
+@timed_stage("mask_search")
 def mask_search_stage(job: MaskSearchJob, cfg: ExperimentConfig, base: BaseModel) -> SearchResult:
     """Train a mask per grid point on the subroutine's training problems; choose on validation."""
     from subroutine_circuits.experiment.search import search_mask
@@ -172,6 +175,7 @@ def mask_search_stage(job: MaskSearchJob, cfg: ExperimentConfig, base: BaseModel
     return SearchResult(hp, log, mask)
 
 
+@timed_stage("evaluation")
 def evaluation_stage(
     job: EvaluationJob,
     cfg: ExperimentConfig,
@@ -254,6 +258,7 @@ def run_subroutine_masks(
 # ----------------------------------------------------------------------------- patching
 
 
+@timed_stage("patching")
 def patching_stage(
     job: PatchingJob, cfg: ExperimentConfig, prep: Prepared, base: BaseModel, store: RunStore
 ) -> list[dict[str, Any]]:
@@ -296,7 +301,13 @@ def run_base_model_job(job: BaseModelJob, prep: Prepared | None = None) -> dict[
     ``prep`` (task, tokenizer, splits) is built from ``job.cfg`` when not given. Returns timing
     information and the model's composite accuracy.
     """
-    prep = prep if prep is not None else prepare(job.cfg)
+    with collect_stage_times() as stage_times:
+        info = _run_base_model(job, prep if prep is not None else prepare(job.cfg))
+    return {**info, "stage_times": dict(stage_times)}
+
+
+def _run_base_model(job: BaseModelJob, prep: Prepared) -> dict[str, Any]:
+    """The body of :func:`run_base_model_job` (its stage times are collected by the caller)."""
     store = RunStore(job.store)
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -322,5 +333,6 @@ def run_base_model_job(job: BaseModelJob, prep: Prepared | None = None) -> dict[
         "base_id": job.key,
         "composite_acc": base.composite_acc,
         "base_ok": base.base_ok,
+        "device": str(base.adapter.device),
         **timings,
     }
