@@ -42,6 +42,22 @@ def _finish(df, out: Path) -> int:
     return 0
 
 
+def apply_executor_args(cfg, args) -> None:
+    """Command-line executor settings override the config's (``--scheduler`` implies Dask);
+    re-validates the config."""
+    if getattr(args, "executor", None):
+        cfg.executor = args.executor
+    if getattr(args, "workers", None) is not None:
+        cfg.workers = args.workers
+    if getattr(args, "dask_workers", None) is not None:
+        cfg.dask_workers = args.dask_workers
+    if getattr(args, "scheduler", None):
+        cfg.scheduler = args.scheduler
+        if cfg.executor == "auto" or not getattr(args, "executor", None):
+            cfg.executor = "dask"
+    cfg.validate()
+
+
 def cmd_demo(args) -> int:
     """The main job: the built-in demo experiment."""
     from subroutine_circuits.experiment.config import demo_config
@@ -51,6 +67,7 @@ def cmd_demo(args) -> int:
     cfg.device = args.device
     if getattr(args, "no_patching", False):
         cfg.patching = False
+    apply_executor_args(cfg, args)
     out = Path(args.out)
     return _finish(run_experiment(cfg, out, progress=sys.stderr.isatty()), out)
 
@@ -63,6 +80,7 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config)
     if args.device != "auto":
         cfg.device = args.device
+    apply_executor_args(cfg, args)
     out = Path(args.out)
     return _finish(run_experiment(cfg, out, progress=sys.stderr.isatty()), out)
 

@@ -134,7 +134,7 @@ def dask_client(
     with dask.config.set(NANNY_CONFIG):
         cluster = distributed.SpecCluster(
             workers=worker_specs(gpus, n_workers, cpu_workers, threads),
-            scheduler={"cls": distributed.Scheduler, "options": {"dashboard_address": None}},
+            scheduler={"cls": distributed.Scheduler, "options": {"dashboard": False}},
             silence_logs=40,
         )
     client = distributed.Client(cluster)

@@ -25,7 +25,7 @@ def encode(adapter, problems, device: str | torch.device | None = None) -> Encod
     return adapter.encode_problems(problems).to(device if device is not None else adapter.device)
 
 
-def accuracy(adapter, data: EncodedProblems, mask=None, batch_size: int = 256) -> float:
+def accuracy(adapter, data: EncodedProblems, mask=None, batch_size: int | None = None) -> float:
     """OOO accuracy of the adapter's model (under ``mask`` if given) on encoded problems."""
     return adapter.accuracy(data, mask, batch_size)
 
@@ -60,9 +60,13 @@ def train_mask(
     """Train one mask on ``train`` with the base model frozen; returns the mask in eval mode.
 
     The objective is 4-way cross-entropy of the adapter's OOO readout plus ``l0_weight`` times
-    the expected number of kept units (or weights) divided by their total.
+    the expected number of kept units (or weights) divided by their total. With
+    ``cfg.autocast = "bf16"`` the frozen model runs under bfloat16 autocast (masks, loss and
+    optimiser stay float32).
     """
     from tqdm.auto import tqdm
+
+    from subroutine_circuits.utils import autocast_context
 
     model = adapter.model
     for p in model.parameters():
@@ -87,7 +91,7 @@ def train_mask(
         idx = torch.tensor(order[: cfg.batch_size], device=device)
         del order[: cfg.batch_size]
         batch = train.batch(idx)
-        with mask.applied(model):
+        with mask.applied(model), autocast_context(device, getattr(cfg, "autocast", "none")):
             scores = adapter.ooo_logits(batch.inputs)
         loss = F.cross_entropy(scores, batch.odd) + l0_weight * mask.penalty() / n_units
         if not torch.isfinite(loss):
