@@ -206,3 +206,22 @@ def test_dask_study_equals_inprocess_and_resumes(tmp_path, scheduler, monkeypatc
     assert inv[0]["mask_search_s"] > 0 and inv[1]["evaluation_s"] > 0
     assert inv[1]["mask_search_s"] == 0  # both searches were stored: nothing searched again
     assert manifest["timings"]["wall_s"] == pytest.approx(inv[1]["wall_s"])
+
+
+def test_cli_executor_flags_override_the_config():
+    from subroutine_circuits.cli import build_parser
+    from subroutine_circuits.experiment.cli import apply_executor_args
+
+    def apply(*flags, **cfg_extra):
+        cfg = config_from_dict({"executor": "inprocess", **cfg_extra})
+        apply_executor_args(cfg, build_parser().parse_args(["run", "x.toml", "--out", "o", *flags]))
+        return cfg
+
+    cfg = apply("--executor", "dask", "--dask-workers", "3")
+    assert (cfg.executor, cfg.dask_workers, cfg.scheduler) == ("dask", 3, None)
+    cfg = apply("--scheduler", "tcp://h:8786")  # implies dask
+    assert (cfg.executor, cfg.scheduler) == ("dask", "tcp://h:8786")
+    assert apply().executor == "inprocess"  # no flags: the config's
+    assert apply("--workers", "2", "--executor", "processes").workers == 2
+    with pytest.raises(ValueError, match="scheduler is set but executor is 'processes'"):
+        apply("--scheduler", "tcp://h:8786", "--executor", "processes")
