@@ -36,6 +36,20 @@ def verdict_table(df) -> str:
     return "\n".join(lines)
 
 
+def _run(cfg, out: Path) -> int:
+    """Run (or resume) ``cfg`` into ``out`` and print the verdict table; an interruption
+    (Ctrl-C, SIGTERM from a time limit) exits with 130 after the manifest records it."""
+    from subroutine_circuits.experiment.runner import run_experiment
+
+    try:
+        df = run_experiment(cfg, out, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print(f"interrupted: finished work is in {out}; run the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    return _finish(df, out)
+
+
 def _finish(df, out: Path) -> int:
     print(verdict_table(df))
     print(f"\nresults: {out / 'results.csv'}\nreport:  {out / 'report.html'}")
@@ -61,28 +75,24 @@ def apply_executor_args(cfg, args) -> None:
 def cmd_demo(args) -> int:
     """The main job: the built-in demo experiment."""
     from subroutine_circuits.experiment.config import demo_config
-    from subroutine_circuits.experiment.runner import run_experiment
 
     cfg = demo_config()
     cfg.device = args.device
     if getattr(args, "no_patching", False):
         cfg.patching = False
     apply_executor_args(cfg, args)
-    out = Path(args.out)
-    return _finish(run_experiment(cfg, out, progress=sys.stderr.isatty()), out)
+    return _run(cfg, Path(args.out))
 
 
 def cmd_run(args) -> int:
     """Run an experiment from a TOML config."""
     from subroutine_circuits.experiment.config import load_config
-    from subroutine_circuits.experiment.runner import run_experiment
 
     cfg = load_config(args.config)
     if args.device != "auto":
         cfg.device = args.device
     apply_executor_args(cfg, args)
-    out = Path(args.out)
-    return _finish(run_experiment(cfg, out, progress=sys.stderr.isatty()), out)
+    return _run(cfg, Path(args.out))
 
 
 def cmd_report(args) -> int:

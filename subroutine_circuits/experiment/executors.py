@@ -22,6 +22,17 @@ class Executor(ABC):
 
     def __init__(self) -> None:
         self.placements: list[dict[str, str]] = []  # per job of the last map: worker, device
+        self.finished: dict[int, Any] = {}  # job index -> result, filled as jobs end
+
+    def _start(self, n_jobs: int) -> None:
+        """Reset the per-map records (:attr:`placements`, :attr:`finished`)."""
+        self.placements = [{} for _ in range(n_jobs)]
+        self.finished = {}
+
+    def _record(self, i: int, result: Any, where: dict[str, str]) -> None:
+        """Job ``i`` finished with ``result`` on ``where`` (kept if the map is interrupted)."""
+        self.finished[i] = result
+        self.placements[i] = where
 
     def describe(self) -> dict[str, Any]:
         """``{"name", "workers"}`` (plus executor-specific entries); where each job of the last
@@ -50,9 +61,11 @@ class InProcessExecutor(Executor):
         from subroutine_circuits.experiment.dask_executor import worker_identity
 
         jobs = list(jobs)
-        results = [fn(job) for job in tqdm(jobs, disable=not progress, desc=desc)]
-        self.placements = [{**worker_identity(), "worker": "main"} for _ in jobs]
-        return results
+        self._start(len(jobs))
+        where = {**worker_identity(), "worker": "main"}
+        for i, job in enumerate(tqdm(jobs, disable=not progress, desc=desc)):
+            self._record(i, fn(job), where)
+        return [self.finished[i] for i in range(len(jobs))]
 
 
 def _call_with_threads(args: tuple[Callable[[Any], Any], Any, int]) -> Any:
@@ -92,10 +105,11 @@ class ProcessPoolExecutor(Executor):
         jobs = list(jobs)
         if len(jobs) <= 1 or self.workers == 1:
             inproc = InProcessExecutor()
-            out = inproc.map(fn, jobs, progress, desc)
-            self.placements = inproc.placements
-            return out
-        self.placements = [{} for _ in jobs]
+            try:
+                return inproc.map(fn, jobs, progress, desc)
+            finally:
+                self.placements, self.finished = inproc.placements, inproc.finished
+        self._start(len(jobs))
         results: list[Any] = [None] * len(jobs)
         ctx = mp.get_context("spawn")
         with _Pool(max_workers=self.workers, mp_context=ctx) as pool:
@@ -106,7 +120,8 @@ class ProcessPoolExecutor(Executor):
             for fut in tqdm(
                 as_completed(futures), total=len(futures), disable=not progress, desc=desc
             ):
-                results[futures[fut]], self.placements[futures[fut]] = fut.result()
+                results[futures[fut]], where = fut.result()
+                self._record(futures[fut], results[futures[fut]], where)
         return results
 
 
@@ -152,7 +167,7 @@ class DaskExecutor(Executor):
 
         jobs = list(jobs)
         results: list[Any] = [None] * len(jobs)
-        self.placements = [{} for _ in jobs]
+        self._start(len(jobs))
         if not jobs:
             return results
         t0 = time.perf_counter()
@@ -161,7 +176,8 @@ class DaskExecutor(Executor):
             self.workers = len(client.scheduler_info(n_workers=-1)["workers"])
             bar = tqdm(total=len(jobs), disable=not progress, desc=desc)
             for i, result, where in map_jobs(client, fn, jobs, retries=self.retries):
-                results[i], self.placements[i] = result, where
+                results[i] = result
+                self._record(i, result, where)
                 bar.update()
             bar.close()
         return results

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,21 +135,35 @@ def make_study_executor(cfg: ExperimentConfig):
     return make_executor(cfg.executor, cfg.workers, cfg.dask_workers, cfg.scheduler)
 
 
+def plan_jobs(cfg: ExperimentConfig, store: RunStore, tasks: dict) -> list:
+    """One base-model job per (task, init, base seed), longest expected first."""
+    from subroutine_circuits.experiment.jobs import plan_study
+
+    jobs = [j for label, (c, _) in tasks.items() for j in plan_study(c, str(store.root), label)]
+    return balance_order(jobs)
+
+
 def run_base_models(
     cfg: ExperimentConfig,
     store: RunStore,
     tasks: dict[str, tuple[ExperimentConfig, Prepared]],
     progress: bool,
+    executor: Any = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Plan one job per (task, init, base seed) and execute them all with the configured
-    executor; returns their info dicts and the executor's description (where jobs ran)."""
-    from subroutine_circuits.experiment.jobs import plan_study
-
-    jobs = [j for label, (c, _) in tasks.items() for j in plan_study(c, str(store.root), label)]
-    executor = make_study_executor(cfg)
+    """Execute every base-model job with ``executor`` (default: the configured one); returns
+    their info dicts and the executor's description (where the jobs ran)."""
+    executor = executor if executor is not None else make_study_executor(cfg)
     fn = StudyJobRunner({label: prep for label, (_, prep) in tasks.items()})
-    infos = executor.map(fn, balance_order(jobs), progress=progress, desc="base models")
-    return infos, {**executor.describe(), "per_worker": worker_table(executor.placements, infos)}
+    infos = executor.map(fn, plan_jobs(cfg, store, tasks), progress=progress, desc="base models")
+    return infos, describe_executor(executor)
+
+
+def describe_executor(executor: Any) -> dict[str, Any]:
+    """The executor's description plus its per-worker table over the jobs finished so far."""
+    done = sorted(executor.finished)
+    infos = [executor.finished[i] for i in done]
+    placements = [executor.placements[i] for i in done]
+    return {**executor.describe(), "per_worker": worker_table(placements, infos)}
 
 
 def worker_table(placements: list[dict[str, str]], infos: list[dict[str, Any]]) -> dict:
@@ -231,17 +246,56 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: 
     tasks = prepare_tasks(cfg)  # once, and before any training: fails fast on bad task / data
     store.check_same_config(cfg.to_dict(), RESUMABLE_FIELDS)
     t_prep = time.time() - t0
-    infos, executor = run_base_models(cfg, store, tasks, progress)
+    previous = store.read_manifest()  # earlier invocations' timings
+    executor = make_study_executor(cfg)
+    try:
+        with _sigterm_as_interrupt():
+            infos, described = run_base_models(cfg, store, tasks, progress, executor)
+    except KeyboardInterrupt:  # Ctrl-C or a time limit: record the part that ran, then stop
+        _record_interrupted(cfg, store, executor, previous, t0, t_prep)
+        raise
     t_runs = time.time() - t0 - t_prep
     df = collect_results(store.root)
     stages = sum_stage_times([i.get("stage_times", {}) for i in infos])
     stages["summary_s"] += finish_outputs(cfg, store.root)["summary_s"]
     timings = {"prepare_s": t_prep, "runs_s": t_runs, **stages}
-    previous = store.read_manifest()  # earlier invocations' timings
-    write_manifest(cfg, store, infos, {**timings, "wall_s": time.time() - t0}, executor, previous)
+    write_manifest(cfg, store, infos, {**timings, "wall_s": time.time() - t0}, described, previous)
     t = time.time()
     build_report(Path(store.root))  # reads the manifest
     timings["report_s"] = time.time() - t
     # again, with the report's time and the final wall time of this invocation
-    write_manifest(cfg, store, infos, {**timings, "wall_s": time.time() - t0}, executor, previous)
+    write_manifest(cfg, store, infos, {**timings, "wall_s": time.time() - t0}, described, previous)
     return df
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Within the block, SIGTERM (e.g. from ``timeout``) raises KeyboardInterrupt like Ctrl-C
+    does, so that an invocation stopped by a time limit still records its timings."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _record_interrupted(cfg, store, executor, previous, t0: float, t_prep: float) -> None:
+    """Manifest entry of an interrupted invocation: its wall time and the stage times of the
+    jobs that finished (``interrupted: true``; the job in flight is redone on resumption)."""
+    from subroutine_circuits.experiment.timing import sum_stage_times
+
+    infos = [executor.finished[i] for i in sorted(executor.finished)]
+    stages = sum_stage_times([i.get("stage_times", {}) for i in infos])
+    timings = {"prepare_s": t_prep, "runs_s": time.time() - t0 - t_prep, **stages,
+               "wall_s": time.time() - t0, "interrupted": True}  # fmt: skip
+    write_manifest(cfg, store, infos, timings, describe_executor(executor), previous)

@@ -225,3 +225,72 @@ def test_cli_executor_flags_override_the_config():
     assert apply("--workers", "2", "--executor", "processes").workers == 2
     with pytest.raises(ValueError, match="scheduler is set but executor is 'processes'"):
         apply("--scheduler", "tcp://h:8786", "--executor", "processes")
+
+
+STUDY_TOML = """
+task = "agreement_singular"
+inits = ["trained", "random_init"]
+base_seeds = [0]
+mask_seeds = [0, 1]
+min_composite_acc = 0.0
+patching = false
+device = "cpu"
+executor = "inprocess"
+[data]
+n_train = 48
+n_val = 24
+n_test = 24
+corpus_size = 100
+[train]
+max_steps = 20
+eval_every = 10
+[mask]
+steps = 20
+lr = 0.1
+init = 1.0
+grid = [{ l0_weight = 4.0 }]
+"""
+
+
+def test_a_sweep_stopped_by_a_time_limit_records_its_time_and_resumes(tmp_path, monkeypatch):
+    """SIGTERM (what ``timeout`` sends) stops ``run`` with exit code 130 after the manifest
+    records the interrupted invocation; running again finishes the sweep and the manifest sums
+    both invocations."""
+    import signal
+    import subprocess
+    import time as _time
+    from pathlib import Path
+
+    import subroutine_circuits.report
+    from subroutine_circuits.experiment import load_config
+
+    config, out = tmp_path / "study.toml", tmp_path / "out"
+    config.write_text(STUDY_TOML)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}  # as in conftest
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "subroutine_circuits", "run", str(config), "--out", str(out)],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    second = out / "models" / "agreement_singular__random_init__s0" / "meta.json"
+    deadline = _time.time() + 300
+    while not second.exists() and proc.poll() is None and _time.time() < deadline:
+        _time.sleep(0.2)  # the first (trained) base model is done once the second one exists
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run the same command to resume" in err
+    first = json.loads((out / "manifest.json").read_text())["invocations"]
+    assert len(first) == 1 and first[0]["interrupted"] is True
+    assert first[0]["base_model_s"] > 0 and first[0]["mask_search_s"] > 0  # the finished job
+    assert not (out / "results.csv").exists()
+
+    monkeypatch.setattr(subroutine_circuits.report, "build_report", lambda out: None)
+    df = run_experiment(load_config(config), out, progress=False)
+    assert len(df) == 8
+    manifest = json.loads((out / "manifest.json").read_text())
+    inv, total = manifest["invocations"], manifest["timings_total"]
+    assert len(inv) == 2 and "interrupted" not in inv[1]
+    assert total["wall_s"] == pytest.approx(inv[0]["wall_s"] + inv[1]["wall_s"])
+    assert total["invocations"] == 2
