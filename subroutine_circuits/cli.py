@@ -22,6 +22,32 @@ def _handler(target: str):
     return run
 
 
+def _add_executor_args(s: argparse.ArgumentParser) -> None:
+    """``--executor``, ``--workers``, ``--scheduler``, ``--dask-workers`` (override the config)."""
+    s.add_argument(
+        "--executor",
+        choices=("auto", "inprocess", "processes", "dask"),
+        default=None,
+        help="how base-model jobs run (default: the config's; dask: see docs/SCALING.md)",
+    )
+    s.add_argument("--workers", type=int, default=None, help="worker processes ('processes')")
+    s.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="address of a running Dask scheduler (implies --executor dask), e.g. from "
+        "dask-jobqueue's SLURMCluster",
+    )
+    s.add_argument(
+        "--dask-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="workers of the local Dask cluster (default: one per GPU, else one per core, "
+        "at most 4; more than the GPUs share them round-robin)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     p = argparse.ArgumentParser(
@@ -76,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the vision demo: shape-world Number-Contact on trained, SimCLR-pretrained and "
         "random-init CNNs (channel masks and channel patching)",
     )
+    _add_executor_args(s)
     s.set_defaults(func=_handler("subroutine_circuits.experiment.cli:cmd_demo"))
 
     s = sub.add_parser("run", help="run an experiment from a TOML config")
     s.add_argument("config", help="TOML file (see configs/)")
     s.add_argument("--out", required=True, help="output folder (resumes if it exists)")
     s.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    _add_executor_args(s)
     s.set_defaults(func=_handler("subroutine_circuits.experiment.cli:cmd_run"))
 
     s = sub.add_parser("report", help="rebuild report.html of an experiment folder")

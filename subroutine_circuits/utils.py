@@ -112,6 +112,50 @@ def resolve_device(device: str | None = "auto") -> str:
     raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
 
 
+#: Problems per forward pass when scoring without gradients: a GPU is kept busy by large
+#: batches (a 4-layer d_model 512 model at 2048 problems x 4 stimuli x ~12 tokens needs a few
+#: GiB), a CPU gains nothing beyond a few hundred.
+EVAL_BATCH = {"cpu": 256, "cuda": 2048}
+
+
+def eval_batch_size(device: Any) -> int:
+    """Default problems per evaluation forward pass on ``device`` (:data:`EVAL_BATCH`)."""
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    return EVAL_BATCH.get(kind, EVAL_BATCH["cpu"])
+
+
+#: ``mask.autocast`` values -> autocast dtype names (None: full precision).
+AUTOCAST_DTYPES = {"none": None, "bf16": "bfloat16"}
+
+
+def autocast_dtype(mode: str | None) -> Any:
+    """The torch dtype of an autocast mode (``"none"``/None -> None, ``"bf16"`` ->
+    ``torch.bfloat16``); raises ValueError naming an unknown mode."""
+    if mode is None:
+        return None
+    if mode not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown autocast mode {mode!r}; choose one of {list(AUTOCAST_DTYPES)}")
+    name = AUTOCAST_DTYPES[mode]
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
+def autocast_context(device: Any, mode: str | None) -> Any:
+    """``torch.autocast`` for ``mode`` on ``device``'s type, or a null context for "none"."""
+    import contextlib
+
+    import torch
+
+    dtype = autocast_dtype(mode)
+    if dtype is None:
+        return contextlib.nullcontext()
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    return torch.autocast(device_type=kind, dtype=dtype)
+
+
 def real_positions(lengths: Any, n_pos: int) -> Any:
     """``Bool[Tensor, "n pos"]``: True at real positions ``pos < length`` of right-padded rows.
 

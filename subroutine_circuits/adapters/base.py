@@ -211,15 +211,24 @@ class ModelAdapter(ABC):
         return ooo_scores(emb.view(b, k, -1))
 
     @torch.no_grad()
-    def accuracy(self, data: EncodedProblems, mask: Any = None, batch_size: int = 256) -> float:
-        """OOO accuracy on encoded problems (under ``mask`` if given, any masks on the model)."""
+    def accuracy(
+        self, data: EncodedProblems, mask: Any = None, batch_size: int | None = None
+    ) -> float:
+        """OOO accuracy on encoded problems (under ``mask`` if given, any masks on the model).
+
+        ``batch_size`` problems per forward pass (default: by device, ``utils.eval_batch_size``);
+        one host synchronisation at the end.
+        """
+        from subroutine_circuits.utils import eval_batch_size
+
+        batch_size = eval_batch_size(self.device) if batch_size is None else batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(data) == 0:
             raise ValueError("no problems to score (empty split?)")
         ctx = mask.applied(self.model) if mask is not None else contextlib.nullcontext()
         data = data.to(self.device)
-        correct = 0
+        correct = torch.zeros((), dtype=torch.long, device=data.odd.device)
         with ctx:
             for start in range(0, len(data), batch_size):
                 idx = torch.arange(
@@ -227,8 +236,8 @@ class ModelAdapter(ABC):
                 )
                 chunk = data.batch(idx)
                 scores = self.ooo_logits(chunk.inputs)
-                correct += int((scores.argmax(-1) == chunk.odd).sum())
-        return correct / len(data)
+                correct += (scores.argmax(-1) == chunk.odd).sum()
+        return int(correct) / len(data)
 
     def label_logits(self, inputs: Mapping[str, Tensor]) -> Float[Tensor, "n vocab"]:
         """Vocabulary logits at the readout position (label-token readout)."""

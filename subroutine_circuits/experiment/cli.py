@@ -44,16 +44,45 @@ def verdict_table(df) -> str:
     return "\n".join(lines)
 
 
+def _run(cfg, out: Path) -> int:
+    """Run (or resume) ``cfg`` into ``out`` and print the verdict table; an interruption
+    (Ctrl-C, SIGTERM from a time limit) exits with 130 after the manifest records it."""
+    from subroutine_circuits.experiment.runner import run_experiment
+
+    try:
+        df = run_experiment(cfg, out, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print(f"interrupted: finished work is in {out}; run the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    return _finish(df, out)
+
+
 def _finish(df, out: Path) -> int:
     print(verdict_table(df))
     print(f"\nresults: {out / 'results.csv'}\nreport:  {out / 'report.html'}")
     return 0
 
 
+def apply_executor_args(cfg, args) -> None:
+    """Command-line executor settings override the config's (``--scheduler`` implies Dask);
+    re-validates the config."""
+    if getattr(args, "executor", None):
+        cfg.executor = args.executor
+    if getattr(args, "workers", None) is not None:
+        cfg.workers = args.workers
+    if getattr(args, "dask_workers", None) is not None:
+        cfg.dask_workers = args.dask_workers
+    if getattr(args, "scheduler", None):
+        cfg.scheduler = args.scheduler
+        if cfg.executor == "auto" or not getattr(args, "executor", None):
+            cfg.executor = "dask"
+    cfg.validate()
+
+
 def cmd_demo(args) -> int:
     """The main job: the built-in demo experiment (``--vision``: the CNN / image demo)."""
     from subroutine_circuits.experiment.config import demo_config
-    from subroutine_circuits.experiment.runner import run_experiment
 
     if getattr(args, "vision", False):
         from subroutine_circuits.experiment.vision import vision_demo_config
@@ -64,20 +93,19 @@ def cmd_demo(args) -> int:
     cfg.device = args.device
     if getattr(args, "no_patching", False):
         cfg.patching = False
-    out = Path(args.out)
-    return _finish(run_experiment(cfg, out, progress=sys.stderr.isatty()), out)
+    apply_executor_args(cfg, args)
+    return _run(cfg, Path(args.out))
 
 
 def cmd_run(args) -> int:
     """Run an experiment from a TOML config."""
     from subroutine_circuits.experiment.config import load_config
-    from subroutine_circuits.experiment.runner import run_experiment
 
     cfg = load_config(args.config)
     if args.device != "auto":
         cfg.device = args.device
-    out = Path(args.out)
-    return _finish(run_experiment(cfg, out, progress=sys.stderr.isatty()), out)
+    apply_executor_args(cfg, args)
+    return _run(cfg, Path(args.out))
 
 
 def cmd_report(args) -> int:

@@ -68,6 +68,8 @@ CURVE_ABLATIONS = ("zero", "mean", "resample")  # patching.circuits.ABLATIONS
 PRETRAIN_OBJECTIVES = ("auto", "clm", "mlm")  # models.pretraining.OBJECTIVES
 ATTENTION_KINDS = ("causal", "bidirectional")  # models.presets.ATTENTION_KINDS
 POOLS = ("last", "mean")  # models.presets.POOLS
+EXECUTOR_NAMES = ("auto", "inprocess", "processes", "dask")  # experiment.executors.EXECUTORS
+AUTOCAST_MODES = ("none", "bf16")  # utils.autocast_dtype
 
 # ``HookedTransformerConfig`` fields a ``[model] overrides`` table may set, with their types
 # (TransformerLens 3.9; tests/test_config_keys.py compares this with the real dataclass).
@@ -553,6 +555,9 @@ class MaskSearchConfig(_Table):
     layers: list[int] | None = _opt(ge=0)
     grid: list[MaskGridPoint] = field(default_factory=_default_grid)
     tolerance: float = _opt(0.02, ge=0)
+    # "bf16": run the frozen model under bfloat16 autocast while training masks (GPU speed;
+    # the masks and the loss stay float32). Off by default; evaluation is always float32.
+    autocast: str = _opt("none", choices=AUTOCAST_MODES)
 
     def __post_init__(self) -> None:
         self.unit_kinds = tuple(self.unit_kinds)
@@ -711,7 +716,9 @@ class ExperimentConfig(_Table):
     turned into their dataclasses, keys checked.
     """
 
-    task: str = "agreement_singular"  # a built-in task name or a .jsonl / .csv data file
+    # a built-in task name or a .jsonl / .csv data file, or a list of them (one study per task,
+    # all base models of all tasks scheduled together; rule and subroutines then stay unset)
+    task: str | list[str] = "agreement_singular"
     rule: dict[str, bool] | None = None
     subroutines: list[str] | None = None  # default: the task's predicates
     inits: list[str] = field(default_factory=lambda: list(INITS))
@@ -750,9 +757,12 @@ class ExperimentConfig(_Table):
     patching_options: PatchingOptions = field(default_factory=PatchingOptions)
     workers: int = _opt(1, ge=1)
     device: str = "auto"
-    # how base-model jobs run: "auto" (worker processes when workers > 1, else in-process),
-    # "inprocess" or "processes" (see experiment.executors)
-    executor: str = "auto"
+    # how base-model jobs run: "auto" (Dask when a scheduler is given, else worker processes
+    # when workers > 1, else in-process), "inprocess", "processes" or "dask" (see
+    # experiment.executors and docs/SCALING.md)
+    executor: str = _opt("auto", choices=EXECUTOR_NAMES)
+    scheduler: str | None = None  # address of a running Dask scheduler (default: start one)
+    dask_workers: int | None = _opt(ge=1)  # local Dask cluster: workers (default: one per GPU)
 
     def __post_init__(self) -> None:
         for name, cls in _SUBTABLES.items():
@@ -788,6 +798,32 @@ class ExperimentConfig(_Table):
                 "masked weights: set ablation = 'zero' for mask.kind = 'weight'"
             )
         check_family(self, UNIT_KINDS)
+        self._validate_tasks()
+
+    def _validate_tasks(self) -> None:
+        """A task list is non-empty and without repeats; rule / subroutines need one task."""
+        names = self.task_names()
+        if not names or any(not n for n in names):
+            raise ValueError("task must name at least one task (a non-empty string)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task lists a task twice: {names}")
+        if len(names) > 1 and (self.rule is not None or self.subroutines is not None):
+            raise ValueError(
+                "rule and subroutines apply to one task; with several tasks leave them unset "
+                "(each task uses its own rule and predicates) or write one config per task"
+            )
+        if self.executor not in ("auto", "dask") and self.scheduler:
+            raise ValueError(f"scheduler is set but executor is {self.executor!r}; use 'dask'")
+
+    def task_names(self) -> list[str]:
+        """The tasks of the study (``task`` as a list)."""
+        return [self.task] if isinstance(self.task, str) else list(self.task)
+
+    def for_task(self, name: str) -> ExperimentConfig:
+        """A copy of this config for one of its tasks (``task`` set to ``name``)."""
+        if name not in self.task_names():
+            raise ValueError(f"{name!r} is not one of the config's tasks {self.task_names()}")
+        return dataclasses.replace(self, task=name)
 
 
 def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
@@ -819,17 +855,22 @@ def load_config(path: str | Path) -> ExperimentConfig:
         cfg = config_from_dict(data)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    for attr in ("task",):
-        value = getattr(cfg, attr)
-        if value.endswith((".jsonl", ".csv", ".json")) and not Path(value).is_absolute():
-            candidate = (path.parent / value).resolve()
-            if candidate.exists():
-                setattr(cfg, attr, str(candidate))
+    names = [_resolve_data_file(name, path.parent) for name in cfg.task_names()]
+    cfg.task = names[0] if isinstance(cfg.task, str) else names
     ckpt = cfg.model.checkpoint  # relative to the TOML's folder (else to the working folder)
     if ckpt and not Path(ckpt).is_absolute():
         if (path.parent / ckpt).exists() or not Path(ckpt).exists():
             cfg.model.checkpoint = str((path.parent / ckpt).resolve())
     return cfg
+
+
+def _resolve_data_file(value: str, folder: Path) -> str:
+    """A relative data-file path resolved against the config's folder (if that file exists)."""
+    if value.endswith((".jsonl", ".csv", ".json")) and not Path(value).is_absolute():
+        candidate = (folder / value).resolve()
+        if candidate.exists():
+            return str(candidate)
+    return value
 
 
 def demo_config() -> ExperimentConfig:

@@ -1,8 +1,11 @@
 """Executors: run a list of jobs with one interface, in this process or in worker processes.
 
 An executor maps a picklable function over picklable jobs and returns the results in job
-order. A distributed executor (Dask: submit every job, gather the results) is one more class
-with the same ``map`` method, registered in :data:`EXECUTORS`.
+order; jobs are started in the order given (the runner puts the longest first). After ``map``,
+:meth:`Executor.describe` names the executor and its workers and :attr:`Executor.placements`
+says where each job ran (worker name, its device), for the manifest. :class:`DaskExecutor` runs
+them on a Dask cluster (a local one with one worker per GPU, or an existing one), see
+:mod:`subroutine_circuits.experiment.dask_executor`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,25 @@ class Executor(ABC):
     """Runs ``fn(job)`` for every job; results come back in job order."""
 
     name: str = "abstract"
+
+    def __init__(self) -> None:
+        self.placements: list[dict[str, str]] = []  # per job of the last map: worker, device
+        self.finished: dict[int, Any] = {}  # job index -> result, filled as jobs end
+
+    def _start(self, n_jobs: int) -> None:
+        """Reset the per-map records (:attr:`placements`, :attr:`finished`)."""
+        self.placements = [{} for _ in range(n_jobs)]
+        self.finished = {}
+
+    def _record(self, i: int, result: Any, where: dict[str, str]) -> None:
+        """Job ``i`` finished with ``result`` on ``where`` (kept if the map is interrupted)."""
+        self.finished[i] = result
+        self.placements[i] = where
+
+    def describe(self) -> dict[str, Any]:
+        """``{"name", "workers"}`` (plus executor-specific entries); where each job of the last
+        ``map`` ran is in :attr:`placements`."""
+        return {"name": self.name, "workers": getattr(self, "workers", 1)}
 
     @abstractmethod
     def map(
@@ -36,16 +58,25 @@ class InProcessExecutor(Executor):
     def map(self, fn, jobs, progress=False, desc="jobs"):
         from tqdm.auto import tqdm
 
-        return [fn(job) for job in tqdm(list(jobs), disable=not progress, desc=desc)]
+        from subroutine_circuits.experiment.dask_executor import worker_identity
+
+        jobs = list(jobs)
+        self._start(len(jobs))
+        where = {**worker_identity(), "worker": "main"}
+        for i, job in enumerate(tqdm(jobs, disable=not progress, desc=desc)):
+            self._record(i, fn(job), where)
+        return [self.finished[i] for i in range(len(jobs))]
 
 
 def _call_with_threads(args: tuple[Callable[[Any], Any], Any, int]) -> Any:
-    """Worker entry: limit torch's threads, then run one job."""
+    """Worker entry: limit torch's threads, then run one job; returns (result, identity)."""
     fn, job, threads = args
     import torch
 
+    from subroutine_circuits.experiment.dask_executor import worker_identity
+
     torch.set_num_threads(threads)
-    return fn(job)
+    return fn(job), worker_identity()
 
 
 class ProcessPoolExecutor(Executor):
@@ -58,6 +89,7 @@ class ProcessPoolExecutor(Executor):
     name = "processes"
 
     def __init__(self, workers: int, threads: int = 1):
+        super().__init__()
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = int(workers)
@@ -72,7 +104,12 @@ class ProcessPoolExecutor(Executor):
 
         jobs = list(jobs)
         if len(jobs) <= 1 or self.workers == 1:
-            return InProcessExecutor().map(fn, jobs, progress, desc)
+            inproc = InProcessExecutor()
+            try:
+                return inproc.map(fn, jobs, progress, desc)
+            finally:
+                self.placements, self.finished = inproc.placements, inproc.finished
+        self._start(len(jobs))
         results: list[Any] = [None] * len(jobs)
         ctx = mp.get_context("spawn")
         with _Pool(max_workers=self.workers, mp_context=ctx) as pool:
@@ -83,25 +120,96 @@ class ProcessPoolExecutor(Executor):
             for fut in tqdm(
                 as_completed(futures), total=len(futures), disable=not progress, desc=desc
             ):
-                results[futures[fut]] = fut.result()
+                results[futures[fut]], where = fut.result()
+                self._record(futures[fut], results[futures[fut]], where)
+        return results
+
+
+class DaskExecutor(Executor):
+    """Jobs on a Dask cluster: a local one started here, or ``scheduler`` (an address).
+
+    The local cluster has one worker per GPU, each pinned to its device (``workers`` > number of
+    GPUs: workers share GPUs round-robin), or ``workers`` CPU workers without GPUs (default: one
+    per core, at most 4). A job whose worker dies is re-run elsewhere; a job that raises is
+    retried ``retries`` times; the others always finish before a failure is raised. Needs the
+    ``dask`` extra.
+    """
+
+    name = "dask"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        scheduler: str | None = None,
+        retries: int = 2,
+        cpu_workers: int = 0,
+    ):
+        super().__init__()
+        if workers is not None and workers < 1:
+            raise ValueError(f"dask workers must be >= 1, got {workers}")
+        self.n_workers = workers
+        self.scheduler = scheduler
+        self.retries = int(retries)
+        self.cpu_workers = int(cpu_workers)
+        self.workers: int | None = workers
+        self.seconds: dict[str, float] = {}
+
+    def describe(self) -> dict[str, Any]:
+        """The base description plus the scheduler address and the cluster start-up time."""
+        return {**super().describe(), "scheduler": self.scheduler, **self.seconds}
+
+    def map(self, fn, jobs, progress=False, desc="jobs"):
+        import time
+
+        from tqdm.auto import tqdm
+
+        from subroutine_circuits.experiment.dask_executor import dask_client, map_jobs
+
+        jobs = list(jobs)
+        results: list[Any] = [None] * len(jobs)
+        self._start(len(jobs))
+        if not jobs:
+            return results
+        t0 = time.perf_counter()
+        with dask_client(self.scheduler, self.n_workers, cpu_workers=self.cpu_workers) as client:
+            self.seconds["cluster_start_s"] = time.perf_counter() - t0
+            self.workers = len(client.scheduler_info(n_workers=-1)["workers"])
+            bar = tqdm(total=len(jobs), disable=not progress, desc=desc)
+            for i, result, where in map_jobs(client, fn, jobs, retries=self.retries):
+                results[i] = result
+                self._record(i, result, where)
+                bar.update()
+            bar.close()
         return results
 
 
 #: Executor classes by name (``ExperimentConfig.executor``).
 EXECUTORS: dict[str, Callable[..., Executor]] = {
-    "inprocess": lambda workers=1: InProcessExecutor(),
-    "processes": lambda workers=1: ProcessPoolExecutor(workers),
+    "inprocess": lambda workers=1, **_: InProcessExecutor(),
+    "processes": lambda workers=1, **_: ProcessPoolExecutor(workers),
+    "dask": lambda workers=1, dask_workers=None, scheduler=None, **_: DaskExecutor(
+        dask_workers, scheduler
+    ),
 }
 
 
-def make_executor(name: str = "auto", workers: int = 1) -> Executor:
-    """An executor by name; ``"auto"``: worker processes if ``workers > 1``, else in-process.
+def make_executor(
+    name: str = "auto",
+    workers: int = 1,
+    dask_workers: int | None = None,
+    scheduler: str | None = None,
+) -> Executor:
+    """An executor by name. ``"auto"``: Dask if a ``scheduler`` address is given, else worker
+    processes if ``workers > 1``, else in-process. ``dask_workers`` / ``scheduler`` configure
+    the Dask executor (local cluster size / an existing cluster).
 
     Raises:
-        ValueError: naming an unknown executor.
+        ValueError: naming an unknown executor, or a scheduler given to a non-Dask executor.
     """
     if name == "auto":
-        name = "processes" if workers > 1 else "inprocess"
+        name = "dask" if scheduler else ("processes" if workers > 1 else "inprocess")
     if name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; choose 'auto' or one of {sorted(EXECUTORS)}")
-    return EXECUTORS[name](workers=workers)
+    if scheduler and name != "dask":
+        raise ValueError(f"a Dask scheduler address was given but the executor is {name!r}")
+    return EXECUTORS[name](workers=workers, dask_workers=dask_workers, scheduler=scheduler)

@@ -1,18 +1,22 @@
 """Run the whole study: base models x inits x subroutines x mask seeds, resumably.
 
-``run_experiment(cfg, out_dir)`` validates the configuration, prepares the task and splits
-once, plans one :class:`~subroutine_circuits.experiment.jobs.BaseModelJob` per (init, base
-seed), runs them with an executor (in-process or worker processes), then assembles
-``results.csv`` and ``patching.csv``, the summary statistics, the manifest and the report. The
-folder layout belongs to :class:`~subroutine_circuits.store.RunStore`.
+``run_experiment(cfg, out_dir)`` validates the configuration, prepares each task and its splits
+once, plans one :class:`~subroutine_circuits.experiment.jobs.BaseModelJob` per (task, init,
+base seed), runs them all with one executor (in-process, worker processes or Dask), then
+assembles ``results.csv`` and ``patching.csv``, the summary statistics, the manifest and the
+report. The folder layout belongs to :class:`~subroutine_circuits.store.RunStore`.
+
+The manifest records every invocation into the folder (a resumed sweep is several): its wall
+time and per-stage times, the executor and its workers, and the sums (``timings_total``).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,9 @@ RESULT_COLUMNS = [
 ]  # fmt: skip
 
 # Settings that do not change any result: a folder may be resumed with other values of these.
-RESUMABLE_FIELDS = ("workers", "device", "patching", "patching_inits", "executor")
+RESUMABLE_FIELDS = (
+    "workers", "device", "patching", "patching_inits", "executor", "scheduler", "dask_workers",
+)  # fmt: skip
 
 
 def collect_results(out: str | os.PathLike):
@@ -87,24 +93,120 @@ def _device_name(device: str) -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
 
 
-def run_base_models(cfg: ExperimentConfig, store: RunStore, prep: Prepared, progress: bool):
-    """Plan and execute one job per base model; returns their info dicts."""
-    from subroutine_circuits.experiment.executors import make_executor
-    from subroutine_circuits.experiment.jobs import plan_study
-    from subroutine_circuits.experiment.stages import run_base_model_job
+@dataclass
+class StudyJobRunner:
+    """The function executors map over base-model jobs: runs one with its task's data.
 
-    executor = make_executor(getattr(cfg, "executor", "auto"), cfg.workers)
-    jobs = plan_study(cfg, str(store.root), prep.label)
-    fn = functools.partial(run_base_model_job, prep=prep)
-    return executor.map(fn, jobs, progress=progress, desc="base models")
+    Picklable (shipped once to each Dask worker); ``preps`` maps a task label to its
+    :class:`~subroutine_circuits.experiment.data.Prepared` task, tokenizer and splits.
+    """
+
+    preps: dict[str, Prepared]
+
+    def __call__(self, job) -> dict[str, Any]:
+        from subroutine_circuits.experiment.stages import run_base_model_job
+
+        return run_base_model_job(job, self.preps[job.task])
+
+
+def prepare_tasks(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, Prepared]]:
+    """Task label -> (the config of that task, its prepared data), for every task of ``cfg``
+    (all prepared before any training, so a bad task fails fast)."""
+    out: dict[str, tuple[ExperimentConfig, Prepared]] = {}
+    for name in cfg.task_names():
+        cfg_t = cfg.for_task(name)
+        prep = prepare(cfg_t)
+        if prep.label in out:
+            raise ValueError(f"two tasks of the config have the same label {prep.label!r}")
+        out[prep.label] = (cfg_t, prep)
+    return out
+
+
+#: Expected relative cost of a base-model job by init (pretraining + training > training >
+#: none): jobs start longest first, so that no long job starts last on a multi-worker cluster.
+INIT_COST = {"pretrained": 2, "trained": 1, "random_init": 0}
+
+
+def balance_order(jobs: list) -> list:
+    """The jobs, longest expected first (stable within an init)."""
+    return sorted(jobs, key=lambda j: -INIT_COST.get(j.init, 1))
+
+
+def make_study_executor(cfg: ExperimentConfig):
+    """The executor ``cfg`` asks for (``executor``, ``workers``, ``dask_workers``,
+    ``scheduler``)."""
+    from subroutine_circuits.experiment.executors import make_executor
+
+    return make_executor(cfg.executor, cfg.workers, cfg.dask_workers, cfg.scheduler)
+
+
+def plan_jobs(cfg: ExperimentConfig, store: RunStore, tasks: dict) -> list:
+    """One base-model job per (task, init, base seed), longest expected first."""
+    from subroutine_circuits.experiment.jobs import plan_study
+
+    jobs = [j for label, (c, _) in tasks.items() for j in plan_study(c, str(store.root), label)]
+    return balance_order(jobs)
+
+
+def run_base_models(
+    cfg: ExperimentConfig,
+    store: RunStore,
+    tasks: dict[str, tuple[ExperimentConfig, Prepared]],
+    progress: bool,
+    executor: Any = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Execute every base-model job with ``executor`` (default: the configured one); returns
+    their info dicts and the executor's description (where the jobs ran)."""
+    executor = executor if executor is not None else make_study_executor(cfg)
+    fn = StudyJobRunner({label: prep for label, (_, prep) in tasks.items()})
+    infos = executor.map(fn, plan_jobs(cfg, store, tasks), progress=progress, desc="base models")
+    return infos, describe_executor(executor)
+
+
+def describe_executor(executor: Any) -> dict[str, Any]:
+    """The executor's description plus its per-worker table over the jobs finished so far."""
+    done = sorted(executor.finished)
+    infos = [executor.finished[i] for i in done]
+    placements = [executor.placements[i] for i in done]
+    return {**executor.describe(), "per_worker": worker_table(placements, infos)}
+
+
+def worker_table(placements: list[dict[str, str]], infos: list[dict[str, Any]]) -> dict:
+    """Per worker: the device its jobs ran on (as the jobs report it), the device's name, the
+    number of jobs and their summed seconds (the load balance of the sweep)."""
+    per: dict[str, dict[str, Any]] = {}
+    for where, info in zip(placements, infos):
+        device = str(info.get("device", where.get("device", "?")))
+        name = where.get("device_name", device) if device.startswith("cuda") else device
+        new = {"device": device, "device_name": name, "jobs": 0, "busy_s": 0.0}
+        entry = per.setdefault(where.get("worker", "?"), new)
+        entry["jobs"] += 1
+        entry["busy_s"] += float(info.get("total", 0.0))
+    return per
 
 
 def write_manifest(
-    cfg: ExperimentConfig, store: RunStore, infos: list[dict[str, Any]], timings: dict[str, Any]
+    cfg: ExperimentConfig,
+    store: RunStore,
+    infos: list[dict[str, Any]],
+    timings: dict[str, Any],
+    executor: dict[str, Any] | None = None,
+    previous: dict[str, Any] | None = None,
 ) -> None:
-    """``manifest.json``: config, versions, device, timings (earlier invocations kept), and
-    the base models with their composite accuracy (excluded ones listed)."""
-    previous = store.read_manifest()
+    """``manifest.json``: config, versions, device, executor and workers, this invocation's
+    timings, every invocation's timings (``invocations``) and their sums (``timings_total``),
+    and the base models with their composite accuracy (excluded ones listed).
+
+    ``timings`` holds ``wall_s`` and ``<stage>_s`` (stage seconds summed over jobs);
+    ``previous`` is the manifest as it was before this invocation (default: read it now).
+    """
+    from subroutine_circuits.experiment.timing import accumulate
+
+    previous = store.read_manifest() if previous is None else previous
+    invocation = {**timings, "executor": (executor or {}).get("name"),
+                  "workers": (executor or {}).get("workers"),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(
+                      time.time() - float(timings.get("wall_s", 0.0))))}  # fmt: skip
     manifest = {
         "config": cfg.to_dict(),
         "margin": cfg.margin,
@@ -112,7 +214,10 @@ def write_manifest(
         "min_composite_acc": cfg.min_composite_acc,
         "versions": _versions(),
         "device": _device_name(resolve_device(cfg.device)),
+        "executor": executor or {},
         "timings": {**timings, "base_models": sorted(infos, key=lambda i: i["base_id"])},
+        "invocations": [*previous.get("invocations", []), invocation],
+        "timings_total": accumulate(previous.get("timings_total", {}), timings),
         "excluded_base_models": sorted(i["base_id"] for i in infos if not i["base_ok"]),
         "base_models": {i["base_id"]: i["composite_acc"] for i in infos},
         # exclusion uses the VALIDATION composite accuracy (base_models: test, for reference)
@@ -122,10 +227,7 @@ def write_manifest(
         "bypass_base_models": sorted(
             i["base_id"] for i in infos if (i.get("bypass_check") or {}).get("bypass")
         ),
-        # timings of earlier invocations into this folder (a resumed run times only its part)
-        "previous_timings": [*previous.get("previous_timings", []),
-                             *([previous["timings"]] if "timings" in previous else [])],
-    }  # fmt: skip
+    }
     store.write_manifest(manifest)
 
 
@@ -140,27 +242,72 @@ def finish_outputs(cfg: ExperimentConfig, out: str | os.PathLike) -> dict[str, f
     if cfg.patching:
         t = time.time()
         collect_patching(out)
-        timings["patching_s"] = time.time() - t
+        timings["summary_s"] += time.time() - t
     return timings
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: bool = True):
     """Run (or resume) the experiment into ``out_dir``; returns the results DataFrame."""
-    from subroutine_circuits.experiment.executors import make_executor
+    from subroutine_circuits.experiment.timing import sum_stage_times
+    from subroutine_circuits.report import build_report
 
     cfg.validate()
-    make_executor(getattr(cfg, "executor", "auto"), cfg.workers)  # an unknown name fails now
     store = RunStore(out_dir)
     store.root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    prep = prepare(cfg)  # once, and before any training: fails fast on bad task / data
+    tasks = prepare_tasks(cfg)  # once, and before any training: fails fast on bad task / data
     store.check_same_config(cfg.to_dict(), RESUMABLE_FIELDS)
-    infos = run_base_models(cfg, store, prep, progress)
+    t_prep = time.time() - t0
+    previous = store.read_manifest()  # earlier invocations' timings
+    executor = make_study_executor(cfg)
+    try:
+        with _sigterm_as_interrupt():
+            infos, described = run_base_models(cfg, store, tasks, progress, executor)
+    except KeyboardInterrupt:  # Ctrl-C or a time limit: record the part that ran, then stop
+        _record_interrupted(cfg, store, executor, previous, t0, t_prep)
+        raise
+    t_runs = time.time() - t0 - t_prep
     df = collect_results(store.root)
-    t_runs = time.time() - t0
-    post = finish_outputs(cfg, store.root)
-    write_manifest(cfg, store, infos, {"runs_s": t_runs, **post, "total_s": time.time() - t0})
-    from subroutine_circuits.report import build_report
-
-    build_report(Path(store.root))
+    stages = sum_stage_times([i.get("stage_times", {}) for i in infos])
+    stages["summary_s"] += finish_outputs(cfg, store.root)["summary_s"]
+    timings = {"prepare_s": t_prep, "runs_s": t_runs, **stages}
+    write_manifest(cfg, store, infos, {**timings, "wall_s": time.time() - t0}, described, previous)
+    t = time.time()
+    build_report(Path(store.root))  # reads the manifest
+    timings["report_s"] = time.time() - t
+    # again, with the report's time and the final wall time of this invocation
+    write_manifest(cfg, store, infos, {**timings, "wall_s": time.time() - t0}, described, previous)
     return df
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Within the block, SIGTERM (e.g. from ``timeout``) raises KeyboardInterrupt like Ctrl-C
+    does, so that an invocation stopped by a time limit still records its timings."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _record_interrupted(cfg, store, executor, previous, t0: float, t_prep: float) -> None:
+    """Manifest entry of an interrupted invocation: its wall time and the stage times of the
+    jobs that finished (``interrupted: true``; the job in flight is redone on resumption)."""
+    from subroutine_circuits.experiment.timing import sum_stage_times
+
+    infos = [executor.finished[i] for i in sorted(executor.finished)]
+    stages = sum_stage_times([i.get("stage_times", {}) for i in infos])
+    timings = {"prepare_s": t_prep, "runs_s": time.time() - t0 - t_prep, **stages,
+               "wall_s": time.time() - t0, "interrupted": True}  # fmt: skip
+    write_manifest(cfg, store, infos, timings, describe_executor(executor), previous)

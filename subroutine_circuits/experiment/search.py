@@ -55,7 +55,7 @@ def encode(adapter, problems, device: str | torch.device | None = None) -> Encod
     return adapter.encode_problems(problems).to(device if device is not None else adapter.device)
 
 
-def accuracy(adapter, data: EncodedProblems, mask=None, batch_size: int = 256) -> float:
+def accuracy(adapter, data: EncodedProblems, mask=None, batch_size: int | None = None) -> float:
     """OOO accuracy of the adapter's model (under ``mask`` if given) on encoded problems."""
     return adapter.accuracy(data, mask, batch_size)
 
@@ -232,11 +232,18 @@ def _jobs(subs: list[str], points: list[dict], seeds: list[int]) -> list[tuple[s
 def _train_all(adapter, train, val, cfg, jobs, points, ablator, engine, progress):
     """Train every job; returns ``{job: MaskRun}``."""
     from subroutine_circuits.masks.converge import train_masks_converged
+    from subroutine_circuits.utils import autocast_dtype
 
     subs = sorted({s for s, _, _ in jobs}, key=[j[0] for j in jobs].index)
     n_train = max(len(train[s]) for s in subs)
     schedule = mask_schedule(cfg, n_train)
+    autocast = getattr(cfg, "autocast", "none")
     if engine == "separate" or cfg.kind != "unit":
+        if autocast != "none":
+            raise ValueError(
+                f"mask.autocast = {autocast!r} runs in the batched unit-mask engine only; set "
+                "mask.engine = 'batched' and mask.kind = 'unit', or autocast = 'none'"
+            )
         return {
             (s, p, m): train_mask_run(
                 adapter,
@@ -268,6 +275,7 @@ def _train_all(adapter, train, val, cfg, jobs, points, ablator, engine, progress
             adapter.pool,
             data_index=[subs.index(s) for s, _, _ in group],
             noise=cfg.noise,
+            autocast_dtype=autocast_dtype(autocast),
             progress=progress,
         )
         out.update(zip(group, runs))

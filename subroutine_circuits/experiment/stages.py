@@ -17,8 +17,8 @@ from subroutine_circuits.experiment.config import ExperimentConfig
 from subroutine_circuits.experiment.data import Prepared, other_subroutine, prepare
 from subroutine_circuits.experiment.jobs import BaseModelJob, PatchingJob, plan_base_model
 from subroutine_circuits.experiment.verdicts import run_masks_stage
+from subroutine_circuits.experiment.timing import collect_stage_times, timed_stage
 from subroutine_circuits.store import RunStore
-from subroutine_circuits.utils import resolve_device
 
 # ----------------------------------------------------------------------------- base model
 
@@ -121,10 +121,12 @@ def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int
     return model, meta
 
 
+@timed_stage("base_model")
 def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> BaseModel:
     """Load the base model of ``job`` from the store, or build, train and save it; freeze it,
     encode the splits and measure its test accuracies (saved with the checkpoint)."""
     from subroutine_circuits.adapters import as_adapter
+    from subroutine_circuits.experiment.dask_executor import worker_device
     from subroutine_circuits.experiment.search import encode
     from subroutine_circuits.experiment.verdicts import (
         bypass_check,
@@ -134,7 +136,7 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
     from subroutine_circuits.models import load_checkpoint, save_checkpoint
 
     cfg = job.cfg
-    device = resolve_device(cfg.device)
+    device = worker_device(cfg.device)  # "auto": the device of the worker running the job
     model_dir = store.model_dir(job.key)
     if cfg.model.family == "cnn":  # image tasks on CNNs: experiment/vision.py
         from subroutine_circuits.experiment.vision import cnn_load_or_build
@@ -189,6 +191,7 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
 # ----------------------------------------------------------------------------- patching
 
 
+@timed_stage("patching")
 def patching_stage(
     job: PatchingJob, cfg: ExperimentConfig, prep: Prepared, base: BaseModel, store: RunStore
 ) -> list[dict[str, Any]]:
@@ -238,7 +241,13 @@ def run_base_model_job(job: BaseModelJob, prep: Prepared | None = None) -> dict[
     ``prep`` (task, tokenizer, splits) is built from ``job.cfg`` when not given. Returns timing
     information and the model's composite accuracy.
     """
-    prep = prep if prep is not None else prepare(job.cfg)
+    with collect_stage_times() as stage_times:
+        info = _run_base_model(job, prep if prep is not None else prepare(job.cfg))
+    return {**info, "stage_times": dict(stage_times)}
+
+
+def _run_base_model(job: BaseModelJob, prep: Prepared) -> dict[str, Any]:
+    """The body of :func:`run_base_model_job` (its stage times are collected by the caller)."""
     store = RunStore(job.store)
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -264,5 +273,6 @@ def run_base_model_job(job: BaseModelJob, prep: Prepared | None = None) -> dict[
         "composite_val_acc": base.val_composite_acc,
         "base_ok": base.base_ok,
         "bypass_check": base.meta["bypass_check"],
+        "device": str(base.adapter.device),
         **timings,
     }

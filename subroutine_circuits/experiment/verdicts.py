@@ -179,6 +179,7 @@ def run_masks_stage(base_job, base, store, searches, evaluations) -> None:
     unfinished run and write its mask and row. Finished base models are skipped; a partly
     finished one retrains its masks (deterministic) and writes only the missing runs."""
     from subroutine_circuits.experiment.search import search_all
+    from subroutine_circuits.experiment.timing import stage
     from subroutine_circuits.masks import save_mask
 
     cfg = base_job.cfg
@@ -188,20 +189,22 @@ def run_masks_stage(base_job, base, store, searches, evaluations) -> None:
     subs = [s.subroutine for s in searches]
     train = {s: base.enc["train"][f"sub_{s}"] for s in subs}
     val = {s: base.enc["val"][f"sub_{s}"] for s in subs}
-    found = search_all(
-        base.adapter,
-        train,
-        val,
-        cfg.mask,
-        [int(m) for m in cfg.mask_seeds],
-        base.ablators.get(cfg.ablation, Ablator("zero")),
-        cfg.mask.engine,
-    )
+    with stage("mask_search"):  # training + choice on validation data (experiment.timing)
+        found = search_all(
+            base.adapter,
+            train,
+            val,
+            cfg.mask,
+            [int(m) for m in cfg.mask_seeds],
+            base.ablators.get(cfg.ablation, Ablator("zero")),
+            cfg.mask.engine,
+        )
     for s in subs:
         store.write_search(base_job.key, s, {"hp": found[s].hp, "log": found[s].log})
     others = {ev.subroutine: ev.other for ev in evaluations}
     runs = {ev.key: (ev, found[ev.subroutine].runs[ev.mask_seed]) for ev in todo}
-    rows = _evaluate(base, cfg, runs, others, base_job.seed)
+    with stage("evaluation"):
+        rows = _evaluate(base, cfg, runs, others, base_job.seed)
     for key, (ev, run) in runs.items():
         hp = found[ev.subroutine].hp
         save_mask(
