@@ -16,8 +16,8 @@ from subroutine_circuits.experiment import hf
 from subroutine_circuits.experiment.config import ExperimentConfig
 from subroutine_circuits.experiment.data import Prepared, other_subroutine, prepare
 from subroutine_circuits.experiment.jobs import BaseModelJob, PatchingJob, plan_base_model
-from subroutine_circuits.experiment.verdicts import run_masks_stage
 from subroutine_circuits.experiment.timing import collect_stage_times, timed_stage
+from subroutine_circuits.experiment.verdicts import run_masks_stage
 from subroutine_circuits.store import RunStore
 
 # ----------------------------------------------------------------------------- base model
