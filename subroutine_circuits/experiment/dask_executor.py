@@ -134,7 +134,10 @@ def dask_client(
     with dask.config.set(NANNY_CONFIG):
         cluster = distributed.SpecCluster(
             workers=worker_specs(gpus, n_workers, cpu_workers, threads),
-            scheduler={"cls": distributed.Scheduler, "options": {"dashboard": False}},
+            scheduler={
+                "cls": distributed.Scheduler,
+                "options": {"dashboard": False, "dashboard_address": ":0"},  # any free port
+            },
             silence_logs=40,
         )
     client = distributed.Client(cluster)

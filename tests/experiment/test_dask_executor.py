@@ -145,10 +145,10 @@ def test_stage_times_nest_sum_and_accumulate():
 
 
 def _study(**extra) -> dict:
-    """Two base models (trained + random init), two mask seeds: a few seconds each."""
+    """Two tasks in one study, a trained base model each, two mask seeds: seconds each."""
     cfg = {
-        "task": "agreement_singular",
-        "inits": ["trained", "random_init"],
+        "task": ["agreement_singular", "anaphora_singular"],
+        "inits": ["trained"],
         "base_seeds": [0],
         "mask_seeds": [0, 1],
         "min_composite_acc": 0.0,
@@ -169,9 +169,9 @@ def _numbers(df):
 
 
 def test_dask_study_equals_inprocess_and_resumes(tmp_path, scheduler, monkeypatch):
-    """results.csv of a sweep on a local 2-worker Dask cluster equals the in-process one; a
-    sweep interrupted after some runs resumes with only the missing runs computed; the manifest
-    sums both invocations. (The HTML report is not under test here: skipped for speed.)"""
+    """results.csv of a two-task sweep on a local 2-worker Dask cluster equals the in-process
+    one; a sweep interrupted after some runs resumes with only the missing runs computed; the
+    manifest sums both invocations. (The HTML report is not under test here: skipped.)"""
     import pandas as pd
 
     import subroutine_circuits.report
@@ -182,6 +182,7 @@ def test_dask_study_equals_inprocess_and_resumes(tmp_path, scheduler, monkeypatc
     dask_cfg = config_from_dict(_study(executor="dask", scheduler=scheduler))
     got = run_experiment(dask_cfg, out, progress=False)
     assert len(ref) == len(got) == 8
+    assert sorted(got["task"].unique()) == ["agreement_singular", "anaphora_singular"]
     pd.testing.assert_frame_equal(ref[VERDICT_COLUMNS], got[VERDICT_COLUMNS])
     pd.testing.assert_frame_equal(_numbers(ref), _numbers(got), check_exact=False, atol=1e-9)
     manifest = json.loads((out / "manifest.json").read_text())
