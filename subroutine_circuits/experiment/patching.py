@@ -27,7 +27,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -344,8 +344,45 @@ def build_pair_data(
             batch = image_pair_batch(adapter, task, subroutine, cfg, _oddness_metric, seed=seed)
             out.append(PairData([batch], "embed", batch.n))
         return out[0], out[1]
-    scoring, faith = pair_sets(task, subroutine, cfg)
-    return pair_data(model, tokenizer, scoring, cfg), pair_data(model, tokenizer, faith, cfg)
+    if getattr(tokenizer, "align_pair", None) is None:
+        scoring, faith = pair_sets(task, subroutine, cfg)
+        return pair_data(model, tokenizer, scoring, cfg), pair_data(model, tokenizer, faith, cfg)
+    # subword tokenizers: draw ALIGN_OVERSAMPLE times the pairs (still disjoint, test split) and
+    # keep the first n that align at word boundaries; the skipped ones are counted, not hidden
+    n_faith = cfg.n_faith_pairs or cfg.n_pairs
+    wide = replace(
+        cfg, n_pairs=cfg.n_pairs * ALIGN_OVERSAMPLE, n_faith_pairs=n_faith * ALIGN_OVERSAMPLE
+    )
+    scoring, faith = pair_sets(task, subroutine, wide)
+    out = []
+    for pairs, n in ((scoring, cfg.n_pairs), (faith, n_faith)):
+        kept, skipped = _first_aligned(tokenizer, pairs, n)
+        data = pair_data(model, tokenizer, kept, cfg)
+        data.unaligned = skipped + data.unaligned
+        out.append(data)
+    return out[0], out[1]
+
+
+#: Subword tokenizers: how many times the wanted number of minimal pairs is drawn, so that
+#: enough of them align at word boundaries (``_first_aligned``).
+ALIGN_OVERSAMPLE = 4
+
+
+def _first_aligned(tokenizer, pairs: Sequence[Pair], n: int) -> tuple[list[Pair], list]:
+    """The first ``n`` of ``pairs`` whose stimuli align token by token, and the skipped ones
+    before them as ``(clean, corrupted, reason)`` (all pairs when fewer than ``n`` align)."""
+    kept, skipped = [], []
+    for clean, corr, contexts in pairs:
+        if len(kept) == n:
+            break
+        ids = pair_ids(tokenizer, clean, corr)
+        if isinstance(ids, str):
+            skipped.append((clean, corr, ids))
+        else:
+            kept.append((clean, corr, contexts))
+    if not kept:
+        return list(pairs), []  # pair_data raises, naming an example
+    return kept, skipped
 
 
 def _make_batch(enc, idx, device, metric) -> PatchBatch:
