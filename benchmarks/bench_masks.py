@@ -70,7 +70,7 @@ def build(shape: str, device: str, n_problems: int, seed: int = 0):
     lens = torch.randint(pos // 2, pos + 1, (n_problems, 4), generator=g)
     toks = toks * (torch.arange(pos)[None, None, :] < lens[..., None])
     odd = torch.randint(0, 4, (n_problems,), generator=g)
-    return model, EncodedProblems(toks, lens, odd).to(device)
+    return model, EncodedProblems({"tokens": toks, "lengths": lens}, odd).to(device)
 
 
 def _logits(mask) -> torch.Tensor:
@@ -84,9 +84,10 @@ def _logits(mask) -> torch.Tensor:
 
 def bench_shape(shape: str, args) -> dict:
     """Time separate vs batched mask training (and optionally fixed-mask evaluation)."""
+    from subroutine_circuits.adapters import as_adapter, tl_unit_map
     from subroutine_circuits.experiment.config import MaskSearchConfig
     from subroutine_circuits.experiment.search import accuracy, train_mask
-    from subroutine_circuits.masks import UnitMap, UnitMask
+    from subroutine_circuits.masks import UnitMask
     from subroutine_circuits.masks.batched import (
         evaluate_fixed_masks,
         matched_random_masks,
@@ -113,7 +114,7 @@ def bench_shape(shape: str, args) -> dict:
             batch_size=args.batch,
         )
         with autocast():
-            return [train_mask(model, data, cfg, hp, s, "last") for hp, s in zip(hps, seeds)]
+            return [train_mask(model, data, cfg, hp, s, pool="last") for hp, s in zip(hps, seeds)]
 
     def run_batched(n_steps):
         cfg = MaskSearchConfig(
@@ -164,14 +165,14 @@ def bench_shape(shape: str, args) -> dict:
         ),
     }
     if args.eval and args.kind == "unit":
-        um = UnitMap.from_model(model)
+        um = tl_unit_map(model)
         draws = matched_random_masks(um, sep[0].flat_binary(), args.eval_k, seed=0)
         fixed = [UnitMask.fixed(um, ~d) for d in draws]
         evaluate_fixed_masks(model, data, fixed[:2], "last")  # warm-up
         _sync(args.device)
         t0 = time.perf_counter()
         with autocast():
-            one = [accuracy(model, data, "last", m) for m in fixed]
+            one = [accuracy(as_adapter(model, pool="last"), data, m) for m in fixed]
         _sync(args.device)
         t1 = time.perf_counter()
         with autocast():
