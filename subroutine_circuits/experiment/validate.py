@@ -252,16 +252,13 @@ def validate_model(kind: str, seed: int, out: Path, cfg: Any, pcfg: Any, prep: A
     return rows, {"summary": _jsonable(planted.summary()), **timing}
 
 
-def validate(
-    out: str | Path, seeds: Any = None, cfg: ValidateConfig | None = None
-) -> Any:
+def validate(out: str | Path, seeds: Any = None, cfg: ValidateConfig | None = None) -> Any:
     """Planted models -> the normal study -> ``groundtruth.csv``, error rates, ``report.html``.
 
     ``out``: the output folder (a second call resumes: planted models, masks and patching
     scores already there are loaded, not recomputed); ``seeds`` overrides ``cfg.seeds``.
     Returns the ``groundtruth.csv`` DataFrame.
     """
-    import pandas as pd
 
     from subroutine_circuits.experiment.data import prepare
     from subroutine_circuits.utils import atomic_write_json, atomic_write_text
@@ -290,8 +287,10 @@ def validate(
     atomic_write_text(out / "groundtruth.csv", df.to_csv(index=False))
     rates = error_rates_frame(df)
     timings = {"total_s": time.perf_counter() - t0}
-    atomic_write_json(out / "error_rates.json", {"rates": rates, "models": models,
-                                                 "timings": timings, "config": asdict(cfg)})
+    atomic_write_json(
+        out / "error_rates.json",
+        {"rates": rates, "models": models, "timings": timings, "config": asdict(cfg)},
+    )
     atomic_write_text(out / "report.html", report_page(df, rates, models, out))
     return df
 
@@ -303,8 +302,10 @@ def _progress_line(rows: list[dict], info: dict) -> str:
     aucs = [r["roc_auc"] for r in masks if not _nan(r["roc_auc"])]
     verdicts = ", ".join(sorted({str(r["verdict"]) for r in masks}))
     auc = f"mask AUC {min(aucs):.3f}-{max(aucs):.3f}" if aucs else "no AUC"
-    return f"{auc}; verdicts {verdicts} ({info.get('build_s', 0):.0f}s build, " \
+    return (
+        f"{auc}; verdicts {verdicts} ({info.get('build_s', 0):.0f}s build, "
         f"{info.get('study_s', 0):.0f}s study)"
+    )
 
 
 def _nan(x: Any) -> bool:
@@ -345,8 +346,6 @@ def error_rates_frame(df: Any) -> dict[str, Any]:
     return rates
 
 
-
-
 # ----------------------------------------------------------------------------- report
 
 
@@ -380,7 +379,8 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
         head
         + "<h3>Usable runs per kind (error = share with a verdict other than expected)</h3>"
         + (_table(kinds) if len(kinds) else _note("no usable runs"))
-        + "<h3>Verdicts of every mask run</h3>" + (_table(counts) if len(counts) else "")
+        + "<h3>Verdicts of every mask run</h3>"
+        + (_table(counts) if len(counts) else "")
         + "<h3>ROC AUC against the planted units (mean over seeds and mask seeds)</h3>"
         + (_table(auc) if len(auc) else _note("no model with a unit-level truth"))
         + "<h3>Precision / recall of the kept set (patching: top-k at the mask's size)</h3>"
@@ -419,7 +419,8 @@ def _planted_table(models: dict[str, Any]) -> str:
         joined = (s.get("metrics") or {}).get("joined") or {}
         check = (s.get("metrics") or {}).get("truth_check") or {}
         rows.append({
-            "model": name, "units": s.get("n_units"), "truth sizes": json.dumps(s.get("truth_sizes")),
+            "model": name, "units": s.get("n_units"),
+            "truth sizes": json.dumps(s.get("truth_sizes")),
             "composite acc (val)": joined.get("full_composite"),
             "all units ablated": joined.get("none_composite"),
             "truth holds": json.dumps({k: v.get("ok") for k, v in check.items()}),

@@ -8,8 +8,10 @@ entanglement is trained in and then *checked*, and a model that fails the check 
 1. a part is trained on composite + ``sub_A`` + ``sub_B`` problems and pruned (as in
    :func:`planted._train_part`);
 2. it is fine-tuned with an anti-selectivity penalty: each step drops a random subset of units
-   (zero ablation) and adds ``weight * (CE_A - CE_B)^2``, the squared difference of the
-   cross-entropies on the two target partitions under that ablation, to the task loss;
+   (zero ablation; each unit with probability ``p``, ``p`` drawn from ``[0, entangled_drop)``,
+   so subsets of every size occur) and adds ``weight * (CE_A - CE_B)^2``, the squared
+   difference of the cross-entropies on the two target partitions under that ablation, to the
+   task loss;
 3. the check, with the experiment's ablation (:mod:`truth`): (a) every unit, ablated alone,
    raises the loss on ``sub_A`` *and* on ``sub_B`` validation problems by at least
    ``prune_min_effect`` nats; (b) *every* non-empty subset S of the units, ablated, has
@@ -57,9 +59,11 @@ def _drop_hooks(model: Any, drop: set[Unit]) -> list[tuple[str, Any]]:
 
 
 def disentangle_penalty_finetune(
-    part: Any, tokenizer: Any, splits: dict, predicates: tuple[str, str], cfg: Any, seed: int
-) -> dict[str, float]:
-    """Fine-tune ``part`` in place with the anti-selectivity penalty (module docstring, step 2)."""
+    part: Any, tokenizer: Any, splits: dict, predicates: tuple[str, str], cfg: Any, seed: int,
+    units: Any = None,
+) -> dict[str, float]:  # fmt: skip
+    """Fine-tune ``part`` in place with the anti-selectivity penalty (module docstring, step 2)
+    over its live ``units`` (default: every unit)."""
     from subroutine_circuits.models import ooo_logits
 
     pa, pb = predicates
@@ -70,7 +74,7 @@ def disentangle_penalty_finetune(
         "A": Encoded.of(splits["train"][f"partition_{pa}"], tokenizer),
         "B": Encoded.of(splits["train"][f"partition_{pb}"], tokenizer),
     }
-    units = all_units(part)
+    units = sorted(units) if units is not None else all_units(part)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     part.train()
@@ -88,7 +92,8 @@ def disentangle_penalty_finetune(
     for _ in range(cfg.entangled_steps):
         tok, ln, odd = batch("mix")
         loss = F.cross_entropy(ooo_logits(part, tok, ln), odd)
-        drop = {u for u in units if rng.random() < cfg.entangled_drop} or {rng.choice(units)}
+        p_drop = rng.uniform(0.0, cfg.entangled_drop)  # subsets of every size
+        drop = {u for u in units if rng.random() < p_drop} or {rng.choice(units)}
         ce = {}
         with part.hooks(fwd_hooks=_drop_hooks(part, drop)):
             for name in ("A", "B"):
@@ -108,9 +113,11 @@ def disentangle_penalty_finetune(
 
 def entanglement_check(
     part: Any, tokenizer: Any, splits: dict, predicates: tuple[str, str], cfg: Any,
-    ablation: str,
+    ablation: str, units: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The check of the module docstring (step 3) under ``ablation``; ``passed`` says it all."""
+    """The check of the module docstring (step 3) under ``ablation`` over the live ``units``
+    (default: every unit; compaction's all-zero padding slots should be left out); ``passed``
+    says it all."""
     from subroutine_circuits.groundtruth.truth import (
         AblationEvaluator,
         subset_selectivity,
@@ -120,7 +127,7 @@ def entanglement_check(
     pa, pb = predicates
     ref = splits["train"]["composite"][: cfg.fit_problems]
     ev = AblationEvaluator(part, tokenizer, ablation, ref)
-    units = all_units(part)
+    units = sorted(units) if units is not None else all_units(part)
     out: dict[str, Any] = {"ablation": ablation, "n_units": len(units)}
     nec = {p: unit_necessity(ev, splits["val"][f"sub_{p}"], units) for p in (pa, pb)}
     out["min_loss_necessity"] = {p: min((v[1] for v in nec[p].values()), default=0.0)
@@ -159,14 +166,19 @@ def build_entangled(seed: int, cfg: Any = None, splits: dict | None = None):
     for attempt in range(cfg.entangled_tries):
         part_seed = 1000 * seed + 700 + attempt
         part, info = _train_part(cfg, kinds, part_seed, tok, splits)
-        info.pop("kept")
+        live = frozenset(info.pop("kept"))
         info.pop("necessity")
-        info["finetune"] = disentangle_penalty_finetune(part, tok, splits, preds, cfg, part_seed)
-        checks = {a: entanglement_check(part, tok, splits, preds, cfg, a)
-                  for a in dict.fromkeys((cfg.ablation, "zero"))}  # fmt: skip
+        info["finetune"] = disentangle_penalty_finetune(
+            part, tok, splits, preds, cfg, part_seed, live
+        )
+        checks = {}
+        for a in dict.fromkeys((cfg.ablation, "zero")):
+            checks[a] = entanglement_check(part, tok, splits, preds, cfg, a, live)
+            if not checks[a]["passed"]:
+                break
         attempts.append({"seed": part_seed, "part": info, "checks": checks})
         if all(c["passed"] for c in checks.values()):
-            units = frozenset(all_units(part))
+            units = live
             metrics = {"attempts": attempts, "joined": describe(part, task, tok, splits)}
             return PlantedModel(
                 "entangled", seed, part, task, tok, splits, {p: units for p in preds}, None,

@@ -1,4 +1,4 @@
-"""Planted models whose structure is known: modular, redundant and random-init.
+"""Planted models whose structure is known: modular, redundant, entangled and random-init.
 
 ``modular``: part A (``normalization_type=None``, see ``join``) is trained on ``sub_A`` problems
 of a built-in task, part B on ``sub_B``; each part is pruned to the units it needs
@@ -18,13 +18,31 @@ with ``compact=True`` the zero-weight slots that pad a layer to the widest layer
 A's subnetwork. The same holds for B. Because the join is exact, block A of the joined model
 computes exactly what the pruned part A computed.
 
-``redundant``: two parts, each trained on the composite task *and* both subroutines' problems
-(``composite`` + ``sub_A`` + ``sub_B``, different seeds), pruned on the same mixture, joined the
-same way: each block computes both subroutines, in disjoint blocks, so no single subnetwork is
-necessary for either (ablating one block leaves the other); there is no unit-level truth
-(``truth is None``) and the expected verdict is "not compositional". (Parts trained on the
-composite alone do not solve ``sub_*`` problems, so masks on them would only "fail to search";
-the sub problems make them solvable, so the verdict itself is tested.)
+Which ablation defines the truth: pruning uses zero ablation, because pruned units are then
+removed from the architecture (``compact``: their slots, if any, are exactly zero, so zero, mean
+and any other ablation of them coincide). What the experiment does with the remaining units
+depends on *its* ablation (mean by default), so after building, every planted unit's necessity
+is re-measured with the experiment's ablation and with zero ablation, the rest of the model
+outside its part ablated (``truth.truth_check``, stored in ``metrics["truth_check"]``): the truth
+holds under an ablation when every planted unit still raises its subroutine's loss by at least
+``prune_min_effect``. ``subroutine-circuits validate`` reports both.
+
+``redundant`` (decided on principle, not on verdict counts): the earlier redundant model (two
+blocks, each trained on the composite *and* both subroutines) turned out to compute A and B in
+separate units *within* each block, so masking A's units of both blocks removes A and spares B:
+under Break It Down, which asks whether *some* subnetwork is specific to a subroutine, that model
+is structurally compositional at the unit level, and calling it non-compositional would have
+counted correct verdicts as errors. Redundancy is therefore kept as its own category with a
+precise truth: two parts trained on ``sub_A`` (different seeds) and two on ``sub_B`` are pruned,
+joined pairwise (``A1 | A2`` and ``B1 | B2``) and then joined again, so A is computed twice in
+disjoint units. Truth: A's subnetwork is the *union* of both copies (either copy alone solves
+``sub_A``, so a mask must find both to make the ablation break A); expected verdict
+"compositional"; masks are scored for recovery of the union. Error rates report it on its own
+line, outside the two headline rates.
+
+``entangled`` (:mod:`entangled`): one part computes both subroutines in the same units, verified
+exhaustively (every unit needed by both; no subset of units separates A from B by more than the
+margin); expected verdict "not compositional".
 
 ``random_init``: a randomly initialised model of the joined architecture (dense, like any
 random-init control); no truth, expected verdict "not compositional".
@@ -136,13 +154,17 @@ class PlantedConfig:
                 f"PlantedConfig.prune_loss_tol must be >= 0, got {self.prune_loss_tol}"
             )
         if self.ablation not in ("mean", "zero"):
-            raise ValueError(f"PlantedConfig.ablation must be 'mean' or 'zero', got {self.ablation!r}")
+            raise ValueError(
+                f"PlantedConfig.ablation must be 'mean' or 'zero', got {self.ablation!r}"
+            )
         for name in ("entangled_steps", "entangled_tries", "entangled_max_units"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"PlantedConfig.{name} must be an int >= 1, got {v!r}")
         if not 0 <= self.entangled_drop < 1:
-            raise ValueError(f"PlantedConfig.entangled_drop must be in [0, 1), got {self.entangled_drop}")
+            raise ValueError(
+                f"PlantedConfig.entangled_drop must be in [0, 1), got {self.entangled_drop}"
+            )
         if not self.scale_grid or any(not g > 0 for g in self.scale_grid):
             raise ValueError(f"PlantedConfig.scale_grid must be positive, got {self.scale_grid}")
 
@@ -236,8 +258,10 @@ class PlantedModel:
             if self.truth is None
             else {k: len(v) for k, v in self.truth.items()},
             "layout": None if self.layout is None else self.layout.to_dict(),
-            "parts": {k: {"n_units": len(v["units"]), "computes": list(v["computes"])}
-                      for k, v in self.parts.items()},  # fmt: skip
+            "parts": {
+                k: {"n_units": len(v["units"]), "computes": list(v["computes"])}
+                for k, v in self.parts.items()
+            },  # fmt: skip
             "scale_a": self.scale_a,
             "metrics": self.metrics,
             "seconds": self.seconds,

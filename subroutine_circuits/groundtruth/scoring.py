@@ -235,8 +235,11 @@ def error_rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         d["n"] += 1
         d["n_compositional"] += v == "compositional"
     for d in per_kind.values():
-        wrong = d["n"] - d["n_compositional"] if d["expected"] == "compositional" else \
-            d["n_compositional"]
+        wrong = (
+            d["n"] - d["n_compositional"]
+            if d["expected"] == "compositional"
+            else d["n_compositional"]
+        )
         d["error"] = wrong / d["n"]
     mod = per_kind.get("modular", {"n": 0, "n_compositional": 0})
     non = [d for d in per_kind.values() if d["expected"] == "not compositional"]
@@ -244,7 +247,8 @@ def error_rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "missed_compositional": (1 - mod["n_compositional"] / mod["n"]) if mod["n"] else math.nan,
         "false_compositional": (sum(d["n_compositional"] for d in non) / n_non)
-        if n_non else math.nan,
+        if n_non
+        else math.nan,
         "n_modular": mod["n"],
         "n_non_compositional": n_non,
         "per_kind": per_kind,

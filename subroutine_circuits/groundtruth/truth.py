@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
 from torch import Tensor
 
 from subroutine_circuits.groundtruth.prune import Encoded, Unit, evaluate_ablations
@@ -157,12 +156,12 @@ def subset_selectivity(
     """
     units = list(units)
     if len(units) > max_units:
-        raise ValueError(f"{len(units)} units: 2**{len(units)} subsets exceed max_units={max_units}")
+        raise ValueError(
+            f"{len(units)} units: 2**{len(units)} subsets exceed max_units={max_units}"
+        )
     if len(partitions) != 2:
         raise ValueError("partitions must hold exactly two problem lists (A, B)")
-    subsets = [
-        set(s) for r in range(1, len(units) + 1) for s in itertools.combinations(units, r)
-    ]
+    subsets = [set(s) for r in range(1, len(units) + 1) for s in itertools.combinations(units, r)]
     (na, pa), (nb, pb) = partitions.items()
     acc_a, _ = ev.evaluate(pa, subsets)
     acc_b, _ = ev.evaluate(pb, subsets)
