@@ -21,6 +21,8 @@ Every ablation (mask training, evaluation, truth checks) is the study's configur
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import time
@@ -45,7 +47,9 @@ class ValidateConfig:
     task: a built-in two-predicate task; n_train / n_val / n_test / data_seed: the study's
     splits (shared by every planted model); methods: patching methods; patching_pairs: minimal
     pairs per subroutine; planted: ``PlantedConfig`` overrides; experiment: ``ExperimentConfig``
-    overrides (e.g. ``{"mask": {"steps": 200}}``); progress: print one line per model.
+    overrides (e.g. ``{"mask": {"steps": 200}}``); workers: processes, one planted model each
+    (one torch thread per process: these models are tiny, so threads only contend); progress:
+    print one line per model.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -60,6 +64,7 @@ class ValidateConfig:
     patching_pairs: int = 32
     planted: dict[str, Any] = field(default_factory=dict)
     experiment: dict[str, Any] = field(default_factory=dict)
+    workers: int = 2
     progress: bool = True
 
     def validate(self) -> None:
@@ -71,6 +76,8 @@ class ValidateConfig:
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise ValueError(f"unknown planted kind(s) {bad or '(none)'}; choose from {KINDS}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
 
 def experiment_config(vcfg: ValidateConfig):
@@ -228,7 +235,9 @@ def patching_rows(planted: Any, store: Any, job: Any, sizes: dict[str, int]) -> 
 # ----------------------------------------------------------------------------- driver
 
 
-def validate_model(kind: str, seed: int, out: Path, cfg: Any, pcfg: Any, prep: Any, key: dict):
+def validate_model(
+    kind: str, seed: int, out: Path, cfg: Any, pcfg: Any, prep: Any, key: dict
+) -> tuple[list[dict], dict]:
     """Build/load one planted model, run the study on it (resumable), return its rows."""
     from subroutine_circuits.experiment.jobs import BaseModelJob
     from subroutine_circuits.experiment.runner import RESUMABLE_FIELDS, collect_results
@@ -263,6 +272,7 @@ def validate(out: str | Path, seeds: Any = None, cfg: ValidateConfig | None = No
     """
 
     from subroutine_circuits.experiment.data import prepare
+    from subroutine_circuits.experiment.executors import ProcessPoolExecutor
     from subroutine_circuits.utils import atomic_write_json, atomic_write_text
 
     cfg = cfg if cfg is not None else ValidateConfig()
@@ -278,13 +288,14 @@ def validate(out: str | Path, seeds: Any = None, cfg: ValidateConfig | None = No
     key = {"planted": pcfg.to_dict(), "data": exp_cfg.data.to_dict(), "task": cfg.task}
     rows: list[dict] = []
     models: dict[str, Any] = {}
-    for kind in cfg.kinds:
-        for seed in cfg.seeds:
-            r, info = validate_model(kind, seed, out, exp_cfg, pcfg, prep, key)
-            rows += r
-            models[f"{kind}_s{seed}"] = info
-            if cfg.progress:
-                print(f"validate: {kind} seed {seed}: {_progress_line(r, info)}", flush=True)
+    jobs = [(kind, seed) for kind in cfg.kinds for seed in cfg.seeds]
+    fn = functools.partial(_validate_job, out=out, cfg=exp_cfg, pcfg=pcfg, prep=prep, key=key,
+                           progress=cfg.progress)  # fmt: skip
+    with _one_thread():
+        results = ProcessPoolExecutor(cfg.workers, threads=1).map(fn, jobs)
+    for (kind, seed), (r, info) in zip(jobs, results):
+        rows += r
+        models[f"{kind}_s{seed}"] = info
     df = groundtruth_frame(rows)
     atomic_write_text(out / "groundtruth.csv", df.to_csv(index=False))
     rates = error_rates_frame(df)
@@ -295,6 +306,28 @@ def validate(out: str | Path, seeds: Any = None, cfg: ValidateConfig | None = No
     )
     atomic_write_text(out / "report.html", report_page(df, rates, models, out))
     return df
+
+
+def _validate_job(job: tuple[str, int], **kw: Any):
+    """Worker entry (picklable): one planted model, with a progress line."""
+    progress = kw.pop("progress")
+    rows, info = validate_model(job[0], job[1], **kw)
+    if progress:
+        print(f"validate: {job[0]} seed {job[1]}: {_progress_line(rows, info)}", flush=True)
+    return rows, info
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """One torch thread in this process for the block (in-process runs of tiny models)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _progress_line(rows: list[dict], info: dict) -> str:

@@ -75,9 +75,9 @@ def test_modular_truth_is_block_structured(modular):
     # kept only to give each layer the same width
     vec = modular.truth_vector(a)
     assert vec.shape == (len(all_units(modular.model)),) and int(vec.sum()) == len(ta)
-    from subroutine_circuits.masks import UnitMap
+    from subroutine_circuits.adapters.transformer_lens import tl_unit_map
 
-    um = UnitMap.from_model(modular.model)
+    um = tl_unit_map(modular.model)
     assert um.units() == modular.units()
     assert torch.equal(modular.truth_vector(a, um), vec)
     with pytest.raises(ValueError, match="subroutine"):
