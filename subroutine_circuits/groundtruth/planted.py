@@ -232,7 +232,7 @@ class PlantedModel:
         """Planted units of ``subroutine`` as a boolean vector aligned with ``units``.
 
         ``units``: a ``masks.UnitMap`` (anything with ``.units()``), a list of ``(layer, kind,
-        index)``, or ``None`` for every head and neuron in ``adapters.transformer_lens.tl_unit_map`` order.
+        index)``, or ``None`` for every head and neuron in ``tl_unit_map`` order.
         Raises ``ValueError`` for a model kind without a truth or an unknown subroutine.
         """
         if self.truth is None:
@@ -244,7 +244,7 @@ class PlantedModel:
         return truth_vector(self.truth[subroutine], units if units is not None else self.units())
 
     def units(self) -> list[Unit]:
-        """Every head and neuron of the model, in ``adapters.transformer_lens.tl_unit_map`` order."""
+        """Every head and neuron of the model, in ``tl_unit_map`` order."""
         return all_units(self.model)
 
     def summary(self) -> dict[str, Any]:

@@ -136,7 +136,7 @@ def groundtruth_row(
 
     ``planted``: a ``PlantedModel``; ``scores``: one score per unit of ``units`` (a
     ``masks.UnitMap`` or a list of ``(layer, kind, index)``; default every head and neuron in
-    ``adapters.transformer_lens.tl_unit_map`` order); ``kept``: the method's kept set over the same units (``None``:
+    ``tl_unit_map`` order); ``kept``: the method's kept set over the same units (``None``:
     precision and recall are NaN). For planted kinds without a unit-level truth (redundant,
     random-init) ``roc_auc``, ``precision`` and ``recall`` are NaN; the row still carries the
     verdict.
