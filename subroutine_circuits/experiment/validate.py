@@ -46,7 +46,12 @@ class ValidateConfig:
     minutes); mask_seeds: mask seeds per subroutine;
     task: a built-in two-predicate task; n_train / n_val / n_test / data_seed: the study's
     splits (shared by every planted model); methods: patching methods; patching_pairs: minimal
-    pairs per subroutine; planted: ``PlantedConfig`` overrides; experiment: ``ExperimentConfig``
+    pairs per subroutine; planted: ``PlantedConfig`` overrides (default ``compact=False``:
+    pruned units stay as all-zero units, so every kind has the architecture of its random-init
+    control, and the matched random subnetworks of the verdict have room to differ from the
+    learned one: in a compacted model nearly every unit belongs to A or B, so a random draw
+    with A's units per layer breaks A too, measured ``randabl_diff`` down to -0.72 for A's
+    mask, and no learned mask can beat the null); experiment: ``ExperimentConfig``
     overrides (e.g. ``{"mask": {"steps": 200}}``); workers: processes, one planted model each
     (one torch thread per process: these models are tiny, so threads only contend); progress:
     print one line per model.
@@ -62,7 +67,7 @@ class ValidateConfig:
     data_seed: int = 0
     methods: tuple[str, ...] = ("activation", "attribution")
     patching_pairs: int = 32
-    planted: dict[str, Any] = field(default_factory=dict)
+    planted: dict[str, Any] = field(default_factory=lambda: {"compact": False})
     experiment: dict[str, Any] = field(default_factory=dict)
     workers: int = 2
     progress: bool = True
@@ -152,36 +157,45 @@ def _fallback_randabl_p(base: Any, run: dict, mask: Any, cfg: Any) -> float:
     the learned one (same ablation, same reference: the subroutine's training problems)."""
     from subroutine_circuits.analysis.inference import randabl_p
     from subroutine_circuits.masks import UnitMask
-    from subroutine_circuits.masks.batched import matched_random_masks
+    from subroutine_circuits.masks.batched import evaluate_fixed_masks, matched_random_masks
     from subroutine_circuits.utils import clipped_diff
 
     um = mask.unit_map
     keep = mask.flat_binary().bool()
     draws = matched_random_masks(um, keep, N_RANDOM, seed=int(run["mask_seed"]) + 10_000)
     template = UnitMask.fixed(um, ~keep, ablation=cfg.ablation)
+    values = None
     if cfg.ablation == "mean":
         ref = base.enc["train"][f"sub_{run['subroutine']}"]
         template.set_mean(base.adapter, ref.flat_inputs())
+        values = template.ablation_values
     test = base.enc["test"]
-    diffs = []
-    for d in draws:
-        m = template.fixed_like(~d)
-        acc_t = base.adapter.accuracy(test[f"partition_{run['subroutine']}"], m)
-        acc_o = base.adapter.accuracy(test[f"partition_{run['other']}"], m)
-        diffs.append(clipped_diff(acc_t, acc_o, cfg.chance))
+    acc = {
+        part: evaluate_fixed_masks(base.adapter.model, test[f"partition_{run[part]}"], ~draws,
+                                   unit_map=um, ablation_values=values)
+        for part in ("subroutine", "other")
+    }  # fmt: skip
+    diffs = [clipped_diff(float(t), float(o), cfg.chance)
+             for t, o in zip(acc["subroutine"], acc["other"])]  # fmt: skip
     return randabl_p(float(run["abl_diff"]), diffs)
 
 
-def run_verdict_row(run: dict, base: Any, mask: Any, cfg: Any) -> dict[str, Any]:
-    """The verdict inputs of a results row (filled in when the row predates them) and the
-    verdict of ``analysis.inference.run_verdict``."""
+def run_verdict_row(
+    run: dict, base: Any, mask: Any, cfg: Any, cache: dict | None = None
+) -> dict[str, Any]:
+    """The verdict inputs of a results row (filled in when the row predates them; fallback
+    p-values are kept in ``cache`` by mask path) and the verdict of
+    ``analysis.inference.run_verdict``."""
     from subroutine_circuits.analysis.inference import run_verdict
 
+    cache = {} if cache is None else cache
     out = {k: run.get(k) for k in ("sub_diff", "abl_diff", "val_score", "base_ok")}
     out["mask_ok"] = run.get("mask_ok", float(run["val_score"]) >= MASK_MIN_ACC)
     out["randabl_p"] = run.get("randabl_p")
     if out["randabl_p"] is None:
-        out["randabl_p"] = _fallback_randabl_p(base, run, mask, cfg)
+        if run["mask_path"] not in cache:
+            cache[run["mask_path"]] = _fallback_randabl_p(base, run, mask, cfg)
+        out["randabl_p"] = cache[run["mask_path"]]
     out["bypass"] = run.get("bypass", False)
     out["verdict"] = run_verdict(out, margin=cfg.margin)
     return out
@@ -192,19 +206,24 @@ def score_model(planted: Any, store: Any, job: Any, prep: Any) -> list[dict[str,
     from subroutine_circuits.experiment.stages import base_model_stage
     from subroutine_circuits.groundtruth.scoring import mask_row
     from subroutine_circuits.masks import load_mask
+    from subroutine_circuits.utils import atomic_write_json
 
     cfg = job.cfg
     base = base_model_stage(job, prep, store)
     rows, sizes = [], {}
+    cache_path = store.root / f"randabl_fallback_s{job.seed}.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     runs = [r for r in store.read_runs() if r.get("base_seed") == job.seed]
     for run in sorted(runs, key=lambda r: (r["subroutine"], r["mask_seed"])):
         mask = load_mask(store.resolve(run["mask_path"]), base.adapter)
-        extra = run_verdict_row(run, base, mask, cfg)
+        extra = run_verdict_row(run, base, mask, cfg, cache)
         row = mask_row(planted, run["subroutine"], mask, verdict=extra["verdict"])
         row.update(mask_seed=run["mask_seed"], **extra)
         rows.append(row)
         if int(run["mask_seed"]) == int(cfg.mask_seeds[0]):
             sizes[run["subroutine"]] = int(mask.flat_binary().sum())
+    if cache:
+        atomic_write_json(cache_path, cache)
     rows += patching_rows(planted, store, job, sizes)
     for r in rows:
         r["expected"] = planted.expected
@@ -253,7 +272,8 @@ def validate_model(
     built = time.perf_counter() - t0
     store = RunStore(out / "runs" / kind)
     store.root.mkdir(parents=True, exist_ok=True)
-    store.check_same_config({**cfg.to_dict(), "planted": key}, RESUMABLE_FIELDS)
+    # more seeds later is a resumption (each seed is its own base model)
+    store.check_same_config({**cfg.to_dict(), "planted": key}, (*RESUMABLE_FIELDS, "base_seeds"))
     job = BaseModelJob(cfg, str(store.root), prep.label, INIT_OF.get(kind, "trained"), seed)
     meta = {"init": job.init, "seed": seed, "planted": _jsonable(planted.summary())}
     run_base_model_job(job, prep, given=(planted.model, meta))
