@@ -129,5 +129,8 @@ def test_row_without_truth_and_error_rates():
     assert rates["missed_compositional"] == 0.5 and rates["false_compositional"] == 1.0
     assert rates["n_non_compositional"] == 1
     assert rates["per_kind"]["redundant"] == {
-        "expected": "compositional", "n": 1, "n_compositional": 0, "error": 1.0
+        "expected": "compositional",
+        "n": 1,
+        "n_compositional": 0,
+        "error": 1.0,
     }

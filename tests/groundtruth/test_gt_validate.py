@@ -156,6 +156,8 @@ def test_validate_end_to_end_and_resumes(tmp_path, monkeypatch):
     mask = load_mask(store.resolve(run["mask_path"]))
     truth = planted.truth_vector(run["subroutine"], mask.unit_map)
     assert mod.iloc[0].roc_auc == pytest.approx(score_units(mask_unit_scores(mask), truth))
+    # the fallback randabl_p (batched) equals a one-mask-at-a-time computation
+    assert mod.iloc[0].randabl_p == pytest.approx(_loop_randabl_p(planted, store, run, cfg))
     assert (tmp_path / "groundtruth.csv").is_file()
     rates = json.loads((tmp_path / "error_rates.json").read_text())["rates"]
     assert rates["n_modular"] + rates["n_non_compositional"] <= 4
@@ -168,6 +170,32 @@ def test_validate_end_to_end_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr("subroutine_circuits.experiment.stages.mask_search_stage", _fail)
     df2 = V.validate(tmp_path, cfg=cfg)
     pd.testing.assert_frame_equal(df.reset_index(drop=True), df2.reset_index(drop=True))
+
+
+def _loop_randabl_p(planted, store, run, vcfg):
+    """Independent randabl_p: each matched draw ablated by its own UnitMask (mean ablation over
+    the subroutine's training problems, as evaluate.py does for the learned mask)."""
+    from subroutine_circuits.adapters import as_adapter
+    from subroutine_circuits.analysis.inference import randabl_p
+    from subroutine_circuits.experiment import validate as V
+    from subroutine_circuits.masks import UnitMask, load_mask
+    from subroutine_circuits.masks.batched import matched_random_masks
+
+    ad = as_adapter(planted.model, tokenizer=planted.tokenizer, pool="last")
+    mask = load_mask(store.resolve(run["mask_path"]), ad)
+    keep = mask.flat_binary().bool()
+    draws = matched_random_masks(mask.unit_map, keep, V.N_RANDOM, int(run["mask_seed"]) + 10_000)
+    ref = ad.encode_problems(planted.splits["train"][f"sub_{run['subroutine']}"])
+    diffs = []
+    for d in draws:
+        m = UnitMask.fixed(mask.unit_map, ~d, ablation="mean")
+        m.set_mean(ad, ref.flat_inputs())
+        accs = [
+            max(ad.accuracy(ad.encode_problems(planted.splits["test"][f"partition_{p}"]), m), 0.25)
+            for p in (run["subroutine"], run["other"])
+        ]
+        diffs.append(accs[0] - accs[1])
+    return randabl_p(run["abl_diff"], diffs)
 
 
 def _fail(*a, **k):
