@@ -8,6 +8,7 @@ The public API (each name loads on first use, so ``import subroutine_circuits`` 
         accuracy, train_mask, evaluate_mask,                # masks and the ablation matrix
         patch, compare,                                     # activation patching vs masks
         load_config, demo_config, run_experiment, build_report,  # the whole study
+        validate,                                           # error rates on planted models
         as_adapter, UnitMask, WeightMask, UnitMap, UnitGroup, MaskConfig,
         save_mask, load_mask, ExperimentConfig, RunStore,
     )
@@ -37,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "demo_config": "api",
     "run_experiment": "api",
     "build_report": "api",
+    "validate": "experiment.validate",
     "as_adapter": "adapters",
     "ModelAdapter": "adapters",
     "UnitMask": "masks",

@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_handler("subroutine_circuits.experiment.cli:cmd_patch"))
+
+    s = sub.add_parser(
+        "validate", help="error rates of the verdict and the circuit methods on planted models"
+    )
+    s.add_argument("--out", required=True, help="output folder (resumes if it exists)")
+    s.add_argument("--seeds", type=int, nargs="+", default=None, help="planted-model seeds")
+    s.add_argument("--kinds", nargs="+", default=None, help="planted kinds (default: all)")
+    s.set_defaults(func=_handler("subroutine_circuits.experiment.validate:cmd_validate"))
     return p
 
 

@@ -122,9 +122,14 @@ def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int
 
 
 @timed_stage("base_model")
-def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> BaseModel:
+def base_model_stage(
+    job: BaseModelJob, prep: Prepared, store: RunStore, given: tuple[Any, dict] | None = None
+) -> BaseModel:
     """Load the base model of ``job`` from the store, or build, train and save it; freeze it,
-    encode the splits and measure its test accuracies (saved with the checkpoint)."""
+    encode the splits and measure its test accuracies (saved with the checkpoint).
+
+    ``given``: ``(model, meta)`` of a base model built elsewhere (e.g. a planted ground-truth
+    model, ``experiment.validate``); used instead of building one when the store has none."""
     from subroutine_circuits.adapters import as_adapter
     from subroutine_circuits.experiment.dask_executor import worker_device
     from subroutine_circuits.experiment.search import encode
@@ -148,6 +153,8 @@ def base_model_stage(job: BaseModelJob, prep: Prepared, store: RunStore) -> Base
         elif store.has_model(job.key):
             model, _, meta = load_checkpoint(model_dir)
             model.to(device)
+        elif given is not None:  # built elsewhere (a planted ground-truth model)
+            model, meta = given[0].to(device), dict(given[1])
         else:
             model, meta = build_base_model(cfg, prep, job.init, job.seed, device)
         adapter = as_adapter(model, tokenizer=prep.tokenizer, pool=cfg.model.pool).freeze()
@@ -234,12 +241,15 @@ def patching_stage(
 # ----------------------------------------------------------------------------- one base model
 
 
-def run_base_model_job(job: BaseModelJob, prep: Prepared | None = None) -> dict[str, Any]:
+def run_base_model_job(
+    job: BaseModelJob, prep: Prepared | None = None, given: tuple[Any, dict] | None = None
+) -> dict[str, Any]:
     """Everything for one base model: train/load it, then every subroutine x mask seed run and
     the patching of each subroutine. Finished work (files in the store) is skipped.
 
-    ``prep`` (task, tokenizer, splits) is built from ``job.cfg`` when not given. Returns timing
-    information and the model's composite accuracy.
+    ``prep`` (task, tokenizer, splits) is built from ``job.cfg`` when not given; ``given`` is an
+    injected base model (see :func:`base_model_stage`). Returns timing information and the
+    model's composite accuracy.
     """
     with collect_stage_times() as stage_times:
         info = _run_base_model(job, prep if prep is not None else prepare(job.cfg))
@@ -251,7 +261,7 @@ def _run_base_model(job: BaseModelJob, prep: Prepared) -> dict[str, Any]:
     store = RunStore(job.store)
     timings: dict[str, float] = {}
     t0 = time.time()
-    base = base_model_stage(job, prep, store)
+    base = base_model_stage(job, prep, store, given)
     timings["base_model"] = time.time() - t0
     others = {
         s: other_subroutine(prep.subroutines, prep.task.predicates, s) for s in prep.subroutines

@@ -1,4 +1,4 @@
-"""Planted models whose structure is known: modular, redundant and random-init.
+"""Planted models whose structure is known: modular, redundant, entangled and random-init.
 
 ``modular``: part A (``normalization_type=None``, see ``join``) is trained on ``sub_A`` problems
 of a built-in task, part B on ``sub_B``; each part is pruned to the units it needs
@@ -18,13 +18,31 @@ with ``compact=True`` the zero-weight slots that pad a layer to the widest layer
 A's subnetwork. The same holds for B. Because the join is exact, block A of the joined model
 computes exactly what the pruned part A computed.
 
-``redundant``: two parts, each trained on the composite task *and* both subroutines' problems
-(``composite`` + ``sub_A`` + ``sub_B``, different seeds), pruned on the same mixture, joined the
-same way: each block computes both subroutines, in disjoint blocks, so no single subnetwork is
-necessary for either (ablating one block leaves the other); there is no unit-level truth
-(``truth is None``) and the expected verdict is "not compositional". (Parts trained on the
-composite alone do not solve ``sub_*`` problems, so masks on them would only "fail to search";
-the sub problems make them solvable, so the verdict itself is tested.)
+Which ablation defines the truth: pruning uses zero ablation, because pruned units are then
+removed from the architecture (``compact``: their slots, if any, are exactly zero, so zero, mean
+and any other ablation of them coincide). What the experiment does with the remaining units
+depends on *its* ablation (mean by default), so after building, every planted unit's necessity
+is re-measured with the experiment's ablation and with zero ablation, the rest of the model
+outside its part ablated (``truth.truth_check``, stored in ``metrics["truth_check"]``): the truth
+holds under an ablation when every planted unit still raises its subroutine's loss by at least
+``prune_min_effect``. ``subroutine-circuits validate`` reports both.
+
+``redundant`` (decided on principle, not on verdict counts): the earlier redundant model (two
+blocks, each trained on the composite *and* both subroutines) turned out to compute A and B in
+separate units *within* each block, so masking A's units of both blocks removes A and spares B:
+under Break It Down, which asks whether *some* subnetwork is specific to a subroutine, that model
+is structurally compositional at the unit level, and calling it non-compositional would have
+counted correct verdicts as errors. Redundancy is therefore kept as its own category with a
+precise truth: two parts trained on ``sub_A`` (different seeds) and two on ``sub_B`` are pruned,
+joined pairwise (``A1 | A2`` and ``B1 | B2``) and then joined again, so A is computed twice in
+disjoint units. Truth: A's subnetwork is the *union* of both copies (either copy alone solves
+``sub_A``, so a mask must find both to make the ablation break A); expected verdict
+"compositional"; masks are scored for recovery of the union. Error rates report it on its own
+line, outside the two headline rates.
+
+``entangled`` (:mod:`entangled`): one part computes both subroutines in the same units, verified
+exhaustively (every unit needed by both; no subset of units separates A from B by more than the
+margin); expected verdict "not compositional".
 
 ``random_init``: a randomly initialised model of the joined architecture (dense, like any
 random-init control); no truth, expected verdict "not compositional".
@@ -52,7 +70,14 @@ from subroutine_circuits.groundtruth.prune import (
     greedy_prune,
 )
 
-KINDS = ("modular", "redundant", "random_init")
+KINDS = ("modular", "redundant", "entangled", "random_init")
+#: The verdict each kind should get under Break It Down (see the module docstring).
+EXPECTED = {
+    "modular": "compositional",
+    "redundant": "compositional",
+    "entangled": "not compositional",
+    "random_init": "not compositional",
+}
 
 
 @dataclass
@@ -75,7 +100,14 @@ class PlantedConfig:
             the composite alone).
         fit_scale: fit the block-A scale of the join on composite training problems.
         scale_grid: multipliers of the norm-equalising scale tried by the fit.
-        fit_problems: composite training problems used by the fit.
+        fit_problems: composite training problems used by the fit (and the mean-ablation
+            reference of the truth checks).
+        ablation: the experiment's ablation (``"mean"`` or ``"zero"``) the truth is checked with.
+        entangled_steps, entangled_lr, entangled_drop, entangled_weight: the anti-selectivity
+            fine-tuning of entangled models (``entangled`` module).
+        entangled_tries: draws of an entangled part before giving up.
+        entangled_margin: largest selectivity of any unit subset of an entangled model.
+        entangled_max_units: largest entangled model (its ``2**n`` subsets are checked).
     """
 
     task: str = "agreement_singular"
@@ -100,6 +132,14 @@ class PlantedConfig:
     fit_scale: bool = True
     scale_grid: tuple[float, ...] = (0.5, 0.71, 1.0, 1.41, 2.0)
     fit_problems: int = 200
+    ablation: str = "mean"
+    entangled_steps: int = 300
+    entangled_lr: float = 1e-3
+    entangled_drop: float = 0.5
+    entangled_weight: float = 1.0
+    entangled_tries: int = 3
+    entangled_margin: float = 0.05
+    entangled_max_units: int = 10
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -112,6 +152,18 @@ class PlantedConfig:
         if self.prune_loss_tol < 0:
             raise ValueError(
                 f"PlantedConfig.prune_loss_tol must be >= 0, got {self.prune_loss_tol}"
+            )
+        if self.ablation not in ("mean", "zero"):
+            raise ValueError(
+                f"PlantedConfig.ablation must be 'mean' or 'zero', got {self.ablation!r}"
+            )
+        for name in ("entangled_steps", "entangled_tries", "entangled_max_units"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"PlantedConfig.{name} must be an int >= 1, got {v!r}")
+        if not 0 <= self.entangled_drop < 1:
+            raise ValueError(
+                f"PlantedConfig.entangled_drop must be in [0, 1), got {self.entangled_drop}"
             )
         if not self.scale_grid or any(not g > 0 for g in self.scale_grid):
             raise ValueError(f"PlantedConfig.scale_grid must be positive, got {self.scale_grid}")
@@ -164,6 +216,12 @@ class PlantedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     necessity: dict[Unit, tuple[float, float]] = field(default_factory=dict)
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def expected(self) -> str:
+        """The verdict this kind of model should get (:data:`EXPECTED`)."""
+        return EXPECTED[self.kind]
 
     @property
     def subroutines(self) -> tuple[str, ...]:
@@ -174,7 +232,7 @@ class PlantedModel:
         """Planted units of ``subroutine`` as a boolean vector aligned with ``units``.
 
         ``units``: a ``masks.UnitMap`` (anything with ``.units()``), a list of ``(layer, kind,
-        index)``, or ``None`` for every head and neuron in ``UnitMap.from_model`` order.
+        index)``, or ``None`` for every head and neuron in ``tl_unit_map`` order.
         Raises ``ValueError`` for a model kind without a truth or an unknown subroutine.
         """
         if self.truth is None:
@@ -186,7 +244,7 @@ class PlantedModel:
         return truth_vector(self.truth[subroutine], units if units is not None else self.units())
 
     def units(self) -> list[Unit]:
-        """Every head and neuron of the model, in ``UnitMap.from_model`` order."""
+        """Every head and neuron of the model, in ``tl_unit_map`` order."""
         return all_units(self.model)
 
     def summary(self) -> dict[str, Any]:
@@ -200,6 +258,10 @@ class PlantedModel:
             if self.truth is None
             else {k: len(v) for k, v in self.truth.items()},
             "layout": None if self.layout is None else self.layout.to_dict(),
+            "parts": {
+                k: {"n_units": len(v["units"]), "computes": list(v["computes"])}
+                for k, v in self.parts.items()
+            },  # fmt: skip
             "scale_a": self.scale_a,
             "metrics": self.metrics,
             "seconds": self.seconds,
@@ -350,8 +412,16 @@ def build_modular(
 def build_redundant(
     seed: int, cfg: PlantedConfig | None = None, splits: dict | None = None
 ) -> PlantedModel:
-    """A redundant planted model: both blocks trained on the composite task (other seeds)."""
+    """A redundant planted model: two copies of A (and two of B) in disjoint units."""
     return _build_joined("redundant", seed, cfg, splits)
+
+
+def _part_units(kept: set[Unit], *steps: tuple[BlockLayout, str]) -> frozenset[Unit]:
+    """A part's kept units mapped through nested joins (``(layout, block)`` innermost first)."""
+    out = set(kept)
+    for lay, block in steps:
+        out = {_to_joined(u, lay, block) for u in out}
+    return frozenset(out)
 
 
 def _build_joined(kind: str, seed: int, cfg: PlantedConfig | None, splits) -> PlantedModel:
@@ -361,31 +431,46 @@ def _build_joined(kind: str, seed: int, cfg: PlantedConfig | None, splits) -> Pl
     task, tok, splits = _data(cfg, seed, splits)
     pa, pb = task.predicates
     if kind == "modular":
-        kinds = ([f"sub_{pa}"], [f"sub_{pb}"])
-    else:  # each block computes both subroutines (and solves their own problems)
-        both = ["composite", f"sub_{pa}", f"sub_{pb}"] if cfg.redundant_on_subs else ["composite"]
-        kinds = (both, both)
-    offset = 0 if kind == "modular" else 500
-    part_a, info_a = _train_part(cfg, kinds[0], 1000 * seed + offset + 1, tok, splits)
-    part_b, info_b = _train_part(cfg, kinds[1], 1000 * seed + offset + 2, tok, splits)
+        part_a, info_a = _train_part(cfg, [f"sub_{pa}"], 1000 * seed + 1, tok, splits)
+        part_b, info_b = _train_part(cfg, [f"sub_{pb}"], 1000 * seed + 2, tok, splits)
+        steps: dict[str, tuple] = {"A": (info_a, ()), "B": (info_b, ())}
+        computes = {"A": (pa,), "B": (pb,)}
+    else:  # two independently trained copies of each subroutine's part, joined pairwise
+        copies = {}
+        for i, (name, p) in enumerate((("A1", pa), ("A2", pa), ("B1", pb), ("B2", pb))):
+            copies[name] = _train_part(cfg, [f"sub_{p}"], 1000 * seed + 501 + i, tok, splits)
+        part_a = join_models(copies["A1"][0], copies["A2"][0])
+        part_b = join_models(copies["B1"][0], copies["B2"][0])
+        lay_a = layout_of(copies["A1"][0], copies["A2"][0])
+        lay_b = layout_of(copies["B1"][0], copies["B2"][0])
+        steps = {
+            "A1": (copies["A1"][1], ((lay_a, "A"),)),
+            "A2": (copies["A2"][1], ((lay_a, "B"),)),
+            "B1": (copies["B1"][1], ((lay_b, "A"),)),
+            "B2": (copies["B2"][1], ((lay_b, "B"),)),
+        }
+        computes = {"A1": (pa,), "A2": (pa,), "B1": (pb,), "B2": (pb,)}
     scale, fit = _fit_scale(part_a, part_b, cfg, tok, splits)
     model = join_models(part_a, part_b, scale_a=scale)
     lay = layout_of(part_a, part_b)
-    truth = None
-    kept_a, kept_b = info_a.pop("kept"), info_b.pop("kept")
-    nec_a, nec_b = info_a.pop("necessity"), info_b.pop("necessity")
-    necessity = {_to_joined(u, lay, "A"): v for u, v in nec_a.items()}
-    necessity.update({_to_joined(u, lay, "B"): v for u, v in nec_b.items()})
-    if kind == "modular":
-        truth = {
-            pa: frozenset(_to_joined(u, lay, "A") for u in kept_a),
-            pb: frozenset(_to_joined(u, lay, "B") for u in kept_b),
-        }
-    metrics = {"part_a": info_a, "part_b": info_b, "scale_fit": fit}
+    parts: dict[str, dict[str, Any]] = {}
+    necessity: dict[Unit, tuple[float, float]] = {}
+    metrics: dict[str, Any] = {"scale_fit": fit}
+    for name, (info, inner) in steps.items():
+        path = (*inner, (lay, name[0]))
+        units = _part_units(info.pop("kept"), *path)
+        necessity.update({next(iter(_part_units({u}, *path))): v
+                          for u, v in info.pop("necessity").items()})  # fmt: skip
+        parts[name] = {"units": units, "computes": computes[name]}
+        metrics[f"part_{name}"] = info
+    truth = {
+        p: frozenset().union(*(v["units"] for v in parts.values() if p in v["computes"]))
+        for p in (pa, pb)
+    }
     metrics["joined"] = describe(model, task, tok, splits, lay)
     return PlantedModel(
         kind, seed, model, task, tok, splits, truth, lay, scale, metrics,
-        time.perf_counter() - t0, necessity,
+        time.perf_counter() - t0, necessity, parts,
     )  # fmt: skip
 
 
@@ -441,6 +526,10 @@ def build_planted(
         return build_redundant(seed, cfg, splits)
     if kind == "random_init":
         return build_random(seed, cfg, splits)
+    if kind == "entangled":
+        from subroutine_circuits.groundtruth.entangled import build_entangled
+
+        return build_entangled(seed, cfg, splits)
     raise ValueError(f"unknown planted model kind {kind!r}; choose one of {list(KINDS)}")
 
 
@@ -449,3 +538,79 @@ def block_units(planted: PlantedModel, block: str) -> Sequence[Unit]:
     if planted.layout is None:
         raise ValueError(f"a {planted.kind!r} planted model has no blocks")
     return sorted(planted.layout.units(block))
+
+
+# ----------------------------------------------------------------------------------- caching
+def _units_json(units: Any) -> list[list[Any]]:
+    return [list(u) for u in sorted(units)]
+
+
+def _units_from(rows: Any) -> frozenset[Unit]:
+    return frozenset((int(a), str(b), int(c)) for a, b, c in rows)
+
+
+def save_planted(planted: PlantedModel, directory: Any, config: dict | None = None) -> None:
+    """Write ``planted`` (weights, vocabulary, truth, parts, metrics) as a checkpoint folder.
+
+    ``config``: the build settings, stored so that :func:`load_planted` can refuse a cache
+    built with other settings."""
+    from subroutine_circuits.models import save_checkpoint
+
+    info = {
+        "kind": planted.kind,
+        "seed": planted.seed,
+        "task": planted.task.name,
+        "truth": None if planted.truth is None
+        else {k: _units_json(v) for k, v in planted.truth.items()},
+        "parts": {k: {"units": _units_json(v["units"]), "computes": list(v["computes"])}
+                  for k, v in planted.parts.items()},
+        "layout": None if planted.layout is None else planted.layout.to_dict(),
+        "scale_a": planted.scale_a,
+        "metrics": _jsonable(planted.metrics),
+        "seconds": planted.seconds,
+        "necessity": [[*u, *v] for u, v in sorted(planted.necessity.items())],
+        "config": config,
+    }  # fmt: skip
+    save_checkpoint(directory, planted.model, planted.tokenizer, {"planted": info})
+
+
+def load_planted(directory: Any, task: Any, splits: dict, config: dict | None = None):
+    """The :class:`PlantedModel` saved by :func:`save_planted` (``None`` if there is none or it
+    was built with another ``config``)."""
+    from pathlib import Path
+
+    from subroutine_circuits.models import load_checkpoint
+
+    if not (Path(directory) / "meta.json").is_file():
+        return None
+    model, tok, meta = load_checkpoint(directory)
+    info = meta.get("planted")
+    if info is None or info.get("config") != _jsonable(config) or info["task"] != task.name:
+        return None
+    truth = info["truth"]
+    return PlantedModel(
+        info["kind"], int(info["seed"]), model, task, tok, splits,
+        None if truth is None else {k: _units_from(v) for k, v in truth.items()},
+        None if info["layout"] is None else BlockLayout(**info["layout"]),
+        float(info["scale_a"]), info["metrics"], float(info["seconds"]),
+        {(int(r[0]), str(r[1]), int(r[2])): (float(r[3]), float(r[4]))
+         for r in info["necessity"]},
+        {k: {"units": _units_from(v["units"]), "computes": tuple(v["computes"])}
+         for k, v in info["parts"].items()},
+    )  # fmt: skip
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON values (tuple keys become strings, tuples lists, tensors numbers)."""
+    import json
+
+    if isinstance(x, dict):
+        return {(k if isinstance(k, str) else str(k)): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    json.dumps(x)  # raises on anything else
+    return x

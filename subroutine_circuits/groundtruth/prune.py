@@ -31,7 +31,7 @@ HOOKS = {"head": "blocks.{layer}.attn.hook_z", "neuron": "blocks.{layer}.mlp.hoo
 
 
 def all_units(model: Any) -> list[Unit]:
-    """Every head and MLP neuron of a ``HookedTransformer``, in ``UnitMap.from_model`` order."""
+    """Every head and MLP neuron of a ``HookedTransformer``, in ``tl_unit_map`` order."""
     cfg = model.cfg
     out: list[Unit] = []
     for layer in range(cfg.n_layers):

@@ -136,7 +136,7 @@ def groundtruth_row(
 
     ``planted``: a ``PlantedModel``; ``scores``: one score per unit of ``units`` (a
     ``masks.UnitMap`` or a list of ``(layer, kind, index)``; default every head and neuron in
-    ``UnitMap.from_model`` order); ``kept``: the method's kept set over the same units (``None``:
+    ``tl_unit_map`` order); ``kept``: the method's kept set over the same units (``None``:
     precision and recall are NaN). For planted kinds without a unit-level truth (redundant,
     random-init) ``roc_auc``, ``precision`` and ``recall`` are NaN; the row still carries the
     verdict.
@@ -196,21 +196,60 @@ def mask_row(planted: Any, subroutine: str, mask: Any, verdict: Any = None) -> d
     )
 
 
-def error_rates(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Verdict error rates over rows with a boolean ``verdict`` (others are ignored).
+def _verdict_of(v: Any) -> str | None:
+    """``"compositional"`` / ``"not compositional"`` for a usable run's verdict (a string of
+    ``analysis.inference.run_verdict`` or a bool), ``None`` for anything else ("search failed",
+    "excluded", missing)."""
+    if isinstance(v, str):
+        return v if v in ("compositional", "not compositional") else None
+    if isinstance(v, bool) or (hasattr(v, "dtype") and str(v.dtype) == "bool"):
+        return "compositional" if bool(v) else "not compositional"
+    return None
 
-    ``missed_compositional``: share of modular-model rows not called compositional;
-    ``false_compositional``: share of redundant / random-init rows called compositional.
+
+def error_rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Verdict error rates over the usable runs among ``rows`` (others are ignored).
+
+    A row needs ``model_kind`` and ``verdict`` (see :func:`_verdict_of`). The expected verdict
+    of each kind is ``planted.EXPECTED`` (a row's own ``expected`` wins when present).
+
+    - ``missed_compositional``: share of *modular* runs not called compositional;
+    - ``false_compositional``: share of runs of kinds expected "not compositional" (entangled,
+      random-init) called compositional;
+    - ``per_kind``: for every kind, ``n`` usable runs, ``n_compositional`` and ``error`` (the
+      share whose verdict differs from the expected one). Redundant models (expected
+      compositional: the union of both copies is each subroutine's subnetwork) are reported
+      here and kept out of the two headline rates, which stay comparable with the issue's
+      acceptance targets.
     """
-    mod = [r["verdict"] for r in rows if r["model_kind"] == "modular" and _is_bool(r["verdict"])]
-    non = [r["verdict"] for r in rows if r["model_kind"] != "modular" and _is_bool(r["verdict"])]
+    from subroutine_circuits.groundtruth.planted import EXPECTED
+
+    per_kind: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        v = _verdict_of(r.get("verdict"))
+        if v is None:
+            continue
+        kind = r["model_kind"]
+        expected = r.get("expected") or EXPECTED.get(kind)
+        d = per_kind.setdefault(kind, {"expected": expected, "n": 0, "n_compositional": 0})
+        d["n"] += 1
+        d["n_compositional"] += v == "compositional"
+    for d in per_kind.values():
+        wrong = (
+            d["n"] - d["n_compositional"]
+            if d["expected"] == "compositional"
+            else d["n_compositional"]
+        )
+        d["error"] = wrong / d["n"]
+    mod = per_kind.get("modular", {"n": 0, "n_compositional": 0})
+    non = [d for d in per_kind.values() if d["expected"] == "not compositional"]
+    n_non = sum(d["n"] for d in non)
     return {
-        "missed_compositional": (sum(not v for v in mod) / len(mod)) if mod else math.nan,
-        "false_compositional": (sum(bool(v) for v in non) / len(non)) if non else math.nan,
-        "n_modular": len(mod),
-        "n_non_compositional": len(non),
+        "missed_compositional": (1 - mod["n_compositional"] / mod["n"]) if mod["n"] else math.nan,
+        "false_compositional": (sum(d["n_compositional"] for d in non) / n_non)
+        if n_non
+        else math.nan,
+        "n_modular": mod["n"],
+        "n_non_compositional": n_non,
+        "per_kind": per_kind,
     }
-
-
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool) or (hasattr(v, "dtype") and str(v.dtype) == "bool")

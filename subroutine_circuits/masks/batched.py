@@ -495,7 +495,9 @@ def _ooo_scores_nosync(
     if hasattr(model, "encoder_output") and hasattr(model, "mlm_head"):
         resid = model.encoder_output(flat, None, (~pad).long())
     else:
-        resid = model.ln_final(model(flat, stop_at_layer=model.cfg.n_layers))
+        resid = model(flat, stop_at_layer=model.cfg.n_layers)
+        ln_final = getattr(model, "ln_final", None)  # None: normalization_type=None models
+        resid = ln_final(resid) if ln_final is not None else resid
     emb = pool_positions(resid, flat_len, pool)
     return ooo_scores(emb.view(b, n_stim, -1))
 

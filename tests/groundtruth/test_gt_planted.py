@@ -75,9 +75,9 @@ def test_modular_truth_is_block_structured(modular):
     # kept only to give each layer the same width
     vec = modular.truth_vector(a)
     assert vec.shape == (len(all_units(modular.model)),) and int(vec.sum()) == len(ta)
-    from subroutine_circuits.masks import UnitMap
+    from subroutine_circuits.adapters.transformer_lens import tl_unit_map
 
-    um = UnitMap.from_model(modular.model)
+    um = tl_unit_map(modular.model)
     assert um.units() == modular.units()
     assert torch.equal(modular.truth_vector(a, um), vec)
     with pytest.raises(ValueError, match="subroutine"):
@@ -92,7 +92,7 @@ def test_modular_blocks_compute_their_subroutine(modular):
     # block A alone solves A's partition and not B's; block B the reverse
     assert m[f"onlyA_partition_{a}"] >= 0.9 and m[f"onlyA_partition_{b}"] <= 0.45
     assert m[f"onlyB_partition_{b}"] >= 0.9 and m[f"onlyB_partition_{a}"] <= 0.45
-    for part in ("part_a", "part_b"):
+    for part in ("part_A", "part_B"):
         info = modular.metrics[part]
         assert info["val_acc_pruned"] >= 0.9
         assert info["n_kept"] < info["n_units"]
@@ -127,13 +127,15 @@ def test_greedy_prune_removes_dead_units_and_keeps_only_needed_ones(modular):
 
 
 def test_mask_from_existing_engine_recovers_block(modular):
+    from subroutine_circuits.adapters import as_adapter
     from subroutine_circuits.experiment.config import MaskSearchConfig
     from subroutine_circuits.experiment.search import encode, train_mask
     from subroutine_circuits.groundtruth.scoring import mask_row
 
     a = modular.subroutines[0]
-    train = encode(modular.splits["train"][f"sub_{a}"], modular.tokenizer)
-    mask = train_mask(modular.model, train, MaskSearchConfig(), {}, seed=0, pool="last")
+    adapter = as_adapter(modular.model, tokenizer=modular.tokenizer, pool="last")
+    train = encode(adapter, modular.splits["train"][f"sub_{a}"])
+    mask = train_mask(adapter, train, MaskSearchConfig(), {}, seed=0)
     row = mask_row(modular, a, mask)
     assert row["roc_auc"] >= 0.95
     assert row["precision"] >= 0.8 and row["recall"] >= 0.8
@@ -148,19 +150,24 @@ def test_joined_model_round_trips_through_checkpoint(modular, tmp_path):
     torch.testing.assert_close(loaded(tokens), modular.model(tokens))
 
 
-def test_redundant_blocks_each_solve_the_composite():
+def test_redundant_model_holds_two_disjoint_copies_of_each_subroutine():
     p = build_redundant(0, SMALL)
-    assert p.truth is None
-    m = p.metrics["joined"]
-    assert m["full_composite"] >= 0.9
-    # no single block is necessary: either block alone still solves both partitions far above
-    # chance (0.25); alone it is below the joined model because the ablated block still adds
-    # its embeddings to the readout
-    for only in ("onlyA", "onlyB"):
-        for sub in p.subroutines:
-            assert m[f"{only}_partition_{sub}"] >= 0.6
-    with pytest.raises(ValueError, match="ground truth"):
-        p.truth_vector(p.subroutines[0])
+    a, b = p.subroutines
+    assert set(p.parts) == {"A1", "A2", "B1", "B2"}
+    # the truth of A is the union of its two copies, disjoint from B's
+    assert p.truth[a] == p.parts["A1"]["units"] | p.parts["A2"]["units"]
+    assert not (p.parts["A1"]["units"] & p.parts["A2"]["units"])
+    assert not (p.truth[a] & p.truth[b])
+    assert p.expected == "compositional"
+    # redundancy, measured independently with plain zero-ablation hooks: either copy of A
+    # alone (the other copy and all of B ablated) solves sub_A; ablating both copies does not
+    data = Encoded.of(p.splits["val"][f"sub_{a}"], p.tokenizer)
+    every = set(all_units(p.model))
+    acc_1, _ = _hand_eval(p.model, data, every - p.parts["A1"]["units"])
+    acc_2, _ = _hand_eval(p.model, data, every - p.parts["A2"]["units"])
+    acc_none, _ = _hand_eval(p.model, data, p.truth[a])
+    assert acc_1 >= 0.8 and acc_2 >= 0.8
+    assert acc_none <= 0.45
 
 
 def test_random_init_and_bad_kind(modular):
@@ -170,6 +177,6 @@ def test_random_init_and_bad_kind(modular):
     assert r.model.cfg.n_heads == modular.model.cfg.n_heads
     assert r.metrics["joined"]["full_composite"] <= 0.45
     with pytest.raises(ValueError, match="kind"):
-        build_planted("entangled", 0, SMALL)
+        build_planted("nope", 0, SMALL)
     with pytest.raises(ValueError, match="n_train"):
         build_planted("modular", 0, PlantedConfig(n_train=0))

@@ -1,0 +1,239 @@
+"""Truth checks under the experiment's ablation, the entanglement check, caching of planted
+models, the stage hook for a given base model, and ``validate`` end to end on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from subroutine_circuits.groundtruth.planted import (
+    PlantedConfig,
+    build_modular,
+    build_random,
+    load_planted,
+    save_planted,
+)
+from subroutine_circuits.groundtruth.prune import all_units
+from subroutine_circuits.groundtruth.truth import (
+    AblationEvaluator,
+    subset_selectivity,
+    truth_check,
+    unit_necessity,
+)
+
+SMALL = PlantedConfig(n_train=200)
+
+
+@pytest.fixture(scope="module")
+def modular():
+    torch.set_num_threads(1)
+    return build_modular(0, SMALL)
+
+
+def test_batched_mean_ablation_matches_the_unit_mask_engine(modular):
+    """The batched evaluator equals the experiment's own UnitMask (position-aware mean)."""
+    ref = modular.splits["train"]["composite"][:60]
+    ev = AblationEvaluator(modular.model, modular.tokenizer, "mean", ref)
+    units = all_units(modular.model)
+    configs = [set(), {units[0]}, set(units[::3]), set(units)]
+    problems = modular.splits["val"]["composite"][:25]
+    accs, losses = ev.evaluate(problems, configs, max_rows=60)  # several passes
+    data = ev.adapter.encode_problems(problems)
+    for c, acc, loss in zip(configs, accs, losses):
+        mask = ev.base.fixed_like(ev.keep_vector(c))
+        with torch.no_grad(), mask.applied(modular.model):
+            logits = ev.adapter.ooo_logits(data.inputs)
+        assert acc == pytest.approx(float((logits.argmax(-1) == data.odd).float().mean()))
+        assert loss == pytest.approx(float(F.cross_entropy(logits, data.odd)), rel=1e-4)
+    # mean ablation of everything is not zero ablation of everything
+    zero = AblationEvaluator(modular.model, modular.tokenizer, "zero")
+    assert zero.evaluate(problems, [set(units)])[1] != pytest.approx(losses[-1])
+    with pytest.raises(ValueError, match="reference"):
+        AblationEvaluator(modular.model, modular.tokenizer, "mean", [])
+    with pytest.raises(ValueError, match="ablation"):
+        AblationEvaluator(modular.model, modular.tokenizer, "resample", ref)
+
+
+def test_subset_selectivity_catches_a_modular_model(modular):
+    """On units of both blocks of a modular model some subset breaks A and spares B: the
+    entanglement check must reject it; the numbers equal one evaluation per subset."""
+    a, b = modular.subroutines
+    ev = AblationEvaluator(modular.model, modular.tokenizer, "zero")
+    units = sorted(modular.truth[a]) + sorted(modular.truth[b])[:1]
+    parts = {p: modular.splits["val"][f"partition_{p}"][:60] for p in (a, b)}
+    sel = subset_selectivity(ev, parts, units, max_units=12)
+    assert sel["n_subsets"] == 2 ** len(units) - 1
+    best = set(sel[f"most_selective_{a}"])
+    (acc_a,), _ = ev.evaluate(parts[a], [best])
+    (acc_b,), _ = ev.evaluate(parts[b], [best])
+    assert sel[f"max_selectivity_{a}"] == pytest.approx(max(acc_b, 0.25) - max(acc_a, 0.25))
+    assert sel[f"max_selectivity_{a}"] > 0.3  # ablating A's units breaks A only
+    with pytest.raises(ValueError, match="max_units"):
+        subset_selectivity(ev, parts, all_units(modular.model), max_units=10)
+
+
+def test_truth_check_agrees_with_per_unit_necessity(modular):
+    """Each planted unit matters under zero and under mean ablation (the truth is the same for
+    both), and the check's minimum is the minimum of an independent per-unit computation."""
+    check = truth_check(modular, SMALL)
+    assert set(check) == {"mean", "zero"}
+    a = modular.subroutines[0]
+    ev = AblationEvaluator(modular.model, modular.tokenizer, "zero")
+    rest = set(all_units(modular.model)) - modular.parts["A"]["units"]
+    probs = modular.splits["val"][f"sub_{a}"]
+    (_,), (base,) = ev.evaluate(probs, [rest])
+    effects = [ev.evaluate(probs, [rest | {u}])[1][0] - base for u in modular.parts["A"]["units"]]
+    assert check["zero"]["min_loss_necessity"] <= min(effects) + 1e-6
+    assert check["zero"]["n_checked"] == len(modular.truth[a]) + len(
+        modular.truth[modular.subroutines[1]]
+    )
+    for abl in ("zero", "mean"):
+        assert check[abl]["ok"] == (check[abl]["n_below"] == 0)
+    nec = unit_necessity(ev, probs, sorted(modular.truth[a]))
+    assert len(nec) == len(modular.truth[a])
+
+
+def test_planted_model_cache_round_trip(modular, tmp_path):
+    save_planted(modular, tmp_path / "m", {"k": 1})
+    assert load_planted(tmp_path / "m", modular.task, modular.splits, {"k": 2}) is None
+    loaded = load_planted(tmp_path / "m", modular.task, modular.splits, {"k": 1})
+    assert loaded.truth == modular.truth and loaded.parts == modular.parts
+    assert loaded.layout == modular.layout and loaded.expected == "compositional"
+    tokens = torch.randint(1, modular.tokenizer.vocab_size, (2, 6))
+    torch.testing.assert_close(loaded.model(tokens), modular.model(tokens))
+    assert load_planted(tmp_path / "none", modular.task, modular.splits) is None
+
+
+def test_error_rates_use_expected_verdicts():
+    from subroutine_circuits.groundtruth.scoring import error_rates
+
+    rows = [
+        {"model_kind": "modular", "verdict": "compositional"},
+        {"model_kind": "modular", "verdict": "not compositional"},
+        {"model_kind": "modular", "verdict": "search failed"},  # not usable: ignored
+        {"model_kind": "redundant", "verdict": "not compositional"},
+        {"model_kind": "entangled", "verdict": "compositional"},
+        {"model_kind": "random_init", "verdict": "not compositional"},
+        {"model_kind": "random_init", "verdict": "excluded"},
+    ]
+    r = error_rates(rows)
+    assert r["missed_compositional"] == 0.5 and r["n_modular"] == 2
+    assert r["false_compositional"] == 0.5 and r["n_non_compositional"] == 2
+    assert r["per_kind"]["redundant"]["error"] == 1.0
+    assert math.isnan(error_rates([])["false_compositional"])
+
+
+def test_validate_end_to_end_and_resumes(tmp_path, monkeypatch):
+    """Tiny settings: every row is scored against the truth from the stored masks / patching
+    scores; a second call loads everything (no planted model is rebuilt, no mask retrained)."""
+    from subroutine_circuits.experiment import validate as V
+    from subroutine_circuits.groundtruth.scoring import mask_unit_scores, score_units
+    from subroutine_circuits.masks import load_mask
+    from subroutine_circuits.store import RunStore
+
+    cfg = V.ValidateConfig(
+        seeds=(0,), kinds=("modular", "random_init"), mask_seeds=(0,), n_train=160, n_val=60,
+        n_test=60, patching_pairs=8, progress=False,
+        experiment={"mask": {"steps": 40, "grid": [{"l0_weight": 0.5}]}},
+    )  # fmt: skip
+    df = V.validate(tmp_path, cfg=cfg)
+    assert list(df.columns[: len(V.COLUMNS)]) == list(V.COLUMNS)
+    mod = df[(df.model_kind == "modular") & (df.method == "mask")]
+    assert len(mod) == 2 and set(mod.expected) == {"compositional"}
+    assert mod.verdict.isin(["compositional", "not compositional", "search failed"]).all()
+    assert set(df[df.model_kind == "modular"].method) == {"mask", "activation", "attribution"}
+    rnd = df[df.model_kind == "random_init"]
+    assert set(rnd.method) == {"mask"} and rnd.roc_auc.isna().all()
+    # the mask AUC equals an independent computation from the stored mask and planted truth
+    store = RunStore(tmp_path / "runs" / "modular")
+    planted = load_planted(tmp_path / "planted" / "modular_s0", *_task_splits(cfg), _key(cfg))
+    run = next(r for r in store.read_runs() if r["subroutine"] == mod.iloc[0].subroutine)
+    mask = load_mask(store.resolve(run["mask_path"]))
+    truth = planted.truth_vector(run["subroutine"], mask.unit_map)
+    assert mod.iloc[0].roc_auc == pytest.approx(score_units(mask_unit_scores(mask), truth))
+    # the fallback randabl_p (batched) equals a one-mask-at-a-time computation
+    assert mod.iloc[0].randabl_p == pytest.approx(_loop_randabl_p(planted, store, run, cfg))
+    assert (tmp_path / "groundtruth.csv").is_file()
+    rates = json.loads((tmp_path / "error_rates.json").read_text())["rates"]
+    assert rates["n_modular"] + rates["n_non_compositional"] <= 4
+    assert (
+        "False &#x27;compositional&#x27;" in (tmp_path / "report.html").read_text()
+        or "False 'compositional'" in (tmp_path / "report.html").read_text()
+    )
+    # resume: nothing is rebuilt or retrained
+    monkeypatch.setattr("subroutine_circuits.groundtruth.planted.build_planted", _fail)
+    monkeypatch.setattr("subroutine_circuits.experiment.stages.mask_search_stage", _fail)
+    df2 = V.validate(tmp_path, cfg=cfg)
+    pd.testing.assert_frame_equal(df.reset_index(drop=True), df2.reset_index(drop=True))
+
+
+def _loop_randabl_p(planted, store, run, vcfg):
+    """Independent randabl_p: each matched draw ablated by its own UnitMask (mean ablation over
+    the subroutine's training problems, as evaluate.py does for the learned mask)."""
+    from subroutine_circuits.adapters import as_adapter
+    from subroutine_circuits.analysis.inference import randabl_p
+    from subroutine_circuits.experiment import validate as V
+    from subroutine_circuits.masks import UnitMask, load_mask
+    from subroutine_circuits.masks.batched import matched_random_masks
+
+    ad = as_adapter(planted.model, tokenizer=planted.tokenizer, pool="last")
+    mask = load_mask(store.resolve(run["mask_path"]), ad)
+    keep = mask.flat_binary().bool()
+    draws = matched_random_masks(mask.unit_map, keep, V.N_RANDOM, int(run["mask_seed"]) + 10_000)
+    ref = ad.encode_problems(planted.splits["train"][f"sub_{run['subroutine']}"])
+    diffs = []
+    for d in draws:
+        m = UnitMask.fixed(mask.unit_map, ~d, ablation="mean")
+        m.set_mean(ad, ref.flat_inputs())
+        accs = [
+            max(ad.accuracy(ad.encode_problems(planted.splits["test"][f"partition_{p}"]), m), 0.25)
+            for p in (run["subroutine"], run["other"])
+        ]
+        diffs.append(accs[0] - accs[1])
+    return randabl_p(run["abl_diff"], diffs)
+
+
+def _fail(*a, **k):
+    raise AssertionError("recomputed on resume")
+
+
+def _task_splits(cfg):
+    from subroutine_circuits.experiment import validate as V
+    from subroutine_circuits.experiment.data import prepare
+
+    prep = prepare(V.experiment_config(cfg))
+    return prep.task, prep.splits
+
+
+def _key(cfg):
+    from subroutine_circuits.experiment import validate as V
+
+    exp = V.experiment_config(cfg)
+    pcfg = V.planted_config(cfg, exp)
+    return {"planted": pcfg.to_dict(), "data": exp.data.to_dict(), "task": cfg.task}
+
+
+def test_stage_uses_a_given_base_model(tmp_path):
+    """``base_model_stage(..., given=)`` studies the given model and stores it for resumption."""
+    from subroutine_circuits.experiment import validate as V
+    from subroutine_circuits.experiment.data import prepare
+    from subroutine_circuits.experiment.jobs import BaseModelJob
+    from subroutine_circuits.experiment.stages import base_model_stage
+    from subroutine_circuits.store import RunStore
+
+    cfg = V.experiment_config(V.ValidateConfig(n_train=60, n_val=20, n_test=20))
+    prep = prepare(cfg)
+    r = build_random(3, SMALL, splits=prep.splits)
+    store = RunStore(tmp_path)
+    job = BaseModelJob(cfg, str(tmp_path), prep.label, "random_init", 3)
+    base = base_model_stage(job, prep, store, given=(r.model, {"note": "planted"}))
+    assert base.adapter.model is r.model and base.meta["note"] == "planted"
+    assert store.has_model(job.key)
+    again = base_model_stage(job, prep, store)  # loaded from the store, same weights
+    tokens = torch.randint(1, r.tokenizer.vocab_size, (2, 5))
+    torch.testing.assert_close(again.adapter.model(tokens), r.model(tokens))
