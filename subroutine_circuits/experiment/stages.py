@@ -252,11 +252,13 @@ def run_base_model_job(
     model's composite accuracy.
     """
     with collect_stage_times() as stage_times:
-        info = _run_base_model(job, prep if prep is not None else prepare(job.cfg))
+        info = _run_base_model(job, prep if prep is not None else prepare(job.cfg), given)
     return {**info, "stage_times": dict(stage_times)}
 
 
-def _run_base_model(job: BaseModelJob, prep: Prepared) -> dict[str, Any]:
+def _run_base_model(
+    job: BaseModelJob, prep: Prepared, given: tuple[Any, dict] | None = None
+) -> dict[str, Any]:
     """The body of :func:`run_base_model_job` (its stage times are collected by the caller)."""
     store = RunStore(job.store)
     timings: dict[str, float] = {}

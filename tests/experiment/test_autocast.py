@@ -52,14 +52,22 @@ def test_bf16_autocast_mask_training_gives_the_same_verdicts(tmp_path, monkeypat
     shutil.copytree(tmp_path / "fp32" / "models", tmp_path / "bf16" / "models")
     got = run_experiment(_config("bf16"), tmp_path / "bf16", progress=False)
     assert len(ref) == len(got) == 4
-    assert ref["compositional"].any()  # a verdict that could have flipped
+    assert ref["mask_ok"].any()  # usable runs: verdicts that could have flipped
+    assert ref["verdict"].tolist() == got["verdict"].tolist()
     assert ref["compositional"].tolist() == got["compositional"].tolist()
     for col in ("sub_diff", "abl_diff", "density"):
         assert (ref[col] - got[col]).abs().max() < 0.1, col
-    for a, b in zip(ref["mask_path"], got["mask_path"]):
-        ka, kb = _kept(tmp_path / "fp32" / a), _kept(tmp_path / "bf16" / b)
-        jaccard = (ka & kb).sum().item() / max(1, (ka | kb).sum().item())
-        assert jaccard > 0.7, jaccard
+
+    def jac(a, b):
+        return (a & b).sum().item() / max(1, (a | b).sum().item())
+
+    fp32 = [_kept(tmp_path / "fp32" / a) for a in ref["mask_path"]]
+    bf16 = [_kept(tmp_path / "bf16" / b) for b in got["mask_path"]]
+    # the reference for "nearly the same units": two float32 mask seeds of one subroutine
+    # (rows 0/1 and 2/3 are the two seeds of each subroutine)
+    seed_to_seed = min(jac(fp32[0], fp32[1]), jac(fp32[2], fp32[3]))
+    for a, b in zip(fp32, bf16):
+        assert jac(a, b) >= seed_to_seed - 0.05, (jac(a, b), seed_to_seed)
     # and bf16 really ran: the masks are not bit-identical to the float32 ones
     assert not ref[["sub_target_acc", "abl_target_acc", "density"]].equals(
         got[["sub_target_acc", "abl_target_acc", "density"]]
