@@ -1,10 +1,11 @@
 """Ground truth: planted models whose subnetworks are known, and scores against them.
 
 ``join`` puts two TransformerLens parts side by side in one ordinary ``HookedTransformer``;
-``prune`` defines each part's planted units; ``planted`` builds modular, redundant and
-random-init models; ``scoring`` turns a method's unit scores into ROC AUC, precision and recall
-(the rows of ``groundtruth.csv``). Names are imported lazily (torch and TransformerLens load on
-first use).
+``prune`` defines each part's planted units; ``planted`` builds modular, redundant, entangled
+and random-init models (and caches them); ``truth`` re-checks a truth under the experiment's
+ablation; ``entangled`` trains and checks entanglement; ``scoring`` turns a method's unit
+scores into ROC AUC, precision and recall (the rows of ``groundtruth.csv``). Names are imported
+lazily (torch and TransformerLens load on first use).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ _EXPORTS: dict[str, str] = {
     "build_modular": "planted",
     "build_redundant": "planted",
     "build_random": "planted",
+    "build_entangled": "planted",
+    "EXPECTED": "planted",
+    "save_planted": "planted",
+    "load_planted": "planted",
+    "AblationEvaluator": "truth",
+    "truth_check": "truth",
+    "subset_selectivity": "truth",
+    "EntangledBuildError": "entangled",
     "truth_vector": "planted",
     "ROW_FIELDS": "scoring",
     "score_units": "scoring",

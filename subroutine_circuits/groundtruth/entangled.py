@@ -34,7 +34,6 @@ whose draws passes yields a "not built" row, never a verdict).
 from __future__ import annotations
 
 import random
-import time
 from typing import Any
 
 import torch
@@ -149,49 +148,3 @@ def entanglement_check(
     out["subsets_ok"] = worst <= cfg.entangled_margin
     out["passed"] = bool(out["per_unit_ok"] and out["subsets_ok"])
     return out
-
-
-def build_entangled(seed: int, cfg: Any = None, splits: dict | None = None):
-    """An entangled planted model (module docstring); raises :class:`EntangledBuildError` when
-    none of ``cfg.entangled_tries`` draws passes the check."""
-    from subroutine_circuits.groundtruth.planted import (
-        PlantedConfig,
-        PlantedModel,
-        _data,
-        _train_part,
-        describe,
-    )
-
-    cfg = cfg if cfg is not None else PlantedConfig()
-    cfg.validate()
-    t0 = time.perf_counter()
-    task, tok, splits = _data(cfg, seed, splits)
-    preds = tuple(task.predicates)
-    kinds = ["composite", *(f"sub_{p}" for p in preds)]
-    attempts = []
-    for attempt in range(cfg.entangled_tries):
-        part_seed = 1000 * seed + 700 + attempt
-        part, info = _train_part(cfg, kinds, part_seed, tok, splits)
-        live = frozenset(info.pop("kept"))
-        info.pop("necessity")
-        info["finetune"] = disentangle_penalty_finetune(
-            part, tok, splits, preds, cfg, part_seed, live
-        )
-        checks = {}
-        for a in dict.fromkeys((cfg.ablation, "zero")):
-            checks[a] = entanglement_check(part, tok, splits, preds, cfg, a, live)
-            if not checks[a]["passed"]:
-                break
-        attempts.append({"seed": part_seed, "part": info, "checks": checks})
-        if all(c["passed"] for c in checks.values()):
-            units = live
-            metrics = {"attempts": attempts, "joined": describe(part, task, tok, splits)}
-            return PlantedModel(
-                "entangled", seed, part, task, tok, splits, {p: units for p in preds}, None,
-                1.0, metrics, time.perf_counter() - t0, {},
-                {"E": {"units": units, "computes": preds}},
-            )  # fmt: skip
-    raise EntangledBuildError(
-        f"entangled model for seed {seed}: none of {cfg.entangled_tries} draws passed the "
-        f"entanglement check ({[a['checks'] for a in attempts]})"
-    )
