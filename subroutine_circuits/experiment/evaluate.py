@@ -8,7 +8,8 @@ random subnetworks with the same number of kept units per (layer, unit kind) abl
 (only this subroutine's predicate breaks the rule), the other partition, and the subroutine's
 own problems. The subnetwork's removal is also reported under the other ablations
 (``ablzero_*``, ablmean_*``, ``ablresample_*``; ``ablreinit_*`` for weight masks) as robustness
-columns; they never enter the verdict.
+columns; they never enter the verdict. A robustness column is absent when its ablation is not
+in ``ablators`` (resample needs token inputs: CNNs have no ``ablresample_*``).
 
 ``randabl_p`` (:func:`~subroutine_circuits.analysis.inference.randabl_p`) is the share of
 random draws (the learned mask counted as one) whose ``abl_diff`` is at most the learned one's:
@@ -209,9 +210,10 @@ def _fixed_acc(adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator)
         adapter.model,
         data,
         keep,
-        adapter.pool,
+        getattr(adapter, "pool", None),
         unit_map=unit_map,
         ablator=ablator.to(adapter.device),
+        adapter=adapter,  # scores inputs without tokens (images)
     )
     return [float(x) for x in got.tolist()]
 
@@ -284,14 +286,19 @@ def ablation_matrix(
     (check ``mask_val_acc`` yourself).
     """
     from subroutine_circuits.analysis.inference import COMPOSITIONAL, run_verdict
-    from subroutine_circuits.masks.ablator import ABLATIONS, reference_ablator
+    from subroutine_circuits.experiment.verdicts import supported_ablations
+    from subroutine_circuits.masks.ablator import reference_ablator
 
     run = RunToEvaluate(subroutine, other, seed, mask, True, draw_seed=seed)
     if hasattr(mask, "unit_map"):
         if reference is None and ablation != "zero":
             raise ValueError(f"{ablation} ablation needs reference problems")
-        kinds = ABLATIONS if reference is not None else ("zero",)
         flat = reference.flat_inputs() if reference is not None else {}
+        kinds = supported_ablations(flat) if reference is not None else ("zero",)
+        if ablation not in kinds:
+            raise ValueError(
+                f"{ablation} ablation needs token inputs; these inputs support {list(kinds)}"
+            )
         abls = {k: reference_ablator(adapter, mask.unit_map, flat, k, seed) for k in kinds}
         row = evaluate_unit_runs(adapter, [run], test, abls, ablation, n_random, chance)[0]
     else:

@@ -272,11 +272,12 @@ def _train_all(adapter, train, val, cfg, jobs, points, ablator, engine, progress
             [m for _, _, m in group],
             schedule,
             ablator,
-            adapter.pool,
+            getattr(adapter, "pool", None),
             data_index=[subs.index(s) for s, _, _ in group],
             noise=cfg.noise,
             autocast_dtype=autocast_dtype(autocast),
             progress=progress,
+            adapter=adapter,  # scores inputs without tokens (images)
         )
         out.update(zip(group, runs))
     return out

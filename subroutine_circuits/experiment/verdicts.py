@@ -36,14 +36,29 @@ BYPASS_PATHS = {
 }
 
 
+def supported_ablations(flat_inputs, kinds: tuple[str, ...] = ABLATIONS) -> tuple[str, ...]:
+    """The ablations of ``kinds`` that inputs like ``flat_inputs`` support: resample needs
+    token inputs (``tokens`` and ``lengths``), zero and mean work for any input (images)."""
+    tokens = "tokens" in flat_inputs and "lengths" in flat_inputs
+    return tuple(k for k in kinds if k != "resample" or tokens)
+
+
 def reference_ablators(
     adapter, cfg, reference, seed: int, kinds: tuple[str, ...] = ABLATIONS
 ) -> dict[str, Ablator]:
     """Ablators of ``kinds`` over the unit map of ``cfg.mask`` from ``reference`` problems
-    (EncodedProblems; their stimuli are the reference set)."""
+    (EncodedProblems; their stimuli are the reference set). Kinds the inputs do not support
+    (:func:`supported_ablations`: resample for images) are left out, so their robustness
+    columns are absent; ``cfg.ablation`` itself must be supported (ValueError otherwise)."""
     um = adapter.unit_map(kinds=cfg.mask.unit_kinds, layers=cfg.mask.layers)
     flat = reference.flat_inputs()
-    return {k: reference_ablator(adapter, um, flat, k, seed=seed) for k in kinds}
+    ok = supported_ablations(flat, kinds)
+    if cfg.ablation in kinds and cfg.ablation not in ok:
+        raise ValueError(
+            f"ablation = {cfg.ablation!r} needs token inputs (tokens and lengths); these inputs "
+            f"({sorted(flat)}) support {list(supported_ablations(flat))}"
+        )
+    return {k: reference_ablator(adapter, um, flat, k, seed=seed) for k in ok}
 
 
 def _all_ablated_accuracy(adapter, cfg, data, ablator: Ablator | None) -> float:
@@ -57,10 +72,18 @@ def _all_ablated_accuracy(adapter, cfg, data, ablator: Ablator | None) -> float:
         return adapter.accuracy(data, none)
     from subroutine_circuits.masks.batched import evaluate_fixed_masks
 
+    if ablator is None:
+        raise ValueError(f"no {cfg.ablation!r} ablator for the bypass check")
     um = adapter.unit_map(kinds=cfg.mask.unit_kinds, layers=cfg.mask.layers)
     keep = torch.zeros(1, um.n_units, dtype=torch.bool)
     acc = evaluate_fixed_masks(
-        adapter.model, data, keep, adapter.pool, unit_map=um, ablator=ablator.to(adapter.device)
+        adapter.model,
+        data,
+        keep,
+        getattr(adapter, "pool", None),
+        unit_map=um,
+        ablator=ablator.to(adapter.device),
+        adapter=adapter,  # scores inputs without tokens (images)
     )
     return float(acc[0])
 
@@ -79,7 +102,7 @@ def bypass_check(adapter, cfg, val: dict[str, Any], subroutines: list[str], abla
     if far:
         what = "weight" if cfg.mask.kind == "weight" else "unit"
         worst = ", ".join(f"{k} {a:.2f}" for k, a in far.items())
-        where = BYPASS_PATHS.get(adapter.pool, "a path around the masks")
+        where = BYPASS_PATHS.get(getattr(adapter, "pool", None), "a path around the masks")
         path = (
             f"with every maskable {what} ablated, accuracy stays away from chance "
             f"({cfg.chance}) on {worst}: {where}"

@@ -116,6 +116,11 @@ def check_family(cfg: Any, transformer_kinds: tuple[str, ...] = ("head", "neuron
                          f"{list(CNN_TRAIN_KEYS)}")  # fmt: skip
     if len(cfg.pretrain):
         raise ValueError("[pretrain] is for language models; a CNN's pretraining is [simclr]")
+    if cfg.ablation == "resample":
+        raise ValueError(
+            "ablation = 'resample' needs token inputs (it resamples aligned token positions); a "
+            "CNN experiment uses 'mean' or 'zero'"
+        )
     if cfg.mask.kind == "weight":
         # the ablation matrix's reinit condition draws N(0, init_std); a CNN's kaiming scale
         # differs per layer (CNNAdapter.reinit_values), which evaluate.py does not ask for yet

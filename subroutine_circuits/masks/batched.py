@@ -544,6 +544,56 @@ def _concat_problems(datasets: Sequence[Any]) -> tuple[Any, list[int]]:
     return EncodedProblems(inputs, torch.cat(odds)), offsets
 
 
+def has_token_inputs(data: Any) -> bool:
+    """Whether EncodedProblems hold token inputs (``tokens`` and ``lengths``: text models);
+    other inputs (e.g. ``images``) go through the model adapter (:func:`fixed_mask_scores`,
+    ``masks.converge.train_masks_converged``)."""
+    return "tokens" in data.inputs and "lengths" in data.inputs
+
+
+def _concat_inputs(datasets: Sequence[Any]) -> tuple[Any, list[int]]:
+    """Concatenate EncodedProblems of non-token inputs (equal shapes after the batch axis);
+    returns offsets."""
+    from subroutine_circuits.adapters.base import EncodedProblems
+
+    names = sorted(datasets[0].inputs)
+    for i, d in enumerate(datasets):
+        if sorted(d.inputs) != names:
+            raise ValueError(f"dataset {i} has inputs {sorted(d.inputs)}, dataset 0 has {names}")
+        for n in names:
+            if d.inputs[n].shape[1:] != datasets[0].inputs[n].shape[1:]:
+                raise ValueError(
+                    f"input {n!r} of dataset {i} has shape {tuple(d.inputs[n].shape[1:])} per "
+                    f"problem, dataset 0 {tuple(datasets[0].inputs[n].shape[1:])}"
+                )
+    offsets, acc = [], 0
+    for d in datasets:
+        offsets.append(acc)
+        acc += len(d)
+    inputs = {n: torch.cat([d.inputs[n] for d in datasets]) for n in names}
+    return EncodedProblems(inputs, torch.cat([d.odd for d in datasets])), offsets
+
+
+def check_generic_ablator(ablator: Ablator | None) -> None:
+    """Raise ValueError for ablations that need token positions (resample, position-aware
+    mean) on inputs without tokens."""
+    if ablator is None:
+        return
+    if ablator.kind == "resample":
+        raise ValueError(
+            "resample ablation needs token inputs (tokens and lengths); use zero or mean "
+            "ablation for other inputs (e.g. images)"
+        )
+    if ablator.position_aware:
+        raise ValueError("position-aware mean ablation needs token inputs (readout positions)")
+
+
+def _repeat_rows(inputs: Mapping[str, Tensor], m: int) -> dict[str, Tensor]:
+    """Every input tensor repeated ``m`` times along the batch axis (copy ``i`` = rows
+    ``i*b:(i+1)*b``, as :func:`mix_slices` splits them)."""
+    return {n: v.repeat(m, *([1] * (v.dim() - 1))) for n, v in inputs.items()}
+
+
 # ---------------------------------------------------------------------------- training
 def _tl_unit_map(model: nn.Module, layers: Any = None, kinds: Any = None) -> UnitMap:
     """Heads and neurons of a TransformerLens model (``adapters.tl_unit_map``)."""
@@ -782,6 +832,7 @@ def fixed_mask_scores(
     ablator: Ablator | None = None,
     max_rows: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    adapter: Any = None,
 ) -> Float[Tensor, "k b 4"]:
     """OOO logits of ``data`` (EncodedProblems) under each of K fixed binary unit masks.
 
@@ -792,6 +843,11 @@ def fixed_mask_scores(
     shared by all masks). The problems are repeated once per mask along the batch, in forward
     passes of at most ``max_rows`` sequences (masks and problems chunked; default 256 on the
     CPU, where large batches only spill the caches, 16384 on accelerators). Returned on the CPU.
+
+    Inputs without tokens (e.g. ``{"images": [b, 4, 3, h, w]}``) need ``adapter`` (the model's
+    :class:`~subroutine_circuits.adapters.base.ModelAdapter`): the problems, repeated once per
+    mask, are scored by ``adapter.ooo_logits`` under the same slice-wise mask hooks (zero or
+    mean ablation; ``pool`` is unused).
     """
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
@@ -806,6 +862,22 @@ def fixed_mask_scores(
     unit_map.validate(model)
     if ablator is not None:
         ablator.check(unit_map)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    if not has_token_inputs(data):
+        if adapter is None:
+            raise ValueError(
+                f"inputs {sorted(data.inputs)} have no tokens: pass adapter=... (the model's "
+                "adapter scores them)"
+            )
+        check_generic_ablator(ablator)
+        run = _FixedRun(model, unit_map, keep.to(device=device, dtype=torch.float32), "")
+        run.abl_all = None if ablator is not None else _stack_ablation(unit_map, abls, device)
+        run.ablator = ablator
+        return _generic_fixed_scores(adapter, data, run, max_rows, autocast)
     pool = resolve_pool(model, pool)
     n, n_stim, _ = data.tokens.shape
     if n == 0:
@@ -821,11 +893,6 @@ def fixed_mask_scores(
     pc = max(1, min(n, max_rows // n_stim))
     kc = max(1, min(k, max_rows // (n_stim * pc)))
     out = torch.empty(k, n, n_stim, device=device)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
     with _hooks_on(model, run.hooks()), _hooks_on(model, _pad_hooks(model, run.pad_state)):
         for p0 in range(0, n, pc):
             p1 = min(n, p0 + pc)
@@ -835,6 +902,33 @@ def fixed_mask_scores(
                 k1 = min(k, k0 + kc)
                 with autocast:
                     scores = run.scores(tok, lens, k0, k1)
+                out[k0:k1, p0:p1] = scores.float().view(k1 - k0, p1 - p0, n_stim)
+    return out.cpu()
+
+
+def _generic_fixed_scores(
+    adapter: Any, data: Any, run: _FixedRun, max_rows: int, autocast: Any
+) -> Float[Tensor, "k b n_stim"]:
+    """:func:`fixed_mask_scores` for non-token inputs: each chunk of problems repeated once per
+    mask of a chunk of masks, scored by ``adapter.ooo_logits`` under ``run``'s hooks."""
+    device = run.keep_f.device
+    n, n_stim, k = len(data), data.n_stimuli, run.keep_f.shape[0]
+    if n == 0:
+        raise ValueError("no problems to evaluate")
+    inputs = {name: v.to(device) for name, v in data.inputs.items()}
+    pc = max(1, min(n, max_rows // n_stim))
+    kc = max(1, min(k, max_rows // (n_stim * pc)))
+    out = torch.empty(k, n, n_stim, device=device)
+    run.state = None  # zero / plain mean ablation: no per-pass state
+    with _hooks_on(run.model, run.hooks()):
+        for p0 in range(0, n, pc):
+            p1 = min(n, p0 + pc)
+            chunk = {name: v[p0:p1] for name, v in inputs.items()}
+            for k0 in range(0, k, kc):
+                k1 = min(k, k0 + kc)
+                run.select(k0, k1)
+                with autocast:
+                    scores = adapter.ooo_logits(_repeat_rows(chunk, k1 - k0))
                 out[k0:k1, p0:p1] = scores.float().view(k1 - k0, p1 - p0, n_stim)
     return out.cpu()
 
@@ -878,11 +972,15 @@ class _FixedRun:
         finally:
             self.recording = None
 
+    def select(self, k0: int, k1: int) -> None:
+        """Serve masks ``k0:k1`` in the next forward pass."""
+        self.keep = self.keep_f[k0:k1]
+        self.abl = None if self.abl_all is None else {h: v[k0:k1] for h, v in self.abl_all.items()}
+
     def scores(self, tok: Tensor, lens: Tensor, k0: int, k1: int) -> Tensor:
         """OOO logits of problems ``tok`` ``[p, 4, w]`` under masks ``k0:k1``: ``[m * p, 4]``."""
         m = k1 - k0
-        self.keep = self.keep_f[k0:k1]
-        self.abl = None if self.abl_all is None else {h: v[k0:k1] for h, v in self.abl_all.items()}
+        self.select(k0, k1)
         if self.ablator is not None:
             flat_tok, flat_len = tok.reshape(-1, tok.shape[-1]), lens.reshape(-1)
             self.state = self.ablator.begin(flat_tok, flat_len, m, True, self.record)

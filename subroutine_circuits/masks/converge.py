@@ -217,8 +217,10 @@ def _evaluate(
     ablator: Ablator,
     pool: str,
     autocast_dtype: torch.dtype | None,
+    adapter: Any = None,
 ) -> list[float]:
-    """Validation accuracy of each binary mask row on its own validation set."""
+    """Validation accuracy of each binary mask row on its own validation set (``adapter``
+    scores inputs without tokens, see ``masks.batched.fixed_mask_scores``)."""
     from .batched import evaluate_fixed_masks
 
     acc = [0.0] * len(which)
@@ -232,6 +234,7 @@ def _evaluate(
             unit_map=unit_map,
             ablator=ablator,
             autocast_dtype=autocast_dtype,
+            adapter=adapter,
         )
         for r, a in zip(rows, got.tolist()):
             acc[r] = float(a)
@@ -253,6 +256,7 @@ def train_masks_converged(
     noise: str = "auto",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    adapter: Any = None,
 ) -> list[MaskRun]:
     """Train K unit masks to convergence in one loop; returns one :class:`MaskRun` per mask.
 
@@ -266,6 +270,9 @@ def train_masks_converged(
         ablator: the ablation of every forward pass (training and validation).
         data_index: per mask, which training/validation set it uses (default: all the first).
         noise, autocast_dtype: as :func:`~subroutine_circuits.masks.batched.train_masks_batched`.
+        adapter: the model's adapter; required for inputs without tokens (e.g. images), which
+            are scored by ``adapter.ooo_logits`` on the K masks' stacked minibatches (units
+            from ``adapter.unit_map``; zero or mean ablation).
     """
     loop = _ConvergedLoop(
         model,
@@ -280,6 +287,7 @@ def train_masks_converged(
         data_index,
         noise,
         autocast_dtype,
+        adapter,
     )
     return loop.run(progress)
 
@@ -301,10 +309,19 @@ class _ConvergedLoop:
         data_index,
         noise,
         autocast_dtype,
+        adapter=None,
     ):
         from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
-        from .batched import BatchedUnitMask, StackedAdam, _concat_problems, mask_configs
+        from .batched import (
+            BatchedUnitMask,
+            StackedAdam,
+            _concat_inputs,
+            _concat_problems,
+            check_generic_ablator,
+            has_token_inputs,
+            mask_configs,
+        )
 
         hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
         if len(hps) != len(seeds) or not hps:
@@ -322,19 +339,30 @@ class _ConvergedLoop:
             if any(len(d) == 0 for d in sets):
                 raise ValueError(f"a {name} set is empty")
         self.model, self.cfg, self.schedule, self.hps, self.seeds = model, cfg, schedule, hps, seeds
-        self.pool = resolve_pool(model, pool)
+        self.adapter = adapter
+        self.tokens = all(has_token_inputs(d) for d in [*trains, *self.vals])
         self.autocast_dtype = autocast_dtype
         for p in model.parameters():
             p.requires_grad_(False)
         device = next(model.parameters()).device
-        self.data, offsets = _concat_problems([d.to(device) for d in trains])
-        self.lmax_cpu = self.data.lengths.amax(1).cpu()
-        self.data.inputs["tokens"] = self.data.tokens[..., : int(self.lmax_cpu.max())]
-        flat = self.data.tokens.reshape(-1, self.data.tokens.shape[-1])
-        check_tokens(model, flat, self.data.lengths.reshape(-1))
-        self.unit_map = _tl_unit_map(
-            model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds
-        )
+        layers = hps[0].get("layers", cfg.layers)
+        if self.tokens:
+            self.pool = resolve_pool(model, pool)
+            self.data, offsets = _concat_problems([d.to(device) for d in trains])
+            self.lmax_cpu = self.data.lengths.amax(1).cpu()
+            self.data.inputs["tokens"] = self.data.tokens[..., : int(self.lmax_cpu.max())]
+            flat = self.data.tokens.reshape(-1, self.data.tokens.shape[-1])
+            check_tokens(model, flat, self.data.lengths.reshape(-1))
+            self.unit_map = _tl_unit_map(model, layers=layers, kinds=cfg.unit_kinds)
+        else:  # e.g. images: the adapter scores the inputs and names the units
+            if adapter is None:
+                raise ValueError(
+                    "training sets without token inputs need adapter=... (the model's adapter)"
+                )
+            check_generic_ablator(ablator)
+            self.pool = ""
+            self.data, offsets = _concat_inputs([d.to(device) for d in trains])
+            self.unit_map = adapter.unit_map(kinds=cfg.unit_kinds, layers=layers)
         self.ablator = ablator.to(device)
         self.cfgs = mask_configs(cfg, hps, seeds)
         for c in self.cfgs:
@@ -358,18 +386,24 @@ class _ConvergedLoop:
         bsz, bm, k = int(self.cfg.batch_size), self.bm, len(self.alive)
         idx_list = [j for b in self.alive for j in b.draw(bsz)]
         idx_cpu = torch.tensor(idx_list)
-        width = int(self.lmax_cpu[idx_cpu].max())
         idx = idx_cpu.to(self.device, non_blocking=True)
-        tokens, lengths = self.data.tokens[idx][..., :width], self.data.lengths[idx]
-        bm.new_step()
-        bm.begin_batch(self.model, tokens.reshape(-1, width), lengths.reshape(-1), self.pad_state)
         autocast = (
             torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        with autocast:
-            scores = _ooo_scores_nosync(self.model, tokens, lengths, self.pool, self.pad_state)
+        bm.new_step()
+        if self.tokens:
+            width = int(self.lmax_cpu[idx_cpu].max())
+            tokens, lengths = self.data.tokens[idx][..., :width], self.data.lengths[idx]
+            bm.begin_batch(
+                self.model, tokens.reshape(-1, width), lengths.reshape(-1), self.pad_state
+            )
+            with autocast:
+                scores = _ooo_scores_nosync(self.model, tokens, lengths, self.pool, self.pad_state)
+        else:  # the K masks' minibatches are K equal slices of one batch (mix_slices)
+            with autocast:
+                scores = self.adapter.ooo_logits({n: v[idx] for n, v in self.data.inputs.items()})
         ce = F.cross_entropy(scores.float(), self.data.odd[idx], reduction="none")
         l0 = self.l0_all[[b.i for b in self.alive]].to(self.device)
         loss_k = ce.view(k, bsz).mean(1) + l0 * bm.penalty() / max(1, self.unit_map.n_units)
@@ -399,6 +433,7 @@ class _ConvergedLoop:
             self.ablator,
             self.pool,
             self.autocast_dtype,
+            self.adapter,
         )
         density = keep.float().mean(1).tolist()
         for r, b in enumerate(self.alive):

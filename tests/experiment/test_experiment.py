@@ -223,8 +223,9 @@ def test_every_example_config_loads():
     assert len(files) >= 4
     for f in files:
         cfg = load_config(f)
-        if cfg.task.endswith(".jsonl"):
-            assert Path(cfg.task).is_file(), cfg.task
+        for task in cfg.task_names():  # a config may list several tasks
+            if task.endswith(".jsonl"):
+                assert Path(task).is_file(), task
 
 
 @pytest.mark.parametrize("variant", ["weight_masks", "user_file"])
