@@ -85,15 +85,15 @@ def _logits(mask) -> torch.Tensor:
 def bench_shape(shape: str, args) -> dict:
     """Time separate vs batched mask training (and optionally fixed-mask evaluation)."""
     from subroutine_circuits.adapters import as_adapter, tl_unit_map
-    from subroutine_circuits.experiment.config import MaskSearchConfig
-    from subroutine_circuits.experiment.search import accuracy, train_mask
-    from subroutine_circuits.masks import UnitMask
-    from subroutine_circuits.masks.batched import (
+    from subroutine_circuits.experiment.batched import (
         evaluate_fixed_masks,
         matched_random_masks,
         train_masks_batched,
         train_weight_masks_batched,
     )
+    from subroutine_circuits.experiment.config import MaskSearchConfig
+    from subroutine_circuits.experiment.search import accuracy, train_mask
+    from subroutine_circuits.masks import UnitMask
 
     model, data = build(shape, args.device, n_problems=max(64, 4 * args.batch))
     k, steps = args.k, args.steps

@@ -4,7 +4,7 @@ controls.
 Conditions (all under the experiment's one ablation, :mod:`subroutine_circuits.masks.ablator`):
 the subnetwork alone (everything outside it ablated), the subnetwork ablated, and ``n_random``
 random subnetworks with the same number of kept units per (layer, unit kind) ablated
-(:func:`~subroutine_circuits.masks.batched.matched_random_masks`). Columns: the target partition
+(``experiment.batched.matched_random_masks``). Columns: the target partition
 (only this subroutine's predicate breaks the rule), the other partition, and the subroutine's
 own problems. The subnetwork's removal is also reported under the other ablations
 (``ablzero_*``, ablmean_*``, ``ablresample_*``; ``ablreinit_*`` for weight masks) as robustness
@@ -18,7 +18,7 @@ any subnetwork of the same shape. Draws are skipped (``randabl_p`` NaN) for runs
 be compositional anyway (``usable`` false: search failed, base model excluded or bypassed).
 
 All conditions of all runs of a base model go through
-:func:`~subroutine_circuits.masks.batched.evaluate_fixed_masks` in batches (unit masks).
+:func:`~subroutine_circuits.experiment.batched.evaluate_fixed_masks` in batches (unit masks).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def evaluate_unit_runs(
 def _add_random_controls(adapter, runs, rows, learned, need, test, ablator, n_random, chance):
     """Matched random draws of the runs in ``need``, all evaluated in batched passes; fills the
     ``randabl_*`` and ``n_random`` columns of every row."""
-    from subroutine_circuits.masks.batched import matched_random_masks, n_distinct
+    from subroutine_circuits.experiment.batched import matched_random_masks, n_distinct
 
     um = runs[0].mask.unit_map
     draws = {
@@ -204,7 +204,7 @@ def _add_random_controls(adapter, runs, rows, learned, need, test, ablator, n_ra
 
 def _fixed_acc(adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator) -> list[float]:
     """Accuracy of each fixed keep row on ``data`` under ``ablator`` (batched passes)."""
-    from subroutine_circuits.masks.batched import evaluate_fixed_masks
+    from subroutine_circuits.experiment.batched import evaluate_fixed_masks
 
     got = evaluate_fixed_masks(
         adapter.model,
@@ -286,8 +286,7 @@ def ablation_matrix(
     (check ``mask_val_acc`` yourself).
     """
     from subroutine_circuits.analysis.inference import COMPOSITIONAL, run_verdict
-    from subroutine_circuits.experiment.verdicts import supported_ablations
-    from subroutine_circuits.masks.ablator import reference_ablator
+    from subroutine_circuits.masks.ablator import reference_ablator, supported_ablations
 
     run = RunToEvaluate(subroutine, other, seed, mask, True, draw_seed=seed)
     if hasattr(mask, "unit_map"):

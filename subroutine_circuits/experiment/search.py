@@ -4,14 +4,14 @@ training problems and chosen on VALIDATION problems (the test split is never loo
 The objective is 4-way cross-entropy on the subroutine's training problems plus an L0 penalty
 (expected number of kept units, normalised by the number of units), under the experiment's one
 ablation (:class:`~subroutine_circuits.masks.ablator.Ablator`). Training follows
-:func:`~subroutine_circuits.masks.converge.mask_schedule`: a budget in epochs, a validation
+:func:`~subroutine_circuits.experiment.converge.mask_schedule`: a budget in epochs, a validation
 plateau stop, the best checkpoint kept, and continuous sparsification annealed to ``temp_max``
 by the last step of the budget.
 
 Every (grid point, mask seed, subroutine) is trained; for each subroutine the grid point with
 the best mean validation accuracy over mask seeds is chosen, ties (within ``tolerance``) broken
 by the smaller mean density. Two engines give the same masks: ``"batched"`` trains all unit
-masks of a base model in one loop (:func:`~subroutine_circuits.masks.converge.
+masks of a base model in one loop (:func:`~subroutine_circuits.experiment.converge.
 train_masks_converged`); ``"separate"`` trains them one by one (:func:`train_mask_run`; weight
 masks always run this way).
 """
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from subroutine_circuits.adapters.base import EncodedProblems
 from subroutine_circuits.experiment.config import MaskSearchConfig
+from subroutine_circuits.experiment.converge import MaskRun, Schedule, mask_schedule
 from subroutine_circuits.masks.ablator import Ablator
-from subroutine_circuits.masks.converge import MaskRun, Schedule, mask_schedule
 
 __all__ = [
     "EncodedProblems",
@@ -231,7 +231,7 @@ def _jobs(subs: list[str], points: list[dict], seeds: list[int]) -> list[tuple[s
 
 def _train_all(adapter, train, val, cfg, jobs, points, ablator, engine, progress):
     """Train every job; returns ``{job: MaskRun}``."""
-    from subroutine_circuits.masks.converge import train_masks_converged
+    from subroutine_circuits.experiment.converge import train_masks_converged
     from subroutine_circuits.utils import autocast_dtype
 
     subs = sorted({s for s, _, _ in jobs}, key=[j[0] for j in jobs].index)

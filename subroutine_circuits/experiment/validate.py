@@ -156,8 +156,8 @@ def _fallback_randabl_p(base: Any, run: dict, mask: Any, cfg: Any) -> float:
     random subnetworks with as many units per (layer, kind), ablated as ``evaluate.py`` ablates
     the learned one (same ablation, same reference: the subroutine's training problems)."""
     from subroutine_circuits.analysis.inference import randabl_p
+    from subroutine_circuits.experiment.batched import evaluate_fixed_masks, matched_random_masks
     from subroutine_circuits.masks import UnitMask
-    from subroutine_circuits.masks.batched import evaluate_fixed_masks, matched_random_masks
     from subroutine_circuits.utils import clipped_diff
 
     um = mask.unit_map

@@ -26,7 +26,12 @@ from typing import Any
 
 import torch
 
-from subroutine_circuits.masks.ablator import ABLATIONS, Ablator, reference_ablator
+from subroutine_circuits.masks.ablator import (
+    ABLATIONS,
+    Ablator,
+    reference_ablator,
+    supported_ablations,
+)
 
 #: Where information escapes the masks, by readout (for the bypass message).
 BYPASS_PATHS = {
@@ -34,13 +39,6 @@ BYPASS_PATHS = {
     "the residual stream without passing any head or neuron",
     "mean": "mean pooling reads every word's own embedding through the residual stream",
 }
-
-
-def supported_ablations(flat_inputs, kinds: tuple[str, ...] = ABLATIONS) -> tuple[str, ...]:
-    """The ablations of ``kinds`` that inputs like ``flat_inputs`` support: resample needs
-    token inputs (``tokens`` and ``lengths``), zero and mean work for any input (images)."""
-    tokens = "tokens" in flat_inputs and "lengths" in flat_inputs
-    return tuple(k for k in kinds if k != "resample" or tokens)
 
 
 def reference_ablators(
@@ -70,7 +68,7 @@ def _all_ablated_accuracy(adapter, cfg, data, ablator: Ablator | None) -> float:
         n = sum(int(dict(adapter.model.named_parameters())[k].numel()) for k in names)
         none = WeightMask.fixed(adapter.model, torch.zeros(n, dtype=torch.bool), names)
         return adapter.accuracy(data, none)
-    from subroutine_circuits.masks.batched import evaluate_fixed_masks
+    from subroutine_circuits.experiment.batched import evaluate_fixed_masks
 
     if ablator is None:
         raise ValueError(f"no {cfg.ablation!r} ablator for the bypass check")

@@ -224,3 +224,10 @@ def apply_to_unit_mask(mask: Any, ablator: Ablator) -> Any:
 def stack_keep(masks: Sequence[Any]) -> Bool[Tensor, "k n"]:
     """``[K, n_units]`` booleans of K unit masks' binary masks."""
     return torch.stack([m.flat_binary().bool() for m in masks])
+
+
+def supported_ablations(flat_inputs, kinds: tuple[str, ...] = ABLATIONS) -> tuple[str, ...]:
+    """The ablations of ``kinds`` that inputs like ``flat_inputs`` support: resample needs
+    token inputs (``tokens`` and ``lengths``), zero and mean work for any input (images)."""
+    tokens = "tokens" in flat_inputs and "lengths" in flat_inputs
+    return tuple(k for k in kinds if k != "resample" or tokens)

@@ -130,8 +130,8 @@ def test_one_thread_reruns_are_bit_identical_and_anneal_to_temp_max(tmp_path):
 
 def test_mirrored_verdict_constants_match_the_library():
     from subroutine_circuits.experiment import config as c
+    from subroutine_circuits.experiment.batched import NOISE_MODES
     from subroutine_circuits.masks.ablator import ABLATIONS
-    from subroutine_circuits.masks.batched import NOISE_MODES
 
     assert c.ABLATIONS == ABLATIONS and c.NOISE_MODES == NOISE_MODES
 

@@ -178,8 +178,8 @@ def _loop_randabl_p(planted, store, run, vcfg):
     from subroutine_circuits.adapters import as_adapter
     from subroutine_circuits.analysis.inference import randabl_p
     from subroutine_circuits.experiment import validate as V
+    from subroutine_circuits.experiment.batched import matched_random_masks
     from subroutine_circuits.masks import UnitMask, load_mask
-    from subroutine_circuits.masks.batched import matched_random_masks
 
     ad = as_adapter(planted.model, tokenizer=planted.tokenizer, pool="last")
     mask = load_mask(store.resolve(run["mask_path"]), ad)

@@ -7,16 +7,16 @@ import torch
 from conftest import make_tiny_transformer
 
 from subroutine_circuits.adapters import as_adapter, tl_unit_map
-from subroutine_circuits.experiment.config import MaskSearchConfig
-from subroutine_circuits.experiment.search import EncodedProblems
-from subroutine_circuits.experiment.search import train_mask as _train_mask
-from subroutine_circuits.masks import MaskConfig, UnitMask, load_mask, save_mask
-from subroutine_circuits.masks.batched import (
+from subroutine_circuits.experiment.batched import (
     BatchedUnitMask,
     StackedAdam,
     mix_slices,
     train_masks_batched,
 )
+from subroutine_circuits.experiment.config import MaskSearchConfig
+from subroutine_circuits.experiment.search import EncodedProblems
+from subroutine_circuits.experiment.search import train_mask as _train_mask
+from subroutine_circuits.masks import MaskConfig, UnitMask, load_mask, save_mask
 
 
 def make_problems(n: int, pos: int, seed: int, min_len: int = 3) -> EncodedProblems:

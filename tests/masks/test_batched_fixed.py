@@ -7,15 +7,15 @@ import torch
 from conftest import make_tiny_transformer
 
 from subroutine_circuits.adapters import as_adapter, tl_unit_map
-from subroutine_circuits.experiment.search import EncodedProblems
-from subroutine_circuits.experiment.search import accuracy as _accuracy
-from subroutine_circuits.masks import UnitMask
-from subroutine_circuits.masks.batched import (
+from subroutine_circuits.experiment.batched import (
     evaluate_fixed_masks,
     fixed_mask_scores,
     matched_random_masks,
     n_distinct,
 )
+from subroutine_circuits.experiment.search import EncodedProblems
+from subroutine_circuits.experiment.search import accuracy as _accuracy
+from subroutine_circuits.masks import UnitMask
 from subroutine_circuits.models import ooo_logits
 
 

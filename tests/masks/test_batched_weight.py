@@ -7,9 +7,9 @@ import torch
 from conftest import make_tiny_transformer
 from test_batched import HPS, SEEDS, logits_of, make_problems, train_mask
 
+from subroutine_circuits.experiment.batched import train_weight_masks_batched
 from subroutine_circuits.experiment.config import MaskSearchConfig
 from subroutine_circuits.masks import WeightMask
-from subroutine_circuits.masks.batched import train_weight_masks_batched
 
 
 @pytest.fixture(scope="module")

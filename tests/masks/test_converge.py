@@ -16,16 +16,16 @@ from conftest import make_tiny_transformer
 from test_batched import logits_of, make_problems
 
 from subroutine_circuits.adapters import as_adapter, tl_unit_map
+from subroutine_circuits.experiment.batched import fixed_mask_scores
 from subroutine_circuits.experiment.config import MaskSearchConfig
-from subroutine_circuits.experiment.search import EncodedProblems, search_all, train_mask_run
-from subroutine_circuits.masks.ablator import Ablator, reference_ablator
-from subroutine_circuits.masks.batched import fixed_mask_scores
-from subroutine_circuits.masks.converge import (
+from subroutine_circuits.experiment.converge import (
     Plateau,
     budget_steps,
     mask_schedule,
     train_masks_converged,
 )
+from subroutine_circuits.experiment.search import EncodedProblems, search_all, train_mask_run
+from subroutine_circuits.masks.ablator import Ablator, reference_ablator
 from subroutine_circuits.models import ooo_logits
 
 

@@ -9,11 +9,11 @@ import torch
 
 from subroutine_circuits.adapters import as_adapter
 from subroutine_circuits.adapters.base import EncodedProblems
+from subroutine_circuits.experiment.batched import evaluate_fixed_masks, fixed_mask_scores
 from subroutine_circuits.experiment.config import MaskSearchConfig
+from subroutine_circuits.experiment.converge import mask_schedule, train_masks_converged
 from subroutine_circuits.experiment.search import search_all, train_mask_run
 from subroutine_circuits.masks.ablator import Ablator, reference_ablator
-from subroutine_circuits.masks.batched import evaluate_fixed_masks, fixed_mask_scores
-from subroutine_circuits.masks.converge import mask_schedule, train_masks_converged
 from subroutine_circuits.models.cnn import CNNConfig, HookedCNN
 
 

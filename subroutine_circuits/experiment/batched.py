@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .ablator import AblationState, Ablator
-from .parametrization import Ablation, MaskConfig
-from .unit_mask import UnitMask
-from .units import UnitMap
+from subroutine_circuits.masks.ablator import AblationState, Ablator
+from subroutine_circuits.masks.parametrization import Ablation, MaskConfig
+from subroutine_circuits.masks.unit_mask import UnitMask
+from subroutine_circuits.masks.units import UnitMap
 
 NOISE_MODES = ("auto", "exact", "device")
 _EPS = 1e-6
@@ -547,7 +547,7 @@ def _concat_problems(datasets: Sequence[Any]) -> tuple[Any, list[int]]:
 def has_token_inputs(data: Any) -> bool:
     """Whether EncodedProblems hold token inputs (``tokens`` and ``lengths``: text models);
     other inputs (e.g. ``images``) go through the model adapter (:func:`fixed_mask_scores`,
-    ``masks.converge.train_masks_converged``)."""
+    ``experiment.converge.train_masks_converged``)."""
     return "tokens" in data.inputs and "lengths" in data.inputs
 
 
@@ -604,8 +604,8 @@ def _tl_unit_map(model: nn.Module, layers: Any = None, kinds: Any = None) -> Uni
 
 def _shared_steps(cfg: Any, hps: Sequence[Mapping[str, Any]], train: Any) -> int:
     """The one step budget of K batched masks (``hp["steps"]``, ``cfg.steps`` or the epoch
-    budget of ``cfg``, see :func:`~subroutine_circuits.masks.converge.mask_schedule`)."""
-    from .converge import mask_schedule
+    budget of ``cfg``, see :func:`~subroutine_circuits.experiment.converge.mask_schedule`)."""
+    from subroutine_circuits.experiment.schedule import mask_schedule
 
     sets = list(train) if isinstance(train, (list, tuple)) else [train]
     n_train = max(len(d) for d in sets) if sets else 1
@@ -1086,9 +1086,8 @@ def train_weight_masks_batched(
     """
     from subroutine_circuits.adapters.base import EncodedProblems
     from subroutine_circuits.adapters.transformer_lens import weight_names as default_param_names
+    from subroutine_circuits.masks.weight_mask import WeightMask
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
-
-    from .weight_mask import WeightMask
 
     hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
     if len(hps) != len(seeds) or not hps:

@@ -14,7 +14,7 @@ every unit kept reaches the full model's accuracy at once; counting only accurac
 before the sparsity penalty has removed anything. The returned mask is the best checkpoint.
 
 :func:`train_masks_converged` trains K unit masks (grid points x mask seeds x subroutines) in
-one loop with :class:`~subroutine_circuits.masks.batched.BatchedUnitMask`. A mask that has
+one loop with :class:`~subroutine_circuits.experiment.batched.BatchedUnitMask`. A mask that has
 stopped is dropped from the batch at the next evaluation (its rows leave the logits, optimiser
 state and data order), so finished masks cost nothing; the others continue exactly as if
 trained alone. Host synchronisations happen only at evaluations.
@@ -23,7 +23,6 @@ trained alone. Host synchronisations happen only at evaluations.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,101 +34,12 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .ablator import Ablator
-from .batched import _tl_unit_map
-from .parametrization import MaskConfig
-from .unit_mask import UnitMask
-from .units import UnitMap
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Budget and stopping rule of mask training.
-
-    Attributes:
-        steps: optimiser steps at most (the budget).
-        eval_every: evaluate the binary mask on validation problems every this many steps
-            (and after the last step).
-        patience: stop after this many evaluations without improvement (0: never early).
-        temp_max: continuous sparsification's temperature after the last step of the budget.
-        tolerance: accuracy within this of the best counts as equal (then sparser is better).
-        min_density_drop: at equal accuracy, a checkpoint must keep at least this share of
-            units fewer than the best one to count as an improvement.
-    """
-
-    steps: int
-    eval_every: int
-    patience: int = 3
-    temp_max: float = 200.0
-    tolerance: float = 0.02
-    min_density_drop: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.eval_every < 1:
-            raise ValueError(
-                f"steps and eval_every must be >= 1, got {self.steps}, {self.eval_every}"
-            )
-        if self.patience < 0 or not self.temp_max >= 1 or self.tolerance < 0:
-            raise ValueError("patience must be >= 0, temp_max >= 1 and tolerance >= 0")
-
-    def temperature(self, step: int) -> float:
-        """Continuous sparsification's temperature after ``step`` optimiser steps."""
-        return float(self.temp_max ** (min(step, self.steps) / self.steps))
-
-    def plateau(self) -> Plateau:
-        """A fresh :class:`Plateau` with this schedule's stopping rule."""
-        return Plateau(self.tolerance, self.patience, self.min_density_drop)
-
-    def evaluates_after(self, step: int) -> bool:
-        """Whether an evaluation follows optimiser step ``step`` (1-based)."""
-        return step % self.eval_every == 0 or step == self.steps
-
-
-def budget_steps(epochs: float, n_train: int, batch_size: int) -> int:
-    """Optimiser steps of ``epochs`` passes over ``n_train`` problems at ``batch_size``."""
-    if epochs <= 0 or n_train < 1 or batch_size < 1:
-        raise ValueError(
-            f"need epochs > 0, n_train >= 1, batch_size >= 1 (got {epochs}, "
-            f"{n_train}, {batch_size})"
-        )
-    return max(1, math.ceil(epochs * n_train / batch_size))
-
-
-class Plateau:
-    """The best checkpoint so far and the patience counter of one mask.
-
-    An evaluation is the new best when its accuracy exceeds every earlier one, or when it lies
-    within ``tolerance`` of the best accuracy seen and keeps at least ``min_density_drop`` fewer
-    units (as a share) than the current best.
-    """
-
-    def __init__(self, tolerance: float, patience: int, min_density_drop: float = 0.0):
-        self.tolerance, self.patience = float(tolerance), int(patience)
-        self.min_density_drop = float(min_density_drop)
-        self.max_acc = -1.0
-        self.best_acc, self.best_density, self.best_step = -1.0, math.inf, 0
-        self.since = 0
-        self.history: list[tuple[int, float, float]] = []
-
-    def update(self, acc: float, density: float, step: int) -> bool:
-        """Record an evaluation; returns True when it is the new best checkpoint."""
-        self.history.append((int(step), float(acc), float(density)))
-        better = acc > self.max_acc or (
-            acc >= self.max_acc - self.tolerance
-            and density < self.best_density - self.min_density_drop
-        )
-        self.max_acc = max(self.max_acc, acc)
-        if better:
-            self.best_acc, self.best_density, self.best_step = acc, density, step
-            self.since = 0
-        else:
-            self.since += 1
-        return better
-
-    @property
-    def stopped(self) -> bool:
-        """Whether ``patience`` evaluations passed without improvement."""
-        return self.patience > 0 and self.since >= self.patience
+from subroutine_circuits.experiment.batched import _tl_unit_map
+from subroutine_circuits.experiment.schedule import Plateau, Schedule, budget_steps, mask_schedule  # noqa: F401
+from subroutine_circuits.masks.ablator import Ablator
+from subroutine_circuits.masks.parametrization import MaskConfig
+from subroutine_circuits.masks.unit_mask import UnitMask
+from subroutine_circuits.masks.units import UnitMap
 
 
 @dataclass
@@ -221,7 +131,7 @@ def _evaluate(
 ) -> list[float]:
     """Validation accuracy of each binary mask row on its own validation set (``adapter``
     scores inputs without tokens, see ``masks.batched.fixed_mask_scores``)."""
-    from .batched import evaluate_fixed_masks
+    from subroutine_circuits.experiment.batched import evaluate_fixed_masks
 
     acc = [0.0] * len(which)
     for d in sorted(set(which)):
@@ -269,7 +179,7 @@ def train_masks_converged(
         schedule: budget and stopping rule (the same for every mask).
         ablator: the ablation of every forward pass (training and validation).
         data_index: per mask, which training/validation set it uses (default: all the first).
-        noise, autocast_dtype: as :func:`~subroutine_circuits.masks.batched.train_masks_batched`.
+        noise, autocast_dtype: as ``experiment.batched.train_masks_batched``.
         adapter: the model's adapter; required for inputs without tokens (e.g. images), which
             are scored by ``adapter.ooo_logits`` on the K masks' stacked minibatches (units
             from ``adapter.unit_map``; zero or mean ablation).
@@ -311,9 +221,7 @@ class _ConvergedLoop:
         autocast_dtype,
         adapter=None,
     ):
-        from subroutine_circuits.models.readout import check_tokens, resolve_pool
-
-        from .batched import (
+        from subroutine_circuits.experiment.batched import (
             BatchedUnitMask,
             StackedAdam,
             _concat_inputs,
@@ -322,6 +230,7 @@ class _ConvergedLoop:
             has_token_inputs,
             mask_configs,
         )
+        from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
         hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
         if len(hps) != len(seeds) or not hps:
@@ -381,7 +290,7 @@ class _ConvergedLoop:
 
     def _step(self, step: int) -> None:
         """One optimiser step of every alive mask (no host sync)."""
-        from .batched import _ooo_scores_nosync
+        from subroutine_circuits.experiment.batched import _ooo_scores_nosync
 
         bsz, bm, k = int(self.cfg.batch_size), self.bm, len(self.alive)
         idx_list = [j for b in self.alive for j in b.draw(bsz)]
@@ -451,7 +360,7 @@ class _ConvergedLoop:
         """Train until every mask has stopped or the budget is spent."""
         from tqdm.auto import tqdm
 
-        from .batched import _hooks_on, _pad_hooks
+        from subroutine_circuits.experiment.batched import _hooks_on, _pad_hooks
 
         sched = self.schedule
         bar = tqdm(
@@ -517,23 +426,3 @@ def _unit_mask(
         m.readout_values = {h: v.cpu() for h, v in ablator.readout_values.items()}
     m.eval()
     return m
-
-
-def mask_schedule(cfg: Any, n_train: int) -> Schedule:
-    """The :class:`Schedule` of a ``MaskSearchConfig`` for ``n_train`` training problems.
-
-    The budget is ``cfg.steps`` when set, else ``cfg.epochs`` passes at ``cfg.batch_size``;
-    evaluations every ``cfg.eval_every`` steps, or once per epoch when that is None.
-    """
-    bsz = int(cfg.batch_size)
-    steps = getattr(cfg, "steps", None)
-    steps = int(steps) if steps is not None else budget_steps(cfg.epochs, n_train, bsz)
-    every = getattr(cfg, "eval_every", None) or math.ceil(n_train / bsz)
-    return Schedule(
-        steps=steps,
-        eval_every=max(1, min(int(every), steps)),
-        patience=int(getattr(cfg, "patience", 0)),
-        temp_max=float(getattr(cfg, "temp_max", 200.0)),
-        tolerance=float(getattr(cfg, "tolerance", 0.02)),
-        min_density_drop=float(getattr(cfg, "min_density_drop", 0.0)),
-    )

@@ -1,0 +1,120 @@
+"""The budget and stopping rule of mask training: a budget in epochs (or steps), a validation
+plateau, and continuous sparsification's temperature annealed to ``temp_max`` by the last step
+(used by the converged engine, ``experiment.converge``, and the batched one,
+``experiment.batched``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Budget and stopping rule of mask training.
+
+    Attributes:
+        steps: optimiser steps at most (the budget).
+        eval_every: evaluate the binary mask on validation problems every this many steps
+            (and after the last step).
+        patience: stop after this many evaluations without improvement (0: never early).
+        temp_max: continuous sparsification's temperature after the last step of the budget.
+        tolerance: accuracy within this of the best counts as equal (then sparser is better).
+        min_density_drop: at equal accuracy, a checkpoint must keep at least this share of
+            units fewer than the best one to count as an improvement.
+    """
+
+    steps: int
+    eval_every: int
+    patience: int = 3
+    temp_max: float = 200.0
+    tolerance: float = 0.02
+    min_density_drop: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.eval_every < 1:
+            raise ValueError(
+                f"steps and eval_every must be >= 1, got {self.steps}, {self.eval_every}"
+            )
+        if self.patience < 0 or not self.temp_max >= 1 or self.tolerance < 0:
+            raise ValueError("patience must be >= 0, temp_max >= 1 and tolerance >= 0")
+
+    def temperature(self, step: int) -> float:
+        """Continuous sparsification's temperature after ``step`` optimiser steps."""
+        return float(self.temp_max ** (min(step, self.steps) / self.steps))
+
+    def plateau(self) -> Plateau:
+        """A fresh :class:`Plateau` with this schedule's stopping rule."""
+        return Plateau(self.tolerance, self.patience, self.min_density_drop)
+
+    def evaluates_after(self, step: int) -> bool:
+        """Whether an evaluation follows optimiser step ``step`` (1-based)."""
+        return step % self.eval_every == 0 or step == self.steps
+
+
+def budget_steps(epochs: float, n_train: int, batch_size: int) -> int:
+    """Optimiser steps of ``epochs`` passes over ``n_train`` problems at ``batch_size``."""
+    if epochs <= 0 or n_train < 1 or batch_size < 1:
+        raise ValueError(
+            f"need epochs > 0, n_train >= 1, batch_size >= 1 (got {epochs}, "
+            f"{n_train}, {batch_size})"
+        )
+    return max(1, math.ceil(epochs * n_train / batch_size))
+
+
+class Plateau:
+    """The best checkpoint so far and the patience counter of one mask.
+
+    An evaluation is the new best when its accuracy exceeds every earlier one, or when it lies
+    within ``tolerance`` of the best accuracy seen and keeps at least ``min_density_drop`` fewer
+    units (as a share) than the current best.
+    """
+
+    def __init__(self, tolerance: float, patience: int, min_density_drop: float = 0.0):
+        self.tolerance, self.patience = float(tolerance), int(patience)
+        self.min_density_drop = float(min_density_drop)
+        self.max_acc = -1.0
+        self.best_acc, self.best_density, self.best_step = -1.0, math.inf, 0
+        self.since = 0
+        self.history: list[tuple[int, float, float]] = []
+
+    def update(self, acc: float, density: float, step: int) -> bool:
+        """Record an evaluation; returns True when it is the new best checkpoint."""
+        self.history.append((int(step), float(acc), float(density)))
+        better = acc > self.max_acc or (
+            acc >= self.max_acc - self.tolerance
+            and density < self.best_density - self.min_density_drop
+        )
+        self.max_acc = max(self.max_acc, acc)
+        if better:
+            self.best_acc, self.best_density, self.best_step = acc, density, step
+            self.since = 0
+        else:
+            self.since += 1
+        return better
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``patience`` evaluations passed without improvement."""
+        return self.patience > 0 and self.since >= self.patience
+
+
+def mask_schedule(cfg: Any, n_train: int) -> Schedule:
+    """The :class:`Schedule` of a ``MaskSearchConfig`` for ``n_train`` training problems.
+
+    The budget is ``cfg.steps`` when set, else ``cfg.epochs`` passes at ``cfg.batch_size``;
+    evaluations every ``cfg.eval_every`` steps, or once per epoch when that is None.
+    """
+    bsz = int(cfg.batch_size)
+    steps = getattr(cfg, "steps", None)
+    steps = int(steps) if steps is not None else budget_steps(cfg.epochs, n_train, bsz)
+    every = getattr(cfg, "eval_every", None) or math.ceil(n_train / bsz)
+    return Schedule(
+        steps=steps,
+        eval_every=max(1, min(int(every), steps)),
+        patience=int(getattr(cfg, "patience", 0)),
+        temp_max=float(getattr(cfg, "temp_max", 200.0)),
+        tolerance=float(getattr(cfg, "tolerance", 0.02)),
+        min_density_drop=float(getattr(cfg, "min_density_drop", 0.0)),
+    )
