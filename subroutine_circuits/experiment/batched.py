@@ -486,12 +486,16 @@ def _ooo_scores_nosync(
     ``pad_state["pad"]``, and ``tokens`` are trimmed by the caller.
     """
     from subroutine_circuits.models.readout import key_padding_mask, ooo_scores, pool_positions
+    from subroutine_circuits.models.tl_compat import final_hidden, is_bridge
 
     b, n_stim, pos = tokens.shape
     flat = tokens.reshape(b * n_stim, pos)
     flat_len = lengths.reshape(b * n_stim)
     pad = key_padding_mask(flat_len, pos)
     pad_state["pad"] = pad
+    if is_bridge(model):  # TL 4: padding goes in as attention_mask (score hooks are ignored)
+        emb = final_hidden(model, flat, flat_len, pool)
+        return ooo_scores(emb.view(b, n_stim, -1))
     if hasattr(model, "encoder_output") and hasattr(model, "mlm_head"):
         resid = model.encoder_output(flat, None, (~pad).long())
     else:
@@ -510,6 +514,9 @@ def _clean_pass(
 
     pad = key_padding_mask(lengths, tokens.shape[1])
     pad_state["pad"] = pad
+    if is_bridge(model):  # TL 4: padding goes in as attention_mask (score hooks are ignored)
+        emb = final_hidden(model, flat, flat_len, pool)
+        return ooo_scores(emb.view(b, n_stim, -1))
     if hasattr(model, "encoder_output") and hasattr(model, "mlm_head"):
         model.encoder_output(tokens, None, (~pad).long())
     else:
