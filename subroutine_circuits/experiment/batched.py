@@ -511,12 +511,13 @@ def _clean_pass(
 ) -> None:
     """Run the blocks on ``tokens`` (padded keys masked through ``pad_state``), no readout."""
     from subroutine_circuits.models.readout import key_padding_mask
+    from subroutine_circuits.models.tl_compat import final_hidden, is_bridge
 
     pad = key_padding_mask(lengths, tokens.shape[1])
     pad_state["pad"] = pad
     if is_bridge(model):  # TL 4: padding goes in as attention_mask (score hooks are ignored)
-        emb = final_hidden(model, flat, flat_len, pool)
-        return ooo_scores(emb.view(b, n_stim, -1))
+        final_hidden(model, tokens, lengths)
+        return
     if hasattr(model, "encoder_output") and hasattr(model, "mlm_head"):
         model.encoder_output(tokens, None, (~pad).long())
     else:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from subroutine_circuits.adapters import as_adapter
 from subroutine_circuits.masks import MaskConfig, UnitMap, UnitMask, WeightMask
 from subroutine_circuits.models.cnn import (
     CNN_PRESETS,
@@ -239,7 +240,7 @@ def test_all_ones_unit_mask_reproduces_output_exactly(model):
         for abl in ("zero", "mean"):
             mask = UnitMask.fixed(um, ones, abl)
             if abl == "mean":
-                mask.set_mean(model, ref_x)
+                mask.set_mean(as_adapter(model), ref_x)
             with mask.applied(model):
                 assert torch.equal(model(x), ref)
     trainable = UnitMask(um, MaskConfig(parametrization="continuous", init=5.0)).eval()
@@ -284,7 +285,7 @@ def test_channel_zero_and_mean_ablation_equal_hand_hooks(model):
             want = model.run_with_hooks(x, fwd_hooks=hand(abl))
             mask = UnitMask.fixed(um, keep, abl)
             if abl == "mean":
-                mask.set_mean(model, ref_x)
+                mask.set_mean(as_adapter(model), ref_x)
             with mask.applied(model):
                 got = model(x)
             assert torch.allclose(got, want, atol=1e-6), abl
@@ -347,7 +348,7 @@ def test_everything_ablated_output_is_input_independent(model, abl):
         um = UnitMap(groups)
         mask = UnitMask.fixed(um, torch.zeros(um.n_units, dtype=torch.bool), abl)
         if abl == "mean":
-            mask.set_mean(model, ref_x)
+            mask.set_mean(as_adapter(model), ref_x)
         with torch.no_grad(), mask.applied(model):
             return model.run_with_cache(x)
 
