@@ -205,7 +205,8 @@ def test_dask_study_equals_inprocess_and_resumes(tmp_path, scheduler, monkeypatc
     for key in ("wall_s", "base_model_s", "mask_search_s", "evaluation_s", "summary_s"):
         assert total[key] == pytest.approx(inv[0][key] + inv[1][key]), key
     assert inv[0]["mask_search_s"] > 0 and inv[1]["evaluation_s"] > 0
-    assert inv[1]["mask_search_s"] == 0  # both searches were stored: nothing searched again
+    # a partly finished base model retrains its masks (deterministic) and writes only the
+    # missing runs (experiment.verdicts.run_masks_stage), so the resume may search again
     assert manifest["timings"]["wall_s"] == pytest.approx(inv[1]["wall_s"])
 
 

@@ -171,7 +171,7 @@ def test_validate_end_to_end_and_resumes(tmp_path, monkeypatch):
     )
     # resume: nothing is rebuilt or retrained
     monkeypatch.setattr("subroutine_circuits.groundtruth.planted.build_planted", _fail)
-    monkeypatch.setattr("subroutine_circuits.experiment.stages.mask_search_stage", _fail)
+    monkeypatch.setattr("subroutine_circuits.experiment.search.search_all", _fail)
     df2 = V.validate(tmp_path, cfg=cfg)
     pd.testing.assert_frame_equal(df.reset_index(drop=True), df2.reset_index(drop=True))
 
