@@ -178,19 +178,10 @@ class ModelAdapter(ABC):
 
     def encode_problems(self, problems: Sequence[Any]) -> EncodedProblems:
         """Encode odd-one-out problems (objects with ``stimuli`` and ``odd_index``)."""
+        from subroutine_circuits.models.readout import flat_stimuli
+
         problems = list(problems)
-        if not problems:
-            raise ValueError("no problems to encode (empty split?)")
-        n_stim = len(problems[0].stimuli)
-        stimuli: list[Any] = []
-        for i, p in enumerate(problems):
-            if len(p.stimuli) != n_stim:
-                raise ValueError(
-                    f"problem {i} has {len(p.stimuli)} stimuli, expected {n_stim} like problem 0"
-                )
-            if not 0 <= p.odd_index < n_stim:
-                raise ValueError(f"problem {i} has odd_index {p.odd_index} outside [0, {n_stim})")
-            stimuli.extend(p.stimuli)
+        stimuli, n_stim = flat_stimuli(problems)
         flat = self.encode_stimuli(stimuli)
         b = len(problems)
         inputs = {k: v.reshape(b, n_stim, *v.shape[1:]) for k, v in flat.items()}

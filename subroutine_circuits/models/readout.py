@@ -162,6 +162,26 @@ def ooo_scores(emb: Float[Tensor, "b 4 d"]) -> Float[Tensor, "b 4"]:
     return -(gram.sum(-1) - gram.diagonal(dim1=-2, dim2=-1))
 
 
+def flat_stimuli(problems: Sequence[Any]) -> tuple[list[Any], int]:
+    """The stimuli of odd-one-out problems in one list (problem by problem) and the number of
+    stimuli per problem; raises ValueError for an empty list, problems of unequal size or an
+    ``odd_index`` outside the problem."""
+    problems = list(problems)
+    if not problems:
+        raise ValueError("no problems to encode (empty split?)")
+    n_stim = len(problems[0].stimuli)
+    stimuli: list[Any] = []
+    for i, p in enumerate(problems):
+        if len(p.stimuli) != n_stim:
+            raise ValueError(
+                f"problem {i} has {len(p.stimuli)} stimuli, expected {n_stim} like problem 0"
+            )
+        if not 0 <= p.odd_index < n_stim:
+            raise ValueError(f"problem {i} has odd_index {p.odd_index} outside [0, {n_stim})")
+        stimuli.extend(p.stimuli)
+    return stimuli, n_stim
+
+
 def encode_problems(
     problems: Sequence[Any], tokenizer: Any
 ) -> tuple[Int[Tensor, "b 4 pos"], Int[Tensor, "b 4"], Int[Tensor, "b"]]:
@@ -170,18 +190,7 @@ def encode_problems(
     ``problems`` are ``OOOProblem``-like objects with ``stimuli`` (texts) and ``odd_index``.
     """
     problems = list(problems)
-    if not problems:
-        raise ValueError("no problems to encode (empty split?)")
-    n_stim = len(problems[0].stimuli)
-    texts: list[str] = []
-    for i, p in enumerate(problems):
-        if len(p.stimuli) != n_stim:
-            raise ValueError(
-                f"problem {i} has {len(p.stimuli)} stimuli, expected {n_stim} like problem 0"
-            )
-        if not 0 <= p.odd_index < n_stim:
-            raise ValueError(f"problem {i} has odd_index {p.odd_index} outside [0, {n_stim})")
-        texts.extend(p.stimuli)
+    texts, n_stim = flat_stimuli(problems)
     tokens, lengths = tokenizer.encode_batch(texts)
     tokens = torch.as_tensor(tokens).long()
     lengths = torch.as_tensor(lengths).long()
