@@ -249,9 +249,12 @@ def run_base_model_job(
 
     ``prep`` (task, tokenizer, splits) is built from ``job.cfg`` when not given; ``given`` is an
     injected base model (see :func:`base_model_stage`). Returns timing information and the
-    model's composite accuracy.
+    model's composite accuracy. TransformerLens attention on the CPU uses the faster softmax of
+    :mod:`subroutine_circuits.models.cpu_kernels` throughout the job.
     """
-    with collect_stage_times() as stage_times:
+    from subroutine_circuits.models.cpu_kernels import fast_cpu_attention
+
+    with collect_stage_times() as stage_times, fast_cpu_attention():
         info = _run_base_model(job, prep if prep is not None else prepare(job.cfg), given)
     return {**info, "stage_times": dict(stage_times)}
 

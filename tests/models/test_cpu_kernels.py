@@ -1,0 +1,68 @@
+"""The CPU attention softmax (models.cpu_kernels) against torch.softmax and TransformerLens."""
+
+import pytest
+import torch
+
+from subroutine_circuits.models.cpu_kernels import _Functional, fast_cpu_attention, softmax_lastdim
+
+
+def test_softmax_lastdim_matches_torch_forward_and_backward():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 7, 7, generator=g, dtype=torch.float64)
+    x = x.masked_fill(torch.rand(x.shape, generator=g) < 0.3, float("-inf"))
+    x[..., 0] = 0.0  # every row keeps one finite entry
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    (softmax_lastdim(a) * w).sum().backward()
+    (torch.softmax(b, -1) * w).sum().backward()
+    assert torch.allclose(softmax_lastdim(x), torch.softmax(x, -1), atol=1e-12)
+    assert torch.allclose(a.grad, b.grad, atol=1e-12)
+    y = x[..., :1].expand(5, 3, 7, 4).clone().requires_grad_()
+    assert torch.autograd.gradcheck(softmax_lastdim, (y,))
+
+
+def test_all_masked_rows_give_nan_like_torch():
+    x = torch.full((2, 4), float("-inf"))
+    assert torch.isnan(softmax_lastdim(x)).all() and torch.isnan(torch.softmax(x, -1)).all()
+
+
+def test_other_dims_and_dtypes_fall_back_to_torch():
+    f = _Functional()
+    x = torch.randn(3, 4, 5)
+    assert torch.equal(f.softmax(x, dim=1), torch.softmax(x, 1))
+    want = torch.softmax(x, -1, torch.float64)
+    assert torch.equal(f.softmax(x, dim=-1, dtype=torch.float64), want)
+    assert f.gelu is torch.nn.functional.gelu
+
+
+def test_transformer_lens_forward_and_grads_unchanged(tiny_model, tiny_tokens):
+    from transformer_lens.components import abstract_attention as aa
+
+    original = aa.F
+    ref = tiny_model(tiny_tokens)
+    ref.sum().backward()
+    grads = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    with fast_cpu_attention():
+        assert aa.F is not original
+        with fast_cpu_attention():  # re-entrant
+            pass
+        assert aa.F is not original
+        got = tiny_model(tiny_tokens)
+        got.sum().backward()
+    assert aa.F is original
+    assert torch.allclose(got, ref, atol=1e-5)
+    for p, gr in zip(tiny_model.parameters(), grads):
+        assert torch.allclose(p.grad, gr, atol=1e-4)
+
+
+def test_restored_after_an_error():
+    from transformer_lens.components import abstract_attention as aa
+
+    original = aa.F
+    with pytest.raises(RuntimeError), fast_cpu_attention():
+        raise RuntimeError("boom")
+    assert aa.F is original
+    with fast_cpu_attention(enabled=False):
+        assert aa.F is original
