@@ -150,10 +150,22 @@ def _hooks_on(model: nn.Module, hooks: Sequence[tuple[str, Any]]) -> Iterator[No
 
 
 def _wrap(fn, hook_point):
-    """Adapt ``fn(x, hook)`` to a torch forward hook ``(module, args, output)``."""
+    """Adapt ``fn(x, hook)`` to a torch forward hook ``(module, args, output)``.
+
+    A hook point with a ``hook_conversion`` (TransformerBridge aliases, on TransformerLens 3.9
+    and 4.x: ``blocks.{l}.attn.hook_z`` is ``attn.o.hook_in``, whose raw output is the flat
+    ``[batch, pos, n_heads * d_head]``) shows ``fn`` the converted activation
+    (``[batch, pos, n_heads, d_head]``) and reverts what ``fn`` returns, as
+    ``HookPoint.add_hook`` does. So ``fn`` sees the layout in which ``model.hooks`` (and
+    ``record_activations``, which records the mean ablation values) sees the activation.
+    """
 
     def torch_hook(module, args, output):
-        return fn(output, hook_point)
+        conversion = getattr(hook_point, "hook_conversion", None)
+        if conversion is None:
+            return fn(output, hook_point)
+        result = fn(conversion.convert(output), hook_point)
+        return None if result is None else conversion.revert(result)
 
     return torch_hook
 
@@ -525,7 +537,16 @@ def _clean_pass(
 
 
 def _pad_hooks(model: nn.Module, pad_state: dict) -> list[tuple[str, Any]]:
-    """Key-padding hooks on every ``hook_attn_scores`` reading ``pad_state["pad"]``."""
+    """Key-padding hooks on every ``hook_attn_scores`` reading ``pad_state["pad"]``.
+
+    None for TransformerBridge models: their padding goes in as ``attention_mask=`` (see
+    :func:`_ooo_scores_nosync`), and edits of ``hook_attn_scores`` are discarded there (with a
+    warning per forward pass on 4.x).
+    """
+    from subroutine_circuits.models.tl_compat import is_bridge
+
+    if is_bridge(model):
+        return []
 
     def mask_scores(scores: Float[Tensor, "n head q k"], hook) -> Float[Tensor, "n head q k"]:
         return scores.masked_fill(pad_state["pad"][:, None, None, :], float("-inf"))

@@ -278,3 +278,97 @@ def test_native_bridge_reinit_and_readout():
         torch.testing.assert_close(model(tokens), other(tokens), atol=TOL, rtol=0)
     with pytest.raises(ValueError, match="unknown readout"):
         adapter.readout("nope")
+
+
+# eight stimuli of several lengths: two odd-one-out problems
+EIGHT = TEXTS + [
+    "the horse sleeps",
+    "the dogs near the horses run",
+    "the dog runs",
+    "the horses near the dog sleep",
+]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_batched_mean_ablation_of_a_head_equals_hand_hook(loaded, kind):
+    """The batched mask engine (fixed masks, and trainable masks in eval mode, as in training
+    and validation) mean-ablating head ``h`` of layer ``l`` on a bridge = a hand hook replacing
+    that head's ``hook_z`` by its position-aware mean, computed from each stimulus run alone.
+
+    ``hook_z`` on a bridge is an alias of ``attn.o.hook_in`` with a layout conversion (raw flat
+    ``[b, pos, n_heads * d_head]``): the engine must apply the means in the layout in which
+    they were recorded, ``[b, pos, head, d_head]``, on the right head."""
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.experiment.batched import (
+        BatchedUnitMask,
+        _ooo_scores_nosync,
+        fixed_mask_scores,
+    )
+    from subroutine_circuits.masks.ablator import reference_ablator
+    from subroutine_circuits.masks.parametrization import MaskConfig
+
+    adapter, _ = loaded(kind, "bridge")
+    model = adapter.model
+    layer, head = 1, 2
+    hook = f"blocks.{layer}.attn.hook_z"
+    flat = adapter.encode_stimuli(EIGHT)
+    lengths = flat["lengths"]
+    data = EncodedProblems(
+        {k: v.view(2, 4, *v.shape[1:]) for k, v in flat.items()}, torch.tensor([0, 3])
+    )
+
+    # independent position-aware means: every stimulus alone (no padding), the head's z
+    readout_z, other_z = [], []
+    for text in EIGHT:
+        one = adapter.encode_stimuli([text])
+        n = int(one["lengths"][0])
+        seen = {}
+
+        def grab(act, hook, seen=seen):
+            seen["z"] = act.detach()[0, :, head]  # [pos, d_head]
+
+        with torch.no_grad(), model.hooks(fwd_hooks=[(hook, grab)]):
+            model(one["tokens"][:, :n])
+        readout_z.append(seen["z"][n - 1])
+        other_z.append(seen["z"][: n - 1])
+    readout_mean = torch.stack(readout_z).mean(0)
+    other_mean = torch.cat(other_z).mean(0)
+
+    def by_hand(act, hook):
+        act = act.clone()
+        ro = torch.arange(act.shape[1])[None, :] == (lengths[:, None] - 1)
+        act[:, :, head] = torch.where(ro[..., None], readout_mean, other_mean)
+        return act
+
+    with torch.no_grad():
+        plain = adapter.ooo_logits(data.inputs)
+        with model.hooks(fwd_hooks=[(hook, by_hand)]):
+            want = adapter.ooo_logits(data.inputs)
+    assert (want - plain).abs().max() > 1e-4  # the ablation does something
+
+    um = adapter.unit_map(kinds=["head"])
+    ablator = reference_ablator(adapter, um, data.flat_inputs(), "mean")
+    assert ablator.position_aware
+    unit = next(off + head for off, g in zip(um.offsets(), um.groups) if g.hook_name == hook)
+    keep = torch.ones(2, um.n_units, dtype=torch.bool)
+    keep[1, unit] = False  # mask 0 keeps everything, mask 1 ablates the head
+
+    got = fixed_mask_scores(model, data, keep, unit_map=um, ablator=ablator)
+    torch.testing.assert_close(got[0], plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], want, atol=1e-5, rtol=0)
+
+    # the training / converged engine's hooks: K masks on K slices of one batch
+    cfgs = [MaskConfig(ablation="mean", seed=i) for i in range(2)]
+    bm = BatchedUnitMask(um, cfgs, None, ablator=ablator)
+    with torch.no_grad():
+        bm.logits.copy_(torch.where(keep, 10.0, -10.0))
+    bm.eval()
+    assert torch.equal(bm.binary(), keep)
+    tokens, lens = data.tokens.repeat(2, 1, 1), data.lengths.repeat(2, 1)
+    width = int(lens.max())
+    tokens = tokens[..., :width]
+    with torch.no_grad(), bm.applied(model):
+        bm.begin_batch(model, tokens.reshape(-1, width), lens.reshape(-1), {})
+        scores = _ooo_scores_nosync(model, tokens, lens, adapter.pool, {})
+    torch.testing.assert_close(scores[:2], plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores[2:], want, atol=1e-5, rtol=0)
