@@ -187,3 +187,54 @@ def test_random_controls_usable_or_candidates_only():
     assert strict[0]["n_random"] == 0  # no run can pass a 0.7 margin on random data
     for k in ("sub_diff", "abl_diff", "ablzero_diff"):
         assert strict[0][k] == rows[0][k]
+
+
+def test_runs_over_different_unit_maps_are_evaluated_per_map():
+    """Grid points that mask different layers give masks over different unit maps; one base
+    model's runs then go to the evaluation in one group per map, each row equal to evaluating
+    that run alone."""
+    from types import SimpleNamespace
+
+    from conftest import make_tiny_transformer
+
+    from subroutine_circuits.adapters import as_adapter, tl_unit_map
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.experiment.evaluate import RunToEvaluate, evaluate_unit_runs
+    from subroutine_circuits.experiment.verdicts import _by_unit_map, _evaluate
+    from subroutine_circuits.masks import UnitMask
+    from subroutine_circuits.masks.ablator import Ablator
+
+    assert _by_unit_map(["x", "y", "x", "z", "y"]) == [[0, 2], [1, 4], [3]]
+    model = make_tiny_transformer(seed=4)
+    g = torch.Generator().manual_seed(0)
+
+    def problems(n):
+        toks = torch.randint(1, 50, (n, 4, 7), generator=g)
+        return EncodedProblems({"tokens": toks, "lengths": torch.full((n, 4), 7)},
+                               torch.randint(0, 4, (n,), generator=g))  # fmt: skip
+
+    test = {k: problems(12) for k in ("partition_a", "partition_b", "sub_a", "sub_b")}
+    full, last = tl_unit_map(model), tl_unit_map(model, layers=[1])
+    assert full != last
+    m_full = UnitMask.fixed(full, torch.rand(full.n_units, generator=g) < 0.4)
+    m_last = UnitMask.fixed(last, torch.rand(last.n_units, generator=g) < 0.4)
+
+    def planned(sub, other, mask):
+        return SimpleNamespace(subroutine=sub, other=other, mask_seed=0), SimpleNamespace(mask=mask)
+
+    ev = {"a0": planned("a", "b", m_full), "b0": planned("b", "a", m_last)}
+    base = SimpleNamespace(
+        adapter=as_adapter(model, pool="last"), base_ok=False, bypass=False,
+        enc={"test": test}, ablators={"zero": Ablator("zero")},
+    )  # fmt: skip
+    cfg = SimpleNamespace(mask=SimpleNamespace(kind="unit"), random_controls="all", margin=0.05,
+                          ablation="zero", n_random=20, chance=0.25, mask_min_acc=0.9)  # fmt: skip
+    rows = _evaluate(base, cfg, ev, {"a": "b", "b": "a"}, base_seed=0)
+    for key, sub, other, mask in (("a0", "a", "b", m_full), ("b0", "b", "a", m_last)):
+        alone = evaluate_unit_runs(
+            base.adapter, [RunToEvaluate(sub, other, 0, mask, False)], test,
+            base.ablators, "zero", 20,
+        )[0]  # fmt: skip
+        assert rows[key]["abl_diff"] == alone["abl_diff"]
+        assert rows[key]["sub_target_acc"] == alone["sub_target_acc"]
+        assert rows[key]["n_kept"] == alone["n_kept"]
