@@ -6,6 +6,8 @@ import io
 import json
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,22 @@ def real_positions(lengths: Any, n_pos: int) -> Any:
 
     lengths = torch.as_tensor(lengths)
     return torch.arange(n_pos, device=lengths.device)[None, :] < lengths[:, None].to(torch.long)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (None: unchanged), then restore the
+    previous number. One thread makes CPU results bit-reproducible."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    if int(n) < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -756,6 +756,12 @@ class ExperimentConfig(_Table):
     patching_inits: list[str] = field(default_factory=lambda: ["trained", "pretrained"])
     patching_options: PatchingOptions = field(default_factory=PatchingOptions)
     workers: int = _opt(1, ge=1)
+    # torch CPU threads per base-model job. 1 (default): two runs of a config give bit-identical
+    # results. More threads can be faster for larger models on one worker, but CPU kernels with
+    # several threads are not bit-reproducible, and that float noise is enough to send a mask
+    # search elsewhere (measured: mask density up to 0.29 apart between two identical runs
+    # with 2 threads; docs/RESULTS.md)
+    threads: int = _opt(1, ge=1)
     device: str = "auto"
     # how base-model jobs run: "auto" (Dask when a scheduler is given, else worker processes
     # when workers > 1, else in-process), "inprocess", "processes" or "dask" (see

@@ -44,6 +44,7 @@ RESULT_COLUMNS = [
 # Settings that do not change any result: a folder may be resumed with other values of these.
 RESUMABLE_FIELDS = (
     "workers", "device", "patching", "patching_inits", "executor", "scheduler", "dask_workers",
+    "threads",
 )  # fmt: skip
 
 

@@ -249,12 +249,18 @@ def run_base_model_job(
 
     ``prep`` (task, tokenizer, splits) is built from ``job.cfg`` when not given; ``given`` is an
     injected base model (see :func:`base_model_stage`). Returns timing information and the
-    model's composite accuracy. TransformerLens attention on the CPU uses the faster softmax of
-    :mod:`subroutine_circuits.models.cpu_kernels` throughout the job.
+    model's composite accuracy. The job runs with ``job.cfg.threads`` torch threads (restored
+    afterwards), and TransformerLens attention on the CPU uses the faster softmax of
+    :mod:`subroutine_circuits.models.cpu_kernels` throughout.
     """
     from subroutine_circuits.models.cpu_kernels import fast_cpu_attention
+    from subroutine_circuits.utils import torch_threads
 
-    with collect_stage_times() as stage_times, fast_cpu_attention():
+    with (
+        torch_threads(job.cfg.threads),
+        collect_stage_times() as stage_times,
+        fast_cpu_attention(),
+    ):
         info = _run_base_model(job, prep if prep is not None else prepare(job.cfg), given)
     return {**info, "stage_times": dict(stage_times)}
 
