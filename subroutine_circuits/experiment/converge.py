@@ -46,6 +46,7 @@ from subroutine_circuits.masks.units import UnitMap
 #: passes of 64 to 128 for the CPU CNN preset, forward and backward).
 CPU_IMAGE_ROWS = 128
 
+
 @dataclass
 class MaskRun:
     """One trained mask and how its training went.

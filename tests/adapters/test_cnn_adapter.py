@@ -146,11 +146,14 @@ def test_accuracy_passes_at_most_cpu_rows_images(adapter, monkeypatch):
     data = EncodedProblems({"images": torch.randn(9, 4, 3, 16, 16, generator=g)},
                            torch.randint(0, 4, (9,), generator=g))  # fmt: skip
     with torch.no_grad():
-        want = sum(
-            int(adapter.ooo_logits({"images": data.inputs["images"][i : i + 1]}).argmax())
-            == int(data.odd[i])
-            for i in range(9)
-        ) / 9
+        want = (
+            sum(
+                int(adapter.ooo_logits({"images": data.inputs["images"][i : i + 1]}).argmax())
+                == int(data.odd[i])
+                for i in range(9)
+            )
+            / 9
+        )
     sizes = []
     embed = adapter.embed
     monkeypatch.setattr(adapter, "embed", lambda x: sizes.append(len(x["images"])) or embed(x))

@@ -131,7 +131,7 @@ def test_instance_norm_equals_torch_instance_norm():
     from subroutine_circuits.models.cnn import InstanceNorm
 
     norm = InstanceNorm(5, eps=1e-5, affine=False, track_running_stats=False)
-    x = (torch.randn(3, 5, 7, 6, generator=torch.Generator().manual_seed(0)) * 4 + 2)
+    x = torch.randn(3, 5, 7, 6, generator=torch.Generator().manual_seed(0)) * 4 + 2
     x.requires_grad_(True)
     y = norm(x)
     want = F.instance_norm(x, eps=1e-5)
