@@ -167,3 +167,37 @@ def test_exclusion_is_decided_on_validation_accuracy(tmp_path):
     assert bool(df.loc[df["init"] == "trained", "base_ok"].iloc[0]) == ok
     assert ("number_contact__trained__s0" in manifest["excluded_base_models"]) == (not ok)
     assert df.loc[df["init"] == "random_init", "base_ok"].all()  # controls are always kept
+
+
+def test_runs_over_different_unit_maps_are_evaluated_per_map(prep):
+    """A grid point may restrict ``layers`` (configs/vision_paper.toml does): when one
+    subroutine's chosen point keeps every layer and the other's only some, the base model's
+    runs have two unit maps; each run's row equals the row of that run evaluated alone."""
+    from subroutine_circuits.adapters import as_adapter
+    from subroutine_circuits.experiment.config import MaskSearchConfig
+    from subroutine_circuits.experiment.evaluate import RunToEvaluate, evaluate_unit_runs
+    from subroutine_circuits.experiment.search import encode, make_mask
+    from subroutine_circuits.masks.ablator import reference_ablator
+    from subroutine_circuits.models.cnn import HookedCNN
+
+    cfg = tiny_config()
+    adapter = as_adapter(HookedCNN(vision.cnn_model_config(cfg, prep.task, 0, "cpu"))).freeze()
+    test = {k: encode(adapter, v) for k, v in prep.splits["test"].items()}
+    ref = encode(adapter, prep.splits["train"]["composite"]).flat_inputs()
+    abl = {k: reference_ablator(adapter, adapter.unit_map(), ref, k) for k in ("zero", "mean")}
+    mc = MaskSearchConfig(unit_kinds=("channel", "neuron"))
+    masks = [make_mask(adapter, mc, hp, s, abl["mean"]).eval()
+             for hp, s in (({}, 0), ({"layers": [2, 3]}, 1), ({}, 2))]  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    for m in masks:  # some units kept, some removed
+        for part in m.parts:
+            part.log_alpha.data = torch.randn(part.log_alpha.shape, generator=g) * 3
+    assert masks[0].unit_map.n_units != masks[1].unit_map.n_units
+    runs = [RunToEvaluate(s, o, i, m, True, draw_seed=10 + i) for i, (m, s, o) in
+            enumerate(zip(masks, ("number", "contact", "number"), ("contact", "number",
+                                                                    "contact")))]  # fmt: skip
+    rows = evaluate_unit_runs(adapter, runs, test, abl, "mean", 20)
+    for r, row in zip(runs, rows):
+        alone = evaluate_unit_runs(adapter, [r], test, abl, "mean", 20)[0]
+        assert row == pytest.approx(alone, nan_ok=True)
+        assert row["n_random"] == 20 and row["n_kept"] == int(r.mask.flat_binary().sum())
