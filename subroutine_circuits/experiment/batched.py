@@ -293,6 +293,7 @@ class BatchedUnitMask(nn.Module):
         self._device_generators: list[torch.Generator] | None = None
         self._step_noise: Tensor | None = None
         self._values: Tensor | None = None
+        self._rows: slice | None = None  # masks served by the next passes (None: all K)
         # ablation values per mask
         if ablation_values is None or isinstance(ablation_values, Mapping):
             per_mask = [ablation_values] * self.k
@@ -362,21 +363,42 @@ class BatchedUnitMask(nn.Module):
         self._step_noise = u
 
     def group_values(self, gi: int) -> Float[Tensor, "k size"]:
-        """The K masks of unit group ``gi`` for the current forward pass."""
-        sl = self.slices[gi]
-        la = self.logits[:, sl]
+        """The K masks of unit group ``gi`` for the current forward pass (only the masks of
+        :meth:`serving` inside such a block)."""
+        sl, r = self.slices[gi], self._rows if self._rows is not None else slice(None)
+        la = self.logits[r, sl]
         if not self.training:
-            return self.binary()[:, sl].to(la.dtype)
+            return self.binary()[r, sl].to(la.dtype)
         if self.parametrization == "continuous":
-            return torch.sigmoid(self.temperature[:, None] * la)
+            return torch.sigmoid(self.temperature[r, None] * la)
         if self._step_noise is not None:
-            u = self._step_noise[:, sl]
+            u = self._step_noise[r, sl]
         else:  # exact: each mask's CPU generator, in hook-firing order, as UnitMask does
             size = sl.stop - sl.start
             u = torch.stack(
-                [torch.rand((size,), generator=g).clamp(_EPS, 1 - _EPS) for g in self.generators]
-            ).to(la.device, la.dtype)
+                [torch.rand((size,), generator=g).clamp(_EPS, 1 - _EPS)
+                 for g in self.generators[r]]
+            ).to(la.device, la.dtype)  # fmt: skip
         return self._hc(la, u)
+
+    @contextlib.contextmanager
+    def serving(self, k0: int, k1: int) -> Iterator[BatchedUnitMask]:
+        """Inside the block the hooks serve masks ``k0:k1`` only: the batch is their
+        ``k1 - k0`` equal slices, in mask order. Used to split the K masks' batch into several
+        forward (and backward) passes, e.g. on the CPU, where one pass over a large batch of
+        images runs slower per image than a few smaller ones. Each mask draws its exact noise
+        from its own generator in hook order, so split passes give the same masks as one pass.
+        Not for ablations with a per-pass state (position-aware mean, resample): images only.
+        """
+        if not 0 <= k0 < k1 <= self.k:
+            raise ValueError(f"mask rows {k0}:{k1} out of range for {self.k} masks")
+        if self.ablation_state is not None:
+            raise ValueError("serving a subset of masks needs an ablation without per-pass state")
+        old, self._rows = self._rows, slice(k0, k1)
+        try:
+            yield self
+        finally:
+            self._rows = old
 
     def step_temperature(self) -> None:
         """Continuous masks: multiply each mask's temperature by its ``temp_growth``."""
@@ -397,6 +419,8 @@ class BatchedUnitMask(nn.Module):
             a = self.ablator.value(g, x, self.ablation_state)
         else:
             a = None if self._abl is None else self._abl[g.hook_name]
+            if a is not None and self._rows is not None:
+                a = a[self._rows]
         return mix_slices(x, self.group_values(gi), g.axis, a)
 
     def use_ablator(self, ablator: Ablator) -> BatchedUnitMask:
@@ -871,7 +895,8 @@ def fixed_mask_scores(
     (:class:`~subroutine_circuits.masks.ablator.Ablator`: position-aware mean, zero or resample,
     shared by all masks). The problems are repeated once per mask along the batch, in forward
     passes of at most ``max_rows`` sequences (masks and problems chunked; default 256 on the
-    CPU, where large batches only spill the caches, 16384 on accelerators). Returned on the CPU.
+    CPU, where large batches only spill the caches, or the adapter's ``cpu_rows`` for inputs
+    without tokens; 16384 on accelerators). Returned on the CPU.
 
     Inputs without tokens (e.g. ``{"images": [b, 4, 3, h, w]}``) need ``adapter`` (the model's
     :class:`~subroutine_circuits.adapters.base.ModelAdapter`): the problems, repeated once per
@@ -883,6 +908,8 @@ def fixed_mask_scores(
     device = next(model.parameters()).device
     if max_rows is None:
         max_rows = 256 if device.type == "cpu" else 16384
+        if device.type == "cpu" and not has_token_inputs(data) and adapter is not None:
+            max_rows = int(getattr(adapter, "cpu_rows", max_rows))  # e.g. a CNN's images
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     if ablator is not None and (ablation_values is not None or not isinstance(masks, Tensor)):

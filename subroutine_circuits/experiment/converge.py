@@ -41,6 +41,11 @@ from subroutine_circuits.masks.parametrization import MaskConfig
 from subroutine_circuits.masks.unit_mask import UnitMask
 from subroutine_circuits.masks.units import UnitMap
 
+#: Images per forward pass when training masks on image inputs on the CPU (larger batches of
+#: small images spill the caches: a pass of 512 images runs about twice as slow per image as
+#: passes of 64 to 128 for the CPU CNN preset, forward and backward).
+CPU_IMAGE_ROWS = 128
+
 
 @dataclass
 class MaskRun:
@@ -311,8 +316,8 @@ class _ConvergedLoop:
             with autocast:
                 scores = _ooo_scores_nosync(self.model, tokens, lengths, self.pool, self.pad_state)
         else:  # the K masks' minibatches are K equal slices of one batch (mix_slices)
-            with autocast:
-                scores = self.adapter.ooo_logits({n: v[idx] for n, v in self.data.inputs.items()})
+            self._image_step(idx, k, bsz, autocast)
+            return self._after_step(step)
         ce = F.cross_entropy(scores.float(), self.data.odd[idx], reduction="none")
         l0 = self.l0_all[[b.i for b in self.alive]].to(self.device)
         loss_k = ce.view(k, bsz).mean(1) + l0 * bm.penalty() / max(1, self.unit_map.n_units)
@@ -320,6 +325,37 @@ class _ConvergedLoop:
         self.opt.zero_grad()
         loss_k.sum().backward()
         self.opt.step()
+        self._after_step(step)
+
+    def _image_step(self, idx: Tensor, k: int, bsz: int, autocast: Any) -> None:
+        """One optimiser step of the alive masks on inputs without tokens (images), scored by
+        the adapter. The K masks' slices go through the model in passes of at most
+        :data:`CPU_IMAGE_ROWS` images on the CPU (or the adapter's ``cpu_rows``; one pass
+        elsewhere), each pass backward
+        at once; the gradient is the one of a single pass (each mask only sees its slice)."""
+        bm = self.bm
+        n_stim = int(next(iter(self.data.inputs.values())).shape[1])
+        rows_cpu = int(getattr(self.adapter, "cpu_rows", CPU_IMAGE_ROWS))
+        per = k if self.device.type != "cpu" else max(1, rows_cpu // (bsz * n_stim))
+        l0 = self.l0_all[[b.i for b in self.alive]].to(self.device)
+        self.opt.zero_grad()
+        for k0 in range(0, k, per):
+            k1 = min(k, k0 + per)
+            rows = idx[k0 * bsz : k1 * bsz]
+            with bm.serving(k0, k1), autocast:
+                scores = self.adapter.ooo_logits({n: v[rows] for n, v in self.data.inputs.items()})
+            ce = F.cross_entropy(scores.float(), self.data.odd[rows], reduction="none")
+            ce_k = ce.view(k1 - k0, bsz).mean(1)
+            self.bad |= ~torch.isfinite(ce_k).all()
+            ce_k.sum().backward()
+        pen = l0 * bm.penalty() / max(1, self.unit_map.n_units)
+        self.bad |= ~torch.isfinite(pen).all()
+        pen.sum().backward()
+        self.opt.step()
+
+    def _after_step(self, step: int) -> None:
+        """The temperature schedule and the step counters after an optimiser step."""
+        bm = self.bm
         if bm.parametrization == "continuous":
             with torch.no_grad():
                 bm.temperature.fill_(self.schedule.temperature(step))

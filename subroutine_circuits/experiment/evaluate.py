@@ -133,8 +133,25 @@ def evaluate_unit_runs(
     ``abl<kind>_*`` robustness columns. Random controls are drawn for usable runs; with
     ``margin`` given, only for usable runs that pass both margins (the only runs whose verdict
     the controls can change: ``randabl_*`` is NaN for the others).
+
+    Runs over different unit maps (grid points that restrict ``layers``, chosen for one
+    subroutine and not the other) are evaluated group by group, each group in batched passes.
     """
     _check_test(test, runs)
+    maps: list[Any] = []
+    for r in runs:
+        if not any(r.mask.unit_map == m for m in maps):
+            maps.append(r.mask.unit_map)
+    if len(maps) > 1:
+        rows: list[dict[str, Any]] = [{} for _ in runs]
+        for m in maps:
+            idx = [i for i, r in enumerate(runs) if r.mask.unit_map == m]
+            part = evaluate_unit_runs(
+                adapter, [runs[i] for i in idx], test, ablators, chosen, n_random, chance, margin
+            )
+            for i, row in zip(idx, part):
+                rows[i] = row
+        return rows
     um = runs[0].mask.unit_map
     learned = [r.mask.flat_binary().bool() for r in runs]
     parts = sorted({f"partition_{x}" for r in runs for x in (r.subroutine, r.other)})

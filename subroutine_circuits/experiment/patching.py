@@ -438,13 +438,24 @@ def ablation_base(adapter, unit_map, ablation: str, reference=None, position_awa
     experiment's reference set: training composite problems, a list of problems or their
     :class:`EncodedProblems`), position-aware when ``position_aware`` (readout positions get
     the mean over readout positions, other positions the mean over the other real positions).
+    ``reference`` may also be the :class:`~subroutine_circuits.masks.ablator.Ablator` of
+    ``ablation`` already computed from that set with the same position awareness (the study's
+    reference ablator): its values are used as they are, nothing is recomputed.
     Masks derived with ``.fixed_like(keep)`` share these values."""
     from subroutine_circuits.adapters.base import EncodedProblems
     from subroutine_circuits.masks import UnitMask
+    from subroutine_circuits.masks.ablator import Ablator, apply_to_unit_mask
 
     base = UnitMask.fixed(unit_map, torch.ones(unit_map.n_units, dtype=torch.bool), ablation)
     if ablation == "zero":
         return base
+    if isinstance(reference, Ablator):
+        if reference.kind != ablation:
+            raise ValueError(
+                f"the reference ablator is {reference.kind!r}, the cross-ablation {ablation!r}"
+            )
+        reference.check(unit_map)
+        return apply_to_unit_mask(base, reference.to("cpu"))
     if reference is None or len(reference) == 0:
         raise ValueError(
             "mean cross-ablation needs the mask experiment's reference problems (training "

@@ -227,10 +227,14 @@ def patching_stage(
             **cfg.patching_options,
         }
     )
-    # cross-ablation means: the mask experiment's reference set (training composite problems)
+    # cross-ablation means: the mask experiment's reference set (training composite problems),
+    # as the mask experiment's own ablator when it has the same kind and position awareness
+    reference = base.enc["train"]["composite"]
+    if pcfg.position_aware and pcfg.cross_ablation in base.ablators:
+        reference = base.ablators[pcfg.cross_ablation]
     rows = run_patching(
         base.adapter, prep.tokenizer, prep.task, job.subroutine, prep.splits["test"], mask, pcfg,
-        reference=base.enc["train"]["composite"],
+        reference=reference,
     )  # fmt: skip
     for r in rows:
         r["composite_acc"] = base.meta.get("composite_acc")

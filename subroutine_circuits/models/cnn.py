@@ -242,9 +242,20 @@ def cnn_config(preset: str = "cpu", **overrides: Any) -> CNNConfig:
     return CNNConfig(**kw)
 
 
-def _norm(channels: int, eps: float) -> nn.InstanceNorm2d:
+class InstanceNorm(nn.InstanceNorm2d):
+    """``InstanceNorm2d(affine=False, track_running_stats=False)``, computed as group norm with
+    one group per channel: the same function (each channel normalised over its own spatial
+    positions, per image; equal to ``F.instance_norm`` within float rounding), but torch's
+    group-norm kernels are several times faster on the CPU than its instance-norm path (which
+    reshapes to a batch norm over ``n * c`` channels)."""
+
+    def forward(self, x: Float[Tensor, "n c h w"]) -> Float[Tensor, "n c h w"]:
+        return F.group_norm(x, self.num_features, eps=self.eps)
+
+
+def _norm(channels: int, eps: float) -> InstanceNorm:
     """Instance norm without affine parameters or running statistics (as in the paper)."""
-    return nn.InstanceNorm2d(channels, eps=eps, affine=False, track_running_stats=False)
+    return InstanceNorm(channels, eps=eps, affine=False, track_running_stats=False)
 
 
 class Stem(nn.Module):

@@ -137,6 +137,34 @@ def test_record_activations_is_the_spatial_mean(adapter):
         torch.testing.assert_close(mask.ablation_values[g.hook_name].flatten(), want)
 
 
+def test_accuracy_passes_at_most_cpu_rows_images(adapter, monkeypatch):
+    """On the CPU ``accuracy`` caps every pass at ``cpu_rows`` images, whatever batch size is
+    asked for; the accuracy equals one computed problem by problem by hand."""
+    from subroutine_circuits.adapters.base import EncodedProblems
+
+    g = torch.Generator().manual_seed(4)
+    data = EncodedProblems({"images": torch.randn(9, 4, 3, 16, 16, generator=g)},
+                           torch.randint(0, 4, (9,), generator=g))  # fmt: skip
+    with torch.no_grad():
+        want = (
+            sum(
+                int(adapter.ooo_logits({"images": data.inputs["images"][i : i + 1]}).argmax())
+                == int(data.odd[i])
+                for i in range(9)
+            )
+            / 9
+        )
+    sizes = []
+    embed = adapter.embed
+    monkeypatch.setattr(adapter, "embed", lambda x: sizes.append(len(x["images"])) or embed(x))
+    monkeypatch.setattr(adapter, "cpu_rows", 8)  # two problems of 4 images per pass
+    assert adapter.accuracy(data) == adapter.accuracy(data, batch_size=256) == want
+    assert max(sizes) == 8 and sum(sizes) == 2 * 36
+    assert adapter.accuracy(data, batch_size=1) == want and min(sizes) == 4
+    with pytest.raises(ValueError, match="batch_size"):
+        adapter.accuracy(data, batch_size=0)
+
+
 def test_run_from_every_layer_reproduces_the_output(adapter):
     x = images(5)
     readout = adapter.readout("embed")

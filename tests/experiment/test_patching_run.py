@@ -308,6 +308,23 @@ def test_cross_ablation_mean_uses_reference_position_aware(setup):
     assert got["abl_other_acc"] == pytest.approx(accuracy(test["partition_verb_plural"]))
     with pytest.raises(ValueError, match="reference"):
         cross_ablation(model, tok, um, circuit, test, "subject_plural", "verb_plural", cfg)
+    # the study passes its own reference ablator (same set, position-aware): same values
+    from subroutine_circuits.adapters import as_adapter
+    from subroutine_circuits.experiment.patching import ablation_base
+    from subroutine_circuits.experiment.search import encode
+    from subroutine_circuits.masks.ablator import reference_ablator
+
+    adapter = as_adapter(model, tokenizer=tok)
+    flat = encode(adapter, reference).flat_inputs()
+    abl = reference_ablator(adapter, um, flat, "mean")
+    via = cross_ablation(model, tok, um, circuit, test, "subject_plural", "verb_plural", cfg, abl)
+    assert via[0] == got
+    a, b = ablation_base(adapter, um, "mean", abl), ablation_base(adapter, um, "mean", reference)
+    for h in b.ablation_values:
+        assert torch.equal(a.ablation_values[h], b.ablation_values[h].cpu())
+        assert torch.equal(a.readout_values[h], b.readout_values[h].cpu())
+    with pytest.raises(ValueError, match="reference ablator is 'zero'"):
+        ablation_base(adapter, um, "mean", reference_ablator(adapter, um, flat, "zero"))
 
 
 def test_agreement_rows_per_kind_in_score_file(setup, tmp_path):

@@ -167,3 +167,81 @@ def test_exclusion_is_decided_on_validation_accuracy(tmp_path):
     assert bool(df.loc[df["init"] == "trained", "base_ok"].iloc[0]) == ok
     assert ("number_contact__trained__s0" in manifest["excluded_base_models"]) == (not ok)
     assert df.loc[df["init"] == "random_init", "base_ok"].all()  # controls are always kept
+
+
+def test_runs_over_different_unit_maps_are_evaluated_per_map(prep):
+    """A grid point may restrict ``layers`` (configs/vision_paper.toml does): when one
+    subroutine's chosen point keeps every layer and the other's only some, the base model's
+    runs have two unit maps; each run's row equals the row of that run evaluated alone."""
+    from subroutine_circuits.adapters import as_adapter
+    from subroutine_circuits.experiment.config import MaskSearchConfig
+    from subroutine_circuits.experiment.evaluate import RunToEvaluate, evaluate_unit_runs
+    from subroutine_circuits.experiment.search import encode, make_mask
+    from subroutine_circuits.masks.ablator import reference_ablator
+    from subroutine_circuits.models.cnn import HookedCNN
+
+    cfg = tiny_config()
+    adapter = as_adapter(HookedCNN(vision.cnn_model_config(cfg, prep.task, 0, "cpu"))).freeze()
+    test = {k: encode(adapter, v) for k, v in prep.splits["test"].items()}
+    ref = encode(adapter, prep.splits["train"]["composite"]).flat_inputs()
+    abl = {k: reference_ablator(adapter, adapter.unit_map(), ref, k) for k in ("zero", "mean")}
+    mc = MaskSearchConfig(unit_kinds=("channel", "neuron"))
+    masks = [make_mask(adapter, mc, hp, s, abl["mean"]).eval()
+             for hp, s in (({}, 0), ({"layers": [2, 3]}, 1), ({}, 2))]  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    for m in masks:  # some units kept, some removed
+        for part in m.parts:
+            part.log_alpha.data = torch.randn(part.log_alpha.shape, generator=g) * 3
+    assert masks[0].unit_map.n_units != masks[1].unit_map.n_units
+    runs = [RunToEvaluate(s, o, i, m, True, draw_seed=10 + i) for i, (m, s, o) in
+            enumerate(zip(masks, ("number", "contact", "number"), ("contact", "number",
+                                                                    "contact")))]  # fmt: skip
+    rows = evaluate_unit_runs(adapter, runs, test, abl, "mean", 20)
+    for r, row in zip(runs, rows):
+        alone = evaluate_unit_runs(adapter, [r], test, abl, "mean", 20)[0]
+        assert row == pytest.approx(alone, nan_ok=True)
+        assert row["n_random"] == 20 and row["n_kept"] == int(r.mask.flat_binary().sum())
+
+
+_FAULTS = """
+import resource, sys, torch
+from subroutine_circuits.experiment import vision
+tuned = vision.tune_cpu_allocator() if sys.argv[1] == "1" else False
+torch.set_num_threads(1)
+torch.manual_seed(0)
+net = torch.nn.Sequential(
+    torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(16, 16), torch.nn.ReLU(),
+    torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.GroupNorm(16, 16), torch.nn.ReLU())
+x = torch.randn(64, 3, 32, 32)
+def step():
+    net(x).square().mean().backward()
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_tuned_allocator_stops_page_faults_of_cnn_passes():
+    """With ``tune_cpu_allocator`` the few-MB activations of CNN passes on the CPU are reused
+    from the heap: page faults over 5 training passes drop by far more than 5x (glibc's
+    defaults return the freed blocks to the system, so every pass faults them in again)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(vision.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    got = {}
+    for flag in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, flag], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()  # fmt: skip
+        got[flag] = (out[0] == "True", int(out[1]))
+    if not sys.platform.startswith("linux"):  # not glibc: nothing to tune
+        assert not got["1"][0]
+        return
+    assert got["1"][0] and not got["0"][0]
+    assert got["1"][1] * 5 < got["0"][1], got

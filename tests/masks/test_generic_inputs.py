@@ -92,9 +92,14 @@ def test_image_inputs_need_the_adapter_and_refuse_resample(adapter):
         reference_ablator(adapter, um, data.flat_inputs(), "resample")
 
 
+@pytest.mark.parametrize("rows", [10**6, 16, 32])
 @pytest.mark.parametrize("parametrization", ["hard_concrete", "continuous"])
-def test_converged_batched_equals_separate_runs_on_images(adapter, parametrization):
-    """The batched engine on images == separate train_mask_run calls (same checkpoints)."""
+def test_converged_batched_equals_separate_runs_on_images(
+    adapter, parametrization, rows, monkeypatch
+):
+    """The batched engine on images == separate train_mask_run calls (same checkpoints), in one
+    forward pass per step or split into passes of one (16 images) or two masks (32 images)."""
+    monkeypatch.setattr(adapter, "cpu_rows", rows)  # images per pass of the batched engine
     train, val = [problems(20, 3), problems(16, 4)], [problems(10, 5), problems(10, 6)]
     abl = reference_ablator(adapter, adapter.unit_map(), problems(8, 7).flat_inputs(), "mean")
     cfg = MaskSearchConfig(

@@ -125,6 +125,28 @@ def test_instance_norm_no_params_and_mode_independent(model):
     assert torch.equal(a, model(x))
 
 
+def test_instance_norm_equals_torch_instance_norm():
+    """The group-norm implementation of the instance norm is torch's instance norm (forward
+    and the input gradient), per image and channel over space."""
+    from subroutine_circuits.models.cnn import InstanceNorm
+
+    norm = InstanceNorm(5, eps=1e-5, affine=False, track_running_stats=False)
+    x = torch.randn(3, 5, 7, 6, generator=torch.Generator().manual_seed(0)) * 4 + 2
+    x.requires_grad_(True)
+    y = norm(x)
+    want = F.instance_norm(x, eps=1e-5)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    by_hand = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(
+        x.var((2, 3), unbiased=False, keepdim=True) + 1e-5
+    )
+    torch.testing.assert_close(y, by_hand, rtol=1e-5, atol=1e-5)
+    w = torch.randn(3, 5, 7, 6, generator=torch.Generator().manual_seed(1))
+    (ga,) = torch.autograd.grad((y * w).sum(), x)
+    (gb,) = torch.autograd.grad((want * w).sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+    assert norm.state_dict() == {} and not list(norm.parameters())
+
+
 def test_ooo_scores_match_hand_computation(model):
     probs = images(12).view(3, 4, 3, 16, 16)
     got = model.ooo_scores(probs).detach()
