@@ -127,20 +127,6 @@ def _usable(base, run, cfg) -> bool:
     return bool(base.base_ok and not base.bypass and run.val_acc >= cfg.mask_min_acc)
 
 
-def _by_unit_map(maps: list) -> list[list[int]]:
-    """Indices of ``maps`` grouped by equal unit maps (first-seen order): masks of grid points
-    that mask different layers cannot share one batched evaluation."""
-    groups: list[tuple[Any, list[int]]] = []
-    for i, um in enumerate(maps):
-        for first, idx in groups:
-            if first == um:
-                idx.append(i)
-                break
-        else:
-            groups.append((um, [i]))
-    return [idx for _, idx in groups]
-
-
 def _evaluate(base, cfg, runs_by_key, others, base_seed: int) -> dict[str, dict[str, Any]]:
     """Ablation-matrix rows of every run to write (``{run key: row}``)."""
     from subroutine_circuits.experiment.evaluate import (
@@ -165,15 +151,10 @@ def _evaluate(base, cfg, runs_by_key, others, base_seed: int) -> dict[str, dict[
     test = base.enc["test"]
     margin = cfg.margin if cfg.random_controls == "candidates" else None
     if cfg.mask.kind == "unit":
-        # grid points may mask different layers: runs over one unit map are evaluated together
-        rows: list[Any] = [None] * len(todo)
-        for g in _by_unit_map([r.mask.unit_map for r in todo]):
-            got = evaluate_unit_runs(
-                base.adapter, [todo[i] for i in g], test, base.ablators, cfg.ablation,
-                cfg.n_random, cfg.chance, margin,
-            )  # fmt: skip
-            for i, row in zip(g, got):
-                rows[i] = row
+        # runs over different unit maps (grid points masking other layers) are grouped there
+        rows = evaluate_unit_runs(
+            base.adapter, todo, test, base.ablators, cfg.ablation, cfg.n_random, cfg.chance, margin
+        )
     else:
         rows = evaluate_weight_runs(base.adapter, todo, test, cfg.n_random, cfg.chance, margin)
     return dict(zip(keys, rows))

@@ -200,11 +200,10 @@ def test_runs_over_different_unit_maps_are_evaluated_per_map():
     from subroutine_circuits.adapters import as_adapter, tl_unit_map
     from subroutine_circuits.adapters.base import EncodedProblems
     from subroutine_circuits.experiment.evaluate import RunToEvaluate, evaluate_unit_runs
-    from subroutine_circuits.experiment.verdicts import _by_unit_map, _evaluate
+    from subroutine_circuits.experiment.verdicts import _evaluate
     from subroutine_circuits.masks import UnitMask
     from subroutine_circuits.masks.ablator import Ablator
 
-    assert _by_unit_map(["x", "y", "x", "z", "y"]) == [[0, 2], [1, 4], [3]]
     model = make_tiny_transformer(seed=4)
     g = torch.Generator().manual_seed(0)
 
