@@ -31,6 +31,18 @@ def tiny_config(**extra) -> dict:
     return cfg
 
 
+def random_test_split(g: torch.Generator) -> dict:
+    """Random token problems (12 per kind, 4 stimuli of 7 tokens) for subroutines a and b."""
+    from subroutine_circuits.adapters.base import EncodedProblems
+
+    def problems(n):
+        toks = torch.randint(1, 50, (n, 4, 7), generator=g)
+        return EncodedProblems({"tokens": toks, "lengths": torch.full((n, 4), 7)},
+                               torch.randint(0, 4, (n,), generator=g))  # fmt: skip
+
+    return {k: problems(12) for k in ("partition_a", "partition_b", "sub_a", "sub_b")}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("verdicts")
@@ -159,7 +171,6 @@ def test_random_controls_usable_or_candidates_only():
     from conftest import make_tiny_transformer
 
     from subroutine_circuits.adapters import as_adapter, tl_unit_map
-    from subroutine_circuits.adapters.base import EncodedProblems
     from subroutine_circuits.experiment.evaluate import RunToEvaluate, evaluate_unit_runs
     from subroutine_circuits.masks import UnitMask
     from subroutine_circuits.masks.ablator import Ablator
@@ -167,12 +178,7 @@ def test_random_controls_usable_or_candidates_only():
     model = make_tiny_transformer(seed=4)
     g = torch.Generator().manual_seed(0)
 
-    def problems(n):
-        toks = torch.randint(1, 50, (n, 4, 7), generator=g)
-        return EncodedProblems({"tokens": toks, "lengths": torch.full((n, 4), 7)},
-                               torch.randint(0, 4, (n,), generator=g))  # fmt: skip
-
-    test = {k: problems(12) for k in ("partition_a", "partition_b", "sub_a", "sub_b")}
+    test = random_test_split(g)
     um = tl_unit_map(model)
     keep = torch.rand(um.n_units, generator=g) < 0.3
     mask = UnitMask.fixed(um, keep)
@@ -198,7 +204,6 @@ def test_runs_over_different_unit_maps_are_evaluated_per_map():
     from conftest import make_tiny_transformer
 
     from subroutine_circuits.adapters import as_adapter, tl_unit_map
-    from subroutine_circuits.adapters.base import EncodedProblems
     from subroutine_circuits.experiment.evaluate import RunToEvaluate, evaluate_unit_runs
     from subroutine_circuits.experiment.verdicts import _evaluate
     from subroutine_circuits.masks import UnitMask
@@ -207,12 +212,7 @@ def test_runs_over_different_unit_maps_are_evaluated_per_map():
     model = make_tiny_transformer(seed=4)
     g = torch.Generator().manual_seed(0)
 
-    def problems(n):
-        toks = torch.randint(1, 50, (n, 4, 7), generator=g)
-        return EncodedProblems({"tokens": toks, "lengths": torch.full((n, 4), 7)},
-                               torch.randint(0, 4, (n,), generator=g))  # fmt: skip
-
-    test = {k: problems(12) for k in ("partition_a", "partition_b", "sub_a", "sub_b")}
+    test = random_test_split(g)
     full, last = tl_unit_map(model), tl_unit_map(model, layers=[1])
     assert full != last
     m_full = UnitMask.fixed(full, torch.rand(full.n_units, generator=g) < 0.4)
