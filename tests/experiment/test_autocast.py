@@ -1,5 +1,6 @@
-"""GPU defaults: bf16 autocast of the frozen model in mask training keeps the verdicts (checked
-on CPU, where torch's bf16 autocast works too), and device-dependent evaluation batch sizes."""
+"""GPU defaults: bf16 autocast of the frozen model in mask training stays close to float32
+(checked on CPU, where torch's bf16 autocast works too; verdicts can move, so it is off by
+default), and device-dependent evaluation batch sizes."""
 
 from __future__ import annotations
 
@@ -42,9 +43,14 @@ def _kept(path) -> torch.Tensor:
     return load_mask(path).flat_binary().bool()
 
 
-def test_bf16_autocast_mask_training_gives_the_same_verdicts(tmp_path, monkeypatch):
-    """Masks trained under bf16 autocast (same base model, copied) reach the same verdicts,
-    nearly the same units and close accuracies as float32 ones."""
+def test_bf16_autocast_mask_training_stays_close_to_float32(tmp_path, monkeypatch):
+    """Masks trained under bf16 autocast (same base model, copied) keep nearly the same units
+    and, on the runs whose search succeeded, ablation differences within 0.1 of float32 ones.
+
+    Verdicts are NOT asserted equal: on this config bf16 changed 2 of 4 (randabl_p 0.025 ->
+    0.175 / 0.075 on the verb runs), and a 1e-7 change of the float32 attention softmax alone
+    moves about a quarter of the demo's run verdicts (docs/RESULTS.md), so equal verdicts were
+    luck. bf16 stays off by default (docs/SCALING.md)."""
     import subroutine_circuits.report
 
     monkeypatch.setattr(subroutine_circuits.report, "build_report", lambda out: None)
@@ -53,10 +59,10 @@ def test_bf16_autocast_mask_training_gives_the_same_verdicts(tmp_path, monkeypat
     got = run_experiment(_config("bf16"), tmp_path / "bf16", progress=False)
     assert len(ref) == len(got) == 4
     assert ref["mask_ok"].any()  # usable runs: verdicts that could have flipped
-    assert ref["verdict"].tolist() == got["verdict"].tolist()
-    assert ref["compositional"].tolist() == got["compositional"].tolist()
-    for col in ("sub_diff", "abl_diff", "density"):
-        assert (ref[col] - got[col]).abs().max() < 0.1, col
+    usable = ref["mask_ok"].to_numpy()
+    for col in ("sub_diff", "abl_diff"):
+        assert (ref[col] - got[col])[usable].abs().max() < 0.1, col
+    assert (ref["density"] - got["density"]).abs().max() < 0.1
 
     def jac(a, b):
         return (a & b).sum().item() / max(1, (a | b).sum().item())
