@@ -234,7 +234,17 @@ def section_bypass(manifest: dict[str, Any]) -> str:
         row: dict[str, Any] = {"base model": key}
         if isinstance(val, dict):
             for k, v in val.items():
-                row[k] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+                if isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()):
+                    # accuracies with everything ablated: one rounded column per problem kind
+                    row.update({f"{k}: {kk}": round(float(x), 3) for kk, x in v.items()})
+                elif isinstance(v, list):
+                    row[k] = ", ".join(map(str, v))
+                elif isinstance(v, float):
+                    row[k] = round(v, 3)
+                elif isinstance(v, (int, str, bool)) or v is None:
+                    row[k] = v
+                else:
+                    row[k] = json.dumps(v)
         else:
             row["value"] = val
         rows.append(row)
