@@ -81,10 +81,13 @@ def base_model_table(out_dir: Path) -> pd.DataFrame:
     for meta_path in sorted((Path(out_dir) / "models").glob("*/meta.json")):
         m = json.loads(meta_path.read_text())
         c = m.get("compute", {})
+        # keys of this version's meta.json first, then the names older versions wrote
+        bypass = (m.get("bypass_check") or {}).get("accuracies", {}).get("composite")
         rows.append({
             "base model": meta_path.parent.name, "init": m.get("init"),
-            "val composite": m.get("val_composite_acc"), "test composite": m.get("composite_acc"),
-            "bypass acc (all ablated)": m.get("bypass_acc"),
+            "val composite": m.get("composite_val_acc", m.get("val_composite_acc")),
+            "test composite": m.get("composite_acc"),
+            "bypass acc (all ablated)": bypass if bypass is not None else m.get("bypass_acc"),
             "SimCLR steps": c.get("pretrain_steps"), "SimCLR s": c.get("pretrain_seconds"),
             "fine-tune steps": c.get("train_steps"), "fine-tune s": c.get("train_seconds"),
         })  # fmt: skip
