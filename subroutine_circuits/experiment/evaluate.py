@@ -156,17 +156,17 @@ def evaluate_unit_runs(
     learned = [r.mask.flat_binary().bool() for r in runs]
     parts = sorted({f"partition_{x}" for r in runs for x in (r.subroutine, r.other)})
     keep = torch.stack([k for pair in zip(learned, [~k for k in learned]) for k in pair])
-    acc = {p: _fixed_acc(adapter, test[p], keep, um, ablators[chosen]) for p in parts}
+    acc = {p: fixed_accuracies(adapter, test[p], keep, um, ablators[chosen]) for p in parts}
     rob_keep = torch.stack([~k for k in learned])
     rob = {
-        kind: {p: _fixed_acc(adapter, test[p], rob_keep, um, ab) for p in parts}
+        kind: {p: fixed_accuracies(adapter, test[p], rob_keep, um, ab) for p in parts}
         for kind, ab in ablators.items()
         if kind != chosen
     }
     rows = []
     for i, r in enumerate(runs):
         t, o = f"partition_{r.subroutine}", f"partition_{r.other}"
-        own = _fixed_acc(
+        own = fixed_accuracies(
             adapter, test[f"sub_{r.subroutine}"], learned[i][None], um, ablators[chosen]
         )[0]
         a = {
@@ -206,7 +206,7 @@ def _add_random_controls(adapter, runs, rows, learned, need, test, ablator, n_ra
         keep = ~torch.cat([draws[i] for i in sorted(draws)])
         parts = sorted({f"partition_{x}" for i in draws for x in (runs[i].subroutine,
                                                                    runs[i].other)})  # fmt: skip
-        acc = {p: _fixed_acc(adapter, test[p], keep, um, ablator) for p in parts}
+        acc = {p: fixed_accuracies(adapter, test[p], keep, um, ablator) for p in parts}
     start = 0
     for i, (r, row) in enumerate(zip(runs, rows)):
         n = n_random if i in draws else 0
@@ -219,7 +219,9 @@ def _add_random_controls(adapter, runs, rows, learned, need, test, ablator, n_ra
         start += n
 
 
-def _fixed_acc(adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator) -> list[float]:
+def fixed_accuracies(
+    adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator
+) -> list[float]:
     """Accuracy of each fixed keep row on ``data`` under ``ablator`` (batched passes)."""
     from subroutine_circuits.experiment.batched import evaluate_fixed_masks
 

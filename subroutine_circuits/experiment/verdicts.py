@@ -68,22 +68,13 @@ def _all_ablated_accuracy(adapter, cfg, data, ablator: Ablator | None) -> float:
         n = sum(int(dict(adapter.model.named_parameters())[k].numel()) for k in names)
         none = WeightMask.fixed(adapter.model, torch.zeros(n, dtype=torch.bool), names)
         return adapter.accuracy(data, none)
-    from subroutine_circuits.experiment.batched import evaluate_fixed_masks
+    from subroutine_circuits.experiment.evaluate import fixed_accuracies
 
     if ablator is None:
         raise ValueError(f"no {cfg.ablation!r} ablator for the bypass check")
     um = adapter.unit_map(kinds=cfg.mask.unit_kinds, layers=cfg.mask.layers)
     keep = torch.zeros(1, um.n_units, dtype=torch.bool)
-    acc = evaluate_fixed_masks(
-        adapter.model,
-        data,
-        keep,
-        getattr(adapter, "pool", None),
-        unit_map=um,
-        ablator=ablator.to(adapter.device),
-        adapter=adapter,  # scores inputs without tokens (images)
-    )
-    return float(acc[0])
+    return fixed_accuracies(adapter, data, keep, um, ablator)[0]
 
 
 def bypass_check(adapter, cfg, val: dict[str, Any], subroutines: list[str], ablator) -> dict:
