@@ -23,16 +23,32 @@ class Executor(ABC):
     def __init__(self) -> None:
         self.placements: list[dict[str, str]] = []  # per job of the last map: worker, device
         self.finished: dict[int, Any] = {}  # job index -> result, filled as jobs end
+        #: Called with one line per finished job (``None``: silent), e.g. for a batch job's log
+        #: where no progress bar is drawn; :attr:`describe_result` formats the job's result.
+        self.log: Callable[[str], None] | None = None
+        self.describe_result: Callable[[Any], str] = lambda result: ""
+        self._t0 = 0.0
 
     def _start(self, n_jobs: int) -> None:
         """Reset the per-map records (:attr:`placements`, :attr:`finished`)."""
+        import time
+
         self.placements = [{} for _ in range(n_jobs)]
         self.finished = {}
+        self._t0 = time.perf_counter()
 
     def _record(self, i: int, result: Any, where: dict[str, str]) -> None:
         """Job ``i`` finished with ``result`` on ``where`` (kept if the map is interrupted)."""
+        import time
+
         self.finished[i] = result
         self.placements[i] = where
+        if self.log is not None:
+            elapsed = time.perf_counter() - self._t0
+            done, n = len(self.finished), len(self.placements)
+            line = f"[{elapsed:7.1f} s] job {done}/{n} done on {where.get('worker', '?')}"
+            extra = self.describe_result(result)
+            self.log(f"{line}: {extra}" if extra else line)
 
     def describe(self) -> dict[str, Any]:
         """``{"name", "workers"}`` (plus executor-specific entries); where each job of the last

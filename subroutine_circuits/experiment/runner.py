@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,9 +160,29 @@ def run_base_models(
     """Execute every base-model job with ``executor`` (default: the configured one); returns
     their info dicts and the executor's description (where the jobs ran)."""
     executor = executor if executor is not None else make_study_executor(cfg)
+    if not progress:  # no progress bar (a batch job's log): one line per finished base model
+        executor.log = _log_line
+        executor.describe_result = describe_job_result
     fn = StudyJobRunner({label: prep for label, (_, prep) in tasks.items()})
     infos = executor.map(fn, plan_jobs(cfg, store, tasks), progress=progress, desc="base models")
     return infos, describe_executor(executor)
+
+
+def _log_line(line: str) -> None:
+    """Print one progress line to stderr at once (batch logs are read while the job runs)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def describe_job_result(info: dict[str, Any]) -> str:
+    """One line about a finished base-model job: its id, its validation composite accuracy and
+    its seconds per part (base model, masks, patching)."""
+    acc = info.get("composite_val_acc")
+    parts = " ".join(
+        f"{k} {float(info[k]):.0f} s" for k in ("base_model", "masks", "patching", "total")
+        if k in info
+    )  # fmt: skip
+    acc_s = f"val composite {acc:.3f}" if isinstance(acc, (int, float)) else "val composite ?"
+    return f"{info.get('base_id', '?')} ({acc_s}; {parts})"
 
 
 def describe_executor(executor: Any) -> dict[str, Any]:

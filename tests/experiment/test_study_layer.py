@@ -64,6 +64,26 @@ def test_jobs_are_typed_keyed_and_picklable(tmp_path):
     assert plan_base_model(jobs[2], ["a", "b"], {"a": "b", "b": "a"}).patchings == ()
 
 
+def test_executors_log_one_line_per_finished_job():
+    """With a log set (a batch job without a progress bar) every executor writes one line per
+    finished job, counting up, with the caller's description of the job's result."""
+    from subroutine_circuits.experiment.runner import describe_job_result
+
+    for ex in (InProcessExecutor(), ProcessPoolExecutor(2)):
+        lines: list[str] = []
+        ex.log = lines.append
+        ex.describe_result = lambda r: f"result {r}"
+        assert ex.map(_square, [3, 1, 2]) == [9, 1, 4]
+        assert len(lines) == 3
+        assert [ln.split("job ")[1].split(" ")[0] for ln in lines] == ["1/3", "2/3", "3/3"]
+        assert sorted(ln.rsplit("result ", 1)[1] for ln in lines) == ["1", "4", "9"]
+    info = {"base_id": "trained_s0", "composite_val_acc": 0.9712, "base_model": 12.3,
+            "masks": 40.0, "patching": 5.5, "total": 57.8}  # fmt: skip
+    text = describe_job_result(info)
+    assert text.startswith("trained_s0 (val composite 0.971;")
+    assert "masks 40 s" in text and "total 58 s" in text
+
+
 def test_executors_agree_and_keep_job_order():
     jobs = [3, 1, 2]
     assert InProcessExecutor().map(_square, jobs) == [9, 1, 4]
