@@ -534,6 +534,14 @@ class MaskSearchConfig(_Table):
     of a base model in one loop, ``"separate"`` one by one (same masks; weight masks always
     run separately); ``noise`` is the hard-concrete noise of the batched engine
     (``masks.batched``).
+
+    ``prune`` (default: on for unit masks; weight masks have no such pass, and ``prune = true``
+    with them is refused) adds a minimality pass after the choice: kept units whose removal
+    costs no more than ``tolerance`` of validation accuracy are dropped, cheapest first
+    (:func:`~subroutine_circuits.experiment.search.prune_run`). The cross-entropy the masks are
+    trained on keeps rewarding units that only sharpen already-correct answers; on planted
+    modular models those were live units of the *other* subroutine, whose ablation then broke
+    both partitions (5 of 12 runs compositional without the pass; see README, Ground truth).
     """
 
     kind: str = _opt("unit", choices=MASK_KINDS)  # "unit" (heads + neurons) or "weight"
@@ -558,10 +566,18 @@ class MaskSearchConfig(_Table):
     # "bf16": run the frozen model under bfloat16 autocast while training masks (GPU speed;
     # the masks and the loss stay float32). Off by default; evaluation is always float32.
     autocast: str = _opt("none", choices=AUTOCAST_MODES)
+    # After the choice: drop kept units whose removal keeps the validation accuracy within
+    # ``tolerance`` of the chosen mask's (unit masks; ``experiment.search.prune_run``).
+    prune: bool | None = None  # None: on for unit masks, off for weight masks
 
     def __post_init__(self) -> None:
         self.unit_kinds = tuple(self.unit_kinds)
         self.grid = _coerce(list(self.grid), list[MaskGridPoint], "mask.grid")
+
+    @property
+    def prunes(self) -> bool:
+        """Whether the minimality pass runs (``prune``, default: for unit masks)."""
+        return self.kind == "unit" if self.prune is None else bool(self.prune)
 
 
 @dataclass(eq=False)

@@ -65,10 +65,13 @@ class MaskRun:
     final_temp: float | None
     stopped_early: bool
     history: list[tuple[int, float, float]] = field(default_factory=list)
+    #: the minimality pass (``search.prune_run``): accuracy and units before, units dropped
+    pruned: dict[str, Any] | None = None
 
     def info(self) -> dict[str, Any]:
         """The run's training record (JSON-ready)."""
         return {
+            "pruned": self.pruned,
             "val_acc": self.val_acc,
             "density": self.density,
             "steps": self.steps,

@@ -299,6 +299,10 @@ def search_all(
     """
     if engine not in ("batched", "separate"):
         raise ValueError(f"unknown mask engine {engine!r}; choose 'batched' or 'separate'")
+    if cfg.prunes and cfg.kind != "unit":
+        raise ValueError(
+            f"mask.prune drops units: it applies to mask.kind = 'unit', not {cfg.kind!r}"
+        )
     points = grid_points(cfg)
     subs = list(train)
     runs = _train_all(
@@ -310,8 +314,62 @@ def search_all(
         best, log = choose_point(mine, len(points), cfg.tolerance)
         for i, e in enumerate(log):
             e["hp"] = points[i]
-        out[s] = SubroutineSearch(points[best], log, {m: mine[(best, m)] for m in seeds})
+        chosen = {m: mine[(best, m)] for m in seeds}
+        if cfg.prunes:
+            chosen = {m: prune_run(adapter, val[s], r, ablator, cfg.tolerance)
+                      for m, r in chosen.items()}  # fmt: skip
+        out[s] = SubroutineSearch(points[best], log, chosen)
     return out
+
+
+def prune_run(
+    adapter, val: EncodedProblems, run: MaskRun, ablator: Ablator, tolerance: float
+) -> MaskRun:
+    """The minimality pass: ``run`` with the kept units it does not need dropped.
+
+    Why: masks are trained on cross-entropy, which keeps rewarding units that only make
+    already-correct answers more confident, so a converged mask can hold units its subroutine
+    does not need (on planted modular models, live units of the *other* subroutine: ablating
+    the mask then breaks both partitions). The verdict is about accuracy, so the subnetwork is
+    made minimal by accuracy, on the same VALIDATION problems the search chose on.
+
+    Rounds of: the accuracy without each kept unit (one batched pass), the units sorted from
+    least to most harmful, the accuracy with the ``n`` least harmful removed for every ``n``
+    (one batched pass), and the largest ``n`` whose accuracy is at least the chosen mask's
+    minus ``tolerance`` removed; until a round removes nothing. At least one unit stays.
+    ``run.pruned`` records the accuracy and units before, and the units dropped; ``val_acc``
+    and ``density`` are the pruned mask's. The mask is changed in place (``drop``).
+    """
+    from dataclasses import replace
+
+    from subroutine_circuits.experiment.evaluate import fixed_accuracies
+
+    mask = run.mask
+    unit_map = mask.unit_map
+    keep = mask.flat_binary().clone()
+    start = float(fixed_accuracies(adapter, val, keep[None], unit_map, ablator)[0])
+    floor = start - tolerance
+    n0, current = int(keep.sum()), start
+    while int(keep.sum()) > 1:
+        kept = keep.nonzero().flatten()
+        without = keep.repeat(len(kept), 1)
+        without[torch.arange(len(kept)), kept] = False
+        single = torch.tensor(fixed_accuracies(adapter, val, without, unit_map, ablator))
+        order = kept[torch.sort(-single, stable=True).indices][: len(kept) - 1]
+        prefixes = keep.repeat(len(order), 1)
+        for n in range(len(order)):
+            prefixes[n:, order[n]] = False  # row n: the n + 1 least harmful removed
+        accs = fixed_accuracies(adapter, val, prefixes, unit_map, ablator)
+        ok = [n for n, a in enumerate(accs) if a >= floor]
+        if not ok:
+            break
+        n = max(ok)
+        keep, current = prefixes[n].clone(), float(accs[n])
+    dropped = mask.flat_binary() & ~keep
+    if bool(dropped.any()):
+        mask.drop(dropped)
+    info = {"val_acc_before": start, "units_before": n0, "units_dropped": int(dropped.sum())}
+    return replace(run, mask=mask, val_acc=current, density=mask.density(), pruned=info)
 
 
 def search_mask(

@@ -109,6 +109,15 @@ class MaskBase(nn.Module):
         """The deterministic binary mask over all entries, in part order (flattened)."""
         return torch.cat([p.binary().reshape(-1).cpu() for p in self.parts])
 
+    def drop(self, off: Bool[Tensor, "n"]) -> None:
+        """Turn off, in place, the entries where the flat boolean ``off`` is True (part order,
+        as :meth:`flat_binary`); every other entry keeps its binary value."""
+        off = torch.as_tensor(off).bool().reshape(-1).cpu()
+        pieces = self._split_flat(off)
+        for part, piece in zip(self.parts, pieces):
+            if bool(piece.any()):
+                part.drop(piece)
+
     def density(self) -> float:
         """Fraction of entries kept by the binary mask."""
         flat = self.flat_binary()

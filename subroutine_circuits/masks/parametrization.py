@@ -143,6 +143,11 @@ class Parametrization(nn.Module):
         """Differentiable sparsity penalty."""
         return torch.zeros(())
 
+    def drop(self, off: Bool[Tensor, "..."]) -> None:
+        """Turn the entries where ``off`` is True off in the binary mask (in place), leaving the
+        others' binary value unchanged (e.g. a minimality pass removing unneeded units)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop entries")
+
     def expected_l0(self) -> Float[Tensor, ""]:
         """Expected number of kept entries."""
         return self.binary().sum().float()
@@ -190,6 +195,14 @@ class ContinuousSparsification(Parametrization):
     def binary(self) -> Bool[Tensor, "..."]:
         """``s > 0``."""
         return self.logits.detach() > 0
+
+    @torch.no_grad()
+    def drop(self, off: Bool[Tensor, "..."]) -> None:
+        """Set the dropped entries' scores just below the threshold 0 (their ranking among the
+        other removed entries is lost, their order above never-kept ones too: a dropped entry
+        gets score ``min(s, 0) - 1e-3``)."""
+        off = off.to(self.logits.device)
+        self.logits[off] = torch.clamp(self.logits[off], max=0.0) - 1e-3
 
     def penalty(self) -> Float[Tensor, ""]:
         """``sum(sigmoid(T * s))``."""
@@ -247,6 +260,16 @@ class HardConcrete(Parametrization):
         """``deterministic() > 0.5``."""
         return self.deterministic().detach() > 0.5
 
+    @torch.no_grad()
+    def drop(self, off: Bool[Tensor, "..."]) -> None:
+        """Set the dropped entries' ``log_alpha`` just below the value where ``binary`` turns
+        False (``logit((0.5 - gamma) / (zeta - gamma))``), so they stay ranked above entries
+        that were never kept only if those were lower already."""
+        off = off.to(self.log_alpha.device)
+        q = (0.5 - self.gamma) / (self.zeta - self.gamma)
+        edge = math.log(q / (1.0 - q)) - 1e-3
+        self.log_alpha[off] = torch.clamp(self.log_alpha[off], max=edge)
+
     def probs_nonzero(self) -> Float[Tensor, "..."]:
         """``P(gate != 0) = sigmoid(log_alpha - beta*log(-gamma/zeta))`` per entry."""
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
@@ -275,6 +298,10 @@ class FixedMask(Parametrization):
     def binary(self) -> Bool[Tensor, "..."]:
         """The mask."""
         return self.values.clone()
+
+    def drop(self, off: Bool[Tensor, "..."]) -> None:
+        """Set the dropped entries to False."""
+        self.values[off.to(self.values.device)] = False
 
     def expected_l0(self) -> Float[Tensor, ""]:
         """Number of kept entries."""

@@ -1,0 +1,110 @@
+"""The minimality pass of the mask search (``mask.prune``): masks lose the units their
+subroutine's validation accuracy does not need, checked against a hand-written zero hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("param", ["hard_concrete", "continuous", "fixed"])
+def test_drop_turns_off_only_the_given_units(param):
+    """``drop`` flips exactly the requested kept units to off, whatever the parametrisation."""
+    from conftest import make_tiny_transformer
+
+    from subroutine_circuits.adapters import tl_unit_map
+    from subroutine_circuits.masks import MaskConfig, UnitMask
+
+    um = tl_unit_map(make_tiny_transformer(seed=1))
+    g = torch.Generator().manual_seed(3)
+    if param == "fixed":
+        mask = UnitMask.fixed(um, torch.rand(um.n_units, generator=g) < 0.7)
+    else:
+        mask = UnitMask(um, MaskConfig(parametrization=param, init=1.0))
+        with torch.no_grad():  # scores on both sides of the threshold
+            for p in mask.parts:
+                for t in p.parameters():
+                    t.copy_(torch.randn(t.shape, generator=g) * 3)
+    before = mask.flat_binary().clone()
+    off = before & (torch.rand(um.n_units, generator=g) < 0.5)
+    assert off.any()
+    mask.drop(off)
+    assert torch.equal(mask.flat_binary(), before & ~off)
+
+
+def _zero_hook_accuracy(model, data, keep, um) -> float:
+    """OOO accuracy with the units where ``keep`` is False zeroed, by plain forward hooks."""
+    from subroutine_circuits.models.readout import ooo_logits
+
+    hooks, start = [], 0
+    for g in um.groups:
+        k = keep[start : start + g.size].float()
+        start += g.size
+
+        def fn(x, hook, k=k):
+            shape = [1, 1, -1] + [1] * (x.dim() - 3)
+            return x * k.view(*shape).to(x.dtype)
+
+        hooks.append((g.hook_name, fn))
+    with model.hooks(fwd_hooks=hooks), torch.no_grad():
+        logits = ooo_logits(model, data.inputs["tokens"], data.inputs["lengths"], "last")
+    return float((logits.argmax(-1) == data.odd).float().mean())
+
+
+def test_prune_run_drops_dead_units_and_keeps_accuracy_within_tolerance():
+    """Units whose output weights are zero are all dropped; the pruned mask's accuracy,
+    recomputed by a hand-written hook, equals the recorded one and is within tolerance of the
+    mask before pruning; nothing outside the original mask is added."""
+    from conftest import make_tiny_transformer
+
+    from subroutine_circuits.adapters import as_adapter, tl_unit_map
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.experiment.converge import MaskRun
+    from subroutine_circuits.experiment.search import prune_run
+    from subroutine_circuits.masks import MaskConfig, UnitMask
+    from subroutine_circuits.masks.ablator import Ablator
+
+    model = make_tiny_transformer(seed=5)
+    dead_heads, dead_neurons = [(0, 1), (1, 3)], [(0, 7), (1, 2), (1, 40)]
+    with torch.no_grad():
+        for layer, h in dead_heads:
+            model.blocks[layer].attn.W_O[h].zero_()
+        for layer, n in dead_neurons:
+            model.blocks[layer].mlp.W_out[n].zero_()
+    um = tl_unit_map(model)
+    index = {u: i for i, u in enumerate(um.units())}
+    dead = [index[(layer, "head", h)] for layer, h in dead_heads]
+    dead += [index[(layer, "neuron", n)] for layer, n in dead_neurons]
+
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(1, 50, (40, 4, 7), generator=g)
+    data = EncodedProblems({"tokens": toks, "lengths": torch.full((40, 4), 7)},
+                           torch.randint(0, 4, (40,), generator=g))  # fmt: skip
+    mask = UnitMask(um, MaskConfig(parametrization="hard_concrete", init=3.0, ablation="zero"))
+    assert bool(mask.flat_binary().all())
+    run = MaskRun(mask, 0.0, 1.0, 10, 10, None, False)
+    before = mask.flat_binary().clone()
+    start = _zero_hook_accuracy(model, data, before, um)
+
+    tol = 0.05
+    out = prune_run(as_adapter(model, pool="last"), data, run, Ablator("zero"), tol)
+    after = out.mask.flat_binary()
+    assert not bool((after & ~before).any())
+    assert not bool(after[dead].any()), "a unit with zero output weights was kept"
+    assert out.pruned["units_dropped"] == int(before.sum() - after.sum()) > len(dead)
+    assert out.pruned["val_acc_before"] == pytest.approx(start)
+    independent = _zero_hook_accuracy(model, data, after, um)
+    assert out.val_acc == pytest.approx(independent)
+    assert independent >= start - tol - 1e-9
+    assert out.density == pytest.approx(float(after.float().mean()))
+
+
+def test_prune_is_refused_for_weight_masks():
+    """``mask.prune`` drops units, so a weight-mask search with it is refused by name."""
+    from subroutine_circuits.experiment.config import MaskSearchConfig
+    from subroutine_circuits.experiment.search import search_all
+    from subroutine_circuits.masks.ablator import Ablator
+
+    cfg = MaskSearchConfig(kind="weight", prune=True)
+    with pytest.raises(ValueError, match="mask.prune"):
+        search_all(None, {"a": None}, {"a": None}, cfg, [0], Ablator("zero"))
