@@ -292,10 +292,13 @@ def search_all(
     ablator: Ablator,
     engine: str = "batched",
     progress: bool = False,
+    min_acc: float = 0.0,
 ) -> dict[str, SubroutineSearch]:
     """Train every (subroutine, grid point, mask seed) and choose each subroutine's point.
 
-    ``train`` / ``val`` map subroutine names to their own problems (``sub_<name>``).
+    ``train`` / ``val`` map subroutine names to their own problems (``sub_<name>``). With
+    ``cfg.prune`` the chosen masks whose validation accuracy reaches ``min_acc`` (the study's
+    ``mask_min_acc``: the others are failed searches, and stay so) get the minimality pass.
     """
     if engine not in ("batched", "separate"):
         raise ValueError(f"unknown mask engine {engine!r}; choose 'batched' or 'separate'")
@@ -317,13 +320,22 @@ def search_all(
         chosen = {m: mine[(best, m)] for m in seeds}
         if cfg.prunes:
             chosen = {m: prune_run(adapter, val[s], r, ablator, cfg.tolerance)
-                      for m, r in chosen.items()}  # fmt: skip
+                      if r.val_acc >= min_acc else r for m, r in chosen.items()}  # fmt: skip
         out[s] = SubroutineSearch(points[best], log, chosen)
     return out
 
 
+#: Rounds of the minimality pass (each: two batched passes); the first removes nearly all.
+PRUNE_ROUNDS = 3
+
+
 def prune_run(
-    adapter, val: EncodedProblems, run: MaskRun, ablator: Ablator, tolerance: float
+    adapter,
+    val: EncodedProblems,
+    run: MaskRun,
+    ablator: Ablator,
+    tolerance: float,
+    rounds: int = PRUNE_ROUNDS,
 ) -> MaskRun:
     """The minimality pass: ``run`` with the kept units it does not need dropped.
 
@@ -336,7 +348,9 @@ def prune_run(
     Rounds of: the accuracy without each kept unit (one batched pass), the units sorted from
     least to most harmful, the accuracy with the ``n`` least harmful removed for every ``n``
     (one batched pass), and the largest ``n`` whose accuracy is at least the chosen mask's
-    minus ``tolerance`` removed; until a round removes nothing. At least one unit stays.
+    minus ``tolerance`` removed; until a round removes nothing, at most ``rounds`` rounds (a
+    bound on the cost: ``2 * rounds`` batched passes of at most as many candidates as kept
+    units). At least one unit stays.
     ``run.pruned`` records the accuracy and units before, and the units dropped; ``val_acc``
     and ``density`` are the pruned mask's. The mask is changed in place (``drop``).
     """
@@ -349,8 +363,11 @@ def prune_run(
     keep = mask.flat_binary().clone()
     start = float(fixed_accuracies(adapter, val, keep[None], unit_map, ablator)[0])
     floor = start - tolerance
-    n0, current = int(keep.sum()), start
-    while int(keep.sum()) > 1:
+    n0, current, used = int(keep.sum()), start, 0
+    for _ in range(rounds):
+        if int(keep.sum()) <= 1:
+            break
+        used += 1
         kept = keep.nonzero().flatten()
         without = keep.repeat(len(kept), 1)
         without[torch.arange(len(kept)), kept] = False
@@ -368,7 +385,8 @@ def prune_run(
     dropped = mask.flat_binary() & ~keep
     if bool(dropped.any()):
         mask.drop(dropped)
-    info = {"val_acc_before": start, "units_before": n0, "units_dropped": int(dropped.sum())}
+    info = {"val_acc_before": start, "units_before": n0, "units_dropped": int(dropped.sum()),
+            "rounds": used}  # fmt: skip
     return replace(run, mask=mask, val_acc=current, density=mask.density(), pruned=info)
 
 

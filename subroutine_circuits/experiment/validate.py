@@ -418,6 +418,10 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
         f"{pct(rates['false_compositional'])} of {rates['n_non_compositional']} usable runs. "
         f"<b>Missed 'compositional'</b> on modular models: {pct(rates['missed_compositional'])}"
         f" of {rates['n_modular']} usable runs.</p>"
+        + "<p>Runs called compositional out of <i>all</i> runs (failed searches included): "
+        + "; ".join(f"{_esc(k)} {v['called_compositional']} of {v['runs']}"
+                    for k, v in rates.get("all_runs", {}).items())  # fmt: skip
+        + ".</p>"
     )
     kinds = pd.DataFrame([{"kind": k, **v} for k, v in rates["per_kind"].items()])
     masks = df[df["method"] == "mask"]
@@ -496,5 +500,8 @@ def cmd_validate(args: Any) -> int:
         f" (n={rates['n_non_compositional']}); missed on modular: "
         f"{rates['missed_compositional']:.2f} (n={rates['n_modular']})"
     )
+    print("runs called compositional of all runs: " + "; ".join(
+        f"{k} {v['called_compositional']}/{v['runs']}" for k, v in rates["all_runs"].items()
+    ))  # fmt: skip
     print(f"wrote {Path(args.out) / 'groundtruth.csv'} and {Path(args.out) / 'report.html'}")
     return 0

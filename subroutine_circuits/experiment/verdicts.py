@@ -211,6 +211,7 @@ def run_masks_stage(base_job, base, store, searches, evaluations) -> None:
             [int(m) for m in cfg.mask_seeds],
             base.ablators.get(cfg.ablation, Ablator("zero")),
             cfg.mask.engine,
+            min_acc=cfg.mask_min_acc,
         )
     for s in subs:
         store.write_search(base_job.key, s, {"hp": found[s].hp, "log": found[s].log})

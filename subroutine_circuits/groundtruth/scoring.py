@@ -220,10 +220,18 @@ def error_rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
       share whose verdict differs from the expected one). Redundant models (expected
       compositional: the union of both copies is each subroutine's subnetwork) are reported
       here and kept out of the two headline rates, which stay comparable with the issue's
-      acceptance targets.
+      acceptance targets;
+    - ``all_runs``: for every kind, ``runs`` (every row, a failed search too) and
+      ``called_compositional``: the share of *all* runs called compositional, which is defined
+      when no run is usable (random-init models, whose searches fail).
     """
     from subroutine_circuits.groundtruth.planted import EXPECTED
 
+    all_runs: dict[str, dict[str, int]] = {}
+    for r in rows:
+        d = all_runs.setdefault(r["model_kind"], {"runs": 0, "called_compositional": 0})
+        d["runs"] += 1
+        d["called_compositional"] += _verdict_of(r.get("verdict")) == "compositional"
     per_kind: dict[str, dict[str, Any]] = {}
     for r in rows:
         v = _verdict_of(r.get("verdict"))
@@ -252,4 +260,5 @@ def error_rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "n_modular": mod["n"],
         "n_non_compositional": n_non,
         "per_kind": per_kind,
+        "all_runs": all_runs,
     }

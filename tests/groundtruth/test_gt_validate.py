@@ -126,6 +126,12 @@ def test_error_rates_use_expected_verdicts():
     assert r["false_compositional"] == 0.5 and r["n_non_compositional"] == 2
     assert r["per_kind"]["redundant"]["error"] == 1.0
     assert math.isnan(error_rates([])["false_compositional"])
+    # over ALL runs (failed searches and exclusions included): defined without usable runs
+    assert r["all_runs"]["modular"] == {"runs": 3, "called_compositional": 1}
+    assert r["all_runs"]["random_init"] == {"runs": 2, "called_compositional": 0}
+    failed = error_rates([{"model_kind": "random_init", "verdict": "search failed"}] * 4)
+    assert math.isnan(failed["false_compositional"])
+    assert failed["all_runs"]["random_init"] == {"runs": 4, "called_compositional": 0}
 
 
 def test_validate_end_to_end_and_resumes(tmp_path, monkeypatch):
