@@ -419,8 +419,10 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
         f"<b>Missed 'compositional'</b> on modular models: {pct(rates['missed_compositional'])}"
         f" of {rates['n_modular']} usable runs.</p>"
         + "<p>Runs called compositional out of <i>all</i> runs (failed searches included): "
-        + "; ".join(f"{_esc(k)} {v['called_compositional']} of {v['runs']}"
-                    for k, v in rates.get("all_runs", {}).items())  # fmt: skip
+        + "; ".join(
+            f"{_esc(k)} {v['called_compositional']} of {v['runs']}"
+            for k, v in rates.get("all_runs", {}).items()
+        )  # fmt: skip
         + ".</p>"
     )
     kinds = pd.DataFrame([{"kind": k, **v} for k, v in rates["per_kind"].items()])
