@@ -326,7 +326,20 @@ def search_all(
 
 
 #: Rounds of the minimality pass (each: two batched passes); the first removes nearly all.
-PRUNE_ROUNDS = 3
+PRUNE_ROUNDS = 2
+#: Validation problems the per-unit ranking of the pass is computed on (the first ones); the
+#: accuracy that decides what is removed is always measured on every validation problem.
+PRUNE_RANK_PROBLEMS = 48
+
+
+def prefix_sizes(k: int) -> list[int]:
+    """Numbers of lowest-ranked units the minimality pass tries removing at once: every size up
+    to 8, then sizes growing by about a quarter, and ``k`` itself (about 8 + 4.5 log2(k/8))."""
+    sizes, n = set(range(1, min(k, 8) + 1)), 8
+    while n < k:
+        n = max(n + 1, round(n * 1.25))
+        sizes.add(min(n, k))
+    return sorted(sizes)
 
 
 def prune_run(
@@ -336,6 +349,7 @@ def prune_run(
     ablator: Ablator,
     tolerance: float,
     rounds: int = PRUNE_ROUNDS,
+    rank_problems: int = PRUNE_RANK_PROBLEMS,
 ) -> MaskRun:
     """The minimality pass: ``run`` with the kept units it does not need dropped.
 
@@ -345,14 +359,14 @@ def prune_run(
     the mask then breaks both partitions). The verdict is about accuracy, so the subnetwork is
     made minimal by accuracy, on the same VALIDATION problems the search chose on.
 
-    Rounds of: the accuracy without each kept unit (one batched pass), the units sorted from
-    least to most harmful, the accuracy with the ``n`` least harmful removed for every ``n``
-    (one batched pass), and the largest ``n`` whose accuracy is at least the chosen mask's
-    minus ``tolerance`` removed; until a round removes nothing, at most ``rounds`` rounds (a
-    bound on the cost: ``2 * rounds`` batched passes of at most as many candidates as kept
-    units). At least one unit stays.
-    ``run.pruned`` records the accuracy and units before, and the units dropped; ``val_acc``
-    and ``density`` are the pruned mask's. The mask is changed in place (``drop``).
+    Rounds of: the accuracy without each kept unit on the first ``rank_problems`` validation
+    problems (one batched pass), the units sorted from least to most harmful (stable), the
+    accuracy on *every* validation problem with the ``n`` least harmful removed for ``n`` in
+    :func:`prefix_sizes` (one batched pass), and the largest ``n`` whose accuracy is at least
+    the chosen mask's minus ``tolerance`` removed; until a round removes nothing, at most
+    ``rounds`` rounds. At least one unit stays. ``run.pruned`` records the accuracy and units
+    before, the units dropped and the rounds; ``val_acc`` and ``density`` are the pruned mask's.
+    The mask is changed in place (``drop``).
     """
     from dataclasses import replace
 
@@ -361,6 +375,7 @@ def prune_run(
     mask = run.mask
     unit_map = mask.unit_map
     keep = mask.flat_binary().clone()
+    rank_val = val.batch(torch.arange(min(len(val), rank_problems)))
     start = float(fixed_accuracies(adapter, val, keep[None], unit_map, ablator)[0])
     floor = start - tolerance
     n0, current, used = int(keep.sum()), start, 0
@@ -371,17 +386,18 @@ def prune_run(
         kept = keep.nonzero().flatten()
         without = keep.repeat(len(kept), 1)
         without[torch.arange(len(kept)), kept] = False
-        single = torch.tensor(fixed_accuracies(adapter, val, without, unit_map, ablator))
-        order = kept[torch.sort(-single, stable=True).indices][: len(kept) - 1]
-        prefixes = keep.repeat(len(order), 1)
-        for n in range(len(order)):
-            prefixes[n:, order[n]] = False  # row n: the n + 1 least harmful removed
+        single = torch.tensor(fixed_accuracies(adapter, rank_val, without, unit_map, ablator))
+        order = kept[torch.sort(-single, stable=True).indices]
+        sizes = prefix_sizes(len(kept) - 1)
+        prefixes = keep.repeat(len(sizes), 1)
+        for row, n in enumerate(sizes):
+            prefixes[row, order[:n]] = False  # row: the n least harmful removed
         accs = fixed_accuracies(adapter, val, prefixes, unit_map, ablator)
-        ok = [n for n, a in enumerate(accs) if a >= floor]
+        ok = [row for row, a in enumerate(accs) if a >= floor]
         if not ok:
             break
-        n = max(ok)
-        keep, current = prefixes[n].clone(), float(accs[n])
+        row = max(ok)
+        keep, current = prefixes[row].clone(), float(accs[row])
     dropped = mask.flat_binary() & ~keep
     if bool(dropped.any()):
         mask.drop(dropped)

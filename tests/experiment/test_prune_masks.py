@@ -108,3 +108,17 @@ def test_prune_is_refused_for_weight_masks():
     cfg = MaskSearchConfig(kind="weight", prune=True)
     with pytest.raises(ValueError, match="mask.prune"):
         search_all(None, {"a": None}, {"a": None}, cfg, [0], Ablator("zero"))
+
+
+def test_prefix_sizes_cover_small_sizes_and_the_whole_ranking():
+    """Every size up to 8, then growing sizes, always ending at k (all units but one tried)."""
+    from subroutine_circuits.experiment.search import prefix_sizes
+
+    assert prefix_sizes(0) == [] and prefix_sizes(3) == [1, 2, 3]
+    for k in (9, 40, 70, 1000):
+        s = prefix_sizes(k)
+        assert s[:8] == list(range(1, 9)) and s[-1] == k
+        assert all(b > a for a, b in zip(s, s[1:])) and all(
+            b <= 1.25 * a + 1 for a, b in zip(s, s[1:])
+        )
+        assert len(s) <= 8 + 5 * max(1, k // 8).bit_length()
