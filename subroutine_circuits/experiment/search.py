@@ -319,7 +319,7 @@ def search_all(
             e["hp"] = points[i]
         chosen = {m: mine[(best, m)] for m in seeds}
         if cfg.prunes:
-            chosen = {m: prune_run(adapter, val[s], r, ablator, cfg.tolerance)
+            chosen = {m: prune_run(adapter, val[s], r, ablator, cfg.tolerance, min_acc=min_acc)
                       if r.val_acc >= min_acc else r for m, r in chosen.items()}  # fmt: skip
         out[s] = SubroutineSearch(points[best], log, chosen)
     return out
@@ -350,6 +350,7 @@ def prune_run(
     tolerance: float,
     rounds: int = PRUNE_ROUNDS,
     rank_problems: int = PRUNE_RANK_PROBLEMS,
+    min_acc: float = 0.0,
 ) -> MaskRun:
     """The minimality pass: ``run`` with the kept units it does not need dropped.
 
@@ -363,10 +364,11 @@ def prune_run(
     problems (one batched pass), the units sorted from least to most harmful (stable), the
     accuracy on *every* validation problem with the ``n`` least harmful removed for ``n`` in
     :func:`prefix_sizes` (one batched pass), and the largest ``n`` whose accuracy is at least
-    the chosen mask's minus ``tolerance`` removed; until a round removes nothing, at most
-    ``rounds`` rounds. At least one unit stays. ``run.pruned`` records the accuracy and units
-    before, the units dropped and the rounds; ``val_acc`` and ``density`` are the pruned mask's.
-    The mask is changed in place (``drop``).
+    the chosen mask's minus ``tolerance`` (and at least ``min_acc``, the study's
+    ``mask_min_acc``, when the chosen mask reached it: a usable mask stays usable) removed;
+    until a round removes nothing, at most ``rounds`` rounds. At least one unit stays.
+    ``run.pruned`` records the accuracy and units before, the units dropped and the rounds;
+    ``val_acc`` and ``density`` are the pruned mask's. The mask is changed in place (``drop``).
     """
     from dataclasses import replace
 
@@ -377,7 +379,7 @@ def prune_run(
     keep = mask.flat_binary().clone()
     rank_val = val.batch(torch.arange(min(len(val), rank_problems)))
     start = float(fixed_accuracies(adapter, val, keep[None], unit_map, ablator)[0])
-    floor = start - tolerance
+    floor = max(start - tolerance, min(min_acc, start))
     n0, current, used = int(keep.sum()), start, 0
     for _ in range(rounds):
         if int(keep.sum()) <= 1:

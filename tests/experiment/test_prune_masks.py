@@ -122,3 +122,35 @@ def test_prefix_sizes_cover_small_sizes_and_the_whole_ranking():
             b <= 1.25 * a + 1 for a, b in zip(s, s[1:])
         )
         assert len(s) <= 8 + 5 * max(1, k // 8).bit_length()
+
+
+def test_prune_keeps_a_usable_mask_usable():
+    """With ``min_acc`` just below the mask's accuracy the pass may not take the accuracy under
+    it, although ``tolerance`` alone would allow that (a usable mask stays usable)."""
+    from conftest import make_tiny_transformer
+
+    from subroutine_circuits.adapters import as_adapter, tl_unit_map
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.experiment.converge import MaskRun
+    from subroutine_circuits.experiment.search import prune_run
+    from subroutine_circuits.masks import MaskConfig, UnitMask
+    from subroutine_circuits.masks.ablator import Ablator
+
+    model = make_tiny_transformer(seed=6)
+    um = tl_unit_map(model)
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(1, 50, (60, 4, 7), generator=g)
+    data = EncodedProblems({"tokens": toks, "lengths": torch.full((60, 4), 7)},
+                           torch.randint(0, 4, (60,), generator=g))  # fmt: skip
+    adapter = as_adapter(model, pool="last")
+
+    def pruned(min_acc):
+        mask = UnitMask(um, MaskConfig(parametrization="hard_concrete", init=3.0))
+        run = MaskRun(mask, 0.0, 1.0, 10, 10, None, False)
+        return prune_run(adapter, data, run, Ablator("zero"), 0.5, min_acc=min_acc)
+
+    loose = pruned(0.0)
+    start = loose.pruned["val_acc_before"]
+    assert loose.val_acc < start - 0.01  # tolerance 0.5 lets the accuracy fall
+    strict = pruned(start - 0.01)
+    assert strict.val_acc >= start - 0.01
