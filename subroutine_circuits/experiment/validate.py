@@ -433,6 +433,7 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
                              values="roc_auc", aggfunc="mean").reset_index()  # fmt: skip
     pr = scored.pivot_table(index=["model_kind", "method"], values=["precision", "recall"],
                             aggfunc="mean").reset_index()  # fmt: skip
+    counts.columns.name = auc.columns.name = None  # no empty "verdict" / "method" column
     failed = df[df["method"] == "build"]
     notes = "".join(_note(f"{r.model_kind} seed {r.seed} not built: {_esc(str(r.note))[:300]}")
                     for r in failed.itertuples())  # fmt: skip
