@@ -95,6 +95,19 @@ def _call_with_threads(args: tuple[Callable[[Any], Any], Any, int]) -> Any:
     return fn(job), worker_identity()
 
 
+def _stop_workers(pool: Any) -> None:
+    """Cancel the jobs not started and terminate the worker processes of a
+    ``concurrent.futures`` process pool, so an interrupted map returns at once instead of
+    waiting for (or orphaning) the running jobs; finished jobs are already recorded."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+
+
 class ProcessPoolExecutor(Executor):
     """Jobs in ``workers`` spawned processes, each with ``threads`` torch threads.
 
@@ -133,11 +146,15 @@ class ProcessPoolExecutor(Executor):
                 pool.submit(_call_with_threads, (fn, job, self.threads)): i
                 for i, job in enumerate(jobs)
             }
-            for fut in tqdm(
-                as_completed(futures), total=len(futures), disable=not progress, desc=desc
-            ):
-                results[futures[fut]], where = fut.result()
-                self._record(futures[fut], results[futures[fut]], where)
+            try:
+                for fut in tqdm(
+                    as_completed(futures), total=len(futures), disable=not progress, desc=desc
+                ):
+                    results[futures[fut]], where = fut.result()
+                    self._record(futures[fut], results[futures[fut]], where)
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM via the runner
+                _stop_workers(pool)  # (a failed job instead lets the running ones finish)
+                raise
         return results
 
 

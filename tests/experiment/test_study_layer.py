@@ -92,3 +92,39 @@ def test_executors_agree_and_keep_job_order():
     assert isinstance(make_executor("auto", 3), ProcessPoolExecutor)
     with pytest.raises(ValueError, match="unknown executor 'dusk'"):
         make_executor("dusk")
+
+
+def _sleep_then_return(x):
+    """A slow job (worker side) for the interruption test."""
+    import time
+
+    time.sleep(x)
+    return x
+
+
+def test_an_interrupted_process_pool_leaves_no_worker_running():
+    """KeyboardInterrupt (Ctrl-C, or SIGTERM through the runner) in the middle of a map stops
+    the worker processes too, instead of leaving them to finish their jobs as orphans."""
+    import multiprocessing as mp
+    import signal
+    import time
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("test")
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(4)  # long enough for the spawned workers to start their first job
+    t0 = time.time()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ProcessPoolExecutor(2).map(_sleep_then_return, [60, 60, 60, 60])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    # the jobs take 60 s each: returning long before that means the workers were stopped, not
+    # waited for (this is a bound on a hang, not a speed measurement)
+    assert time.time() - t0 < 40
+    deadline = time.time() + 10
+    while mp.active_children() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not mp.active_children(), "worker processes still running after the interruption"
