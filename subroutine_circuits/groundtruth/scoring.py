@@ -222,8 +222,8 @@ def error_rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
       here and kept out of the two headline rates, which stay comparable with the issue's
       acceptance targets;
     - ``all_runs``: for every kind, ``runs`` (every row, a failed search too) and
-      ``called_compositional``: the share of *all* runs called compositional, which is defined
-      when no run is usable (random-init models, whose searches fail).
+      ``called_compositional``, how many of *all* runs were called compositional (a count that
+      means something when no run is usable, as for random-init models, whose searches fail).
     """
     from subroutine_circuits.groundtruth.planted import EXPECTED
 
