@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from subroutine_circuits.adapters.base import EncodedProblems
 from subroutine_circuits.masks.ablator import Ablator
@@ -235,6 +237,30 @@ def fixed_accuracies(
         adapter=adapter,  # scores inputs without tokens (images)
     )
     return [float(x) for x in got.tolist()]
+
+
+def fixed_accuracies_losses(
+    adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator
+) -> tuple[Float[Tensor, " k"], Float[Tensor, " k"]]:
+    """Accuracy and mean OOO cross-entropy (the mask training loss) of each fixed keep row on
+    ``data`` under ``ablator`` (batched passes); both ``[K]`` on the CPU."""
+    import torch.nn.functional as F
+
+    from subroutine_circuits.experiment.batched import fixed_mask_scores
+
+    scores = fixed_mask_scores(
+        adapter.model,
+        data,
+        keep,
+        getattr(adapter, "pool", None),
+        unit_map=unit_map,
+        ablator=ablator.to(adapter.device),
+        adapter=adapter,
+    ).float()
+    odd = data.odd.cpu()[None, :].expand(scores.shape[0], -1)
+    acc = (scores.argmax(-1) == odd).double().mean(1)
+    loss = F.cross_entropy(scores.flatten(0, 1), odd.flatten(), reduction="none")
+    return acc, loss.view(scores.shape[:2]).double().mean(1)
 
 
 # ---------------------------------------------------------------------------- weight masks

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Bool
+from torch import Tensor
 
 from subroutine_circuits.adapters.base import EncodedProblems
 from subroutine_circuits.experiment.config import MaskSearchConfig
@@ -366,9 +368,19 @@ def prune_run(
     :func:`prefix_sizes` (one batched pass), and the largest ``n`` whose accuracy is at least
     the chosen mask's minus ``tolerance`` (and at least ``min_acc``, the study's
     ``mask_min_acc``, when the chosen mask reached it: a usable mask stays usable) removed;
-    until a round removes nothing, at most ``rounds`` rounds. At least one unit stays.
-    ``run.pruned`` records the accuracy and units before, the units dropped and the rounds;
-    ``val_acc`` and ``density`` are the pruned mask's. The mask is changed in place (``drop``).
+    until a round removes nothing, at most ``rounds`` rounds. Then the **finish**, which makes
+    the mask 1-minimal: the accuracy and cross-entropy without each kept unit on every
+    validation problem (one batched pass), and, of the removals whose accuracy stays at or
+    above that floor, the one with the lowest cross-entropy made; repeated until no single unit
+    can go. Why the finish: the prefixes follow one ranking, computed with every kept unit
+    present, so they cannot see that removing one unit makes others useless; in a model with
+    two copies of a subroutine every single unit looks harmless, the prefixes cut into both
+    copies, and the pass stopped with half of each (measured on planted redundant models: a
+    mask of 10 units over both copies, whose ablation broke its partition, finished as the 5
+    units of one copy). Re-ranking after every removal, by the loss, removes one copy whole.
+    At least one unit stays. ``run.pruned`` records the accuracy and units before, the units
+    dropped, the rounds and the finish's removals; ``val_acc`` and ``density`` are the pruned
+    mask's. The mask is changed in place (``drop``).
     """
     from dataclasses import replace
 
@@ -400,12 +412,43 @@ def prune_run(
             break
         row = max(ok)
         keep, current = prefixes[row].clone(), float(accs[row])
+    keep, current, finished = _finish_1_minimal(
+        adapter, val, keep, current, floor, unit_map, ablator
+    )
     dropped = mask.flat_binary() & ~keep
     if bool(dropped.any()):
         mask.drop(dropped)
     info = {"val_acc_before": start, "units_before": n0, "units_dropped": int(dropped.sum()),
-            "rounds": used}  # fmt: skip
+            "rounds": used, "finish_dropped": finished}  # fmt: skip
     return replace(run, mask=mask, val_acc=current, density=mask.density(), pruned=info)
+
+
+def _finish_1_minimal(
+    adapter,
+    val: EncodedProblems,
+    keep: Bool[Tensor, " n_units"],
+    current: float,
+    floor: float,
+    unit_map: Any,
+    ablator: Ablator,
+) -> tuple[Bool[Tensor, " n_units"], float, int]:
+    """The finish of :func:`prune_run`: single removals, lowest validation cross-entropy first
+    among those whose accuracy stays at or above ``floor``, until none is left (``keep`` is
+    then 1-minimal on validation). Returns ``(keep, its accuracy, removals)``."""
+    from subroutine_circuits.experiment.evaluate import fixed_accuracies_losses
+
+    removed = 0
+    while int(keep.sum()) > 1:
+        kept = keep.nonzero().flatten()
+        without = keep.repeat(len(kept), 1)
+        without[torch.arange(len(kept)), kept] = False
+        acc, loss = fixed_accuracies_losses(adapter, val, without, unit_map, ablator)
+        ok = acc >= floor
+        if not bool(ok.any()):
+            break
+        best = int(torch.where(ok, loss, torch.full_like(loss, math.inf)).argmin())
+        keep, current, removed = without[best].clone(), float(acc[best]), removed + 1
+    return keep, current, removed
 
 
 def search_mask(

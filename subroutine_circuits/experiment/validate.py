@@ -11,8 +11,8 @@ mask and every patching ranking against the planted units and writes:
   ``|score|`` at the size of the mask of the first mask seed), the expected verdict and the
   run's verdict (``analysis.inference.run_verdict``; masks only);
 - ``OUT/error_rates.json`` and ``OUT/report.html``: verdict error rates (false "compositional"
-  on entangled / random-init models, missed "compositional" on modular ones; redundant models
-  reported on their own line) and the methods' AUCs side by side;
+  on redundant / entangled / random-init models, missed "compositional" on modular ones) and
+  the methods' AUCs side by side;
 - ``OUT/runs/<kind>/``: an ordinary experiment folder per kind (``results.csv``, masks,
   patching scores), which is what makes a second call resume instead of recompute.
 
@@ -128,7 +128,7 @@ def planted_model(kind: str, seed: int, out: Path, pcfg: Any, prep: Any, key: di
     model none of whose draws passed its check)."""
     from subroutine_circuits.groundtruth.entangled import EntangledBuildError
     from subroutine_circuits.groundtruth.planted import build_planted, load_planted, save_planted
-    from subroutine_circuits.groundtruth.truth import truth_check
+    from subroutine_circuits.groundtruth.truth import redundancy_check, truth_check
 
     directory = out / "planted" / f"{kind}_s{seed}"
     failed = directory / "build_failed.json"
@@ -144,6 +144,8 @@ def planted_model(kind: str, seed: int, out: Path, pcfg: Any, prep: Any, key: di
         failed.write_text(json.dumps({"key": key, "reason": str(e)}, default=str))
         return None, str(e)
     planted.metrics["truth_check"] = truth_check(planted, pcfg)
+    if kind == "redundant":
+        planted.metrics["redundancy_check"] = redundancy_check(planted, pcfg)
     save_planted(planted, directory, key)
     return planted, None
 
@@ -480,12 +482,15 @@ def _planted_table(models: dict[str, Any]) -> str:
         s = info.get("summary") or {}
         joined = (s.get("metrics") or {}).get("joined") or {}
         check = (s.get("metrics") or {}).get("truth_check") or {}
+        red = (s.get("metrics") or {}).get("redundancy_check") or {}
         rows.append({
             "model": name, "units": s.get("n_units"),
             "truth sizes": json.dumps(s.get("truth_sizes")),
             "composite acc (val)": joined.get("full_composite"),
             "all units ablated": joined.get("none_composite"),
             "truth holds": json.dumps({k: v.get("ok") for k, v in check.items()}),
+            "one copy ablated: largest partition drop": json.dumps(
+                {k: round(v["max_drop"], 3) for k, v in red.items()}) if red else "",
             "build s": info.get("build_s"), "study s": info.get("study_s"),
         })  # fmt: skip
     return _table(pd.DataFrame(rows))

@@ -27,18 +27,22 @@ outside its part ablated (``truth.truth_check``, stored in ``metrics["truth_chec
 holds under an ablation when every planted unit still raises its subroutine's loss by at least
 ``prune_min_effect``. ``subroutine-circuits validate`` reports both.
 
-``redundant`` (decided on principle, not on verdict counts): the earlier redundant model (two
-blocks, each trained on the composite *and* both subroutines) turned out to compute A and B in
-separate units *within* each block, so masking A's units of both blocks removes A and spares B:
-under Break It Down, which asks whether *some* subnetwork is specific to a subroutine, that model
-is structurally compositional at the unit level, and calling it non-compositional would have
-counted correct verdicts as errors. Redundancy is therefore kept as its own category with a
-precise truth: two parts trained on ``sub_A`` (different seeds) and two on ``sub_B`` are pruned,
-joined pairwise (``A1 | A2`` and ``B1 | B2``) and then joined again, so A is computed twice in
-disjoint units. Truth: A's subnetwork is the *union* of both copies (either copy alone solves
-``sub_A``, so a mask must find both to make the ablation break A); expected verdict
-"compositional"; masks are scored for recovery of the union. Error rates report it on its own
-line, outside the two headline rates.
+``redundant`` (the issue's definition: two disjoint blocks compute the same subroutines, so no
+single subnetwork is necessary): one part is trained on ``sub_A`` and one on ``sub_B``, each is
+joined with an exact copy of itself (``A1 | A2``, ``B1 | B2``: same weights, disjoint units) and
+the two are joined with a block-A scale fitted so that the composite training accuracy is as
+high as possible with either copy ablated. What is planted, stated precisely and measured at
+build time (``truth.redundancy_check``, ``metrics["redundancy_check"]``): ablating any one copy
+lowers no validation partition by more than ``redundant_max_drop`` (the verdict's margin), and
+each copy alone solves its subroutine. Expected verdict "not compositional": Break It Down
+tests the *minimal* subnetwork that solves a subroutine, which here is one copy, and ablating
+it leaves the other copy to solve the partition. A mask that keeps both copies (a non-minimal
+subnetwork, whose ablation does break the partition) is what gives a false "compositional";
+the minimality pass of the mask search (``experiment.search.prune_run``) is there to remove the
+surplus copy. For scoring the masks' and patching's unit rankings the truth is the union of
+both copies (a unit of either copy computes the subroutine). An earlier version (two
+independently trained copies) had unequal copies: ablating the stronger one lowered its
+partition by up to 0.17, so that model was not redundant in the issue's sense.
 
 ``entangled`` (:mod:`entangled`): one part computes both subroutines in the same units, verified
 exhaustively (every unit needed by both; no subset of units separates A from B by more than the
@@ -50,6 +54,7 @@ random-init control); no truth, expected verdict "not compositional".
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -74,7 +79,7 @@ KINDS = ("modular", "redundant", "entangled", "random_init")
 #: The verdict each kind should get under Break It Down (see the module docstring).
 EXPECTED = {
     "modular": "compositional",
-    "redundant": "compositional",
+    "redundant": "not compositional",
     "entangled": "not compositional",
     "random_init": "not compositional",
 }
@@ -103,6 +108,9 @@ class PlantedConfig:
         fit_problems: composite training problems used by the fit (and the mean-ablation
             reference of the truth checks).
         ablation: the experiment's ablation (``"mean"`` or ``"zero"``) the truth is checked with.
+        redundant_max_drop: the largest drop of a validation partition's accuracy when one copy
+            of a redundant model is ablated (``truth.redundancy_check``; default: the verdict's
+            margin, so that removing whichever copy a mask found cannot break its partition).
         entangled_steps, entangled_lr, entangled_drop, entangled_weight: the anti-selectivity
             fine-tuning of entangled models (``entangled`` module).
         entangled_tries: draws of an entangled part before giving up.
@@ -133,6 +141,7 @@ class PlantedConfig:
     scale_grid: tuple[float, ...] = (0.5, 0.71, 1.0, 1.41, 2.0)
     fit_problems: int = 200
     ablation: str = "mean"
+    redundant_max_drop: float = 0.05
     entangled_steps: int = 300
     entangled_lr: float = 1e-3
     entangled_drop: float = 0.5
@@ -152,6 +161,10 @@ class PlantedConfig:
         if self.prune_loss_tol < 0:
             raise ValueError(
                 f"PlantedConfig.prune_loss_tol must be >= 0, got {self.prune_loss_tol}"
+            )
+        if not 0 <= self.redundant_max_drop < 1:
+            raise ValueError(
+                f"PlantedConfig.redundant_max_drop must be in [0, 1), got {self.redundant_max_drop}"
             )
         if self.ablation not in ("mean", "zero"):
             raise ValueError(
@@ -353,9 +366,17 @@ def _train_part(
 
 
 @torch.no_grad()
-def _fit_scale(part_a, part_b, cfg, tokenizer, splits) -> tuple[float, dict[str, Any]]:
+def _fit_scale(
+    part_a, part_b, cfg, tokenizer, splits, copies: Sequence[frozenset[Unit]] | None = None
+) -> tuple[float, dict[str, Any]]:
     """Block-A scale: equalise the blocks' mean final-embedding norms, then pick the grid
-    multiplier with the best composite *training* accuracy (ties: the one nearest 1)."""
+    multiplier with the best composite *training* accuracy (ties: the one nearest 1).
+
+    ``copies`` (redundant models: the joined model's units of each copy): the accuracy of a
+    multiplier is the worst of the whole model's and of the model with any one copy ablated
+    (``cfg.ablation``), so that each copy alone carries the task as well as the scale allows.
+    """
+    from subroutine_circuits.groundtruth.truth import AblationEvaluator
     from subroutine_circuits.models import final_hidden
 
     problems = splits["train"]["composite"][: cfg.fit_problems]
@@ -371,7 +392,12 @@ def _fit_scale(part_a, part_b, cfg, tokenizer, splits) -> tuple[float, dict[str,
         return 1.0, {"norm_a": norm_a, "norm_b": norm_b}
     results = []
     for g in cfg.scale_grid:
-        (acc,), _ = evaluate_ablations(join_models(part_a, part_b, scale_a=base * g), data, [set()])
+        model = join_models(part_a, part_b, scale_a=base * g)
+        if copies is None:
+            (acc,), _ = evaluate_ablations(model, data, [set()])
+        else:
+            ev = AblationEvaluator(model, tokenizer, cfg.ablation, problems)
+            acc = min(ev.evaluate(problems, [set(), *copies])[0])
         results.append((acc, -abs(math.log(g)), g))
     acc, _, g = max(results)
     return base * g, {"norm_a": norm_a, "norm_b": norm_b, "fit_acc": acc, "grid_factor": g}
@@ -435,29 +461,30 @@ def _build_joined(kind: str, seed: int, cfg: PlantedConfig | None, splits) -> Pl
         part_b, info_b = _train_part(cfg, [f"sub_{pb}"], 1000 * seed + 2, tok, splits)
         steps: dict[str, tuple] = {"A": (info_a, ()), "B": (info_b, ())}
         computes = {"A": (pa,), "B": (pb,)}
-    else:  # two independently trained copies of each subroutine's part, joined pairwise
-        copies = {}
-        for i, (name, p) in enumerate((("A1", pa), ("A2", pa), ("B1", pb), ("B2", pb))):
-            copies[name] = _train_part(cfg, [f"sub_{p}"], 1000 * seed + 501 + i, tok, splits)
-        part_a = join_models(copies["A1"][0], copies["A2"][0])
-        part_b = join_models(copies["B1"][0], copies["B2"][0])
-        lay_a = layout_of(copies["A1"][0], copies["A2"][0])
-        lay_b = layout_of(copies["B1"][0], copies["B2"][0])
+    else:  # one part per subroutine, each joined with an exact copy of itself
+        one_a, info_a = _train_part(cfg, [f"sub_{pa}"], 1000 * seed + 501, tok, splits)
+        one_b, info_b = _train_part(cfg, [f"sub_{pb}"], 1000 * seed + 503, tok, splits)
+        part_a, part_b = join_models(one_a, one_a), join_models(one_b, one_b)
+        lay_a, lay_b = layout_of(one_a, one_a), layout_of(one_b, one_b)
         steps = {
-            "A1": (copies["A1"][1], ((lay_a, "A"),)),
-            "A2": (copies["A2"][1], ((lay_a, "B"),)),
-            "B1": (copies["B1"][1], ((lay_b, "A"),)),
-            "B2": (copies["B2"][1], ((lay_b, "B"),)),
+            "A1": (info_a, ((lay_a, "A"),)),
+            "A2": (copy.deepcopy(info_a), ((lay_a, "B"),)),
+            "B1": (info_b, ((lay_b, "A"),)),
+            "B2": (copy.deepcopy(info_b), ((lay_b, "B"),)),
         }
         computes = {"A1": (pa,), "A2": (pa,), "B1": (pb,), "B2": (pb,)}
-    scale, fit = _fit_scale(part_a, part_b, cfg, tok, splits)
-    model = join_models(part_a, part_b, scale_a=scale)
     lay = layout_of(part_a, part_b)
+    paths = {name: (*inner, (lay, name[0])) for name, (_, inner) in steps.items()}
+    copies = None
+    if kind == "redundant":
+        copies = [_part_units(info["kept"], *paths[n]) for n, (info, _) in steps.items()]
+    scale, fit = _fit_scale(part_a, part_b, cfg, tok, splits, copies)
+    model = join_models(part_a, part_b, scale_a=scale)
     parts: dict[str, dict[str, Any]] = {}
     necessity: dict[Unit, tuple[float, float]] = {}
     metrics: dict[str, Any] = {"scale_fit": fit}
-    for name, (info, inner) in steps.items():
-        path = (*inner, (lay, name[0]))
+    for name, (info, _) in steps.items():
+        path = paths[name]
         units = _part_units(info.pop("kept"), *path)
         necessity.update({next(iter(_part_units({u}, *path))): v
                           for u, v in info.pop("necessity").items()})  # fmt: skip

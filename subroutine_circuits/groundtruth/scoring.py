@@ -28,6 +28,7 @@ ROW_FIELDS = (
     "n_units",
     "n_truth",
     "n_kept",
+    "copies_touched",
     "verdict",
 )
 
@@ -137,9 +138,11 @@ def groundtruth_row(
     ``planted``: a ``PlantedModel``; ``scores``: one score per unit of ``units`` (a
     ``masks.UnitMap`` or a list of ``(layer, kind, index)``; default every head and neuron in
     ``tl_unit_map`` order); ``kept``: the method's kept set over the same units (``None``:
-    precision and recall are NaN). For planted kinds without a unit-level truth (redundant,
-    random-init) ``roc_auc``, ``precision`` and ``recall`` are NaN; the row still carries the
-    verdict.
+    precision and recall are NaN). ``copies_touched``: how many of the planted parts that
+    compute ``subroutine`` hold a kept unit (a redundant model has two copies: 1 means the kept
+    set lies in one copy, 2 that it spans both). For planted kinds without a unit-level truth
+    (random-init) ``roc_auc``, ``precision`` and ``recall`` are NaN; the row still
+    carries the verdict.
     """
     scores_t = torch.as_tensor(scores).detach().reshape(-1).double().cpu()
     if use_abs:
@@ -163,6 +166,7 @@ def groundtruth_row(
         "n_units": len(unit_list),
         "n_truth": float("nan"),
         "n_kept": float("nan") if kept is None else int(torch.as_tensor(kept).sum()),
+        "copies_touched": float("nan"),
         "verdict": verdict,
     }
     if planted.truth is None:
@@ -176,6 +180,13 @@ def groundtruth_row(
     row["roc_auc"] = score_units(scores_t, truth)
     if kept is not None:
         row["precision"], row["recall"] = precision_recall(kept, truth)
+        from subroutine_circuits.groundtruth.planted import truth_vector
+
+        kept_b = torch.as_tensor(kept).bool().reshape(-1)
+        copies = [p["units"] for p in planted.parts.values() if subroutine in p["computes"]]
+        row["copies_touched"] = sum(
+            bool((kept_b & truth_vector(c, unit_list)).any()) for c in copies
+        )
     return row
 
 
@@ -214,13 +225,10 @@ def error_rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     of each kind is ``planted.EXPECTED`` (a row's own ``expected`` wins when present).
 
     - ``missed_compositional``: share of *modular* runs not called compositional;
-    - ``false_compositional``: share of runs of kinds expected "not compositional" (entangled,
-      random-init) called compositional;
+    - ``false_compositional``: share of runs of kinds expected "not compositional" (redundant,
+      entangled, random-init) called compositional;
     - ``per_kind``: for every kind, ``n`` usable runs, ``n_compositional`` and ``error`` (the
-      share whose verdict differs from the expected one). Redundant models (expected
-      compositional: the union of both copies is each subroutine's subnetwork) are reported
-      here and kept out of the two headline rates, which stay comparable with the issue's
-      acceptance targets;
+      share whose verdict differs from the expected one);
     - ``all_runs``: for every kind, ``runs`` (every row, a failed search too) and
       ``called_compositional``, how many of *all* runs were called compositional (a count that
       means something when no run is usable, as for random-init models, whose searches fail).

@@ -214,3 +214,46 @@ def truth_check(planted: Any, cfg: Any) -> dict[str, Any]:
             "ok": n_below == 0,
         }
     return out
+
+
+def redundancy_check(planted: Any, cfg: Any) -> dict[str, Any]:
+    """What makes a redundant model redundant, measured: no copy is necessary.
+
+    For each copy of ``planted.parts`` (``A1``, ``A2``, ``B1``, ``B2``), on the validation
+    problems, under the experiment's ablation and under zero ablation: each partition's
+    accuracy with that copy ablated (its drop from the whole model's), and the accuracy on
+    ``sub_<p>`` with *only* that copy kept (every other unit ablated). The model is redundant
+    under an ablation (``ok``) when no single copy's ablation lowers any partition by more than
+    ``cfg.redundant_max_drop`` (the verdict's margin by default): whichever copy a mask finds,
+    its removal cannot break its partition. Returns ``{}`` for other kinds.
+    """
+    from subroutine_circuits.groundtruth.prune import all_units
+
+    if planted.kind != "redundant" or not planted.parts:
+        return {}
+    every = set(all_units(planted.model))
+    names = list(planted.parts)
+    copies = [planted.parts[n]["units"] for n in names]
+    ref = planted.splits["train"]["composite"][: cfg.fit_problems]
+    val = planted.splits["val"]
+    out: dict[str, Any] = {}
+    for ablation in dict.fromkeys((cfg.ablation, "zero")):
+        ev = AblationEvaluator(planted.model, planted.tokenizer, ablation, ref)
+        partitions, worst = {}, 0.0
+        for p in planted.subroutines:
+            accs, _ = ev.evaluate(val[f"partition_{p}"], [set(), *copies])
+            without = {f"without_{n}": a for n, a in zip(names, accs[1:])}
+            partitions[p] = {"full": accs[0], **without}
+            worst = max(worst, *(accs[0] - a for a in accs[1:]))
+        alone = {}
+        for n, units in zip(names, copies):
+            for p in planted.parts[n]["computes"]:
+                (acc,), _ = ev.evaluate(val[f"sub_{p}"], [every - units])
+                alone[f"{n}_sub_{p}"] = acc
+        out[ablation] = {
+            "max_drop": worst,
+            "partitions": partitions,
+            "alone": alone,
+            "ok": worst <= cfg.redundant_max_drop,
+        }
+    return out

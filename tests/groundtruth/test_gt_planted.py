@@ -150,24 +150,93 @@ def test_joined_model_round_trips_through_checkpoint(modular, tmp_path):
     torch.testing.assert_close(loaded(tokens), modular.model(tokens))
 
 
-def test_redundant_model_holds_two_disjoint_copies_of_each_subroutine():
-    p = build_redundant(0, SMALL)
+@pytest.fixture(scope="module")
+def redundant():
+    torch.set_num_threads(1)
+    return build_redundant(0, SMALL)
+
+
+def test_redundant_model_holds_two_disjoint_copies_of_each_subroutine(redundant):
+    p = redundant
     a, b = p.subroutines
     assert set(p.parts) == {"A1", "A2", "B1", "B2"}
     # the truth of A is the union of its two copies, disjoint from B's
     assert p.truth[a] == p.parts["A1"]["units"] | p.parts["A2"]["units"]
     assert not (p.parts["A1"]["units"] & p.parts["A2"]["units"])
     assert not (p.truth[a] & p.truth[b])
-    assert p.expected == "compositional"
+    assert p.expected == "not compositional"
     # redundancy, measured independently with plain zero-ablation hooks: either copy of A
     # alone (the other copy and all of B ablated) solves sub_A; ablating both copies does not
     data = Encoded.of(p.splits["val"][f"sub_{a}"], p.tokenizer)
     every = set(all_units(p.model))
-    acc_1, _ = _hand_eval(p.model, data, every - p.parts["A1"]["units"])
-    acc_2, _ = _hand_eval(p.model, data, every - p.parts["A2"]["units"])
+    acc_1, loss_1 = _hand_eval(p.model, data, every - p.parts["A1"]["units"])
+    acc_2, loss_2 = _hand_eval(p.model, data, every - p.parts["A2"]["units"])
     acc_none, _ = _hand_eval(p.model, data, p.truth[a])
     assert acc_1 >= 0.8 and acc_2 >= 0.8
     assert acc_none <= 0.45
+    # the copies are exact copies: either one alone gives the same answers
+    assert acc_1 == acc_2 and loss_1 == pytest.approx(loss_2, abs=1e-5)
+
+
+def test_redundancy_check_matches_hand_hooks(redundant):
+    """``redundancy_check`` under zero ablation equals plain hooks: each partition with one copy
+    ablated, and each copy alone on its subroutine; ``ok`` is its threshold rule."""
+    from subroutine_circuits.groundtruth.truth import redundancy_check
+
+    p = redundant
+    check = redundancy_check(p, SMALL)
+    assert set(check) == {SMALL.ablation, "zero"}
+    zero = check["zero"]
+    every = set(all_units(p.model))
+    worst = 0.0
+    for s in p.subroutines:
+        data = Encoded.of(p.splits["val"][f"partition_{s}"], p.tokenizer)
+        full, _ = _hand_eval(p.model, data, set())
+        assert zero["partitions"][s]["full"] == pytest.approx(full)
+        for name, part in p.parts.items():
+            acc, _ = _hand_eval(p.model, data, part["units"])
+            assert zero["partitions"][s][f"without_{name}"] == pytest.approx(acc)
+            worst = max(worst, full - acc)
+    assert zero["max_drop"] == pytest.approx(worst)
+    assert zero["ok"] == (worst <= SMALL.redundant_max_drop)
+    for name, part in p.parts.items():
+        (s,) = part["computes"]
+        data = Encoded.of(p.splits["val"][f"sub_{s}"], p.tokenizer)
+        acc, _ = _hand_eval(p.model, data, every - part["units"])
+        assert zero["alone"][f"{name}_sub_{s}"] == pytest.approx(acc)
+
+
+def test_minimality_pass_keeps_one_copy_of_a_redundant_subroutine(redundant):
+    """A mask holding both copies of A finishes inside one copy (the other is not needed), and
+    is 1-minimal: removing any one of its units costs more than the tolerance (checked with
+    plain zero hooks)."""
+    from subroutine_circuits.adapters import as_adapter
+    from subroutine_circuits.experiment.converge import MaskRun
+    from subroutine_circuits.experiment.search import prune_run
+    from subroutine_circuits.masks import UnitMask
+    from subroutine_circuits.masks.ablator import Ablator
+
+    p = redundant
+    a = p.subroutines[0]
+    adapter = as_adapter(p.model, tokenizer=p.tokenizer, pool="last")
+    um = adapter.unit_map(kinds=("head", "neuron"))
+    units = [tuple(u) for u in um.units()]
+    keep = torch.tensor([u in p.truth[a] for u in units])
+    val = adapter.encode_problems(list(p.splits["val"][f"sub_{a}"]))
+    run = MaskRun(UnitMask.fixed(um, keep, "zero"), 0.0, 1.0, 10, 10, None, False)
+    tol = 0.02
+    out = prune_run(adapter, val, run, Ablator("zero"), tol)
+    kept = {u for u, k in zip(units, out.mask.flat_binary().tolist()) if k}
+    assert kept <= p.parts["A1"]["units"] or kept <= p.parts["A2"]["units"], kept
+    data = Encoded.of(p.splits["val"][f"sub_{a}"], p.tokenizer)
+    every = set(units)
+    start, _ = _hand_eval(p.model, data, every - p.truth[a])
+    assert out.pruned["val_acc_before"] == pytest.approx(start)
+    now, _ = _hand_eval(p.model, data, every - kept)
+    assert out.val_acc == pytest.approx(now) and now >= start - tol - 1e-9
+    for u in kept if len(kept) > 1 else ():
+        acc, _ = _hand_eval(p.model, data, every - (kept - {u}))
+        assert acc < start - tol, f"{u} could still go"
 
 
 def test_random_init_and_bad_kind(modular):

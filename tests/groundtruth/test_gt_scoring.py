@@ -95,8 +95,11 @@ def test_mask_scores_and_row_on_a_unit_mask(tiny_model):
         kind="modular", seed=3, truth={"a": frozenset(truth), "b": frozenset()},
         subroutines=("a", "b"), units=lambda: units,
         truth_vector=lambda sub, u: truth_vector(frozenset(truth), u),
+        parts={"A": {"units": frozenset(truth), "computes": ("a",)},
+               "B": {"units": frozenset(), "computes": ("b",)}},
     )  # fmt: skip
     row = mask_row(planted, "a", mask, verdict=True)
+    assert row["copies_touched"] == 1
     assert tuple(row) == ROW_FIELDS
     n_pos, n_neg = len(truth), um.n_units - len(truth)
     # the missed unit ranks below every negative: AUC = 1 - n_neg / (n_pos * n_neg)
@@ -120,17 +123,21 @@ def test_row_without_truth_and_error_rates():
         {"model_kind": "modular", "verdict": True},
         {"model_kind": "modular", "verdict": False},
         {"model_kind": "redundant", "verdict": False},
+        {"model_kind": "redundant", "verdict": True},
+        {"model_kind": "redundant", "verdict": "search failed"},
         {"model_kind": "random_init", "verdict": True},
         {"model_kind": "random_init", "verdict": None},
     ]
     rates = error_rates(rows)
-    # redundant models are expected compositional (the union of both copies): reported per
-    # kind, outside the headline rates
-    assert rates["missed_compositional"] == 0.5 and rates["false_compositional"] == 1.0
-    assert rates["n_non_compositional"] == 1
+    # redundant models count as non-compositional, like random-init ones: 2 of 3 usable
+    # non-compositional runs were called compositional
+    assert rates["missed_compositional"] == 0.5
+    assert rates["false_compositional"] == pytest.approx(2 / 3)
+    assert rates["n_non_compositional"] == 3
     assert rates["per_kind"]["redundant"] == {
-        "expected": "compositional",
-        "n": 1,
-        "n_compositional": 0,
-        "error": 1.0,
+        "expected": "not compositional",
+        "n": 2,
+        "n_compositional": 1,
+        "error": 0.5,
     }
+    assert rates["all_runs"]["redundant"] == {"runs": 3, "called_compositional": 1}
