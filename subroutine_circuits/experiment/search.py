@@ -332,6 +332,11 @@ PRUNE_ROUNDS = 2
 #: Validation problems the per-unit ranking of the pass is computed on (the first ones); the
 #: accuracy that decides what is removed is always measured on every validation problem.
 PRUNE_RANK_PROBLEMS = 48
+#: Largest mask (units left after the prefix rounds) the 1-minimal finish runs on: each of its
+#: steps evaluates every kept unit's removal on every validation problem, so its cost grows
+#: with the square of the mask (a compute bound: larger masks keep the prefix rounds' result,
+#: and ``pruned["finish"]`` says so).
+PRUNE_FINISH_MAX_UNITS = 32
 
 
 def prefix_sizes(k: int) -> list[int]:
@@ -353,6 +358,7 @@ def prune_run(
     rounds: int = PRUNE_ROUNDS,
     rank_problems: int = PRUNE_RANK_PROBLEMS,
     min_acc: float = 0.0,
+    finish_max_units: int = PRUNE_FINISH_MAX_UNITS,
 ) -> MaskRun:
     """The minimality pass: ``run`` with the kept units it does not need dropped.
 
@@ -374,13 +380,15 @@ def prune_run(
     above that floor, the one with the lowest cross-entropy made; repeated until no single unit
     can go. Why the finish: the prefixes follow one ranking, computed with every kept unit
     present, so they cannot see that removing one unit makes others useless; in a model with
-    two copies of a subroutine every single unit looks harmless, the prefixes cut into both
-    copies, and the pass stopped with half of each (measured on planted redundant models: a
-    mask of 10 units over both copies, whose ablation broke its partition, finished as the 5
-    units of one copy). Re-ranking after every removal, by the loss, removes one copy whole.
-    At least one unit stays. ``run.pruned`` records the accuracy and units before, the units
-    dropped, the rounds and the finish's removals; ``val_acc`` and ``density`` are the pruned
-    mask's. The mask is changed in place (``drop``).
+    two copies of a subroutine every single unit looks harmless and the prefixes cut into both
+    copies. The finish re-measures after every removal, so the result is 1-minimal; it is not
+    the smallest subnetwork, and on planted redundant models a 1-minimal mask still spans both
+    copies in about half of the runs (README, "Ground truth"). The finish runs on masks of at
+    most ``finish_max_units`` units after the prefix rounds (:data:`PRUNE_FINISH_MAX_UNITS`;
+    its cost grows with the square of the mask). At least one unit stays. ``run.pruned``
+    records the accuracy and units before, the units dropped, the rounds, whether the finish
+    ran and its removals; ``val_acc`` and ``density`` are the pruned mask's. The mask is
+    changed in place (``drop``).
     """
     from dataclasses import replace
 
@@ -412,14 +420,17 @@ def prune_run(
             break
         row = max(ok)
         keep, current = prefixes[row].clone(), float(accs[row])
-    keep, current, finished = _finish_1_minimal(
-        adapter, val, keep, current, floor, unit_map, ablator
-    )
+    finished, finish = 0, f"skipped: more than {finish_max_units} units"
+    if int(keep.sum()) <= finish_max_units:
+        keep, current, finished = _finish_1_minimal(
+            adapter, val, keep, current, floor, unit_map, ablator
+        )
+        finish = "1-minimal"
     dropped = mask.flat_binary() & ~keep
     if bool(dropped.any()):
         mask.drop(dropped)
     info = {"val_acc_before": start, "units_before": n0, "units_dropped": int(dropped.sum()),
-            "rounds": used, "finish_dropped": finished}  # fmt: skip
+            "rounds": used, "finish": finish, "finish_dropped": finished}  # fmt: skip
     return replace(run, mask=mask, val_acc=current, density=mask.density(), pruned=info)
 
 

@@ -416,7 +416,8 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
         return "n/a" if _nan(x) else f"{100 * float(x):.0f}%"
 
     head = (
-        f"<p><b>False 'compositional'</b> on non-compositional models (entangled, random-init): "
+        "<p><b>False 'compositional'</b> on non-compositional models (redundant, entangled, "
+        f"random-init): "
         f"{pct(rates['false_compositional'])} of {rates['n_non_compositional']} usable runs. "
         f"<b>Missed 'compositional'</b> on modular models: {pct(rates['missed_compositional'])}"
         f" of {rates['n_modular']} usable runs.</p>"
@@ -435,7 +436,16 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
                              values="roc_auc", aggfunc="mean").reset_index()  # fmt: skip
     pr = scored.pivot_table(index=["model_kind", "method"], values=["precision", "recall"],
                             aggfunc="mean").reset_index()  # fmt: skip
+    red = masks[masks["model_kind"] == "redundant"]
+    if "copies_touched" in red:
+        red = red.assign(copies_touched=red["copies_touched"].astype("Int64"))
+    copies = (
+        red.groupby(["copies_touched", "verdict"]).size().unstack(fill_value=0).reset_index()
+        if len(red) and "copies_touched" in red else pd.DataFrame()
+    )  # fmt: skip
     counts.columns.name = auc.columns.name = None  # no empty "verdict" / "method" column
+    if len(copies):
+        copies.columns.name = None
     failed = df[df["method"] == "build"]
     notes = "".join(_note(f"{r.model_kind} seed {r.seed} not built: {_esc(str(r.note))[:300]}")
                     for r in failed.itertuples())  # fmt: skip
@@ -445,6 +455,16 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
         + (_table(kinds) if len(kinds) else _note("no usable runs"))
         + "<h3>Verdicts of every mask run</h3>"
         + (_table(counts) if len(counts) else "")
+        + (
+            "<h3>Redundant models: verdicts by the copies of its subroutine a mask touches</h3>"
+            + _note(
+                "1: the mask lies in one copy, whose removal leaves the other copy to "
+                "solve the partition; 2: it spans both copies"
+            )
+            + _table(copies)
+            if len(copies)
+            else ""
+        )  # fmt: skip
         + "<h3>ROC AUC against the planted units (mean over seeds and mask seeds)</h3>"
         + (_table(auc) if len(auc) else _note("no model with a unit-level truth"))
         + "<h3>Precision / recall of the kept set (patching: top-k at the mask's size)</h3>"

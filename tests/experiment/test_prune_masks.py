@@ -154,3 +154,44 @@ def test_prune_keeps_a_usable_mask_usable():
     assert loose.val_acc < start - 0.01  # tolerance 0.5 lets the accuracy fall
     strict = pruned(start - 0.01)
     assert strict.val_acc >= start - 0.01
+
+
+def test_finish_makes_small_masks_1_minimal_and_skips_large_ones():
+    """After the pass, removing any one unit of a mask the finish ran on drops the accuracy
+    (hand-written hook) below the floor; a mask larger than ``finish_max_units`` after the
+    prefix rounds skips the finish, and the record says so."""
+    from conftest import make_tiny_transformer
+
+    from subroutine_circuits.adapters import as_adapter, tl_unit_map
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.experiment.converge import MaskRun
+    from subroutine_circuits.experiment.search import prune_run
+    from subroutine_circuits.masks import MaskConfig, UnitMask
+    from subroutine_circuits.masks.ablator import Ablator
+
+    model = make_tiny_transformer(seed=7)
+    um = tl_unit_map(model)
+    g = torch.Generator().manual_seed(2)
+    toks = torch.randint(1, 50, (60, 4, 7), generator=g)
+    data = EncodedProblems({"tokens": toks, "lengths": torch.full((60, 4), 7)},
+                           torch.randint(0, 4, (60,), generator=g))  # fmt: skip
+    adapter = as_adapter(model, pool="last")
+
+    def run(**kw):
+        mask = UnitMask(um, MaskConfig(parametrization="hard_concrete", init=3.0))
+        return prune_run(adapter, data, MaskRun(mask, 0.0, 1.0, 10, 10, None, False),
+                         Ablator("zero"), 0.0, **kw)  # fmt: skip
+
+    out = run(finish_max_units=um.n_units)
+    assert out.pruned["finish"] == "1-minimal"
+    keep = out.mask.flat_binary()
+    floor = out.pruned["val_acc_before"]  # tolerance 0
+    assert _zero_hook_accuracy(model, data, keep, um) >= floor - 1e-6  # float32 accuracies
+    assert int(keep.sum()) > 1  # (5 units here) so the 1-minimality loop below checks something
+    for i in keep.nonzero().flatten().tolist():
+        fewer = keep.clone()
+        fewer[i] = False
+        acc = _zero_hook_accuracy(model, data, fewer, um)
+        assert acc < floor - 1e-6, f"unit {i} could still go"  # at least one problem lower
+    skipped = run(finish_max_units=0)
+    assert skipped.pruned["finish"].startswith("skipped") and skipped.pruned["finish_dropped"] == 0

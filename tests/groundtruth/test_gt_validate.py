@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -248,3 +249,23 @@ def test_stage_uses_a_given_base_model(tmp_path):
     again = base_model_stage(job, prep, store)  # loaded from the store, same weights
     tokens = torch.randint(1, r.tokenizer.vocab_size, (2, 5))
     torch.testing.assert_close(again.adapter.model(tokens), r.model(tokens))
+
+
+def test_report_splits_redundant_verdicts_by_copies_touched():
+    """The validate report counts redundant runs by how many copies their mask touches."""
+    from subroutine_circuits.experiment import validate as V
+    from subroutine_circuits.groundtruth.scoring import error_rates
+
+    rows = [
+        {"model_kind": "redundant", "seed": 0, "subroutine": "a", "method": "mask",
+         "roc_auc": 0.9, "precision": 1.0, "recall": 0.5, "copies_touched": c, "verdict": v}
+        for c, v in [(1, "not compositional"), (1, "not compositional"), (2, "compositional")]
+    ]  # fmt: skip
+    df = pd.DataFrame(rows)
+    html = V.section_groundtruth(df, error_rates(rows))
+    assert "verdicts by the copies of its subroutine a mask touches" in html
+    table = html.split("a mask touches")[1]
+    # one row per copies_touched value, with its verdict counts
+    assert re.search(r"<td>1</td>\s*<td>0</td>\s*<td>2</td>", table)
+    assert re.search(r"<td>2</td>\s*<td>1</td>\s*<td>0</td>", table)
+    assert "(redundant, entangled, random-init)" in html
