@@ -511,7 +511,10 @@ def _planted_table(models: dict[str, Any]) -> str:
             "truth holds": json.dumps({k: v.get("ok") for k, v in check.items()}),
             "one copy ablated: largest partition drop": json.dumps(
                 {k: round(v["max_drop"], 3) for k, v in red.items()}) if red else "",
-            "build s": info.get("build_s"), "study s": info.get("study_s"),
+            "model built in s": s.get("seconds"),
+            # a resumed call loads what is stored: its own seconds, not the first call's
+            "this call: build/load s": info.get("build_s"),
+            "this call: study s": info.get("study_s"),
         })  # fmt: skip
     return _table(pd.DataFrame(rows))
 
