@@ -410,6 +410,7 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
     """HTML section: verdict error rates, per-kind verdict counts, AUCs of every method."""
     import pandas as pd
 
+    from subroutine_circuits.groundtruth.scoring import all_runs_text
     from subroutine_circuits.report.html import _esc, _note, _table
 
     def pct(x: Any) -> str:
@@ -422,10 +423,7 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
         f"<b>Missed 'compositional'</b> on modular models: {pct(rates['missed_compositional'])}"
         f" of {rates['n_modular']} usable runs.</p>"
         + "<p>Runs called compositional out of <i>all</i> runs (failed searches included): "
-        + "; ".join(
-            f"{_esc(k)} {v['called_compositional']} of {v['runs']}"
-            for k, v in rates.get("all_runs", {}).items()
-        )  # fmt: skip
+        + _esc(all_runs_text(rates))
         + ".</p>"
     )
     kinds = pd.DataFrame([{"kind": k, **v} for k, v in rates["per_kind"].items()])
@@ -521,6 +519,8 @@ def _planted_table(models: dict[str, Any]) -> str:
 
 def cmd_validate(args: Any) -> int:
     """CLI: ``subroutine-circuits validate --out DIR [--seeds ...] [--kinds ...]``."""
+    from subroutine_circuits.groundtruth.scoring import all_runs_text
+
     cfg = ValidateConfig()
     if args.kinds:
         cfg = ValidateConfig(**{**asdict(cfg), "kinds": tuple(args.kinds)})
@@ -531,8 +531,6 @@ def cmd_validate(args: Any) -> int:
         f" (n={rates['n_non_compositional']}); missed on modular: "
         f"{rates['missed_compositional']:.2f} (n={rates['n_modular']})"
     )
-    print("runs called compositional of all runs: " + "; ".join(
-        f"{k} {v['called_compositional']}/{v['runs']}" for k, v in rates["all_runs"].items()
-    ))  # fmt: skip
+    print(f"runs called compositional of all runs: {all_runs_text(rates)}")
     print(f"wrote {Path(args.out) / 'groundtruth.csv'} and {Path(args.out) / 'report.html'}")
     return 0

@@ -270,3 +270,12 @@ def error_rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "per_kind": per_kind,
         "all_runs": all_runs,
     }
+
+
+def all_runs_text(rates: dict[str, Any]) -> str:
+    """``rates["all_runs"]`` as one line for people: ``"modular 11 of 12; random_init 0 of 12"``
+    (runs called compositional of all runs, per kind; used by the CLI and the report)."""
+    return "; ".join(
+        f"{k} {v['called_compositional']} of {v['runs']}"
+        for k, v in rates.get("all_runs", {}).items()
+    )

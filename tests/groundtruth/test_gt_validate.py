@@ -131,6 +131,11 @@ def test_error_rates_use_expected_verdicts():
     # over ALL runs (failed searches and exclusions included): defined without usable runs
     assert r["all_runs"]["modular"] == {"runs": 3, "called_compositional": 1}
     assert r["all_runs"]["random_init"] == {"runs": 2, "called_compositional": 0}
+    from subroutine_circuits.groundtruth.scoring import all_runs_text
+
+    assert all_runs_text(r) == (
+        "modular 1 of 3; redundant 0 of 1; entangled 1 of 1; random_init 0 of 2"
+    )
     failed = error_rates([{"model_kind": "random_init", "verdict": "search failed"}] * 4)
     assert math.isnan(failed["false_compositional"])
     assert failed["all_runs"]["random_init"] == {"runs": 4, "called_compositional": 0}
