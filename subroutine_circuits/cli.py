@@ -142,7 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", required=True, help="output folder (resumes if it exists)")
     s.add_argument("--seeds", type=int, nargs="+", default=None, help="planted-model seeds")
-    s.add_argument("--kinds", nargs="+", default=None, help="planted kinds (default: all)")
+    s.add_argument(
+        "--kinds", nargs="+", default=None,
+        help="planted kinds (default: modular redundant random_init; entangled is opt-in)",
+    )  # fmt: skip
+    s.add_argument(
+        "--workers", type=int, default=None,
+        help="processes, one planted model each (default 2: this machine's cores)",
+    )  # fmt: skip
     s.set_defaults(func=_handler("subroutine_circuits.experiment.validate:cmd_validate"))
     return p
 

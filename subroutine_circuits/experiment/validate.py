@@ -518,12 +518,16 @@ def _planted_table(models: dict[str, Any]) -> str:
 
 
 def cmd_validate(args: Any) -> int:
-    """CLI: ``subroutine-circuits validate --out DIR [--seeds ...] [--kinds ...]``."""
+    """CLI: ``subroutine-circuits validate --out DIR [--seeds ...] [--kinds ...]
+    [--workers N]``."""
     from subroutine_circuits.groundtruth.scoring import all_runs_text
 
-    cfg = ValidateConfig()
+    over: dict[str, Any] = {}
     if args.kinds:
-        cfg = ValidateConfig(**{**asdict(cfg), "kinds": tuple(args.kinds)})
+        over["kinds"] = tuple(args.kinds)
+    if getattr(args, "workers", None) is not None:
+        over["workers"] = args.workers
+    cfg = ValidateConfig(**{**asdict(ValidateConfig()), **over})
     df = validate(args.out, seeds=args.seeds, cfg=cfg)
     rates = error_rates_frame(df)
     print(

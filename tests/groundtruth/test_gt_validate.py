@@ -274,3 +274,23 @@ def test_report_splits_redundant_verdicts_by_copies_touched():
     assert re.search(r"<td>1</td>\s*<td>0</td>\s*<td>2</td>", table)
     assert re.search(r"<td>2</td>\s*<td>1</td>\s*<td>0</td>", table)
     assert "(redundant, entangled, random-init)" in html
+
+
+def test_validate_cli_passes_workers_and_kinds_and_refuses_bad_ones(tmp_path, monkeypatch, capsys):
+    """``--workers`` and ``--kinds`` reach the ValidateConfig; a bad value is a clear error."""
+    from subroutine_circuits.cli import main
+    from subroutine_circuits.experiment import validate as V
+
+    seen = {}
+
+    def fake_validate(out, seeds=None, cfg=None):
+        cfg.validate()
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(V, "validate", fake_validate)
+    with pytest.raises(SystemExit):
+        main(["validate", "--out", str(tmp_path), "--workers", "5", "--kinds", "modular"])
+    assert seen["cfg"].workers == 5 and seen["cfg"].kinds == ("modular",)
+    assert main(["validate", "--out", str(tmp_path), "--workers", "0"]) == 2
+    assert "workers must be >= 1, got 0" in capsys.readouterr().err
