@@ -65,7 +65,8 @@ class MaskRun:
     final_temp: float | None
     stopped_early: bool
     history: list[tuple[int, float, float]] = field(default_factory=list)
-    #: the minimality pass (``search.prune_run``): accuracy and units before, units dropped
+    #: the minimality pass (``search.prune_run``): accuracy and units before, units dropped,
+    #: rounds, whether the 1-minimal finish ran and what it removed
     pruned: dict[str, Any] | None = None
 
     def info(self) -> dict[str, Any]:

@@ -225,18 +225,7 @@ def fixed_accuracies(
     adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator
 ) -> list[float]:
     """Accuracy of each fixed keep row on ``data`` under ``ablator`` (batched passes)."""
-    from subroutine_circuits.experiment.batched import evaluate_fixed_masks
-
-    got = evaluate_fixed_masks(
-        adapter.model,
-        data,
-        keep,
-        getattr(adapter, "pool", None),
-        unit_map=unit_map,
-        ablator=ablator.to(adapter.device),
-        adapter=adapter,  # scores inputs without tokens (images)
-    )
-    return [float(x) for x in got.tolist()]
+    return fixed_accuracies_losses(adapter, data, keep, unit_map, ablator)[0].tolist()
 
 
 def fixed_accuracies_losses(
@@ -255,7 +244,7 @@ def fixed_accuracies_losses(
         getattr(adapter, "pool", None),
         unit_map=unit_map,
         ablator=ablator.to(adapter.device),
-        adapter=adapter,
+        adapter=adapter,  # scores inputs without tokens (images)
     ).float()
     odd = data.odd.cpu()[None, :].expand(scores.shape[0], -1)
     acc = (scores.argmax(-1) == odd).double().mean(1)

@@ -405,9 +405,7 @@ def prune_run(
         if int(keep.sum()) <= 1:
             break
         used += 1
-        kept = keep.nonzero().flatten()
-        without = keep.repeat(len(kept), 1)
-        without[torch.arange(len(kept)), kept] = False
+        kept, without = _each_removed(keep)
         single = torch.tensor(fixed_accuracies(adapter, rank_val, without, unit_map, ablator))
         order = kept[torch.sort(-single, stable=True).indices]
         sizes = prefix_sizes(len(kept) - 1)
@@ -434,6 +432,17 @@ def prune_run(
     return replace(run, mask=mask, val_acc=current, density=mask.density(), pruned=info)
 
 
+def _each_removed(
+    keep: Bool[Tensor, " n_units"],
+) -> tuple[Tensor, Bool[Tensor, "n_kept n_units"]]:
+    """The kept unit indices and ``keep`` once per kept unit with that unit removed (row i:
+    without ``kept[i]``), the candidates the minimality pass scores in one batched pass."""
+    kept = keep.nonzero().flatten()
+    without = keep.repeat(len(kept), 1)
+    without[torch.arange(len(kept)), kept] = False
+    return kept, without
+
+
 def _finish_1_minimal(
     adapter,
     val: EncodedProblems,
@@ -450,9 +459,7 @@ def _finish_1_minimal(
 
     removed = 0
     while int(keep.sum()) > 1:
-        kept = keep.nonzero().flatten()
-        without = keep.repeat(len(kept), 1)
-        without[torch.arange(len(kept)), kept] = False
+        _, without = _each_removed(keep)
         acc, loss = fixed_accuracies_losses(adapter, val, without, unit_map, ablator)
         ok = acc >= floor
         if not bool(ok.any()):

@@ -435,15 +435,12 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
     pr = scored.pivot_table(index=["model_kind", "method"], values=["precision", "recall"],
                             aggfunc="mean").reset_index()  # fmt: skip
     red = masks[masks["model_kind"] == "redundant"]
-    if "copies_touched" in red:
+    copies = pd.DataFrame()
+    if len(red) and "copies_touched" in red:
         red = red.assign(copies_touched=red["copies_touched"].astype("Int64"))
-    copies = (
-        red.groupby(["copies_touched", "verdict"]).size().unstack(fill_value=0).reset_index()
-        if len(red) and "copies_touched" in red else pd.DataFrame()
-    )  # fmt: skip
+        copies = red.groupby(["copies_touched", "verdict"]).size().unstack(fill_value=0)
+        copies = copies.reset_index().rename_axis(columns=None)
     counts.columns.name = auc.columns.name = None  # no empty "verdict" / "method" column
-    if len(copies):
-        copies.columns.name = None
     failed = df[df["method"] == "build"]
     notes = "".join(_note(f"{r.model_kind} seed {r.seed} not built: {_esc(str(r.note))[:300]}")
                     for r in failed.itertuples())  # fmt: skip
@@ -525,7 +522,7 @@ def cmd_validate(args: Any) -> int:
     over: dict[str, Any] = {}
     if args.kinds:
         over["kinds"] = tuple(args.kinds)
-    if getattr(args, "workers", None) is not None:
+    if args.workers is not None:
         over["workers"] = args.workers
     cfg = ValidateConfig(**{**asdict(ValidateConfig()), **over})
     df = validate(args.out, seeds=args.seeds, cfg=cfg)

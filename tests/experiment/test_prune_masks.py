@@ -124,25 +124,30 @@ def test_prefix_sizes_cover_small_sizes_and_the_whole_ranking():
         assert len(s) <= 8 + 5 * max(1, k // 8).bit_length()
 
 
-def test_prune_keeps_a_usable_mask_usable():
-    """With ``min_acc`` just below the mask's accuracy the pass may not take the accuracy under
-    it, although ``tolerance`` alone would allow that (a usable mask stays usable)."""
+def _random_problems(model_seed: int, data_seed: int, n: int = 60):
+    """A tiny transformer, its unit map, ``n`` random 4-stimulus problems and its adapter."""
     from conftest import make_tiny_transformer
 
     from subroutine_circuits.adapters import as_adapter, tl_unit_map
     from subroutine_circuits.adapters.base import EncodedProblems
+
+    model = make_tiny_transformer(seed=model_seed)
+    g = torch.Generator().manual_seed(data_seed)
+    toks = torch.randint(1, 50, (n, 4, 7), generator=g)
+    data = EncodedProblems({"tokens": toks, "lengths": torch.full((n, 4), 7)},
+                           torch.randint(0, 4, (n,), generator=g))  # fmt: skip
+    return model, tl_unit_map(model), data, as_adapter(model, pool="last")
+
+
+def test_prune_keeps_a_usable_mask_usable():
+    """With ``min_acc`` just below the mask's accuracy the pass may not take the accuracy under
+    it, although ``tolerance`` alone would allow that (a usable mask stays usable)."""
     from subroutine_circuits.experiment.converge import MaskRun
     from subroutine_circuits.experiment.search import prune_run
     from subroutine_circuits.masks import MaskConfig, UnitMask
     from subroutine_circuits.masks.ablator import Ablator
 
-    model = make_tiny_transformer(seed=6)
-    um = tl_unit_map(model)
-    g = torch.Generator().manual_seed(1)
-    toks = torch.randint(1, 50, (60, 4, 7), generator=g)
-    data = EncodedProblems({"tokens": toks, "lengths": torch.full((60, 4), 7)},
-                           torch.randint(0, 4, (60,), generator=g))  # fmt: skip
-    adapter = as_adapter(model, pool="last")
+    _, um, data, adapter = _random_problems(model_seed=6, data_seed=1)
 
     def pruned(min_acc):
         mask = UnitMask(um, MaskConfig(parametrization="hard_concrete", init=3.0))
@@ -160,22 +165,12 @@ def test_finish_makes_small_masks_1_minimal_and_skips_large_ones():
     """After the pass, removing any one unit of a mask the finish ran on drops the accuracy
     (hand-written hook) below the floor; a mask larger than ``finish_max_units`` after the
     prefix rounds skips the finish, and the record says so."""
-    from conftest import make_tiny_transformer
-
-    from subroutine_circuits.adapters import as_adapter, tl_unit_map
-    from subroutine_circuits.adapters.base import EncodedProblems
     from subroutine_circuits.experiment.converge import MaskRun
     from subroutine_circuits.experiment.search import prune_run
     from subroutine_circuits.masks import MaskConfig, UnitMask
     from subroutine_circuits.masks.ablator import Ablator
 
-    model = make_tiny_transformer(seed=7)
-    um = tl_unit_map(model)
-    g = torch.Generator().manual_seed(2)
-    toks = torch.randint(1, 50, (60, 4, 7), generator=g)
-    data = EncodedProblems({"tokens": toks, "lengths": torch.full((60, 4), 7)},
-                           torch.randint(0, 4, (60,), generator=g))  # fmt: skip
-    adapter = as_adapter(model, pool="last")
+    model, um, data, adapter = _random_problems(model_seed=7, data_seed=2)
 
     def run(**kw):
         mask = UnitMask(um, MaskConfig(parametrization="hard_concrete", init=3.0))
