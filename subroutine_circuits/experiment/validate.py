@@ -113,7 +113,11 @@ def planted_config(vcfg: ValidateConfig, exp_cfg: Any):
     """The ``PlantedConfig`` (its truth is checked with the study's ablation)."""
     from subroutine_circuits.groundtruth.planted import PlantedConfig
 
-    pcfg = PlantedConfig(**{"task": vcfg.task, "ablation": exp_cfg.ablation, **vcfg.planted})
+    pcfg = PlantedConfig(**{
+        "task": vcfg.task, "ablation": exp_cfg.ablation,
+        "sufficient_acc": exp_cfg.mask_min_acc, "minimal_tol": exp_cfg.mask.tolerance,
+        **vcfg.planted,
+    })  # fmt: skip
     pcfg.validate()
     return pcfg
 
@@ -127,8 +131,13 @@ def planted_model(kind: str, seed: int, out: Path, pcfg: Any, prep: Any, key: di
     Returns ``(planted, None)`` or ``(None, reason)`` when it could not be built (an entangled
     model none of whose draws passed its check)."""
     from subroutine_circuits.groundtruth.entangled import EntangledBuildError
-    from subroutine_circuits.groundtruth.planted import build_planted, load_planted, save_planted
-    from subroutine_circuits.groundtruth.truth import redundancy_check, truth_check
+    from subroutine_circuits.groundtruth.planted import (
+        RedundantBuildError,
+        build_planted,
+        load_planted,
+        save_planted,
+    )
+    from subroutine_circuits.groundtruth.truth import truth_check
 
     directory = out / "planted" / f"{kind}_s{seed}"
     failed = directory / "build_failed.json"
@@ -139,13 +148,11 @@ def planted_model(kind: str, seed: int, out: Path, pcfg: Any, prep: Any, key: di
         return planted, None
     try:
         planted = build_planted(kind, seed, pcfg, splits=prep.splits)
-    except EntangledBuildError as e:
+    except (EntangledBuildError, RedundantBuildError) as e:
         directory.mkdir(parents=True, exist_ok=True)
         failed.write_text(json.dumps({"key": key, "reason": str(e)}, default=str))
         return None, str(e)
     planted.metrics["truth_check"] = truth_check(planted, pcfg)
-    if kind == "redundant":
-        planted.metrics["redundancy_check"] = redundancy_check(planted, pcfg)
     save_planted(planted, directory, key)
     return planted, None
 

@@ -28,21 +28,30 @@ holds under an ablation when every planted unit still raises its subroutine's lo
 ``prune_min_effect``. ``subroutine-circuits validate`` reports both.
 
 ``redundant`` (the issue's definition: two disjoint blocks compute the same subroutines, so no
-single subnetwork is necessary): one part is trained on ``sub_A`` and one on ``sub_B``, each is
-joined with an exact copy of itself (``A1 | A2``, ``B1 | B2``: same weights, disjoint units) and
-the two are joined with a block-A scale fitted so that the composite training accuracy is as
-high as possible with either copy ablated. What is planted, stated precisely and measured at
-build time (``truth.redundancy_check``, ``metrics["redundancy_check"]``): ablating any one copy
-lowers no validation partition by more than ``redundant_max_drop`` (the verdict's margin), and
-each copy alone solves its subroutine. Expected verdict "not compositional": Break It Down
-tests the *minimal* subnetwork that solves a subroutine, which here is one copy, and ablating
-it leaves the other copy to solve the partition. A mask that keeps both copies (a non-minimal
-subnetwork, whose ablation does break the partition) is what gives a false "compositional";
-the minimality pass of the mask search (``experiment.search.prune_run``) is there to remove the
-surplus copy. For scoring the masks' and patching's unit rankings the truth is the union of
-both copies (a unit of either copy computes the subroutine). An earlier version (two
-independently trained copies) had unequal copies: ablating the stronger one lowered its
-partition by up to 0.17, so that model was not redundant in the issue's sense.
+single subnetwork is necessary and ablating the one a mask finds must not break its partition):
+one small part (``redundant_part``: one layer, two heads, four neurons) is trained on ``sub_A``
+and one on ``sub_B``, each is pruned and joined with an exact copy of itself (``A1 | A2``,
+``B1 | B2``: same weights, disjoint units), and the two are joined with a block-A scale fitted so
+that the composite training accuracy is as high as possible with either copy ablated. What is
+planted, stated precisely and measured at build time (``truth.redundancy_check``, kept in
+``metrics["redundancy_check"]``; a draw whose check fails under the study's ablation is
+discarded and the parts are drawn again, up to ``redundant_tries`` times): every *minimal
+sufficient subnetwork* of a subroutine -- a set of its units that alone reaches the mask
+search's success threshold and in which the search's minimality pass can stop, found by
+enumerating every subset of both copies -- can be ablated without lowering its partition by
+more than ``redundant_max_drop`` (the verdict's margin), no single copy's ablation does either,
+and each copy alone solves its subroutine. Expected verdict "not compositional": Break It Down
+tests the minimal subnetwork that solves a subroutine, and here none is necessary.
+
+Why this construction (changed after seeing verdicts on the previous one, see README): copies
+add up at the readout, so a *mixture* of both copies can solve a subroutine and also be
+necessary for it. In the previous construction (default-size parts, copies of 5-12 units,
+pruned to a loss tolerance) many subsets of both copies were sufficient, e.g. 44 of 126
+symmetric ones for one subject part, and the masks found such mixtures: ablating one broke the
+partition, so those models did not meet the definition above, and 15 of 32 runs were called
+compositional. With one-layer parts the subroutine has 2-4 units, every subset can be checked,
+and only draws that meet the definition are kept. For scoring the masks' and patching's unit
+rankings the truth is the union of both copies (a unit of either copy computes the subroutine).
 
 ``entangled`` (:mod:`entangled`): one part computes both subroutines in the same units, verified
 exhaustively (every unit needed by both; no subset of units separates A from B by more than the
@@ -76,6 +85,8 @@ from subroutine_circuits.groundtruth.prune import (
 )
 
 KINDS = ("modular", "redundant", "entangled", "random_init")
+#: The part sizes ``PlantedConfig.redundant_part`` may override.
+_PART_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp")
 #: The verdict each kind should get under Break It Down (see the module docstring).
 EXPECTED = {
     "modular": "compositional",
@@ -101,8 +112,9 @@ class PlantedConfig:
         prune_min_effect: the smallest loss increase (nats) of a planted unit's ablation.
         prune_train_problems: training problems added to the validation problems for pruning.
         compact: drop pruned units from the architecture (else zero their weights).
-        redundant_on_subs: redundant parts train on composite + both ``sub_*`` kinds (else on
-            the composite alone).
+        redundant_part: ``part_spec`` overrides of a redundant model's parts (default: one
+            layer of two heads and four neurons, so that each subroutine has few enough units
+            for ``truth.redundancy_check`` to enumerate every subset of them).
         fit_scale: fit the block-A scale of the join on composite training problems.
         scale_grid: multipliers of the norm-equalising scale tried by the fit.
         fit_problems: composite training problems used by the fit (and the mean-ablation
@@ -111,6 +123,14 @@ class PlantedConfig:
         redundant_max_drop: the largest drop of a validation partition's accuracy when one copy
             of a redundant model is ablated (``truth.redundancy_check``; default: the verdict's
             margin, so that removing whichever copy a mask found cannot break its partition).
+        sufficient_acc: the accuracy on ``sub_<p>`` at which a subnetwork counts as solving
+            ``p`` (the study's mask success threshold; ``validate`` sets it from the study).
+        minimal_tol: the tolerance of the mask search's minimality pass (``validate`` sets it
+            from the study's ``mask.tolerance``): ``redundancy_check`` counts a subnetwork as
+            minimal when removing any unit costs more than this.
+        redundant_max_units: the most units of one subroutine ``redundancy_check`` enumerates.
+        redundant_tries: draws of a redundant model's parts before giving up (a draw is kept
+            when its ``redundancy_check`` holds under ``ablation``).
         entangled_steps, entangled_lr, entangled_drop, entangled_weight: the anti-selectivity
             fine-tuning of entangled models (``entangled`` module).
         entangled_tries: draws of an entangled part before giving up.
@@ -136,12 +156,18 @@ class PlantedConfig:
     prune_min_effect: float = 0.01
     prune_train_problems: int = 200
     compact: bool = True
-    redundant_on_subs: bool = True
     fit_scale: bool = True
     scale_grid: tuple[float, ...] = (0.5, 0.71, 1.0, 1.41, 2.0)
     fit_problems: int = 200
     ablation: str = "mean"
     redundant_max_drop: float = 0.05
+    redundant_part: dict[str, int] = field(
+        default_factory=lambda: {"n_layers": 1, "n_heads": 2, "d_mlp": 4}
+    )
+    sufficient_acc: float = 0.9
+    minimal_tol: float = 0.02
+    redundant_max_units: int = 10
+    redundant_tries: int = 10
     entangled_steps: int = 300
     entangled_lr: float = 1e-3
     entangled_drop: float = 0.5
@@ -170,7 +196,25 @@ class PlantedConfig:
             raise ValueError(
                 f"PlantedConfig.ablation must be 'mean' or 'zero', got {self.ablation!r}"
             )
-        for name in ("entangled_steps", "entangled_tries", "entangled_max_units"):
+        bad = set(self.redundant_part) - set(_PART_FIELDS)
+        if bad:
+            raise ValueError(
+                f"PlantedConfig.redundant_part: unknown field(s) {sorted(bad)}; "
+                f"choose from {list(_PART_FIELDS)}"
+            )
+        for name, v in self.redundant_part.items():
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"PlantedConfig.redundant_part[{name!r}] must be an int >= 1")
+        if not 0 <= self.minimal_tol < 1:
+            raise ValueError(f"PlantedConfig.minimal_tol must be in [0, 1), got {self.minimal_tol}")
+        if not 0 < self.sufficient_acc <= 1:
+            raise ValueError(
+                f"PlantedConfig.sufficient_acc must be in (0, 1], got {self.sufficient_acc}"
+            )
+        for name in (
+            "entangled_steps", "entangled_tries", "entangled_max_units", "redundant_max_units",
+            "redundant_tries",
+        ):  # fmt: skip
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"PlantedConfig.{name} must be an int >= 1, got {v!r}")
@@ -181,21 +225,19 @@ class PlantedConfig:
         if not self.scale_grid or any(not g > 0 for g in self.scale_grid):
             raise ValueError(f"PlantedConfig.scale_grid must be positive, got {self.scale_grid}")
 
-    def part_spec(self):
-        """The ``ModelSpec`` of one part (``normalization_type=None``: see ``join``)."""
+    def part_spec(self, **overrides: int):
+        """The ``ModelSpec`` of one part (``normalization_type=None``: see ``join``);
+        ``overrides``: other values of :data:`_PART_FIELDS`."""
         from subroutine_circuits.models import ModelSpec
 
+        sizes = {name: getattr(self, name) for name in _PART_FIELDS}
         return ModelSpec(
             "tiny",
             attention=self.attention,
             n_ctx=self.n_ctx,
             pool=self.pool,
-            n_layers=self.n_layers,
-            d_model=self.d_model,
-            n_heads=self.n_heads,
-            d_head=self.d_head,
-            d_mlp=self.d_mlp,
             normalization_type=None,
+            **{**sizes, **overrides},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,15 +357,17 @@ def _mix(splits: dict, split: str, kinds: Sequence[str], n: int | None = None) -
 
 
 def _train_part(
-    cfg, kinds: Sequence[str], seed: int, tokenizer, splits
+    cfg, kinds: Sequence[str], seed: int, tokenizer, splits, spec: Any = None
 ) -> tuple[Any, dict[str, Any]]:
-    """Train, prune and compact one part on problems of ``kinds``; returns (part, info)."""
+    """Train, prune and compact one part (``spec``, default ``cfg.part_spec()``) on problems
+    of ``kinds``; returns (part, info)."""
     from subroutine_circuits.models import TrainConfig, make_model, train_ooo
 
     kinds = list(kinds)
     kind = "+".join(kinds)
     t0 = time.perf_counter()
-    part = make_model(cfg.part_spec(), vocab_size=tokenizer.vocab_size, seed=seed)
+    spec = cfg.part_spec() if spec is None else spec
+    part = make_model(spec, vocab_size=tokenizer.vocab_size, seed=seed)
     tcfg = TrainConfig(**{"progress": False, "seed": seed, **cfg.train})
     res = train_ooo(part, _mix(splits, "train", kinds), _mix(splits, "val", kinds), tokenizer, tcfg)
     info: dict[str, Any] = {
@@ -435,11 +479,36 @@ def build_modular(
     return _build_joined("modular", seed, cfg, splits)
 
 
+class RedundantBuildError(ValueError):
+    """No draw of a redundant model's parts passed ``truth.redundancy_check``."""
+
+
 def build_redundant(
     seed: int, cfg: PlantedConfig | None = None, splits: dict | None = None
 ) -> PlantedModel:
-    """A redundant planted model: two copies of A (and two of B) in disjoint units."""
-    return _build_joined("redundant", seed, cfg, splits)
+    """A redundant planted model: two copies of A (and two of B) in disjoint units, kept only
+    when ``truth.redundancy_check`` holds under ``cfg.ablation`` (``cfg.redundant_tries``
+    draws of the parts; ``metrics["attempts"]`` lists them). Raises ``RedundantBuildError``
+    when none holds."""
+    from subroutine_circuits.groundtruth.truth import redundancy_check
+
+    cfg = cfg if cfg is not None else PlantedConfig()
+    cfg.validate()
+    t0 = time.perf_counter()
+    attempts = []
+    for attempt in range(cfg.redundant_tries):
+        planted = _build_joined("redundant", seed, cfg, splits, attempt)
+        check = redundancy_check(planted, cfg)
+        attempts.append({"attempt": attempt, "ok": {k: v["ok"] for k, v in check.items()}})
+        if check[cfg.ablation]["ok"]:
+            planted.metrics.update(redundancy_check=check, attempts=attempts)
+            planted.seconds = time.perf_counter() - t0
+            return planted
+        attempts[-1]["check"] = check
+    raise RedundantBuildError(
+        f"redundant model for seed {seed}: none of {cfg.redundant_tries} draws passed the "
+        f"redundancy check under {cfg.ablation!r} ablation ({attempts})"
+    )
 
 
 def _part_units(kept: set[Unit], *steps: tuple[BlockLayout, str]) -> frozenset[Unit]:
@@ -450,7 +519,9 @@ def _part_units(kept: set[Unit], *steps: tuple[BlockLayout, str]) -> frozenset[U
     return frozenset(out)
 
 
-def _build_joined(kind: str, seed: int, cfg: PlantedConfig | None, splits) -> PlantedModel:
+def _build_joined(
+    kind: str, seed: int, cfg: PlantedConfig | None, splits, attempt: int = 0
+) -> PlantedModel:
     cfg = cfg if cfg is not None else PlantedConfig()
     cfg.validate()
     t0 = time.perf_counter()
@@ -462,8 +533,9 @@ def _build_joined(kind: str, seed: int, cfg: PlantedConfig | None, splits) -> Pl
         steps: dict[str, tuple] = {"A": (info_a, ()), "B": (info_b, ())}
         computes = {"A": (pa,), "B": (pb,)}
     else:  # one part per subroutine, each joined with an exact copy of itself
-        one_a, info_a = _train_part(cfg, [f"sub_{pa}"], 1000 * seed + 501, tok, splits)
-        one_b, info_b = _train_part(cfg, [f"sub_{pb}"], 1000 * seed + 503, tok, splits)
+        spec, s0 = cfg.part_spec(**cfg.redundant_part), 1000 * seed + 501 + 10 * attempt
+        one_a, info_a = _train_part(cfg, [f"sub_{pa}"], s0, tok, splits, spec)
+        one_b, info_b = _train_part(cfg, [f"sub_{pb}"], s0 + 2, tok, splits, spec)
         part_a, part_b = join_models(one_a, one_a), join_models(one_b, one_b)
         lay_a, lay_b = layout_of(one_a, one_a), layout_of(one_b, one_b)
         steps = {

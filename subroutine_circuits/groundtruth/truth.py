@@ -216,16 +216,74 @@ def truth_check(planted: Any, cfg: Any) -> dict[str, Any]:
     return out
 
 
-def redundancy_check(planted: Any, cfg: Any) -> dict[str, Any]:
-    """What makes a redundant model redundant, measured: no copy is necessary.
+def minimal_subnetworks(
+    ev: AblationEvaluator,
+    units: Iterable[Unit],
+    every: set[Unit],
+    sub_problems: Sequence[Any],
+    partition_problems: Sequence[Any],
+    min_acc: float,
+    tol: float,
+) -> dict[str, Any]:
+    """Every minimal sufficient subnetwork among ``units`` and what ablating it costs.
 
-    For each copy of ``planted.parts`` (``A1``, ``A2``, ``B1``, ``B2``), on the validation
-    problems, under the experiment's ablation and under zero ablation: each partition's
-    accuracy with that copy ablated (its drop from the whole model's), and the accuracy on
-    ``sub_<p>`` with *only* that copy kept (every other unit ablated). The model is redundant
-    under an ablation (``ok``) when no single copy's ablation lowers any partition by more than
-    ``cfg.redundant_max_drop`` (the verdict's margin by default): whichever copy a mask finds,
-    its removal cannot break its partition. Returns ``{}`` for other kinds.
+    Each subset ``S`` of ``units`` is kept alone (every other unit of ``every`` ablated) on
+    ``sub_problems``. ``S`` is *sufficient* when its accuracy is at least ``min_acc`` (the mask
+    search's success threshold) and *minimal* when the mask search's minimality pass
+    (``experiment.search.prune_run``, tolerance ``tol``) can end in ``S``. That pass removes a
+    unit while the accuracy stays at or above ``floor = max(start - tol, min_acc)``, where
+    ``start`` (the accuracy of the mask it started from) is at least ``acc(S)`` and at most 1,
+    and stops when no single removal does; so it can end in a sufficient ``S`` exactly when
+    some such floor lies above every ``acc(S - u)``: when every ``acc(S - u)`` is below
+    ``min(acc(S), max(1 - tol, min_acc))``. For each minimal ``S``: the accuracy drop on
+    ``partition_problems`` when ``S`` is ablated (the rest of the model kept). Exhaustive:
+    ``2 ** len(units)`` evaluations.
+    """
+    units = sorted(tuple(u) for u in units)
+    subsets = [
+        frozenset(c) for r in range(len(units) + 1) for c in itertools.combinations(units, r)
+    ]
+    accs, _ = ev.evaluate(sub_problems, [every - s for s in subsets])
+    acc = dict(zip(subsets, accs))
+    sufficient = {s for s in subsets if acc[s] >= min_acc - 1e-9}
+    top = max(1.0 - tol, min_acc)
+    minimal = [
+        s for s in subsets
+        if s in sufficient and all(acc[s - {u}] < min(acc[s], top) - 1e-9 for u in s)
+    ]  # fmt: skip
+    part_accs, _ = ev.evaluate(partition_problems, [set(), *minimal])
+    drops = [part_accs[0] - a for a in part_accs[1:]]
+    return {
+        "n_subsets": len(subsets),
+        "n_sufficient": len(sufficient),
+        "minimal": [{"units": sorted(s), "partition_drop": d} for s, d in zip(minimal, drops)],
+        "max_drop": max(drops, default=float("nan")),
+    }
+
+
+def redundancy_check(planted: Any, cfg: Any) -> dict[str, Any]:
+    """What makes a redundant model redundant, measured: no sufficient subnetwork is necessary.
+
+    For each subroutine ``p`` and under the experiment's ablation and zero ablation, on the
+    validation problems:
+
+    * ``partitions``: each partition's accuracy with one copy of ``planted.parts`` (``A1``,
+      ``A2``, ``B1``, ``B2``) ablated; ``max_drop`` is the largest drop from the whole model's;
+    * ``alone``: the accuracy on ``sub_<p>`` with *only* that copy kept (every other unit
+      ablated);
+    * ``minimal[p]`` (:func:`minimal_subnetworks` over the units of both copies of ``p``): every
+      minimal sufficient subnetwork (kept alone, it reaches ``cfg.sufficient_acc`` on
+      ``sub_<p>``; no unit of it can go within ``cfg.minimal_tol``) and the drop of
+      ``partition_<p>`` when it is ablated.
+      A mixture of both copies can be such a subnetwork (copies add up at the readout), and then
+      ablating it breaks the partition: that model is not redundant in this sense.
+
+    ``ok`` under an ablation: no copy's ablation and no minimal sufficient subnetwork's ablation
+    lowers its partition by more than ``cfg.redundant_max_drop``, and each copy alone reaches
+    ``cfg.sufficient_acc``. Then whatever minimal subnetwork a mask search finds, its removal
+    cannot break its partition. The subsets are enumerated exhaustively, so a subroutine with
+    more than ``cfg.redundant_max_units`` units is not checked (``ok`` False). Returns ``{}`` for
+    other kinds.
     """
     from subroutine_circuits.groundtruth.prune import all_units
 
@@ -250,10 +308,27 @@ def redundancy_check(planted: Any, cfg: Any) -> dict[str, Any]:
             for p in planted.parts[n]["computes"]:
                 (acc,), _ = ev.evaluate(val[f"sub_{p}"], [every - units])
                 alone[f"{n}_sub_{p}"] = acc
+        minimal: dict[str, Any] = {}
+        for p in planted.subroutines:
+            units = set().union(*(c for n, c in zip(names, copies)
+                                  if p in planted.parts[n]["computes"]))  # fmt: skip
+            if len(units) > cfg.redundant_max_units:
+                minimal[p] = {"checked": False, "n_units": len(units)}
+                continue
+            minimal[p] = {"checked": True, **minimal_subnetworks(
+                ev, units, every, val[f"sub_{p}"], val[f"partition_{p}"], cfg.sufficient_acc,
+                cfg.minimal_tol,
+            )}  # fmt: skip
+        minimal_ok = all(
+            m["checked"] and not m["max_drop"] > cfg.redundant_max_drop for m in minimal.values()
+        )
         out[ablation] = {
             "max_drop": worst,
             "partitions": partitions,
             "alone": alone,
-            "ok": worst <= cfg.redundant_max_drop,
+            "minimal": minimal,
+            "ok": worst <= cfg.redundant_max_drop
+            and minimal_ok
+            and all(a >= cfg.sufficient_acc - 1e-9 for a in alone.values()),
         }
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,18 +200,94 @@ def test_redundancy_check_matches_hand_hooks(redundant):
             assert zero["partitions"][s][f"without_{name}"] == pytest.approx(acc)
             worst = max(worst, full - acc)
     assert zero["max_drop"] == pytest.approx(worst)
-    assert zero["ok"] == (worst <= SMALL.redundant_max_drop)
+    alone_ok = True
     for name, part in p.parts.items():
         (s,) = part["computes"]
         data = Encoded.of(p.splits["val"][f"sub_{s}"], p.tokenizer)
         acc, _ = _hand_eval(p.model, data, every - part["units"])
         assert zero["alone"][f"{name}_sub_{s}"] == pytest.approx(acc)
+        alone_ok &= acc >= SMALL.sufficient_acc
+    # minimal sufficient subnetworks, by hand: every subset of both copies kept alone, the
+    # pass's stopping rule, and the partition with each minimal one ablated
+    minimal_ok = True
+    for s in p.subroutines:
+        units = sorted(p.truth[s])
+        sub = Encoded.of(p.splits["val"][f"sub_{s}"], p.tokenizer)
+        part = Encoded.of(p.splits["val"][f"partition_{s}"], p.tokenizer)
+        subsets = [frozenset(c) for r in range(len(units) + 1)
+                   for c in itertools.combinations(units, r)]  # fmt: skip
+        acc = {x: _hand_eval(p.model, sub, every - x)[0] for x in subsets}
+        top = max(1 - SMALL.minimal_tol, SMALL.sufficient_acc)
+        want = {
+            x for x in subsets
+            if acc[x] >= SMALL.sufficient_acc and all(acc[x - {u}] < min(acc[x], top) for u in x)
+        }  # fmt: skip
+        got = zero["minimal"][s]
+        assert got["checked"] and got["n_subsets"] == len(subsets)
+        assert {frozenset(map(tuple, m["units"])) for m in got["minimal"]} == want
+        full, _ = _hand_eval(p.model, part, set())
+        for m in got["minimal"]:
+            ablated, _ = _hand_eval(p.model, part, set(map(tuple, m["units"])))
+            assert m["partition_drop"] == pytest.approx(full - ablated)
+        minimal_ok &= got["max_drop"] <= SMALL.redundant_max_drop
+    assert zero["ok"] == (worst <= SMALL.redundant_max_drop and minimal_ok and alone_ok)
+    # the model was kept because the check holds under the study's ablation
+    assert check[SMALL.ablation]["ok"] and p.metrics["redundancy_check"][SMALL.ablation]["ok"]
 
 
-def test_minimality_pass_keeps_one_copy_of_a_redundant_subroutine(redundant):
-    """A mask holding both copies of A finishes inside one copy (the other is not needed), and
-    is 1-minimal: removing any one of its units costs more than the tolerance (checked with
-    plain zero hooks)."""
+def test_minimal_subnetworks_follows_the_pass_stopping_rule():
+    """A subnetwork counts as minimal exactly when the minimality pass could stop in it: every
+    single removal falls below ``min(acc(S), max(1 - tol, min_acc))`` (hand-made accuracies)."""
+    from subroutine_circuits.groundtruth.truth import minimal_subnetworks
+
+    x, y, z = (0, "head", 0), (0, "head", 1), (0, "head", 2)
+    accs = {
+        frozenset(): 0.25, frozenset({x}): 0.99, frozenset({y}): 0.95, frozenset({z}): 0.5,
+        frozenset({x, y}): 1.0, frozenset({x, z}): 0.97, frozenset({y, z}): 0.93,
+        frozenset({x, y, z}): 1.0,
+    }  # fmt: skip
+    every = {x, y, z, (0, "head", 3)}
+
+    class Fake:
+        def evaluate(self, problems, configs):
+            if problems == "sub":  # a config is the set of ablated units
+                return [accs[frozenset(every - set(c)) & frozenset({x, y, z})] for c in configs], []
+            return [0.9 - 0.1 * len(set(c)) for c in configs], []
+
+    out = minimal_subnetworks(Fake(), [x, y, z], every, "sub", "partition", 0.9, 0.02)
+    # {x,y}: removing y leaves 0.99 >= min(1.0, 0.98), the pass removes it; {x,z}: removing z
+    # leaves 0.99 >= 0.97; {y,z}: removing z leaves 0.95 >= 0.93; {x}, {y}: minimal
+    assert {frozenset(m["units"]) for m in out["minimal"]} == {frozenset({x}), frozenset({y})}
+    assert out["n_sufficient"] == 6 and out["n_subsets"] == 8
+    assert [m["partition_drop"] for m in out["minimal"]] == pytest.approx([0.1, 0.1])
+    assert out["max_drop"] == pytest.approx(0.1)
+    # a tolerance of 0: the pass started at 1.0 keeps {x, y} (either removal costs accuracy);
+    # {x, z} (0.97, 0.99 without z) is still not minimal
+    out0 = minimal_subnetworks(Fake(), [x, y, z], every, "sub", "partition", 0.9, 0.0)
+    got0 = {frozenset(m["units"]) for m in out0["minimal"]}
+    assert got0 == {frozenset({x}), frozenset({y}), frozenset({x, y})}
+    # with a success threshold of 0.96, y alone is not sufficient and {x,y}, {x,z} are not
+    # minimal (x alone is enough); {x} is the only minimal one
+    out96 = minimal_subnetworks(Fake(), [x, y, z], every, "sub", "partition", 0.96, 0.02)
+    assert [frozenset(m["units"]) for m in out96["minimal"]] == [frozenset({x})]
+
+
+def test_redundant_build_gives_up_with_a_clear_error(modular):
+    """A redundant model whose check cannot hold (here: too many units to enumerate) is not
+    returned: after ``redundant_tries`` draws the build raises, naming the check."""
+    from subroutine_circuits.groundtruth.planted import RedundantBuildError
+
+    cfg = PlantedConfig(n_train=200, redundant_max_units=1, redundant_tries=1)
+    with pytest.raises(RedundantBuildError, match="redundancy check"):
+        build_redundant(0, cfg, splits=modular.splits)
+    with pytest.raises(ValueError, match="redundant_part.*d_vocab"):
+        PlantedConfig(redundant_part={"d_vocab": 3}).validate()
+
+
+def test_minimality_pass_ends_in_a_minimal_subnetwork_of_a_redundant_model(redundant):
+    """A mask holding both copies of A ends in one of ``redundancy_check``'s minimal
+    subnetworks, whose ablation leaves A's partition within the margin, and is 1-minimal:
+    removing any one of its units costs more than the tolerance (plain zero hooks)."""
     from subroutine_circuits.adapters import as_adapter
     from subroutine_circuits.experiment.converge import MaskRun
     from subroutine_circuits.experiment.search import prune_run
@@ -224,10 +302,14 @@ def test_minimality_pass_keeps_one_copy_of_a_redundant_subroutine(redundant):
     keep = torch.tensor([u in p.truth[a] for u in units])
     val = adapter.encode_problems(list(p.splits["val"][f"sub_{a}"]))
     run = MaskRun(UnitMask.fixed(um, keep, "zero"), 0.0, 1.0, 10, 10, None, False)
-    tol = 0.02
-    out = prune_run(adapter, val, run, Ablator("zero"), tol)
+    tol = SMALL.minimal_tol
+    out = prune_run(adapter, val, run, Ablator("zero"), tol, min_acc=SMALL.sufficient_acc)
     kept = {u for u, k in zip(units, out.mask.flat_binary().tolist()) if k}
-    assert kept <= p.parts["A1"]["units"] or kept <= p.parts["A2"]["units"], kept
+    minimal = p.metrics["redundancy_check"]["zero"]["minimal"][a]["minimal"]
+    assert kept in [set(map(tuple, m["units"])) for m in minimal], kept
+    part = Encoded.of(p.splits["val"][f"partition_{a}"], p.tokenizer)
+    drop = _hand_eval(p.model, part, set())[0] - _hand_eval(p.model, part, kept)[0]
+    assert drop <= SMALL.redundant_max_drop
     data = Encoded.of(p.splits["val"][f"sub_{a}"], p.tokenizer)
     every = set(units)
     start, _ = _hand_eval(p.model, data, every - p.truth[a])
