@@ -219,7 +219,7 @@ def evaluate_mask(
     """The ablation matrix of a subroutine mask on the TEST split, with the verdict.
 
     Rows of the matrix: the subnetwork alone (``sub_*``), the subnetwork ablated (``abl_*``,
-    by ``ablation``; ``ablzero_*`` / ``ablmean_*`` / ``ablresample_*`` all reported) and 39
+    by ``ablation``; ``ablzero_*`` / ``ablmean_*`` / ``ablresample_*`` all reported) and 99
     random subnetworks with as many units per layer and kind ablated (``randabl_*``,
     ``randabl_p``); columns: the target partition (only ``subroutine`` breaks the rule), the
     ``other`` subroutine's partition. ``sub_diff`` / ``abl_diff`` are chance-clipped

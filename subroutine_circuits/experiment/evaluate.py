@@ -309,7 +309,7 @@ def ablation_matrix(
     chance: float = 0.25,
     margin: float = 0.05,
     ablation: str = "mean",
-    n_random: int = 39,
+    n_random: int = 99,
 ) -> dict[str, Any]:
     """The ablation matrix, random controls and verdict of ONE mask (outside a study).
 

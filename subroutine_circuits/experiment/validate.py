@@ -32,8 +32,8 @@ from typing import Any
 
 #: Success threshold of a mask search when the results row has no ``mask_ok`` column yet.
 MASK_MIN_ACC = 0.9
-#: Matched random draws of the fallback ``randabl_p`` (smallest attainable p = 1/40).
-N_RANDOM = 39
+#: Matched random draws of the fallback ``randabl_p`` (smallest attainable p = 1/100).
+N_RANDOM = 99
 INIT_OF = {"random_init": "random_init"}  # every other kind is a trained model
 
 
