@@ -494,6 +494,15 @@ def report_page(df: Any, rates: dict[str, Any], models: dict[str, Any], out: Pat
     )
 
 
+def _minimal_drop(check: dict[str, Any]) -> float | None:
+    """The largest partition drop over a redundancy check's minimal subnetworks (``None``
+    when a subroutine was not enumerated or the check predates them)."""
+    minimal = check.get("minimal")
+    if not minimal or not all(m.get("checked") for m in minimal.values()):
+        return None
+    return round(max(m["max_drop"] for m in minimal.values()), 3)
+
+
 def _planted_table(models: dict[str, Any]) -> str:
     import pandas as pd
 
@@ -513,6 +522,9 @@ def _planted_table(models: dict[str, Any]) -> str:
             "truth holds": json.dumps({k: v.get("ok") for k, v in check.items()}),
             "one copy ablated: largest partition drop": json.dumps(
                 {k: round(v["max_drop"], 3) for k, v in red.items()}) if red else "",
+            "minimal subnetworks ablated: largest partition drop": json.dumps(
+                {k: _minimal_drop(v) for k, v in red.items()}) if red else "",
+            "draws of the parts": len((s.get("metrics") or {}).get("attempts") or []) or "",
             "model built in s": s.get("seconds"),
             # a resumed call loads what is stored: its own seconds, not the first call's
             "this call: build/load s": info.get("build_s"),

@@ -276,6 +276,57 @@ def test_report_splits_redundant_verdicts_by_copies_touched():
     assert "(redundant, entangled, random-init)" in html
 
 
+def test_planted_table_shows_the_redundancy_check_and_draws():
+    """The report's planted table gives, per ablation, the largest partition drop of ablating
+    one copy and of ablating a minimal sufficient subnetwork, and how many draws it took."""
+    from subroutine_circuits.experiment import validate as V
+
+    def check(copy, mins, checked=True):
+        minimal = {p: {"checked": checked, "max_drop": d} for p, d in zip("ab", mins)}
+        return {"max_drop": copy, "minimal": minimal, "ok": True}
+
+    metrics = {
+        "redundancy_check": {
+            "mean": check(0.02, [0.011, 0.031]),
+            "zero": check(0.01, [0.0, 0.004]),
+        },
+        "attempts": [{"ok": {}}, {"ok": {}}, {"ok": {}}],
+    }
+    models = {"redundant_s0": {"summary": {"metrics": metrics}}, "modular_s0": {"summary": {}}}
+    html = V._planted_table(models)
+    assert "minimal subnetworks ablated: largest partition drop" in html
+    assert "{&quot;mean&quot;: 0.031, &quot;zero&quot;: 0.004}" in html or (
+        '{"mean": 0.031, "zero": 0.004}' in html
+    )
+    assert re.search(r"<td>3</td>", html)  # draws of the parts
+    # a subroutine that was not enumerated has no drop to show
+    assert V._minimal_drop(check(0.0, [0.01, 0.02], checked=False)) is None
+
+
+def test_validate_records_a_redundant_model_that_could_not_be_built(tmp_path, monkeypatch):
+    """A redundant build that gives up is recorded (``build_failed.json``) and not retried on
+    the next call with the same settings."""
+    from subroutine_circuits.experiment import validate as V
+    from subroutine_circuits.groundtruth.planted import RedundantBuildError
+
+    def fail(*a, **k):
+        raise RedundantBuildError("redundant model for seed 0: none of 1 draws passed")
+
+    cfg = V.ValidateConfig(seeds=(0,), kinds=("redundant",), n_train=160, n_val=60, n_test=60)
+    exp = V.experiment_config(cfg)
+    pcfg = V.planted_config(cfg, exp)
+    assert pcfg.sufficient_acc == exp.mask_min_acc and pcfg.minimal_tol == exp.mask.tolerance
+    from subroutine_circuits.experiment.data import prepare
+
+    prep = prepare(exp)
+    monkeypatch.setattr("subroutine_circuits.groundtruth.planted.build_planted", fail)
+    planted, reason = V.planted_model("redundant", 0, tmp_path, pcfg, prep, _key(cfg))
+    assert planted is None and "none of 1 draws passed" in reason
+    assert (tmp_path / "planted" / "redundant_s0" / "build_failed.json").is_file()
+    monkeypatch.setattr("subroutine_circuits.groundtruth.planted.build_planted", _fail)
+    assert V.planted_model("redundant", 0, tmp_path, pcfg, prep, _key(cfg))[1] == reason
+
+
 def test_validate_cli_passes_workers_and_kinds_and_refuses_bad_ones(tmp_path, monkeypatch, capsys):
     """``--workers`` and ``--kinds`` reach the ValidateConfig; a bad value is a clear error."""
     from subroutine_circuits.cli import main
