@@ -120,14 +120,15 @@ class PlantedConfig:
         fit_problems: composite training problems used by the fit (and the mean-ablation
             reference of the truth checks).
         ablation: the experiment's ablation (``"mean"`` or ``"zero"``) the truth is checked with.
-        redundant_max_drop: the largest drop of a validation partition's accuracy when one copy
-            of a redundant model is ablated (``truth.redundancy_check``; default: the verdict's
-            margin, so that removing whichever copy a mask found cannot break its partition).
+        redundant_max_drop: the largest drop of a validation partition's accuracy when one copy,
+            or one minimal sufficient subnetwork, of a redundant model is ablated
+            (``truth.redundancy_check``; default: the verdict's margin, so that removing
+            whichever minimal subnetwork a mask found cannot break its partition).
         sufficient_acc: the accuracy on ``sub_<p>`` at which a subnetwork counts as solving
             ``p`` (the study's mask success threshold; ``validate`` sets it from the study).
         minimal_tol: the tolerance of the mask search's minimality pass (``validate`` sets it
-            from the study's ``mask.tolerance``): ``redundancy_check`` counts a subnetwork as
-            minimal when removing any unit costs more than this.
+            from the study's ``mask.tolerance``): ``redundancy_check`` uses it to find the
+            subnetworks that pass can stop in (``truth.minimal_subnetworks``).
         redundant_max_units: the most units of one subroutine ``redundancy_check`` enumerates.
         redundant_tries: draws of a redundant model's parts before giving up (a draw is kept
             when its ``redundancy_check`` holds under ``ablation``).
