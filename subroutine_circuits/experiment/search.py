@@ -382,13 +382,13 @@ def prune_run(
     present, so they cannot see that removing one unit makes others useless; in a model with
     two copies of a subroutine every single unit looks harmless and the prefixes cut into both
     copies. The finish re-measures after every removal, so the result is 1-minimal; it is not
-    the smallest subnetwork, and on planted redundant models a 1-minimal mask still spans both
-    copies in about half of the runs (README, "Ground truth"). The finish runs on masks of at
-    most ``finish_max_units`` units after the prefix rounds (:data:`PRUNE_FINISH_MAX_UNITS`;
-    its cost grows with the square of the mask). At least one unit stays. ``run.pruned``
-    records the accuracy and units before, the units dropped, the rounds, whether the finish
-    ran and its removals; ``val_acc`` and ``density`` are the pruned mask's. The mask is
-    changed in place (``drop``).
+    the smallest subnetwork: on the earlier planted redundant models (copies of 5-12 units) a
+    1-minimal mask still spanned both copies in about half of the runs (README, "Ground
+    truth"). The finish runs on masks of at most ``finish_max_units`` units after the prefix
+    rounds (:data:`PRUNE_FINISH_MAX_UNITS`; its cost grows with the square of the mask). At
+    least one unit stays. ``run.pruned`` records the accuracy and units before, the units
+    dropped, the rounds, whether the finish ran and its removals; ``val_acc`` and ``density``
+    are the pruned mask's. The mask is changed in place (``drop``).
     """
     from dataclasses import replace
 

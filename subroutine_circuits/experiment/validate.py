@@ -129,7 +129,7 @@ def planted_model(kind: str, seed: int, out: Path, pcfg: Any, prep: Any, key: di
     """Load the planted model from ``out/planted/<kind>_s<seed>`` or build, check and save it.
 
     Returns ``(planted, None)`` or ``(None, reason)`` when it could not be built (an entangled
-    model none of whose draws passed its check)."""
+    or redundant model none of whose draws passed its check)."""
     from subroutine_circuits.groundtruth.entangled import EntangledBuildError
     from subroutine_circuits.groundtruth.planted import (
         RedundantBuildError,

@@ -496,6 +496,7 @@ def build_redundant(
     cfg = cfg if cfg is not None else PlantedConfig()
     cfg.validate()
     t0 = time.perf_counter()
+    _, _, splits = _data(cfg, seed, splits)  # once, not once per draw
     attempts = []
     for attempt in range(cfg.redundant_tries):
         planted = _build_joined("redundant", seed, cfg, splits, attempt)
