@@ -10,10 +10,11 @@ torch.set_num_threads(1)
 
 
 def make_tiny_transformer(seed: int = 0, attention_dir: str = "causal", d_vocab: int = 50):
-    """A 2-layer, d_model 32, 4-head HookedTransformer with random weights."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    """A 2-layer, d_model 32, 4-head HookedTransformer with random weights (TransformerLens' on
+    3.x, ``NativeTransformer`` on 4.x)."""
+    from subroutine_circuits.models.presets import hooked_transformer
 
-    cfg = HookedTransformerConfig(
+    return hooked_transformer(
         n_layers=2,
         d_model=32,
         n_heads=4,
@@ -27,9 +28,6 @@ def make_tiny_transformer(seed: int = 0, attention_dir: str = "causal", d_vocab:
         seed=seed,
         device="cpu",
     )
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
 
 
 def make_tiny_cnn():

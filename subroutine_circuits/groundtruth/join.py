@@ -107,7 +107,7 @@ def _block(block: str) -> str:
 def check_joinable(model_a: Any, model_b: Any) -> None:
     """Raise ``ValueError`` naming the first reason the two parts cannot be joined exactly."""
     for name, m in (("model_a", model_a), ("model_b", model_b)):
-        if type(m).__name__ != "HookedTransformer":
+        if type(m).__name__ not in ("HookedTransformer", "NativeTransformer"):
             raise ValueError(f"{name} must be a HookedTransformer, got {type(m).__name__}")
         cfg = m.cfg
         if cfg.normalization_type is not None:

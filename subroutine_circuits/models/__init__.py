@@ -14,6 +14,10 @@ _EXPORTS: dict[str, str] = {
     "ModelSpec": "presets",
     "make_model": "presets",
     "PRESETS": "presets",
+    "hooked_transformer": "presets",
+    # this library's HookedTransformer-compatible model (TransformerLens 4)
+    "NativeTransformer": "native",
+    "NativeConfig": "native",
     # readouts
     "final_hidden": "readout",
     "ooo_scores": "readout",

@@ -25,6 +25,9 @@ WEIGHTS_FILE = "weights.pt"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 _MODEL_CLASSES = ("HookedTransformer", "HookedEncoder")
+# NativeTransformer has HookedTransformer's state-dict layout and config, so it is saved as one
+# and a saved HookedTransformer loads into either class.
+_SAVED_AS = {"NativeTransformer": "HookedTransformer"}
 
 
 def _config_to_json(cfg: Any) -> dict[str, Any]:
@@ -55,6 +58,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     cls = type(model).__name__
+    cls = _SAVED_AS.get(cls, cls)
     if cls not in _MODEL_CLASSES:
         raise ValueError(f"can only save {_MODEL_CLASSES}, got {cls}")
     directory.mkdir(parents=True, exist_ok=True)
@@ -76,16 +80,20 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    directory: str | os.PathLike, device: str = "cpu"
+    directory: str | os.PathLike, device: str = "cpu", backend: str = "auto"
 ) -> tuple[Any, Any | None, dict[str, Any]]:
     """Rebuild ``(model, tokenizer_or_None, meta)`` saved by ``save_checkpoint``.
 
     The model has the saved config and weights (identical outputs), is in eval mode and lives
-    on ``device``. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for an
-    unknown format.
+    on ``device``. A saved ``HookedTransformer`` loads as ``presets.make_model`` builds models
+    (``backend``: ``"auto"`` = TransformerLens' class on 3.x, ``NativeTransformer`` on 4.x;
+    ``"tl"``; ``"native"``); a ``HookedEncoder`` needs TransformerLens 3.x. Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` for an unknown format.
     """
     import torch
-    from transformer_lens import HookedEncoder, HookedTransformer, HookedTransformerConfig
+
+    from subroutine_circuits.models.presets import BACKENDS
+    from subroutine_circuits.models.versions import tl_major, tl_version
 
     directory = Path(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE):
@@ -104,8 +112,25 @@ def load_checkpoint(
     cfg_dict["device"] = "cpu"
     saved_seed = cfg_dict.pop("seed", None)
     cfg_dict["init_weights"] = False
-    cfg = HookedTransformerConfig.from_dict(cfg_dict)
-    cls = HookedTransformer if cls_name == "HookedTransformer" else HookedEncoder
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "auto":
+        backend = "tl" if tl_major() < 4 or cls_name == "HookedEncoder" else "native"
+    if backend == "native" and cls_name == "HookedTransformer":
+        from subroutine_circuits.models.native import NativeConfig, NativeTransformer
+
+        cfg, cls = NativeConfig.from_dict(cfg_dict), NativeTransformer
+    elif tl_major() >= 4:
+        raise ValueError(
+            f"checkpoint {directory} holds a {cls_name}, which needs TransformerLens 3.x "
+            f"(installed: {'.'.join(map(str, tl_version()))}); save the model as a Hugging Face "
+            "folder to use it on 4.x"
+        )
+    else:
+        from transformer_lens import HookedEncoder, HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig.from_dict(cfg_dict)
+        cls = HookedTransformer if cls_name == "HookedTransformer" else HookedEncoder
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is deprecated", category=DeprecationWarning)
         model = cls(cfg, move_to_device=False)

@@ -12,8 +12,10 @@ demo base model's wall time.
 its softmax over the last dimension of CPU tensors with :func:`softmax_lastdim`; every other
 call goes to ``torch.nn.functional`` unchanged. Results equal ``torch.softmax`` up to float
 rounding (about 1e-7; rows that are all ``-inf`` give NaN in both, which TransformerLens then
-zeroes). The experiment runner enters it for every base-model job on the CPU. Without
-TransformerLens 3.x attention components (TransformerLens 4 bridges) it does nothing.
+zeroes). The experiment runner enters it for every base-model job on the CPU. This library's
+own :class:`~subroutine_circuits.models.native.NativeTransformer` (the preset model on
+TransformerLens 4) asks :func:`attention_softmax`, which follows the same switch; bridges are
+left as they are.
 """
 
 from __future__ import annotations
@@ -80,18 +82,26 @@ def _attention_module() -> Any:
     return abstract_attention if getattr(abstract_attention, "F", None) is not None else None
 
 
+def attention_softmax(x: Float[Tensor, "... k"]) -> Float[Tensor, "... k"]:
+    """The attention softmax of :class:`models.native.NativeTransformer`: :func:`softmax_lastdim`
+    for CPU float tensors inside :func:`fast_cpu_attention`, ``torch.softmax`` otherwise."""
+    if _depth > 0:
+        return _Functional.softmax(x, dim=-1)
+    return F.softmax(x, dim=-1)
+
+
 @contextmanager
 def fast_cpu_attention(enabled: bool = True) -> Iterator[None]:
-    """Within the block, TransformerLens 3.x attention softmaxes CPU tensors with
-    :func:`softmax_lastdim` (see the module docstring). Re-entrant and thread-safe (the swap
-    is undone when the outermost block ends)."""
+    """Within the block, attention (TransformerLens 3.x's and :class:`NativeTransformer`'s)
+    softmaxes CPU tensors with :func:`softmax_lastdim` (see the module docstring). Re-entrant and
+    thread-safe (the swap is undone when the outermost block ends)."""
     global _depth
-    mod = _attention_module() if enabled else None
-    if mod is None:
+    if not enabled:
         yield
         return
+    mod = _attention_module()
     with _lock:
-        if _depth == 0:
+        if _depth == 0 and mod is not None:
             mod.F = _Functional()
         _depth += 1
     try:
@@ -99,5 +109,5 @@ def fast_cpu_attention(enabled: bool = True) -> Iterator[None]:
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0:
+            if _depth == 0 and mod is not None:
                 mod.F = F

@@ -1,4 +1,5 @@
-"""Transformer presets: build seeded ``HookedTransformer`` models from a small ``ModelSpec``.
+"""Transformer presets: build seeded ``HookedTransformer`` models from a small ``ModelSpec``
+(TransformerLens 3.9's class, or this library's ``NativeTransformer`` on TransformerLens 4).
 
 Presets (all use LayerNorm, GELU MLPs and learned positional embeddings):
 
@@ -131,21 +132,28 @@ class ModelSpec:
         return cfg
 
 
+BACKENDS = ("auto", "tl", "native")
+
+
 def make_model(
     spec: ModelSpec | None = None,
     vocab_size: int = 64,
     seed: int = 0,
     device: str = "cpu",
+    backend: str = "auto",
 ) -> HookedTransformer:
-    """Build a randomly initialised ``HookedTransformer`` for ``spec``; deterministic per seed.
+    """Build a randomly initialised preset transformer for ``spec``; deterministic per seed.
 
-    The weights are drawn on the CPU from a private ``torch`` RNG state seeded with ``seed``
-    (the global RNG is left untouched), then moved to ``device``; the same seed therefore gives
-    identical weights on every device. The model is returned in eval mode with
-    ``model.sc_pool = spec.pool`` so that readouts default to the spec's pooling.
+    ``backend`` chooses the class: ``"tl"`` is TransformerLens 3.9's ``HookedTransformer``
+    (needs ``transformer-lens<4``), ``"native"`` this library's
+    :class:`~subroutine_circuits.models.native.NativeTransformer` (same parameters, hooks and
+    initial weights; runs on 3.9 and 4.x), ``"auto"`` the first on TransformerLens 3.x and the
+    second on 4.x. The weights are drawn on the CPU from a private ``torch`` RNG state seeded with
+    ``seed`` (the global RNG is left untouched), then moved to ``device``; the same seed therefore
+    gives identical weights on every device and with either backend. The model is returned in
+    eval mode with ``model.sc_pool = spec.pool`` so that readouts default to the spec's pooling.
     """
     import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     spec = spec if spec is not None else ModelSpec()
     if not isinstance(spec, ModelSpec):
@@ -153,19 +161,61 @@ def make_model(
     spec.validate()
     if not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     kwargs = spec.config_dict(vocab_size)
-    known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
+    if backend == "auto":
+        from subroutine_circuits.models.versions import tl_major
+
+        backend = "tl" if tl_major() < 4 else "native"
+    if backend == "tl":
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        model_cls, cfg_cls = HookedTransformer, HookedTransformerConfig
+    else:
+        from subroutine_circuits.models.native import NativeConfig, NativeTransformer
+
+        model_cls, cfg_cls = NativeTransformer, NativeConfig
+    known = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(f"unknown HookedTransformerConfig override(s): {unknown}")
-    cfg = HookedTransformerConfig(**kwargs, device="cpu")
+    cfg = cfg_cls(**kwargs, device="cpu")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is deprecated", category=DeprecationWarning)
         torch.manual_seed(seed)
-        model = HookedTransformer(cfg, move_to_device=False)
+        model = model_cls(cfg, move_to_device=False)
     model.cfg.seed = seed  # informational only (set after construction: no global reseed)
     if device != "cpu":
         model.to(device, print_details=False)
     model.eval()
     setattr(model, POOL_ATTR, spec.pool)
     return model
+
+
+def hooked_transformer(backend: str = "auto", **cfg_fields: Any) -> HookedTransformer:
+    """A ``HookedTransformer`` from ``HookedTransformerConfig`` fields, on either TransformerLens.
+
+    ``backend`` as in :func:`make_model` (``"auto"``: TransformerLens' class on 3.x,
+    :class:`~subroutine_circuits.models.native.NativeTransformer` on 4.x). Seeding follows the
+    config's ``seed`` field, as in TransformerLens. The model is in eval mode.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "auto":
+        from subroutine_circuits.models.versions import tl_major
+
+        backend = "tl" if tl_major() < 4 else "native"
+    if backend == "tl":
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*is deprecated", category=DeprecationWarning
+            )
+            model = HookedTransformer(HookedTransformerConfig(**cfg_fields))
+    else:
+        from subroutine_circuits.models.native import NativeConfig, NativeTransformer
+
+        model = NativeTransformer(NativeConfig(**cfg_fields))
+    return model.eval()

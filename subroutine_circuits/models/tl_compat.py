@@ -25,10 +25,8 @@ installed version; the model adapters call them. Importing this module imports n
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -36,6 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from subroutine_circuits.models.presets import POOL_ATTR, ModelSpec
+from subroutine_circuits.models.versions import tl_major, tl_version  # noqa: F401 (re-export)
 
 HEAD_HOOK = "blocks.{layer}.attn.hook_z"
 NEURON_HOOK = "blocks.{layer}.mlp.hook_post"
@@ -43,27 +42,6 @@ UNIT_KINDS = ("head", "neuron")
 
 
 # ----------------------------------------------------------------------------- versions
-
-
-@lru_cache(maxsize=1)
-def tl_version() -> tuple[int, ...]:
-    """The installed TransformerLens version as integers, e.g. ``(4, 3, 0)`` (no import of it)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        text = version("transformer-lens")
-    except PackageNotFoundError:  # pragma: no cover - the package is a hard dependency
-        raise ValueError("transformer-lens is not installed") from None
-    parts = []
-    for piece in text.split(".")[:3]:
-        m = re.match(r"\d+", piece)
-        parts.append(int(m.group(0)) if m else 0)
-    return tuple(parts)
-
-
-def tl_major() -> int:
-    """Major version of the installed TransformerLens (3 or 4)."""
-    return tl_version()[0]
 
 
 def is_bridge(model: Any) -> bool:

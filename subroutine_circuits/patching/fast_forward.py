@@ -81,8 +81,8 @@ def fast_path_unsupported(model, groups: Sequence, per_position: bool, readout) 
     from subroutine_circuits.adapters.transformer_lens import hidden_last_readout, logits_readout
 
     cfg = model.cfg
-    if type(model).__name__ != "HookedTransformer":
-        return f"model type {type(model).__name__} (only HookedTransformer)"
+    if type(model).__name__ not in ("HookedTransformer", "NativeTransformer"):
+        return f"model type {type(model).__name__} (only HookedTransformer / NativeTransformer)"
     if not per_position:
         return "per_position=False"
     if any(g.kind != "head" for g in groups):

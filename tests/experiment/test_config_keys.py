@@ -312,9 +312,19 @@ def test_grid_points_mirror_the_mask_table():
 
 
 def test_model_override_names_match_hooked_transformer_config():
-    """The override names and types mirror TransformerLens' HookedTransformerConfig, less the
-    fields the builder sets; the refused ones are real fields too."""
-    from transformer_lens import HookedTransformerConfig
+    """The override names and types mirror TransformerLens' HookedTransformerConfig (3.x) and
+    NativeConfig (its mirror for 4.x), less the fields the builder sets; the refused ones are
+    real fields too."""
+    from subroutine_circuits.models.native import NativeConfig
+    from subroutine_circuits.models.tl_compat import tl_major
+
+    if tl_major() < 4:
+        from transformer_lens import HookedTransformerConfig
+
+        native = {f.name for f in dataclasses.fields(NativeConfig)}
+        assert native == {f.name for f in dataclasses.fields(HookedTransformerConfig)}
+    else:
+        HookedTransformerConfig = NativeConfig  # noqa: N806
 
     real = _hints(HookedTransformerConfig)
     names = {f.name for f in dataclasses.fields(HookedTransformerConfig)}

@@ -431,11 +431,9 @@ def test_save_load_roundtrip_and_model_mismatch(tiny_model, tiny_tokens, tmp_pat
     save_mask(tmp_path / "f.pt", fixed, tiny_model)
     assert torch.equal(load_mask(tmp_path / "f.pt").flat_binary(), mask.flat_binary())
 
-    from transformer_lens import HookedTransformer
-
     cfg4 = tiny_model.cfg.to_dict()
     cfg4["n_layers"] = 4
-    big = HookedTransformer(type(tiny_model.cfg).from_dict(cfg4))
+    big = type(tiny_model)(type(tiny_model.cfg).from_dict(cfg4))
     with pytest.raises(
         ValueError, match="saved for a model with n_layers=2, this model has n_layers=4"
     ):

@@ -100,9 +100,9 @@ def test_bad_input(tiny_model, tiny_tokens):
 
 def _make_model(normalization_type: str, act_fn: str, n_layers: int, seed: int = 3):
     """A tiny causal HookedTransformer of the given block type (random weights)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from subroutine_circuits.models.presets import hooked_transformer
 
-    cfg = HookedTransformerConfig(
+    return hooked_transformer(
         n_layers=n_layers,
         d_model=32,
         n_heads=4,
@@ -115,9 +115,6 @@ def _make_model(normalization_type: str, act_fn: str, n_layers: int, seed: int =
         seed=seed,
         device="cpu",
     )
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
 
 
 def _mean_over_pos_diff(logits):
