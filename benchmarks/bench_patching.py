@@ -78,9 +78,9 @@ PREVIOUS = ("positions", 4096)
 
 def _setup(cfg: BenchConfig, device: str):
     """The random-weight model and the clean/corrupted tokens (corrupted at ``pos // 2``)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from subroutine_circuits.models.presets import hooked_transformer
 
-    mcfg = HookedTransformerConfig(
+    model = hooked_transformer(
         n_layers=cfg.n_layers,
         d_model=cfg.d_model,
         n_heads=cfg.n_heads,
@@ -93,8 +93,6 @@ def _setup(cfg: BenchConfig, device: str):
         seed=cfg.seed,
         device=device,
     )
-    model = HookedTransformer(mcfg)
-    model.eval()
     g = torch.Generator().manual_seed(cfg.seed)
     clean = torch.randint(0, cfg.d_vocab, (cfg.batch, cfg.pos), generator=g).to(device)
     corr = clean.clone()

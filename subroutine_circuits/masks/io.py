@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..models.versions import saved_class_name
 from ..utils import atomic_torch_save
 from .parametrization import MaskConfig
 from .unit_mask import UnitMask
@@ -31,7 +32,7 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
     """
     if hasattr(model, "signature"):  # a model adapter describes its own model
         return model.signature()
-    sig: dict[str, Any] = {"model_class": type(model).__name__}
+    sig: dict[str, Any] = {"model_class": saved_class_name(model)}
     cfg = getattr(model, "cfg", None)
     if cfg is not None:
         for f in SIGNATURE_FIELDS:

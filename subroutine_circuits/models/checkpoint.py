@@ -25,9 +25,6 @@ WEIGHTS_FILE = "weights.pt"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 _MODEL_CLASSES = ("HookedTransformer", "HookedEncoder")
-# NativeTransformer has HookedTransformer's state-dict layout and config, so it is saved as one
-# and a saved HookedTransformer loads into either class.
-_SAVED_AS = {"NativeTransformer": "HookedTransformer"}
 
 
 def _config_to_json(cfg: Any) -> dict[str, Any]:
@@ -57,8 +54,9 @@ def save_checkpoint(
     ``meta.json`` holds a complete checkpoint.
     """
     directory = Path(directory)
-    cls = type(model).__name__
-    cls = _SAVED_AS.get(cls, cls)
+    from subroutine_circuits.models.versions import saved_class_name
+
+    cls = saved_class_name(model)  # a NativeTransformer is saved as the HookedTransformer it equals
     if cls not in _MODEL_CLASSES:
         raise ValueError(f"can only save {_MODEL_CLASSES}, got {cls}")
     directory.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ shapes, hook names and arithmetic of TransformerLens 3.9's ``HookedTransformer``
 configurations this library's presets use:
 
 - learned absolute positions (``positional_embedding_type="standard"``);
-- ``normalization_type`` ``"LN"``, ``"LNPre"`` or ``None``;
+- ``normalization_type`` ``"LN"``, ``"LNPre"``, ``"RMS"``, ``"RMSPre"`` or ``None``;
 - MLPs with ``act_fn`` ``gelu``, ``gelu_new``, ``gelu_fast``, ``relu`` or ``silu`` (or none, with
   ``attn_only``); causal or bidirectional attention.
 
@@ -48,7 +48,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from subroutine_circuits.models import cpu_kernels
 
-NORMS = ("LN", "LNPre", None)
+NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "relu", "silu")
 
 
@@ -69,7 +69,7 @@ class NativeConfig:
     model_name: str = "custom"
     n_heads: int = -1
     d_mlp: int | None = None
-    act_fn: str | None = None
+    act_fn: str = None  # type: ignore[assignment]  # typed as TransformerLens does (None: attn-only)
     d_vocab: int = -1
     eps: float = 1e-5
     use_attn_result: bool = False
@@ -255,25 +255,35 @@ _ACT = {"gelu": F.gelu, "gelu_new": _gelu_new, "gelu_fast": _gelu_fast, "relu": 
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with ``hook_scale`` ``[batch, pos, 1]`` and ``hook_normalized``; ``LNPre``
-    (``affine=False``) has no weight and bias."""
+    """LayerNorm (``rms=False``) or RMSNorm (``rms=True``) with ``hook_scale`` ``[batch, pos, 1]``
+    and ``hook_normalized``; without ``affine`` (``LNPre`` / ``RMSPre``) no weight (and bias)."""
 
-    def __init__(self, cfg: NativeConfig, affine: bool = True) -> None:
+    def __init__(self, cfg: NativeConfig, affine: bool = True, rms: bool = False) -> None:
         super().__init__()
         self.eps = cfg.eps
-        if affine:
-            self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
-            self.b = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
-        else:
-            self.w = self.b = None
+        self.rms = rms
+        self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype)) if affine else None
+        has_bias = affine and not rms
+        self.b = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype)) if has_bias else None
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        x = x - x.mean(-1, keepdim=True)
+        if not self.rms:
+            x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         x = self.hook_normalized(x / scale)
-        return x if self.w is None else x * self.w + self.b
+        if self.w is None:
+            return x
+        return x * self.w if self.b is None else x * self.w + self.b
+
+
+def _norm(cfg: NativeConfig) -> nn.Module:
+    """The normalisation ``cfg.normalization_type`` names (identity for None)."""
+    kind = cfg.normalization_type
+    if kind is None:
+        return nn.Identity()
+    return LayerNorm(cfg, affine=kind in ("LN", "RMS"), rms=kind.startswith("RMS"))
 
 
 class Attention(nn.Module):
@@ -321,12 +331,14 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: Float[Tensor, "batch pos d_model"],
+        query_input: Float[Tensor, "batch pos d_model"],
+        key_input: Float[Tensor, "batch pos d_model"],
+        value_input: Float[Tensor, "batch pos d_model"],
         attention_mask: Int[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
-        k = self.hook_k(self._project(x, self.W_K, self.b_K))
-        v = self.hook_v(self._project(x, self.W_V, self.b_V))
+        q = self.hook_q(self._project(query_input, self.W_Q, self.b_Q))
+        k = self.hook_k(self._project(key_input, self.W_K, self.b_K))
+        v = self.hook_v(self._project(value_input, self.W_V, self.b_V))
         scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / self.attn_scale
         n_q, n_k = scores.shape[-2], scores.shape[-1]
         keep = None
@@ -377,10 +389,9 @@ class Block(nn.Module):
     def __init__(self, cfg: NativeConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        norm = cfg.normalization_type
-        self.ln1 = LayerNorm(cfg, affine=norm == "LN") if norm else nn.Identity()
+        self.ln1 = _norm(cfg)
         if not cfg.attn_only:
-            self.ln2 = LayerNorm(cfg, affine=norm == "LN") if norm else nn.Identity()
+            self.ln2 = _norm(cfg)
         self.attn = Attention(cfg)
         if not cfg.attn_only:
             self.mlp = MLP(cfg)
@@ -397,7 +408,11 @@ class Block(nn.Module):
         attention_mask: Int[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), attention_mask))
+        # three normalisations of one input, as TransformerLens 3.9 computes them: the
+        # gradient then sums the same three terms in the same order (bitwise-equal training)
+        ln1 = self.ln1
+        attn_out = self.attn(ln1(resid_pre), ln1(resid_pre), ln1(resid_pre), attention_mask)
+        attn_out = self.hook_attn_out(attn_out)
         if self.cfg.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
@@ -471,8 +486,7 @@ class NativeTransformer(HookedRootModule):
         self.pos_embed = _PosEmbed(cfg)
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        norm = cfg.normalization_type
-        self.ln_final = LayerNorm(cfg, affine=norm == "LN") if norm else None
+        self.ln_final = _norm(cfg) if cfg.normalization_type else None
         self.unembed = _Unembed(cfg)
         if cfg.init_weights:
             self.init_weights()

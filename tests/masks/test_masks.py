@@ -19,6 +19,7 @@ from subroutine_circuits.masks import (
     load_mask,
     save_mask,
 )
+from tests.tl_versions import tl3_only
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,6 +113,7 @@ def test_fixed_all_true_reproduces_logits(tiny_model, tiny_tokens, ablation):
         assert _maxdiff(tiny_model(tiny_tokens), ref) <= 1e-6
 
 
+@tl3_only
 def test_all_ones_on_hooked_encoder():
     model = make_tiny_transformer(seed=3, attention_dir="bidirectional")
     from transformer_lens import HookedEncoder

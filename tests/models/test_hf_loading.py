@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from subroutine_circuits.models.hf import SUPPORTED_ARCHITECTURES, load_hf_checkpoint
+from tests.tl_versions import tl3_only
 
 TOL = 1e-4
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +128,7 @@ def _bert_config(**overrides):
     ],
     ids=["default", "relu_ninner_layerscale"],
 )
+@tl3_only
 def test_gpt2_logits_match_hf(tmp_path, overrides):
     """GPT-2 -> causal HookedTransformer; logits equal HF logits; no LN folding applied."""
     from transformer_lens import HookedTransformer
@@ -158,6 +160,7 @@ def test_gpt2_logits_match_hf(tmp_path, overrides):
     assert (got2[:, -1] - got[:, -1]).abs().max().item() > 1e-4
 
 
+@tl3_only
 def test_gpt2_with_tokenizer(tmp_path):
     """A saved tokenizer is loaded offline, returned and attached; text input matches HF."""
     hf = _save_gpt2(tmp_path / "gpt2tok", seed=3)
@@ -177,6 +180,7 @@ def test_gpt2_with_tokenizer(tmp_path):
     assert (got - expected).abs().max().item() <= TOL
 
 
+@tl3_only
 def test_bert_hidden_states_and_mlm_logits_match_hf(tmp_path):
     """BertForMaskedLM -> HookedEncoder; final hidden states and MLM logits equal HF's."""
     from transformer_lens import HookedEncoder
@@ -218,6 +222,7 @@ def test_bert_hidden_states_and_mlm_logits_match_hf(tmp_path):
         assert (model(changed)[:, 0] - logits[:, 0]).abs().max().item() > 1e-4
 
 
+@tl3_only
 def test_bert_with_tokenizer_and_relu(tmp_path):
     """BERT with hidden_act='relu' (MLP and MLM head) and a saved tokenizer; text input works."""
     from transformers import BertForMaskedLM
@@ -242,6 +247,7 @@ def test_bert_with_tokenizer_and_relu(tmp_path):
     assert (got[real] - expected[real]).abs().max().item() <= TOL
 
 
+@tl3_only
 def test_bert_model_without_heads(tmp_path):
     """A bare BertModel: exact hidden states; placeholder MLM head is finite and warned about."""
     from transformers import BertModel

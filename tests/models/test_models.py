@@ -20,6 +20,7 @@ from subroutine_circuits.models import (
     ooo_scores,
     save_checkpoint,
 )
+from tests.tl_versions import tl3_only
 
 
 def _padded_batch(vocab: int, lengths: list[int], seed: int = 0):
@@ -181,6 +182,7 @@ def test_final_hidden_bad_input(tiny_model, tiny_tokens):
         final_hidden(tiny_model, tiny_tokens, torch.full((6,), 10), pool="max")
 
 
+@tl3_only
 def test_final_hidden_hooked_encoder():
     from transformer_lens import HookedEncoder, HookedTransformerConfig
 

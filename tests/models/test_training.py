@@ -22,6 +22,7 @@ from subroutine_circuits.models import (
 )
 from subroutine_circuits.models.pretraining import mlm_corrupt
 from subroutine_circuits.tasks import get_task, make_splits
+from tests.tl_versions import tl3_only
 
 
 @pytest.fixture(autouse=True)
@@ -206,6 +207,7 @@ def test_train_label_restores_best_and_accuracy_matches_manual(agreement):
         train_label(model, [], val, tok, cfg)
 
 
+@tl3_only
 def test_pretrain_and_finetune_hooked_encoder(agreement):
     """HookedEncoder (BERT-style) models pretrain with the masked-token objective and train."""
     from transformer_lens import HookedEncoder, HookedTransformerConfig

@@ -309,7 +309,7 @@ def test_attention_patterns_of_matches_cache(tiny_model, tiny_tokens):
     pats = rhtml.attention_patterns_of(tiny_model, tiny_tokens[0], heads)
     _, cache = tiny_model.run_with_cache(tiny_tokens[:1])
     for (layer, h), p in zip(heads, pats):
-        ref = cache["pattern", layer][0, h].numpy()
+        ref = cache[f"blocks.{layer}.attn.hook_pattern"][0, h].numpy()
         assert np.allclose(p, ref)
         assert np.allclose(p.sum(-1), 1.0, atol=1e-5)
         assert np.allclose(np.triu(p, 1), 0.0)  # causal
