@@ -16,6 +16,9 @@ minimal pair and of its contexts comes from the ``test`` split of the study (``c
 form two DISJOINT sets (no clean or corrupted text in both): *scoring* pairs decide which units
 matter and which circuit is chosen (scores, top-k, smallest faithful circuit), *faithfulness*
 pairs measure the chosen circuits (faithfulness curve, CPR / CMD, ``f_k``, ``f_faithful``).
+Thin data: when the split holds fewer minimal pairs than asked, the pairs found are shared
+between the two sets in the asked ratio and a :class:`PairShortageWarning` says so; with no
+scoring or no faithfulness pair the subroutine is skipped (a ``skipped`` row), never the study.
 Cross-ablation removes the circuit with the mask experiment's ablation, whose mean values come
 from the mask experiment's reference set (training composite problems, position-aware), and
 measures accuracy on the test partitions.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -61,7 +65,9 @@ class PatchingConfig:
     """Settings of :func:`run_patching` (defaults work for the library's OOO models).
 
     - ``methods``: any of ``activation``, ``attribution``, ``integrated_gradients``.
-    - ``n_pairs``: minimal pairs per subroutine; ``seed`` seeds their sampling.
+    - ``n_pairs``: minimal pairs per subroutine; ``seed`` seeds their sampling. A split with
+      fewer pairs gives those it has (:class:`PairShortageWarning`; none: the subroutine is
+      skipped, see :func:`run_patching`).
     - ``readout``: ``ooo`` (odd-one-out embedding models) or ``label`` (yes/no token).
     - ``pool``: ``last`` / ``mean`` / None (the model's own ``sc_pool``, else last).
     - ``curve_ablation``: ablation of the complement in faithfulness curves (``resample`` =
@@ -153,6 +159,8 @@ class PairData:
     texts: list[tuple[str, str]] = field(default_factory=list)
     # pairs whose stimuli could not be aligned token by token: (clean, corrupted, reason)
     unaligned: list[tuple[str, str, str]] = field(default_factory=list)
+    n_asked: int = 0  # pairs asked for (n_pairs < n_asked: the data has fewer)
+    shortage: str = ""  # why the draws gave fewer pairs than asked ("" when they did not)
 
     @property
     def n_unaligned(self) -> int:
@@ -179,7 +187,13 @@ def _accepted(task, values: Mapping[str, bool], rng: random.Random, accept) -> s
     return task.sample_where(values, rng, accept).text
 
 
-def sample_pairs(
+class PairShortageWarning(UserWarning):
+    """Fewer minimal pairs of a subroutine than asked exist in the patching split: a property
+    of the data, not an error. Patching runs with the pairs found (``n_pairs`` /
+    ``n_faith_pairs`` of patching.csv), or is skipped for that subroutine when none are."""
+
+
+def _draw_pairs(
     task,
     subroutine: str,
     n: int,
@@ -188,15 +202,12 @@ def sample_pairs(
     accept: Callable[[str], bool] | None = None,
     exclude: set[str] | None = None,
     max_tries: int = 2000,
-) -> list[Pair]:
-    """``n`` (clean, corrupted, contexts): clean breaks ``subroutine`` only, corrupted is its
-    minimal pair with it restored (satisfies the rule), contexts satisfy the rule.
-
-    ``accept`` (a text filter, e.g. :func:`tasks.split_filter` of the test split) must keep the
-    clean text, the corrupted text and every context. No clean or corrupted text occurs twice in
-    the result or in ``exclude``. Raises ``ValueError`` when ``max_tries`` draws give no new
-    accepted pair (too few stimuli in the split).
-    """
+) -> tuple[list[Pair], str | None]:
+    """Up to ``n`` pairs as :func:`sample_pairs` draws them, and why fewer came (None: all ``n``
+    did). Drawing stops at the first pair that cannot be completed: ``max_tries`` draws give no
+    new accepted pair, the task has no minimal pair for the combination at all, or the pair's
+    contexts cannot be drawn. With ``n`` pairs available nothing differs from a complete
+    draw: the same random draws give the same pairs."""
     if subroutine not in task.predicates:
         raise ValueError(
             f"unknown subroutine {subroutine!r} for task {task.name!r}; "
@@ -206,47 +217,174 @@ def sample_pairs(
     rule = dict(task.rule)
     broken = dict(rule)
     broken[subroutine] = not rule[subroutine]
+    # every predicate fixed: each draw asks for the same combination, so a task that has no
+    # minimal pair for it (minimal_pair raises) will never have one
+    fixed = set(task.predicates) <= set(broken)
     used = set(exclude or ())
     out: list[Pair] = []
     for _ in range(n):
+        failure: str | None = None
         for _try in range(max_tries):
-            clean, corr = task.minimal_pair(broken, subroutine, rng)
+            try:
+                clean, corr = task.minimal_pair(broken, subroutine, rng)
+            except ValueError as err:  # no minimal pair for this combination of values
+                failure = str(err)
+                if fixed:
+                    return out, failure
+                continue
             ok = accept is None or (accept(clean.text) and accept(corr.text))
             if ok and clean.text not in used and corr.text not in used:
                 break
         else:
-            raise ValueError(
-                f"task {task.name!r}: no new minimal pair for {subroutine!r} in the patching "
-                f"split after {max_tries} draws ({len(out)} of {n} found); lower n_pairs / "
-                "n_faith_pairs or give the task more stimuli"
-            )
+            why = f"no new minimal pair after {max_tries} draws"
+            return out, why + (f" (last draw: {failure})" if failure else "")
         used.update((clean.text, corr.text))
         contexts: list[str] = []
-        for _try in range(50 * n_context):
-            if len(contexts) == n_context:
-                break
-            t = _accepted(task, rule, rng, accept)
-            if t not in contexts and t not in (clean.text, corr.text):
-                contexts.append(t)
+        try:
+            for _try in range(50 * n_context):
+                if len(contexts) == n_context:
+                    break
+                t = _accepted(task, rule, rng, accept)
+                if t not in contexts and t not in (clean.text, corr.text):
+                    contexts.append(t)
+        except ValueError as err:
+            return out, f"no context stimulus satisfying the rule: {err}"
         if len(contexts) < n_context:
-            raise ValueError(f"task {task.name!r}: cannot sample {n_context} distinct contexts")
+            return out, f"cannot sample {n_context} distinct context stimuli satisfying the rule"
         out.append((clean.text, corr.text, contexts))
-    return out
+    return out, None
 
 
-def pair_sets(task, subroutine: str, cfg: PatchingConfig) -> tuple[list[Pair], list[Pair]]:
-    """The scoring pairs and the faithfulness pairs of one subroutine: disjoint, from
-    ``cfg.split`` only (see the module docstring). Deterministic given ``cfg.seed``."""
+def sample_pairs(
+    task,
+    subroutine: str,
+    n: int,
+    seed: int,
+    n_context: int = 3,
+    accept: Callable[[str], bool] | None = None,
+    exclude: set[str] | None = None,
+    max_tries: int = 2000,
+    split: str | None = None,
+) -> list[Pair]:
+    """``n`` (clean, corrupted, contexts): clean breaks ``subroutine`` only, corrupted is its
+    minimal pair with it restored (satisfies the rule), contexts satisfy the rule.
+
+    ``accept`` (a text filter, e.g. :func:`tasks.split_filter` of the test split) must keep the
+    clean text, the corrupted text and every context. No clean or corrupted text occurs twice in
+    the result or in ``exclude``. When the task has fewer such pairs (``max_tries`` draws give
+    no new accepted pair, or none exists), the pairs found are returned, possibly none, with a
+    :class:`PairShortageWarning` naming ``split`` (the split ``accept`` keeps, for the message).
+    """
+    pairs, why = _draw_pairs(task, subroutine, n, seed, n_context, accept, exclude, max_tries)
+    if why is not None:
+        warnings.warn(
+            PairShortageWarning(
+                f"task {task.name!r}: {len(pairs)} of {n} minimal pairs for {subroutine!r} "
+                f"{_split_words(split)} ({why})"
+            ),
+            stacklevel=2,
+        )
+    return pairs
+
+
+def _split_words(split: str | None) -> str:
+    """``in the 'test' split`` (or ``in all splits``), for messages."""
+    return "in all splits" if split is None else f"in the {split!r} split"
+
+
+def _share(pairs: list[Pair], n_scoring: int, n_faith: int) -> tuple[list[Pair], list[Pair]]:
+    """Found pairs (in draw order) shared between the scoring and the faithfulness set: the
+    first ``n_scoring`` and the next ``n_faith`` when there are enough, else in the asked ratio
+    with at least one pair in each set when there are two or more."""
+    total = len(pairs)
+    if total >= n_scoring + n_faith:
+        return pairs[:n_scoring], pairs[n_scoring : n_scoring + n_faith]
+    k = math.floor(total * n_scoring / (n_scoring + n_faith) + 0.5)
+    if total >= 2:
+        k = min(max(k, 1), total - 1)
+    else:
+        k = total  # one pair: scoring gets it, faithfulness has none
+    return pairs[:k], pairs[k:]
+
+
+def _draw_pair_sets(
+    task, subroutine: str, cfg: PatchingConfig
+) -> tuple[list[Pair], list[Pair], str | None]:
+    """The scoring and the faithfulness pairs as drawn (disjoint, ``cfg.split`` only), and why
+    fewer than asked came (None: all did). When the scoring pairs exhaust the split, no
+    faithfulness pair is drawn (:func:`pair_sets` shares the scoring pairs)."""
     from subroutine_circuits.tasks.base import split_filter
 
     accept = split_filter(cfg.split, cfg.split_seed)
-    scoring = sample_pairs(task, subroutine, cfg.n_pairs, cfg.seed, accept=accept)
+    scoring, why = _draw_pairs(task, subroutine, cfg.n_pairs, cfg.seed, accept=accept)
+    if why is not None:  # the split is exhausted: no faithfulness pair left to draw
+        return scoring, [], why
     used = {t for c, x, _ in scoring for t in (c, x)}
     n_faith = cfg.n_faith_pairs or cfg.n_pairs
-    faith = sample_pairs(
+    faith, why_faith = _draw_pairs(
         task, subroutine, n_faith, cfg.seed + 1_000_003, accept=accept, exclude=used
     )
+    return scoring, faith, why_faith
+
+
+def pair_sets(
+    task, subroutine: str, cfg: PatchingConfig, warn: bool = True
+) -> tuple[list[Pair], list[Pair]]:
+    """The scoring pairs and the faithfulness pairs of one subroutine: disjoint, from
+    ``cfg.split`` only (see the module docstring). Deterministic given ``cfg.seed``.
+
+    When the split holds fewer pairs than ``cfg.n_pairs + n_faith_pairs`` asked, the pairs
+    found are shared between the two sets in the asked ratio (:func:`_share`; one set or both
+    may be empty) and, with ``warn``, a :class:`PairShortageWarning` gives found vs asked."""
+    scoring, faith, why = _shared_pair_sets(task, subroutine, cfg)
+    if why is not None and warn:
+        n_faith = cfg.n_faith_pairs or cfg.n_pairs
+        found = ((len(scoring), cfg.n_pairs), (len(faith), n_faith))
+        message = _shortage_message(task.name, subroutine, cfg.split, *found, why)
+        warnings.warn(PairShortageWarning(message), stacklevel=2)
     return scoring, faith
+
+
+def _shared_pair_sets(
+    task, subroutine: str, cfg: PatchingConfig
+) -> tuple[list[Pair], list[Pair], str | None]:
+    """:func:`pair_sets` without the warning: the two pair sets, shared (:func:`_share`) when
+    the split holds fewer pairs than asked, and why it does (None: it holds them all)."""
+    scoring, faith, why = _draw_pair_sets(task, subroutine, cfg)
+    if why is None:
+        return scoring, faith, None
+    n_faith = cfg.n_faith_pairs or cfg.n_pairs
+    why = _found_words(len(scoring) + len(faith), why)
+    scoring, faith = _share(scoring + faith, cfg.n_pairs, n_faith)
+    return scoring, faith, why
+
+
+def _found_words(found: int, why: str) -> str:
+    """How many distinct minimal pairs the split gave and why no more, for messages."""
+    return f"{found} distinct minimal pairs found: {why}" if found else f"none found: {why}"
+
+
+def _shortage_message(
+    task_name: str,
+    subroutine: str,
+    split: str | None,
+    scoring: tuple[int, int],
+    faith: tuple[int, int],
+    why: str,
+) -> str:
+    """The line saying that a subroutine has fewer minimal pairs than asked: found vs asked of
+    each pair set (``(found, asked)``), why, and what patching does about it."""
+    (n_s, ask_s), (n_f, ask_f) = scoring, faith
+    then = (
+        f"patching of {subroutine!r} is skipped"
+        if n_s == 0 or n_f == 0
+        else "patching runs with the pairs found"
+    )
+    return (
+        f"task {task_name!r}: fewer minimal pairs for {subroutine!r} than asked "
+        f"{_split_words(split)}: {n_s} of {ask_s} scoring pairs, {n_f} of {ask_f} faithfulness "
+        f"pairs ({why}); {then}"
+    )
 
 
 def _oddness_metric(context_sum: Float[Tensor, "batch d"]):
@@ -270,7 +408,9 @@ def _label_metric(yes_id: int, no_id: int):
 def pair_data(model, tokenizer, pairs: Sequence[Pair], cfg: PatchingConfig) -> PairData:
     """Tokenise ``pairs``, group them by length and attach each group's metric.
 
-    ``model`` is the model or its adapter. Image tasks: see ``experiment.vision``."""
+    ``model`` is the model or its adapter. Pairs whose stimuli cannot be aligned are left out
+    and listed in ``unaligned``; with no pair left the result has ``n_pairs == 0`` and no
+    batches. Image tasks: see ``experiment.vision``."""
     adapter = _adapter(model, tokenizer, cfg.pool)
     model = adapter.model
     sampled = list(pairs)
@@ -289,11 +429,8 @@ def pair_data(model, tokenizer, pairs: Sequence[Pair], cfg: PatchingConfig) -> P
             raise ValueError(f"stimulus of {len(a)} tokens exceeds the model's n_ctx")
         enc.append((a, b))
         by_len.setdefault(len(a), []).append(i)
-    if not pairs:
-        raise ValueError(
-            f"none of the {len(sampled)} minimal pairs could be aligned token "
-            f"by token (e.g. {unaligned[0][0]!r} / {unaligned[0][1]!r}: {unaligned[0][2]})"
-        )
+    if not pairs:  # none given, or none aligned: nothing to patch (the caller skips it)
+        return PairData([], "", 0, [], unaligned)
     batches = []
     if cfg.readout == "ooo":
         readout = {"last": "hidden_last", "mean": "hidden_mean"}[adapter.pool]
@@ -334,33 +471,89 @@ def build_pair_data(
     """The scoring and the faithfulness :class:`PairData` of one subroutine (:func:`pair_sets`).
 
     ``model`` is the model or its adapter. Image tasks draw their minimal scenes from the test
-    stream with two seeds (``experiment.vision.image_pair_batch``)."""
+    stream with two seeds (``experiment.vision.image_pair_batch``). When the data hold fewer
+    pairs than asked, each :class:`PairData` has the pairs found (``n_pairs`` < ``n_asked``,
+    possibly 0, ``shortage`` says why) and a :class:`PairShortageWarning` names the subroutine,
+    the split and found vs asked."""
+    n_faith = cfg.n_faith_pairs or cfg.n_pairs
     if getattr(task, "modality", "text") == "image":
-        from subroutine_circuits.experiment.vision import image_pair_batch
+        out = _image_pair_data(model, tokenizer, task, subroutine, cfg)
+    elif getattr(tokenizer, "align_pair", None) is None:
+        scoring, faith, why = _shared_pair_sets(task, subroutine, cfg)
+        out = [pair_data(model, tokenizer, pairs, cfg) for pairs in (scoring, faith)]
+        for data, n in zip(out, (cfg.n_pairs, n_faith)):
+            data.n_asked, data.shortage = n, why or ""
+    else:
+        out = _subword_pair_data(model, tokenizer, task, subroutine, cfg)
+    scoring, faith = out
+    if scoring.n_pairs < scoring.n_asked or faith.n_pairs < faith.n_asked:
+        found = ((scoring.n_pairs, scoring.n_asked), (faith.n_pairs, faith.n_asked))
+        why = _pair_notes(scoring, faith) or "fewer pairs than asked"
+        message = _shortage_message(task.name, subroutine, cfg.split, *found, why)
+        warnings.warn(PairShortageWarning(message), stacklevel=2)
+    return scoring, faith
 
-        adapter = _adapter(model, tokenizer, cfg.pool)
-        out = []
-        for seed in (cfg.seed, cfg.seed + 1_000_003):
-            batch = image_pair_batch(adapter, task, subroutine, cfg, _oddness_metric, seed=seed)
-            out.append(PairData([batch], "embed", batch.n))
-        return out[0], out[1]
-    if getattr(tokenizer, "align_pair", None) is None:
-        scoring, faith = pair_sets(task, subroutine, cfg)
-        return pair_data(model, tokenizer, scoring, cfg), pair_data(model, tokenizer, faith, cfg)
-    # subword tokenizers: draw ALIGN_OVERSAMPLE times the pairs (still disjoint, test split) and
-    # keep the first n that align at word boundaries; the skipped ones are counted, not hidden
+
+def _pair_notes(scoring: PairData, faith: PairData) -> str:
+    """Why a subroutine has fewer minimal pairs than asked: the draws' ``shortage`` and the
+    pairs of a short set left out because they could not be aligned ("" when none)."""
+    notes = dict.fromkeys(d.shortage for d in (scoring, faith) if d.shortage)
+    for name, data in (("scoring", scoring), ("faithfulness", faith)):
+        if data.n_pairs < data.n_asked and data.unaligned:
+            c, x, reason = data.unaligned[0]
+            notes[
+                f"{name} pairs not aligned token by token: {data.n_unaligned} "
+                f"(e.g. {c!r} / {x!r}: {reason})"
+            ] = None
+    return "; ".join(notes)
+
+
+def _image_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig) -> list:
+    """Scoring and faithfulness :class:`PairData` of an image task: minimal scenes of the test
+    stream with two seeds, ``cfg.n_pairs`` each (fewer when the world cannot build them)."""
+    from subroutine_circuits.experiment.vision import image_pair_batch
+
+    adapter = _adapter(model, tokenizer, cfg.pool)
+    out = []
+    for seed in (cfg.seed, cfg.seed + 1_000_003):
+        batch, why = image_pair_batch(adapter, task, subroutine, cfg, _oddness_metric, seed=seed)
+        found = [batch] if batch is not None else []
+        data = PairData(found, "embed", sum(b.n for b in found))
+        data.n_asked, data.shortage = cfg.n_pairs, why or ""
+        out.append(data)
+    return out
+
+
+def _subword_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig) -> list:
+    """Scoring and faithfulness :class:`PairData` for subword tokenizers: ALIGN_OVERSAMPLE
+    times the pairs are drawn (still disjoint, test split) and the first ``n`` that align at
+    word boundaries kept; the skipped ones are counted, not hidden. When the split holds fewer
+    pairs than the oversampled draw asked, every aligned pair found is shared (:func:`_share`)."""
     n_faith = cfg.n_faith_pairs or cfg.n_pairs
     wide = replace(
         cfg, n_pairs=cfg.n_pairs * ALIGN_OVERSAMPLE, n_faith_pairs=n_faith * ALIGN_OVERSAMPLE
     )
-    scoring, faith = pair_sets(task, subroutine, wide)
+    scoring, faith, why = _draw_pair_sets(task, subroutine, wide)
+    if why is None:
+        sets = [
+            _first_aligned(tokenizer, scoring, cfg.n_pairs),
+            _first_aligned(tokenizer, faith, n_faith),
+        ]
+    else:
+        (kept_s, skip_s), (kept_f, skip_f) = (
+            _first_aligned(tokenizer, pairs, len(pairs)) for pairs in (scoring, faith)
+        )
+        shared = _share(kept_s + kept_f, cfg.n_pairs, n_faith)
+        sets = [(shared[0], skip_s), (shared[1], skip_f)]
     out = []
-    for pairs, n in ((scoring, cfg.n_pairs), (faith, n_faith)):
-        kept, skipped = _first_aligned(tokenizer, pairs, n)
+    for (kept, skipped), n in zip(sets, (cfg.n_pairs, n_faith)):
         data = pair_data(model, tokenizer, kept, cfg)
         data.unaligned = skipped + data.unaligned
+        data.n_asked = n
+        if data.n_pairs < n and why is not None:
+            data.shortage = _found_words(len(scoring) + len(faith), why)
         out.append(data)
-    return out[0], out[1]
+    return out
 
 
 #: Subword tokenizers: how many times the wanted number of minimal pairs is drawn, so that
@@ -370,7 +563,8 @@ ALIGN_OVERSAMPLE = 4
 
 def _first_aligned(tokenizer, pairs: Sequence[Pair], n: int) -> tuple[list[Pair], list]:
     """The first ``n`` of ``pairs`` whose stimuli align token by token, and the skipped ones
-    before them as ``(clean, corrupted, reason)`` (all pairs when fewer than ``n`` align)."""
+    before them as ``(clean, corrupted, reason)`` (fewer than ``n``, or none, when fewer
+    align)."""
     kept, skipped = [], []
     for clean, corr, contexts in pairs:
         if len(kept) == n:
@@ -380,8 +574,6 @@ def _first_aligned(tokenizer, pairs: Sequence[Pair], n: int) -> tuple[list[Pair]
             skipped.append((clean, corr, ids))
         else:
             kept.append((clean, corr, contexts))
-    if not kept:
-        return list(pairs), []  # pair_data raises, naming an example
     return kept, skipped
 
 
@@ -530,6 +722,11 @@ def run_patching(
     ``reference``; NaN where not applicable: label readout or no partition problems). With
     ``cfg.out_dir`` the per-unit scores go to ``scores_[<meta values>_]<subroutine>_<method>.pt``
     (key ``scores_file``).
+
+    Thin data: ``n_pairs_asked`` / ``n_faith_pairs_asked`` are the pairs asked for, ``status``
+    is ``ok``, ``fewer pairs`` (the data hold fewer minimal pairs: patching ran with those
+    found, a :class:`PairShortageWarning` says so) or ``skipped`` (no scoring or no
+    faithfulness pair: nothing is patched, every measure is NaN), and ``pairs_note`` says why.
     """
     from subroutine_circuits.patching.scores import resolve_groups
 
@@ -541,6 +738,12 @@ def run_patching(
     groups = resolve_groups(adapter, unit_map)
     others = [p for p in task.predicates if p != subroutine]
     scoring, faith = build_pair_data(adapter, tokenizer, task, subroutine, cfg)
+    if scoring.n_pairs == 0 or faith.n_pairs == 0:  # no pair to patch or to measure with
+        n_units = sum(g.size for g in groups)
+        return [
+            _skipped_row(cfg, subroutine, method, scoring, faith, n_units, mask)
+            for method in cfg.methods
+        ]
     adapter.model.eval()
     ctx = _PatchContext(
         adapter, tokenizer, subroutine, unit_map, groups, scoring, faith, mask, cfg, reference
@@ -703,13 +906,7 @@ def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | Non
     scores = res.flat()
     curve, faithful, f_faithful = _faithfulness(ctx, scores)
     row: dict[str, Any] = {
-        **cfg.meta,
-        "subroutine": ctx.subroutine,
-        "method": method,
-        "n_pairs": data.n_pairs,
-        "n_faith_pairs": ctx.faith.n_pairs,
-        "n_unaligned": data.n_unaligned,
-        "n_faith_unaligned": ctx.faith.n_unaligned,
+        **_pair_columns(cfg, ctx.subroutine, method, data, ctx.faith),
         "n_units": ctx.n_units,
         "clean_metric": res.clean_metric,
         "corr_metric": res.corr_metric,
@@ -737,6 +934,53 @@ def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | Non
                 scores, ctx.mask, ctx.unit_map, cfg.use_abs, cfg.agreement_perms, cfg.seed
             )
         row["scores_file"] = _save_scores(ctx, method, res, extra)
+    return row
+
+
+def _pair_columns(
+    cfg: PatchingConfig, subroutine: str, method: str, data: PairData, faith: PairData
+) -> dict[str, Any]:
+    """The first columns of a patching.csv row: which subroutine and method, and the minimal
+    pairs found, asked for and not aligned, with the row's ``status`` and ``pairs_note``."""
+    short = data.n_pairs < data.n_asked or faith.n_pairs < faith.n_asked
+    if data.n_pairs == 0 or faith.n_pairs == 0:
+        status = "skipped"
+    else:
+        status = "fewer pairs" if short else "ok"
+    return {
+        **cfg.meta,
+        "subroutine": subroutine,
+        "method": method,
+        "n_pairs": data.n_pairs,
+        "n_faith_pairs": faith.n_pairs,
+        "n_unaligned": data.n_unaligned,
+        "n_faith_unaligned": faith.n_unaligned,
+        "n_pairs_asked": data.n_asked,
+        "n_faith_pairs_asked": faith.n_asked,
+        "status": status,
+        "pairs_note": _pair_notes(data, faith),
+    }
+
+
+def _skipped_row(
+    cfg: PatchingConfig,
+    subroutine: str,
+    method: str,
+    data: PairData,
+    faith: PairData,
+    n_units: int,
+    mask=None,
+) -> dict[str, Any]:
+    """The patching.csv row of a subroutine skipped for want of minimal pairs: the pair counts
+    and why, every measure NaN, no score file (same columns as :func:`_method_row`)."""
+    row = _pair_columns(cfg, subroutine, method, data, faith)
+    row["n_units"] = n_units
+    measures = ("clean_metric", "corr_metric", "cpr", "cmd", "k_faithful", "f_faithful")
+    row.update(dict.fromkeys((*measures, "jaccard", "spearman", "roc_auc"), math.nan))
+    row.update(cross_ablation=cfg.cross_ablation, k=math.nan, f_k=math.nan)
+    if mask is not None:
+        row["mask_k"] = int(mask.flat_binary().sum())
+    row.update(abl_target_acc=math.nan, abl_other_acc=math.nan, abl_diff=math.nan)
     return row
 
 

@@ -282,9 +282,11 @@ def cnn_load_or_build(job: Any, prep: Any, store: Any, device: str):
 
 def image_pair_batch(
     adapter: Any, task: Any, subroutine: str, cfg: Any, oddness_metric: Any, seed: int | None = None
-):
+) -> tuple[Any, str | None]:
     """Minimal image pairs of ``subroutine`` as one patching batch (a ``PatchBatch``, readout
-    ``"embed"``; ``experiment.patching`` wraps it in its ``PairData``).
+    ``"embed"``; ``experiment.patching`` wraps it in its ``PairData``), and why it holds fewer
+    than ``cfg.n_pairs`` pairs (None: it holds them all). A pair the shape world cannot build
+    in its tries ends the drawing; with no pair at all the batch is None.
 
     The clean image breaks ``subroutine`` only (it is the odd one among 3 rule-following context
     images of the same problem context); the corrupted one is the same scene with the predicate
@@ -299,14 +301,22 @@ def image_pair_batch(
     from subroutine_circuits.patching.circuits import PatchBatch
 
     seed = cfg.seed if seed is None else seed
-    pairs = task.make_minimal_pairs(subroutine, cfg.n_pairs, seed=seed, split="test")
+    pairs = task.make_minimal_pairs(
+        subroutine, cfg.n_pairs, seed=seed, split="test", allow_fewer=True
+    )
+    why = None
+    if len(pairs) < cfg.n_pairs:
+        why = f"the shape world built no pair flipping {subroutine!r} after the first {len(pairs)}"
+    if len(pairs) == 0:
+        return None, why
     t = pairs.to_tensors()
     device = adapter.device
     with torch.no_grad():
         ctx = t["contexts"]
         emb = adapter.embed({"images": ctx.reshape(-1, *ctx.shape[2:]).to(device)})
     ctx_sum = F.normalize(emb.float(), dim=-1).view(len(pairs), -1, emb.shape[-1]).sum(1)
-    return PatchBatch(t["clean"].to(device), t["corrupted"].to(device), oddness_metric(ctx_sum))
+    batch = PatchBatch(t["clean"].to(device), t["corrupted"].to(device), oddness_metric(ctx_sum))
+    return batch, why
 
 
 # ----------------------------------------------------------------------------- the demo

@@ -484,6 +484,31 @@ def _patching_cell(cell: tuple, items: list[dict], freq: pd.DataFrame) -> list[s
     return out
 
 
+def _pair_shortage_notes(df: pd.DataFrame) -> list[str]:
+    """One sentence per patching.csv row group (task, init, base seed, subroutine) that had
+    fewer minimal pairs than asked (``status``: ``fewer pairs``) or none (``skipped``)."""
+    if "status" not in df.columns:
+        return []
+    notes = []
+    keys = [c for c in ("task", "init", "base_seed", "subroutine") if c in df.columns]
+    thin = df[df["status"].isin(["fewer pairs", "skipped"])].drop_duplicates(keys)
+    for _, r in thin.iterrows():
+        where = ", ".join(f"{k} {r[k]}" for k in keys if k != "subroutine")
+        found = (
+            f"{int(r['n_pairs'])} of {int(r['n_pairs_asked'])} scoring and "
+            f"{int(r['n_faith_pairs'])} of {int(r['n_faith_pairs_asked'])} faithfulness "
+            "minimal pairs"
+        )
+        why = f" ({r['pairs_note']})" if isinstance(r.get("pairs_note"), str) else ""
+        what = (
+            "patching skipped: too few minimal pairs in the data"
+            if r["status"] == "skipped"
+            else "patching ran with fewer minimal pairs than asked"
+        )
+        notes.append(_note(f"{r['subroutine']} ({where}): {what}, {found}{why}."))
+    return notes
+
+
 def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
     """Mask vs activation-patching comparison: table, side-by-side heatmaps, faithfulness."""
     path = RunStore(out_dir).patching_csv
@@ -492,12 +517,16 @@ def section_patching(out_dir: Path, freq: pd.DataFrame) -> str:
     df = pd.read_csv(path)
     if df.empty:
         return _note("patching.csv has no rows")
+    shortage = _pair_shortage_notes(df)
+    if "status" in df.columns:
+        df = df[df["status"] != "skipped"]  # nothing was patched: no measure to average
     out = [
         "<p>Mask subnetwork vs patching circuit of the same subroutine (mean over base "
         "models): Jaccard at matched size k, Spearman rank correlation and ROC AUC of patching "
         "scores against the mask, faithfulness (cpr, cmd) and the target/other accuracy after "
         "ablating the patching circuit.</p>",
-        _table(_patching_table(df)),
+        *shortage,
+        _table(_patching_table(df)) if not df.empty else "",
     ]
     scores = _load_score_files(out_dir)
     if not scores:

@@ -449,11 +449,14 @@ class ImageTask:
         n_context: int = 3,
         split: str = "val",
         tries: int = 50,
+        allow_fewer: bool = False,
     ) -> ImagePairs:
         """``n`` minimal pairs flipping ``flip`` (see :class:`ImagePairs`).
 
         ``values``: the clean images' values (default: the rule with ``flip`` broken, so the
         corrupted image satisfies the rule). ``split`` only selects an independent stream.
+        A pair that cannot be built in ``tries`` draws raises ValueError, or with
+        ``allow_fewer`` ends the drawing: the pairs built so far are returned (possibly none).
         """
         if flip not in self.predicates:
             raise ValueError(
@@ -497,6 +500,8 @@ class ImageTask:
                 rows.append((clean, corr, contexts, clean_v, flipped, int(ctx.get("n", 0))))
                 break
             else:
+                if allow_fewer:
+                    break
                 raise ValueError(
                     f"task {self.name!r}: cannot build a minimal pair flipping {flip!r} from "
                     f"{values} after {tries} tries"
@@ -522,16 +527,16 @@ class ImageTask:
         return ImagePairs(
             clean=clean_img,
             corrupted=corr_img,
-            contexts=ctx_img.reshape(n, n_context, size, size, 3),
+            contexts=ctx_img.reshape(len(rows), n_context, size, size, 3),
             clean_labels=clean_lab,
             corrupted_labels=corr_lab,
-            context_labels=ctx_lab.reshape(n, n_context, size, size),
+            context_labels=ctx_lab.reshape(len(rows), n_context, size, size),
             clean_values=np.array([[r[3][q] for q in self.predicates] for r in rows], bool).reshape(
-                n, p
+                len(rows), p
             ),
             corrupted_values=np.array(
                 [[r[4][q] for q in self.predicates] for r in rows], bool
-            ).reshape(n, p),
+            ).reshape(len(rows), p),
             context_n=np.array([r[5] for r in rows], np.int64),
             predicates=self.predicates,
             flip=flip,
