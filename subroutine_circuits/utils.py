@@ -186,3 +186,14 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def saved_class_name(model: object) -> str:
+    """The class name a model is recorded under (checkpoints, mask files, run signatures).
+
+    ``NativeTransformer`` computes what TransformerLens 3.9's ``HookedTransformer`` does (same
+    parameters, hooks and outputs), so it is recorded as ``"HookedTransformer"``: files written
+    on either TransformerLens version load on the other.
+    """
+    name = type(model).__name__
+    return "HookedTransformer" if name == "NativeTransformer" else name

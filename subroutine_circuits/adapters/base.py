@@ -207,9 +207,12 @@ class ModelAdapter(ABC):
     ) -> float:
         """OOO accuracy on encoded problems (under ``mask`` if given, any masks on the model).
 
-        ``batch_size`` problems per forward pass (default: by device, ``utils.eval_batch_size``);
-        one host synchronisation at the end.
+        ``batch_size`` problems per forward pass (default: by device, ``utils.eval_batch_size``),
+        at most as many as fit the worker's GPU memory budget
+        (:func:`subroutine_circuits.memory.rows_per_pass`; an out-of-memory error halves the
+        batch and retries); one host synchronisation at the end.
         """
+        from subroutine_circuits.memory import rows_per_pass, run_chunked
         from subroutine_circuits.utils import eval_batch_size
 
         batch_size = eval_batch_size(self.device) if batch_size is None else batch_size
@@ -219,16 +222,23 @@ class ModelAdapter(ABC):
             raise ValueError("no problems to score (empty split?)")
         ctx = mask.applied(self.model) if mask is not None else contextlib.nullcontext()
         data = data.to(self.device)
-        correct = torch.zeros((), dtype=torch.long, device=data.odd.device)
+        tokens = data.inputs.get("tokens")
+        if tokens is not None and tokens.dim() == 3:  # [b, n_stimuli, pos]: budget by rows
+            n_stim, pos = tokens.shape[1], tokens.shape[2]
+            rows = rows_per_pass(self.model, pos, batch_size * n_stim)
+            batch_size = max(1, min(batch_size, rows // n_stim))
+
+        def correct(part: range) -> Tensor:
+            idx = torch.arange(part.start, part.stop, device=data.odd.device)
+            chunk = data.batch(idx)
+            scores = self.ooo_logits(chunk.inputs)
+            return (scores.argmax(-1) == chunk.odd).sum()
+
         with ctx:
-            for start in range(0, len(data), batch_size):
-                idx = torch.arange(
-                    start, min(start + batch_size, len(data)), device=data.odd.device
-                )
-                chunk = data.batch(idx)
-                scores = self.ooo_logits(chunk.inputs)
-                correct += (scores.argmax(-1) == chunk.odd).sum()
-        return int(correct) / len(data)
+            counts = run_chunked(
+                correct, range(len(data)), batch_size, label="problems", key="accuracy"
+            )
+        return int(torch.stack(counts).sum()) / len(data)
 
     def label_logits(self, inputs: Mapping[str, Tensor]) -> Float[Tensor, "n vocab"]:
         """Vocabulary logits at the readout position (label-token readout)."""

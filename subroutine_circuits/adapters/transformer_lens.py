@@ -40,11 +40,12 @@ UNIT_HOOKS = {
 #: Parameter-name suffixes that weight masks mask (never biases, embeddings, LayerNorms).
 WEIGHT_SUFFIXES = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")
 ATTN_SCORES_SUFFIX = "attn.hook_attn_scores"
-MODEL_CLASSES = ("HookedTransformer", "HookedEncoder")
+MODEL_CLASSES = ("HookedTransformer", "HookedEncoder", "NativeTransformer")
 
 
 def is_transformer_lens(model: Any) -> bool:
-    """Whether ``model`` is a TransformerLens 3.9 ``HookedTransformer`` / ``HookedEncoder``."""
+    """Whether ``model`` is a TransformerLens 3.9 ``HookedTransformer`` / ``HookedEncoder`` or
+    this library's ``NativeTransformer`` (the same interface on TransformerLens 4)."""
     return type(model).__name__ in MODEL_CLASSES and hasattr(model, "cfg")
 
 
@@ -188,8 +189,9 @@ class TransformerLensAdapter(ModelAdapter):
     def signature(self) -> dict[str, Any]:
         """Class name and ``n_layers, d_model, n_heads, d_head, d_mlp, d_vocab``."""
         from subroutine_circuits.masks.io import SIGNATURE_FIELDS
+        from subroutine_circuits.utils import saved_class_name
 
-        sig: dict[str, Any] = {"model_class": type(self.model).__name__}
+        sig: dict[str, Any] = {"model_class": saved_class_name(self.model)}
         for f in SIGNATURE_FIELDS:
             v = getattr(self.model.cfg, f, None)
             sig[f] = int(v) if isinstance(v, (int, float)) and v is not None else v
@@ -286,29 +288,49 @@ class TransformerLensAdapter(ModelAdapter):
         """Run ``tokens`` (no mask) and record ``hook_names``.
 
         With ``lengths``, padded positions are excluded (``pos_mask``) and padded *keys* are
-        masked out of attention, so bidirectional models see only real tokens.
+        masked out of attention, so bidirectional models see only real tokens. On a GPU the
+        stimuli run in chunks within the worker's memory budget
+        (:func:`subroutine_circuits.memory.rows_per_pass`, halved on out-of-memory errors).
         """
+        from subroutine_circuits.memory import rows_per_pass, run_chunked
+
         tokens, lengths = self._tokens(inputs)
-        acts: dict[str, Tensor] = {}
-
-        def save(x: Tensor, hook) -> None:
-            acts[hook.name] = x.detach()
-
-        hooks: list = [(h, save) for h in hook_names]
         pos_mask = readout = None
         if lengths is not None:
             pos_mask = real_positions(lengths, tokens.shape[1])
             readout = self._readout_mask(torch.as_tensor(lengths), tokens.shape[1])
-            key_ok = pos_mask
 
-            def mask_keys(scores: Float[Tensor, "batch head q k"], hook) -> Tensor:
-                keep = key_ok[:, None, None, : scores.shape[-1]].to(scores.device)
-                return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        def record(part: range) -> dict[str, Tensor]:
+            """The activations of stimuli ``part`` (one forward pass)."""
+            acts: dict[str, Tensor] = {}
 
-            hooks += [
-                (n, mask_keys) for n in self.model.hook_dict if n.endswith("hook_attn_scores")
-            ]
-        self.model.run_with_hooks(tokens, fwd_hooks=hooks)
+            def save(x: Tensor, hook) -> None:
+                acts[hook.name] = x.detach()
+
+            hooks: list = [(h, save) for h in hook_names]
+            if pos_mask is not None:
+                key_ok = pos_mask[part.start : part.stop]
+
+                def mask_keys(scores: Float[Tensor, "batch head q k"], hook) -> Tensor:
+                    keep = key_ok[:, None, None, : scores.shape[-1]].to(scores.device)
+                    return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+
+                hooks += [
+                    (n, mask_keys) for n in self.model.hook_dict if n.endswith("hook_attn_scores")
+                ]
+            self.model.run_with_hooks(tokens[part.start : part.stop], fwd_hooks=hooks)
+            return acts
+
+        n_rows = tokens.shape[0]
+        rows = rows_per_pass(self.model, tokens.shape[-1], n_rows)
+        parts = (
+            run_chunked(record, range(n_rows), rows, label="stimuli", key="record_activations")
+            if n_rows
+            else [record(range(0))]
+        )
+        acts = (
+            parts[0] if len(parts) == 1 else {h: torch.cat([p[h] for p in parts]) for h in parts[0]}
+        )
         return Recorded(acts, pos_mask, readout)
 
     # ------------------------------------------------------------------ patching

@@ -46,9 +46,13 @@ from subroutine_circuits.masks.ablator import AblationState, Ablator
 from subroutine_circuits.masks.parametrization import Ablation, MaskConfig
 from subroutine_circuits.masks.unit_mask import UnitMask
 from subroutine_circuits.masks.units import UnitMap
+from subroutine_circuits.memory import run_chunked
 
 NOISE_MODES = ("auto", "exact", "device")
 _EPS = 1e-6
+#: Most sequences per fixed-mask evaluation pass on accelerators (fewer when the worker's
+#: memory budget says so, :func:`subroutine_circuits.memory.rows_per_pass`).
+DEVICE_ROWS = 16384
 
 
 # ---------------------------------------------------------------------------- mixing
@@ -385,20 +389,24 @@ class BatchedUnitMask(nn.Module):
     def serving(self, k0: int, k1: int) -> Iterator[BatchedUnitMask]:
         """Inside the block the hooks serve masks ``k0:k1`` only: the batch is their
         ``k1 - k0`` equal slices, in mask order. Used to split the K masks' batch into several
-        forward (and backward) passes, e.g. on the CPU, where one pass over a large batch of
-        images runs slower per image than a few smaller ones. Each mask draws its exact noise
-        from its own generator in hook order, so split passes give the same masks as one pass.
-        Not for ablations with a per-pass state (position-aware mean, resample): images only.
+        forward (and backward) passes: on the CPU, where one pass over a large batch of images
+        runs slower per image than a few smaller ones, and on a GPU whose memory budget a
+        single pass would exceed. Each mask draws its exact noise from its own generator in
+        hook order (device noise: its row of the step's draw), so split passes give the same
+        masks as one pass. A per-pass ablation state (:meth:`begin_batch` over all K slices:
+        position-aware mean, resample) is served sliced to the masks' slices.
         """
         if not 0 <= k0 < k1 <= self.k:
             raise ValueError(f"mask rows {k0}:{k1} out of range for {self.k} masks")
-        if self.ablation_state is not None:
-            raise ValueError("serving a subset of masks needs an ablation without per-pass state")
         old, self._rows = self._rows, slice(k0, k1)
+        old_state = self.ablation_state
+        if old_state is not None:
+            self.ablation_state = _slice_state(old_state, k0, k1)
         try:
             yield self
         finally:
             self._rows = old
+            self.ablation_state = old_state
 
     def step_temperature(self) -> None:
         """Continuous masks: multiply each mask's temperature by its ``temp_growth``."""
@@ -443,14 +451,26 @@ class BatchedUnitMask(nn.Module):
         if self.ablator is None:
             return
 
-        def record(tok: Tensor, ln: Tensor) -> dict[str, Tensor]:
+        def record_rows(rows: range, tok: Tensor, ln: Tensor) -> dict[str, Tensor]:
             self._recording = {}
             try:
                 with torch.no_grad():
-                    _clean_pass(model, tok, ln, pad_state)
+                    _clean_pass(model, tok[rows.start : rows.stop], ln[rows.start : rows.stop],
+                                pad_state)  # fmt: skip
                 return self._recording
             finally:
                 self._recording = None
+
+        def record(tok: Tensor, ln: Tensor) -> dict[str, Tensor]:
+            """The clean source pass, in row chunks within the worker's memory budget."""
+            from subroutine_circuits.memory import rows_per_pass
+
+            chunk = rows_per_pass(model, tok.shape[1], tok.shape[0])
+            parts = run_chunked(lambda r: record_rows(r, tok, ln), range(tok.shape[0]), chunk,
+                                label="rows", key="batched.record")  # fmt: skip
+            if len(parts) == 1:
+                return parts[0]
+            return {h: torch.cat([p[h] for p in parts]) for h in parts[0]}
 
         self.ablation_state = self.ablator.begin(tokens, lengths, self.k, False, record)
 
@@ -505,6 +525,21 @@ class BatchedUnitMask(nn.Module):
             m.eval()
             out.append(m)
         return out
+
+
+def _slice_state(state: AblationState, k0: int, k1: int) -> AblationState:
+    """The ablation state of mask slices ``k0:k1`` of a state made for all K slices (a state
+    shared by every slice, leading size 1, is kept whole)."""
+
+    def part(t: Tensor) -> Tensor:
+        return t if t.shape[0] == 1 and state.k != 1 else t[k0:k1]
+
+    return AblationState(
+        k=k1 - k0,
+        ro=None if state.ro is None else part(state.ro),
+        acts={h: part(a) for h, a in state.acts.items()},
+        recording=state.recording,
+    )
 
 
 # ---------------------------------------------------------------------------- readout
@@ -896,20 +931,26 @@ def fixed_mask_scores(
     shared by all masks). The problems are repeated once per mask along the batch, in forward
     passes of at most ``max_rows`` sequences (masks and problems chunked; default 256 on the
     CPU, where large batches only spill the caches, or the adapter's ``cpu_rows`` for inputs
-    without tokens; 16384 on accelerators). Returned on the CPU.
+    without tokens; on accelerators :data:`DEVICE_ROWS`, for token inputs fewer when the
+    worker's memory budget says so, see :func:`subroutine_circuits.memory.rows_per_pass`). A
+    pass that runs out of GPU memory is retried with half the masks, then half the problems
+    (:func:`subroutine_circuits.memory.run_chunked`). Returned on the CPU.
 
     Inputs without tokens (e.g. ``{"images": [b, 4, 3, h, w]}``) need ``adapter`` (the model's
     :class:`~subroutine_circuits.adapters.base.ModelAdapter`): the problems, repeated once per
     mask, are scored by ``adapter.ooo_logits`` under the same slice-wise mask hooks (zero or
     mean ablation; ``pool`` is unused).
     """
+    from subroutine_circuits.memory import rows_per_pass
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
     device = next(model.parameters()).device
     if max_rows is None:
-        max_rows = 256 if device.type == "cpu" else 16384
+        max_rows = 256 if device.type == "cpu" else DEVICE_ROWS
         if device.type == "cpu" and not has_token_inputs(data) and adapter is not None:
             max_rows = int(getattr(adapter, "cpu_rows", max_rows))  # e.g. a CNN's images
+        elif device.type != "cpu" and has_token_inputs(data):
+            max_rows = rows_per_pass(model, int(data.lengths.max()), max_rows)
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     if ablator is not None and (ablation_values is not None or not isinstance(masks, Tensor)):
@@ -949,16 +990,21 @@ def fixed_mask_scores(
     pc = max(1, min(n, max_rows // n_stim))
     kc = max(1, min(k, max_rows // (n_stim * pc)))
     out = torch.empty(k, n, n_stim, device=device)
+
+    def problems(pr: range) -> None:
+        p0, p1 = pr.start, pr.stop
+        width = int(lmax_cpu[p0:p1].max())
+        tok, lens = tokens_all[p0:p1, :, :width], lengths_all[p0:p1]
+
+        def masks(kr: range) -> None:
+            with autocast:
+                scores = run.scores(tok, lens, kr.start, kr.stop)
+            out[kr.start : kr.stop, p0:p1] = scores.float().view(len(kr), p1 - p0, n_stim)
+
+        run_chunked(masks, range(k), kc, label="masks", key="fixed_masks.masks")
+
     with _hooks_on(model, run.hooks()), _hooks_on(model, _pad_hooks(model, run.pad_state)):
-        for p0 in range(0, n, pc):
-            p1 = min(n, p0 + pc)
-            width = int(lmax_cpu[p0:p1].max())
-            tok, lens = tokens_all[p0:p1, :, :width], lengths_all[p0:p1]
-            for k0 in range(0, k, kc):
-                k1 = min(k, k0 + kc)
-                with autocast:
-                    scores = run.scores(tok, lens, k0, k1)
-                out[k0:k1, p0:p1] = scores.float().view(k1 - k0, p1 - p0, n_stim)
+        run_chunked(problems, range(n), pc, label="problems", key="fixed_masks.problems")
     return out.cpu()
 
 
@@ -976,16 +1022,21 @@ def _generic_fixed_scores(
     kc = max(1, min(k, max_rows // (n_stim * pc)))
     out = torch.empty(k, n, n_stim, device=device)
     run.state = None  # zero / plain mean ablation: no per-pass state
+
+    def problems(pr: range) -> None:
+        p0, p1 = pr.start, pr.stop
+        chunk = {name: v[p0:p1] for name, v in inputs.items()}
+
+        def masks(kr: range) -> None:
+            run.select(kr.start, kr.stop)
+            with autocast:
+                scores = adapter.ooo_logits(_repeat_rows(chunk, len(kr)))
+            out[kr.start : kr.stop, p0:p1] = scores.float().view(len(kr), p1 - p0, n_stim)
+
+        run_chunked(masks, range(k), kc, label="masks", key="fixed_masks.masks")
+
     with _hooks_on(run.model, run.hooks()):
-        for p0 in range(0, n, pc):
-            p1 = min(n, p0 + pc)
-            chunk = {name: v[p0:p1] for name, v in inputs.items()}
-            for k0 in range(0, k, kc):
-                k1 = min(k, k0 + kc)
-                run.select(k0, k1)
-                with autocast:
-                    scores = adapter.ooo_logits(_repeat_rows(chunk, k1 - k0))
-                out[k0:k1, p0:p1] = scores.float().view(k1 - k0, p1 - p0, n_stim)
+        run_chunked(problems, range(n), pc, label="problems", key="fixed_masks.problems")
     return out.cpu()
 
 

@@ -789,6 +789,10 @@ class ExperimentConfig(_Table):
     executor: str = _opt("auto", choices=EXECUTOR_NAMES)
     scheduler: str | None = None  # address of a running Dask scheduler (default: start one)
     dask_workers: int | None = _opt(ge=1)  # local Dask cluster: workers (default: one per GPU)
+    # GPU memory of each worker in GiB: sizes its evaluation / mask-training / patching chunks
+    # and caps the process (torch.cuda.set_per_process_memory_fraction). None: min(8 GiB,
+    # 90% of the GPU / workers sharing it), less if less is free at job start (memory.py)
+    gpu_memory_gb: float | None = _opt(gt=0)
 
     def __post_init__(self) -> None:
         for name, cls in _SUBTABLES.items():
@@ -822,6 +826,11 @@ class ExperimentConfig(_Table):
             raise ValueError(
                 f"ablation = {self.ablation!r} replaces unit activations; weight masks zero their "
                 "masked weights: set ablation = 'zero' for mask.kind = 'weight'"
+            )
+        if self.gpu_memory_gb is not None and self.device.split(":")[0] == "cpu":
+            raise ValueError(
+                "gpu_memory_gb is set but device is 'cpu': it bounds GPU workers only; remove "
+                "it or use device = 'auto' / 'cuda'"
             )
         check_family(self, UNIT_KINDS)
         self._validate_tasks()

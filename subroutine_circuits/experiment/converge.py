@@ -40,6 +40,7 @@ from subroutine_circuits.masks.ablator import Ablator
 from subroutine_circuits.masks.parametrization import MaskConfig
 from subroutine_circuits.masks.unit_mask import UnitMask
 from subroutine_circuits.masks.units import UnitMap
+from subroutine_circuits.memory import OutOfMemoryError, rows_per_pass, run_chunked
 
 #: Images per forward pass when training masks on image inputs on the CPU (larger batches of
 #: small images spill the caches: a pass of 512 images runs about twice as slow per image as
@@ -311,23 +312,51 @@ class _ConvergedLoop:
             else contextlib.nullcontext()
         )
         bm.new_step()
-        if self.tokens:
-            width = int(self.lmax_cpu[idx_cpu].max())
-            tokens, lengths = self.data.tokens[idx][..., :width], self.data.lengths[idx]
-            bm.begin_batch(
-                self.model, tokens.reshape(-1, width), lengths.reshape(-1), self.pad_state
-            )
-            with autocast:
-                scores = _ooo_scores_nosync(self.model, tokens, lengths, self.pool, self.pad_state)
-        else:  # the K masks' minibatches are K equal slices of one batch (mix_slices)
+        if not self.tokens:  # the K masks' minibatches are K equal slices of one batch
             self._image_step(idx, k, bsz, autocast)
             return self._after_step(step)
-        ce = F.cross_entropy(scores.float(), self.data.odd[idx], reduction="none")
+        width = int(self.lmax_cpu[idx_cpu].max())
+        tokens, lengths = self.data.tokens[idx][..., :width], self.data.lengths[idx]
+        bm.begin_batch(self.model, tokens.reshape(-1, width), lengths.reshape(-1), self.pad_state)
         l0 = self.l0_all[[b.i for b in self.alive]].to(self.device)
-        loss_k = ce.view(k, bsz).mean(1) + l0 * bm.penalty() / max(1, self.unit_map.n_units)
-        self.bad |= ~torch.isfinite(loss_k).all()
+        n_stim = tokens.shape[1]
+        # masks per forward/backward pass: all K unless the worker's GPU memory budget says
+        # fewer (memory.rows_per_pass; the CPU has no budget: one pass, as always)
+        per = max(
+            1, rows_per_pass(self.model, width, k * bsz * n_stim, grad=True) // (bsz * n_stim)
+        )
+        penalty_done = False
+
+        def masks(r: range) -> None:
+            """Forward and backward of masks ``r`` (gradients accumulate in the logits)."""
+            nonlocal penalty_done
+            whole = len(r) == k
+            rows = slice(r.start * bsz, r.stop * bsz)
+            states = self._noise_states(r)
+            try:
+                with contextlib.nullcontext() if whole else bm.serving(r.start, r.stop):
+                    with autocast:
+                        scores = _ooo_scores_nosync(
+                            self.model, tokens[rows], lengths[rows], self.pool, self.pad_state
+                        )
+                    ce = F.cross_entropy(scores.float(), self.data.odd[idx[rows]],
+                                         reduction="none").view(len(r), bsz).mean(1)  # fmt: skip
+                    loss_k = ce
+                    if whole:  # one pass: the penalty in the same graph, as always
+                        loss_k = ce + l0 * bm.penalty() / max(1, self.unit_map.n_units)
+                    self.bad |= ~torch.isfinite(loss_k).all()
+                    loss_k.sum().backward()
+            except OutOfMemoryError:  # retried with fewer masks: replay their exact noise
+                self._restore_noise(r, states)
+                raise
+            penalty_done = penalty_done or whole
+
         self.opt.zero_grad()
-        loss_k.sum().backward()
+        run_chunked(masks, range(k), per, label="masks", key="converge.train")
+        if not penalty_done:
+            pen = l0 * bm.penalty() / max(1, self.unit_map.n_units)
+            self.bad |= ~torch.isfinite(pen).all()
+            pen.sum().backward()
         self.opt.step()
         self._after_step(step)
 
@@ -335,27 +364,45 @@ class _ConvergedLoop:
         """One optimiser step of the alive masks on inputs without tokens (images), scored by
         the adapter. The K masks' slices go through the model in passes of at most
         :data:`CPU_IMAGE_ROWS` images on the CPU (or the adapter's ``cpu_rows``; one pass
-        elsewhere), each pass backward
-        at once; the gradient is the one of a single pass (each mask only sees its slice)."""
+        elsewhere, halved while it runs out of GPU memory), each pass backward at once; the
+        gradient is the one of a single pass (each mask only sees its slice)."""
         bm = self.bm
         n_stim = int(next(iter(self.data.inputs.values())).shape[1])
         rows_cpu = int(getattr(self.adapter, "cpu_rows", CPU_IMAGE_ROWS))
         per = k if self.device.type != "cpu" else max(1, rows_cpu // (bsz * n_stim))
         l0 = self.l0_all[[b.i for b in self.alive]].to(self.device)
+
+        def masks(r: range) -> None:
+            rows = idx[r.start * bsz : r.stop * bsz]
+            states = self._noise_states(r)
+            try:
+                with bm.serving(r.start, r.stop), autocast:
+                    inputs = {n: v[rows] for n, v in self.data.inputs.items()}
+                    scores = self.adapter.ooo_logits(inputs)
+                ce = F.cross_entropy(scores.float(), self.data.odd[rows], reduction="none")
+                ce_k = ce.view(len(r), bsz).mean(1)
+                self.bad |= ~torch.isfinite(ce_k).all()
+                ce_k.sum().backward()
+            except OutOfMemoryError:  # retried with fewer masks: replay their exact noise
+                self._restore_noise(r, states)
+                raise
+
         self.opt.zero_grad()
-        for k0 in range(0, k, per):
-            k1 = min(k, k0 + per)
-            rows = idx[k0 * bsz : k1 * bsz]
-            with bm.serving(k0, k1), autocast:
-                scores = self.adapter.ooo_logits({n: v[rows] for n, v in self.data.inputs.items()})
-            ce = F.cross_entropy(scores.float(), self.data.odd[rows], reduction="none")
-            ce_k = ce.view(k1 - k0, bsz).mean(1)
-            self.bad |= ~torch.isfinite(ce_k).all()
-            ce_k.sum().backward()
+        run_chunked(masks, range(k), per, label="masks", key="converge.images")
         pen = l0 * bm.penalty() / max(1, self.unit_map.n_units)
         self.bad |= ~torch.isfinite(pen).all()
         pen.sum().backward()
         self.opt.step()
+
+    def _noise_states(self, r: range) -> list[Tensor]:
+        """The exact-noise generator states of masks ``r`` before a pass: a pass that runs out
+        of memory is retried with fewer masks and must draw the same noise."""
+        return [g.get_state() for g in self.bm.generators[r.start : r.stop]]
+
+    def _restore_noise(self, r: range, states: list[Tensor]) -> None:
+        """Put back the generator states :meth:`_noise_states` saved."""
+        for g, st in zip(self.bm.generators[r.start : r.stop], states):
+            g.set_state(st)
 
     def _after_step(self, step: int) -> None:
         """The temperature schedule and the step counters after an optimiser step."""

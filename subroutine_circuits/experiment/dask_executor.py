@@ -26,6 +26,7 @@ from typing import Any
 #: Environment variables our local cluster sets in each worker process.
 DEVICE_ENV = "SC_WORKER_DEVICE"
 NAME_ENV = "SC_WORKER_NAME"
+WORKERS_PER_GPU_ENV = "SC_WORKERS_PER_GPU"  # subroutine_circuits.memory.WORKERS_PER_GPU_ENV
 
 
 def _require_distributed():
@@ -82,7 +83,9 @@ def worker_specs(
 
     With GPUs: ``n_workers`` GPU workers (default one per GPU) pinned round-robin, worker ``i``
     to GPU ``i % n_gpus`` (more workers than GPUs share them: useful when small models leave a
-    GPU idle between kernel launches), plus ``cpu_workers`` CPU workers. Without GPUs:
+    GPU idle between kernel launches; each is told how many share its GPU,
+    ``SC_WORKERS_PER_GPU``, which divides the GPU's memory among them, see
+    :mod:`subroutine_circuits.memory`), plus ``cpu_workers`` CPU workers. Without GPUs:
     ``n_workers`` CPU workers (default one per core, at most 4). Each worker gets ``threads``
     torch/OpenMP threads (default: the cores divided among the workers).
     """
@@ -102,8 +105,10 @@ def worker_specs(
     per = str(threads if threads is not None else max(1, cores // total))
     specs: dict[str, dict] = {}
     for i in range(gpu_workers):
-        env = {"OMP_NUM_THREADS": per, "CUDA_VISIBLE_DEVICES": str(i % n_gpus), DEVICE_ENV: "cuda"}
-        specs[f"gpu{i % n_gpus}-w{i}"] = _nanny_spec(distributed, f"gpu{i % n_gpus}-w{i}", env)
+        gpu = i % n_gpus
+        env = {"OMP_NUM_THREADS": per, "CUDA_VISIBLE_DEVICES": str(gpu), DEVICE_ENV: "cuda",
+               WORKERS_PER_GPU_ENV: str(len(range(gpu, gpu_workers, n_gpus)))}  # fmt: skip
+        specs[f"gpu{gpu}-w{i}"] = _nanny_spec(distributed, f"gpu{gpu}-w{i}", env)
     for j in range(cpu_workers):
         env = {"OMP_NUM_THREADS": per, "CUDA_VISIBLE_DEVICES": "", DEVICE_ENV: "cpu"}
         specs[f"cpu-w{j}"] = _nanny_spec(distributed, f"cpu-w{j}", env)

@@ -95,6 +95,43 @@ def _call_with_threads(args: tuple[Callable[[Any], Any], Any, int]) -> Any:
     return fn(job), worker_identity()
 
 
+def gpu_assignment(index: int, workers: int, visible: Sequence[str]) -> dict[str, str]:
+    """Environment of process-pool worker ``index`` of ``workers`` on a machine whose visible
+    GPUs are ``visible`` (``CUDA_VISIBLE_DEVICES`` entries): pinned round-robin to GPU
+    ``index % len(visible)``, and told how many workers share it (``SC_WORKERS_PER_GPU``, which
+    sizes its memory budget, see :mod:`subroutine_circuits.memory`). Empty without GPUs."""
+    from subroutine_circuits.experiment.dask_executor import WORKERS_PER_GPU_ENV
+
+    if not visible:
+        return {}
+    gpu = index % len(visible)
+    sharing = len(range(gpu, max(workers, gpu + 1), len(visible)))
+    return {"CUDA_VISIBLE_DEVICES": str(visible[gpu]), WORKERS_PER_GPU_ENV: str(sharing)}
+
+
+def _visible_gpus() -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` entries of this process's GPUs (indices when unset)."""
+    import os
+
+    from subroutine_circuits.experiment.dask_executor import count_gpus
+
+    n = count_gpus()
+    listed = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    listed = [v for v in listed if v]
+    return listed[:n] if len(listed) >= n else [str(i) for i in range(n)]
+
+
+def _init_worker(counter: Any, workers: int, visible: list[str]) -> None:
+    """Process-pool worker start: take the next worker index and pin this process to its GPU
+    (before CUDA is initialised here)."""
+    import os
+
+    with counter.get_lock():
+        index = int(counter.value)
+        counter.value += 1
+    os.environ.update(gpu_assignment(index, workers, visible))
+
+
 def _stop_workers(pool: Any) -> None:
     """Cancel the jobs not started and terminate the worker processes of a
     ``concurrent.futures`` process pool, so an interrupted map returns at once instead of
@@ -112,7 +149,10 @@ class ProcessPoolExecutor(Executor):
     """Jobs in ``workers`` spawned processes, each with ``threads`` torch threads.
 
     For tiny models one process per core with one thread each is much faster than one process
-    with several threads. Falls back to in-process execution for a single job.
+    with several threads. Falls back to in-process execution for a single job. On a machine
+    with GPUs, worker ``i`` is pinned to GPU ``i % n_gpus`` and knows how many workers share
+    its GPU (:func:`gpu_assignment`), so that several workers on one GPU each keep to their
+    share of its memory.
     """
 
     name = "processes"
@@ -141,7 +181,11 @@ class ProcessPoolExecutor(Executor):
         self._start(len(jobs))
         results: list[Any] = [None] * len(jobs)
         ctx = mp.get_context("spawn")
-        with _Pool(max_workers=self.workers, mp_context=ctx) as pool:
+        counter = ctx.Value("i", 0)
+        init = (counter, self.workers, _visible_gpus())
+        with _Pool(
+            max_workers=self.workers, mp_context=ctx, initializer=_init_worker, initargs=init
+        ) as pool:
             futures = {
                 pool.submit(_call_with_threads, (fn, job, self.threads)): i
                 for i, job in enumerate(jobs)

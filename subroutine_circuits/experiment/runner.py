@@ -45,7 +45,7 @@ RESULT_COLUMNS = [
 # Settings that do not change any result: a folder may be resumed with other values of these.
 RESUMABLE_FIELDS = (
     "workers", "device", "patching", "patching_inits", "executor", "scheduler", "dask_workers",
-    "threads",
+    "threads", "gpu_memory_gb",
 )  # fmt: skip
 
 
@@ -182,6 +182,9 @@ def describe_job_result(info: dict[str, Any]) -> str:
         if k in info
     )  # fmt: skip
     acc_s = f"val composite {acc:.3f}" if isinstance(acc, (int, float)) else "val composite ?"
+    peak = info.get("peak_gpu_memory_gb")
+    if isinstance(peak, (int, float)):
+        parts += f"; peak GPU memory {peak:.2f} GiB"
     return f"{info.get('base_id', '?')} ({acc_s}; {parts})"
 
 
@@ -195,15 +198,20 @@ def describe_executor(executor: Any) -> dict[str, Any]:
 
 def worker_table(placements: list[dict[str, str]], infos: list[dict[str, Any]]) -> dict:
     """Per worker: the device its jobs ran on (as the jobs report it), the device's name, the
-    number of jobs and their summed seconds (the load balance of the sweep)."""
+    number of jobs, their summed seconds (the load balance of the sweep) and the largest peak
+    GPU memory of its jobs in GiB (``peak_gpu_memory_gb``; None on the CPU)."""
     per: dict[str, dict[str, Any]] = {}
     for where, info in zip(placements, infos):
         device = str(info.get("device", where.get("device", "?")))
         name = where.get("device_name", device) if device.startswith("cuda") else device
-        new = {"device": device, "device_name": name, "jobs": 0, "busy_s": 0.0}
+        new = {"device": device, "device_name": name, "jobs": 0, "busy_s": 0.0,
+               "peak_gpu_memory_gb": None}  # fmt: skip
         entry = per.setdefault(where.get("worker", "?"), new)
         entry["jobs"] += 1
         entry["busy_s"] += float(info.get("total", 0.0))
+        peak = info.get("peak_gpu_memory_gb")
+        if peak is not None:
+            entry["peak_gpu_memory_gb"] = max(float(peak), entry["peak_gpu_memory_gb"] or 0.0)
     return per
 
 
@@ -217,7 +225,9 @@ def write_manifest(
 ) -> None:
     """``manifest.json``: config, versions, device, executor and workers, this invocation's
     timings, every invocation's timings (``invocations``) and their sums (``timings_total``),
-    and the base models with their composite accuracy (excluded ones listed).
+    the base models with their composite accuracy (excluded ones listed), and each base-model
+    job's peak GPU memory (``peak_gpu_memory_gb``, also in its ``timings.base_models`` record;
+    None on the CPU).
 
     ``timings`` holds ``wall_s`` and ``<stage>_s`` (stage seconds summed over jobs);
     ``previous`` is the manifest as it was before this invocation (default: read it now).
@@ -244,6 +254,8 @@ def write_manifest(
         "base_models": {i["base_id"]: i["composite_acc"] for i in infos},
         # exclusion uses the VALIDATION composite accuracy (base_models: test, for reference)
         "base_models_val": {i["base_id"]: i.get("composite_val_acc") for i in infos},
+        # per base model: the job's peak GPU memory in GiB (max_memory_allocated; None on CPU)
+        "peak_gpu_memory_gb": {i["base_id"]: i.get("peak_gpu_memory_gb") for i in infos},
         # per base model: accuracies with every maskable unit ablated, bypass flag and path
         "bypass_check": {i["base_id"]: i.get("bypass_check") for i in infos},
         "bypass_base_models": sorted(

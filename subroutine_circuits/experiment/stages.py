@@ -252,11 +252,15 @@ def run_base_model_job(
     the patching of each subroutine. Finished work (files in the store) is skipped.
 
     ``prep`` (task, tokenizer, splits) is built from ``job.cfg`` when not given; ``given`` is an
-    injected base model (see :func:`base_model_stage`). Returns timing information and the
-    model's composite accuracy. The job runs with ``job.cfg.threads`` torch threads (restored
-    afterwards), and TransformerLens attention on the CPU uses the faster softmax of
-    :mod:`subroutine_circuits.models.cpu_kernels` throughout.
+    injected base model (see :func:`base_model_stage`). Returns timing information, the
+    model's composite accuracy and the job's peak GPU memory (``peak_gpu_memory_gb``, None on
+    the CPU). The job runs with ``job.cfg.threads`` torch threads (restored afterwards), within
+    the worker's GPU memory budget (:func:`subroutine_circuits.memory.job_memory`: chunk sizes,
+    the allocator's cache emptied after the job), and TransformerLens attention on the CPU
+    uses the faster softmax of :mod:`subroutine_circuits.models.cpu_kernels` throughout.
     """
+    from subroutine_circuits.experiment.dask_executor import worker_device
+    from subroutine_circuits.memory import job_memory
     from subroutine_circuits.models.cpu_kernels import fast_cpu_attention
     from subroutine_circuits.utils import torch_threads
 
@@ -264,9 +268,10 @@ def run_base_model_job(
         torch_threads(job.cfg.threads),
         collect_stage_times() as stage_times,
         fast_cpu_attention(),
+        job_memory(worker_device(job.cfg.device), job.cfg.gpu_memory_gb) as memory,
     ):
         info = _run_base_model(job, prep if prep is not None else prepare(job.cfg), given)
-    return {**info, "stage_times": dict(stage_times)}
+    return {**info, **memory, "stage_times": dict(stage_times)}
 
 
 def _run_base_model(

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..models.versions import saved_class_name
-from ..utils import atomic_torch_save
+from ..utils import atomic_torch_save, saved_class_name
 from .parametrization import MaskConfig
 from .unit_mask import UnitMask
 from .units import UnitMap

@@ -54,7 +54,7 @@ def save_checkpoint(
     ``meta.json`` holds a complete checkpoint.
     """
     directory = Path(directory)
-    from subroutine_circuits.models.versions import saved_class_name
+    from subroutine_circuits.utils import saved_class_name
 
     cls = saved_class_name(model)  # a NativeTransformer is saved as the HookedTransformer it equals
     if cls not in _MODEL_CLASSES:

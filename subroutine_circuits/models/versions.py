@@ -25,14 +25,3 @@ def tl_version() -> tuple[int, ...]:
 def tl_major() -> int:
     """Major version of the installed TransformerLens (3 or 4)."""
     return tl_version()[0]
-
-
-def saved_class_name(model: object) -> str:
-    """The class name a model is recorded under (checkpoints, mask files, run signatures).
-
-    ``NativeTransformer`` computes what TransformerLens 3.9's ``HookedTransformer`` does (same
-    parameters, hooks and outputs), so it is recorded as ``"HookedTransformer"``: files written
-    on either TransformerLens version load on the other.
-    """
-    name = type(model).__name__
-    return "HookedTransformer" if name == "NativeTransformer" else name

@@ -26,6 +26,7 @@ from subroutine_circuits.adapters import as_adapter
 from subroutine_circuits.adapters.base import Readout, named_hooks
 from subroutine_circuits.masks.ablation import mix_copies
 from subroutine_circuits.masks.units import UnitGroup, UnitMap
+from subroutine_circuits.memory import rows_per_pass, run_chunked, with_backoff
 from subroutine_circuits.patching.fast_forward import (
     fast_head_patching_by_pos,
     fast_path_unsupported,
@@ -72,7 +73,9 @@ def activation_patching(
 
     ``metric`` maps readout output with leading dims ``[..., batch]`` to ``[..., batch]``; the
     score of a patch is its mean over the batch. ``chunk_rows`` bounds the rows of one forward
-    pass (copies x batch). Hooks already on the model (e.g. masks) stay active.
+    pass (copies x batch), lowered to what the worker's GPU memory budget allows
+    (:func:`subroutine_circuits.memory.rows_per_pass`); a pass that runs out of GPU memory is
+    retried with half the copies. Hooks already on the model (e.g. masks) stay active.
 
     With ``fast`` (default), per-position head patching of a standard causal model without
     hooks runs on the exact suffix-only path of
@@ -91,15 +94,23 @@ def activation_patching(
     groups = resolve_groups(adapter, groups)
     check_per_position(groups, per_position)
     readout = adapter.readout(readout)
+    chunk_rows = rows_per_pass(adapter.model, corr_tokens.shape[1], chunk_rows)
     reason = "fast=False"
     if isinstance(fast, str) or fast:
         variant = fast if isinstance(fast, str) else "auto"
         resolve_fast_variant(variant, clean_tokens.device)  # unknown names fail here
         reason = fast_path_unsupported(adapter.model, groups, per_position, readout)
-        if reason is None:
-            return fast_head_patching_by_pos(
-                adapter, clean_tokens, corr_tokens, metric, groups, readout, chunk_rows, variant
-            )
+        if reason is None:  # the fast path plans its chunks of patches: retried whole
+            batch = corr_tokens.shape[0]
+
+            def fast_path(k: int) -> PatchScores:
+                """The fast path with ``k`` patches per pass (``k * batch`` rows)."""
+                return fast_head_patching_by_pos(
+                    adapter, clean_tokens, corr_tokens, metric, groups, readout, k * batch, variant
+                )
+
+            k_max = max(1, chunk_rows // batch)
+            return with_backoff(fast_path, k_max, label="patches", key="patching.fast")
     return _generic_patching(
         adapter, clean_tokens, corr_tokens, metric, groups, per_position, readout, chunk_rows,
         reason,
@@ -169,8 +180,13 @@ def _generic_patching(
         items = _patch_items(groups, layer, n_pos, per_position)
         start_layer = adapter.layer_of(layer)
         resid = corr_resids[start_layer]
-        for start in range(0, len(items), k_max):
-            chunk = items[start : start + k_max]
+
+        def run_chunk(
+            chunk: list[_Item],
+            layer: int = layer,
+            start_layer: int = start_layer,
+            resid: Tensor = resid,
+        ) -> None:
             k = len(chunk)
             sels = _selections(chunk, groups, layer, n_pos, resid.device, per_position)
 
@@ -186,6 +202,8 @@ def _generic_patching(
                     patched[g.hook_name][u] = vals[i]
                 else:
                     patched[g.hook_name][p, u] = vals[i]
+
+        run_chunked(run_chunk, items, k_max, label="patches", key="patching.generic")
     return PatchScores(
         groups=list(groups),
         patched=patched,

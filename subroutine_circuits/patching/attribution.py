@@ -16,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from subroutine_circuits.adapters import as_adapter
 from subroutine_circuits.adapters.base import Readout, named_hooks
 from subroutine_circuits.masks.units import UnitGroup, UnitMap
+from subroutine_circuits.memory import rows_per_pass, run_chunked
 from subroutine_circuits.patching.activation import (
     Metric,
     PatchScores,
@@ -119,8 +120,10 @@ def integrated_gradients(
 
     Per hook point, its activation is set to ``a_corr + alpha (a_clean - a_corr)`` for
     ``alpha = (i + 0.5) / steps``; the alphas run as copies of the batch from the cached
-    corrupted ``resid_pre`` of the unit's layer. Summed over the units of one hook point the
-    estimates approach the effect of patching that whole hook point.
+    corrupted ``resid_pre`` of the unit's layer, at most ``chunk_rows`` rows per pass (fewer
+    when the worker's GPU memory budget says so; halved while a pass runs out of GPU memory).
+    Summed over the units of one hook point the estimates approach the effect of patching that
+    whole hook point.
     """
     adapter = as_adapter(model)
     adapter.check_patchable()
@@ -138,6 +141,7 @@ def integrated_gradients(
     m_clean = float(metric(clean_out).float().mean())
     m_corr = float(metric(corr_out).float().mean())
     batch = corr_tokens.shape[0]
+    chunk_rows = rows_per_pass(model, corr_tokens.shape[1], chunk_rows, grad=True)
     k_max = max(1, chunk_rows // batch)
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
 
@@ -145,9 +149,12 @@ def integrated_gradients(
     for g in groups:
         h = g.hook_name
         delta = clean_acts[h] - corr_acts[h]
-        total = None
-        for start in range(0, steps, k_max):
-            a = alphas[start : start + k_max].to(delta.device, delta.dtype)
+
+        def grad_sum(
+            part: Float[Tensor, " k"], h: str = h, delta: Tensor = delta, g: UnitGroup = g
+        ) -> Tensor:
+            """The summed gradients of the alphas ``part`` (one pass)."""
+            a = part.to(delta.device, delta.dtype)
             k = len(a)
             shape = (k,) + (1,) * delta.ndim
             interp = (corr_acts[h].unsqueeze(0) + a.view(shape) * delta.unsqueeze(0)).reshape(
@@ -163,8 +170,11 @@ def integrated_gradients(
                 out = adapter.run_from_layer(expand_batch(corr_resids[start], k), start, readout)
                 m = metric(out.reshape(k, batch, *out.shape[1:])).float().mean(-1).sum()
                 (grad,) = torch.autograd.grad(m, [interp])
-            grad_sum = grad.reshape(k, batch, *delta.shape[1:]).sum(0)
-            total = grad_sum if total is None else total + grad_sum
+            return grad.reshape(k, batch, *delta.shape[1:]).sum(0)
+
+        total = None
+        for part in run_chunked(grad_sum, alphas, k_max, label="steps", key="patching.ig"):
+            total = part if total is None else total + part
         est = _reduce(delta * total / steps, per_position, g.axis)
         patched[h] = (m_corr + est).detach().float().cpu()
     return PatchScores(

@@ -26,6 +26,7 @@ from subroutine_circuits.masks.ablation import mix_copies, pooled_mean
 from subroutine_circuits.masks.parametrization import Ablation
 from subroutine_circuits.masks.unit_mask import UnitMask
 from subroutine_circuits.masks.units import UnitGroup, UnitMap
+from subroutine_circuits.memory import rows_per_pass, run_chunked
 from subroutine_circuits.patching.scores import (
     Metric,
     check_pair_tokens,
@@ -201,7 +202,9 @@ def circuit_metrics(
 ) -> Float[Tensor, "c"]:
     """Mean metric on the clean inputs for each circuit (its complement ablated).
 
-    Batches are weighted by their example counts. Circuits run as copies of each batch.
+    Batches are weighted by their example counts. Circuits run as copies of each batch, at most
+    ``chunk_rows`` rows per pass (fewer when the worker's GPU memory budget says so; halved
+    while a pass runs out of GPU memory).
     """
     if isinstance(batches, PatchBatch):
         batches = [batches]
@@ -218,10 +221,19 @@ def circuit_metrics(
     n_total = 0
     for b, vals in zip(batches, values):
         batch = b.clean_tokens.shape[0]
-        k_max = max(1, chunk_rows // batch)
+        rows = rows_per_pass(adapter.model, b.clean_tokens.shape[1], chunk_rows)
+        k_max = max(1, rows // batch)
         resid0 = adapter.input_state(b.clean_tokens)
-        for start in range(0, keeps.shape[0], k_max):
-            kc = keeps[start : start + k_max]
+
+        def run_circuits(
+            part: range,
+            b: PatchBatch = b,
+            vals: dict[str, Tensor] = vals,
+            batch: int = batch,
+            resid0: Tensor = resid0,
+        ) -> None:
+            """Adds the metric of circuits ``part`` (one pass over copies of batch ``b``)."""
+            kc = keeps[part.start : part.stop]
             k = kc.shape[0]
             per_group = _keep_by_group(kc, groups)
             keeps_k = {}
@@ -236,7 +248,11 @@ def circuit_metrics(
             with adapter.model.hooks(fwd_hooks=named_hooks(list(keeps_k), hook_fn)):
                 out = adapter.run_from_layer(expand_batch(resid0, k), 0, readout)
             m = b.metric(out.reshape(k, batch, *out.shape[1:])).float().mean(-1).cpu()
-            total[start : start + k] += m * batch
+            total[part.start : part.stop] += m * batch
+
+        run_chunked(
+            run_circuits, range(keeps.shape[0]), k_max, label="circuits", key="patching.circuits"
+        )
         n_total += batch
     return total / n_total
 
