@@ -148,14 +148,19 @@ def save_bert_folder(
     n_head: int = 4,
     intermediate: int | None = None,
     max_positions: int = 64,
+    vocab_size: int | None = None,
 ) -> Path:
     """A random ``BertForMaskedLM`` sized for ``tokenizer`` (MLP ``2 * hidden`` unless
-    ``intermediate``), saved with the tokenizer to ``path``."""
+    ``intermediate``; embedding rows ``vocab_size`` if given, at least the tokenizer's, so that
+    a model's parameter count can match a real one whose vocabulary is larger), saved with the
+    tokenizer to ``path``."""
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab_size} < the tokenizer's {len(tokenizer)} tokens")
     from transformers import BertConfig, BertForMaskedLM
 
     cfg = BertConfig(
         num_hidden_layers=n_layer, hidden_size=hidden, num_attention_heads=n_head,
-        intermediate_size=intermediate or 2 * hidden, vocab_size=len(tokenizer),
+        intermediate_size=intermediate or 2 * hidden, vocab_size=vocab_size or len(tokenizer),
         max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     return save_folder(path, _seeded(seed, lambda: BertForMaskedLM(cfg)), tokenizer)
