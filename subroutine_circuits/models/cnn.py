@@ -258,13 +258,64 @@ def _norm(channels: int, eps: float) -> InstanceNorm:
     return InstanceNorm(channels, eps=eps, affine=False, track_running_stats=False)
 
 
+# Strided 1x1 convolutions with fewer input channels than this run as "subsample, then a
+# unit-stride 1x1 convolution" on the CPU (see :class:`SafeConv2d`).
+STRIDED_1X1_MAX_IN_CHANNELS = 16
+
+
+class SafeConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that routes around a oneDNN bug on the CPU (same parameters, same function).
+
+    oneDNN 3.12 (torch 2.13's CPU build) computes the weight gradient of a 1x1 convolution with
+    stride > 1 over a channels-last input with fewer input channels than its SIMD block (8
+    floats with AVX2) past the end of its workspace: with AVX2 kernels (AVX2-only CPUs, or
+    ``ONEDNN_MAX_CPU_ISA=AVX2``) ``backward()`` dies of SIGSEGV / SIGABRT on one thread, and
+    hangs or returns a wrong gradient on several (upstream: uxlfoundation/oneDNN#6035;
+    ``benchmarks/repro_onednn_avx2.py``). Images built from ``[.., h, w, 3]`` arrays reach the
+    network channels-last, and the 1x1 stride-2 shortcut of a stage whose input has few channels
+    (the tiny test models), or a 1x1 strided stem, hits it.
+
+    Such a convolution (kernel 1, stride > 1, no padding or dilation, one group, fewer than
+    :data:`STRIDED_1X1_MAX_IN_CHANNELS` input channels; 16, AVX-512's block, also covers the
+    AVX-512 kernel, which the upstream report patches too but which was not seen to fail) runs
+    here on CPU tensors as ``conv2d(x[:, :, ::s_h, ::s_w], W)`` with stride 1: the same outputs
+    up to float rounding, the same parameters and state dict, and oneDNN's unit-stride kernels,
+    which are correct. It is decided by the layer's shape and the device only, so a model
+    computes the same way on every CPU. Every other convolution (all of the presets') runs as
+    plain ``nn.Conv2d``. Set ``SafeConv2d.reroute = False`` to turn this off
+    (``benchmarks/bench_onednn_1x1.py``).
+    """
+
+    reroute: bool = True
+
+    def rerouted(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` computes this convolution as subsample + unit-stride 1x1."""
+        return (
+            SafeConv2d.reroute
+            and x.device.type == "cpu"
+            and self.kernel_size == (1, 1)
+            and self.stride != (1, 1)
+            and self.padding == (0, 0)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.in_channels < STRIDED_1X1_MAX_IN_CHANNELS
+        )
+
+    def forward(self, x: Float[Tensor, "n c_in h w"]) -> Float[Tensor, "n c_out h2 w2"]:
+        """The convolution of ``x`` (rerouted as :meth:`rerouted` says)."""
+        if self.rerouted(x):
+            sh, sw = self.stride
+            return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)
+        return super().forward(x)
+
+
 class Stem(nn.Module):
     """conv -> InstanceNorm -> ReLU (-> max-pool); ``hook_post`` holds the stem's channel units."""
 
     def __init__(self, cfg: CNNConfig):
         super().__init__()
         k = cfg.stem_kernel
-        self.conv = nn.Conv2d(
+        self.conv = SafeConv2d(
             cfg.in_channels, cfg.stem_channels, k, cfg.stem_stride, padding=k // 2, bias=False
         )
         self.norm = _norm(cfg.stem_channels, cfg.norm_eps)
@@ -283,7 +334,7 @@ class _Shortcut(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, eps: float):
         super().__init__()
         if stride != 1 or c_in != c_out:
-            self.conv = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+            self.conv = SafeConv2d(c_in, c_out, 1, stride, bias=False)
             self.norm = _norm(c_out, eps)
         else:
             self.conv = None

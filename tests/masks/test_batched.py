@@ -42,6 +42,24 @@ def logits_of(mask: UnitMask) -> torch.Tensor:
     return torch.cat(out)
 
 
+# How far two float32 trainings of the same masks by different code paths (batched vs one at
+# a time, other batch companions) may drift apart: their rounding differs (batch layout, and
+# oneDNN's AVX2 and AVX-512 kernels round differently), and tens of Adam steps grow it to
+# about 1e-5 (2.5e-5 measured under ONEDNN_MAX_CPU_ISA=AVX2, issue 21). A real difference (a
+# wrong row, data order, noise or learning rate) moves logits by about one step (lr >= 0.05).
+TRAINED_ATOL = 1e-4
+
+
+def assert_same_training(got: UnitMask, ref: UnitMask, atol: float = TRAINED_ATOL) -> None:
+    """``got`` and ``ref`` are the same training up to float rounding: logits within ``atol``
+    (and 1e-4 relative), binary masks equal except where a logit lies within that distance of
+    the decision edge (0 for the default stretch interval and for continuous masks)."""
+    la, lb = logits_of(ref), logits_of(got)
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=atol)
+    differ = ref.flat_binary() != got.flat_binary()
+    assert (la[differ].abs() <= atol + 1e-4 * la[differ].abs()).all(), la[differ]
+
+
 @pytest.fixture(scope="module")
 def model():
     return make_tiny_transformer(seed=3)
@@ -61,10 +79,8 @@ def test_batched_training_equals_separate_runs(model, parametrization):
     assert len(got) == len(ref)
     moved = 0
     for hp, a, b in zip(HPS, ref, got):
-        la, lb = logits_of(a), logits_of(b)
-        torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
-        assert torch.equal(a.flat_binary(), b.flat_binary())
-        moved += int((la - hp.get("init", cfg.init)).abs().gt(1e-3).sum())
+        assert_same_training(b, a)
+        moved += int((logits_of(a) - hp.get("init", cfg.init)).abs().gt(1e-3).sum())
         assert not b.training and b.cfg.seed == a.cfg.seed
         if parametrization == "continuous":
             torch.testing.assert_close(b.parts[0].temperature, a.parts[0].temperature)
@@ -81,8 +97,7 @@ def test_batched_training_per_mask_datasets(model):
     ref = [train_mask(model, d, cfg, hp, s, "last") for d, hp, s in zip(sets, hps, [1, 1])]
     got = train_masks_batched(model, sets, cfg, hps, [1, 1], "last", noise="exact")
     for a, b in zip(ref, got):
-        torch.testing.assert_close(logits_of(b), logits_of(a), rtol=1e-5, atol=1e-5)
-        assert torch.equal(a.flat_binary(), b.flat_binary())
+        assert_same_training(b, a)
 
 
 def test_mean_pool_bidirectional_equals_separate_runs():
@@ -92,7 +107,7 @@ def test_mean_pool_bidirectional_equals_separate_runs():
     ref = [train_mask(m, train, cfg, hp, s, "mean") for hp, s in zip(HPS[:2], SEEDS[:2])]
     got = train_masks_batched(m, train, cfg, HPS[:2], SEEDS[:2], "mean", noise="exact")
     for a, b in zip(ref, got):
-        torch.testing.assert_close(logits_of(b), logits_of(a), rtol=1e-5, atol=1e-5)
+        assert_same_training(b, a)
 
 
 def test_stacked_adam_equals_torch_adam_param_groups():
@@ -160,7 +175,7 @@ def test_device_noise_is_reproducible_per_seed(model):
     b = train_masks_batched(
         model, train, cfg, [{"l0_weight": 9.0}, {}], [6, 4], "last", noise="device"
     )
-    torch.testing.assert_close(logits_of(b[1]), logits_of(a[0]), rtol=1e-5, atol=1e-5)
+    assert_same_training(b[1], a[0])
     assert not torch.allclose(logits_of(a[0]), logits_of(a[1]))
 
 
@@ -225,6 +240,6 @@ def test_mixed_zero_and_mean_ablation_training(model):
         model, train, cfg, [{}, {}], [4, 5], "last", ablation_values=[None, mean]
     )
     ref = train_mask(model, train, cfg, {}, 4, "last")
-    torch.testing.assert_close(logits_of(got[0]), logits_of(ref), rtol=1e-5, atol=1e-5)
+    assert_same_training(got[0], ref)
     assert got[0].ablation.value == "zero" and got[1].ablation.value == "mean"
     assert torch.equal(got[1].ablation_values[um.groups[0].hook_name], mean[um.groups[0].hook_name])
