@@ -224,8 +224,10 @@ def evaluate_mask(
     ``randabl_p``); columns: the target partition (only ``subroutine`` breaks the rule), the
     ``other`` subroutine's partition. ``sub_diff`` / ``abl_diff`` are chance-clipped
     differences; ``compositional`` is ``sub_diff > margin``, ``abl_diff < -margin`` and
-    ``randabl_p < 0.05``. Mean ablation (position-aware) uses the training composite problems
-    as reference (``experiment.evaluate.ablation_matrix``).
+    ``randabl_p <= 0.05`` (ties with the random draws decided exactly); ``margins_ok`` the two
+    margins alone and ``paper_compositional`` the paper's criterion (margins, no random
+    control). Mean ablation (position-aware) uses the training composite problems as reference
+    (``experiment.evaluate.ablation_matrix``).
     """
     from subroutine_circuits.experiment.evaluate import ablation_matrix
     from subroutine_circuits.experiment.search import encode

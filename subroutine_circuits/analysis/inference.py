@@ -6,8 +6,9 @@ The input of the table functions is a results table with one row per run, i.e. p
 ``init``, ``subroutine``, ``base_seed``, ``sub_diff``, ``abl_diff`` and ``randabl_p``. The columns
 ``base_ok`` (default True), ``bypass`` (default False) and ``mask_ok`` (default True) are read
 when present (an empty / NaN cell takes the default too). A table without ``randabl_p`` (results
-written before the matched random control existed) is accepted: its runs get the verdict
-``"no random control"`` and count as neither compositional nor not compositional.
+written before the matched random control existed) is accepted: its runs that pass both margins
+get the verdict ``"no random control"`` and count as neither compositional nor not compositional
+(a run that fails a margin is "not compositional" with or without the control).
 
 Why base models are the unit of analysis: the mask seeds of one base model search the *same*
 weights, so their verdicts are correlated; counting them as independent draws (as a Fisher test
@@ -17,7 +18,8 @@ therefore works on one number per base model (its share of compositional usable 
 
 Layout:
 
-1. :func:`randabl_p`, :func:`run_verdict`, :func:`run_verdicts` - the run-level verdict.
+1. :func:`randabl_p`, :func:`margins_ok`, :func:`run_verdict`, :func:`verdict_columns`,
+   :func:`run_verdicts` - the run-level verdict (ours, and the paper's criterion beside it).
 2. :func:`base_model_table`, :func:`summarize_cells` - one row per base model / per cell, with
    :func:`clopper_pearson` and :func:`t_interval` intervals.
 3. :func:`permutation_test`, :func:`gee_logistic`, :func:`holm`, :func:`cell_tests`,
@@ -33,11 +35,14 @@ import itertools
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
+
+from subroutine_circuits.utils import CHANCE
 
 #: Keys of one cell of the summary.
 CELL_KEYS: tuple[str, ...] = ("task", "model", "init", "subroutine")
@@ -48,8 +53,15 @@ REQUIRED_COLUMNS: tuple[str, ...] = (*BASE_KEYS, "sub_diff", "abl_diff")
 #: Optional boolean columns and the value assumed when a table lacks them.
 OPTIONAL_BOOL_DEFAULTS: dict[str, bool] = {"base_ok": True, "bypass": False, "mask_ok": True}
 DEFAULT_MARGIN = 0.05
-#: Level below which ``randabl_p`` must fall for a run to be compositional.
+#: Level ``randabl_p`` must not exceed for a run to be compositional (``randabl_p <= alpha``).
 RANDABL_ALPHA = 0.05
+#: Without the numbers of test problems, :func:`randabl_p` counts values this close as ties
+#: (float rounding of differences of accuracies is ~1e-16; distinct differences of accuracies
+#: over fewer than ~10^5 problems per partition lie more than 1e-12 apart).
+TIE_TOLERANCE = 1e-12
+#: Largest lattice denominator :func:`clipped_diff_units` accepts (float rounding of a difference
+#: times this stays far below half a lattice step).
+_MAX_LATTICE = 2**40
 #: (init, control init) pairs tested by default: trained vs random init, pretrained vs trained.
 DEFAULT_COMPARISONS: tuple[tuple[str, str], ...] = (
     ("trained", "random_init"),
@@ -125,8 +137,53 @@ def _finite_float(value: Any, name: str) -> float:
 # ============================================================================ 1. run verdicts
 
 
+def clipped_diff_units(
+    diffs: Sequence[float] | Float[np.ndarray, "n"],
+    n_problems: tuple[int, int],
+    chance: float = CHANCE,
+) -> tuple[Int[np.ndarray, "n"], int]:
+    """Clipped differences of accuracies as exact integers: ``(k, L)`` with ``diff = k / L``.
+
+    A clipped difference ``max(acc_t, chance) - max(acc_o, chance)`` of accuracies measured on
+    ``n_problems = (n_target, n_other)`` problems (``acc = correct / n``) is one of
+    ``i/n_target - j/n_other``, ``i/n_target - chance``, ``chance - j/n_other`` or 0, so it is an
+    integer multiple of ``1/L`` with ``L = lcm(n_target, n_other, q)`` for ``chance = p/q``
+    (``chance`` read as the closest fraction with a denominator up to 10^9: 1/4, 1/3, ...). Two
+    differences with equal correct-counts therefore get the same ``k`` even when float rounding
+    made them differ by 1e-16, and different exact values always get different ``k``: comparing
+    the ``k`` decides ties exactly.
+
+    Raises ``ValueError`` on NaN, on ``n`` < 1, on a lattice too fine to resolve in float
+    (``L > 2**40``), and on a value more than 1% of a lattice step away from the lattice (it is
+    not a clipped difference of accuracies over these numbers of problems).
+    """
+    n_t, n_o = (int(n) for n in n_problems)
+    if n_t < 1 or n_o < 1:
+        raise ValueError(f"n_problems must be positive, got {tuple(n_problems)}")
+    c = Fraction(float(chance)).limit_denominator(10**9)
+    lattice = math.lcm(n_t, n_o, c.denominator)
+    if lattice > _MAX_LATTICE:
+        raise ValueError(f"lattice 1/{lattice} too fine to decide ties in float arithmetic")
+    d = np.asarray(diffs, dtype=float).reshape(-1)
+    if np.isnan(d).any():
+        raise ValueError("clipped differences contain NaN")
+    scaled = d * lattice
+    k = np.rint(scaled)
+    off = np.abs(scaled - k)
+    if (off > 0.01).any():
+        bad = float(d[np.argmax(off)])
+        raise ValueError(
+            f"{bad!r} is not a clipped difference of accuracies over {n_t} and {n_o} problems "
+            f"(chance {chance})"
+        )
+    return k.astype(np.int64), lattice
+
+
 def randabl_p(
-    learned_abl_diff: float, random_abl_diffs: Sequence[float] | Float[np.ndarray, "n_draws"]
+    learned_abl_diff: float,
+    random_abl_diffs: Sequence[float] | Float[np.ndarray, "n_draws"],
+    n_problems: tuple[int, int] | None = None,
+    chance: float = CHANCE,
 ) -> float:
     """Monte Carlo p-value of a learned mask's ``abl_diff`` against matched random subnetworks.
 
@@ -142,10 +199,19 @@ def randabl_p(
     rank is uniform and ``P(p <= alpha) <= alpha`` holds exactly for every ``n`` (Phipson & Smyth
     2010, "Permutation p-values should never be zero"). The uncorrected share ``#/n`` can be 0 and
     rejects too often. A consequence: with ``n`` draws the smallest attainable p is ``1/(n+1)``,
-    so at least 20 draws are needed for ``p < 0.05`` to be possible (1/21 = 0.048).
+    so at least 19 draws are needed for ``p <= 0.05`` to be possible (1/20 = 0.05); with 99
+    draws a run passes ``alpha = 0.05`` with up to four draws at most the learned value
+    (5/100) and fails with five.
 
-    Ties count against the learned mask (``<=``), the conservative choice. Raises ``ValueError``
-    on no draws or NaN values.
+    Ties count against the learned mask (``<=``), the conservative choice, and are decided
+    exactly when ``n_problems = (n_target, n_other)``, the numbers of test problems of the
+    target and other partitions the accuracies were measured on, is given: the differences are
+    compared as integers on their lattice (:func:`clipped_diff_units`), so a draw with the same
+    correct-counts as the learned mask is a tie even when float rounding of different
+    (target, other) pairs put it 1e-16 above. Without ``n_problems`` values within
+    :data:`TIE_TOLERANCE` of the learned one count as ties. ``chance`` is the clip of the
+    differences (only read with ``n_problems``). Raises ``ValueError`` on no draws, NaN values,
+    or (with ``n_problems``) values that are not clipped differences over those problems.
     """
     learned = _finite_float(learned_abl_diff, "learned_abl_diff")
     r = np.asarray(random_abl_diffs, dtype=float).reshape(-1)
@@ -153,7 +219,33 @@ def randabl_p(
         raise ValueError("randabl_p needs at least one random draw")
     if np.isnan(r).any():
         raise ValueError("random_abl_diffs contain NaN")
-    return float((1 + np.count_nonzero(r <= learned)) / (1 + r.size))
+    if n_problems is None:
+        at_most = np.count_nonzero(r <= learned + TIE_TOLERANCE)
+    else:
+        k, _ = clipped_diff_units(np.concatenate([[learned], r]), n_problems, chance)
+        at_most = np.count_nonzero(k[1:] <= k[0])
+    return float((1 + at_most) / (1 + r.size))
+
+
+def margins_ok(sub_diff: Any, abl_diff: Any, margin: float = DEFAULT_MARGIN) -> bool:
+    """The margins criterion: ``sub_diff > margin`` and ``abl_diff < -margin``.
+
+    The subnetwork alone solves the target partition better than the other one, and removing it
+    hurts the target partition more than the other one, each by more than ``margin`` (strict
+    inequalities; the paper's whole criterion). False when either value is absent or NaN (a run
+    without the measurement does not pass).
+    """
+    try:
+        s, a = float(sub_diff), float(abl_diff)
+    except (TypeError, ValueError):
+        return False
+    return bool(s > margin and a < -margin)
+
+
+def _usable_flags(row: Mapping[str, Any] | pd.Series) -> tuple[bool, bool]:
+    """(base model usable: ``base_ok`` and not ``bypass``, ``mask_ok``) with their defaults."""
+    flags = {k: _to_bool(_flag(row, k, d), k) for k, d in OPTIONAL_BOOL_DEFAULTS.items()}
+    return flags["base_ok"] and not flags["bypass"], flags["mask_ok"]
 
 
 def run_verdict(
@@ -165,41 +257,79 @@ def run_verdict(
 
     In order of precedence:
 
-    - ``"excluded"``: the base model is not usable (``base_ok`` false, or ``bypass`` true:
-      information reaches the readout around the maskable units);
-    - ``"search failed"``: the mask did not reach the success threshold (``mask_ok`` false); such a
-      run says nothing about compositionality either way;
-    - ``"no random control"``: ``randabl_p`` absent or NaN (no matched random control was run,
-      e.g. results written by an older version): the run cannot be judged either way;
-    - ``"compositional"``: ``sub_diff > margin``, ``abl_diff < -margin`` and ``randabl_p < alpha``
-      (the learned subnetwork's ablation is more specific than a matched random one's);
-    - ``"not compositional"`` otherwise.
+    1. ``"excluded"``: the base model is not usable (``base_ok`` false, or ``bypass`` true:
+       information reaches the readout around the maskable units);
+    2. ``"search failed"``: the mask did not reach the success threshold (``mask_ok`` false);
+       such a run says nothing about compositionality either way;
+    3. ``"not compositional"``: the margins fail (not ``sub_diff > margin`` and
+       ``abl_diff < -margin``, :func:`margins_ok`), whatever ``randabl_p`` says or whether it
+       exists: no random control can make such a run compositional, so it is decided, and
+       counts in every denominator;
+    4. ``"no random control"``: the margins pass but ``randabl_p`` is absent or NaN (no matched
+       random control was run, e.g. results written by an older version): the run cannot be
+       judged either way;
+    5. ``"compositional"``: the margins pass and ``randabl_p <= alpha`` (the learned
+       subnetwork's ablation is more specific than a matched random one's; ``<=`` because the
+       +1 p-value is itself conservative and takes the values ``k / (n + 1)``: 5 / 100 = 0.05
+       passes ``alpha = 0.05``);
+    6. ``"not compositional"`` otherwise (``randabl_p > alpha``).
 
     Absent ``base_ok`` / ``bypass`` / ``mask_ok`` fields take the values of
-    :data:`OPTIONAL_BOOL_DEFAULTS`. ``sub_diff``, ``abl_diff`` and ``randabl_p`` of a usable run
-    must be numbers (NaN raises ``ValueError``: a missing measurement is not a negative result).
+    :data:`OPTIONAL_BOOL_DEFAULTS`. ``sub_diff`` and ``abl_diff`` of a usable run, and
+    ``randabl_p`` when present, must be numbers (NaN ``sub_diff`` / ``abl_diff`` raise
+    ``ValueError``: a missing measurement is not a negative result).
     """
     if not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    flags = {k: _to_bool(_flag(row, k, d), k) for k, d in OPTIONAL_BOOL_DEFAULTS.items()}
-    if not flags["base_ok"] or flags["bypass"]:
+    base_usable, mask_ok = _usable_flags(row)
+    if not base_usable:
         return EXCLUDED
-    if not flags["mask_ok"]:
+    if not mask_ok:
         return SEARCH_FAILED
-    p = _get(row, "randabl_p")
-    if p is None or (isinstance(p, (float, np.floating)) and math.isnan(p)):
-        return NO_CONTROL
     values = {}
-    for k in ("sub_diff", "abl_diff", "randabl_p"):
+    for k in ("sub_diff", "abl_diff"):
         v = _get(row, k)
         if v is None:
             raise ValueError(f"run row lacks {k!r}")
         values[k] = _finite_float(v, k)
-    if values["sub_diff"] > margin and values["abl_diff"] < -margin and values["randabl_p"] < alpha:
+    if not margins_ok(values["sub_diff"], values["abl_diff"], margin):
+        return NOT_COMPOSITIONAL
+    p = _get(row, "randabl_p")
+    if p is None or (isinstance(p, (float, np.floating)) and math.isnan(p)):
+        return NO_CONTROL
+    if _finite_float(p, "randabl_p") <= alpha:
         return COMPOSITIONAL
     return NOT_COMPOSITIONAL
+
+
+def verdict_columns(
+    row: Mapping[str, Any] | pd.Series,
+    margin: float = DEFAULT_MARGIN,
+    alpha: float = RANDABL_ALPHA,
+) -> dict[str, Any]:
+    """The verdict columns of one results row: ours and the paper's criterion side by side.
+
+    - ``verdict``: :func:`run_verdict`; ``compositional``: ``verdict == "compositional"``;
+    - ``margins_ok``: :func:`margins_ok` of the row's ``sub_diff`` / ``abl_diff`` (the margins
+      alone, whatever the flags; False when a value is absent or NaN);
+    - ``paper_compositional``: the paper's criterion, base model usable (``base_ok``, no
+      ``bypass``), mask search succeeded (``mask_ok``) and ``margins_ok``, with no random
+      control (the null of ``randabl_p`` is this library's addition).
+
+    The one place ``results.csv`` rows get these columns (``experiment.verdicts.run_row``);
+    :func:`run_verdicts` computes the same for a table.
+    """
+    verdict = run_verdict(row, margin, alpha)
+    base_usable, mask_ok = _usable_flags(row)
+    margins = margins_ok(_get(row, "sub_diff"), _get(row, "abl_diff"), margin)
+    return {
+        "verdict": verdict,
+        "compositional": verdict == COMPOSITIONAL,
+        "margins_ok": margins,
+        "paper_compositional": bool(base_usable and mask_ok and margins),
+    }
 
 
 def validate_runs(results: pd.DataFrame) -> pd.DataFrame:
@@ -227,13 +357,22 @@ def validate_runs(results: pd.DataFrame) -> pd.DataFrame:
 def run_verdicts(
     results: pd.DataFrame, margin: float = DEFAULT_MARGIN, alpha: float = RANDABL_ALPHA
 ) -> pd.DataFrame:
-    """A copy of ``results`` with ``verdict`` (see :func:`run_verdict`) and ``usable`` columns.
+    """A copy of ``results`` with the :func:`verdict_columns` (``verdict``, ``compositional``,
+    ``margins_ok``, ``paper_compositional``, recomputed from the row's inputs) and ``usable``
+    / ``paper_usable`` columns.
 
-    ``usable`` = base model usable and mask search succeeded (verdict compositional or not).
+    ``usable`` = the run counts for our verdict (verdict compositional or not compositional);
+    ``paper_usable`` = it counts for the paper's criterion (base model usable and mask search
+    succeeded: our usable runs plus those without a random control).
     """
     df = validate_runs(results)
-    df["verdict"] = [run_verdict(r, margin, alpha) for r in df.to_dict("records")]
+    cols = pd.DataFrame(
+        [verdict_columns(r, margin, alpha) for r in df.to_dict("records")], index=df.index
+    )
+    for c in cols.columns:
+        df[c] = cols[c] if c == "verdict" else cols[c].astype(bool)
     df["usable"] = df["verdict"].isin([COMPOSITIONAL, NOT_COMPOSITIONAL])
+    df["paper_usable"] = df["verdict"].isin([COMPOSITIONAL, NOT_COMPOSITIONAL, NO_CONTROL])
     return df
 
 
@@ -291,12 +430,19 @@ def base_model_table(
     """One row per (task, model, init, subroutine, base_seed): the base model as the unit.
 
     Columns: the keys, ``n_runs``, ``n_excluded`` (runs of an excluded / bypassing base model),
-    ``n_failed`` (mask search failed), ``n_no_control`` (no matched random control),
+    ``n_failed`` (mask search failed), ``n_no_control`` (margins pass, no matched random control),
     ``base_ok`` / ``bypass`` (the base model's flags), ``n_usable``, ``n_compositional``,
     ``frac_compositional`` (``n_compositional / n_usable``, NaN without usable runs),
     ``mostly_compositional`` (more than half of the usable runs compositional; False without
     usable runs, see ``has_usable``),
-    ``has_usable`` and ``sub_diff_mean`` / ``abl_diff_mean`` over usable runs.
+    ``has_usable`` and ``sub_diff_mean`` / ``abl_diff_mean`` over usable runs; and the same
+    for the paper's criterion (:func:`verdict_columns`: margins only, no random control):
+    ``n_paper_usable`` (runs of a usable base model whose search succeeded),
+    ``n_paper_compositional``, ``paper_frac_compositional``, ``paper_mostly_compositional``,
+    ``has_paper_usable``.
+
+    Every count follows from :func:`run_verdict`: a run that fails a margin is usable and not
+    compositional, a run without a random control is left out only when it passes the margins.
     """
     df = run_verdicts(results, margin, alpha)
     rows = []
@@ -305,6 +451,9 @@ def base_model_table(
         n_usable = len(u)
         n_comp = int((u["verdict"] == COMPOSITIONAL).sum())
         frac = n_comp / n_usable if n_usable else float("nan")
+        pu = g[g["paper_usable"]]
+        n_pu = len(pu)
+        n_pc = int(pu["paper_compositional"].sum())
         row = dict(zip(BASE_KEYS, key))
         row.update(
             n_runs=len(g),
@@ -320,6 +469,11 @@ def base_model_table(
             has_usable=n_usable > 0,
             sub_diff_mean=float(pd.to_numeric(u["sub_diff"]).mean()) if n_usable else np.nan,
             abl_diff_mean=float(pd.to_numeric(u["abl_diff"]).mean()) if n_usable else np.nan,
+            n_paper_usable=n_pu,
+            n_paper_compositional=n_pc,
+            paper_frac_compositional=n_pc / n_pu if n_pu else float("nan"),
+            paper_mostly_compositional=bool(n_pu > 0 and 2 * n_pc > n_pu),
+            has_paper_usable=n_pu > 0,
         )
         rows.append(row)
     return pd.DataFrame(rows)
@@ -341,7 +495,11 @@ def summarize_cells(
     NaN bounds with one base model); run counts ``runs_total``, ``runs_usable``, ``runs_failed``,
     ``runs_excluded``, ``runs_no_control``, ``runs_compositional``; base-model flags
     ``base_models_excluded`` (``base_ok`` false: failed the composite task on validation) and
-    ``base_models_bypass`` (passed it but flagged ``bypass``).
+    ``base_models_bypass`` (passed it but flagged ``bypass``); the paper's criterion beside
+    ours (margins only, no random control; :func:`verdict_columns`): ``paper_n_base_models``
+    (base models with a run whose search succeeded), ``paper_base_models_compositional`` (of
+    those, the ones whose such runs are mostly paper-compositional), ``paper_runs_usable`` and
+    ``paper_runs_compositional``.
     """
     bm = base_model_table(results, margin, alpha)
     rows = []
@@ -371,6 +529,10 @@ def summarize_cells(
             base_models_excluded=int((~g["base_ok"]).sum()),
             base_models_bypass=int((g["base_ok"] & g["bypass"]).sum()),
             runs_compositional=int(g["n_compositional"].sum()),
+            paper_n_base_models=int(g["has_paper_usable"].sum()),
+            paper_base_models_compositional=int(g["paper_mostly_compositional"].sum()),
+            paper_runs_usable=int(g["n_paper_usable"].sum()),
+            paper_runs_compositional=int(g["n_paper_compositional"].sum()),
         )
         rows.append(row)
     return pd.DataFrame(rows)

@@ -58,11 +58,13 @@ _BOOL_COLUMNS: dict[str, bool | None] = {
     "bypass": False,
     "mask_ok": True,
     "compositional": None,
+    "margins_ok": None,
+    "paper_compositional": None,
 }
 #: File name of the agreement table in an experiment folder.
 AGREEMENT_CSV = "agreement.csv"
 #: Verdicts whose runs enter the per-kind densities (the mask search succeeded on a usable base
-#: model; the run may still lack a random control).
+#: model; a run that passes the margins may still lack a random control).
 _DENSITY_VERDICTS = (inference.COMPOSITIONAL, inference.NOT_COMPOSITIONAL, inference.NO_CONTROL)
 
 
@@ -89,8 +91,9 @@ def validate_results(results: pd.DataFrame) -> pd.DataFrame:
     """Check the columns of a results table and return a copy with boolean columns as bool.
 
     Raises ``ValueError`` naming the missing columns. Optional columns written by newer versions
-    (``mask_ok``, ``randabl_p``, ``bypass``, ``verdict``) may be absent: see
-    :func:`inference.validate_runs` for how their absence is read.
+    (``mask_ok``, ``randabl_p``, ``bypass``, ``verdict``, ``margins_ok``,
+    ``paper_compositional``) may be absent: see :func:`inference.validate_runs` for how their
+    absence is read (the verdict columns are recomputed by :func:`inference.run_verdicts`).
     """
     if not isinstance(results, pd.DataFrame):
         raise ValueError(f"results must be a pandas DataFrame, got {type(results).__name__}")
@@ -404,10 +407,12 @@ def summary_frame(
 
     One row per (task, model, init, subroutine): base-model counts with their Clopper-Pearson
     interval, run counts (usable, search failed, excluded, no random control, compositional),
-    t intervals of the mean ``sub_diff`` / ``abl_diff`` over base models, the permutation test
-    against the control init with ``p_value`` / ``p_holm`` (Holm over the experiment's family)
-    and the GEE columns; then ``density_mean`` (mean ``density`` column of the same runs as the
-    per-kind densities) and ``density_<kind>`` per unit kind (:func:`cell_densities`).
+    the paper criterion's run and base-model counts beside them (``paper_*``: margins only, no
+    random control), t intervals of the mean ``sub_diff`` / ``abl_diff`` over base models, the
+    permutation test against the control init with ``p_value`` / ``p_holm`` (Holm over the
+    experiment's family) and the GEE columns; then ``density_mean`` (mean ``density`` column
+    of the same runs as the per-kind densities) and ``density_<kind>`` per unit kind
+    (:func:`cell_densities`).
     ``margin`` defaults to the manifest's.
     """
     results = load_results(out_dir) if results is None else validate_results(results)

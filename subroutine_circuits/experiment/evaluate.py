@@ -14,8 +14,13 @@ in ``ablators`` (resample needs token inputs: CNNs have no ``ablresample_*``).
 ``randabl_p`` (:func:`~subroutine_circuits.analysis.inference.randabl_p`) is the share of
 random draws (the learned mask counted as one) whose ``abl_diff`` is at most the learned one's:
 small when the learned subnetwork's removal is more specific to its subroutine than removing
-any subnetwork of the same shape. Draws are skipped (``randabl_p`` NaN) for runs that cannot
-be compositional anyway (``usable`` false: search failed, base model excluded or bypassed).
+any subnetwork of the same shape. Ties are decided exactly: the numbers of test problems of the
+two partitions go to ``randabl_p``, which compares the clipped differences as integers on
+their lattice (accuracies are correct-counts over those numbers), so equal counts are equal
+whatever the float rounding. Draws are skipped (``randabl_p`` NaN) for runs that cannot be
+compositional anyway (``usable`` false: search failed, base model excluded or bypassed; with a
+``margin``, also runs that fail a margin, which ``run_verdict`` calls not compositional
+without a random control).
 
 All conditions of all runs of a base model go through
 :func:`~subroutine_circuits.experiment.batched.evaluate_fixed_masks` in batches (unit masks).
@@ -77,9 +82,18 @@ def _kind_counts(mask: Any) -> dict[str, Any]:
 
 
 def _random_columns(
-    learned_abl_diff: float, target: np.ndarray, other: np.ndarray, n_distinct: int, chance: float
+    learned_abl_diff: float,
+    target: Float[np.ndarray, " n_draws"],
+    other: Float[np.ndarray, " n_draws"],
+    n_distinct: int,
+    chance: float,
+    n_problems: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """randabl_* columns from the random draws' accuracies (NaN when none were drawn)."""
+    """randabl_* columns from the random draws' accuracies (NaN when none were drawn).
+
+    ``n_problems``: the numbers of (target, other) test problems the accuracies are
+    correct-counts over; with it ``randabl_p`` decides ties exactly
+    (:func:`~subroutine_circuits.analysis.inference.randabl_p`)."""
     from subroutine_circuits.analysis.inference import randabl_p
 
     if len(target) == 0:
@@ -98,7 +112,7 @@ def _random_columns(
         "randabl_other_acc": float(other.mean()),
         "randabl_diff": float(diffs.mean()),
         "randabl_diff_mean": float(diffs.mean()),
-        "randabl_p": randabl_p(learned_abl_diff, diffs),
+        "randabl_p": randabl_p(learned_abl_diff, diffs, n_problems, chance),
         "randabl_n_distinct": int(n_distinct),
     }
 
@@ -183,13 +197,26 @@ def evaluate_unit_runs(
         row = _matrix_row(a, chance, chosen)
         row.update(_kind_counts(r.mask))
         rows.append(row)
-    need = [
-        r.usable and (margin is None or (row["sub_diff"] > margin and row["abl_diff"] < -margin))
-        for r, row in zip(runs, rows)
-    ]
+    need = [_needs_controls(r, row, margin) for r, row in zip(runs, rows)]
     _add_random_controls(adapter, runs, rows, learned, need, test, ablators[chosen], n_random,
                          chance)  # fmt: skip
     return rows
+
+
+def _needs_controls(run: RunToEvaluate, row: dict[str, Any], margin: float | None) -> bool:
+    """Whether a run gets random draws: usable, and with ``margin`` given, passing both margins
+    (:func:`~subroutine_circuits.analysis.inference.margins_ok`; the verdict of a run that
+    fails one is "not compositional" whatever the draws)."""
+    from subroutine_circuits.analysis.inference import margins_ok
+
+    return bool(
+        run.usable and (margin is None or margins_ok(row["sub_diff"], row["abl_diff"], margin))
+    )
+
+
+def _n_problems(test: dict[str, EncodedProblems], run: RunToEvaluate) -> tuple[int, int]:
+    """Numbers of test problems of a run's (target, other) partitions."""
+    return len(test[f"partition_{run.subroutine}"]), len(test[f"partition_{run.other}"])
 
 
 def _add_random_controls(adapter, runs, rows, learned, need, test, ablator, n_random, chance):
@@ -216,7 +243,7 @@ def _add_random_controls(adapter, runs, rows, learned, need, test, ablator, n_ra
         tt = np.asarray(acc[t][start : start + n]) if n else np.zeros(0)
         oo = np.asarray(acc[o][start : start + n]) if n else np.zeros(0)
         nd = n_distinct(draws[i]) if n else 0
-        row.update(_random_columns(row["abl_diff"], tt, oo, nd, chance))
+        row.update(_random_columns(row["abl_diff"], tt, oo, nd, chance, _n_problems(test, r)))
         row["n_random"] = n
         start += n
 
@@ -281,16 +308,14 @@ def evaluate_weight_runs(
         }
         row = _matrix_row(a, chance, "zero")
         rand = []
-        if r.usable and (
-            margin is None or (row["sub_diff"] > margin and row["abl_diff"] < -margin)
-        ):
+        if _needs_controls(r, row, margin):
             for j in range(n_random):
                 d = r.mask.random_like(seed=r.draw_seed + j, per_param=True).flat_binary()
                 rand.append((d, r.mask.fixed_like(~d.bool())))
         tt = np.asarray([adapter.accuracy(test[t], m) for _, m in rand])
         oo = np.asarray([adapter.accuracy(test[o], m) for _, m in rand])
         distinct = len({tuple(d.tolist()) for d, _ in rand})
-        row.update(_random_columns(row["abl_diff"], tt, oo, distinct, chance))
+        row.update(_random_columns(row["abl_diff"], tt, oo, distinct, chance, _n_problems(test, r)))
         row["n_random"] = len(rand)
         row.update(_kind_counts(r.mask))
         rows.append(row)
@@ -316,10 +341,11 @@ def ablation_matrix(
     ``reference`` supplies the stimuli of the mean / resample ablation (a balanced set such as
     the training composite problems; required unless ``ablation == "zero"``). Unit masks get
     ``abl<kind>_*`` columns for all three ablations; weight masks zero their weights. The
-    ``verdict`` / ``compositional`` columns assume a usable base model and a successful search
-    (check ``mask_val_acc`` yourself).
+    ``verdict`` / ``compositional`` / ``margins_ok`` / ``paper_compositional`` columns
+    (:func:`~subroutine_circuits.analysis.inference.verdict_columns`) assume a usable base model
+    and a successful search (check ``mask_val_acc`` yourself).
     """
-    from subroutine_circuits.analysis.inference import COMPOSITIONAL, run_verdict
+    from subroutine_circuits.analysis.inference import verdict_columns
     from subroutine_circuits.masks.ablator import reference_ablator, supported_ablations
 
     run = RunToEvaluate(subroutine, other, seed, mask, True, draw_seed=seed)
@@ -336,6 +362,5 @@ def ablation_matrix(
         row = evaluate_unit_runs(adapter, [run], test, abls, ablation, n_random, chance)[0]
     else:
         row = evaluate_weight_runs(adapter, [run], test, n_random, chance)[0]
-    row["verdict"] = run_verdict(row, margin=margin)
-    row["compositional"] = row["verdict"] == COMPOSITIONAL
+    row.update(verdict_columns(row, margin=margin))
     return row

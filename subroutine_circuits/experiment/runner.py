@@ -29,7 +29,8 @@ from subroutine_circuits.utils import resolve_device
 #: Column order of results.csv (each column is documented in docs/RESULTS.md).
 RESULT_COLUMNS = [
     "task", "model", "init", "base_seed", "mask_seed", "subroutine", "other", "mask_kind",
-    "verdict", "compositional", "base_ok", "bypass", "mask_ok", "mask_val_acc", "mask_steps",
+    "verdict", "compositional", "margins_ok", "paper_compositional", "base_ok", "bypass",
+    "mask_ok", "mask_val_acc", "mask_steps",
     "mask_best_step", "mask_stopped_early", "mask_final_temp", "ablation",
     "density", "n_kept", "density_head", "density_neuron", "n_kept_head", "n_kept_neuron",
     "composite_acc", "composite_val_acc", "full_target_acc", "full_other_acc",
@@ -49,12 +50,24 @@ RESUMABLE_FIELDS = (
 )  # fmt: skip
 
 
-def collect_results(out: str | os.PathLike):
-    """Assemble ``results.csv`` from the finished run files; returns the DataFrame."""
+def collect_results(out: str | os.PathLike, margin: float | None = None):
+    """Assemble ``results.csv`` from the finished run files; returns the DataFrame.
+
+    With ``margin`` (the study's), the verdict columns (``verdict``, ``compositional``,
+    ``margins_ok``, ``paper_compositional``) are recomputed from each row's inputs with
+    :func:`~subroutine_circuits.analysis.inference.verdict_columns`, so that run files written
+    by an older version (another verdict order, no ``margins_ok``) agree with this one's.
+    """
     import pandas as pd
 
     store = RunStore(out)
     df = pd.DataFrame(store.read_runs())
+    if len(df) and margin is not None:
+        from subroutine_circuits.analysis.inference import verdict_columns
+
+        cols = [verdict_columns(r, margin=margin) for r in df.to_dict("records")]
+        for c, values in pd.DataFrame(cols, index=df.index).items():
+            df[c] = values
     if len(df):
         cols = [c for c in RESULT_COLUMNS if c in df.columns]
         df = df[cols + [c for c in df.columns if c not in cols]]
@@ -301,7 +314,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, progress: 
         _record_interrupted(cfg, store, executor, previous, t0, t_prep)
         raise
     t_runs = time.time() - t0 - t_prep
-    df = collect_results(store.root)
+    df = collect_results(store.root, cfg.margin)
     stages = sum_stage_times([i.get("stage_times", {}) for i in infos])
     stages["summary_s"] += finish_outputs(cfg, store.root)["summary_s"]
     timings = {"prepare_s": t_prep, "runs_s": t_runs, **stages}

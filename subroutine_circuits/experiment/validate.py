@@ -163,7 +163,8 @@ def planted_model(kind: str, seed: int, out: Path, pcfg: Any, prep: Any, key: di
 def _fallback_randabl_p(base: Any, run: dict, mask: Any, cfg: Any) -> float:
     """``randabl_p`` of a run whose row lacks it: the learned ``abl_diff`` against ``N_RANDOM``
     random subnetworks with as many units per (layer, kind), ablated as ``evaluate.py`` ablates
-    the learned one (same ablation, same reference: the subroutine's training problems)."""
+    the learned one (same ablation, same reference: the subroutine's training problems); ties
+    decided exactly over the numbers of test problems of the two partitions."""
     from subroutine_circuits.analysis.inference import randabl_p
     from subroutine_circuits.experiment.batched import evaluate_fixed_masks, matched_random_masks
     from subroutine_circuits.masks import UnitMask
@@ -186,7 +187,8 @@ def _fallback_randabl_p(base: Any, run: dict, mask: Any, cfg: Any) -> float:
     }  # fmt: skip
     diffs = [clipped_diff(float(t), float(o), cfg.chance)
              for t, o in zip(acc["subroutine"], acc["other"])]  # fmt: skip
-    return randabl_p(float(run["abl_diff"]), diffs)
+    n_problems = tuple(len(test[f"partition_{run[part]}"]) for part in ("subroutine", "other"))
+    return randabl_p(float(run["abl_diff"]), diffs, n_problems, cfg.chance)
 
 
 def run_verdict_row(
@@ -286,7 +288,7 @@ def validate_model(
     job = BaseModelJob(cfg, str(store.root), prep.label, INIT_OF.get(kind, "trained"), seed)
     meta = {"init": job.init, "seed": seed, "planted": _jsonable(planted.summary())}
     run_base_model_job(job, prep, given=(planted.model, meta))
-    collect_results(store.root)
+    collect_results(store.root, cfg.margin)
     rows = score_model(planted, store, job, prep)
     timing = {"build_s": built, "study_s": time.perf_counter() - t0 - built}
     return rows, {"summary": _jsonable(planted.summary()), **timing}

@@ -13,10 +13,14 @@ Per base model, in order:
 3. **Masks** (:func:`run_masks_stage`): every (subroutine, grid point, mask seed) trained to
    convergence (one batched loop for unit masks), a grid point chosen per subroutine on
    validation data, then the ablation matrix and matched random controls on test problems.
-4. **Verdict** per run (:func:`~subroutine_circuits.analysis.inference.run_verdict`):
-   "excluded" (base model fails its VALIDATION composite accuracy, or bypass), "search failed"
-   (``mask_val_acc < mask_min_acc``), "compositional" (``sub_diff > margin``,
-   ``abl_diff < -margin``, ``randabl_p < 0.05``) or "not compositional".
+4. **Verdict** per run (:func:`~subroutine_circuits.analysis.inference.run_verdict`), in
+   this order: "excluded" (base model fails its VALIDATION composite accuracy, or bypass),
+   "search failed" (``mask_val_acc < mask_min_acc``), "not compositional" when a margin fails
+   (not ``sub_diff > margin`` and ``abl_diff < -margin``, whatever ``randabl_p``), "no random
+   control" (margins pass, ``randabl_p`` NaN), "compositional" (``randabl_p <= 0.05``) or
+   "not compositional". Beside it the row gets ``margins_ok`` and ``paper_compositional``
+   (the paper's criterion: usable base model, ``mask_ok`` and the margins, no random control;
+   :func:`~subroutine_circuits.analysis.inference.verdict_columns`).
 """
 
 from __future__ import annotations
@@ -152,8 +156,9 @@ def _evaluate(base, cfg, runs_by_key, others, base_seed: int) -> dict[str, dict[
 
 
 def run_row(base_job, base, ev, run, hp: dict, row: dict, rel: str) -> dict[str, Any]:
-    """The results.csv row of one run (columns documented in docs/RESULTS.md)."""
-    from subroutine_circuits.analysis.inference import COMPOSITIONAL, run_verdict
+    """The results.csv row of one run (columns documented in docs/RESULTS.md); its verdict
+    columns come from :func:`~subroutine_circuits.analysis.inference.verdict_columns`."""
+    from subroutine_circuits.analysis.inference import verdict_columns
 
     cfg, meta = base_job.cfg, base.meta
     row.update(
@@ -182,8 +187,7 @@ def run_row(base_job, base, ev, run, hp: dict, row: dict, rel: str) -> dict[str,
         hparams=json.dumps(hp, sort_keys=True),
         val_score=run.val_acc,
     )
-    row["verdict"] = run_verdict(row, margin=cfg.margin)
-    row["compositional"] = row["verdict"] == COMPOSITIONAL
+    row.update(verdict_columns(row, margin=cfg.margin))
     return row
 
 

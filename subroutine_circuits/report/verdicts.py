@@ -63,6 +63,13 @@ def _control(r: pd.Series) -> str:
     return str(r["control_init"])
 
 
+#: summary.csv columns of the paper's criterion (absent from an older summary.csv).
+_PAPER_COLUMNS = (
+    "paper_base_models_compositional", "paper_n_base_models", "paper_runs_compositional",
+    "paper_runs_usable",
+)  # fmt: skip
+
+
 def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The human-readable verdict table: one row per cell of summary.csv."""
     rows = []
@@ -89,6 +96,11 @@ def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
         }
         if int(summary.get("runs_no_control", pd.Series([0])).sum()) > 0:
             row["no random control"] = int(r.get("runs_no_control", 0))
+        if all(c in summary.columns for c in _PAPER_COLUMNS):
+            row["paper criterion: base models / runs"] = (
+                f"{int(r['paper_base_models_compositional'])}/{int(r['paper_n_base_models'])}; "
+                f"{int(r['paper_runs_compositional'])}/{int(r['paper_runs_usable'])}"
+            )
         for c in kinds:
             row[f"{c.removeprefix('density_')}s kept"] = _pct(r[c])
         rows.append(row)
@@ -99,10 +111,14 @@ _VERDICT_TEXT = (
     "<p>A <b>run</b> (one mask of one base model) is <i>compositional</i> when its mask search "
     "succeeded (<code>mask_ok</code>: validation accuracy on its own subroutine at least the "
     "success threshold), sub_diff &gt; {m}, abl_diff &lt; -{m} and its ablation beats matched "
-    "random subnetworks (<code>randabl_p</code> &lt; 0.05). Runs whose search failed are "
+    "random subnetworks (<code>randabl_p</code> &le; 0.05). A run that fails a margin is "
+    "<i>not compositional</i> whatever the random control says. Runs whose search failed are "
     "<i>search failed</i>, runs of base models that failed the composite task (on validation "
-    "data) or let information bypass the masks are <i>excluded</i>: neither counts as "
-    "compositional nor as not compositional.</p>"
+    "data) or let information bypass the masks are <i>excluded</i>, runs that pass both "
+    "margins but have no random control are <i>no random control</i>: none of these counts as "
+    "compositional nor as not compositional. <i>Paper criterion</i>: the same counts with the "
+    "margins alone (no random control), base models mostly compositional / usable; runs "
+    "compositional / usable.</p>"
     "<p>The <b>base model</b> is the unit of analysis (mask seeds of one model search the same "
     "weights). A base model counts as compositional when more than half of its usable runs "
     "are; the interval of that count is exact (Clopper-Pearson, 95%). Differences are means "

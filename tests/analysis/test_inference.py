@@ -71,17 +71,23 @@ def test_run_verdict_branches_and_precedence():
     assert inf.run_verdict({**good, "base_ok": False, "mask_ok": False}) == "excluded"
     assert inf.run_verdict({**good, "bypass": "True"}) == "excluded"
     assert inf.run_verdict({**good, "mask_ok": "False"}) == "search failed"
-    # each condition alone blocks the verdict; boundaries are strict
+    # each condition alone blocks the verdict; the margins are strict, alpha is included
+    # (randabl_p takes the values k / (n + 1): 5 / 100 = 0.05 passes alpha = 0.05)
     assert inf.run_verdict({**good, "sub_diff": 0.05}, 0.05) == "not compositional"
     assert inf.run_verdict({**good, "abl_diff": -0.05}, 0.05) == "not compositional"
-    assert inf.run_verdict({**good, "randabl_p": 0.05}, 0.05) == "not compositional"
+    assert inf.run_verdict({**good, "randabl_p": 0.05}, 0.05) == "compositional"
+    assert inf.run_verdict({**good, "randabl_p": 0.0501}, 0.05) == "not compositional"
     assert inf.run_verdict({**good, "randabl_p": 0.049}, 0.05) == "compositional"
     # absent optional flags take their defaults; a Series works like a dict
     minimal = {k: good[k] for k in ("sub_diff", "abl_diff", "randabl_p")}
     assert inf.run_verdict(pd.Series(minimal)) == "compositional"
-    # no matched random control: neither compositional nor not, and never an error
+    # no matched random control on a run that passes the margins: neither compositional nor
+    # not, and never an error; a run that fails a margin is not compositional without one
     assert inf.run_verdict({**good, "randabl_p": float("nan")}) == "no random control"
     assert inf.run_verdict({k: good[k] for k in ("sub_diff", "abl_diff")}) == "no random control"
+    bad = _run("trained", 0, 0, False)
+    assert inf.run_verdict({**bad, "randabl_p": float("nan")}) == "not compositional"
+    assert inf.run_verdict({k: bad[k] for k in ("sub_diff", "abl_diff")}) == "not compositional"
     # an empty flag cell (NaN) takes the flag's default
     assert inf.run_verdict({**good, "bypass": float("nan")}) == "compositional"
     with pytest.raises(ValueError, match="sub_diff"):
@@ -95,13 +101,21 @@ def test_run_verdict_branches_and_precedence():
 def test_validate_runs_names_missing_columns():
     with pytest.raises(ValueError, match="abl_diff"):
         inf.run_verdicts(pd.DataFrame([_run("trained", 0, 0, True)]).drop(columns="abl_diff"))
-    # old results without the matched random control: every usable run is "no random control"
+    # old results without the matched random control: every run that passes the margins is
+    # "no random control", one that fails a margin is decided (not compositional)
     old = pd.DataFrame([_run("trained", 0, m, True) for m in range(3)]).drop(columns="randabl_p")
     v = inf.run_verdicts(old)
     assert (v["verdict"] == "no random control").all() and not v["usable"].any()
+    assert v["paper_usable"].all() and v["paper_compositional"].all()
     cells = inf.summary_table(old)
     assert cells.loc[0, "n_base_models"] == 0 and cells.loc[0, "runs_no_control"] == 3
     assert math.isnan(cells.loc[0, "base_models_compositional_frac"])
+    assert cells.loc[0, "paper_base_models_compositional"] == 1
+    assert cells.loc[0, "paper_runs_compositional"] == cells.loc[0, "paper_runs_usable"] == 3
+    mixed = pd.DataFrame([_run("trained", 0, 0, True), _run("trained", 0, 1, False)])
+    v = inf.run_verdicts(mixed.drop(columns="randabl_p"))
+    assert v["verdict"].tolist() == ["no random control", "not compositional"]
+    assert v["usable"].tolist() == [False, True]
     with pytest.raises(ValueError, match="no rows"):
         inf.run_verdicts(pd.DataFrame(columns=list(inf.REQUIRED_COLUMNS)))
     with pytest.raises(ValueError, match="DataFrame"):

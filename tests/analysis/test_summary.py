@@ -23,7 +23,7 @@ def _by_hand(df: pd.DataFrame, margin: float = 0.05) -> dict:
             u = b[b["base_ok"] & b["mask_ok"]]
             if u.empty:
                 continue
-            comp = (u["sub_diff"] > margin) & (u["abl_diff"] < -margin) & (u["randabl_p"] < 0.05)
+            comp = (u["sub_diff"] > margin) & (u["abl_diff"] < -margin) & (u["randabl_p"] <= 0.05)
             fracs.append(comp.mean())
             mostly.append(2 * comp.sum() > len(u))
             subm.append(u["sub_diff"].mean())
@@ -100,15 +100,26 @@ def stats_sem(values: list) -> float:
 
 
 def test_summary_of_legacy_results_degrades(tmp_path):
-    """Results without randabl_p / mask_ok: no crash, no verdict, counts say why."""
-    make_experiment(tmp_path, inits=("trained", "random_init"), n_base=2, n_mask=2, legacy=True)
+    """Results without randabl_p / mask_ok: no crash, no run called compositional, counts say
+    why: runs that pass the margins have no random control, runs that fail one are decided
+    (not compositional), and the paper's criterion counts the margins alone."""
+    df = make_experiment(
+        tmp_path, inits=("trained", "random_init"), n_base=2, n_mask=2, legacy=True
+    )
     path = stats.write_summary(tmp_path)
-    s = pd.read_csv(path)
-    assert (s["n_base_models"] == 0).all()
-    assert s["base_models_compositional_frac"].isna().all()
-    assert s["p_value"].isna().all()
-    ok_runs = s["runs_total"] - s["runs_excluded"]
-    assert (s["runs_no_control"] == ok_runs).all()
+    s = pd.read_csv(path).set_index(["init", "subroutine"])
+    assert (s["base_models_compositional"] == 0).all() and (s["runs_compositional"] == 0).all()
+    for (init, sub), g in df.groupby(["init", "subroutine"]):
+        ok = g[g["base_ok"]]
+        margins = (ok["sub_diff"] > 0.05) & (ok["abl_diff"] < -0.05)
+        row = s.loc[(init, sub)]
+        assert row["runs_no_control"] == margins.sum()
+        assert row["runs_usable"] == (~margins).sum()
+        assert row["n_base_models"] == ok.loc[~margins, "base_seed"].nunique()
+        assert row["paper_runs_usable"] == len(ok)
+        assert row["paper_runs_compositional"] == margins.sum()
+        share = margins.groupby(ok["base_seed"]).mean()
+        assert row["paper_base_models_compositional"] == (share > 0.5).sum()
 
 
 def test_summary_rejects_missing_columns(tmp_path):

@@ -164,6 +164,7 @@ def test_results_columns_and_rows(small_run):
         "task", "model", "init", "base_seed", "mask_seed", "subroutine", "mask_kind",
         "density", "sub_target_acc", "sub_other_acc", "abl_target_acc", "abl_other_acc",
         "sub_diff", "abl_diff", "randabl_target_acc", "randabl_other_acc", "compositional",
+        "margins_ok", "paper_compositional",
     ]:  # fmt: skip
         assert col in on_disk.columns, col
     clipped = on_disk["sub_target_acc"].clip(lower=0.25) - on_disk["sub_other_acc"].clip(lower=0.25)

@@ -52,18 +52,24 @@ def run(tmp_path_factory):
 
 
 def test_verdict_columns_follow_the_rules(run):
-    """mask_ok, randabl_p and the verdict follow their definitions on every row."""
+    """mask_ok, randabl_p, the verdict and the paper's criterion follow their definitions on
+    every row."""
     from subroutine_circuits.analysis.inference import run_verdict
 
     cfg, out, df = run
     assert len(df) == 2 * 2 * 2
     for col in ("mask_ok", "mask_val_acc", "mask_steps", "randabl_p", "randabl_diff_mean",
                 "randabl_n_distinct", "verdict", "bypass", "composite_val_acc",
-                "ablzero_target_acc", "ablresample_other_acc", "density_head"):  # fmt: skip
+                "ablzero_target_acc", "ablresample_other_acc", "density_head", "margins_ok",
+                "paper_compositional"):  # fmt: skip
         assert col in df.columns, col
     for _, r in df.iterrows():
         assert r.verdict == run_verdict(r, margin=cfg.margin)
         assert bool(r.compositional) == (r.verdict == "compositional")
+        margins = bool(r.sub_diff > cfg.margin and r.abl_diff < -cfg.margin)
+        assert bool(r.margins_ok) == margins
+        usable_base = bool(r.base_ok) and not bool(r.bypass)
+        assert bool(r.paper_compositional) == (usable_base and bool(r.mask_ok) and margins)
         assert bool(r.mask_ok) == (r.mask_val_acc >= cfg.mask_min_acc)
         assert 1 <= r.mask_steps <= 12  # ceil(3 epochs * 120 / 32) = 12
         usable = bool(r.base_ok) and not bool(r.bypass) and bool(r.mask_ok)
@@ -76,7 +82,8 @@ def test_verdict_columns_follow_the_rules(run):
         base_ok = r.init == "random_init" or r.composite_val_acc >= cfg.min_composite_acc
         assert bool(r.base_ok) == base_ok  # validation, never test accuracy
     comp = df[df["compositional"].astype(bool)]
-    assert comp["mask_ok"].all() and (comp["randabl_p"] < 0.05).all()
+    assert comp["mask_ok"].all() and (comp["randabl_p"] <= 0.05).all()
+    assert comp["margins_ok"].all() and comp["paper_compositional"].all()
     assert set(df["ablation"]) == {"mean"}
 
 
