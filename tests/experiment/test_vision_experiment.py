@@ -226,8 +226,9 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def test_tuned_allocator_stops_page_faults_of_cnn_passes():
     """With ``tune_cpu_allocator`` the few-MB activations of CNN passes on the CPU are reused
-    from the heap: page faults over 5 training passes drop by far more than 5x (glibc's
-    defaults return the freed blocks to the system, so every pass faults them in again)."""
+    from the heap: page faults over 5 training passes never rise, and drop by far more than 5x
+    where glibc's defaults return the freed blocks to the system (every pass faults them in
+    again; measured with AVX-512 kernels, not with AVX2 ones, which fault not at all)."""
     import os
     import subprocess
     import sys
@@ -244,4 +245,8 @@ def test_tuned_allocator_stops_page_faults_of_cnn_passes():
         assert not got["1"][0]
         return
     assert got["1"][0] and not got["0"][0]
-    assert got["1"][1] * 5 < got["0"][1], got
+    assert got["1"][1] <= got["0"][1], got
+    # the drop shows only where glibc's defaults fault at all: with oneDNN's AVX2 kernels
+    # (ONEDNN_MAX_CPU_ISA=AVX2) the passes' blocks stayed on the heap, 0 faults either way
+    if got["0"][1] >= 50:
+        assert got["1"][1] * 5 < got["0"][1], got
