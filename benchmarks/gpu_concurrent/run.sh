@@ -25,15 +25,11 @@ kill "$smi"
 for name in small_preset minilm_encoder demo; do echo "=== $name"; tail -n 40 "/tmp/gpuc/$name.log"; done > "$out/runs.log"
 python3 - "$out/peaks.json" <<'PY'
 import json, sys, pathlib
+# each job's peak GPU memory, as the runner writes it into manifest.json (None: not finished)
 peaks = {}
 for name in ("small_preset", "minilm_encoder", "demo"):
-    runs = pathlib.Path("/tmp/gpuc") / name / "runs"
-    rows = {}
-    for f in sorted(runs.glob("*/job.json")) if runs.exists() else []:
-        d = json.loads(f.read_text())
-        rows[f.parent.name] = {k: d.get(k) for k in ("peak_gpu_memory_gb", "gpu_memory_budget_gb", "total")}
     man = pathlib.Path("/tmp/gpuc") / name / "manifest.json"
-    peaks[name] = {"jobs": rows, "manifest": json.loads(man.read_text()).get("peak_gpu_memory_gb") if man.exists() else None}
+    peaks[name] = json.loads(man.read_text()).get("peak_gpu_memory_gb") if man.exists() else None
 json.dump(peaks, open(sys.argv[1], "w"), indent=1)
 PY
 (cd "$root" && timeout 110 python3 benchmarks/gpu_memory_check.py > "$out/oom.log" 2>&1; echo "EXIT $?" >> "$out/oom.log")

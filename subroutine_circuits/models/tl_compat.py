@@ -101,7 +101,9 @@ def make_native_model(
         The model in eval mode, with ``sc_pool`` set to ``spec.pool``. On 3.x with
         ``backend="auto"`` this is exactly :func:`presets.make_model` (same weights per seed).
         Bridge models use TransformerLens' native initialiser, so their weights differ from a
-        ``HookedTransformer``'s for the same seed.
+        ``HookedTransformer``'s for the same seed. The library's own preset models come from
+        :func:`presets.make_model`, which on 4.x builds a ``NativeTransformer`` (the
+        ``HookedTransformer`` of 3.9, same weights per seed), not a bridge.
     """
     spec = spec if spec is not None else ModelSpec()
     if not isinstance(spec, ModelSpec):
