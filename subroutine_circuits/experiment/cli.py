@@ -175,7 +175,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
         seed=args.seed,
         readout=meta.get("readout", "ooo"),
         out_dir=str(out_dir),
-        split_seed=int(meta.get("split_seed", 0)),  # pairs from the model's test split
+        split_seed=int(meta.get("split_seed", 0)),  # the model's val / test splits
     )
     test = test_problems_for(task, args.n, args.seed, int(meta.get("split_seed", 0)))
     rows = []

@@ -10,18 +10,27 @@ breaks ``p`` (it is the odd one), the corrupted input is its minimal pair with `
 For label-token models the metric is ``logit[yes] - logit[no]`` at the last position.
 Pairs are grouped by token count, so no padding is needed; results of the groups are merged.
 
-No test data decides anything, and no mask-training data is measured on: every text of a
-minimal pair and of its contexts comes from the ``test`` split of the study (``cfg.split``,
-``cfg.split_seed``: the hash split of :func:`subroutine_circuits.tasks.split_of`). The pairs
-form two DISJOINT sets (no clean or corrupted text in both): *scoring* pairs decide which units
-matter and which circuit is chosen (scores, top-k, smallest faithful circuit), *faithfulness*
-pairs measure the chosen circuits (faithfulness curve, CPR / CMD, ``f_k``, ``f_faithful``).
-Thin data: when the split holds fewer minimal pairs than asked, the pairs found are shared
-between the two sets in the asked ratio and a :class:`PairShortageWarning` says so; with no
-scoring or no faithfulness pair the subroutine is skipped (a ``skipped`` row), never the study.
-Cross-ablation removes the circuit with the mask experiment's ablation, whose mean values come
-from the mask experiment's reference set (training composite problems, position-aware), and
-measures accuracy on the test partitions.
+No test data decides anything, and no mask-training data is measured on. The pairs form two
+DISJOINT sets (no clean or corrupted text in both), each from its own split of the study's hash
+split (``cfg.split_seed``: :func:`subroutine_circuits.tasks.split_of`; the clean, corrupted and
+context texts of a pair all come from its set's split):
+
+- *scoring* pairs, from the ``val`` split (``cfg.score_split``), decide which units matter and
+  which circuit is chosen (scores, top-k, smallest faithful circuit);
+- *faithfulness* pairs, from the ``test`` split (``cfg.split``), measure the chosen circuits
+  (faithfulness curve, CPR / CMD, ``f_k``, ``f_faithful``).
+
+patching.csv names the split of each set (``score_split``, ``faith_split``). Image tasks draw
+both sets from the shape world's ``test`` pair stream with two seeds
+(:func:`subroutine_circuits.experiment.vision.image_pair_batch` takes no split; the columns say
+``test``).
+Thin data: when a split holds fewer minimal pairs than asked, its set has the pairs found and a
+:class:`PairShortageWarning` says so (when both sets come from one split, the pairs found are
+shared between them in the asked ratio); with no scoring or no faithfulness pair the subroutine
+is skipped (a ``skipped`` row), never the study.
+Cross-ablation removes the circuit (chosen on the scoring pairs) with the mask experiment's
+ablation, whose mean values come from the mask experiment's reference set (training composite
+problems, position-aware), and measures accuracy on the test partitions.
 """
 
 from __future__ import annotations
@@ -58,6 +67,10 @@ from subroutine_circuits.utils import CHANCE, clipped_diff
 
 METHODS = ("activation", "attribution", "integrated_gradients")
 READOUT_KINDS = ("ooo", "label")
+#: Values of ``PatchingConfig.split`` / ``score_split`` (None: every text, no split).
+PAIR_SPLITS = (None, "train", "val", "test")
+#: The shape-world stream an image task draws a pair set from when its split is None.
+IMAGE_PAIR_SPLIT = "test"
 
 
 @dataclass
@@ -74,8 +87,13 @@ class PatchingConfig:
       the corrupted activation, MIB's convention; or ``mean`` / ``zero``).
     - ``n_faith_pairs``: minimal pairs measuring faithfulness (disjoint from the ``n_pairs``
       scoring pairs; None: as many as ``n_pairs``).
-    - ``split`` / ``split_seed``: every pair and context text comes from this split of the
-      task's hash split with this seed (the study's ``[data] seed``); None: no restriction.
+    - ``score_split`` / ``split`` / ``split_seed``: the scoring pairs (which choose the
+      circuit) come from ``score_split`` (default ``val``), the faithfulness pairs (which
+      measure it) from ``split`` (default ``test``), of the task's hash split with
+      ``split_seed`` (the study's ``[data] seed``); every clean, corrupted and context text of
+      a pair is of its set's split. Each is ``train``, ``val``, ``test`` or None (no
+      restriction). Scoring on the faithfulness split (or None) chooses the circuit on the data
+      that measure it; with ``score_split == split`` the two sets share that split's pairs.
     - ``cross_ablation``: ablation used to remove the patching circuit before measuring OOO
       accuracy on the partitions: the mask experiment's ablation, ``zero`` or ``mean`` (means
       over the ``reference`` problems given to :func:`run_patching`, the mask experiment's
@@ -115,6 +133,7 @@ class PatchingConfig:
     n_faith_pairs: int | None = None
     split: str | None = "test"
     split_seed: int = 0
+    score_split: str | None = "val"
     position_aware: bool = True
     agreement_perms: int = 2000
 
@@ -131,8 +150,10 @@ class PatchingConfig:
             raise ValueError(f"n_pairs must be >= 1, got {self.n_pairs}")
         if self.n_faith_pairs is not None and self.n_faith_pairs < 1:
             raise ValueError(f"n_faith_pairs must be >= 1, got {self.n_faith_pairs}")
-        if self.split not in (None, "train", "val", "test"):
-            raise ValueError(f"split must be train, val, test or None, got {self.split!r}")
+        for name in ("split", "score_split"):
+            value = getattr(self, name)
+            if value not in PAIR_SPLITS:
+                raise ValueError(f"{name} must be 'train', 'val', 'test' or None, got {value!r}")
         if self.cross_ablation not in ("zero", "mean"):
             raise ValueError(
                 f"cross_ablation must be 'zero' or 'mean' (inputs vary in length), "
@@ -161,6 +182,7 @@ class PairData:
     unaligned: list[tuple[str, str, str]] = field(default_factory=list)
     n_asked: int = 0  # pairs asked for (n_pairs < n_asked: the data has fewer)
     shortage: str = ""  # why the draws gave fewer pairs than asked ("" when they did not)
+    split: str | None = None  # the split the pairs come from (None: every text)
 
     @property
     def n_unaligned(self) -> int:
@@ -188,7 +210,7 @@ def _accepted(task, values: Mapping[str, bool], rng: random.Random, accept) -> s
 
 
 class PairShortageWarning(UserWarning):
-    """Fewer minimal pairs of a subroutine than asked exist in the patching split: a property
+    """Fewer minimal pairs of a subroutine than asked exist in a patching split: a property
     of the data, not an error. Patching runs with the pairs found (``n_pairs`` /
     ``n_faith_pairs`` of patching.csv), or is skipped for that subroutine when none are."""
 
@@ -292,6 +314,17 @@ def _split_words(split: str | None) -> str:
     return "in all splits" if split is None else f"in the {split!r} split"
 
 
+def _split_label(split: str | None) -> str:
+    """A split as patching.csv names it (``all``: no split)."""
+    return "all" if split is None else split
+
+
+def _same_pool(cfg: PatchingConfig) -> bool:
+    """Whether the scoring and the faithfulness pairs are drawn from one split (they then
+    share its pairs when it holds fewer than asked)."""
+    return cfg.score_split == cfg.split
+
+
 def _share(pairs: list[Pair], n_scoring: int, n_faith: int) -> tuple[list[Pair], list[Pair]]:
     """Found pairs (in draw order) shared between the scoring and the faithfulness set: the
     first ``n_scoring`` and the next ``n_faith`` when there are enough, else in the asked ratio
@@ -309,54 +342,85 @@ def _share(pairs: list[Pair], n_scoring: int, n_faith: int) -> tuple[list[Pair],
 
 def _draw_pair_sets(
     task, subroutine: str, cfg: PatchingConfig
-) -> tuple[list[Pair], list[Pair], str | None]:
-    """The scoring and the faithfulness pairs as drawn (disjoint, ``cfg.split`` only), and why
-    fewer than asked came (None: all did). When the scoring pairs exhaust the split, no
-    faithfulness pair is drawn (:func:`pair_sets` shares the scoring pairs)."""
+) -> tuple[list[Pair], list[Pair], str | None, str | None]:
+    """The scoring pairs (``cfg.score_split`` only) and the faithfulness pairs (``cfg.split``
+    only) as drawn, disjoint, and why fewer than asked came of each (None: all did). When both
+    come from one split and the scoring pairs exhaust it, no faithfulness pair is drawn
+    (:func:`_shared_pair_sets` shares the scoring pairs)."""
     from subroutine_circuits.tasks.base import split_filter
 
-    accept = split_filter(cfg.split, cfg.split_seed)
+    accept = split_filter(cfg.score_split, cfg.split_seed)
     scoring, why = _draw_pairs(task, subroutine, cfg.n_pairs, cfg.seed, accept=accept)
-    if why is not None:  # the split is exhausted: no faithfulness pair left to draw
-        return scoring, [], why
+    if why is not None and _same_pool(cfg):  # the split is exhausted: no pair left to draw
+        return scoring, [], why, None
     used = {t for c, x, _ in scoring for t in (c, x)}
     n_faith = cfg.n_faith_pairs or cfg.n_pairs
+    accept = split_filter(cfg.split, cfg.split_seed)
     faith, why_faith = _draw_pairs(
         task, subroutine, n_faith, cfg.seed + 1_000_003, accept=accept, exclude=used
     )
-    return scoring, faith, why_faith
+    return scoring, faith, why, why_faith
 
 
 def pair_sets(
     task, subroutine: str, cfg: PatchingConfig, warn: bool = True
 ) -> tuple[list[Pair], list[Pair]]:
-    """The scoring pairs and the faithfulness pairs of one subroutine: disjoint, from
-    ``cfg.split`` only (see the module docstring). Deterministic given ``cfg.seed``.
+    """The scoring pairs (from ``cfg.score_split``) and the faithfulness pairs (from
+    ``cfg.split``) of one subroutine, disjoint (see the module docstring). Deterministic given
+    ``cfg.seed``.
 
-    When the split holds fewer pairs than ``cfg.n_pairs + n_faith_pairs`` asked, the pairs
-    found are shared between the two sets in the asked ratio (:func:`_share`; one set or both
-    may be empty) and, with ``warn``, a :class:`PairShortageWarning` gives found vs asked."""
-    scoring, faith, why = _shared_pair_sets(task, subroutine, cfg)
-    if why is not None and warn:
+    When a split holds fewer pairs than asked, its set has the pairs found (possibly none);
+    when both sets come from one split, the pairs found are shared between them in the asked
+    ratio (:func:`_share`; one set or both may be empty). With ``warn``, a
+    :class:`PairShortageWarning` gives found vs asked."""
+    scoring, faith, notes = _shared_pair_sets(task, subroutine, cfg)
+    if any(notes) and warn:
         n_faith = cfg.n_faith_pairs or cfg.n_pairs
         found = ((len(scoring), cfg.n_pairs), (len(faith), n_faith))
-        message = _shortage_message(task.name, subroutine, cfg.split, *found, why)
+        why = "; ".join(dict.fromkeys(n for n in notes if n))
+        splits = (cfg.score_split, cfg.split)
+        message = _shortage_message(task.name, subroutine, splits, *found, why)
         warnings.warn(PairShortageWarning(message), stacklevel=2)
     return scoring, faith
 
 
 def _shared_pair_sets(
     task, subroutine: str, cfg: PatchingConfig
-) -> tuple[list[Pair], list[Pair], str | None]:
-    """:func:`pair_sets` without the warning: the two pair sets, shared (:func:`_share`) when
-    the split holds fewer pairs than asked, and why it does (None: it holds them all)."""
-    scoring, faith, why = _draw_pair_sets(task, subroutine, cfg)
+) -> tuple[list[Pair], list[Pair], tuple[str, str]]:
+    """:func:`pair_sets` without the warning: the two pair sets (shared by :func:`_share` when
+    they come from one split and it holds fewer pairs than asked), and why each set has fewer
+    pairs than asked ("" when it has them all)."""
+    scoring, faith, why_s, why_f = _draw_pair_sets(task, subroutine, cfg)
+    if not _same_pool(cfg):
+        return scoring, faith, _set_notes(cfg, scoring, faith, why_s, why_f)
+    why = why_s or why_f
     if why is None:
-        return scoring, faith, None
+        return scoring, faith, ("", "")
     n_faith = cfg.n_faith_pairs or cfg.n_pairs
-    why = _found_words(len(scoring) + len(faith), why)
+    note = _found_words(len(scoring) + len(faith), why)
     scoring, faith = _share(scoring + faith, cfg.n_pairs, n_faith)
-    return scoring, faith, why
+    return scoring, faith, (note, note)
+
+
+def _set_notes(
+    cfg: PatchingConfig,
+    scoring: Sequence,
+    faith: Sequence,
+    why_s: str | None,
+    why_f: str | None,
+) -> tuple[str, str]:
+    """Why the scoring and the faithfulness draws, from two splits, gave fewer pairs than
+    asked, each naming its set and split ("" for a set whose draw gave them all)."""
+
+    def note(name: str, split: str | None, found: int, why: str | None) -> str:
+        return (
+            "" if why is None else f"{name} pairs {_split_words(split)}: {_found_words(found, why)}"
+        )
+
+    return (
+        note("scoring", cfg.score_split, len(scoring), why_s),
+        note("faithfulness", cfg.split, len(faith), why_f),
+    )
 
 
 def _found_words(found: int, why: str) -> str:
@@ -367,23 +431,34 @@ def _found_words(found: int, why: str) -> str:
 def _shortage_message(
     task_name: str,
     subroutine: str,
-    split: str | None,
+    splits: tuple[str | None, str | None],
     scoring: tuple[int, int],
     faith: tuple[int, int],
     why: str,
 ) -> str:
     """The line saying that a subroutine has fewer minimal pairs than asked: found vs asked of
-    each pair set (``(found, asked)``), why, and what patching does about it."""
+    each pair set (``(found, asked)``) and the split of each (``splits``: scoring,
+    faithfulness), why, and what patching does about it."""
     (n_s, ask_s), (n_f, ask_f) = scoring, faith
     then = (
         f"patching of {subroutine!r} is skipped"
         if n_s == 0 or n_f == 0
         else "patching runs with the pairs found"
     )
+    split_s, split_f = splits
+    if split_s == split_f:
+        counts = (
+            f" {_split_words(split_s)}: {n_s} of {ask_s} scoring pairs, {n_f} of {ask_f} "
+            f"faithfulness pairs"
+        )
+    else:
+        counts = (
+            f": {n_s} of {ask_s} scoring pairs {_split_words(split_s)}, {n_f} of {ask_f} "
+            f"faithfulness pairs {_split_words(split_f)}"
+        )
     return (
-        f"task {task_name!r}: fewer minimal pairs for {subroutine!r} than asked "
-        f"{_split_words(split)}: {n_s} of {ask_s} scoring pairs, {n_f} of {ask_f} faithfulness "
-        f"pairs ({why}); {then}"
+        f"task {task_name!r}: fewer minimal pairs for {subroutine!r} than asked"
+        f"{counts} ({why}); {then}"
     )
 
 
@@ -468,28 +543,31 @@ def pair_ids(tokenizer, clean: str, corr: str) -> tuple[list[int], list[int]] | 
 def build_pair_data(
     model, tokenizer, task, subroutine: str, cfg: PatchingConfig
 ) -> tuple[PairData, PairData]:
-    """The scoring and the faithfulness :class:`PairData` of one subroutine (:func:`pair_sets`).
+    """The scoring and the faithfulness :class:`PairData` of one subroutine (:func:`pair_sets`;
+    ``split`` of each: the split its pairs come from).
 
     ``model`` is the model or its adapter. Image tasks draw their minimal scenes from the test
     stream with two seeds (``experiment.vision.image_pair_batch``). When the data hold fewer
     pairs than asked, each :class:`PairData` has the pairs found (``n_pairs`` < ``n_asked``,
     possibly 0, ``shortage`` says why) and a :class:`PairShortageWarning` names the subroutine,
-    the split and found vs asked."""
+    the splits and found vs asked."""
     n_faith = cfg.n_faith_pairs or cfg.n_pairs
     if getattr(task, "modality", "text") == "image":
         out = _image_pair_data(model, tokenizer, task, subroutine, cfg)
     elif getattr(tokenizer, "align_pair", None) is None:
-        scoring, faith, why = _shared_pair_sets(task, subroutine, cfg)
+        scoring, faith, notes = _shared_pair_sets(task, subroutine, cfg)
         out = [pair_data(model, tokenizer, pairs, cfg) for pairs in (scoring, faith)]
-        for data, n in zip(out, (cfg.n_pairs, n_faith)):
-            data.n_asked, data.shortage = n, why or ""
+        splits = (cfg.score_split, cfg.split)
+        for data, n, note, split in zip(out, (cfg.n_pairs, n_faith), notes, splits):
+            data.n_asked, data.shortage, data.split = n, note, split
     else:
         out = _subword_pair_data(model, tokenizer, task, subroutine, cfg)
     scoring, faith = out
     if scoring.n_pairs < scoring.n_asked or faith.n_pairs < faith.n_asked:
         found = ((scoring.n_pairs, scoring.n_asked), (faith.n_pairs, faith.n_asked))
         why = _pair_notes(scoring, faith) or "fewer pairs than asked"
-        message = _shortage_message(task.name, subroutine, cfg.split, *found, why)
+        splits = (scoring.split, faith.split)
+        message = _shortage_message(task.name, subroutine, splits, *found, why)
         warnings.warn(PairShortageWarning(message), stacklevel=2)
     return scoring, faith
 
@@ -509,16 +587,21 @@ def _pair_notes(scoring: PairData, faith: PairData) -> str:
 
 
 def _image_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig) -> list:
-    """Scoring and faithfulness :class:`PairData` of an image task: minimal scenes of the test
-    stream with two seeds, ``cfg.n_pairs`` each (fewer when the world cannot build them)."""
+    """Scoring and faithfulness :class:`PairData` of an image task: minimal scenes of the shape
+    world's ``cfg.score_split`` and ``cfg.split`` streams (independent seeded streams; None:
+    :data:`IMAGE_PAIR_SPLIT`), with two seeds, ``cfg.n_pairs`` each (fewer when the world
+    cannot build them)."""
     from subroutine_circuits.experiment.vision import image_pair_batch
 
     adapter = _adapter(model, tokenizer, cfg.pool)
     out = []
-    for seed in (cfg.seed, cfg.seed + 1_000_003):
-        batch, why = image_pair_batch(adapter, task, subroutine, cfg, _oddness_metric, seed=seed)
+    for seed, split in ((cfg.seed, cfg.score_split), (cfg.seed + 1_000_003, cfg.split)):
+        split = split or IMAGE_PAIR_SPLIT
+        batch, why = image_pair_batch(
+            adapter, task, subroutine, cfg, _oddness_metric, seed=seed, split=split
+        )
         found = [batch] if batch is not None else []
-        data = PairData(found, "embed", sum(b.n for b in found))
+        data = PairData(found, "embed", sum(b.n for b in found), split=split)
         data.n_asked, data.shortage = cfg.n_pairs, why or ""
         out.append(data)
     return out
@@ -526,32 +609,37 @@ def _image_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfi
 
 def _subword_pair_data(model, tokenizer, task, subroutine: str, cfg: PatchingConfig) -> list:
     """Scoring and faithfulness :class:`PairData` for subword tokenizers: ALIGN_OVERSAMPLE
-    times the pairs are drawn (still disjoint, test split) and the first ``n`` that align at
-    word boundaries kept; the skipped ones are counted, not hidden. When the split holds fewer
-    pairs than the oversampled draw asked, every aligned pair found is shared (:func:`_share`)."""
+    times the pairs are drawn (still disjoint, each set from its split) and the first ``n``
+    that align at word boundaries kept; the skipped ones are counted, not hidden. When both
+    sets come from one split and it holds fewer pairs than the oversampled draw asked, every
+    aligned pair found is shared (:func:`_share`)."""
     n_faith = cfg.n_faith_pairs or cfg.n_pairs
     wide = replace(
         cfg, n_pairs=cfg.n_pairs * ALIGN_OVERSAMPLE, n_faith_pairs=n_faith * ALIGN_OVERSAMPLE
     )
-    scoring, faith, why = _draw_pair_sets(task, subroutine, wide)
-    if why is None:
+    scoring, faith, why_s, why_f = _draw_pair_sets(task, subroutine, wide)
+    why = why_s or why_f
+    if not _same_pool(cfg) or why is None:
         sets = [
             _first_aligned(tokenizer, scoring, cfg.n_pairs),
             _first_aligned(tokenizer, faith, n_faith),
         ]
+        notes = _set_notes(cfg, scoring, faith, why_s, why_f)
     else:
         (kept_s, skip_s), (kept_f, skip_f) = (
             _first_aligned(tokenizer, pairs, len(pairs)) for pairs in (scoring, faith)
         )
         shared = _share(kept_s + kept_f, cfg.n_pairs, n_faith)
         sets = [(shared[0], skip_s), (shared[1], skip_f)]
+        notes = (_found_words(len(scoring) + len(faith), why),) * 2
     out = []
-    for (kept, skipped), n in zip(sets, (cfg.n_pairs, n_faith)):
+    splits = (cfg.score_split, cfg.split)
+    for (kept, skipped), n, note, split in zip(sets, (cfg.n_pairs, n_faith), notes, splits):
         data = pair_data(model, tokenizer, kept, cfg)
         data.unaligned = skipped + data.unaligned
-        data.n_asked = n
-        if data.n_pairs < n and why is not None:
-            data.shortage = _found_words(len(scoring) + len(faith), why)
+        data.n_asked, data.split = n, split
+        if data.n_pairs < n and note:
+            data.shortage = note
         out.append(data)
     return out
 
@@ -711,17 +799,17 @@ def run_patching(
     """Patch, build circuits and compare with ``mask`` for one subroutine.
 
     Returns one dict per method with the ``cfg.meta`` items and ``subroutine, method,
-    n_pairs`` (scoring pairs), ``n_faith_pairs``, ``n_units, clean_metric, corr_metric`` (on
-    the scoring pairs), ``k`` (circuit size: see ``cfg.circuit_size``), ``f_k`` (its
-    faithfulness), ``k_faithful, f_faithful`` (smallest circuit reaching
-    ``cfg.faithfulness_target`` on the scoring pairs, its faithfulness on the faithfulness
-    pairs), ``cpr, cmd`` (faithfulness pairs), with a mask ``mask_k`` and the pooled
-    ``jaccard, spearman, roc_auc`` (reference only: per unit kind and layer with nulls in the
-    score file's ``agreement`` table, see :func:`agreement_rows`), and ``abl_target_acc,
-    abl_other_acc, abl_diff`` (the circuit ablated with ``cfg.cross_ablation``, means over
-    ``reference``; NaN where not applicable: label readout or no partition problems). With
-    ``cfg.out_dir`` the per-unit scores go to ``scores_[<meta values>_]<subroutine>_<method>.pt``
-    (key ``scores_file``).
+    n_pairs`` (scoring pairs), ``n_faith_pairs``, ``score_split, faith_split`` (the split of
+    each pair set: see the module docstring), ``n_units, clean_metric, corr_metric`` (on the
+    scoring pairs), ``k`` (circuit size: see ``cfg.circuit_size``), ``f_k`` (its faithfulness),
+    ``k_faithful, f_faithful`` (smallest circuit reaching ``cfg.faithfulness_target`` on the
+    scoring pairs, its faithfulness on the faithfulness pairs), ``cpr, cmd`` (faithfulness
+    pairs), with a mask ``mask_k`` and the pooled ``jaccard, spearman, roc_auc`` (reference
+    only: per unit kind and layer with nulls in the score file's ``agreement`` table, see
+    :func:`agreement_rows`), and ``abl_target_acc, abl_other_acc, abl_diff`` (the circuit
+    ablated with ``cfg.cross_ablation``, means over ``reference``; NaN where not applicable:
+    label readout or no partition problems). With ``cfg.out_dir`` the per-unit scores go to
+    ``scores_[<meta values>_]<subroutine>_<method>.pt`` (key ``scores_file``).
 
     Thin data: ``n_pairs_asked`` / ``n_faith_pairs_asked`` are the pairs asked for, ``status``
     is ``ok``, ``fewer pairs`` (the data hold fewer minimal pairs: patching ran with those
@@ -763,8 +851,8 @@ class _PatchContext:
     subroutine: str
     unit_map: Any
     groups: list[UnitGroup]
-    data: PairData  # scoring pairs: which units matter, which circuit
-    faith: PairData  # faithfulness pairs (disjoint): how faithful the chosen circuits are
+    data: PairData  # scoring pairs (cfg.score_split): which units matter, which circuit
+    faith: PairData  # faithfulness pairs (cfg.split, disjoint): how faithful the circuits are
     mask: Any
     cfg: PatchingConfig
     reference: Any = None  # the mask experiment's reference problems (mean ablation)
@@ -941,7 +1029,9 @@ def _pair_columns(
     cfg: PatchingConfig, subroutine: str, method: str, data: PairData, faith: PairData
 ) -> dict[str, Any]:
     """The first columns of a patching.csv row: which subroutine and method, and the minimal
-    pairs found, asked for and not aligned, with the row's ``status`` and ``pairs_note``."""
+    pairs found, asked for and not aligned, the split each pair set comes from
+    (``score_split``, ``faith_split``; ``all``: no split), with the row's ``status`` and
+    ``pairs_note``."""
     short = data.n_pairs < data.n_asked or faith.n_pairs < faith.n_asked
     if data.n_pairs == 0 or faith.n_pairs == 0:
         status = "skipped"
@@ -957,6 +1047,8 @@ def _pair_columns(
         "n_faith_unaligned": faith.n_unaligned,
         "n_pairs_asked": data.n_asked,
         "n_faith_pairs_asked": faith.n_asked,
+        "score_split": _split_label(data.split),
+        "faith_split": _split_label(faith.split),
         "status": status,
         "pairs_note": _pair_notes(data, faith),
     }

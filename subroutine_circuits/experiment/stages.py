@@ -221,7 +221,9 @@ def patching_stage(
             "pool": cfg.model.pool,
             "kinds": tuple(cfg.mask.unit_kinds),
             "cross_ablation": cfg.ablation,
-            "split_seed": cfg.data.seed,  # pairs from the test split of the study's splits
+            # scoring pairs from the validation, faithfulness pairs from the test split of the
+            # study's splits (PatchingConfig.score_split / split)
+            "split_seed": cfg.data.seed,
             "out_dir": str(store.patching_dir),
             "meta": meta,
             **cfg.patching_options,

@@ -220,9 +220,10 @@ def _problem_texts(problems) -> set[str]:
     return {t for p in problems for t in p.stimuli}
 
 
-def test_patching_pairs_come_from_test_split_and_are_disjoint():
-    """Every patching text is a test-split text (never a train/val text of the study's splits),
-    and the scoring and faithfulness pairs share no clean or corrupted text."""
+def test_patching_pairs_come_from_val_and_test_splits_and_are_disjoint():
+    """Every scoring text is a validation-split text and every faithfulness text a test-split
+    text (never a training text of the study's splits, nor a text of the other evaluation
+    split), and the scoring and faithfulness pairs share no clean or corrupted text."""
     from subroutine_circuits.tasks import get_task, make_splits, split_of
 
     task = get_task("agreement_singular")
@@ -230,24 +231,27 @@ def test_patching_pairs_come_from_test_split_and_are_disjoint():
         cfg = PatchingConfig(n_pairs=20, n_faith_pairs=15, seed=2, split_seed=split_seed)
         scoring, faith = pair_sets(task, "subject_plural", cfg)
         assert (len(scoring), len(faith)) == (20, 15)
-        texts = {t for c, x, ctx in scoring + faith for t in (c, x, *ctx)}
-        assert all(split_of(t, split_seed) == "test" for t in texts)
+        score_t = {t for c, x, ctx in scoring for t in (c, x, *ctx)}
+        faith_t = {t for c, x, ctx in faith for t in (c, x, *ctx)}
+        assert all(split_of(t, split_seed) == "val" for t in score_t)
+        assert all(split_of(t, split_seed) == "test" for t in faith_t)
         splits = make_splits(task, 40, seed=split_seed, split_sizes=(40, 20, 20))
-        seen = set().union(
-            *(_problem_texts(v) for k in ("train", "val") for v in splits[k].values())
-        )
-        assert not texts & seen
+        seen = {k: set().union(*map(_problem_texts, splits[k].values())) for k in splits}
+        assert not score_t & (seen["train"] | seen["test"])
+        assert not faith_t & (seen["train"] | seen["val"])
         a = {t for c, x, _ in scoring for t in (c, x)}
         b = {t for c, x, _ in faith for t in (c, x)}
         assert not a & b and len(a) == 40 and len(b) == 30  # distinct within each set too
         # deterministic
         assert pair_sets(task, "subject_plural", cfg) == (scoring, faith)
     # no restriction when asked
-    free = PatchingConfig(n_pairs=30, split=None)
-    texts = {t for c, x, _ in pair_sets(task, "verb_plural", free)[0] for t in (c, x)}
-    assert {split_of(t, 0) for t in texts} > {"test"}
-    with pytest.raises(ValueError, match="split"):
-        PatchingConfig(split="dev")
+    free = PatchingConfig(n_pairs=30, split=None, score_split=None)
+    for pairs in pair_sets(task, "verb_plural", free):
+        texts = {t for c, x, _ in pairs for t in (c, x)}
+        assert len({split_of(t, 0) for t in texts}) > 1
+    for name in ("split", "score_split"):
+        with pytest.raises(ValueError, match=name):
+            PatchingConfig(**{name: "dev"})
 
 
 def test_cross_ablation_mean_uses_reference_position_aware(setup):
@@ -363,12 +367,14 @@ def test_agreement_rows_per_kind_in_score_file(setup, tmp_path):
     assert pooled["jaccard"] == pytest.approx(row["jaccard"])
 
 
-def test_study_patching_uses_test_texts_and_writes_agreement(tmp_path):
-    """End to end: the study's patching stage draws every text from the test split (none is a
-    train/val text of the study's own splits), keeps scoring and faithfulness pairs disjoint,
-    and the folder gets agreement.csv (per kind and layer) and a base-model summary.csv."""
+def test_study_patching_uses_val_and_test_texts_and_writes_agreement(tmp_path):
+    """End to end: the study's patching stage draws its scoring texts from the validation split
+    and its faithfulness texts from the test split (none a training text of the study's own
+    splits), keeps the two sets disjoint, and the folder gets agreement.csv (per kind and
+    layer) and a base-model summary.csv."""
     from subroutine_circuits.experiment import config_from_dict, run_experiment
     from subroutine_circuits.experiment.data import prepare
+    from subroutine_circuits.tasks import split_of
 
     cfg = config_from_dict(
         {
@@ -387,10 +393,7 @@ def test_study_patching_uses_test_texts_and_writes_agreement(tmp_path):
     )
     run_experiment(cfg, tmp_path, progress=False)
     prep = prepare(cfg)
-    seen = set()
-    for split in ("train", "val"):
-        for probs in prep.splits[split].values():
-            seen |= _problem_texts(probs)
+    seen = {k: set().union(*map(_problem_texts, v.values())) for k, v in prep.splits.items()}
     files = sorted((tmp_path / "patching").glob("scores_*.pt"))
     assert len(files) == 2  # one method x two subroutines
     for f in files:
@@ -399,7 +402,10 @@ def test_study_patching_uses_test_texts_and_writes_agreement(tmp_path):
         faith_t = {t for pair in obj["pairs_faithfulness"] for t in pair}
         assert len(obj["pairs_scoring"]) == len(obj["pairs_faithfulness"]) == 6
         assert not score_t & faith_t
-        assert not (score_t | faith_t) & seen
+        assert {split_of(t, 3) for t in score_t} == {"val"}
+        assert {split_of(t, 3) for t in faith_t} == {"test"}
+        assert not score_t & (seen["train"] | seen["test"])
+        assert not faith_t & (seen["train"] | seen["val"])
         assert obj["mask_seed"] == 0
     agreement = pd.read_csv(tmp_path / "agreement.csv")
     assert {"scope", "kind", "layer", "expected_jaccard", "spearman_p", "auc_p"} <= set(

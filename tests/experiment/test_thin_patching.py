@@ -85,9 +85,10 @@ def test_no_pair_is_an_empty_result_with_a_warning(thin_task):
 
 
 def test_pair_sets_share_the_pairs_found(thin_task):
-    """Scoring and faithfulness pairs share what the split holds in the asked ratio, stay
-    disjoint, and the warning names the subroutine, the split and both found counts."""
-    cfg = PatchingConfig(n_pairs=24, n_faith_pairs=24, seed=0)
+    """Scoring and faithfulness pairs from ONE split share what it holds in the asked ratio,
+    stay disjoint, and the warning names the subroutine, the split and both found counts
+    (separate splits: tests/experiment/test_patching_splits.py)."""
+    cfg = PatchingConfig(n_pairs=24, n_faith_pairs=24, seed=0, score_split="test")
     with pytest.warns(PairShortageWarning) as record:
         scoring, faith = pair_sets(thin_task, "subject_plural", cfg)
     found = len(scoring) + len(faith)
@@ -210,7 +211,7 @@ def test_subword_tokenizer_pairs_found_are_shared(tmp_path, thin_task):
     folder = save_gpt2_folder(tmp_path / "gpt2", train_bpe_tokenizer(task_texts()))
     model, tok = hf.load_hf_model(folder)
     adapter = as_adapter(model, tokenizer=tok).freeze()
-    cfg = PatchingConfig(n_pairs=6, kinds=("head",), methods=("attribution",))
+    cfg = PatchingConfig(n_pairs=6, kinds=("head",), methods=("attribution",), score_split="test")
     with pytest.warns(PairShortageWarning, match="'subject_plural' than asked in the 'test'"):
         scoring, faith = build_pair_data(adapter, tok, thin_task, "subject_plural", cfg)
     assert 0 < scoring.n_pairs < 6 and 0 < faith.n_pairs < 6

@@ -111,7 +111,8 @@ def test_image_pair_data_metric_is_the_oddness_of_the_clean_image(prep):
     (batch,) = data.batches
     assert data.n_pairs == 3
     assert data.readout == "embed" and batch.clean_tokens.shape == (3, 3, 32, 32)
-    pairs = prep.task.make_minimal_pairs("contact", 3, seed=2, split="test")
+    # the scoring set comes from the val stream (issue 22: circuits are chosen on validation)
+    pairs = prep.task.make_minimal_pairs("contact", 3, seed=2, split="val")
     with torch.no_grad():
         emb = adapter.embed({"images": pairs.to_tensors()["clean"]})
         ctx = adapter.embed({"images": pairs.to_tensors()["contexts"].reshape(-1, 3, 32, 32)})
