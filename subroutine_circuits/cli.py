@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None,
         help="processes, one planted model each (default 2: this machine's cores)",
     )  # fmt: skip
+    s.add_argument(
+        "--settings", choices=("demo", "defaults"), default=None,
+        help="analysis settings the planted models are studied with: the demo's (default) or "
+        "the library's ExperimentConfig defaults",
+    )  # fmt: skip
     s.set_defaults(func=_handler("subroutine_circuits.experiment.validate:cmd_validate"))
     return p
 

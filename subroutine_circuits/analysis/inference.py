@@ -18,15 +18,19 @@ therefore works on one number per base model (its share of compositional usable 
 
 Layout:
 
-1. :func:`randabl_p`, :func:`margins_ok`, :func:`run_verdict`, :func:`verdict_columns`,
-   :func:`run_verdicts` - the run-level verdict (ours, and the paper's criterion beside it).
+1. :func:`randabl_p`, :func:`margins_ok`, :func:`is_residual_path`, :func:`run_verdict`,
+   :func:`verdict_columns`, :func:`run_verdicts` - the run-level verdict (ours, and the paper's
+   criterion beside it).
 2. :func:`base_model_table`, :func:`summarize_cells` - one row per base model / per cell, with
    :func:`clopper_pearson` and :func:`t_interval` intervals.
 3. :func:`permutation_test`, :func:`gee_logistic`, :func:`holm`, :func:`cell_tests`,
-   :func:`summary_table` - base-model level tests of one init against its control.
+   :func:`sign_flip_test`, :func:`paired_tests`, :func:`summary_table` - base-model level tests
+   of one init against its control (unpaired two-sided; paired one-sided over shared base
+   seeds, usable-runs and intention-to-treat analyses).
 4. :func:`expected_jaccard`, :func:`spearman_permutation`, :func:`auc_mannwhitney`,
    :func:`agreement_table` - mask-vs-patching agreement per unit kind and layer, with nulls.
-5. :func:`problem_bootstrap` - a per-run bootstrap over test problems of a clipped difference.
+5. :func:`problem_bootstrap` - a per-run bootstrap over test problems of a clipped difference;
+   :func:`straddles_margin` - whether a run's intervals contain its margins.
 """
 
 from __future__ import annotations
@@ -51,7 +55,12 @@ BASE_KEYS: tuple[str, ...] = (*CELL_KEYS, "base_seed")
 #: Columns every results table must hold.
 REQUIRED_COLUMNS: tuple[str, ...] = (*BASE_KEYS, "sub_diff", "abl_diff")
 #: Optional boolean columns and the value assumed when a table lacks them.
-OPTIONAL_BOOL_DEFAULTS: dict[str, bool] = {"base_ok": True, "bypass": False, "mask_ok": True}
+OPTIONAL_BOOL_DEFAULTS: dict[str, bool] = {
+    "base_ok": True,
+    "bypass": False,
+    "mask_ok": True,
+    "residual_path": False,
+}
 DEFAULT_MARGIN = 0.05
 #: Level ``randabl_p`` must not exceed for a run to be compositional (``randabl_p <= alpha``).
 RANDABL_ALPHA = 0.05
@@ -67,13 +76,24 @@ DEFAULT_COMPARISONS: tuple[tuple[str, str], ...] = (
     ("trained", "random_init"),
     ("pretrained", "trained"),
 )
+#: (init, control init) pairs of the paired one-sided tests (init > control), every analysis.
+PAIRED_COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("pretrained", "trained"),
+    ("trained", "random_init"),
+    ("pretrained", "random_init"),
+)
+#: The per-run bootstrap interval columns (results.csv) :func:`straddles_margin` reads.
+_CI_COLUMNS: tuple[str, ...] = ("sub_diff_lo", "sub_diff_hi", "abl_diff_lo", "abl_diff_hi")
+#: The analyses of the paired tests: usable runs (primary) and intention-to-treat.
+ANALYSES: tuple[str, ...] = ("usable", "itt")
 COMPOSITIONAL = "compositional"
 NOT_COMPOSITIONAL = "not compositional"
 SEARCH_FAILED = "search failed"
 EXCLUDED = "excluded"
 NO_CONTROL = "no random control"
+RESIDUAL_PATH = "residual path"
 VERDICTS: tuple[str, ...] = (
-    COMPOSITIONAL, NOT_COMPOSITIONAL, SEARCH_FAILED, EXCLUDED, NO_CONTROL
+    COMPOSITIONAL, NOT_COMPOSITIONAL, SEARCH_FAILED, EXCLUDED, NO_CONTROL, RESIDUAL_PATH
 )  # fmt: skip
 
 
@@ -248,6 +268,20 @@ def _usable_flags(row: Mapping[str, Any] | pd.Series) -> tuple[bool, bool]:
     return flags["base_ok"] and not flags["bypass"], flags["mask_ok"]
 
 
+def is_residual_path(n_kept: Any, min_units: int = 1) -> bool:
+    """Whether a mask keeping ``n_kept`` units is a *residual path* mask: fewer than
+    ``min_units`` units (default 1: an empty mask). A successful search that ends there solves
+    its subroutine around the maskable units (e.g. embedding to unembedding), so its ablation
+    says nothing about subnetworks. False when ``n_kept`` is absent or NaN."""
+    if min_units < 1:
+        raise ValueError(f"min_units must be >= 1, got {min_units}")
+    try:
+        n = float(n_kept)
+    except (TypeError, ValueError):
+        return False
+    return bool(not math.isnan(n) and n < min_units)
+
+
 def run_verdict(
     row: Mapping[str, Any] | pd.Series,
     margin: float = DEFAULT_MARGIN,
@@ -259,8 +293,12 @@ def run_verdict(
 
     1. ``"excluded"``: the base model is not usable (``base_ok`` false, or ``bypass`` true:
        information reaches the readout around the maskable units);
-    2. ``"search failed"``: the mask did not reach the success threshold (``mask_ok`` false);
-       such a run says nothing about compositionality either way;
+    2. ``"search failed"``: the mask did not reach the success threshold (``mask_ok`` false:
+       on validation or on the test ``sub_<p>`` problems); such a run says nothing about
+       compositionality either way;
+    2b. ``"residual path"``: the search succeeded with a mask of fewer than ``min_mask_units``
+       units (``residual_path`` true, :func:`is_residual_path`): the subroutine is solved
+       around the maskable units, and ablating the empty subnetwork says nothing;
     3. ``"not compositional"``: the margins fail (not ``sub_diff > margin`` and
        ``abl_diff < -margin``, :func:`margins_ok`), whatever ``randabl_p`` says or whether it
        exists: no random control can make such a run compositional, so it is decided, and
@@ -274,7 +312,7 @@ def run_verdict(
        passes ``alpha = 0.05``);
     6. ``"not compositional"`` otherwise (``randabl_p > alpha``).
 
-    Absent ``base_ok`` / ``bypass`` / ``mask_ok`` fields take the values of
+    Absent ``base_ok`` / ``bypass`` / ``mask_ok`` / ``residual_path`` fields take the values of
     :data:`OPTIONAL_BOOL_DEFAULTS`. ``sub_diff`` and ``abl_diff`` of a usable run, and
     ``randabl_p`` when present, must be numbers (NaN ``sub_diff`` / ``abl_diff`` raise
     ``ValueError``: a missing measurement is not a negative result).
@@ -288,6 +326,8 @@ def run_verdict(
         return EXCLUDED
     if not mask_ok:
         return SEARCH_FAILED
+    if _to_bool(_flag(row, "residual_path", False), "residual_path"):
+        return RESIDUAL_PATH
     values = {}
     for k in ("sub_diff", "abl_diff"):
         v = _get(row, k)
@@ -363,7 +403,8 @@ def run_verdicts(
 
     ``usable`` = the run counts for our verdict (verdict compositional or not compositional);
     ``paper_usable`` = it counts for the paper's criterion (base model usable and mask search
-    succeeded: our usable runs plus those without a random control).
+    succeeded: our usable runs plus those without a random control and the residual-path
+    masks, which the paper's criterion has no rule for).
     """
     df = validate_runs(results)
     cols = pd.DataFrame(
@@ -372,7 +413,9 @@ def run_verdicts(
     for c in cols.columns:
         df[c] = cols[c] if c == "verdict" else cols[c].astype(bool)
     df["usable"] = df["verdict"].isin([COMPOSITIONAL, NOT_COMPOSITIONAL])
-    df["paper_usable"] = df["verdict"].isin([COMPOSITIONAL, NOT_COMPOSITIONAL, NO_CONTROL])
+    df["paper_usable"] = df["verdict"].isin(
+        [COMPOSITIONAL, NOT_COMPOSITIONAL, NO_CONTROL, RESIDUAL_PATH]
+    )
     return df
 
 
@@ -443,6 +486,11 @@ def base_model_table(
 
     Every count follows from :func:`run_verdict`: a run that fails a margin is usable and not
     compositional, a run without a random control is left out only when it passes the margins.
+    Also ``n_residual`` (residual-path runs), ``n_straddle`` (usable runs whose bootstrap
+    interval straddles a margin, :func:`straddles_margin`; NaN without interval columns), and
+    the intention-to-treat reading (every run counts, only ``compositional`` is compositional):
+    ``itt_frac_compositional`` = ``n_compositional / n_runs`` and
+    ``itt_mostly_compositional``.
     """
     df = run_verdicts(results, margin, alpha)
     rows = []
@@ -454,12 +502,18 @@ def base_model_table(
         pu = g[g["paper_usable"]]
         n_pu = len(pu)
         n_pc = int(pu["paper_compositional"].sum())
+        n_straddle = sum(straddles_margin(r, margin) for r in u.to_dict("records"))
+        has_ci = n_usable > 0 and all(c in u.columns for c in _CI_COLUMNS)
         row = dict(zip(BASE_KEYS, key))
         row.update(
             n_runs=len(g),
             n_excluded=int((g["verdict"] == EXCLUDED).sum()),
             n_failed=int((g["verdict"] == SEARCH_FAILED).sum()),
             n_no_control=int((g["verdict"] == NO_CONTROL).sum()),
+            n_residual=int((g["verdict"] == RESIDUAL_PATH).sum()),
+            n_straddle=int(n_straddle) if has_ci else np.nan,
+            itt_frac_compositional=n_comp / len(g),
+            itt_mostly_compositional=bool(2 * n_comp > len(g)),
             base_ok=bool(g["base_ok"].all()),
             bypass=bool(g["bypass"].any()),
             n_usable=n_usable,
@@ -499,7 +553,11 @@ def summarize_cells(
     ours (margins only, no random control; :func:`verdict_columns`): ``paper_n_base_models``
     (base models with a run whose search succeeded), ``paper_base_models_compositional`` (of
     those, the ones whose such runs are mostly paper-compositional), ``paper_runs_usable`` and
-    ``paper_runs_compositional``.
+    ``paper_runs_compositional``; ``runs_residual`` (residual-path runs), ``runs_straddle`` /
+    ``runs_straddle_frac`` (usable runs whose bootstrap interval straddles a margin, and their
+    share; NaN without interval columns); the intention-to-treat reading (every run and base
+    model counts): ``itt_n_base_models``, ``itt_base_models_compositional`` with its share and
+    Clopper-Pearson interval, ``itt_runs_compositional`` (over ``runs_total``).
     """
     bm = base_model_table(results, margin, alpha)
     rows = []
@@ -508,6 +566,10 @@ def summarize_cells(
         n_base = len(ok)
         k = int(ok["mostly_compositional"].sum())
         lo, hi = clopper_pearson(k, n_base, level)
+        k_itt = int(g["itt_mostly_compositional"].sum())
+        itt_lo, itt_hi = clopper_pearson(k_itt, len(g), level)
+        n_usable_runs = int(g["n_usable"].sum())
+        straddle = float(g["n_straddle"].sum(min_count=1))  # NaN: no intervals
         row = dict(zip(CELL_KEYS, key))
         row.update(
             n_base_models=n_base,
@@ -526,6 +588,9 @@ def summarize_cells(
             runs_failed=int(g["n_failed"].sum()),
             runs_excluded=int(g["n_excluded"].sum()),
             runs_no_control=int(g["n_no_control"].sum()),
+            runs_residual=int(g["n_residual"].sum()),
+            runs_straddle=straddle,
+            runs_straddle_frac=straddle / n_usable_runs if n_usable_runs else np.nan,
             base_models_excluded=int((~g["base_ok"]).sum()),
             base_models_bypass=int((g["base_ok"] & g["bypass"]).sum()),
             runs_compositional=int(g["n_compositional"].sum()),
@@ -533,6 +598,12 @@ def summarize_cells(
             paper_base_models_compositional=int(g["paper_mostly_compositional"].sum()),
             paper_runs_usable=int(g["n_paper_usable"].sum()),
             paper_runs_compositional=int(g["n_paper_compositional"].sum()),
+            itt_n_base_models=len(g),
+            itt_base_models_compositional=k_itt,
+            itt_base_models_compositional_frac=k_itt / len(g),
+            itt_base_models_compositional_lo=itt_lo,
+            itt_base_models_compositional_hi=itt_hi,
+            itt_runs_compositional=int(g["n_compositional"].sum()),
         )
         rows.append(row)
     return pd.DataFrame(rows)
@@ -801,6 +872,128 @@ def cell_tests(
     return out[cols]
 
 
+def sign_flip_test(
+    diffs: Sequence[float] | Float[np.ndarray, "n"],
+    max_exact: int = 16,
+    n_perm: int = 20_000,
+    seed: int = 0,
+) -> tuple[float, float, str, int]:
+    """One-sided paired permutation test of ``mean(diffs) > 0`` (one difference per pair).
+
+    Under the null each pair's two members are exchangeable, so each difference's sign is a fair
+    coin. With at most ``max_exact`` pairs all ``2^n`` sign flips are enumerated and the p-value
+    is exact: the share of flips whose mean is at least the observed one (the observed flip
+    included); beyond that ``n_perm`` seeded random flips give ``(1 + #) / (1 + n_perm)``.
+    Returns ``(mean diff, p_value, method, n_flips)``. Raises ``ValueError`` on no pairs or NaN.
+    """
+    d = np.asarray(diffs, dtype=float).reshape(-1)
+    if d.size == 0:
+        raise ValueError("sign_flip_test needs at least one pair")
+    if np.isnan(d).any():
+        raise ValueError("sign_flip_test differences contain NaN")
+    observed = float(d.mean())
+    tol = 1e-12 * max(1.0, abs(observed))
+    if d.size <= max_exact:
+        signs = 1 - 2 * ((np.arange(2**d.size)[:, None] >> np.arange(d.size)) & 1)
+        means = (signs * d).mean(axis=1)
+        return observed, float((means >= observed - tol).mean()), "exact", int(2**d.size)
+    rng = np.random.default_rng(seed)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(n_perm, d.size))
+    count = int(((signs * d).mean(axis=1) >= observed - tol).sum())
+    return observed, (1 + count) / (1 + n_perm), "monte carlo", n_perm
+
+
+def paired_tests(
+    results: pd.DataFrame,
+    comparisons: Iterable[tuple[str, str]] = PAIRED_COMPARISONS,
+    margin: float = DEFAULT_MARGIN,
+    alpha: float = RANDABL_ALPHA,
+    max_exact: int = 16,
+    n_perm: int = 20_000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Paired one-sided base-model tests (init > control), per (task, model, subroutine), for
+    both analyses of docs/RESULTS_STATISTICS.md.
+
+    Base models of two inits with the same ``base_seed`` share data and training seed: a pair.
+    Per pair the difference of the base models' compositional shares, ``usable``:
+    ``frac_compositional`` (both need usable runs), ``itt``: ``itt_frac_compositional`` (every
+    run counts). :func:`sign_flip_test` gives the exact one-sided p-value. One row per
+    (task, model, subroutine, init, control_init, analysis), also for a test that cannot run
+    (an init absent, no complete pair): ``p_value`` NaN and ``note`` says why. ``p_holm``: Holm
+    within each analysis over its tests. Columns: the keys, ``analysis``, ``n_pairs``,
+    ``mean_frac``, ``mean_frac_control``, ``diff``, ``test``, ``p_value``, ``p_holm``, ``note``.
+    """
+    bm = base_model_table(results, margin, alpha)
+    rows = []
+    for i, (init, control) in enumerate(comparisons):
+        if init == control:
+            raise ValueError(f"a comparison needs two different inits, got {init!r} twice")
+        for (task, model, sub), g in bm.groupby(["task", "model", "subroutine"], sort=True):
+            for analysis in ANALYSES:
+                col = "frac_compositional" if analysis == "usable" else "itt_frac_compositional"
+                row: dict[str, Any] = {
+                    "task": task, "model": model, "subroutine": sub, "init": init,
+                    "control_init": control, "analysis": analysis, "n_pairs": 0,
+                    "mean_frac": np.nan, "mean_frac_control": np.nan, "diff": np.nan,
+                    "test": "", "p_value": np.nan, "note": "",
+                }  # fmt: skip
+                a = g[g["init"] == init].set_index("base_seed")[col]
+                b = g[g["init"] == control].set_index("base_seed")[col]
+                absent = [x for x, s in ((init, a), (control, b)) if s.empty]
+                if absent:
+                    row["note"] = f"no base model of init {', '.join(absent)} in this cell"
+                    rows.append(row)
+                    continue
+                both = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
+                if both.empty:
+                    row["note"] = (
+                        f"no base seed has usable runs under both {init} and {control}"
+                        if analysis == "usable"
+                        else f"no base seed shared by {init} and {control}"
+                    )
+                    rows.append(row)
+                    continue
+                diff, p, method, n_rel = sign_flip_test(
+                    (both["a"] - both["b"]).to_numpy(), max_exact, n_perm, seed + i
+                )
+                row.update(
+                    n_pairs=len(both),
+                    mean_frac=float(both["a"].mean()),
+                    mean_frac_control=float(both["b"].mean()),
+                    diff=diff,
+                    test=f"sign-flip {method} ({n_rel} flips), one-sided {init} > {control}",
+                    p_value=p,
+                )
+                rows.append(row)
+    cols = [
+        "task", "model", "subroutine", "init", "control_init", "analysis", "n_pairs",
+        "mean_frac", "mean_frac_control", "diff", "test", "p_value", "p_holm", "note",
+    ]  # fmt: skip
+    out = pd.DataFrame(rows, columns=[c for c in cols if c != "p_holm"])
+    out["p_holm"] = np.nan
+    for analysis in ANALYSES:
+        sel = out["analysis"] == analysis
+        if sel.any():
+            out.loc[sel, "p_holm"] = holm(out.loc[sel, "p_value"].to_numpy(dtype=float))
+    return out[cols]
+
+
+def _paired_wide(paired: pd.DataFrame) -> pd.DataFrame:
+    """:func:`paired_tests` as summary.csv columns, one row per (task, model, subroutine, init):
+    ``paired_vs_<control>_<analysis>_{n_pairs,diff,p,p_holm,note}``."""
+    keys = ["task", "model", "subroutine", "init"]
+    wide: dict[tuple, dict[str, Any]] = {}
+    for r in paired.to_dict("records"):
+        pre = f"paired_vs_{r['control_init']}_{r['analysis']}"
+        d = wide.setdefault(tuple(r[k] for k in keys), dict(zip(keys, [r[k] for k in keys])))
+        d.update({
+            f"{pre}_n_pairs": r["n_pairs"], f"{pre}_diff": r["diff"], f"{pre}_p": r["p_value"],
+            f"{pre}_p_holm": r["p_holm"], f"{pre}_note": r["note"],
+        })  # fmt: skip
+    return pd.DataFrame(list(wide.values()))
+
+
 def summary_table(
     results: pd.DataFrame,
     comparisons: Iterable[tuple[str, str]] = DEFAULT_COMPARISONS,
@@ -815,7 +1008,9 @@ def summary_table(
     ``p_holm``, ``gee_p`` and ``gee_note`` are those of the test comparing this cell with its
     control cell (same task, model and subroutine); they are empty / NaN for a cell that is only
     a control (e.g. ``random_init``) or whose control is absent. Each init may have at most one
-    control in ``comparisons``. ``test_kwargs`` go to :func:`cell_tests`.
+    control in ``comparisons``. ``test_kwargs`` go to :func:`cell_tests`. Then the paired
+    one-sided tests (:func:`paired_tests`, :data:`PAIRED_COMPARISONS`, both analyses) as
+    ``paired_vs_<control>_<analysis>_*`` columns on the row of the tested init.
     """
     comparisons = list(comparisons)
     inits = [a for a, _ in comparisons]
@@ -832,6 +1027,11 @@ def summary_table(
     )
     for c in ("control_init", "test", "gee_note"):
         merged[c] = merged[c].fillna("")
+    wide = _paired_wide(paired_tests(results, PAIRED_COMPARISONS, margin, alpha))
+    if len(wide):
+        merged = merged.merge(wide, on=["task", "model", "subroutine", "init"], how="left")
+        for c in [c for c in wide.columns if c.endswith("_note")]:
+            merged[c] = merged[c].fillna("")
     return merged
 
 
@@ -1096,6 +1296,9 @@ def problem_bootstrap(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    *,
+    n_target: int | None = None,
+    n_other: int | None = None,
 ) -> dict[str, float]:
     """Bootstrap over test problems of one run's clipped difference.
 
@@ -1106,21 +1309,40 @@ def problem_bootstrap(
     deviation), percentile bounds ``lo`` / ``hi`` and ``p_le_margin`` = ``(1 + #{boot <= margin})
     / (1 + n_boot)``, a one-sided bootstrap p-value for ``diff > margin``. For ``abl_diff <
     -margin`` swap the two partitions: the clipped difference changes sign.
+
+    With ``n_target`` and ``n_other`` (the numbers of problems) given, ``target_correct`` and
+    ``other_correct`` are the numbers of correctly solved problems instead of the per-problem
+    vectors: a resample depends on a vector only through its count, so both forms give the
+    same numbers for the same seed.
     """
-    t = np.asarray(target_correct).astype(float).reshape(-1)
-    o = np.asarray(other_correct).astype(float).reshape(-1)
-    if t.size == 0 or o.size == 0:
-        raise ValueError(f"both partitions need problems, got {t.size} and {o.size}")
+    if (n_target is None) != (n_other is None):
+        raise ValueError("give both n_target and n_other, or neither")
+    if n_target is None:
+        t = np.asarray(target_correct).astype(float).reshape(-1)
+        o = np.asarray(other_correct).astype(float).reshape(-1)
+        nt, no = t.size, o.size
+        if nt == 0 or no == 0:
+            raise ValueError(f"both partitions need problems, got {nt} and {no}")
+        pt, po = t.mean(), o.mean()
+    else:
+        counts = []
+        for k, n, what in ((target_correct, n_target, "target"), (other_correct, n_other, "other")):
+            kf, nf = float(k), float(n)
+            if not (kf.is_integer() and nf.is_integer() and 0 <= kf <= nf and nf >= 1):
+                raise ValueError(f"{what}: need integers 0 <= correct <= n, n >= 1; got {k}, {n}")
+            counts.append((int(kf), int(nf)))
+        (kt, nt), (ko, no) = counts
+        pt, po = kt / nt, ko / no
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     rng = np.random.default_rng(seed)
     # resampling a 0/1 vector = drawing the number of correct problems from Binomial(n, acc)
-    bt = rng.binomial(t.size, t.mean(), n_boot) / t.size
-    bo = rng.binomial(o.size, o.mean(), n_boot) / o.size
+    bt = rng.binomial(nt, pt, n_boot) / nt
+    bo = rng.binomial(no, po, n_boot) / no
     boot = np.maximum(bt, chance) - np.maximum(bo, chance)
-    diff = max(t.mean(), chance) - max(o.mean(), chance)
+    diff = max(pt, chance) - max(po, chance)
     a = (1 - level) / 2
     lo, hi = np.quantile(boot, [a, 1 - a])
     return {
@@ -1130,3 +1352,29 @@ def problem_bootstrap(
         "hi": float(hi),
         "p_le_margin": float((1 + np.count_nonzero(boot <= margin)) / (1 + n_boot)),
     }
+
+
+def straddles_margin(row: Mapping[str, Any] | pd.Series, margin: float = DEFAULT_MARGIN) -> bool:
+    """Whether a run's margin decision could flip under resampling of its test problems.
+
+    A flag to read beside :func:`margins_ok`: True when the run's bootstrap interval over test
+    problems (:func:`problem_bootstrap`; columns ``sub_diff_lo`` / ``sub_diff_hi`` and
+    ``abl_diff_lo`` / ``abl_diff_hi`` of results.csv) for ``sub_diff`` contains ``+margin``
+    (``lo <= margin <= hi``) or the one for ``abl_diff`` contains ``-margin``: on a resampled
+    test set that margin could be passed where it is failed now, or failed where it is passed.
+    A pair whose bound is absent or NaN (rows written before the intervals existed) says
+    nothing: it counts as not straddling, so such a row gives False.
+    """
+
+    def bounds(name: str) -> tuple[float, float] | None:
+        try:
+            lo, hi = float(row.get(f"{name}_lo")), float(row.get(f"{name}_hi"))
+        except (TypeError, ValueError):
+            return None
+        return None if math.isnan(lo) or math.isnan(hi) else (lo, hi)
+
+    sub, abl = bounds("sub_diff"), bounds("abl_diff")
+    return bool(
+        (sub is not None and sub[0] <= margin <= sub[1])
+        or (abl is not None and abl[0] <= -margin <= abl[1])
+    )

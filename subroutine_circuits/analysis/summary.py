@@ -57,6 +57,7 @@ _BOOL_COLUMNS: dict[str, bool | None] = {
     "base_ok": True,
     "bypass": False,
     "mask_ok": True,
+    "residual_path": False,
     "compositional": None,
     "margins_ok": None,
     "paper_compositional": None,

@@ -22,6 +22,14 @@ compositional anyway (``usable`` false: search failed, base model excluded or by
 ``margin``, also runs that fail a margin, which ``run_verdict`` calls not compositional
 without a random control).
 
+``sub_diff_lo`` / ``sub_diff_hi`` and ``abl_diff_lo`` / ``abl_diff_hi`` are 95% percentile
+bootstrap intervals of ``sub_diff`` and ``abl_diff`` over the test problems
+(:func:`~subroutine_circuits.analysis.inference.problem_bootstrap`: each partition resampled
+independently, from its exact number of correctly solved problems; :data:`BOOT_REPLICATES`
+replicates with a seed derived from the run's subroutine and mask seed, so the same on every
+machine). They measure the noise of the finite test set only, not that of the mask search;
+:func:`~subroutine_circuits.analysis.inference.straddles_margin` reads them against a margin.
+
 All conditions of all runs of a base model go through
 :func:`~subroutine_circuits.experiment.batched.evaluate_fixed_masks` in batches (unit masks).
 """
@@ -29,7 +37,8 @@ All conditions of all runs of a base model go through
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +50,11 @@ from torch import Tensor
 from subroutine_circuits.adapters.base import EncodedProblems
 from subroutine_circuits.masks.ablator import Ablator
 from subroutine_circuits.utils import clipped_diff
+
+#: Bootstrap replicates of the per-run intervals (``sub_diff_lo`` ... ``abl_diff_hi``).
+BOOT_REPLICATES = 2000
+#: Coverage of those percentile intervals.
+BOOT_LEVEL = 0.95
 
 
 @dataclass
@@ -117,8 +131,20 @@ def _random_columns(
     }
 
 
-def _matrix_row(acc: dict[str, float], chance: float, chosen: str) -> dict[str, Any]:
-    """sub_*/abl_* columns and their clipped differences from the condition accuracies."""
+def _matrix_row(
+    acc: dict[str, float],
+    chance: float,
+    chosen: str,
+    run: RunToEvaluate,
+    counts: Mapping[str, int],
+    n_problems: tuple[int, int],
+) -> dict[str, Any]:
+    """sub_*/abl_* columns and their clipped differences from the condition accuracies, with
+    the bootstrap intervals of ``sub_diff`` and ``abl_diff`` (:func:`_interval_columns`).
+
+    ``counts``: the numbers of correctly solved test problems behind ``sub_target_acc``,
+    ``sub_other_acc``, ``abl<chosen>_target_acc`` and ``abl<chosen>_other_acc`` (same keys);
+    ``n_problems``: the numbers of (target, other) test problems."""
     row = dict(acc)
     row["sub_diff"] = clipped_diff(row["sub_target_acc"], row["sub_other_acc"], chance)
     for k in [
@@ -128,7 +154,60 @@ def _matrix_row(acc: dict[str, float], chance: float, chosen: str) -> dict[str, 
     for col in ("target_acc", "other_acc", "diff"):
         row[f"abl_{col}"] = row[f"abl{chosen}_{col}"]
     row["ablation"] = chosen
+    row.update(_interval_columns(row, chance, chosen, run, counts, n_problems))
     return row
+
+
+def _boot_seed(run: RunToEvaluate, column: str) -> int:
+    """Seed of one bootstrap of a run: a CRC-32 of its subroutine, mask seed and the column
+    (``zlib.crc32``, unlike ``hash``, is the same in every process and on every machine)."""
+    return zlib.crc32(f"{run.subroutine}/{run.mask_seed}/{column}".encode())
+
+
+def _interval_columns(
+    row: dict[str, Any],
+    chance: float,
+    chosen: str,
+    run: RunToEvaluate,
+    counts: Mapping[str, int],
+    n_problems: tuple[int, int],
+) -> dict[str, float]:
+    """``sub_diff_lo`` / ``sub_diff_hi`` / ``abl_diff_lo`` / ``abl_diff_hi``: percentile
+    bootstrap intervals over test problems
+    (:func:`~subroutine_circuits.analysis.inference.problem_bootstrap` from the correct counts).
+
+    Each interval is widened, if need be, to contain the row's difference: that comes from the
+    float accuracies, which a GPU's mean may round one ulp away from count / n (the bootstrap
+    interval itself contains count / n's difference but for a chance below 1e-100)."""
+    from subroutine_circuits.analysis.inference import problem_bootstrap
+
+    n_t, n_o = n_problems
+    out: dict[str, float] = {}
+    for col, cond in (("sub_diff", "sub"), ("abl_diff", f"abl{chosen}")):
+        b = problem_bootstrap(
+            counts[f"{cond}_target_acc"],
+            counts[f"{cond}_other_acc"],
+            chance,
+            n_boot=BOOT_REPLICATES,
+            seed=_boot_seed(run, col),
+            level=BOOT_LEVEL,
+            n_target=n_t,
+            n_other=n_o,
+        )
+        out[f"{col}_lo"] = min(b["lo"], row[col])
+        out[f"{col}_hi"] = max(b["hi"], row[col])
+    return out
+
+
+def _correct_count(acc: float, n: int) -> int:
+    """The number of correctly solved problems behind an accuracy over ``n`` problems.
+
+    Exact for the adapters' accuracies: ``count / n`` in float64 is correctly rounded, so
+    ``acc * n`` lies within a few ulps of the integer count."""
+    k = round(acc * n)
+    if abs(acc * n - k) > 1e-6:
+        raise ValueError(f"accuracy {acc!r} is not a count over {n} problems")
+    return int(k)
 
 
 # ---------------------------------------------------------------------------- unit masks
@@ -172,7 +251,10 @@ def evaluate_unit_runs(
     learned = [r.mask.flat_binary().bool() for r in runs]
     parts = sorted({f"partition_{x}" for r in runs for x in (r.subroutine, r.other)})
     keep = torch.stack([k for pair in zip(learned, [~k for k in learned]) for k in pair])
-    acc = {p: fixed_accuracies(adapter, test[p], keep, um, ablators[chosen]) for p in parts}
+    acc: dict[str, list[float]] = {}
+    cnt: dict[str, list[int]] = {}
+    for p in parts:
+        acc[p], cnt[p] = fixed_accuracies_counts(adapter, test[p], keep, um, ablators[chosen])
     rob_keep = torch.stack([~k for k in learned])
     rob = {
         kind: {p: fixed_accuracies(adapter, test[p], rob_keep, um, ab) for p in parts}
@@ -194,7 +276,13 @@ def evaluate_unit_runs(
         }
         for kind, by_part in rob.items():
             a[f"abl{kind}_target_acc"], a[f"abl{kind}_other_acc"] = by_part[t][i], by_part[o][i]
-        row = _matrix_row(a, chance, chosen)
+        counts = {
+            "sub_target_acc": cnt[t][2 * i],
+            "sub_other_acc": cnt[o][2 * i],
+            f"abl{chosen}_target_acc": cnt[t][2 * i + 1],
+            f"abl{chosen}_other_acc": cnt[o][2 * i + 1],
+        }
+        row = _matrix_row(a, chance, chosen, r, counts, _n_problems(test, r))
         row.update(_kind_counts(r.mask))
         rows.append(row)
     need = [_needs_controls(r, row, margin) for r, row in zip(runs, rows)]
@@ -252,7 +340,17 @@ def fixed_accuracies(
     adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator
 ) -> list[float]:
     """Accuracy of each fixed keep row on ``data`` under ``ablator`` (batched passes)."""
-    return fixed_accuracies_losses(adapter, data, keep, unit_map, ablator)[0].tolist()
+    return fixed_accuracies_counts(adapter, data, keep, unit_map, ablator)[0]
+
+
+def fixed_accuracies_counts(
+    adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator
+) -> tuple[list[float], list[int]]:
+    """Accuracy (as :func:`fixed_accuracies`) and the exact number of correctly solved
+    problems of each fixed keep row on ``data`` under ``ablator`` (batched passes)."""
+    scores, odd = _fixed_scores(adapter, data, keep, unit_map, ablator)
+    correct = scores.argmax(-1) == odd
+    return correct.double().mean(1).tolist(), [int(c) for c in correct.sum(1).tolist()]
 
 
 def fixed_accuracies_losses(
@@ -262,6 +360,17 @@ def fixed_accuracies_losses(
     ``data`` under ``ablator`` (batched passes); both ``[K]`` on the CPU."""
     import torch.nn.functional as F
 
+    scores, odd = _fixed_scores(adapter, data, keep, unit_map, ablator)
+    acc = (scores.argmax(-1) == odd).double().mean(1)
+    loss = F.cross_entropy(scores.flatten(0, 1), odd.flatten(), reduction="none")
+    return acc, loss.view(scores.shape[:2]).double().mean(1)
+
+
+def _fixed_scores(
+    adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator
+) -> tuple[Float[Tensor, "k n n_stimuli"], Tensor]:
+    """OOO scores ``[K, n, n_stimuli]`` (float32) of each fixed keep row on ``data`` under
+    ``ablator``, and the odd-one-out labels expanded to ``[K, n]``."""
     from subroutine_circuits.experiment.batched import fixed_mask_scores
 
     scores = fixed_mask_scores(
@@ -274,9 +383,7 @@ def fixed_accuracies_losses(
         adapter=adapter,  # scores inputs without tokens (images)
     ).float()
     odd = data.odd.cpu()[None, :].expand(scores.shape[0], -1)
-    acc = (scores.argmax(-1) == odd).double().mean(1)
-    loss = F.cross_entropy(scores.flatten(0, 1), odd.flatten(), reduction="none")
-    return acc, loss.view(scores.shape[:2]).double().mean(1)
+    return scores, odd
 
 
 # ---------------------------------------------------------------------------- weight masks
@@ -306,7 +413,14 @@ def evaluate_weight_runs(
             "ablreinit_target_acc": adapter.accuracy(test[t], reinit),
             "ablreinit_other_acc": adapter.accuracy(test[o], reinit),
         }
-        row = _matrix_row(a, chance, "zero")
+        n_t, n_o = _n_problems(test, r)
+        counts = {
+            "sub_target_acc": _correct_count(a["sub_target_acc"], n_t),
+            "sub_other_acc": _correct_count(a["sub_other_acc"], n_o),
+            "ablzero_target_acc": _correct_count(a["ablzero_target_acc"], n_t),
+            "ablzero_other_acc": _correct_count(a["ablzero_other_acc"], n_o),
+        }
+        row = _matrix_row(a, chance, "zero", r, counts, (n_t, n_o))
         rand = []
         if _needs_controls(r, row, margin):
             for j in range(n_random):

@@ -30,7 +30,7 @@ from subroutine_circuits.utils import resolve_device
 RESULT_COLUMNS = [
     "task", "model", "init", "base_seed", "mask_seed", "subroutine", "other", "mask_kind",
     "verdict", "compositional", "margins_ok", "paper_compositional", "base_ok", "bypass",
-    "mask_ok", "mask_val_acc", "mask_steps",
+    "mask_ok", "mask_val_ok", "mask_test_ok", "residual_path", "mask_val_acc", "mask_steps",
     "mask_best_step", "mask_stopped_early", "mask_final_temp", "ablation",
     "density", "n_kept", "density_head", "density_neuron", "n_kept_head", "n_kept_neuron",
     "composite_acc", "composite_val_acc", "full_target_acc", "full_other_acc",
@@ -38,7 +38,8 @@ RESULT_COLUMNS = [
     "abl_other_acc", "ablzero_target_acc", "ablzero_other_acc", "ablmean_target_acc",
     "ablmean_other_acc", "ablresample_target_acc", "ablresample_other_acc",
     "ablreinit_target_acc", "ablreinit_other_acc", "randabl_target_acc", "randabl_other_acc",
-    "sub_diff", "abl_diff", "ablzero_diff", "ablmean_diff", "ablresample_diff", "ablreinit_diff",
+    "sub_diff", "abl_diff", "sub_diff_lo", "sub_diff_hi", "abl_diff_lo", "abl_diff_hi",
+    "ablzero_diff", "ablmean_diff", "ablresample_diff", "ablreinit_diff",
     "randabl_diff", "randabl_diff_mean", "randabl_p", "randabl_n_distinct", "n_random",
     "mask_path", "hparams", "val_score",
 ]  # fmt: skip

@@ -54,7 +54,10 @@ class ValidateConfig:
     mask, and no learned mask can beat the null); experiment: ``ExperimentConfig``
     overrides (e.g. ``{"mask": {"steps": 200}}``); workers: processes, one planted model each
     (one torch thread per process: these models are tiny, so threads only contend); progress:
-    print one line per model.
+    print one line per model; settings: which analysis settings the planted models are studied
+    with, ``"demo"`` (default: the demo's mask search, draws, margin, ablation and thresholds,
+    :func:`demo_analysis_settings`, so that the planted error rates hold for what the demo
+    reports; issue 22) or ``"defaults"`` (the library's ``ExperimentConfig`` defaults).
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -71,6 +74,7 @@ class ValidateConfig:
     experiment: dict[str, Any] = field(default_factory=dict)
     workers: int = 2
     progress: bool = True
+    settings: str = "demo"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -83,6 +87,31 @@ class ValidateConfig:
             raise ValueError(f"unknown planted kind(s) {bad or '(none)'}; choose from {KINDS}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.settings not in SETTINGS:
+            raise ValueError(f"settings must be one of {SETTINGS}, got {self.settings!r}")
+
+
+#: Analysis settings :func:`validate` can study the planted models with.
+SETTINGS = ("demo", "defaults")
+#: The fields of the demo's config that decide a verdict (everything but the models, data
+#: sizes, seeds and execution): what ``validate --settings demo`` takes over.
+DEMO_ANALYSIS_FIELDS = (
+    "mask", "margin", "chance", "ablation", "mask_min_acc", "min_mask_units", "n_random",
+    "random_controls", "bypass_tolerance",
+)  # fmt: skip
+
+
+def demo_analysis_settings() -> dict[str, Any]:
+    """The demo's verdict-deciding settings (:data:`DEMO_ANALYSIS_FIELDS` of
+    ``experiment.config.demo_config()``) as config-dict entries."""
+    from subroutine_circuits.experiment.config import demo_config
+
+    demo = demo_config()
+    out: dict[str, Any] = {}
+    for name in DEMO_ANALYSIS_FIELDS:
+        value = getattr(demo, name)
+        out[name] = value.to_dict() if hasattr(value, "to_dict") else value
+    return out
 
 
 def experiment_config(vcfg: ValidateConfig):
@@ -102,6 +131,8 @@ def experiment_config(vcfg: ValidateConfig):
         "patching_inits": ["trained"],
         "workers": 1,
     }  # fmt: skip
+    if vcfg.settings == "demo":
+        d.update(demo_analysis_settings())
     for k, v in vcfg.experiment.items():
         d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
     cfg = config_from_dict(d)
@@ -545,6 +576,8 @@ def cmd_validate(args: Any) -> int:
         over["kinds"] = tuple(args.kinds)
     if args.workers is not None:
         over["workers"] = args.workers
+    if getattr(args, "settings", None):
+        over["settings"] = args.settings
     cfg = ValidateConfig(**{**asdict(ValidateConfig()), **over})
     df = validate(args.out, seeds=args.seeds, cfg=cfg)
     rates = error_rates_frame(df)

@@ -15,7 +15,9 @@ Per base model, in order:
    validation data, then the ablation matrix and matched random controls on test problems.
 4. **Verdict** per run (:func:`~subroutine_circuits.analysis.inference.run_verdict`), in
    this order: "excluded" (base model fails its VALIDATION composite accuracy, or bypass),
-   "search failed" (``mask_val_acc < mask_min_acc``), "not compositional" when a margin fails
+   "search failed" (``mask_val_acc`` or, on the test ``sub_<p>`` problems the search never
+   saw, ``sub_sub_acc`` below ``mask_min_acc``), "residual path" (a successful mask of fewer
+   than ``min_mask_units`` units), "not compositional" when a margin fails
    (not ``sub_diff > margin`` and ``abl_diff < -margin``, whatever ``randabl_p``), "no random
    control" (margins pass, ``randabl_p`` NaN), "compositional" (``randabl_p <= 0.05``) or
    "not compositional". Beside it the row gets ``margins_ok`` and ``paper_compositional``
@@ -155,6 +157,25 @@ def _evaluate(base, cfg, runs_by_key, others, base_seed: int) -> dict[str, dict[
     return dict(zip(keys, rows))
 
 
+def mask_flags(val_acc: float, test_sub_acc: Any, n_kept: Any, cfg) -> dict[str, bool]:
+    """``mask_val_ok`` (validation accuracy on its own subroutine, where the search chose the
+    mask, at least ``cfg.mask_min_acc``), ``mask_test_ok`` (the same on the test ``sub_<p>``
+    problems the search never saw: ``sub_sub_acc``), ``mask_ok`` (both) and ``residual_path``
+    (a successful mask of fewer than ``cfg.min_mask_units`` units,
+    :func:`~subroutine_circuits.analysis.inference.is_residual_path`)."""
+    from subroutine_circuits.analysis.inference import is_residual_path
+
+    val_ok = bool(val_acc >= cfg.mask_min_acc)
+    test_ok = test_sub_acc is not None and bool(float(test_sub_acc) >= cfg.mask_min_acc)
+    ok = val_ok and test_ok
+    return {
+        "mask_ok": ok,
+        "mask_val_ok": val_ok,
+        "mask_test_ok": test_ok,
+        "residual_path": bool(ok and is_residual_path(n_kept, cfg.min_mask_units)),
+    }
+
+
 def run_row(base_job, base, ev, run, hp: dict, row: dict, rel: str) -> dict[str, Any]:
     """The results.csv row of one run (columns documented in docs/RESULTS.md); its verdict
     columns come from :func:`~subroutine_circuits.analysis.inference.verdict_columns`."""
@@ -178,7 +199,7 @@ def run_row(base_job, base, ev, run, hp: dict, row: dict, rel: str) -> dict[str,
         full_other_acc=meta["full"][f"partition_{ev.other}"],
         full_sub_acc=meta["full"][f"sub_{ev.subroutine}"],
         mask_val_acc=run.val_acc,
-        mask_ok=bool(run.val_acc >= cfg.mask_min_acc),
+        **mask_flags(run.val_acc, row.get("sub_sub_acc"), row.get("n_kept"), cfg),
         mask_steps=run.steps,
         mask_best_step=run.best_step,
         mask_stopped_early=run.stopped_early,

@@ -20,7 +20,9 @@ from subroutine_circuits.report import fragments as H
 from subroutine_circuits.store import RunStore
 
 #: Columns of summary.csv the verdict section needs (an older summary.csv is recomputed).
-_SUMMARY_NEEDS = ("n_base_models", "base_models_compositional", "p_value", "p_holm")
+_SUMMARY_NEEDS = (
+    "n_base_models", "base_models_compositional", "p_value", "p_holm", "itt_n_base_models",
+)  # fmt: skip
 
 
 def load_summary(out_dir: Path, results: pd.DataFrame, margin: float) -> pd.DataFrame:
@@ -29,7 +31,8 @@ def load_summary(out_dir: Path, results: pd.DataFrame, margin: float) -> pd.Data
     if path.is_file():
         df = pd.read_csv(path)
         if all(c in df.columns for c in _SUMMARY_NEEDS) and len(df):
-            for c in ("control_init", "test", "gee_note"):
+            notes = [c for c in df.columns if c.endswith("_note")]
+            for c in ("control_init", "test", *notes):
                 if c in df.columns:
                     df[c] = df[c].fillna("")
             return df
@@ -96,6 +99,19 @@ def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
         }
         if int(summary.get("runs_no_control", pd.Series([0])).sum()) > 0:
             row["no random control"] = int(r.get("runs_no_control", 0))
+        if int(summary.get("runs_residual", pd.Series([0])).sum()) > 0:
+            row["residual path"] = int(r.get("runs_residual", 0))
+        if "runs_straddle" in summary.columns and summary["runs_straddle"].notna().any():
+            row["usable runs straddling a margin"] = (
+                "–"
+                if pd.isna(r["runs_straddle"])
+                else f"{int(r['runs_straddle'])} ({_pct(r['runs_straddle_frac'])})"
+            )
+        if "itt_n_base_models" in summary.columns:
+            row["intention to treat: base models / runs"] = (
+                f"{int(r['itt_base_models_compositional'])}/{int(r['itt_n_base_models'])}; "
+                f"{int(r['itt_runs_compositional'])}/{int(r['runs_total'])}"
+            )
         if all(c in summary.columns for c in _PAPER_COLUMNS):
             row["paper criterion: base models / runs"] = (
                 f"{int(r['paper_base_models_compositional'])}/{int(r['paper_n_base_models'])}; "
@@ -116,9 +132,17 @@ _VERDICT_TEXT = (
     "<i>search failed</i>, runs of base models that failed the composite task (on validation "
     "data) or let information bypass the masks are <i>excluded</i>, runs that pass both "
     "margins but have no random control are <i>no random control</i>: none of these counts as "
-    "compositional nor as not compositional. <i>Paper criterion</i>: the same counts with the "
-    "margins alone (no random control), base models mostly compositional / usable; runs "
-    "compositional / usable.</p>"
+    "compositional nor as not compositional. A successful mask that keeps no unit (fewer than "
+    "<code>min_mask_units</code>) is <i>residual path</i>: its subroutine is solved around the "
+    "maskable units, and it too enters no count of ours. <code>mask_ok</code> needs the "
+    "success threshold on the validation problems the search chose the mask on and on the test "
+    "problems of its subroutine, which the search never saw. <i>Paper criterion</i>: the same "
+    "counts with the margins alone (no random control), base models mostly compositional / "
+    "usable; runs compositional / usable. The two differ by the matched random null: a run "
+    "passes ours only when removing its subnetwork is more specific to its subroutine than "
+    "removing random subnetworks of the same shape. <i>Intention to treat</i>: every run "
+    "counts, only compositional runs as compositional. <i>Straddling</i>: usable runs whose "
+    "95% bootstrap interval over test problems of sub_diff or abl_diff contains the margin.</p>"
     "<p>The <b>base model</b> is the unit of analysis (mask seeds of one model search the same "
     "weights). A base model counts as compositional when more than half of its usable runs "
     "are; the interval of that count is exact (Clopper-Pearson, 95%). Differences are means "
@@ -146,12 +170,51 @@ def _failed_runs(results: pd.DataFrame, margin: float) -> str:
     )
 
 
+def paired_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The paired one-sided tests of summary.csv (``paired_vs_<control>_<analysis>_*``) as one
+    row per (task, model, subroutine, init > control, analysis); empty without them."""
+    rows = []
+    for _, r in summary.iterrows():
+        for control in ("trained", "random_init"):
+            for analysis in inference.ANALYSES:
+                pre = f"paired_vs_{control}_{analysis}"
+                if f"{pre}_p" not in summary.columns or pd.isna(r.get(f"{pre}_n_pairs")):
+                    continue
+                note = r.get(f"{pre}_note", "")
+                rows.append({
+                    "task": r["task"], "model": r["model"], "subroutine": r["subroutine"],
+                    "test": f"{r['init']} > {control}",
+                    "analysis": "usable runs" if analysis == "usable" else "intention to treat",
+                    "pairs": int(r[f"{pre}_n_pairs"]),
+                    "mean difference": "–" if pd.isna(r[f"{pre}_diff"])
+                    else f"{float(r[f'{pre}_diff']):+.2f}",
+                    "p (one-sided)": _p(r[f"{pre}_p"]),
+                    "p (Holm)": _p(r[f"{pre}_p_holm"]),
+                    "why not run": note if isinstance(note, str) else "",
+                })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+_PAIRED_TEXT = (
+    "<h3>Paired one-sided tests</h3><p>Base models of two inits with the same base seed share "
+    "their data and training seed. Per pair, the difference of the two base models' shares of "
+    "compositional runs; exact sign-flip test that the mean difference is above 0. "
+    "<i>Usable runs</i>: shares over usable runs (the primary analysis); <i>intention to "
+    "treat</i>: shares over every run, a failed search, an excluded base model or a residual "
+    "path counting as not compositional (defined for random init too). Holm's correction "
+    "within each analysis. A test that could not run says why.</p>"
+)
+
+
 def section_verdicts(
     out_dir: Path, results: pd.DataFrame, margin: float, summary: pd.DataFrame | None = None
 ) -> str:
     """Verdict table per (task, model, init, subroutine) from summary.csv."""
     summary = load_summary(out_dir, results, margin) if summary is None else summary
     body = H._table(verdict_table(summary))
+    paired = paired_table(summary)
+    if len(paired):
+        body += _PAIRED_TEXT + H._table(paired)
     return _VERDICT_TEXT.format(m=margin) + body + _failed_runs(results, margin)
 
 
