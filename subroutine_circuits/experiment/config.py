@@ -774,6 +774,12 @@ class ExperimentConfig(_Table):
     # which runs get random controls: every usable run, or only the "candidates" that pass both
     # margins (the only runs whose verdict the controls can change; faster, randabl_* NaN else)
     random_controls: str = _opt("usable", choices=("usable", "candidates"))
+    # the sequential null (unit masks): draws in rounds of 10, a run stops drawing once its
+    # verdict is certain (5 draws of 99 at or below its abl_diff) and a draw whose target
+    # partition alone rules it out skips its other partition. The verdicts are those of all
+    # n_random draws; randabl_p of a stopped run is Besag & Clifford's sequential p-value.
+    # false: every draw on both partitions (complete randabl_* means)
+    random_shortcuts: bool = True
     # with every maskable unit ablated each accuracy must lie within this of chance (else bypass)
     bypass_tolerance: float = _opt(0.1, gt=0, lt=1)
     patching: bool = True

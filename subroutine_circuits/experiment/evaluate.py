@@ -220,6 +220,7 @@ def evaluate_unit_runs(
     n_random: int,
     chance: float = 0.25,
     margin: float | None = None,
+    shortcuts: bool = True,
 ) -> list[dict[str, Any]]:
     """The ablation-matrix rows of unit-mask runs (one dict per run, in order).
 
@@ -227,7 +228,8 @@ def evaluate_unit_runs(
     chosen one decides ``sub_*``, ``abl_*`` and the random controls, the others only give
     ``abl<kind>_*`` robustness columns. Random controls are drawn for usable runs; with
     ``margin`` given, only for usable runs that pass both margins (the only runs whose verdict
-    the controls can change: ``randabl_*`` is NaN for the others).
+    the controls can change: ``randabl_*`` is NaN for the others). ``shortcuts``: the
+    sequential null of :func:`_add_random_controls` (same verdicts, fewer evaluations).
 
     Runs over different unit maps (grid points that restrict ``layers``, chosen for one
     subroutine and not the other) are evaluated group by group, each group in batched passes.
@@ -242,7 +244,15 @@ def evaluate_unit_runs(
         for m in maps:
             idx = [i for i, r in enumerate(runs) if r.mask.unit_map == m]
             part = evaluate_unit_runs(
-                adapter, [runs[i] for i in idx], test, ablators, chosen, n_random, chance, margin
+                adapter,
+                [runs[i] for i in idx],
+                test,
+                ablators,
+                chosen,
+                n_random,
+                chance,
+                margin,
+                shortcuts,
             )
             for i, row in zip(idx, part):
                 rows[i] = row
@@ -287,7 +297,7 @@ def evaluate_unit_runs(
         rows.append(row)
     need = [_needs_controls(r, row, margin) for r, row in zip(runs, rows)]
     _add_random_controls(adapter, runs, rows, learned, need, test, ablators[chosen], n_random,
-                         chance)  # fmt: skip
+                         chance, shortcuts)  # fmt: skip
     return rows
 
 
@@ -307,9 +317,75 @@ def _n_problems(test: dict[str, EncodedProblems], run: RunToEvaluate) -> tuple[i
     return len(test[f"partition_{run.subroutine}"]), len(test[f"partition_{run.other}"])
 
 
-def _add_random_controls(adapter, runs, rows, learned, need, test, ablator, n_random, chance):
-    """Matched random draws of the runs in ``need``, all evaluated in batched passes; fills the
-    ``randabl_*`` and ``n_random`` columns of every row."""
+#: Draws per round of the sequential null (:func:`_add_random_controls`): after each round the
+#: runs whose verdict the draws have decided stop drawing.
+NULL_ROUND = 10
+
+
+def stop_hits(n_random: int, alpha: float) -> int:
+    """Draws at or below the learned ``abl_diff`` ("hits") after which ``randabl_p > alpha`` is
+    certain with ``n_random`` draws: the smallest ``h`` with ``(1 + h) / (1 + n_random) >
+    alpha`` (5 for 99 draws at 0.05). A run with fewer hits passes ``randabl_p <= alpha``."""
+    if n_random < 1 or not 0 < alpha <= 1:
+        raise ValueError(f"need n_random >= 1 and 0 < alpha <= 1, got {n_random}, {alpha}")
+    h = max(0, math.floor(alpha * (n_random + 1) + 1e-9) - 1)  # the largest k that passes
+    while (1 + h) / (1 + n_random) <= alpha:
+        h += 1
+    return h
+
+
+def sequential_randabl_p(hits: int, n_drawn: int, n_random: int, stopped: bool) -> float:
+    """``randabl_p`` of a null that drew ``n_drawn`` of ``n_random`` draws and found ``hits``.
+
+    Not stopped (every draw made): ``(1 + hits) / (1 + n_random)``, as
+    :func:`~subroutine_circuits.analysis.inference.randabl_p`. Stopped at the
+    :func:`stop_hits`-th hit: ``max(hits / n_drawn, (1 + hits) / (1 + n_random))``, the larger
+    of Besag & Clifford's (1991) sequential Monte Carlo p-value (valid: ``P(p <= a) <= a``) and
+    the smallest p the remaining draws could have left; both exceed ``alpha``, so the verdict is
+    the one all ``n_random`` draws give."""
+    if not stopped:
+        return (1 + hits) / (1 + n_drawn)
+    return max(hits / n_drawn, (1 + hits) / (1 + n_random))
+
+
+def _grouped_accuracies(adapter, test, um, ablator, wanted):
+    """Accuracies of keep rows on test partitions, one batched call per partition:
+    ``wanted`` maps a key to (partition name, ``[k, n_units]`` keep rows); returns key ->
+    ``np.ndarray`` of k accuracies."""
+    by_part: dict[str, list] = {}
+    for key, (part, keep) in wanted.items():
+        if len(keep):
+            by_part.setdefault(part, []).append((key, keep))
+    out = {key: np.zeros(0) for key in wanted}
+    for part, items in by_part.items():
+        acc = fixed_accuracies(adapter, test[part], torch.cat([k for _, k in items]), um, ablator)
+        start = 0
+        for key, keep in items:
+            out[key] = np.asarray(acc[start : start + len(keep)], dtype=float)
+            start += len(keep)
+    return out
+
+
+def _add_random_controls(
+    adapter, runs, rows, learned, need, test, ablator, n_random, chance, shortcuts=True
+):
+    """Matched random draws of the runs in ``need``, evaluated in batched passes; fills the
+    ``randabl_*`` and ``n_random`` columns of every row.
+
+    With ``shortcuts`` (the default; ``random_shortcuts`` in the config) the draws come in
+    rounds of :data:`NULL_ROUND` and two shortcuts skip work whose outcome is already certain,
+    so the verdict is the one all ``n_random`` draws give:
+
+    - a draw is evaluated on its target partition first; when even a perfect other partition
+      could not bring its ``abl_diff`` down to the learned one (``max(t, chance) - 1 >
+      learned`` on the exact lattice of counts), it is not a hit and its other partition is not
+      evaluated (``randabl_n_screened`` counts them);
+    - a run stops drawing at its :func:`stop_hits`-th hit (``randabl_stopped``;
+      :func:`sequential_randabl_p`).
+
+    ``randabl_target_acc`` is the mean over the draws made, ``randabl_other_acc`` and
+    ``randabl_diff`` over the draws evaluated on both partitions (NaN when there are none)."""
+    from subroutine_circuits.analysis.inference import RANDABL_ALPHA, clipped_diff_units
     from subroutine_circuits.experiment.batched import matched_random_masks, n_distinct
 
     um = runs[0].mask.unit_map
@@ -318,22 +394,74 @@ def _add_random_controls(adapter, runs, rows, learned, need, test, ablator, n_ra
         for i in range(len(runs))
         if need[i]
     }
-    acc: dict[str, list[float]] = {}
-    if draws:
-        keep = ~torch.cat([draws[i] for i in sorted(draws)])
-        parts = sorted({f"partition_{x}" for i in draws for x in (runs[i].subroutine,
-                                                                   runs[i].other)})  # fmt: skip
-        acc = {p: fixed_accuracies(adapter, test[p], keep, um, ablator) for p in parts}
-    start = 0
-    for i, (r, row) in enumerate(zip(runs, rows)):
-        n = n_random if i in draws else 0
-        t, o = f"partition_{r.subroutine}", f"partition_{r.other}"
-        tt = np.asarray(acc[t][start : start + n]) if n else np.zeros(0)
-        oo = np.asarray(acc[o][start : start + n]) if n else np.zeros(0)
-        nd = n_distinct(draws[i]) if n else 0
-        row.update(_random_columns(row["abl_diff"], tt, oo, nd, chance, _n_problems(test, r)))
-        row["n_random"] = n
-        start += n
+    h = stop_hits(n_random, RANDABL_ALPHA)
+    step = NULL_ROUND if shortcuts else n_random
+    state = {i: {"t": [], "o": [], "hits": 0, "screened": 0, "n": 0, "stopped": False}
+             for i in draws}  # fmt: skip
+    for start in range(0, n_random, step):
+        active = [i for i in draws if not state[i]["stopped"]]
+        if not active:
+            break
+        part = {i: (f"partition_{runs[i].subroutine}", f"partition_{runs[i].other}")
+                for i in active}  # fmt: skip
+        keep = {i: ~draws[i][start : start + step] for i in active}
+        tt = _grouped_accuracies(adapter, test, um, ablator,
+                                 {i: (part[i][0], keep[i]) for i in active})  # fmt: skip
+        lattice = {}
+        reach = {}
+        for i in active:
+            n_p = _n_problems(test, runs[i])
+            k, _ = clipped_diff_units(
+                np.concatenate([[rows[i]["abl_diff"]], clipped_diff(tt[i], 1.0, chance)]),
+                n_p,
+                chance,
+            )
+            lattice[i] = n_p
+            # True: the draw could still be a hit, so its other partition is needed
+            reach[i] = k[1:] <= k[0] if shortcuts else np.ones(len(tt[i]), dtype=bool)
+        oo = _grouped_accuracies(adapter, test, um, ablator,
+                                 {i: (part[i][1], keep[i][torch.from_numpy(reach[i])])
+                                  for i in active})  # fmt: skip
+        for i in active:
+            st, n_p = state[i], lattice[i]
+            o_full = np.full(len(tt[i]), np.nan)
+            o_full[reach[i]] = oo[i]
+            hit = np.zeros(len(tt[i]), dtype=bool)
+            if reach[i].any():
+                d = clipped_diff(tt[i][reach[i]], oo[i], chance)
+                k, _ = clipped_diff_units(np.concatenate([[rows[i]["abl_diff"]], d]), n_p, chance)
+                hit[reach[i]] = k[1:] <= k[0]
+            for j in range(len(tt[i])):  # draw by draw, so that a run stops at its h-th hit
+                st["t"].append(tt[i][j])
+                st["o"].append(o_full[j])
+                st["screened"] += int(not reach[i][j])
+                st["hits"] += int(hit[j])
+                st["n"] += 1
+                if shortcuts and st["hits"] >= h:
+                    st["stopped"] = True
+                    break
+    for i, row in enumerate(rows):
+        if i not in draws:
+            row.update(_random_columns(row["abl_diff"], np.zeros(0), np.zeros(0), 0, chance))
+            row.update(n_random=0, randabl_stopped=False, randabl_n_screened=0)
+            continue
+        st = state[i]
+        t = np.asarray(st["t"], dtype=float)
+        o = np.asarray(st["o"], dtype=float)
+        both = ~np.isnan(o)
+        diffs = np.asarray(clipped_diff(t[both], o[both], chance), dtype=float)
+        nan = math.nan
+        row.update(
+            randabl_target_acc=float(t.mean()),
+            randabl_other_acc=float(o[both].mean()) if both.any() else nan,
+            randabl_diff=float(diffs.mean()) if both.any() else nan,
+            randabl_diff_mean=float(diffs.mean()) if both.any() else nan,
+            randabl_p=sequential_randabl_p(st["hits"], st["n"], n_random, st["stopped"]),
+            randabl_n_distinct=int(n_distinct(draws[i][: st["n"]])),
+            n_random=st["n"],
+            randabl_stopped=bool(st["stopped"]),
+            randabl_n_screened=int(st["screened"]),
+        )
 
 
 def fixed_accuracies(
@@ -431,6 +559,7 @@ def evaluate_weight_runs(
         distinct = len({tuple(d.tolist()) for d, _ in rand})
         row.update(_random_columns(row["abl_diff"], tt, oo, distinct, chance, _n_problems(test, r)))
         row["n_random"] = len(rand)
+        row.update(randabl_stopped=False, randabl_n_screened=0)  # every draw made, in full
         row.update(_kind_counts(r.mask))
         rows.append(row)
     return rows

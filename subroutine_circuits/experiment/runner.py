@@ -41,6 +41,7 @@ RESULT_COLUMNS = [
     "sub_diff", "abl_diff", "sub_diff_lo", "sub_diff_hi", "abl_diff_lo", "abl_diff_hi",
     "ablzero_diff", "ablmean_diff", "ablresample_diff", "ablreinit_diff",
     "randabl_diff", "randabl_diff_mean", "randabl_p", "randabl_n_distinct", "n_random",
+    "randabl_stopped", "randabl_n_screened",
     "mask_path", "hparams", "val_score",
 ]  # fmt: skip
 

@@ -150,7 +150,15 @@ def _evaluate(base, cfg, runs_by_key, others, base_seed: int) -> dict[str, dict[
     if cfg.mask.kind == "unit":
         # runs over different unit maps (grid points masking other layers) are grouped there
         rows = evaluate_unit_runs(
-            base.adapter, todo, test, base.ablators, cfg.ablation, cfg.n_random, cfg.chance, margin
+            base.adapter,
+            todo,
+            test,
+            base.ablators,
+            cfg.ablation,
+            cfg.n_random,
+            cfg.chance,
+            margin,
+            shortcuts=cfg.random_shortcuts,
         )
     else:
         rows = evaluate_weight_runs(base.adapter, todo, test, cfg.n_random, cfg.chance, margin)

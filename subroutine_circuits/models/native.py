@@ -411,7 +411,11 @@ class Block(nn.Module):
         # three normalisations of one input, as TransformerLens 3.9 computes them: the
         # gradient then sums the same three terms in the same order (bitwise-equal training)
         ln1 = self.ln1
-        attn_out = self.attn(ln1(resid_pre), ln1(resid_pre), ln1(resid_pre), attention_mask)
+        if torch.is_grad_enabled():
+            attn_out = self.attn(ln1(resid_pre), ln1(resid_pre), ln1(resid_pre), attention_mask)
+        else:  # no gradient: one normalisation gives the same three tensors, bit for bit
+            x = ln1(resid_pre)
+            attn_out = self.attn(x, x, x, attention_mask)
         attn_out = self.hook_attn_out(attn_out)
         if self.cfg.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)

@@ -234,7 +234,8 @@ def test_runs_over_different_unit_maps_are_evaluated_per_map():
         enc={"test": test}, ablators={"zero": Ablator("zero")},
     )  # fmt: skip
     cfg = SimpleNamespace(mask=SimpleNamespace(kind="unit"), random_controls="all", margin=0.05,
-                          ablation="zero", n_random=20, chance=0.25, mask_min_acc=0.9)  # fmt: skip
+                          ablation="zero", n_random=20, chance=0.25, mask_min_acc=0.9,
+                          random_shortcuts=True)  # fmt: skip
     rows = _evaluate(base, cfg, ev, {"a": "b", "b": "a"}, base_seed=0)
     for key, sub, other, mask in (("a0", "a", "b", m_full), ("b0", "b", "a", m_last)):
         alone = evaluate_unit_runs(
