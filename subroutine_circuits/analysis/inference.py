@@ -233,18 +233,31 @@ def randabl_p(
     differences (only read with ``n_problems``). Raises ``ValueError`` on no draws, NaN values,
     or (with ``n_problems``) values that are not clipped differences over those problems.
     """
-    learned = _finite_float(learned_abl_diff, "learned_abl_diff")
     r = np.asarray(random_abl_diffs, dtype=float).reshape(-1)
     if r.size == 0:
         raise ValueError("randabl_p needs at least one random draw")
+    at_most = np.count_nonzero(at_or_below(learned_abl_diff, r, n_problems, chance))
+    return float((1 + at_most) / (1 + r.size))
+
+
+def at_or_below(
+    learned_abl_diff: float,
+    random_abl_diffs: Sequence[float] | Float[np.ndarray, "n_draws"],
+    n_problems: tuple[int, int] | None = None,
+    chance: float = CHANCE,
+) -> Bool[np.ndarray, "n_draws"]:
+    """Which draws' ``abl_diff`` is at most the learned one (the "hits" of :func:`randabl_p`),
+    with ties decided exactly on the lattice of counts when ``n_problems`` is given
+    (:func:`clipped_diff_units`), else within :data:`TIE_TOLERANCE`. Raises ``ValueError`` on
+    NaN."""
+    learned = _finite_float(learned_abl_diff, "learned_abl_diff")
+    r = np.asarray(random_abl_diffs, dtype=float).reshape(-1)
     if np.isnan(r).any():
         raise ValueError("random_abl_diffs contain NaN")
     if n_problems is None:
-        at_most = np.count_nonzero(r <= learned + TIE_TOLERANCE)
-    else:
-        k, _ = clipped_diff_units(np.concatenate([[learned], r]), n_problems, chance)
-        at_most = np.count_nonzero(k[1:] <= k[0])
-    return float((1 + at_most) / (1 + r.size))
+        return r <= learned + TIE_TOLERANCE
+    k, _ = clipped_diff_units(np.concatenate([[learned], r]), n_problems, chance)
+    return k[1:] <= k[0]
 
 
 def margins_ok(sub_diff: Any, abl_diff: Any, margin: float = DEFAULT_MARGIN) -> bool:

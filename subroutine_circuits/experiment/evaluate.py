@@ -68,6 +68,9 @@ class RunToEvaluate:
     mask: Any
     usable: bool = True
     draw_seed: int = 0
+    #: the accuracy on the test ``sub_<p>`` problems a usable run's mask must reach (the
+    #: held-out half of ``mask_ok``): below it the run is "search failed" and gets no draws
+    min_sub_acc: float = 0.0
 
 
 def _check_test(test: dict[str, EncodedProblems], runs: Sequence[RunToEvaluate]) -> None:
@@ -111,22 +114,32 @@ def _random_columns(
     from subroutine_circuits.analysis.inference import randabl_p
 
     if len(target) == 0:
-        nan = math.nan
-        return {
-            "randabl_target_acc": nan,
-            "randabl_other_acc": nan,
-            "randabl_diff": nan,
-            "randabl_diff_mean": nan,
-            "randabl_p": nan,
-            "randabl_n_distinct": 0,
-        }
-    diffs = np.asarray(clipped_diff(target, other, chance), dtype=float)
+        return _draw_columns(target, other, 0, math.nan, chance)
+    diffs = clipped_diff(target, other, chance)
+    p = randabl_p(learned_abl_diff, diffs, n_problems, chance)
+    return _draw_columns(target, other, n_distinct, p, chance)
+
+
+def _draw_columns(
+    target: Float[np.ndarray, " n_draws"],
+    other: Float[np.ndarray, " n_draws"],
+    n_distinct: int,
+    p: float,
+    chance: float,
+) -> dict[str, Any]:
+    """randabl_* columns from the draws' accuracies and their p-value: ``randabl_target_acc``
+    over every draw, ``randabl_other_acc`` / ``randabl_diff`` over the draws whose other
+    partition was evaluated (NaN in ``other`` marks the others); NaN where there are none."""
+    both = ~np.isnan(other)
+    diff = math.nan
+    if both.any():
+        diff = float(np.mean(clipped_diff(target[both], other[both], chance)))
     return {
-        "randabl_target_acc": float(target.mean()),
-        "randabl_other_acc": float(other.mean()),
-        "randabl_diff": float(diffs.mean()),
-        "randabl_diff_mean": float(diffs.mean()),
-        "randabl_p": randabl_p(learned_abl_diff, diffs, n_problems, chance),
+        "randabl_target_acc": float(target.mean()) if len(target) else math.nan,
+        "randabl_other_acc": float(other[both].mean()) if both.any() else math.nan,
+        "randabl_diff": diff,
+        "randabl_diff_mean": diff,
+        "randabl_p": float(p),
         "randabl_n_distinct": int(n_distinct),
     }
 
@@ -302,14 +315,14 @@ def evaluate_unit_runs(
 
 
 def _needs_controls(run: RunToEvaluate, row: dict[str, Any], margin: float | None) -> bool:
-    """Whether a run gets random draws: usable, and with ``margin`` given, passing both margins
+    """Whether a run gets random draws: usable (its mask also reaching ``run.min_sub_acc`` on
+    the test ``sub_<p>`` problems), and with ``margin`` given, passing both margins
     (:func:`~subroutine_circuits.analysis.inference.margins_ok`; the verdict of a run that
     fails one is "not compositional" whatever the draws)."""
     from subroutine_circuits.analysis.inference import margins_ok
 
-    return bool(
-        run.usable and (margin is None or margins_ok(row["sub_diff"], row["abl_diff"], margin))
-    )
+    usable = run.usable and row["sub_sub_acc"] >= run.min_sub_acc
+    return bool(usable and (margin is None or margins_ok(row["sub_diff"], row["abl_diff"], margin)))
 
 
 def _n_problems(test: dict[str, EncodedProblems], run: RunToEvaluate) -> tuple[int, int]:
@@ -385,7 +398,7 @@ def _add_random_controls(
 
     ``randabl_target_acc`` is the mean over the draws made, ``randabl_other_acc`` and
     ``randabl_diff`` over the draws evaluated on both partitions (NaN when there are none)."""
-    from subroutine_circuits.analysis.inference import RANDABL_ALPHA, clipped_diff_units
+    from subroutine_circuits.analysis.inference import RANDABL_ALPHA, at_or_below
     from subroutine_circuits.experiment.batched import matched_random_masks, n_distinct
 
     um = runs[0].mask.unit_map
@@ -407,30 +420,26 @@ def _add_random_controls(
         keep = {i: ~draws[i][start : start + step] for i in active}
         tt = _grouped_accuracies(adapter, test, um, ablator,
                                  {i: (part[i][0], keep[i]) for i in active})  # fmt: skip
-        lattice = {}
-        reach = {}
-        for i in active:
-            n_p = _n_problems(test, runs[i])
-            k, _ = clipped_diff_units(
-                np.concatenate([[rows[i]["abl_diff"]], clipped_diff(tt[i], 1.0, chance)]),
-                n_p,
-                chance,
-            )
-            lattice[i] = n_p
-            # True: the draw could still be a hit, so its other partition is needed
-            reach[i] = k[1:] <= k[0] if shortcuts else np.ones(len(tt[i]), dtype=bool)
+        # True: the draw could still be a hit (a perfect other partition would make it one),
+        # so its other partition is needed
+        reach = {
+            i: at_or_below(rows[i]["abl_diff"], clipped_diff(tt[i], 1.0, chance),
+                           _n_problems(test, runs[i]), chance)
+            if shortcuts else np.ones(len(tt[i]), dtype=bool)
+            for i in active
+        }  # fmt: skip
         oo = _grouped_accuracies(adapter, test, um, ablator,
                                  {i: (part[i][1], keep[i][torch.from_numpy(reach[i])])
                                   for i in active})  # fmt: skip
         for i in active:
-            st, n_p = state[i], lattice[i]
+            st = state[i]
             o_full = np.full(len(tt[i]), np.nan)
             o_full[reach[i]] = oo[i]
             hit = np.zeros(len(tt[i]), dtype=bool)
             if reach[i].any():
                 d = clipped_diff(tt[i][reach[i]], oo[i], chance)
-                k, _ = clipped_diff_units(np.concatenate([[rows[i]["abl_diff"]], d]), n_p, chance)
-                hit[reach[i]] = k[1:] <= k[0]
+                hit[reach[i]] = at_or_below(rows[i]["abl_diff"], d, _n_problems(test, runs[i]),
+                                            chance)  # fmt: skip
             for j in range(len(tt[i])):  # draw by draw, so that a run stops at its h-th hit
                 st["t"].append(tt[i][j])
                 st["o"].append(o_full[j])
@@ -446,18 +455,10 @@ def _add_random_controls(
             row.update(n_random=0, randabl_stopped=False, randabl_n_screened=0)
             continue
         st = state[i]
-        t = np.asarray(st["t"], dtype=float)
-        o = np.asarray(st["o"], dtype=float)
-        both = ~np.isnan(o)
-        diffs = np.asarray(clipped_diff(t[both], o[both], chance), dtype=float)
-        nan = math.nan
+        p = sequential_randabl_p(st["hits"], st["n"], n_random, st["stopped"])
+        nd = n_distinct(draws[i][: st["n"]])
+        row.update(_draw_columns(np.asarray(st["t"]), np.asarray(st["o"]), nd, p, chance))
         row.update(
-            randabl_target_acc=float(t.mean()),
-            randabl_other_acc=float(o[both].mean()) if both.any() else nan,
-            randabl_diff=float(diffs.mean()) if both.any() else nan,
-            randabl_diff_mean=float(diffs.mean()) if both.any() else nan,
-            randabl_p=sequential_randabl_p(st["hits"], st["n"], n_random, st["stopped"]),
-            randabl_n_distinct=int(n_distinct(draws[i][: st["n"]])),
             n_random=st["n"],
             randabl_stopped=bool(st["stopped"]),
             randabl_n_screened=int(st["screened"]),

@@ -21,9 +21,8 @@ context texts of a pair all come from its set's split):
   (faithfulness curve, CPR / CMD, ``f_k``, ``f_faithful``).
 
 patching.csv names the split of each set (``score_split``, ``faith_split``). Image tasks draw
-both sets from the shape world's ``test`` pair stream with two seeds
-(:func:`subroutine_circuits.experiment.vision.image_pair_batch` takes no split; the columns say
-``test``).
+the two sets from the shape world's independent seeded ``val`` and ``test`` pair streams
+(:func:`subroutine_circuits.experiment.vision.image_pair_batch`).
 Thin data: when a split holds fewer minimal pairs than asked, its set has the pairs found and a
 :class:`PairShortageWarning` says so (when both sets come from one split, the pairs found are
 shared between them in the asked ratio); with no scoring or no faithfulness pair the subroutine

@@ -142,6 +142,7 @@ def _evaluate(base, cfg, runs_by_key, others, base_seed: int) -> dict[str, dict[
             run.mask,
             _usable(base, run, cfg),
             draw_seed=104_729 * base_seed + 7_919 * subs.index(ev.subroutine) + ev.mask_seed,
+            min_sub_acc=cfg.mask_min_acc,
         )
         for ev, run in runs_by_key.values()
     ]

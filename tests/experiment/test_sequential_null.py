@@ -85,3 +85,21 @@ def test_shortcuts_give_the_verdict_of_every_draw(learned_diff):
     # the screened draws are counted among the draws made, never as hits
     assert short["randabl_n_screened"] <= short["n_random"]
     assert np.isfinite(short["randabl_target_acc"])
+
+
+def test_no_draws_for_a_mask_that_fails_its_held_out_problems():
+    """A run whose mask misses ``min_sub_acc`` on the test ``sub_<p>`` problems is "search
+    failed" (``mask_ok`` needs them): it gets no random draws, the same run with the bar met
+    does."""
+    from subroutine_circuits.experiment.evaluate import evaluate_unit_runs
+    from subroutine_circuits.masks import UnitMask
+
+    adapter, um, test, learned, ablator = _tiny()
+    test = {**test, "sub_a": test["partition_a"]}
+    mask = UnitMask.fixed(um, learned)
+    got = {}
+    for bar in (0.0, 1.01):
+        run = RunToEvaluate("a", "b", 0, mask, True, draw_seed=7, min_sub_acc=bar)
+        got[bar] = evaluate_unit_runs(adapter, [run], test, {"zero": ablator}, "zero", 20)[0]
+    assert got[0.0]["n_random"] > 0 and got[1.01]["n_random"] == 0
+    assert np.isnan(got[1.01]["randabl_p"])
