@@ -100,6 +100,10 @@ def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int
 
     t0 = time.time()
     model, meta = _initial_model(cfg, prep, init, seed, device)
+    precise = cfg.model.train_dtype != "float32" and init != "random_init"
+    if precise:  # train in float64 (see ModelConfig.train_dtype); studied in float32
+        model = _with_dtype(model, cfg.model.train_dtype)
+        meta["train_dtype"] = cfg.model.train_dtype
     if init == "pretrained" and not cfg.model.checkpoint:
         from subroutine_circuits.models import PretrainConfig, pretrain
 
@@ -117,8 +121,28 @@ def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int
             prep.tokenizer, tcfg,
         )  # fmt: skip
         meta["best_val_acc"] = float(res.best_val_acc)
+    if precise:
+        model = _with_dtype(model, "float32")
     meta["train_seconds"] = time.time() - t0
     return model, meta
+
+
+#: ``ModelConfig.train_dtype`` values (torch dtype names).
+TRAIN_DTYPES = ("float32", "float64")
+
+
+def _with_dtype(model, name: str):
+    """``model`` with its parameters and floating buffers cast to the torch dtype ``name`` and
+    ``cfg.dtype`` kept in step (TransformerLens reads it when it builds tensors)."""
+    import torch
+
+    if name not in TRAIN_DTYPES:
+        raise ValueError(f"train dtype must be one of {list(TRAIN_DTYPES)}, got {name!r}")
+    dtype = getattr(torch, name)
+    model = model.to(dtype)
+    if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "dtype"):
+        model.cfg.dtype = dtype
+    return model
 
 
 @timed_stage("base_model")

@@ -90,6 +90,32 @@ def attention_softmax(x: Float[Tensor, "... k"]) -> Float[Tensor, "... k"]:
     return F.softmax(x, dim=-1)
 
 
+def attention_pattern(x: Float[Tensor, "... k"]) -> Float[Tensor, "... k"]:
+    """The attention pattern of :class:`models.native.NativeTransformer`: the softmax of
+    :func:`attention_softmax` with NaN entries (rows whose every key is masked) set to zero,
+    as TransformerLens does.
+
+    Without autograd on CPU float tensors inside :func:`fast_cpu_attention` (mask evaluation)
+    the zeroing pass runs only when a row's maximum is not finite (the only way a NaN can
+    arise: otherwise the maximum contributes ``exp(0) = 1`` to every row's sum): the same
+    numbers, bit for bit, without two passes over the scores per layer."""
+    fused = (
+        _depth > 0
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+    )
+    if not fused:
+        p = attention_softmax(x)
+        return torch.where(torch.isnan(p), torch.zeros_like(p), p)
+    m = x.amax(-1, keepdim=True)
+    e = (x - m).exp_()  # the operations of softmax_lastdim, in its order
+    y = e.div_(e.sum(-1, keepdim=True))
+    if not bool(torch.isfinite(m).all()):
+        y = torch.where(torch.isnan(y), torch.zeros_like(y), y)
+    return y
+
+
 @contextmanager
 def fast_cpu_attention(enabled: bool = True) -> Iterator[None]:
     """Within the block, attention (TransformerLens 3.x's and :class:`NativeTransformer`'s)

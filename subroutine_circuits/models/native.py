@@ -350,9 +350,7 @@ class Attention(nn.Module):
         if keep is not None:
             scores = torch.where(keep, scores, self.IGNORE)
         scores = self.hook_attn_scores(scores)
-        pattern = cpu_kernels.attention_softmax(scores)
-        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
-        pattern = self.hook_pattern(pattern).to(v.dtype)
+        pattern = self.hook_pattern(cpu_kernels.attention_pattern(scores)).to(v.dtype)
         z = self.hook_z((pattern @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3))
         if self.cfg.use_attn_result:
             result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))

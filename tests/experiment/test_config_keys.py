@@ -121,6 +121,8 @@ def test_loading_a_config_imports_neither_torch_nor_transformer_lens(tmp_path):
         ({"data": {"seed": True}}, "data.seed must be an integer, got True"),
         ({"model": {"attention": "both"}}, "model.attention must be one of"),
         ({"model": {"preset": "huge"}}, "model.preset must be one of"),
+        ({"model": {"train_dtype": "float16"}}, "model.train_dtype must be one of"),
+        ({"model": {"family": "cnn", "train_dtype": "float64"}}, "CNNs train in float32"),
         ({"model": {"overrides": {"n_layers": "3"}}}, "model.overrides.n_layers must be an int"),
         ({"model": {"overrides": {"n_heads": 0}}}, "model.overrides.n_heads must be >= 1"),
         ({"model": {"overrides": {"d_vocab": 9}}}, "key 'd_vocab' is not allowed"),
@@ -357,6 +359,7 @@ def test_override_checked_by_the_real_model_builder():
 def test_mirrored_constants_match_the_library():
     """Choice lists kept in config.py (to stay torch-free) equal the library's own."""
     from subroutine_circuits.experiment import config as c
+    from subroutine_circuits.experiment import stages
     from subroutine_circuits.experiment.patching import METHODS
     from subroutine_circuits.masks.parametrization import PARAMETRIZATIONS
     from subroutine_circuits.models import presets
@@ -368,6 +371,7 @@ def test_mirrored_constants_match_the_library():
     assert set(c.CURVE_ABLATIONS) == set(ABLATIONS)
     assert c.PATCHING_METHODS == METHODS
     assert c.ATTENTION_KINDS == presets.ATTENTION_KINDS and c.POOLS == presets.POOLS
+    assert c.TRAIN_DTYPES == stages.TRAIN_DTYPES
 
 
 def test_config_pickles_and_copies():

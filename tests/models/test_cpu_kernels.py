@@ -81,3 +81,29 @@ def test_restored_after_an_error(tiny_model, tiny_tokens, monkeypatch):
         tiny_model(tiny_tokens)
     tiny_model(tiny_tokens)
     assert calls[0] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_pattern_without_autograd_is_the_two_pass_pattern_bit_for_bit(dtype):
+    """The fused no-grad pattern (mask evaluation) equals softmax + NaN zeroing exactly, with
+    and without fully masked rows and causal -inf entries."""
+    from subroutine_circuits.models.cpu_kernels import (
+        attention_pattern,
+        fast_cpu_attention,
+        softmax_lastdim,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 3, 9, 9, generator=g) * 4).to(dtype)
+    x = x.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
+    empty = x.clone()
+    empty[1, 2, 4] = float("-inf")  # a row with every key masked: NaN, then 0
+    empty[3, :, :, 0] = float("-inf")  # first query of each head of problem 3: no key left
+    for scores in (x, empty):
+        p = softmax_lastdim(scores)
+        expected = torch.where(torch.isnan(p), torch.zeros_like(p), p)
+        with fast_cpu_attention(), torch.no_grad():
+            got = attention_pattern(scores)
+        assert torch.equal(got, expected)
+        assert not torch.isnan(got).any()
+    assert (attention_pattern(empty)[1, 2, 4] == 0).all()  # the autograd path zeroes too
