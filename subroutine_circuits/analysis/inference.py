@@ -480,6 +480,13 @@ def t_interval(
     return m, m - half, m + half
 
 
+def _flag_count(g: pd.DataFrame, column: str) -> float:
+    """How many rows of ``g`` have the boolean ``column`` true (NaN when results lack it)."""
+    if column not in g.columns:
+        return np.nan
+    return float(g[column].astype(str).str.lower().isin(["true", "1", "1.0"]).sum())
+
+
 def base_model_table(
     results: pd.DataFrame, margin: float = DEFAULT_MARGIN, alpha: float = RANDABL_ALPHA
 ) -> pd.DataFrame:
@@ -499,7 +506,9 @@ def base_model_table(
 
     Every count follows from :func:`run_verdict`: a run that fails a margin is usable and not
     compositional, a run without a random control is left out only when it passes the margins.
-    Also ``n_residual`` (residual-path runs), ``n_straddle`` (usable runs whose bootstrap
+    Also ``n_residual`` (residual-path runs), ``n_budget_limited`` (runs whose mask search
+    ran out of budget while still improving, ``mask_budget_limited``; NaN without that column),
+    ``n_straddle`` (usable runs whose bootstrap
     interval straddles a margin, :func:`straddles_margin`; NaN without interval columns), and
     the intention-to-treat reading (every run counts, only ``compositional`` is compositional):
     ``itt_frac_compositional`` = ``n_compositional / n_runs`` and
@@ -524,6 +533,7 @@ def base_model_table(
             n_failed=int((g["verdict"] == SEARCH_FAILED).sum()),
             n_no_control=int((g["verdict"] == NO_CONTROL).sum()),
             n_residual=int((g["verdict"] == RESIDUAL_PATH).sum()),
+            n_budget_limited=_flag_count(g, "mask_budget_limited"),
             n_straddle=int(n_straddle) if has_ci else np.nan,
             itt_frac_compositional=n_comp / len(g),
             itt_mostly_compositional=bool(2 * n_comp > len(g)),
@@ -566,7 +576,9 @@ def summarize_cells(
     ours (margins only, no random control; :func:`verdict_columns`): ``paper_n_base_models``
     (base models with a run whose search succeeded), ``paper_base_models_compositional`` (of
     those, the ones whose such runs are mostly paper-compositional), ``paper_runs_usable`` and
-    ``paper_runs_compositional``; ``runs_residual`` (residual-path runs), ``runs_straddle`` /
+    ``paper_runs_compositional``; ``runs_residual`` (residual-path runs),
+    ``runs_budget_limited`` (searches cut off by their budget while still improving, excluded
+    runs included; NaN for results without ``mask_budget_limited``), ``runs_straddle`` /
     ``runs_straddle_frac`` (usable runs whose bootstrap interval straddles a margin, and their
     share; NaN without interval columns); the intention-to-treat reading (every run and base
     model counts): ``itt_n_base_models``, ``itt_base_models_compositional`` with its share and
@@ -602,6 +614,7 @@ def summarize_cells(
             runs_excluded=int(g["n_excluded"].sum()),
             runs_no_control=int(g["n_no_control"].sum()),
             runs_residual=int(g["n_residual"].sum()),
+            runs_budget_limited=float(g["n_budget_limited"].sum(min_count=1)),
             runs_straddle=straddle,
             runs_straddle_frac=straddle / n_usable_runs if n_usable_runs else np.nan,
             base_models_excluded=int((~g["base_ok"]).sum()),

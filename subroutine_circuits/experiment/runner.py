@@ -31,7 +31,7 @@ RESULT_COLUMNS = [
     "task", "model", "init", "base_seed", "mask_seed", "subroutine", "other", "mask_kind",
     "verdict", "compositional", "margins_ok", "paper_compositional", "base_ok", "bypass",
     "mask_ok", "mask_val_ok", "mask_test_ok", "residual_path", "mask_val_acc", "mask_steps",
-    "mask_best_step", "mask_stopped_early", "mask_final_temp", "ablation",
+    "mask_best_step", "mask_stopped_early", "mask_budget_limited", "mask_final_temp", "ablation",
     "density", "n_kept", "density_head", "density_neuron", "n_kept_head", "n_kept_neuron",
     "composite_acc", "composite_val_acc", "full_target_acc", "full_other_acc",
     "full_sub_acc", "sub_target_acc", "sub_other_acc", "sub_sub_acc", "abl_target_acc",

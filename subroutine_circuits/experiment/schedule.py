@@ -118,3 +118,37 @@ def mask_schedule(cfg: Any, n_train: int) -> Schedule:
         tolerance=float(getattr(cfg, "tolerance", 0.02)),
         min_density_drop=float(getattr(cfg, "min_density_drop", 0.0)),
     )
+
+
+#: The share of the budget at its end in which a search that still improves is budget-limited.
+BUDGET_TAIL = 0.1
+
+
+def budget_limited(
+    steps: int,
+    best_step: int,
+    stopped_early: bool,
+    history: list[tuple[int, float, float]] | list[list[float]],
+    min_density_drop: float = 0.0,
+    tail: float = BUDGET_TAIL,
+) -> bool:
+    """Whether a mask search ended because its budget ran out while it was still improving:
+    it ran the whole budget (no plateau stop) and either its chosen checkpoint lies in the last
+    ``tail`` of the steps taken, or its density fell by more than ``min_density_drop`` over
+    that tail (``history``: the ``(step, val_acc, density)`` evaluations).
+
+    Why: the search keeps the best validation checkpoint, so a search cut off while it was
+    still getting sparser returns a mask that a longer budget would have made smaller. Such a
+    mask is reported (``mask_budget_limited`` in results.csv, counts in summary.csv and the
+    report), not silently taken as converged (issue 23)."""
+    if stopped_early or steps <= 0:
+        return False
+    start = steps - max(1, math.ceil(tail * steps))
+    if best_step > start:
+        return True
+    evals = [(int(h[0]), float(h[2])) for h in history]
+    before = [d for s, d in evals if s <= start]
+    after = [d for s, d in evals if s > start]
+    if not before or not after:
+        return False
+    return after[-1] < before[-1] - min_density_drop

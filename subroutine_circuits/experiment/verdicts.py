@@ -189,6 +189,7 @@ def run_row(base_job, base, ev, run, hp: dict, row: dict, rel: str) -> dict[str,
     """The results.csv row of one run (columns documented in docs/RESULTS.md); its verdict
     columns come from :func:`~subroutine_circuits.analysis.inference.verdict_columns`."""
     from subroutine_circuits.analysis.inference import verdict_columns
+    from subroutine_circuits.experiment.schedule import budget_limited
 
     cfg, meta = base_job.cfg, base.meta
     row.update(
@@ -212,6 +213,9 @@ def run_row(base_job, base, ev, run, hp: dict, row: dict, rel: str) -> dict[str,
         mask_steps=run.steps,
         mask_best_step=run.best_step,
         mask_stopped_early=run.stopped_early,
+        mask_budget_limited=budget_limited(
+            run.steps, run.best_step, run.stopped_early, run.history, cfg.mask.min_density_drop
+        ),
         mask_final_temp=run.final_temp,
         mask_path=rel,
         hparams=json.dumps(hp, sort_keys=True),

@@ -34,7 +34,7 @@ def load_summary(out_dir: Path, results: pd.DataFrame, margin: float) -> pd.Data
             notes = [c for c in df.columns if c.endswith("_note")]
             for c in ("control_init", "test", *notes):
                 if c in df.columns:
-                    df[c] = df[c].fillna("")
+                    df[c] = df[c].astype(object).where(df[c].notna(), "")
             return df
     return stats.summary_frame(out_dir, results, margin)
 
@@ -101,6 +101,10 @@ def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
             row["no random control"] = int(r.get("runs_no_control", 0))
         if int(summary.get("runs_residual", pd.Series([0])).sum()) > 0:
             row["residual path"] = int(r.get("runs_residual", 0))
+        budget = summary.get("runs_budget_limited")
+        if budget is not None and budget.notna().any():
+            n_bl = r["runs_budget_limited"]
+            row["searches cut off by the budget"] = "–" if pd.isna(n_bl) else int(n_bl)
         if "runs_straddle" in summary.columns and summary["runs_straddle"].notna().any():
             row["usable runs straddling a margin"] = (
                 "–"
