@@ -1001,11 +1001,32 @@ def fixed_mask_scores(
                 scores = run.scores(tok, lens, kr.start, kr.stop)
             out[kr.start : kr.stop, p0:p1] = scores.float().view(len(kr), p1 - p0, n_stim)
 
+        memo.clear()  # new problems, new key padding: layer 0's z is computed again
         run_chunked(masks, range(k), kc, label="masks", key="fixed_masks.masks")
 
-    with _hooks_on(model, run.hooks()), _hooks_on(model, _pad_hooks(model, run.pad_state)):
+    # nothing before blocks.0.attn.hook_z depends on the mask: a model that can, computes
+    # layer 0's attention once per chunk of problems (models.native.PrefixMemo)
+    prefix = getattr(model, "prefix_memo", None)
+    reuse = prefix() if callable(prefix) and autocast_dtype is None else _NullMemo.context()
+    with (
+        reuse as memo,
+        _hooks_on(model, run.hooks()),
+        _hooks_on(model, _pad_hooks(model, run.pad_state)),
+    ):
         run_chunked(problems, range(n), pc, label="problems", key="fixed_masks.problems")
     return out.cpu()
+
+
+class _NullMemo:
+    """A stand-in for ``models.native.PrefixMemo`` for models without one."""
+
+    def clear(self) -> None:
+        """Nothing is stored."""
+
+    @staticmethod
+    @contextlib.contextmanager
+    def context() -> Any:
+        yield _NullMemo()
 
 
 def _generic_fixed_scores(

@@ -35,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,6 +288,53 @@ def _norm(cfg: NativeConfig) -> nn.Module:
     return LayerNorm(cfg, affine=kind in ("LN", "RMS"), rms=kind.startswith("RMS"))
 
 
+class PrefixMemo:
+    """The first attention layer's ``z`` (before ``hook_z``) of recent inputs, reused by later
+    no-grad forward passes of the same input (or whole repeats of it along the batch).
+
+    Why: fixed-mask evaluation runs the same problems under many masks, and nothing before the
+    first masked hook (``blocks.0.attn.hook_z``) depends on the mask: the query, key and value
+    projections, the scores and the softmax of layer 0 are the same in every pass. A lookup
+    compares the attention input with a stored one exactly (``torch.equal``), so a pass on
+    other inputs recomputes; up to ``size`` inputs are kept (2: a chunk's problems and the
+    inputs a resample ablation records from). The hooks of layer 0 before ``hook_z``
+    (``hook_q``, ``hook_k``, ``hook_v``, ``hook_attn_scores``, ``hook_pattern``) do not run on
+    a reused pass, so the caller must hold them fixed while the memo is in use
+    (:meth:`NativeTransformer.prefix_memo`; ``experiment.batched.fixed_mask_scores`` clears it
+    for every chunk of problems, whose key padding is then fixed)."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self.entries: list[tuple[Tensor, Tensor]] = []
+        self.hits = 0
+
+    @property
+    def inp(self) -> Tensor | None:
+        """The most recently stored input (None when empty)."""
+        return self.entries[-1][0] if self.entries else None
+
+    def clear(self) -> None:
+        """Forget the stored inputs (e.g. a new chunk of problems)."""
+        self.entries = []
+
+    def lookup(self, x: Float[Tensor, "batch pos d_model"]) -> Tensor | None:
+        """The stored ``z`` of ``x`` (repeated to ``x``'s batch when ``x`` is whole repeats of
+        a stored input), bit for bit; else None."""
+        for inp, z in self.entries:
+            rows = inp.shape[0]
+            if x.shape[1:] != inp.shape[1:] or rows == 0 or x.shape[0] % rows:
+                continue
+            m = x.shape[0] // rows
+            if torch.equal(x.view(m, *inp.shape), inp.unsqueeze(0).expand(m, *inp.shape)):
+                self.hits += 1
+                return z if m == 1 else z.repeat(m, 1, 1, 1)
+        return None
+
+    def store(self, x: Float[Tensor, "batch pos d_model"], z: Tensor) -> None:
+        """Keep ``x`` and its ``z`` (the oldest entry goes when ``size`` are stored)."""
+        self.entries = [*self.entries, (x, z)][-self.size :]
+
+
 class Attention(nn.Module):
     """Multi-head attention with TransformerLens' parameter layout and hooks."""
 
@@ -319,6 +368,7 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_result = HookPoint()  # [batch, pos, head, d_model] (use_attn_result only)
+        self.prefix_memo: PrefixMemo | None = None  # set by NativeTransformer.prefix_memo
 
     @staticmethod
     def _project(
@@ -336,6 +386,35 @@ class Attention(nn.Module):
         value_input: Float[Tensor, "batch pos d_model"],
         attention_mask: Int[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        memo = self.prefix_memo
+        usable = (
+            memo is not None
+            and attention_mask is None
+            and not torch.is_grad_enabled()
+            and query_input is key_input
+            and key_input is value_input
+        )
+        raw = memo.lookup(query_input) if usable else None
+        if raw is None:
+            raw = self._mixed_values(query_input, key_input, value_input, attention_mask)
+            if usable:
+                memo.store(query_input, raw)
+        z = self.hook_z(raw)
+        if self.cfg.use_attn_result:
+            result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
+            return result.sum(-2) + self.b_O
+        w_o = self.W_O.reshape(-1, self.W_O.shape[-1]).T.contiguous()  # [d_model, head*d_head]
+        return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w_o, self.b_O)
+
+    def _mixed_values(
+        self,
+        query_input: Float[Tensor, "batch pos d_model"],
+        key_input: Float[Tensor, "batch pos d_model"],
+        value_input: Float[Tensor, "batch pos d_model"],
+        attention_mask: Int[Tensor, "batch pos"] | None,
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """The attention-weighted values ``z`` before ``hook_z`` (the q, k, v, score and
+        pattern hooks run here)."""
         q = self.hook_q(self._project(query_input, self.W_Q, self.b_Q))
         k = self.hook_k(self._project(key_input, self.W_K, self.b_K))
         v = self.hook_v(self._project(value_input, self.W_V, self.b_V))
@@ -351,12 +430,7 @@ class Attention(nn.Module):
             scores = torch.where(keep, scores, self.IGNORE)
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(cpu_kernels.attention_pattern(scores)).to(v.dtype)
-        z = self.hook_z((pattern @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3))
-        if self.cfg.use_attn_result:
-            result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
-            return result.sum(-2) + self.b_O
-        w_o = self.W_O.reshape(-1, self.W_O.shape[-1]).T.contiguous()  # [d_model, head*d_head]
-        return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w_o, self.b_O)
+        return (pattern @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
 
 
 class MLP(nn.Module):
@@ -495,6 +569,23 @@ class NativeTransformer(HookedRootModule):
         if move_to_device and cfg.device != "cpu":
             self.to(cfg.device)
         self.setup()
+
+    @contextmanager
+    def prefix_memo(self) -> Iterator[PrefixMemo]:
+        """Within the block, no-grad forward passes reuse the first attention layer's ``z``
+        (before ``hook_z``) for inputs seen before (:class:`PrefixMemo`: bit for bit the same
+        numbers, the layer's projections, scores and softmax skipped). Yields the memo, which
+        the caller clears whenever the hooks before ``blocks.0.attn.hook_z`` change."""
+        if not len(self.blocks):
+            yield PrefixMemo()
+            return
+        attn = self.blocks[0].attn
+        memo, before = PrefixMemo(), attn.prefix_memo
+        attn.prefix_memo = memo
+        try:
+            yield memo
+        finally:
+            attn.prefix_memo = before
 
     def init_weights(self) -> None:
         """GPT-2 initialisation: each ``W_*`` from N(0, initializer_range), in creation order."""
