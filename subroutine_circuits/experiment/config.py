@@ -895,8 +895,8 @@ class ExperimentConfig(_Table):
 
 
 def _is_hf_folder(path: str | None) -> bool:
-    """Whether ``path`` is a Hugging Face folder (``experiment.hf.is_hf_folder``, no torch)."""
-    from subroutine_circuits.experiment.hf import is_hf_folder
+    """Whether ``path`` is a Hugging Face folder (``experiment.hf_paths``, no torch)."""
+    from subroutine_circuits.experiment.hf_paths import is_hf_folder
 
     return is_hf_folder(path)
 

@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from subroutine_circuits.experiment import hf_paths
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -50,16 +52,8 @@ REINIT_SEED_OFFSET = 20_000
 #: Files of a stored checkpoint base model (``meta.json`` is written last).
 BASE_INFO_FILE = "hf_base.json"
 BASE_WEIGHTS_FILE = "weights.pt"
-BASE_META_FILE = "meta.json"
-
-
-def is_hf_folder(path: str | os.PathLike | None) -> bool:
-    """Whether ``path`` is a Hugging Face checkpoint folder (``config.json``, no ``meta.json``
-    of this library's own checkpoints)."""
-    if not path:
-        return False
-    folder = Path(path)
-    return (folder / "config.json").is_file() and not (folder / BASE_META_FILE).is_file()
+BASE_META_FILE = hf_paths.BASE_META_FILE
+is_hf_folder = hf_paths.is_hf_folder  # (a path check shared with experiment.config)
 
 
 def task_tokenizer(folder: str | os.PathLike) -> Any:
