@@ -14,10 +14,29 @@ from subroutine_circuits.masks.ablator import reference_ablator
 
 
 def _model_with_memo():
-    model = make_tiny_transformer(seed=3)
-    if not callable(getattr(model, "prefix_memo", None)):
-        pytest.skip("TransformerLens 3.x HookedTransformer has no prefix memo (native model only)")
+    """The conftest's tiny model as this library's NativeTransformer (the model with a prefix
+    memo) on either TransformerLens."""
+    from subroutine_circuits.models.presets import hooked_transformer
+
+    model = hooked_transformer(backend="native", n_layers=2, d_model=32, n_heads=4, d_head=8,
+                               d_mlp=64, d_vocab=50, n_ctx=16, act_fn="gelu",
+                               normalization_type="LN", attention_dir="causal", seed=3,
+                               device="cpu")  # fmt: skip
+    assert callable(model.prefix_memo)
     return model
+
+
+def test_models_without_a_memo_evaluate_as_before():
+    """The conftest's model (3.x's HookedTransformer on TransformerLens 3.x, which has no
+    memo; the native model on 4.x) is evaluated: one finite score per mask, problem and
+    stimulus."""
+    model = make_tiny_transformer(seed=3)
+    g = torch.Generator().manual_seed(0)
+    data = random_test_split(g)["partition_a"]
+    um = tl_unit_map(model)
+    keep = torch.rand(3, um.n_units, generator=g) < 0.6
+    out = fixed_mask_scores(model, data, keep, "last", unit_map=um, max_rows=16)
+    assert out.shape == (3, len(data), 4) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean", "resample"])
