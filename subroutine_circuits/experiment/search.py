@@ -337,6 +337,8 @@ PRUNE_RANK_PROBLEMS = 48
 #: with the square of the mask (a compute bound: larger masks keep the prefix rounds' result,
 #: and ``pruned["finish"]`` says so).
 PRUNE_FINISH_MAX_UNITS = 32
+#: Blocks the cheap minimality measure of masks too large for the finish splits them into.
+PRUNE_BLOCKS = 8
 
 
 def prefix_sizes(k: int) -> list[int]:
@@ -385,8 +387,9 @@ def prune_run(
     the smallest subnetwork: on the earlier planted redundant models (copies of 5-12 units) a
     1-minimal mask still spanned both copies in about half of the runs (README, "Ground
     truth"). The finish runs on masks of at most ``finish_max_units`` units after the prefix
-    rounds (:data:`PRUNE_FINISH_MAX_UNITS`; its cost grows with the square of the mask). At
-    least one unit stays. ``run.pruned`` records the accuracy and units before, the units
+    rounds (:data:`PRUNE_FINISH_MAX_UNITS`; its cost grows with the square of the mask); a larger
+    mask gets the cheap measure :func:`block_removable` instead (``pruned["block_removable"]``).
+    At least one unit stays. ``run.pruned`` records the accuracy and units before, the units
     dropped, the rounds, whether the finish ran and its removals; ``val_acc`` and ``density``
     are the pruned mask's. The mask is changed in place (``drop``).
     """
@@ -423,13 +426,51 @@ def prune_run(
         keep, current, finished = _finish_1_minimal(
             adapter, val, keep, current, floor, unit_map, ablator
         )
-        finish = "1-minimal"
+        finish, removable = "1-minimal", 0
+    else:
+        removable = block_removable(adapter, val, rank_val, keep, floor, unit_map, ablator)
     dropped = mask.flat_binary() & ~keep
     if bool(dropped.any()):
         mask.drop(dropped)
     info = {"val_acc_before": start, "units_before": n0, "units_dropped": int(dropped.sum()),
-            "rounds": used, "finish": finish, "finish_dropped": finished}  # fmt: skip
+            "rounds": used, "finish": finish, "finish_dropped": finished,
+            "block_removable": removable}  # fmt: skip
     return replace(run, mask=mask, val_acc=current, density=mask.density(), pruned=info)
+
+
+def block_removable(
+    adapter,
+    val: EncodedProblems,
+    rank_val: EncodedProblems,
+    keep: Bool[Tensor, " n_units"],
+    floor: float,
+    unit_map: Any,
+    ablator: Ablator,
+    n_blocks: int = PRUNE_BLOCKS,
+) -> int:
+    """A cheap minimality measure of a mask too large for the 1-minimal finish: how many of its
+    kept units lie in a block whose removal alone keeps the validation accuracy at or above
+    ``floor`` (0: no block can go; a 1-minimal mask scores 0).
+
+    The kept units are ranked from least to most harmful to remove (each one's removal on
+    ``rank_val``, one batched pass, stable order) and cut into ``n_blocks`` consecutive blocks
+    of near-equal size; each block's removal is measured on every ``val`` problem (one batched
+    pass). A large count says the mask still holds units its subroutine does not need (issue
+    23: masks of hundreds of units are not a subroutine's circuit); it is a lower bound of what
+    could go, not a removal."""
+    from subroutine_circuits.experiment.evaluate import fixed_accuracies
+
+    kept, without = _each_removed(keep)
+    if len(kept) == 0:
+        return 0
+    single = torch.tensor(fixed_accuracies(adapter, rank_val, without, unit_map, ablator))
+    order = kept[torch.sort(-single, stable=True).indices]
+    blocks = [b for b in torch.tensor_split(order, min(n_blocks, len(order))) if len(b)]
+    rows = keep.repeat(len(blocks), 1)
+    for row, block in enumerate(blocks):
+        rows[row, block] = False
+    accs = fixed_accuracies(adapter, val, rows, unit_map, ablator)
+    return int(sum(len(b) for b, a in zip(blocks, accs) if a >= floor))
 
 
 def _each_removed(

@@ -216,6 +216,7 @@ def run_row(base_job, base, ev, run, hp: dict, row: dict, rel: str) -> dict[str,
         mask_budget_limited=budget_limited(
             run.steps, run.best_step, run.stopped_early, run.history, cfg.mask.min_density_drop
         ),
+        mask_block_removable=(run.pruned or {}).get("block_removable", float("nan")),
         mask_final_temp=run.final_temp,
         mask_path=rel,
         hparams=json.dumps(hp, sort_keys=True),

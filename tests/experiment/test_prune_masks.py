@@ -190,3 +190,48 @@ def test_finish_makes_small_masks_1_minimal_and_skips_large_ones():
         assert acc < floor - 1e-6, f"unit {i} could still go"  # at least one problem lower
     skipped = run(finish_max_units=0)
     assert skipped.pruned["finish"].startswith("skipped") and skipped.pruned["finish_dropped"] == 0
+
+
+def test_block_removable_counts_units_of_blocks_that_can_go():
+    """A mask too large for the finish gets the block measure: its units split into 8 blocks in
+    the order of the single-removal ranking, and the count equals the units of the blocks whose
+    removal alone keeps the accuracy (hand-written hook) at or above the floor; a 1-minimal
+    mask records 0."""
+    import torch
+
+    from subroutine_circuits.experiment.converge import MaskRun
+    from subroutine_circuits.experiment.evaluate import fixed_accuracies
+    from subroutine_circuits.experiment.search import PRUNE_BLOCKS, block_removable, prune_run
+    from subroutine_circuits.masks import MaskConfig, UnitMask
+    from subroutine_circuits.masks.ablator import Ablator
+
+    model, um, data, adapter = _random_problems(model_seed=7, data_seed=2)
+    keep = torch.ones(um.n_units, dtype=torch.bool)
+    n = len(data)  # a floor half-way between two counts: no accuracy lies on it
+    floor = (round(_zero_hook_accuracy(model, data, keep, um) * n) - 2.5) / n
+    abl = Ablator("zero")
+    got = block_removable(adapter, data, data, keep, floor, um, abl)
+    # independent: the same ranking and blocks, each block's accuracy by plain hooks
+    kept = keep.nonzero().flatten()
+    single = []
+    for i in kept.tolist():
+        fewer = keep.clone()
+        fewer[i] = False
+        single.append(fixed_accuracies(adapter, data, fewer[None], um, abl)[0])
+    order = kept[torch.sort(-torch.tensor(single), stable=True).indices]
+    expected = 0
+    for block in torch.tensor_split(order, PRUNE_BLOCKS):
+        fewer = keep.clone()
+        fewer[block] = False
+        if _zero_hook_accuracy(model, data, fewer, um) >= floor:
+            expected += len(block)
+    assert got == expected and 0 <= got <= int(keep.sum())
+
+    def run(**kw):
+        mask = UnitMask(um, MaskConfig(parametrization="hard_concrete", init=3.0))
+        return prune_run(adapter, data, MaskRun(mask, 0.0, 1.0, 10, 10, None, False),
+                         abl, 0.0, **kw)  # fmt: skip
+
+    assert run(finish_max_units=um.n_units).pruned["block_removable"] == 0
+    large = run(finish_max_units=0).pruned
+    assert large["finish"].startswith("skipped") and large["block_removable"] >= 0
