@@ -484,7 +484,7 @@ def _flag_count(g: pd.DataFrame, column: str) -> float:
     """How many rows of ``g`` have the boolean ``column`` true (NaN when results lack it)."""
     if column not in g.columns:
         return np.nan
-    return float(g[column].astype(str).str.lower().isin(["true", "1", "1.0"]).sum())
+    return float(_bool_column(g[column], column).sum())
 
 
 def base_model_table(

@@ -1001,13 +1001,14 @@ def fixed_mask_scores(
                 scores = run.scores(tok, lens, kr.start, kr.stop)
             out[kr.start : kr.stop, p0:p1] = scores.float().view(len(kr), p1 - p0, n_stim)
 
-        memo.clear()  # new problems, new key padding: layer 0's z is computed again
+        if memo is not None:  # new problems, new key padding: layer 0's z is computed again
+            memo.clear()
         run_chunked(masks, range(k), kc, label="masks", key="fixed_masks.masks")
 
     # nothing before blocks.0.attn.hook_z depends on the mask: a model that can, computes
     # layer 0's attention once per chunk of problems (models.native.PrefixMemo)
     prefix = getattr(model, "prefix_memo", None)
-    reuse = prefix() if callable(prefix) and autocast_dtype is None else _NullMemo.context()
+    reuse = prefix() if callable(prefix) and autocast_dtype is None else contextlib.nullcontext()
     with (
         reuse as memo,
         _hooks_on(model, run.hooks()),
@@ -1015,18 +1016,6 @@ def fixed_mask_scores(
     ):
         run_chunked(problems, range(n), pc, label="problems", key="fixed_masks.problems")
     return out.cpu()
-
-
-class _NullMemo:
-    """A stand-in for ``models.native.PrefixMemo`` for models without one."""
-
-    def clear(self) -> None:
-        """Nothing is stored."""
-
-    @staticmethod
-    @contextlib.contextmanager
-    def context() -> Any:
-        yield _NullMemo()
 
 
 def _generic_fixed_scores(

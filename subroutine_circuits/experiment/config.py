@@ -70,7 +70,7 @@ ATTENTION_KINDS = ("causal", "bidirectional")  # models.presets.ATTENTION_KINDS
 POOLS = ("last", "mean")  # models.presets.POOLS
 EXECUTOR_NAMES = ("auto", "inprocess", "processes", "dask")  # experiment.executors.EXECUTORS
 AUTOCAST_MODES = ("none", "bf16")  # utils.autocast_dtype
-TRAIN_DTYPES = ("float32", "float64")  # experiment.stages.TRAIN_DTYPES
+TRAIN_DTYPES = ("float32", "float64")  # ModelConfig.train_dtype (torch dtype names)
 
 # ``HookedTransformerConfig`` fields a ``[model] overrides`` table may set, with their types
 # (TransformerLens 3.9; tests/test_config_keys.py compares this with the real dataclass).

@@ -404,6 +404,7 @@ def prune_run(
     start = float(fixed_accuracies(adapter, val, keep[None], unit_map, ablator)[0])
     floor = max(start - tolerance, min(min_acc, start))
     n0, current, used = int(keep.sum()), start, 0
+    order: Tensor | None = None  # the last round's ranking, reused by block_removable
     for _ in range(rounds):
         if int(keep.sum()) <= 1:
             break
@@ -428,7 +429,8 @@ def prune_run(
         )
         finish, removable = "1-minimal", 0
     else:
-        removable = block_removable(adapter, val, rank_val, keep, floor, unit_map, ablator)
+        removable = block_removable(adapter, val, rank_val, keep, floor, unit_map, ablator,
+                                    order=order)  # fmt: skip
     dropped = mask.flat_binary() & ~keep
     if bool(dropped.any()):
         mask.drop(dropped)
@@ -447,24 +449,31 @@ def block_removable(
     unit_map: Any,
     ablator: Ablator,
     n_blocks: int = PRUNE_BLOCKS,
+    order: Tensor | None = None,
 ) -> int:
     """A cheap minimality measure of a mask too large for the 1-minimal finish: how many of its
     kept units lie in a block whose removal alone keeps the validation accuracy at or above
     ``floor`` (0: no block can go; a 1-minimal mask scores 0).
 
     The kept units are ranked from least to most harmful to remove (each one's removal on
-    ``rank_val``, one batched pass, stable order) and cut into ``n_blocks`` consecutive blocks
-    of near-equal size; each block's removal is measured on every ``val`` problem (one batched
-    pass). A large count says the mask still holds units its subroutine does not need (issue
-    23: masks of hundreds of units are not a subroutine's circuit); it is a lower bound of what
-    could go, not a removal."""
+    ``rank_val``, one batched pass, stable order; or ``order``, a ranking of a superset of
+    them such as the minimality pass's last round, whose kept units are taken in that order)
+    and cut into ``n_blocks`` consecutive blocks of near-equal size; each block's removal is
+    measured on every ``val`` problem (one batched pass). A large count says the mask still
+    holds units its subroutine does not need (issue 23: masks of hundreds of units are not a
+    subroutine's circuit); it is a lower bound of what could go, not a removal."""
     from subroutine_circuits.experiment.evaluate import fixed_accuracies
 
-    kept, without = _each_removed(keep)
-    if len(kept) == 0:
-        return 0
-    single = torch.tensor(fixed_accuracies(adapter, rank_val, without, unit_map, ablator))
-    order = kept[torch.sort(-single, stable=True).indices]
+    if order is None:
+        kept, without = _each_removed(keep)
+        if len(kept) == 0:
+            return 0
+        single = torch.tensor(fixed_accuracies(adapter, rank_val, without, unit_map, ablator))
+        order = kept[torch.sort(-single, stable=True).indices]
+    else:
+        order = order[keep[order]]
+        if len(order) == 0:
+            return 0
     blocks = [b for b in torch.tensor_split(order, min(n_blocks, len(order))) if len(b)]
     rows = keep.repeat(len(blocks), 1)
     for row, block in enumerate(blocks):

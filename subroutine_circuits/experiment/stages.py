@@ -135,17 +135,12 @@ def build_base_model(cfg: ExperimentConfig, prep: Prepared, init: str, seed: int
     return model, meta
 
 
-#: ``ModelConfig.train_dtype`` values (torch dtype names).
-TRAIN_DTYPES = ("float32", "float64")
-
-
 def _with_dtype(model, name: str):
-    """``model`` with its parameters and floating buffers cast to the torch dtype ``name`` and
-    ``cfg.dtype`` kept in step (TransformerLens reads it when it builds tensors)."""
+    """``model`` with its parameters and floating buffers cast to the torch dtype ``name`` (one
+    of ``config.TRAIN_DTYPES``, checked when the config is) and ``cfg.dtype`` kept in step
+    (TransformerLens reads it when it builds tensors)."""
     import torch
 
-    if name not in TRAIN_DTYPES:
-        raise ValueError(f"train dtype must be one of {list(TRAIN_DTYPES)}, got {name!r}")
     dtype = getattr(torch, name)
     model = model.to(dtype)
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "dtype"):

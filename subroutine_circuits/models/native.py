@@ -308,11 +308,6 @@ class PrefixMemo:
         self.entries: list[tuple[Tensor, Tensor]] = []
         self.hits = 0
 
-    @property
-    def inp(self) -> Tensor | None:
-        """The most recently stored input (None when empty)."""
-        return self.entries[-1][0] if self.entries else None
-
     def clear(self) -> None:
         """Forget the stored inputs (e.g. a new chunk of problems)."""
         self.entries = []

@@ -359,7 +359,6 @@ def test_override_checked_by_the_real_model_builder():
 def test_mirrored_constants_match_the_library():
     """Choice lists kept in config.py (to stay torch-free) equal the library's own."""
     from subroutine_circuits.experiment import config as c
-    from subroutine_circuits.experiment import stages
     from subroutine_circuits.experiment.patching import METHODS
     from subroutine_circuits.masks.parametrization import PARAMETRIZATIONS
     from subroutine_circuits.models import presets
@@ -371,7 +370,6 @@ def test_mirrored_constants_match_the_library():
     assert set(c.CURVE_ABLATIONS) == set(ABLATIONS)
     assert c.PATCHING_METHODS == METHODS
     assert c.ATTENTION_KINDS == presets.ATTENTION_KINDS and c.POOLS == presets.POOLS
-    assert c.TRAIN_DTYPES == stages.TRAIN_DTYPES
 
 
 def test_config_pickles_and_copies():
