@@ -9,8 +9,10 @@ Layout of an experiment folder ``OUT``::
     runs/<run_key>.json              one finished results row each (the unit of resumption:
                                      a rerun skips every run whose file exists, never rewrites it)
     patching/rows/<base_id>__<sub>.json   patching rows of one base model x subroutine
+    patching/frontier/<base_id>__<sub>.json   frontier rows of one base model x subroutine
+                                     (written before the patching rows, which mark it done)
     patching/scores_*.pt             per-unit patching scores
-    results.csv summary.csv overlap.csv patching.csv manifest.json report.html
+    results.csv summary.csv overlap.csv patching.csv frontier.csv manifest.json report.html
 
 with ``<base_id> = <task>__<init>__s<seed>`` and ``<run_key> = <base_id>__<sub>__m<mask_seed>``.
 Everything that reads or writes these paths (the study, the statistics, the report) asks a
@@ -84,6 +86,11 @@ class RunStore:
     def patching_csv(self) -> Path:
         """``patching.csv``."""
         return self.root / "patching.csv"
+
+    @property
+    def frontier_csv(self) -> Path:
+        """``frontier.csv``."""
+        return self.root / "frontier.csv"
 
     @property
     def report_path(self) -> Path:
@@ -176,10 +183,19 @@ class RunStore:
 
     def read_patching_rows(self) -> list[dict[str, Any]]:
         """All patching rows, in file-name order."""
-        out: list[dict[str, Any]] = []
-        for p in sorted(self.patching_rows_dir().glob("*.json")):
-            out.extend(json.loads(p.read_text()))
-        return out
+        return _read_rows(self.patching_rows_dir())
+
+    def frontier_row_path(self, bid: str, subroutine: str) -> Path:
+        """``patching/frontier/<base_id>__<sub>.json``."""
+        return self.patching_dir / "frontier" / f"{bid}__{subroutine}.json"
+
+    def write_frontier_rows(self, bid: str, subroutine: str, rows: list[dict[str, Any]]) -> None:
+        """Write the frontier rows of ``bid`` x ``subroutine`` (before its patching rows)."""
+        atomic_write_json(self.frontier_row_path(bid, subroutine), rows)
+
+    def read_frontier_rows(self) -> list[dict[str, Any]]:
+        """All frontier rows, in file-name order."""
+        return _read_rows(self.patching_dir / "frontier")
 
     def read_manifest(self) -> dict[str, Any]:
         """``manifest.json`` (empty dict if absent or unreadable)."""
@@ -216,3 +232,11 @@ class RunStore:
                     f"{self.root} holds results of a different configuration: {key!r} was "
                     f"{saved.get(key)!r}, now {current.get(key)!r}; use another --out folder"
                 )
+
+
+def _read_rows(folder: Path) -> list[dict[str, Any]]:
+    """The rows of every ``*.json`` list file in ``folder``, in file-name order."""
+    out: list[dict[str, Any]] = []
+    for p in sorted(folder.glob("*.json")):
+        out.extend(json.loads(p.read_text()))
+    return out

@@ -726,6 +726,9 @@ class PatchingOptions(_Overrides):
     ablation_curve_fractions: tuple[float, ...] | None = _opt(factory=tuple, ge=0, le=1)
     n_faith_pairs: int | None = _opt(ge=1)
     agreement_perms: int | None = _opt(ge=1)
+    frontier: bool | None = None
+    frontier_fractions: tuple[float, ...] | None = _opt(gt=0, lt=1)
+    frontier_random: int | None = _opt(ge=0)
 
 
 _SUBTABLES = {

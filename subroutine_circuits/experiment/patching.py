@@ -61,6 +61,15 @@ from subroutine_circuits.patching.circuits import (
     top_k_circuit,
 )
 from subroutine_circuits.patching.compare import compare_with_mask
+from subroutine_circuits.patching.frontier import (
+    MIB_FRACTIONS,
+    frontier,
+    frontier_rows,
+    mask_order,
+    random_orders,
+    score_order,
+    sizes_of,
+)
 from subroutine_circuits.patching.scores import PatchScores, merge_scores
 from subroutine_circuits.utils import CHANCE, clipped_diff
 
@@ -109,6 +118,11 @@ class PatchingConfig:
       ``curve`` (MIB faithfulness curve), ``faithfulness`` ({k, target_acc, other_acc} or
       None), ``row``).
     - ``meta``: extra columns (e.g. task, init, base_seed) copied into every row and file.
+    - ``frontier``: measure the faithfulness-size frontier (:mod:`subroutine_circuits.
+      patching.frontier`) of every ranking (the mask's logits, each method's scores,
+      ``frontier_random`` random orders averaged) at ``frontier_fractions`` of the units (MIB's
+      sizes) on the faithfulness pairs, with the subroutine's test accuracy of each circuit
+      (its complement ablated as in the mask experiment); rows of ``frontier.csv``.
     """
 
     methods: tuple[str, ...] = ("activation", "attribution")
@@ -135,6 +149,9 @@ class PatchingConfig:
     score_split: str | None = "val"
     position_aware: bool = True
     agreement_perms: int = 2000
+    frontier: bool = True
+    frontier_fractions: tuple[float, ...] = MIB_FRACTIONS
+    frontier_random: int = 3
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
@@ -160,6 +177,10 @@ class PatchingConfig:
             )
         if self.agreement_perms < 1:
             raise ValueError(f"agreement_perms must be >= 1, got {self.agreement_perms}")
+        if self.frontier_random < 0:
+            raise ValueError(f"frontier_random must be >= 0, got {self.frontier_random}")
+        self.frontier_fractions = tuple(float(f) for f in self.frontier_fractions)
+        sizes_of(self.frontier_fractions, 1000)  # raises on fractions outside (0, 1)
         if isinstance(self.circuit_size, str) and self.circuit_size not in ("mask", "faithful"):
             raise ValueError(
                 f"circuit_size must be 'mask', 'faithful' or an int, got {self.circuit_size!r}"
@@ -815,6 +836,24 @@ def run_patching(
     found, a :class:`PairShortageWarning` says so) or ``skipped`` (no scoring or no
     faithfulness pair: nothing is patched, every measure is NaN), and ``pairs_note`` says why.
     """
+    return patching_and_frontier(
+        model, tokenizer, task, subroutine, test_problems, mask, cfg, reference
+    )[0]
+
+
+def patching_and_frontier(
+    model,
+    tokenizer,
+    task,
+    subroutine: str,
+    test_problems: Mapping[str, list] | None,
+    mask=None,
+    cfg: PatchingConfig | None = None,
+    reference=None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """:func:`run_patching`'s rows and, with ``cfg.frontier``, the rows of ``frontier.csv``
+    for the subroutine (:func:`frontier_of`; none when the subroutine is skipped for want of
+    minimal pairs)."""
     from subroutine_circuits.patching.scores import resolve_groups
 
     cfg = cfg or PatchingConfig()
@@ -830,15 +869,16 @@ def run_patching(
         return [
             _skipped_row(cfg, subroutine, method, scoring, faith, n_units, mask)
             for method in cfg.methods
-        ]
+        ], []
     adapter.model.eval()
     ctx = _PatchContext(
         adapter, tokenizer, subroutine, unit_map, groups, scoring, faith, mask, cfg, reference
     )
-    return [
+    rows = [
         _method_row(ctx, method, test_problems, others[0] if others else None)
         for method in cfg.methods
     ]
+    return rows, (frontier_of(ctx, test_problems) if cfg.frontier else [])
 
 
 @dataclass
@@ -855,6 +895,7 @@ class _PatchContext:
     mask: Any
     cfg: PatchingConfig
     reference: Any = None  # the mask experiment's reference problems (mean ablation)
+    scores: dict[str, Tensor] = field(default_factory=dict)  # per method, filled by _method_row
 
     @property
     def n_units(self) -> int:
@@ -991,6 +1032,7 @@ def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | Non
     cfg, data = ctx.cfg, ctx.data
     res = patching_scores(ctx.adapter, data, ctx.groups, method, cfg)
     scores = res.flat()
+    ctx.scores[method] = scores
     curve, faithful, f_faithful = _faithfulness(ctx, scores)
     row: dict[str, Any] = {
         **_pair_columns(cfg, ctx.subroutine, method, data, ctx.faith),
@@ -1022,6 +1064,81 @@ def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | Non
             )
         row["scores_file"] = _save_scores(ctx, method, res, extra)
     return row
+
+
+#: The name of the chosen mask's point in frontier.csv.
+CHOSEN_MASK = "chosen mask"
+
+
+def frontier_of(ctx: _PatchContext, test_problems: Mapping[str, list] | None) -> list[dict]:
+    """The frontier of one subroutine (rows of ``frontier.csv``, with ``cfg.meta`` and
+    ``subroutine``): the mask's ranking (kept units first, by logit) and its chosen mask as a
+    point, each patching method's ranking by its scores (chosen on the scoring pairs), and
+    ``cfg.frontier_random`` random orders (averaged), measured on the faithfulness pairs
+    (MIB's normalised faithfulness, ``cfg.curve_ablation``) and, for odd-one-out models with
+    test ``sub_<subroutine>`` problems, the subroutine's accuracy with everything outside the
+    circuit ablated as the mask experiment ablates (``accuracy``; NaN otherwise)."""
+    cfg = ctx.cfg
+    orders: dict[str, Tensor] = {}
+    points: dict[str, Tensor] = {}
+    if ctx.mask is not None:
+        keep = ctx.mask.flat_binary().bool().cpu()
+        orders["mask"] = mask_order(keep, mask_unit_params(ctx.mask))
+        points[CHOSEN_MASK] = keep
+    for method, scores in ctx.scores.items():
+        orders[method] = score_order(scores, cfg.use_abs)
+    if cfg.frontier_random:
+        orders["random"] = random_orders(ctx.n_units, cfg.frontier_random, cfg.seed)
+    res = frontier(
+        ctx.adapter, ctx.faith.batches, ctx.groups, orders, cfg.frontier_fractions,
+        cfg.curve_ablation, ctx.faith.readout, cfg.chunk_rows,
+        accuracy=_subroutine_accuracy(ctx, test_problems), points=points,
+    )  # fmt: skip
+    meta = {**cfg.meta, "subroutine": ctx.subroutine}
+    return [{**meta, **row} for row in frontier_rows(res)]
+
+
+def _subroutine_accuracy(ctx: _PatchContext, test_problems: Mapping[str, list] | None):
+    """The callable giving each circuit's accuracy on the test ``sub_<subroutine>`` problems
+    (everything outside it ablated with the mask experiment's ablation and reference set), or
+    None where that cannot be measured (label readout, no such problems, mean ablation
+    without a reference set)."""
+    from subroutine_circuits.experiment.evaluate import fixed_accuracies
+
+    cfg = ctx.cfg
+    kind = f"sub_{ctx.subroutine}"
+    if cfg.readout != "ooo" or not test_problems or not test_problems.get(kind):
+        return None
+    ablator = _reference_ablator(ctx)
+    if ablator is None:
+        return None
+    data = ctx.adapter.encode_problems(test_problems[kind]).to(ctx.adapter.device)
+
+    def accuracy(keeps: Tensor) -> list[float]:
+        return fixed_accuracies(ctx.adapter, data, keeps, ctx.unit_map, ablator)
+
+    return accuracy
+
+
+def _reference_ablator(ctx: _PatchContext):
+    """The mask experiment's :class:`~subroutine_circuits.masks.ablator.Ablator` of
+    ``cfg.cross_ablation`` (the reference one itself when given), or None for mean ablation
+    without a reference set."""
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.masks.ablator import Ablator, reference_ablator
+
+    cfg, ref = ctx.cfg, ctx.reference
+    if isinstance(ref, Ablator) and ref.kind == cfg.cross_ablation:
+        return ref
+    if cfg.cross_ablation == "zero":
+        return Ablator("zero")
+    if ref is None or isinstance(ref, Ablator) or len(ref) == 0:
+        return None
+    enc = ref if isinstance(ref, EncodedProblems) else ctx.adapter.encode_problems(ref)
+    return reference_ablator(
+        ctx.adapter, ctx.unit_map, enc.to(ctx.adapter.device).flat_inputs(),
+        cfg.cross_ablation, position_aware=cfg.position_aware,
+    )  # fmt: skip
 
 
 def _pair_columns(

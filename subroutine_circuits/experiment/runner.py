@@ -89,6 +89,28 @@ def collect_patching(out: str | os.PathLike):
     return df
 
 
+#: frontier.csv's first columns (then every other column in the order the rows give them).
+FRONTIER_COLUMNS = (
+    "task", "init", "base_seed", "mask_seed", "subroutine", "method", "kind", "fraction", "k",
+    "n_units", "faithfulness", "accuracy", "cpr", "cmd", "n_orders",
+)  # fmt: skip
+
+
+def collect_frontier(out: str | os.PathLike):
+    """Assemble ``frontier.csv`` from the frontier rows (none: no file); returns the
+    DataFrame."""
+    import pandas as pd
+
+    store = RunStore(out)
+    df = pd.DataFrame(store.read_frontier_rows())
+    if df.empty:
+        return df
+    cols = [c for c in FRONTIER_COLUMNS if c in df.columns]
+    df = df[cols + [c for c in df.columns if c not in cols]]
+    store.write_csv(store.frontier_csv, df)
+    return df
+
+
 def _versions() -> dict[str, str]:
     """Versions of the packages that decide the numbers."""
     import importlib.metadata as md
@@ -282,7 +304,8 @@ def write_manifest(
 
 
 def finish_outputs(cfg: ExperimentConfig, out: str | os.PathLike) -> dict[str, float]:
-    """Summary statistics and (if patching is on) ``patching.csv``; returns their timings."""
+    """Summary statistics and (if patching is on) ``patching.csv`` and ``frontier.csv``;
+    returns their timings."""
     from subroutine_circuits.analysis.summary import write_summary
 
     timings: dict[str, float] = {}
@@ -292,6 +315,7 @@ def finish_outputs(cfg: ExperimentConfig, out: str | os.PathLike) -> dict[str, f
     if cfg.patching:
         t = time.time()
         collect_patching(out)
+        collect_frontier(out)
         timings["summary_s"] += time.time() - t
     return timings
 

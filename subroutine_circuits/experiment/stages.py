@@ -228,9 +228,14 @@ def base_model_stage(
 @timed_stage("patching")
 def patching_stage(
     job: PatchingJob, cfg: ExperimentConfig, prep: Prepared, base: BaseModel, store: RunStore
-) -> list[dict[str, Any]]:
-    """Patching rows of one subroutine, compared with the stored mask of ``job.mask_seed``."""
-    from subroutine_circuits.experiment.patching import PatchingConfig, jsonable, run_patching
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Patching rows of one subroutine, compared with the stored mask of ``job.mask_seed``,
+    and the subroutine's frontier rows (``frontier.csv``)."""
+    from subroutine_circuits.experiment.patching import (
+        PatchingConfig,
+        jsonable,
+        patching_and_frontier,
+    )
     from subroutine_circuits.masks import load_mask
 
     mask_path = store.mask_path(store.run_key(job.base, job.subroutine, job.mask_seed))
@@ -261,14 +266,15 @@ def patching_stage(
     reference = base.enc["train"]["composite"]
     if pcfg.position_aware and pcfg.cross_ablation in base.ablators:
         reference = base.ablators[pcfg.cross_ablation]
-    rows = run_patching(
+    rows, frontier = patching_and_frontier(
         base.adapter, prep.tokenizer, prep.task, job.subroutine, prep.splits["test"], mask, pcfg,
         reference=reference,
     )  # fmt: skip
+    for r in rows + frontier:
+        r["mask_seed"] = job.mask_seed if mask is not None else None
     for r in rows:
         r["composite_acc"] = base.meta.get("composite_acc")
-        r["mask_seed"] = job.mask_seed if mask is not None else None
-    return jsonable(rows)
+    return jsonable(rows), jsonable(frontier)
 
 
 # ----------------------------------------------------------------------------- one base model
@@ -322,7 +328,8 @@ def _run_base_model(
     t2 = time.time()
     for pjob in plan.patchings:
         if not store.patching_row_path(pjob.base, pjob.subroutine).exists():
-            rows = patching_stage(pjob, job.cfg, prep, base, store)
+            rows, frontier = patching_stage(pjob, job.cfg, prep, base, store)
+            store.write_frontier_rows(pjob.base, pjob.subroutine, frontier)
             store.write_patching_rows(pjob.base, pjob.subroutine, rows)
     timings["patching"] = time.time() - t2
     timings["total"] = time.time() - t0

@@ -571,6 +571,7 @@ def render_report(out_dir: str | os.PathLike, cfg: ReportConfig | None = None) -
         problems.append(f"mask frequencies: {type(e).__name__}: {e}")
         freq = pd.DataFrame()
     from subroutine_circuits.report import verdicts as rv
+    from subroutine_circuits.report.frontier import section_frontier
 
     sections = [
         ("Run summary", "run", lambda: section_run(manifest, results)),
@@ -591,6 +592,7 @@ def render_report(out_dir: str | os.PathLike, cfg: ReportConfig | None = None) -
         ),
         ("Mask vs activation patching", "patching", lambda: section_patching(out_dir, freq)),
         ("Mask vs patching per unit kind", "agreement", lambda: rv.section_agreement(out_dir)),
+        ("Faithfulness-size frontier", "frontier", lambda: section_frontier(out_dir)),
     ]
     if vision.is_cnn_experiment(manifest):  # image tasks on CNNs: report/vision.py
         sections = [s for s in sections if s[1] != "attention"]  # no attention in a CNN

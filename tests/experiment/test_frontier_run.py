@@ -1,0 +1,69 @@
+"""frontier.csv and the report's frontier figure from a small experiment (issue 23), checked
+against the evaluation stage's own numbers for the chosen masks."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def frontier_run(tmp_path_factory):
+    from subroutine_circuits.experiment import config_from_dict, run_experiment
+
+    cfg = config_from_dict(
+        {
+            "task": "agreement_singular",
+            "inits": ["trained"],
+            "base_seeds": [0],
+            "mask_seeds": [0],
+            "min_composite_acc": 0.0,
+            "patching": True,
+            "patching_inits": ["trained"],
+            "patching_pairs": 8,
+            "ablation": "mean",
+            "data": {"n_train": 80, "n_val": 24, "n_test": 24},
+            "model": {"preset": "tiny", "overrides": {"d_mlp": 32}},
+            "train": {"max_steps": 40, "eval_every": 40},
+            "mask": {"steps": 30, "lr": 0.1, "init": 1.0, "grid": [{"l0_weight": 1.0}]},
+            "n_random": 20,
+        }
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("frontier") / "out"
+    run_experiment(cfg, out, progress=False)
+    return out
+
+
+def test_frontier_csv_has_every_ranking_and_the_chosen_mask(frontier_run):
+    fr = pd.read_csv(frontier_run / "frontier.csv")
+    curves = fr[fr["kind"] == "curve"]
+    assert set(curves["method"]) == {"mask", "activation", "attribution", "random"}
+    assert set(fr["subroutine"]) == {"subject_plural", "verb_plural"}
+    for (_, method), g in curves.groupby(["subroutine", "method"]):
+        assert g["fraction"].tolist() == sorted(g["fraction"]) and len(g) == 9
+        assert g["cpr"].nunique() == 1 and g["cmd"].nunique() == 1
+        assert (g["k"] == (g["fraction"] * g["n_units"]).round()).all()
+        assert g["n_orders"].iloc[0] == (3 if method == "random" else 1)
+    results = pd.read_csv(frontier_run / "results.csv").set_index(["subroutine", "mask_seed"])
+    points = fr[fr["kind"] == "point"]
+    assert len(points) == 2 and set(points["method"]) == {"chosen mask"}
+    for _, p in points.iterrows():
+        row = results.loc[(p["subroutine"], p["mask_seed"])]
+        # the chosen mask's accuracy alone on its subroutine's test problems: the evaluation
+        # stage's sub_sub_acc (computed there, not by the frontier)
+        assert p["accuracy"] == pytest.approx(row["sub_sub_acc"], abs=1e-9)
+        assert p["k"] == row["n_kept"]
+        # the mask ranking at the mask's own size is the chosen mask
+        assert 0 <= p["fraction"] <= 1 and not math.isnan(p["faithfulness"])
+
+
+def test_report_draws_the_frontier(frontier_run):
+    page = (frontier_run / "report.html").read_text(encoding="utf-8")
+    start = page.index('<section id="frontier">')
+    section = page[start : page.index("</section>", start)]
+    assert section.count("<svg") == 2  # one figure per subroutine
+    assert "CPR" in section and "section unavailable" not in section
