@@ -9,6 +9,7 @@ The public API (each name loads on first use, so ``import subroutine_circuits`` 
         patch, compare,                                     # activation patching vs masks
         load_config, demo_config, run_experiment, build_report,  # the whole study
         validate,                                           # error rates on planted models
+        export_circuit, import_circuit,                     # MIB / EAP-IG circuit JSON
         as_adapter, UnitMask, WeightMask, UnitMap, UnitGroup, MaskConfig,
         save_mask, load_mask, ExperimentConfig, RunStore,
     )
@@ -38,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "demo_config": "api",
     "run_experiment": "api",
     "build_report": "api",
+    "export_circuit": "api",
+    "import_circuit": "api",
     "validate": "experiment.validate",
     "as_adapter": "adapters",
     "ModelAdapter": "adapters",

@@ -327,3 +327,53 @@ def build_report(out_dir: str | os.PathLike):
     from subroutine_circuits.report import build_report as _build
 
     return _build(out_dir)
+
+
+# ----------------------------------------------------------------------------- circuit files
+
+
+def export_circuit(
+    mask_or_keep: Any,
+    path: str | os.PathLike,
+    *,
+    unit_map: Any = None,
+    scores: Any = None,
+    model: Any = None,
+    neuron_detail: bool = True,
+):
+    """Write a circuit as MIB / EAP-IG circuit JSON (docs/CIRCUIT_FORMAT.md); returns the path.
+
+    ``mask_or_keep``: a ``UnitMask`` (its binary mask and unit map) or a boolean keep vector over
+    ``unit_map``'s units. ``scores``: optional per-unit scores (node scores in the file).
+    ``model`` (adapter or TransformerLens model): fills the file's ``cfg`` (n_layers, n_heads,
+    d_model, parallel_attn_mlp) so that EAP-IG's ``Graph.from_json`` can read it."""
+    from subroutine_circuits.patching.mib_format import save_circuit
+
+    if hasattr(mask_or_keep, "flat_binary"):
+        unit_map = mask_or_keep.unit_map if unit_map is None else unit_map
+        keep = mask_or_keep.flat_binary().bool().cpu()
+    else:
+        keep = mask_or_keep
+    if unit_map is None and model is not None:
+        unit_map = _adapter(model).unit_map()
+    if unit_map is None:
+        raise ValueError("export_circuit: pass unit_map= (or a UnitMask, or model=) with a tensor")
+    shape: dict[str, Any] = {}
+    cfg = None if model is None else getattr(_adapter(model).model, "cfg", None)
+    if cfg is not None:
+        shape = {
+            "n_layers": int(cfg.n_layers),
+            "n_heads": int(cfg.n_heads),
+            "d_model": int(cfg.d_model),
+            "parallel_attn_mlp": bool(getattr(cfg, "parallel_attn_mlp", False)),
+        }
+    return save_circuit(path, unit_map, keep, scores, neuron_detail=neuron_detail, **shape)
+
+
+def import_circuit(path: str | os.PathLike, unit_map: Any = None):
+    """The boolean keep vector of a MIB / EAP-IG circuit JSON file over ``unit_map`` (default:
+    the unit map stored in files written by :func:`export_circuit`); use it as
+    ``UnitMask.fixed(unit_map, keep, "zero")``."""
+    from subroutine_circuits.patching.mib_format import load_circuit
+
+    return load_circuit(path, unit_map)

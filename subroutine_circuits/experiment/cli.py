@@ -150,10 +150,11 @@ def test_problems_for(task, n: int, seed: int, split_seed: int = 0) -> dict[str,
 
 def cmd_patch(args: argparse.Namespace) -> int:
     """Run activation/attribution patching for every subroutine of TASK on MODEL_DIR and write
-    ``patching.csv`` (plus ``patching.json`` and per-unit ``scores_<sub>_<method>.pt``)."""
+    ``patching.csv`` and ``frontier.csv`` (plus ``patching.json`` and per-unit
+    ``scores_<sub>_<method>.pt``)."""
     import pandas as pd
 
-    from subroutine_circuits.experiment.patching import PatchingConfig, run_patching
+    from subroutine_circuits.experiment.patching import PatchingConfig, patching_and_frontier
     from subroutine_circuits.masks import load_mask
     from subroutine_circuits.models import load_checkpoint
     from subroutine_circuits.tasks import load_task
@@ -178,16 +179,20 @@ def cmd_patch(args: argparse.Namespace) -> int:
         split_seed=int(meta.get("split_seed", 0)),  # the model's val / test splits
     )
     test = test_problems_for(task, args.n, args.seed, int(meta.get("split_seed", 0)))
-    rows = []
+    rows, frontier = [], []
     t0 = time.time()
     for sub in task.predicates:
         mask = load_mask(masks[sub], model) if sub in masks else None
         if mask is not None:
             mask.to(device)
-        rows += run_patching(model, tokenizer, task, sub, test, mask, cfg)
+        found, curve = patching_and_frontier(model, tokenizer, task, sub, test, mask, cfg)
+        rows += found
+        frontier += curve
         print(f"patched {sub} ({time.time() - t0:.1f} s)", file=sys.stderr)
     df = pd.DataFrame(rows)
     atomic_write_text(out_dir / "patching.csv", df.to_csv(index=False))
+    if frontier:
+        atomic_write_text(out_dir / "frontier.csv", pd.DataFrame(frontier).to_csv(index=False))
     from subroutine_circuits.analysis.summary import AGREEMENT_CSV, agreement_frame
 
     agreement = agreement_frame(out_dir)  # per unit kind and layer, from the score files

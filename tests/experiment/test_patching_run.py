@@ -192,6 +192,18 @@ def test_cmd_patch_writes_csv(setup, tmp_path):
     assert set(agreement["subroutine"]) == {"subject_plural"}  # the only subroutine with a mask
     assert set(agreement["scope"]) == {"pooled", "kind", "kind_layer"}
     assert set(agreement["method"]) == {"activation", "attribution"}
+    fr = pd.read_csv(tmp_path / "out" / "frontier.csv")
+    methods = fr.groupby("subroutine")["method"].unique().map(set).to_dict()
+    assert methods["subject_plural"] == {
+        "mask",
+        "activation",
+        "attribution",
+        "random",
+        "chosen mask",
+    }
+    assert methods["verb_plural"] == {"activation", "attribution", "random"}  # no mask given
+    point = fr[fr["kind"] == "point"].iloc[0]
+    assert point["k"] == 2 and 0 <= point["accuracy"] <= 1
     with pytest.raises(ValueError, match="unknown subroutine"):
         cmd_patch(argparse.Namespace(**{**vars(args), "mask": ["colour=x.pt"]}))
 
