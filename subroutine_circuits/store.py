@@ -12,6 +12,7 @@ Layout of an experiment folder ``OUT``::
     patching/frontier/<base_id>__<sub>.json   frontier rows of one base model x subroutine
                                      (written before the patching rows, which mark it done)
     patching/scores_*.pt             per-unit patching scores
+    circuits/<meta>_<sub>_<mask|method>.json   circuits as MIB / EAP-IG JSON
     results.csv summary.csv overlap.csv patching.csv frontier.csv manifest.json report.html
 
 with ``<base_id> = <task>__<init>__s<seed>`` and ``<run_key> = <base_id>__<sub>__m<mask_seed>``.
@@ -86,6 +87,11 @@ class RunStore:
     def patching_csv(self) -> Path:
         """``patching.csv``."""
         return self.root / "patching.csv"
+
+    @property
+    def circuits_dir(self) -> Path:
+        """``circuits/`` (MIB / EAP-IG circuit JSON of every mask and patching circuit)."""
+        return self.root / "circuits"
 
     @property
     def frontier_csv(self) -> Path:

@@ -706,6 +706,7 @@ class PatchingOptions(_Overrides):
         "cross_ablation": "set the top-level ablation",
         "readout": "the experiment's models are odd-one-out models (readout 'ooo')",
         "out_dir": "scores are written under the output folder",
+        "circuits_dir": "circuits are written to the output folder's circuits/",
         "meta": "the runner fills meta",
         "split": "faithfulness pairs always come from the test split",
         "score_split": "scoring pairs (which choose the circuit) always come from the "

@@ -118,6 +118,11 @@ class PatchingConfig:
       ``curve`` (MIB faithfulness curve), ``faithfulness`` ({k, target_acc, other_acc} or
       None), ``row``).
     - ``meta``: extra columns (e.g. task, init, base_seed) copied into every row and file.
+    - ``circuits_dir``: if set, the mask and each method's circuit (size ``cfg.circuit_size``)
+      are written there as MIB / EAP-IG circuit JSON (:mod:`subroutine_circuits.patching.
+      mib_format`), ``[<meta values>_]<subroutine>_<mask|method>.json`` with the scores (mask
+      logits, patching scores) on the nodes; models whose units are not heads and neurons
+      (CNN channels) write none.
     - ``frontier``: measure the faithfulness-size frontier (:mod:`subroutine_circuits.
       patching.frontier`) of every ranking (the mask's logits, each method's scores,
       ``frontier_random`` random orders averaged) at ``frontier_fractions`` of the units (MIB's
@@ -149,6 +154,7 @@ class PatchingConfig:
     score_split: str | None = "val"
     position_aware: bool = True
     agreement_perms: int = 2000
+    circuits_dir: str | None = None
     frontier: bool = True
     frontier_fractions: tuple[float, ...] = MIB_FRACTIONS
     frontier_random: int = 3
@@ -878,6 +884,8 @@ def patching_and_frontier(
         _method_row(ctx, method, test_problems, others[0] if others else None)
         for method in cfg.methods
     ]
+    if mask is not None:
+        _save_circuit(ctx, "mask", mask.flat_binary().bool().cpu(), mask_unit_params(mask))
     return rows, (frontier_of(ctx, test_problems) if cfg.frontier else [])
 
 
@@ -1001,14 +1009,39 @@ def _cross_ablation(
     return {**nan, **res[0]}, curve
 
 
+def _file_stem(ctx: _PatchContext, name: str) -> str:
+    """``[<meta values>_]<subroutine>_<name>``, file-name safe."""
+    parts = [str(v) for v in ctx.cfg.meta.values()] + [ctx.subroutine, name]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
+
+
+def _save_circuit(ctx: _PatchContext, name: str, keep: Tensor, scores: Tensor) -> None:
+    """Write one circuit as MIB / EAP-IG JSON into ``cfg.circuits_dir`` (nothing without
+    one, or for units other than heads and neurons)."""
+    from subroutine_circuits.patching.mib_format import save_circuit
+
+    if ctx.cfg.circuits_dir is None:
+        return
+    if any(g.kind not in ("head", "neuron") for g in ctx.unit_map.groups):
+        return
+    model_cfg = getattr(ctx.adapter.model, "cfg", None)
+    shape = {}
+    if model_cfg is not None and hasattr(model_cfg, "n_layers"):
+        shape = {"n_layers": int(model_cfg.n_layers), "n_heads": int(model_cfg.n_heads),
+                 "d_model": int(model_cfg.d_model)}  # fmt: skip
+    path = Path(ctx.cfg.circuits_dir) / f"{_file_stem(ctx, name)}.json"
+    try:
+        save_circuit(path, ctx.unit_map, keep, scores.detach().float().cpu(), **shape)
+    except ValueError as e:  # a model the format cannot describe: the study goes on
+        warnings.warn(f"circuit {path.name} not written: {e}", stacklevel=2)
+
+
 def _save_scores(ctx: _PatchContext, method: str, res: PatchScores, extra: dict) -> str:
     """Write ``scores_<meta>_<subroutine>_<method>.pt`` into ``cfg.out_dir``; its file name."""
     from subroutine_circuits.utils import atomic_torch_save
 
     cfg = ctx.cfg
-    parts = [str(v) for v in cfg.meta.values()] + [ctx.subroutine, method]
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
-    path = Path(cfg.out_dir) / f"scores_{stem}.pt"
+    path = Path(cfg.out_dir) / f"scores_{_file_stem(ctx, method)}.pt"
     atomic_torch_save(
         {
             **cfg.meta,
@@ -1050,6 +1083,7 @@ def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | Non
     }
     circuit = _circuit_of(ctx, scores, faithful)
     row["k"] = int(circuit.sum())
+    _save_circuit(ctx, method, circuit, scores)
     row["f_k"] = _circuit_faithfulness(ctx, circuit)
     row.update(_mask_comparison(ctx, scores))
     abl, acc_curve = _cross_ablation(ctx, scores, circuit, test_problems, other)

@@ -257,6 +257,7 @@ def patching_stage(
             # study's splits (PatchingConfig.score_split / split)
             "split_seed": cfg.data.seed,
             "out_dir": str(store.patching_dir),
+            "circuits_dir": str(store.circuits_dir),
             "meta": meta,
             **cfg.patching_options,
         }

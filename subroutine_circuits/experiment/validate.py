@@ -266,10 +266,79 @@ def score_model(planted: Any, store: Any, job: Any, prep: Any) -> list[dict[str,
             sizes[run["subroutine"]] = int(mask.flat_binary().sum())
     if cache:
         atomic_write_json(cache_path, cache)
+    frontier = [r for r in store.read_frontier_rows() if r.get("base_seed") == job.seed]
+    for row in rows:
+        row.update(frontier_columns(frontier, row["subroutine"], row["mask_seed"]))
     rows += patching_rows(planted, store, job, sizes)
     for r in rows:
         r["expected"] = planted.expected
     return rows
+
+
+#: Faithfulness differences below this (1% of the full-vs-empty metric gap) are ties when
+#: the frontier compares the mask with patching (fixed before any planted frontier was seen).
+FRONTIER_TIE = 0.01
+#: The chosen mask's size must lie within this factor of the planted subnetwork (issue 23).
+SIZE_FACTOR = 1.5
+PATCHING_METHODS = ("activation", "attribution", "integrated_gradients")
+
+
+def frontier_columns(frontier: list[dict], subroutine: str, mask_seed: Any) -> dict[str, Any]:
+    """The frontier's verdict on one mask run (empty without frontier rows):
+    ``frontier_gap`` / ``frontier_gap_acc``, the smallest difference over the frontier's sizes
+    between the mask ranking's faithfulness (accuracy) and the best patching ranking's at that
+    size (>= -:data:`FRONTIER_TIE`: at or above patching at every size); ``cpr_mask`` and
+    ``cpr_patching`` (the best patching method's CPR)."""
+    import pandas as pd
+
+    df = pd.DataFrame(
+        [r for r in frontier if r["subroutine"] == subroutine and r.get("kind") == "curve"
+         and r.get("mask_seed") == mask_seed]
+    )  # fmt: skip
+    if df.empty or "mask" not in set(df["method"]):
+        return {}
+    patch = df[df["method"].isin(PATCHING_METHODS)]
+    if patch.empty:
+        return {}
+    mask = df[df["method"] == "mask"].set_index("fraction")
+    best = patch.groupby("fraction")[["faithfulness", "accuracy"]].max()
+    gap = (mask["faithfulness"] - best["faithfulness"]).min()
+    gap_acc = (mask["accuracy"] - best["accuracy"]).min()
+    return {
+        "frontier_gap": float(gap),
+        "frontier_gap_acc": float(gap_acc),
+        "cpr_mask": float(mask["cpr"].iloc[0]),
+        "cpr_patching": float(patch.groupby("method")["cpr"].first().max()),
+    }
+
+
+def frontier_summary(df: Any) -> dict[str, Any]:
+    """Issue 23's planted-model criteria over the modular models' mask runs: ``n`` runs with
+    a frontier, ``size_within`` (chosen mask within :data:`SIZE_FACTOR` of the planted
+    subnetwork, either way), ``at_or_above`` (faithfulness at or above every patching ranking
+    at every size, ties within :data:`FRONTIER_TIE`), ``at_or_above_acc`` (the same for
+    accuracy), and the median size ratio and worst gaps."""
+    if "frontier_gap" not in df.columns:
+        return {"n": 0}
+    m = df[(df["method"] == "mask") & (df["model_kind"] == "modular")]
+    m = m[m["frontier_gap"].notna()]
+    if m.empty:
+        return {"n": 0}
+    ratio = m["n_kept"].astype(float) / m["n_truth"].astype(float)
+    within = (ratio <= SIZE_FACTOR) & (ratio >= 1 / SIZE_FACTOR)
+    return {
+        "n": int(len(m)),
+        "size_within": int(within.sum()),
+        "size_ratio_median": float(ratio.median()),
+        "size_ratio_min": float(ratio.min()),
+        "size_ratio_max": float(ratio.max()),
+        "at_or_above": int((m["frontier_gap"] >= -FRONTIER_TIE).sum()),
+        "at_or_above_acc": int((m["frontier_gap_acc"] >= -FRONTIER_TIE).sum()),
+        "worst_gap": float(m["frontier_gap"].min()),
+        "worst_gap_acc": float(m["frontier_gap_acc"].min()),
+        "cpr_mask_median": float(m["cpr_mask"].median()),
+        "cpr_patching_median": float(m["cpr_patching"].median()),
+    }
 
 
 def patching_rows(planted: Any, store: Any, job: Any, sizes: dict[str, int]) -> list[dict]:
@@ -440,6 +509,7 @@ def error_rates_frame(df: Any) -> dict[str, Any]:
         .agg(["mean", "min", "count"]).reset_index()
     )  # fmt: skip
     rates["auc"] = json.loads(aucs.to_json(orient="records"))
+    rates["frontier"] = frontier_summary(df)
     return rates
 
 
@@ -504,7 +574,30 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
         + (_table(auc) if len(auc) else _note("no model with a unit-level truth"))
         + "<h3>Precision / recall of the kept set (patching: top-k at the mask's size)</h3>"
         + (_table(pr) if len(pr) else "")
+        + _frontier_text(rates.get("frontier", {}))
         + notes
+    )
+
+
+def _frontier_text(fr: dict[str, Any]) -> str:
+    """The modular models' frontier criteria as a paragraph (empty without frontiers)."""
+    from subroutine_circuits.report.html import _esc
+
+    if not fr.get("n"):
+        return ""
+    return (
+        "<h3>Frontier on modular models (issue 23)</h3><p>"
+        + _esc(
+            f"Of {fr['n']} mask runs, {fr['size_within']} chose a mask within "
+            f"{SIZE_FACTOR}x of the planted subnetwork's size (ratio median "
+            f"{fr['size_ratio_median']:.2f}, {fr['size_ratio_min']:.2f}-"
+            f"{fr['size_ratio_max']:.2f}); the mask ranking's faithfulness is at or above every "
+            f"patching ranking's at every size in {fr['at_or_above']} (ties within "
+            f"{FRONTIER_TIE}; worst gap {fr['worst_gap']:.3f}), its subroutine accuracy in "
+            f"{fr['at_or_above_acc']} (worst gap {fr['worst_gap_acc']:.3f}); median CPR mask "
+            f"{fr['cpr_mask_median']:.3f}, best patching {fr['cpr_patching_median']:.3f}."
+        )
+        + "</p>"
     )
 
 
@@ -587,5 +680,14 @@ def cmd_validate(args: Any) -> int:
         f"{rates['missed_compositional']:.2f} (n={rates['n_modular']})"
     )
     print(f"runs called compositional of all runs: {all_runs_text(rates)}")
+    fr = rates.get("frontier", {})
+    if fr.get("n"):
+        print(
+            f"frontier on modular models: chosen mask within {SIZE_FACTOR}x of the planted size "
+            f"in {fr['size_within']} of {fr['n']} runs (median ratio "
+            f"{fr['size_ratio_median']:.2f}); mask at or above patching at every size in "
+            f"{fr['at_or_above']} (faithfulness, worst gap {fr['worst_gap']:.3f}) and "
+            f"{fr['at_or_above_acc']} (accuracy, worst gap {fr['worst_gap_acc']:.3f})"
+        )
     print(f"wrote {Path(args.out) / 'groundtruth.csv'} and {Path(args.out) / 'report.html'}")
     return 0

@@ -61,6 +61,26 @@ def test_frontier_csv_has_every_ranking_and_the_chosen_mask(frontier_run):
         assert 0 <= p["fraction"] <= 1 and not math.isnan(p["faithfulness"])
 
 
+def test_circuits_folder_round_trips(frontier_run):
+    """circuits/ holds the mask and each method's circuit as MIB JSON; the mask's file loads
+    back to the stored mask's kept units."""
+    from subroutine_circuits import RunStore, import_circuit, load_mask, load_model
+
+    names = sorted(p.name for p in (frontier_run / "circuits").glob("*.json"))
+    assert len(names) == 2 * 3  # 2 subroutines x (mask, activation, attribution)
+    results = pd.read_csv(frontier_run / "results.csv")
+    row = results[results["subroutine"] == "subject_plural"].iloc[0]
+    (model_dir,) = (frontier_run / "models").iterdir()  # one base model
+    model = load_model(model_dir)
+    mask = load_mask(RunStore(frontier_run).resolve(row["mask_path"]), model)
+    path = next((frontier_run / "circuits").glob("*subject_plural_mask.json"))
+    assert torch.equal(import_circuit(path), mask.flat_binary().bool().cpu())
+    patch = pd.read_csv(frontier_run / "patching.csv").set_index(["subroutine", "method"])
+    for method in ("activation", "attribution"):
+        path = next((frontier_run / "circuits").glob(f"*subject_plural_{method}.json"))
+        assert int(import_circuit(path).sum()) == patch.loc[("subject_plural", method), "k"]
+
+
 def test_report_draws_the_frontier(frontier_run):
     page = (frontier_run / "report.html").read_text(encoding="utf-8")
     start = page.index('<section id="frontier">')
