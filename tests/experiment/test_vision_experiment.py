@@ -144,7 +144,13 @@ def test_vision_experiment_end_to_end(tmp_path):
     assert set(patch["method"]) == {"activation", "attribution"}
     assert set(patch["init"]) == {"trained", "pretrained"}
     assert (patch["n_units"] == 4 + 4 + 8 + 8).all()  # stem, 2 hidden groups, head neurons
+    frontier = pd.read_csv(out / "frontier.csv")  # the channel frontier (issue 23)
+    curves = frontier[frontier["kind"] == "curve"]
+    assert set(curves["method"]) == {"mask", "activation", "attribution", "random"}
+    assert (frontier["n_units"] == 24).all() and frontier["accuracy"].between(0, 1).all()
+    assert not (out / "circuits").exists() or not list((out / "circuits").iterdir())  # channels
     page = (out / "report.html").read_text()
+    assert 'id="frontier"' in page
     assert 'id="stimuli"' in page and 'id="channels"' in page and "data:image/png;base64" in page
     assert 'id="attention"' not in page
     # resuming reruns nothing: the stored models are loaded, not retrained
