@@ -348,6 +348,14 @@ class BatchedUnitMask(nn.Module):
         shift = self.beta * math.log(-self.gamma / self.zeta)
         return torch.sigmoid(self.logits - shift).sum(1)
 
+    def soft_count(self) -> Float[Tensor, " k"]:
+        """Per mask, a differentiable count of the units the binary mask keeps (what a target
+        density constrains): ``sum sigmoid(logits)`` (hard concrete: above 1/2 exactly for
+        kept units) or ``sum sigmoid(T*s)`` (continuous)."""
+        if self.parametrization == "continuous":
+            return self.penalty()
+        return torch.sigmoid(self.logits).sum(1)
+
     def new_step(self) -> None:
         """Start a forward pass: with ``noise="device"`` draw this step's uniforms on device."""
         self._step_noise = None
@@ -704,6 +712,17 @@ def _shared_steps(cfg: Any, hps: Sequence[Mapping[str, Any]], train: Any) -> int
     return steps_all.pop()
 
 
+def _refuse_targets(hps: Sequence[Mapping[str, Any]]) -> None:
+    """Target densities are trained by the converged engine (``experiment.converge``) and
+    ``search.train_mask_run`` only: refuse them here rather than ignore them."""
+    if any(h.get("target_density") is not None for h in hps):
+        raise ValueError(
+            "target_density is trained by experiment.converge.train_masks_converged (the "
+            "study's engine) and search.train_mask_run; this fixed-budget loop has no "
+            "multiplier"
+        )
+
+
 def mask_configs(cfg: Any, hps: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> list:
     """The MaskConfig of each run, built as ``experiment.search.make_mask`` does."""
     return [
@@ -757,6 +776,7 @@ def train_masks_batched(
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
     hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
+    _refuse_targets([*hps, {"target_density": getattr(cfg, "target_density", None)}])
     if len(hps) != len(seeds) or not hps:
         raise ValueError(f"need one seed per hyperparameter point: {len(hps)} vs {len(seeds)}")
     if getattr(cfg, "kind", "unit") != "unit":
@@ -1207,6 +1227,7 @@ def train_weight_masks_batched(
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
     hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
+    _refuse_targets([*hps, {"target_density": getattr(cfg, "target_density", None)}])
     if len(hps) != len(seeds) or not hps:
         raise ValueError(f"need one seed per hyperparameter point: {len(hps)} vs {len(seeds)}")
     if noise not in NOISE_MODES:

@@ -56,6 +56,7 @@ else:  # pragma: no cover
 INITS = ("trained", "pretrained", "random_init")
 ABLATIONS = ("zero", "mean", "resample")  # masks.ablator.ABLATIONS
 MASK_ENGINES = ("batched", "separate")
+CHOOSE_RULES = ("accurate", "smallest")  # experiment.search.choose_point
 NOISE_MODES = ("auto", "exact", "device")  # masks.batched.NOISE_MODES
 MASK_KINDS = ("unit", "weight")
 # mirrors of constants of modules that import torch (tests/test_config_keys.py checks them)
@@ -523,6 +524,11 @@ class MaskGridPoint(_Overrides):
     init: float | None = None
     l0_weight: float | None = _opt(ge=0)
     layers: list[int] | None = _opt(ge=0)
+    # a target density: the sparsity weight becomes a Lagrange multiplier (starting at
+    # l0_weight) raised while the mask keeps more than this share of its units
+    # (experiment.schedule.DensityMultiplier); a grid of targets is a sparsity path
+    target_density: float | None = _opt(gt=0, lt=1)
+    target_lr: float | None = _opt(gt=0)  # None: [mask] target_lr
 
 
 def _default_grid() -> list[MaskGridPoint]:
@@ -576,6 +582,14 @@ class MaskSearchConfig(_Table):
     layers: list[int] | None = _opt(ge=0)
     grid: list[MaskGridPoint] = field(default_factory=_default_grid)
     tolerance: float = _opt(0.02, ge=0)
+    # a target density for every grid point (None: a fixed l0_weight; see MaskGridPoint)
+    target_density: float | None = _opt(gt=0, lt=1)
+    # dual-ascent step of the target-density multipliers (per optimiser step)
+    target_lr: float = _opt(0.05, gt=0)
+    # which grid point wins: "accurate" (best mean validation accuracy, ties within tolerance
+    # to the sparser) or "smallest" (the sparsest point whose mean validation accuracy reaches
+    # the study's mask_min_acc; "accurate" when none does)
+    choose: str = _opt("accurate", choices=CHOOSE_RULES)
     # "bf16": run the frozen model under bfloat16 autocast while training masks (GPU speed;
     # the masks and the loss stay float32). Off by default; evaluation is always float32.
     autocast: str = _opt("none", choices=AUTOCAST_MODES)

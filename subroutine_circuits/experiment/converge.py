@@ -23,6 +23,7 @@ trained alone. Host synchronisations happen only at evaluations.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from subroutine_circuits.experiment.batched import _tl_unit_map
-from subroutine_circuits.experiment.schedule import Plateau, Schedule, budget_steps, mask_schedule  # noqa: F401
+from subroutine_circuits.experiment.schedule import (  # noqa: F401
+    DensityMultiplier,
+    Plateau,
+    Schedule,
+    budget_steps,
+    mask_schedule,
+)
 from subroutine_circuits.masks.ablator import Ablator
 from subroutine_circuits.masks.parametrization import MaskConfig
 from subroutine_circuits.masks.unit_mask import UnitMask
@@ -288,7 +295,15 @@ class _ConvergedLoop:
             c.ablation = ablator.kind
         self.bm = BatchedUnitMask(self.unit_map, self.cfgs, None, noise, self.ablator).to(device)
         self.opt = StackedAdam(self.bm.logits, [float(h.get("lr", cfg.lr)) for h in hps])
-        self.l0_all = torch.tensor([float(h.get("l0_weight", cfg.l0_weight)) for h in hps])
+        self.sparsity = DensityMultiplier(
+            [float(h.get("l0_weight", cfg.l0_weight)) for h in hps],
+            [
+                float(h.get("target_density", getattr(cfg, "target_density", None)) or math.nan)
+                for h in hps
+            ],  # fmt: skip
+            [float(h.get("target_lr") or getattr(cfg, "target_lr", 0.05)) for h in hps],
+        ).to(device)
+        self._any_target = bool(self.sparsity.constrained.any())
         self.alive = [
             _Batch(i, d, len(trains[d]), offsets[d], s, schedule.plateau())
             for i, (d, s) in enumerate(zip(which, seeds))
@@ -318,7 +333,7 @@ class _ConvergedLoop:
         width = int(self.lmax_cpu[idx_cpu].max())
         tokens, lengths = self.data.tokens[idx][..., :width], self.data.lengths[idx]
         bm.begin_batch(self.model, tokens.reshape(-1, width), lengths.reshape(-1), self.pad_state)
-        l0 = self.l0_all[[b.i for b in self.alive]].to(self.device)
+        l0 = self.sparsity.weight([b.i for b in self.alive])
         n_stim = tokens.shape[1]
         # masks per forward/backward pass: all K unless the worker's GPU memory budget says
         # fewer (memory.rows_per_pass; the CPU has no budget: one pass, as always)
@@ -343,7 +358,7 @@ class _ConvergedLoop:
                                          reduction="none").view(len(r), bsz).mean(1)  # fmt: skip
                     loss_k = ce
                     if whole:  # one pass: the penalty in the same graph, as always
-                        loss_k = ce + l0 * bm.penalty() / max(1, self.unit_map.n_units)
+                        loss_k = ce + self._sparsity_term(l0)
                     self.bad |= ~torch.isfinite(loss_k).all()
                     loss_k.sum().backward()
             except OutOfMemoryError:  # retried with fewer masks: replay their exact noise
@@ -354,11 +369,21 @@ class _ConvergedLoop:
         self.opt.zero_grad()
         run_chunked(masks, range(k), per, label="masks", key="converge.train")
         if not penalty_done:
-            pen = l0 * bm.penalty() / max(1, self.unit_map.n_units)
+            pen = self._sparsity_term(l0)
             self.bad |= ~torch.isfinite(pen).all()
             pen.sum().backward()
         self.opt.step()
+        self._update_sparsity()
         self._after_step(step)
+
+    def _update_sparsity(self) -> None:
+        """Dual ascent of the alive masks' target-density multipliers (no host sync; masks
+        without a target keep their fixed l0 weight)."""
+        if not self._any_target:
+            return
+        with torch.no_grad():
+            density = self.bm.soft_count() / max(1, self.unit_map.n_units)
+        self.sparsity.update([b.i for b in self.alive], density)
 
     def _image_step(self, idx: Tensor, k: int, bsz: int, autocast: Any) -> None:
         """One optimiser step of the alive masks on inputs without tokens (images), scored by
@@ -370,7 +395,7 @@ class _ConvergedLoop:
         n_stim = int(next(iter(self.data.inputs.values())).shape[1])
         rows_cpu = int(getattr(self.adapter, "cpu_rows", CPU_IMAGE_ROWS))
         per = k if self.device.type != "cpu" else max(1, rows_cpu // (bsz * n_stim))
-        l0 = self.l0_all[[b.i for b in self.alive]].to(self.device)
+        l0 = self.sparsity.weight([b.i for b in self.alive])
 
         def masks(r: range) -> None:
             rows = idx[r.start * bsz : r.stop * bsz]
@@ -389,10 +414,17 @@ class _ConvergedLoop:
 
         self.opt.zero_grad()
         run_chunked(masks, range(k), per, label="masks", key="converge.images")
-        pen = l0 * bm.penalty() / max(1, self.unit_map.n_units)
+        pen = self._sparsity_term(l0)
         self.bad |= ~torch.isfinite(pen).all()
         pen.sum().backward()
         self.opt.step()
+        self._update_sparsity()
+
+    def _sparsity_term(self, weight: Tensor) -> Tensor:
+        """The alive masks' sparsity terms (``DensityMultiplier.penalty``), ``[k]``."""
+        rows, n = [b.i for b in self.alive], max(1, self.unit_map.n_units)
+        soft = self.bm.soft_count() if self._any_target else None
+        return self.sparsity.penalty(rows, weight, self.bm.penalty(), n, soft)
 
     def _noise_states(self, r: range) -> list[Tensor]:
         """The exact-noise generator states of masks ``r`` before a pass: a pass that runs out

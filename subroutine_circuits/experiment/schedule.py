@@ -100,6 +100,79 @@ class Plateau:
         return self.patience > 0 and self.since >= self.patience
 
 
+class DensityMultiplier:
+    """The sparsity term of each mask's loss: a fixed weight on its density, or, for a mask with
+    a target density, a hinge on the excess over the target whose weight is a Lagrange
+    multiplier raised by dual ascent while the mask is denser than its target.
+
+    Masks without a target add ``l0_weight * expected_L0 / n_units`` (computed in exactly that
+    order, as always). A mask with target ``t`` adds ``lambda * relu(density - t)`` (density:
+    a differentiable share of the units the *binary* mask keeps, ``soft_count / n_units``,
+    e.g. ``mean sigmoid(log_alpha)`` for hard concrete, whose binary mask is
+    ``log_alpha > 0``: the expected L0 would overcount undecided units); ``lambda`` starts at
+    the mask's ``l0_weight`` and after
+    every optimiser step becomes ``lambda + lr * relu(density - t)``: it grows while the mask
+    keeps more than ``t`` of its units, so the constraint ``density <= t`` is enforced however
+    much cross-entropy it costs (the Lagrangian relaxation of structured pruning, as in Edge
+    Pruning, Bhaskar et al. 2024), and below the target the term vanishes, so nothing pushes
+    the mask further down than the cross-entropy wants. A grid of targets is a sparsity path;
+    the search then chooses among its points on validation data.
+    """
+
+    def __init__(self, l0: Any, targets: Any, lr: Any):
+        import torch
+
+        self.l0 = torch.as_tensor(l0, dtype=torch.float32).clone()
+        self.targets = torch.as_tensor(targets, dtype=torch.float32).clone()
+        if self.l0.shape != self.targets.shape or self.l0.ndim != 1:
+            raise ValueError("l0 weights and targets must be 1-d of equal length")
+        self.lr = torch.as_tensor(lr, dtype=torch.float32).expand(self.l0.shape).clone()
+        if bool((self.lr <= 0).any()):
+            raise ValueError(f"target_lr must be > 0, got {self.lr.tolist()}")
+        bad = self.targets[~torch.isnan(self.targets)]
+        if bool(((bad <= 0) | (bad >= 1)).any()):
+            raise ValueError(f"target densities must lie in (0, 1), got {bad.tolist()}")
+        self.constrained = ~torch.isnan(self.targets)
+        self.weights = self.l0.clone()
+
+    def to(self, device: Any) -> DensityMultiplier:
+        """Move the weights to ``device`` (in place); returns self."""
+        self.l0, self.targets = self.l0.to(device), self.targets.to(device)
+        self.constrained, self.weights = self.constrained.to(device), self.weights.to(device)
+        self.lr = self.lr.to(device)
+        return self
+
+    def weight(self, rows: Any) -> Any:
+        """The current weights of masks ``rows`` (indices into the grid): the fixed l0 weight,
+        or the multiplier of a mask with a target."""
+        return self.weights[rows]
+
+    def penalty(
+        self, rows: Any, weight: Any, l0_count: Any, n_units: int, soft_count: Any = None
+    ) -> Any:
+        """The sparsity term of masks ``rows`` (``[k]``): ``weight`` from :meth:`weight`
+        (taken before the step), ``l0_count`` their penalties (expected numbers of kept
+        units), ``soft_count`` their differentiable counts of binary-kept units (the
+        constrained density; needed when a row has a target)."""
+        import torch
+
+        fixed = weight * l0_count / n_units
+        if not bool(self.constrained.any()):
+            return fixed
+        rows = torch.as_tensor(rows, device=self.weights.device)
+        excess = torch.relu(soft_count / n_units - self.targets[rows].nan_to_num(0.0))
+        return torch.where(self.constrained[rows], weight * excess, fixed)
+
+    def update(self, rows: Any, density: Any) -> None:
+        """Dual ascent after a step: ``density`` (detached expected densities of ``rows``)."""
+        import torch
+
+        rows = torch.as_tensor(rows, device=self.weights.device)
+        excess = torch.relu(density.detach().float() - self.targets[rows].nan_to_num(0.0))
+        stepped = self.weights[rows] + self.lr[rows] * excess
+        self.weights[rows] = torch.where(self.constrained[rows], stepped, self.weights[rows])
+
+
 def mask_schedule(cfg: Any, n_train: int) -> Schedule:
     """The :class:`Schedule` of a ``MaskSearchConfig`` for ``n_train`` training problems.
 

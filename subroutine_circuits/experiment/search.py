@@ -31,6 +31,7 @@ from torch import Tensor
 from subroutine_circuits.adapters.base import EncodedProblems
 from subroutine_circuits.experiment.config import MaskSearchConfig
 from subroutine_circuits.experiment.converge import MaskRun, Schedule, mask_schedule
+from subroutine_circuits.experiment.schedule import DensityMultiplier
 from subroutine_circuits.masks.ablator import Ablator
 
 __all__ = [
@@ -124,7 +125,11 @@ def train_mask_run(
     opt = torch.optim.Adam(
         [p for p in mask.parameters() if p.requires_grad], lr=float(hp.get("lr", cfg.lr))
     )
-    l0_weight = float(hp.get("l0_weight", cfg.l0_weight))
+    sparsity = DensityMultiplier(
+        [float(hp.get("l0_weight", cfg.l0_weight))],
+        [float(hp.get("target_density", getattr(cfg, "target_density", None)) or math.nan)],
+        [float(hp.get("target_lr") or getattr(cfg, "target_lr", 0.05))],
+    ).to(device)
     n_units = max(1, int(mask.flat_binary().numel()))
     plateau, best, order = schedule.plateau(), None, []
     step, temp = 0, None
@@ -137,12 +142,17 @@ def train_mask_run(
         del order[: cfg.batch_size]
         with mask.applied(adapter.model):
             scores = adapter.ooo_logits(batch.inputs)
-        loss = F.cross_entropy(scores, batch.odd) + l0_weight * mask.penalty() / n_units
+        penalty = mask.penalty()
+        soft = mask.soft_count().reshape(1) if bool(sparsity.constrained.any()) else None
+        term = sparsity.penalty([0], sparsity.weight([0]), penalty.reshape(1), n_units, soft)[0]
+        loss = F.cross_entropy(scores, batch.odd) + term
         if not torch.isfinite(loss):
             raise ValueError(f"mask training produced a non-finite loss at step {step - 1}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if soft is not None:  # dual ascent on the binary-kept share
+            sparsity.update([0], soft.detach() / n_units)
         if cfg.parametrization == "continuous":
             temp = schedule.temperature(step)
             _set_temperature(mask, temp)
@@ -194,13 +204,22 @@ def grid_points(cfg: MaskSearchConfig) -> list[dict[str, Any]]:
 
 
 def choose_point(
-    runs: dict[tuple[int, int], MaskRun], n_points: int, tolerance: float
+    runs: dict[tuple[int, int], MaskRun],
+    n_points: int,
+    tolerance: float,
+    rule: str = "accurate",
+    min_acc: float = 0.0,
 ) -> tuple[int, list[dict[str, Any]]]:
     """The chosen grid point from ``runs[(point, seed)]``, and the log of every point.
 
-    Best mean validation accuracy over mask seeds; points within ``tolerance`` of it count as
-    equal and the one with the smaller mean density wins (then higher accuracy, then order).
+    ``rule = "accurate"``: best mean validation accuracy over mask seeds; points within
+    ``tolerance`` of it count as equal and the one with the smaller mean density wins (then
+    higher accuracy, then order). ``rule = "smallest"``: the point of smallest mean density
+    whose mean validation accuracy reaches ``min_acc`` (the success threshold; then higher
+    accuracy, then order), or the ``"accurate"`` choice when no point reaches it.
     """
+    if rule not in ("accurate", "smallest"):
+        raise ValueError(f"unknown choice rule {rule!r}; choose 'accurate' or 'smallest'")
     log = []
     for p in range(n_points):
         rs = [r for (q, _), r in sorted(runs.items()) if q == p]
@@ -214,6 +233,9 @@ def choose_point(
         )
     best = max(e["val_acc"] for e in log)
     eligible = [i for i, e in enumerate(log) if e["val_acc"] >= best - tolerance]
+    reaching = [i for i, e in enumerate(log) if e["val_acc"] >= min_acc]
+    if rule == "smallest" and reaching:
+        eligible = reaching
     return min(eligible, key=lambda i: (log[i]["density"], -log[i]["val_acc"], i)), log
 
 
@@ -316,7 +338,9 @@ def search_all(
     out = {}
     for s in subs:
         mine = {(p, m): r for (t, p, m), r in runs.items() if t == s}
-        best, log = choose_point(mine, len(points), cfg.tolerance)
+        best, log = choose_point(
+            mine, len(points), cfg.tolerance, getattr(cfg, "choose", "accurate"), min_acc
+        )
         for i, e in enumerate(log):
             e["hp"] = points[i]
         chosen = {m: mine[(best, m)] for m in seeds}

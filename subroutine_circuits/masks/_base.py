@@ -131,6 +131,15 @@ class MaskBase(nn.Module):
             total = val if total is None else total + val
         return total if total is not None else torch.zeros(())
 
+    def soft_count(self) -> Float[Tensor, ""]:
+        """Sum of the parts' differentiable counts of binary-kept entries (what a target
+        density constrains; ``parametrization.*.soft_count``)."""
+        total = None
+        for p in self.parts:
+            val = p.soft_count()
+            total = val if total is None else total + val
+        return total if total is not None else torch.zeros(())
+
     def expected_l0(self) -> float:
         """Expected number of kept entries summed over parts."""
         return float(sum(float(p.expected_l0()) for p in self.parts))

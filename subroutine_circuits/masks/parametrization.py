@@ -143,6 +143,11 @@ class Parametrization(nn.Module):
         """Differentiable sparsity penalty."""
         return torch.zeros(())
 
+    def soft_count(self) -> Float[Tensor, ""]:
+        """A differentiable count of the entries the *binary* mask keeps (what a target
+        density constrains): the penalty, unless the parametrisation says otherwise."""
+        return self.penalty()
+
     def drop(self, off: Bool[Tensor, "..."]) -> None:
         """Turn the entries where ``off`` is True off in the binary mask (in place), leaving the
         others' binary value unchanged (e.g. a minimality pass removing unneeded units)."""
@@ -269,6 +274,12 @@ class HardConcrete(Parametrization):
         q = (0.5 - self.gamma) / (self.zeta - self.gamma)
         edge = math.log(q / (1.0 - q)) - 1e-3
         self.log_alpha[off] = torch.clamp(self.log_alpha[off], max=edge)
+
+    def soft_count(self) -> Float[Tensor, ""]:
+        """``sum(sigmoid(log_alpha))``: each entry's share is above 1/2 exactly when the binary
+        mask keeps it (``log_alpha > 0``), unlike the expected L0, whose stretch counts an entry
+        at ``log_alpha = -1.6`` as half kept."""
+        return torch.sigmoid(self.log_alpha).sum()
 
     def probs_nonzero(self) -> Float[Tensor, "..."]:
         """``P(gate != 0) = sigmoid(log_alpha - beta*log(-gamma/zeta))`` per entry."""

@@ -133,6 +133,9 @@ def load_local_model(
     tokenizer = load_local_tokenizer(directory)
     from transformer_lens.model_bridge import TransformerBridge
 
+    if hf_model is not None:  # the bridge wraps a given model where it lies: place it first
+        hf_model = hf_model.to(device=device, dtype=dtype)
+
     arch = architecture_of(config)
     try:
         with _offline_env(), warnings.catch_warnings():

@@ -154,7 +154,7 @@ def test_unknown_key_message_names_table_known_keys_and_close_match():
         config_from_dict({"mask": {"grid": [{"l0_wieght": 1.0}]}})
     msg = str(err.value)
     assert msg.startswith("unknown key 'l0_wieght' in [mask.grid[0]] (did you mean 'l0_weight'?)")
-    assert "known keys: ['init', 'l0_weight', 'layers', 'lr']" in msg
+    assert "known keys: ['init', 'l0_weight', 'layers', 'lr', 'target_density', 'target_lr']" in msg
 
 
 def test_python_construction_is_typed_and_checked():
