@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Issue 23 on one GPU: configs/minilm_agreement.toml (the 22.7M-parameter encoder shape, masks
-# and patching over all 9,288 heads and neurons) with nvidia-smi sampled every second. Writes
-# under $1: smi.csv, run.log, and the experiment's tables (results.csv, summary.csv,
-# patching.csv, frontier.csv, manifest.json, report.html). RUN_LIMIT_S bounds the run (it
-# resumes when called again on the same folder).
+# Issue 23 on one GPU: configs/minilm_agreement.toml (or the config given as $2; the
+# 22.7M-parameter encoder shape, masks and patching over all 9,288 heads and neurons) with
+# nvidia-smi sampled every second. Writes under $1: smi.csv, run.log, and tables.tgz (the
+# experiment's results.csv, summary.csv, patching.csv, frontier.csv, manifest.json,
+# report.html and search/). RUN_LIMIT_S bounds the run (it resumes when called again).
 set -uo pipefail
 out=${1:?output folder}
+config=${2:-configs/minilm_agreement.toml}
+run=/tmp/gpu_frontier/$(basename "$config" .toml)
 root=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$out"
 cd "$root"
@@ -15,11 +17,9 @@ nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,nohead
   > "$out/smi.csv" &
 smi=$!
 PYTHONUNBUFFERED=1 timeout "${RUN_LIMIT_S:-500}" python3 -m subroutine_circuits run \
-  configs/minilm_agreement.toml --out /tmp/minilm --device cuda > "$out/run.log" 2>&1
+  "$config" --out "$run" --device cuda > "$out/run.log" 2>&1
 echo "EXIT $?" >> "$out/run.log"
 kill "$smi"
-for f in results.csv summary.csv patching.csv frontier.csv manifest.json report.html; do
-  [ -f "/tmp/minilm/$f" ] && cp "/tmp/minilm/$f" "$out/"
-done
-mkdir -p "$out/rows" && cp -r /tmp/minilm/search "$out/rows/" 2>/dev/null
+(cd "$run" && tar czf "$out/tables.tgz" --ignore-failed-read results.csv summary.csv \
+  patching.csv frontier.csv manifest.json report.html search 2>/dev/null)
 true
