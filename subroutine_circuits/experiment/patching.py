@@ -1106,8 +1106,9 @@ CHOSEN_MASK = "chosen mask"
 
 def frontier_of(ctx: _PatchContext, test_problems: Mapping[str, list] | None) -> list[dict]:
     """The frontier of one subroutine (rows of ``frontier.csv``, with ``cfg.meta`` and
-    ``subroutine``): the mask's ranking (kept units first, by logit) and its chosen mask as a
-    point, each patching method's ranking by its scores (chosen on the scoring pairs), and
+    ``subroutine``): the mask's ranking (kept units first, in the minimality pass's order of
+    importance when the mask has one, else by logit; then the rest by logit) and its chosen
+    mask as a point, each patching method's ranking by its scores (chosen on the scoring pairs), and
     ``cfg.frontier_random`` random orders (averaged), measured on the faithfulness pairs
     (MIB's normalised faithfulness, ``cfg.curve_ablation``) and, for odd-one-out models with
     test ``sub_<subroutine>`` problems, the subroutine's accuracy with everything outside the
@@ -1117,7 +1118,7 @@ def frontier_of(ctx: _PatchContext, test_problems: Mapping[str, list] | None) ->
     points: dict[str, Tensor] = {}
     if ctx.mask is not None:
         keep = ctx.mask.flat_binary().bool().cpu()
-        orders["mask"] = mask_order(keep, mask_unit_params(ctx.mask))
+        orders["mask"] = mask_order(keep, mask_unit_params(ctx.mask), _mask_importance(ctx.mask))
         points[CHOSEN_MASK] = keep
     for method, scores in ctx.scores.items():
         orders[method] = score_order(scores, cfg.use_abs)
@@ -1130,6 +1131,16 @@ def frontier_of(ctx: _PatchContext, test_problems: Mapping[str, list] | None) ->
     )  # fmt: skip
     meta = {**cfg.meta, "subroutine": ctx.subroutine}
     return [{**meta, **row} for row in frontier_rows(res)]
+
+
+def _mask_importance(mask) -> list[int] | None:
+    """The mask's own order of its units, most important first: the minimality pass's last
+    single-removal ranking (validation accuracy without each unit), reversed; None for masks
+    without one (no pass, or a mask not from the study)."""
+    meta = getattr(mask, "meta", None) or {}
+    pruned = (meta.get("training") or {}).get("pruned") or {}
+    ranking = pruned.get("ranking")
+    return None if not ranking else list(reversed(ranking))
 
 
 def _subroutine_accuracy(ctx: _PatchContext, test_problems: Mapping[str, list] | None):

@@ -414,7 +414,8 @@ def prune_run(
     rounds (:data:`PRUNE_FINISH_MAX_UNITS`; its cost grows with the square of the mask); a larger
     mask gets the cheap measure :func:`block_removable` instead (``pruned["block_removable"]``).
     At least one unit stays. ``run.pruned`` records the accuracy and units before, the units
-    dropped, the rounds, whether the finish ran and its removals; ``val_acc`` and ``density``
+    dropped, the rounds, whether the finish ran and its removals, the last round's ranking
+    (``ranking``: unit indices, least harmful first); ``val_acc`` and ``density``
     are the pruned mask's. The mask is changed in place (``drop``).
     """
     from dataclasses import replace
@@ -460,7 +461,10 @@ def prune_run(
         mask.drop(dropped)
     info = {"val_acc_before": start, "units_before": n0, "units_dropped": int(dropped.sum()),
             "rounds": used, "finish": finish, "finish_dropped": finished,
-            "block_removable": removable}  # fmt: skip
+            "block_removable": removable,
+            # the last round's single-removal ranking (unit indices, least harmful first):
+            # the mask's own order of its units, which frontier.csv's mask ranking uses
+            "ranking": None if order is None else [int(u) for u in order]}  # fmt: skip
     return replace(run, mask=mask, val_acc=current, density=mask.density(), pruned=info)
 
 

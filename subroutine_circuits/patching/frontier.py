@@ -99,12 +99,19 @@ def score_order(scores: Float[Tensor, " n_units"], use_abs: bool = True) -> Int[
 
 
 def mask_order(
-    keep: Bool[Tensor, " n_units"], params: Float[Tensor, " n_units"]
+    keep: Bool[Tensor, " n_units"],
+    params: Float[Tensor, " n_units"],
+    importance: Sequence[int] | None = None,
 ) -> Int[Tensor, " n_units"]:
     """The ranking of a learned mask: its kept units first, then the rest, each by the mask's
     parameter (logit) from largest, ties in unit order. Its top-``k`` circuit for ``k`` = the
     mask's size is the mask itself (a mask pruned after training keeps fewer units than its
-    positive logits)."""
+    positive logits).
+
+    ``importance`` (unit indices, most important first; e.g. the minimality pass's
+    single-removal ranking reversed) orders the kept units instead of their logits, which
+    annealing saturates, and then the dropped units it lists (units the pass removed); units
+    it does not list follow their group by logit."""
     keep = torch.as_tensor(keep).bool().cpu()
     params = torch.as_tensor(params).detach().float().cpu()
     if keep.shape != params.shape or keep.ndim != 1:
@@ -115,7 +122,19 @@ def mask_order(
     finite = torch.where(torch.isinf(params), torch.sign(params) * 1e30, params).double()
     span = float(finite.max() - finite.min()) + 1.0 if finite.numel() else 1.0
     key = finite + keep.double() * 2 * span
-    return torch.sort(-key, stable=True).indices
+    order = torch.sort(-key, stable=True).indices
+    if importance is None:
+        return order
+    n = keep.numel()
+    ranked = [int(u) for u in importance]
+    if any(not 0 <= u < n for u in ranked) or len(set(ranked)) != len(ranked):
+        raise ValueError(f"importance must list distinct unit indices in [0, {n})")
+    n_keep = int(keep.sum())
+    kept = [u for u in ranked if keep[u]]
+    kept += [int(u) for u in order[:n_keep] if int(u) not in set(kept)]
+    dropped = [u for u in ranked if not keep[u]]  # ranked but dropped (e.g. by the pass)
+    dropped += [int(u) for u in order[n_keep:] if int(u) not in set(dropped)]
+    return torch.tensor(kept + dropped, dtype=torch.long)
 
 
 def random_orders(n: int, n_orders: int, seed: int) -> Int[Tensor, "r n"]:

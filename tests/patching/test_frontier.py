@@ -48,6 +48,18 @@ def test_mask_order_puts_the_mask_first():
         mask_order(keep, torch.full((6,), float("nan")))
 
 
+def test_mask_order_follows_the_units_importance_when_given():
+    keep = torch.tensor([True, True, False, True, True, False])
+    params = torch.tensor([3.0, 2.0, 5.0, 1.0, 4.0, -1.0])
+    # importance lists units most important first; 2 and 5 are not kept, 4 is not listed
+    order = mask_order(keep, params, importance=[3, 5, 2, 1, 0])
+    assert order.tolist() == [3, 1, 0, 4, 5, 2]  # kept by importance, 4 by logit; dropped too
+    assert set(order[: int(keep.sum())].tolist()) == {0, 1, 3, 4}  # still the mask at its size
+    for bad in ([0, 0], [9]):
+        with pytest.raises(ValueError, match="importance"):
+            mask_order(keep, params, importance=bad)
+
+
 def test_score_and_random_orders():
     s = torch.tensor([0.1, -0.9, 0.5, 0.0])
     assert score_order(s).tolist() == [1, 2, 0, 3]
