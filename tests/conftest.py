@@ -30,6 +30,23 @@ def make_tiny_transformer(seed: int = 0, attention_dir: str = "causal", d_vocab:
     )
 
 
+def logit_diff_metric(logits):
+    """A per-example metric for the tiny transformer: logit 4 minus logit 7 at the last
+    position."""
+    return logits[..., -1, 4] - logits[..., -1, 7]
+
+
+def corrupted_batch(tokens):
+    """A ``PatchBatch`` of ``tokens`` and a corruption of positions 1 and 8, with
+    :func:`logit_diff_metric`."""
+    from subroutine_circuits.patching.circuits import PatchBatch
+
+    corr = tokens.clone()
+    corr[:, 1] = (corr[:, 1] + 5) % 50
+    corr[:, 8] = (corr[:, 8] + 3) % 50
+    return PatchBatch(tokens, corr, logit_diff_metric)
+
+
 def make_tiny_cnn():
     """A 2-conv ``HookedRootModule`` (channels at ``hook_c1`` [n, 5, h, w] and ``hook_c2``
     [n, 6, h, w]) with a linear head; inputs ``[n, 2, H, W]``. Stands in for a CNN family."""

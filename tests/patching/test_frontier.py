@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import corrupted_batch as _batch
+from conftest import logit_diff_metric as _metric
 
 from subroutine_circuits.adapters import tl_unit_map
-from subroutine_circuits.patching.circuits import PatchBatch
 from subroutine_circuits.patching.frontier import (
     MIB_FRACTIONS,
     frontier,
@@ -18,17 +19,6 @@ from subroutine_circuits.patching.frontier import (
     score_order,
     sizes_of,
 )
-
-
-def _metric(logits):
-    return logits[..., -1, 4] - logits[..., -1, 7]
-
-
-def _batch(tokens):
-    corr = tokens.clone()
-    corr[:, 1] = (corr[:, 1] + 5) % 50
-    corr[:, 8] = (corr[:, 8] + 3) % 50
-    return PatchBatch(tokens, corr, _metric)
 
 
 def test_mask_order_puts_the_mask_first():

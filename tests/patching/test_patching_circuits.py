@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import corrupted_batch as _batch
+from conftest import logit_diff_metric as _metric
 from scipy import stats
 
 from subroutine_circuits.adapters import tl_unit_map
 from subroutine_circuits.patching.activation import activation_patching
 from subroutine_circuits.patching.circuits import (
-    PatchBatch,
     ablate_units,
     circuit_metrics,
     curve_areas,
@@ -22,17 +23,6 @@ from subroutine_circuits.patching.circuits import (
     top_k_circuit,
 )
 from subroutine_circuits.patching.compare import compare_with_mask, jaccard, roc_auc, spearman
-
-
-def _metric(logits):
-    return logits[..., -1, 4] - logits[..., -1, 7]
-
-
-def _batch(tokens):
-    corr = tokens.clone()
-    corr[:, 1] = (corr[:, 1] + 5) % 50
-    corr[:, 8] = (corr[:, 8] + 3) % 50
-    return PatchBatch(tokens, corr, _metric)
 
 
 def test_selection():
