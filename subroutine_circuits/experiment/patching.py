@@ -124,7 +124,7 @@ class PatchingConfig:
       logits, patching scores) on the nodes; models whose units are not heads and neurons
       (CNN channels) write none.
     - ``frontier``: measure the faithfulness-size frontier (:mod:`subroutine_circuits.
-      patching.frontier`) of every ranking (the mask's logits, each method's scores,
+      patching.frontier`) of every ranking (the mask's own order, each method's scores,
       ``frontier_random`` random orders averaged) at ``frontier_fractions`` of the units (MIB's
       sizes) on the faithfulness pairs, with the subroutine's test accuracy of each circuit
       (its complement ablated as in the mask experiment); rows of ``frontier.csv``.
@@ -1107,8 +1107,8 @@ CHOSEN_MASK = "chosen mask"
 def frontier_of(ctx: _PatchContext, test_problems: Mapping[str, list] | None) -> list[dict]:
     """The frontier of one subroutine (rows of ``frontier.csv``, with ``cfg.meta`` and
     ``subroutine``): the mask's ranking (kept units first, in the minimality pass's order of
-    importance when the mask has one, else by logit; then the rest by logit) and its chosen
-    mask as a point, each patching method's ranking by its scores (chosen on the scoring pairs), and
+    importance when the mask has one, else by logit; then the rest) and its chosen mask as a
+    point, each patching method's ranking by its scores (from the scoring pairs), and
     ``cfg.frontier_random`` random orders (averaged), measured on the faithfulness pairs
     (MIB's normalised faithfulness, ``cfg.curve_ablation``) and, for odd-one-out models with
     test ``sub_<subroutine>`` problems, the subroutine's accuracy with everything outside the
