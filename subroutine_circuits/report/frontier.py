@@ -93,8 +93,9 @@ def section_frontier(out_dir: Path) -> str:
         return H._note("frontier.csv has no rows")
     out = [
         "<p>Faithfulness of the best circuit of each size, by ranking: the learned mask "
-        "(its kept units first, then by logit), activation and attribution patching (scores "
-        "from the validation pairs), and random orders. Faithfulness is MIB's "
+        "(its kept units first, in the minimality pass's order of importance, then the rest), "
+        "activation and attribution patching (scores from the validation pairs), and random "
+        "orders. Faithfulness is MIB's "
         "(m(C) - m(empty)) / (m(full) - m(empty)) on the test minimal pairs, the complement "
         "resampled from the corrupted input; accuracy is the subroutine's test accuracy with "
         "everything outside the circuit ablated as in the mask experiment. CPR is the area "
