@@ -712,10 +712,11 @@ def _shared_steps(cfg: Any, hps: Sequence[Mapping[str, Any]], train: Any) -> int
     return steps_all.pop()
 
 
-def _refuse_targets(hps: Sequence[Mapping[str, Any]]) -> None:
+def _refuse_targets(cfg: Any, hps: Sequence[Mapping[str, Any]]) -> None:
     """Target densities are trained by the converged engine (``experiment.converge``) and
     ``search.train_mask_run`` only: refuse them here rather than ignore them."""
-    if any(h.get("target_density") is not None for h in hps):
+    asked = [h.get("target_density") for h in hps] + [getattr(cfg, "target_density", None)]
+    if any(t is not None for t in asked):
         raise ValueError(
             "target_density is trained by experiment.converge.train_masks_converged (the "
             "study's engine) and search.train_mask_run; this fixed-budget loop has no "
@@ -776,7 +777,7 @@ def train_masks_batched(
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
     hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
-    _refuse_targets([*hps, {"target_density": getattr(cfg, "target_density", None)}])
+    _refuse_targets(cfg, hps)
     if len(hps) != len(seeds) or not hps:
         raise ValueError(f"need one seed per hyperparameter point: {len(hps)} vs {len(seeds)}")
     if getattr(cfg, "kind", "unit") != "unit":
@@ -1227,7 +1228,7 @@ def train_weight_masks_batched(
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
     hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
-    _refuse_targets([*hps, {"target_density": getattr(cfg, "target_density", None)}])
+    _refuse_targets(cfg, hps)
     if len(hps) != len(seeds) or not hps:
         raise ValueError(f"need one seed per hyperparameter point: {len(hps)} vs {len(seeds)}")
     if noise not in NOISE_MODES:

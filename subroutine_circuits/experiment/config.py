@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
+from subroutine_circuits.experiment.schedule import TARGET_LR  # torch-free
 from subroutine_circuits.experiment.vision_config import (  # torch-free, imports nothing
     CNN_UNIT_KINDS,
     check_cnn_model,
@@ -585,7 +586,7 @@ class MaskSearchConfig(_Table):
     # a target density for every grid point (None: a fixed l0_weight; see MaskGridPoint)
     target_density: float | None = _opt(gt=0, lt=1)
     # dual-ascent step of the target-density multipliers (per optimiser step)
-    target_lr: float = _opt(0.05, gt=0)
+    target_lr: float = _opt(TARGET_LR, gt=0)
     # which grid point wins: "accurate" (best mean validation accuracy, ties within tolerance
     # to the sparser) or "smallest" (the sparsest point whose mean validation accuracy reaches
     # the study's mask_min_acc; "accurate" when none does)

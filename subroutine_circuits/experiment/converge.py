@@ -23,7 +23,6 @@ trained alone. Host synchronisations happen only at evaluations.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -295,15 +294,7 @@ class _ConvergedLoop:
             c.ablation = ablator.kind
         self.bm = BatchedUnitMask(self.unit_map, self.cfgs, None, noise, self.ablator).to(device)
         self.opt = StackedAdam(self.bm.logits, [float(h.get("lr", cfg.lr)) for h in hps])
-        self.sparsity = DensityMultiplier(
-            [float(h.get("l0_weight", cfg.l0_weight)) for h in hps],
-            [
-                float(h.get("target_density", getattr(cfg, "target_density", None)) or math.nan)
-                for h in hps
-            ],  # fmt: skip
-            [float(h.get("target_lr") or getattr(cfg, "target_lr", 0.05)) for h in hps],
-        ).to(device)
-        self._any_target = bool(self.sparsity.constrained.any())
+        self.sparsity = DensityMultiplier.for_grid(cfg, hps).to(device)
         self.alive = [
             _Batch(i, d, len(trains[d]), offsets[d], s, schedule.plateau())
             for i, (d, s) in enumerate(zip(which, seeds))
@@ -379,7 +370,7 @@ class _ConvergedLoop:
     def _update_sparsity(self) -> None:
         """Dual ascent of the alive masks' target-density multipliers (no host sync; masks
         without a target keep their fixed l0 weight)."""
-        if not self._any_target:
+        if not self.sparsity.any_target:
             return
         with torch.no_grad():
             density = self.bm.soft_count() / max(1, self.unit_map.n_units)
@@ -423,7 +414,7 @@ class _ConvergedLoop:
     def _sparsity_term(self, weight: Tensor) -> Tensor:
         """The alive masks' sparsity terms (``DensityMultiplier.penalty``), ``[k]``."""
         rows, n = [b.i for b in self.alive], max(1, self.unit_map.n_units)
-        soft = self.bm.soft_count() if self._any_target else None
+        soft = self.bm.soft_count() if self.sparsity.any_target else None
         return self.sparsity.penalty(rows, weight, self.bm.penalty(), n, soft)
 
     def _noise_states(self, r: range) -> list[Tensor]:

@@ -738,30 +738,26 @@ def mask_unit_params(mask) -> Tensor:
     return torch.cat(vals)
 
 
-def ablation_base(adapter, unit_map, ablation: str, reference=None, position_aware: bool = True):
-    """A fixed all-ones :class:`~subroutine_circuits.masks.UnitMask` carrying the ablation
-    values of the mask experiment: ``zero``, or ``mean`` over ``reference`` (the mask
-    experiment's reference set: training composite problems, a list of problems or their
-    :class:`EncodedProblems`), position-aware when ``position_aware`` (readout positions get
-    the mean over readout positions, other positions the mean over the other real positions).
-    ``reference`` may also be the :class:`~subroutine_circuits.masks.ablator.Ablator` of
-    ``ablation`` already computed from that set with the same position awareness (the study's
-    reference ablator): its values are used as they are, nothing is recomputed.
-    Masks derived with ``.fixed_like(keep)`` share these values."""
+def study_ablator(adapter, unit_map, ablation: str, reference=None, position_aware: bool = True):
+    """The mask experiment's :class:`~subroutine_circuits.masks.ablator.Ablator` of
+    ``ablation`` (``zero`` or ``mean``): ``reference`` is the mask experiment's reference set
+    (training composite problems, a list of problems or their :class:`EncodedProblems`; mean
+    values position-aware when ``position_aware``: readout positions get the mean over readout
+    positions, other positions the mean over the other real positions) or the reference
+    ablator already computed from it, used as it is. ValueError for mean ablation without a
+    reference."""
     from subroutine_circuits.adapters.base import EncodedProblems
-    from subroutine_circuits.masks import UnitMask
-    from subroutine_circuits.masks.ablator import Ablator, apply_to_unit_mask
+    from subroutine_circuits.masks.ablator import Ablator, reference_ablator
 
-    base = UnitMask.fixed(unit_map, torch.ones(unit_map.n_units, dtype=torch.bool), ablation)
     if ablation == "zero":
-        return base
+        return Ablator("zero")
     if isinstance(reference, Ablator):
         if reference.kind != ablation:
             raise ValueError(
                 f"the reference ablator is {reference.kind!r}, the cross-ablation {ablation!r}"
             )
         reference.check(unit_map)
-        return apply_to_unit_mask(base, reference.to("cpu"))
+        return reference
     if reference is None or len(reference) == 0:
         raise ValueError(
             "mean cross-ablation needs the mask experiment's reference problems (training "
@@ -770,8 +766,24 @@ def ablation_base(adapter, unit_map, ablation: str, reference=None, position_awa
     enc = (
         reference if isinstance(reference, EncodedProblems) else adapter.encode_problems(reference)
     )
-    base.set_mean(adapter, enc.to(adapter.device).flat_inputs(), position_aware=position_aware)
-    return base
+    return reference_ablator(
+        adapter, unit_map, enc.to(adapter.device).flat_inputs(), ablation,
+        position_aware=position_aware,
+    )  # fmt: skip
+
+
+def ablation_base(adapter, unit_map, ablation: str, reference=None, position_aware: bool = True):
+    """A fixed all-ones :class:`~subroutine_circuits.masks.UnitMask` carrying the ablation
+    values of :func:`study_ablator` (the mask experiment's). Masks derived with
+    ``.fixed_like(keep)`` share these values."""
+    from subroutine_circuits.masks import UnitMask
+    from subroutine_circuits.masks.ablator import apply_to_unit_mask
+
+    base = UnitMask.fixed(unit_map, torch.ones(unit_map.n_units, dtype=torch.bool), ablation)
+    ablator = study_ablator(adapter, unit_map, ablation, reference, position_aware)
+    if ablation == "zero":
+        return base
+    return apply_to_unit_mask(base, ablator.to("cpu"))
 
 
 def cross_ablation(
@@ -1154,8 +1166,11 @@ def _subroutine_accuracy(ctx: _PatchContext, test_problems: Mapping[str, list] |
     kind = f"sub_{ctx.subroutine}"
     if cfg.readout != "ooo" or not test_problems or not test_problems.get(kind):
         return None
-    ablator = _reference_ablator(ctx)
-    if ablator is None:
+    try:
+        ablator = study_ablator(
+            ctx.adapter, ctx.unit_map, cfg.cross_ablation, ctx.reference, cfg.position_aware
+        )
+    except ValueError:  # mean ablation without the mask experiment's reference set
         return None
     data = ctx.adapter.encode_problems(test_problems[kind]).to(ctx.adapter.device)
 
@@ -1163,27 +1178,6 @@ def _subroutine_accuracy(ctx: _PatchContext, test_problems: Mapping[str, list] |
         return fixed_accuracies(ctx.adapter, data, keeps, ctx.unit_map, ablator)
 
     return accuracy
-
-
-def _reference_ablator(ctx: _PatchContext):
-    """The mask experiment's :class:`~subroutine_circuits.masks.ablator.Ablator` of
-    ``cfg.cross_ablation`` (the reference one itself when given), or None for mean ablation
-    without a reference set."""
-    from subroutine_circuits.adapters.base import EncodedProblems
-    from subroutine_circuits.masks.ablator import Ablator, reference_ablator
-
-    cfg, ref = ctx.cfg, ctx.reference
-    if isinstance(ref, Ablator) and ref.kind == cfg.cross_ablation:
-        return ref
-    if cfg.cross_ablation == "zero":
-        return Ablator("zero")
-    if ref is None or isinstance(ref, Ablator) or len(ref) == 0:
-        return None
-    enc = ref if isinstance(ref, EncodedProblems) else ctx.adapter.encode_problems(ref)
-    return reference_ablator(
-        ctx.adapter, ctx.unit_map, enc.to(ctx.adapter.device).flat_inputs(),
-        cfg.cross_ablation, position_aware=cfg.position_aware,
-    )  # fmt: skip
 
 
 def _pair_columns(

@@ -100,6 +100,11 @@ class Plateau:
         return self.patience > 0 and self.since >= self.patience
 
 
+#: Dual-ascent step of a target density's multiplier (``[mask] target_lr``'s default), set on a
+#: tiny trained model's training problems (README, "Sparsity path").
+TARGET_LR = 0.05
+
+
 class DensityMultiplier:
     """The sparsity term of each mask's loss: a fixed weight on its density, or, for a mask with
     a target density, a hinge on the excess over the target whose weight is a Lagrange
@@ -122,24 +127,39 @@ class DensityMultiplier:
     def __init__(self, l0: Any, targets: Any, lr: Any):
         import torch
 
-        self.l0 = torch.as_tensor(l0, dtype=torch.float32).clone()
+        self.weights = torch.as_tensor(l0, dtype=torch.float32).clone()
         self.targets = torch.as_tensor(targets, dtype=torch.float32).clone()
-        if self.l0.shape != self.targets.shape or self.l0.ndim != 1:
+        if self.weights.shape != self.targets.shape or self.weights.ndim != 1:
             raise ValueError("l0 weights and targets must be 1-d of equal length")
-        self.lr = torch.as_tensor(lr, dtype=torch.float32).expand(self.l0.shape).clone()
+        self.lr = torch.as_tensor(lr, dtype=torch.float32).expand(self.weights.shape).clone()
         if bool((self.lr <= 0).any()):
             raise ValueError(f"target_lr must be > 0, got {self.lr.tolist()}")
         bad = self.targets[~torch.isnan(self.targets)]
         if bool(((bad <= 0) | (bad >= 1)).any()):
             raise ValueError(f"target densities must lie in (0, 1), got {bad.tolist()}")
         self.constrained = ~torch.isnan(self.targets)
-        self.weights = self.l0.clone()
+        #: whether any mask has a target (a host bool: the training step never syncs for it)
+        self.any_target = bool(self.constrained.any())
+
+    @classmethod
+    def for_grid(cls, cfg: Any, hps: Any) -> DensityMultiplier:
+        """The multipliers of grid points ``hps`` (each point's ``l0_weight``,
+        ``target_density`` and ``target_lr``, else the ``[mask]`` table's)."""
+
+        def value(h: Any, name: str, default: Any) -> Any:
+            v = h.get(name)
+            return getattr(cfg, name, default) if v is None else v
+
+        return cls(
+            [float(value(h, "l0_weight", 1.0)) for h in hps],
+            [float(value(h, "target_density", None) or math.nan) for h in hps],
+            [float(value(h, "target_lr", TARGET_LR)) for h in hps],
+        )
 
     def to(self, device: Any) -> DensityMultiplier:
         """Move the weights to ``device`` (in place); returns self."""
-        self.l0, self.targets = self.l0.to(device), self.targets.to(device)
+        self.targets, self.lr = self.targets.to(device), self.lr.to(device)
         self.constrained, self.weights = self.constrained.to(device), self.weights.to(device)
-        self.lr = self.lr.to(device)
         return self
 
     def weight(self, rows: Any) -> Any:
@@ -157,7 +177,7 @@ class DensityMultiplier:
         import torch
 
         fixed = weight * l0_count / n_units
-        if not bool(self.constrained.any()):
+        if not self.any_target:
             return fixed
         rows = torch.as_tensor(rows, device=self.weights.device)
         excess = torch.relu(soft_count / n_units - self.targets[rows].nan_to_num(0.0))

@@ -125,11 +125,7 @@ def train_mask_run(
     opt = torch.optim.Adam(
         [p for p in mask.parameters() if p.requires_grad], lr=float(hp.get("lr", cfg.lr))
     )
-    sparsity = DensityMultiplier(
-        [float(hp.get("l0_weight", cfg.l0_weight))],
-        [float(hp.get("target_density", getattr(cfg, "target_density", None)) or math.nan)],
-        [float(hp.get("target_lr") or getattr(cfg, "target_lr", 0.05))],
-    ).to(device)
+    sparsity = DensityMultiplier.for_grid(cfg, [hp]).to(device)
     n_units = max(1, int(mask.flat_binary().numel()))
     plateau, best, order = schedule.plateau(), None, []
     step, temp = 0, None
@@ -143,7 +139,7 @@ def train_mask_run(
         with mask.applied(adapter.model):
             scores = adapter.ooo_logits(batch.inputs)
         penalty = mask.penalty()
-        soft = mask.soft_count().reshape(1) if bool(sparsity.constrained.any()) else None
+        soft = mask.soft_count().reshape(1) if sparsity.any_target else None
         term = sparsity.penalty([0], sparsity.weight([0]), penalty.reshape(1), n_units, soft)[0]
         loss = F.cross_entropy(scores, batch.odd) + term
         if not torch.isfinite(loss):

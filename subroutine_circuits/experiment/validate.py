@@ -280,7 +280,6 @@ def score_model(planted: Any, store: Any, job: Any, prep: Any) -> list[dict[str,
 FRONTIER_TIE = 0.01
 #: The chosen mask's size must lie within this factor of the planted subnetwork (issue 23).
 SIZE_FACTOR = 1.5
-PATCHING_METHODS = ("activation", "attribution", "integrated_gradients")
 
 
 def frontier_columns(frontier: list[dict], subroutine: str, mask_seed: Any) -> dict[str, Any]:
@@ -290,6 +289,8 @@ def frontier_columns(frontier: list[dict], subroutine: str, mask_seed: Any) -> d
     size (>= -:data:`FRONTIER_TIE`: at or above patching at every size); ``cpr_mask`` and
     ``cpr_patching`` (the best patching method's CPR)."""
     import pandas as pd
+
+    from subroutine_circuits.experiment.config import PATCHING_METHODS
 
     df = pd.DataFrame(
         [r for r in frontier if r["subroutine"] == subroutine and r.get("kind") == "curve"
@@ -579,26 +580,29 @@ def section_groundtruth(df: Any, rates: dict[str, Any]) -> str:
     )
 
 
-def _frontier_text(fr: dict[str, Any]) -> str:
-    """The modular models' frontier criteria as a paragraph (empty without frontiers)."""
-    from subroutine_circuits.report.html import _esc
-
+def frontier_sentence(fr: dict[str, Any]) -> str:
+    """The modular models' frontier criteria (:func:`frontier_summary`) in one sentence
+    (empty without frontiers); the report and the command line print it."""
     if not fr.get("n"):
         return ""
     return (
-        "<h3>Frontier on modular models (issue 23)</h3><p>"
-        + _esc(
-            f"Of {fr['n']} mask runs, {fr['size_within']} chose a mask within "
-            f"{SIZE_FACTOR}x of the planted subnetwork's size (ratio median "
-            f"{fr['size_ratio_median']:.2f}, {fr['size_ratio_min']:.2f}-"
-            f"{fr['size_ratio_max']:.2f}); the mask ranking's faithfulness is at or above every "
-            f"patching ranking's at every size in {fr['at_or_above']} (ties within "
-            f"{FRONTIER_TIE}; worst gap {fr['worst_gap']:.3f}), its subroutine accuracy in "
-            f"{fr['at_or_above_acc']} (worst gap {fr['worst_gap_acc']:.3f}); median CPR mask "
-            f"{fr['cpr_mask_median']:.3f}, best patching {fr['cpr_patching_median']:.3f}."
-        )
-        + "</p>"
+        f"Of {fr['n']} mask runs on modular models, {fr['size_within']} chose a mask within "
+        f"{SIZE_FACTOR}x of the planted subnetwork's size (ratio median "
+        f"{fr['size_ratio_median']:.2f}, {fr['size_ratio_min']:.2f}-{fr['size_ratio_max']:.2f});"
+        f" the mask ranking's faithfulness is at or above every patching ranking's at every "
+        f"size in {fr['at_or_above']} (ties within {FRONTIER_TIE}; worst gap "
+        f"{fr['worst_gap']:.3f}), its subroutine accuracy in {fr['at_or_above_acc']} (worst gap "
+        f"{fr['worst_gap_acc']:.3f}); median CPR mask {fr['cpr_mask_median']:.3f}, best "
+        f"patching {fr['cpr_patching_median']:.3f}."
     )
+
+
+def _frontier_text(fr: dict[str, Any]) -> str:
+    """:func:`frontier_sentence` as a report paragraph (empty without frontiers)."""
+    from subroutine_circuits.report.html import _esc
+
+    text = frontier_sentence(fr)
+    return f"<h3>Frontier (issue 23)</h3><p>{_esc(text)}</p>" if text else ""
 
 
 def report_page(df: Any, rates: dict[str, Any], models: dict[str, Any], out: Path) -> str:
@@ -680,14 +684,7 @@ def cmd_validate(args: Any) -> int:
         f"{rates['missed_compositional']:.2f} (n={rates['n_modular']})"
     )
     print(f"runs called compositional of all runs: {all_runs_text(rates)}")
-    fr = rates.get("frontier", {})
-    if fr.get("n"):
-        print(
-            f"frontier on modular models: chosen mask within {SIZE_FACTOR}x of the planted size "
-            f"in {fr['size_within']} of {fr['n']} runs (median ratio "
-            f"{fr['size_ratio_median']:.2f}); mask at or above patching at every size in "
-            f"{fr['at_or_above']} (faithfulness, worst gap {fr['worst_gap']:.3f}) and "
-            f"{fr['at_or_above_acc']} (accuracy, worst gap {fr['worst_gap_acc']:.3f})"
-        )
+    if frontier_sentence(rates.get("frontier", {})):
+        print(frontier_sentence(rates["frontier"]))
     print(f"wrote {Path(args.out) / 'groundtruth.csv'} and {Path(args.out) / 'report.html'}")
     return 0

@@ -123,22 +123,22 @@ class MaskBase(nn.Module):
         flat = self.flat_binary()
         return int(flat.sum()) / max(1, flat.numel())
 
-    def penalty(self) -> Float[Tensor, ""]:
-        """Sum of the parts' sparsity penalties (expected L0 / sum of sigmoids)."""
+    def _sum_parts(self, name: str) -> Float[Tensor, ""]:
+        """The sum over parts of their method ``name`` (a scalar tensor; 0 without parts)."""
         total = None
         for p in self.parts:
-            val = p.penalty()
+            val = getattr(p, name)()
             total = val if total is None else total + val
         return total if total is not None else torch.zeros(())
+
+    def penalty(self) -> Float[Tensor, ""]:
+        """Sum of the parts' sparsity penalties (expected L0 / sum of sigmoids)."""
+        return self._sum_parts("penalty")
 
     def soft_count(self) -> Float[Tensor, ""]:
         """Sum of the parts' differentiable counts of binary-kept entries (what a target
         density constrains; ``parametrization.*.soft_count``)."""
-        total = None
-        for p in self.parts:
-            val = p.soft_count()
-            total = val if total is None else total + val
-        return total if total is not None else torch.zeros(())
+        return self._sum_parts("soft_count")
 
     def expected_l0(self) -> float:
         """Expected number of kept entries summed over parts."""

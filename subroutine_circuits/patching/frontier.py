@@ -129,11 +129,13 @@ def mask_order(
     ranked = [int(u) for u in importance]
     if any(not 0 <= u < n for u in ranked) or len(set(ranked)) != len(ranked):
         raise ValueError(f"importance must list distinct unit indices in [0, {n})")
-    n_keep = int(keep.sum())
-    kept = [u for u in ranked if keep[u]]
-    kept += [int(u) for u in order[:n_keep] if int(u) not in set(kept)]
-    dropped = [u for u in ranked if not keep[u]]  # ranked but dropped (e.g. by the pass)
-    dropped += [int(u) for u in order[n_keep:] if int(u) not in set(dropped)]
+    listed = set(ranked)
+    kept_flags = keep.tolist()
+    by_logit = order.tolist()
+    kept = [u for u in ranked if kept_flags[u]]
+    kept += [u for u in by_logit if kept_flags[u] and u not in listed]
+    dropped = [u for u in ranked if not kept_flags[u]]  # ranked but dropped (e.g. by the pass)
+    dropped += [u for u in by_logit if not kept_flags[u] and u not in listed]
     return torch.tensor(kept + dropped, dtype=torch.long)
 
 

@@ -56,9 +56,8 @@ def test_frontier_csv_has_every_ranking_and_the_chosen_mask(frontier_run):
         # the chosen mask's accuracy alone on its subroutine's test problems: the evaluation
         # stage's sub_sub_acc (computed there, not by the frontier)
         assert p["accuracy"] == pytest.approx(row["sub_sub_acc"], abs=1e-9)
-        assert p["k"] == row["n_kept"]
-        # the mask ranking at the mask's own size is the chosen mask
-        assert 0 <= p["fraction"] <= 1 and not math.isnan(p["faithfulness"])
+        assert p["k"] == row["n_kept"] and p["fraction"] == pytest.approx(p["k"] / p["n_units"])
+        assert not math.isnan(p["faithfulness"])
 
 
 def test_circuits_folder_round_trips(frontier_run):

@@ -176,6 +176,8 @@ def test_validate_end_to_end_and_resumes(tmp_path, monkeypatch):
     else:
         assert mod.iloc[0].randabl_p == pytest.approx(_loop_randabl_p(planted, store, run, cfg))
     assert (tmp_path / "groundtruth.csv").is_file()
+    # every modular mask run of the first mask seed carries its frontier's verdict
+    assert mod[["frontier_gap", "cpr_mask", "cpr_patching"]].notna().all().all()
     rates = json.loads((tmp_path / "error_rates.json").read_text())["rates"]
     assert rates["n_modular"] + rates["n_non_compositional"] <= 4
     assert (
@@ -187,6 +189,50 @@ def test_validate_end_to_end_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr("subroutine_circuits.experiment.search.search_all", _fail)
     df2 = V.validate(tmp_path, cfg=cfg)
     pd.testing.assert_frame_equal(df.reset_index(drop=True), df2.reset_index(drop=True))
+
+
+def test_frontier_columns_and_summary_by_hand():
+    """The frontier's verdict on a mask run: the worst difference to the best patching ranking
+    at each size (random and other runs ignored), and the modular summary with its tie."""
+    from subroutine_circuits.experiment import validate as V
+
+    def curve(method, f, acc, cpr, sub="a", seed=0):
+        return [
+            {"subroutine": sub, "mask_seed": seed, "kind": "curve", "method": method,
+             "fraction": fr, "faithfulness": x, "accuracy": y, "cpr": cpr}
+            for fr, x, y in zip((0.1, 0.5), f, acc)
+        ]  # fmt: skip
+
+    rows = curve("mask", (0.2, 0.9), (0.5, 0.8), 0.6)
+    rows += curve("activation", (0.3, 0.8), (0.6, 0.7), 0.5)
+    rows += curve("attribution", (0.1, 0.95), (0.4, 0.9), 0.7)
+    rows += curve("random", (0.9, 0.99), (0.9, 0.99), 0.9)  # not a patching ranking
+    rows += curve("activation", (1.0, 1.0), (1.0, 1.0), 1.0, sub="b")  # another subroutine
+    rows += curve("activation", (1.0, 1.0), (1.0, 1.0), 1.0, seed=1)  # another mask seed
+    got = V.frontier_columns(rows, "a", 0)
+    assert got["frontier_gap"] == pytest.approx(min(0.2 - 0.3, 0.9 - 0.95))
+    assert got["frontier_gap_acc"] == pytest.approx(min(0.5 - 0.6, 0.8 - 0.9))
+    assert (got["cpr_mask"], got["cpr_patching"]) == (0.6, 0.7)
+    assert V.frontier_columns(rows, "b", 0) == {}  # no mask ranking there
+
+    df = pd.DataFrame(
+        [
+            {"model_kind": "modular", "method": "mask", "n_kept": 6, "n_truth": 8,
+             "frontier_gap": -0.005, "frontier_gap_acc": 0.0, "cpr_mask": 0.9,
+             "cpr_patching": 0.8},
+            {"model_kind": "modular", "method": "mask", "n_kept": 4, "n_truth": 8,
+             "frontier_gap": -0.1, "frontier_gap_acc": -0.2, "cpr_mask": 0.5,
+             "cpr_patching": 0.7},
+            {"model_kind": "redundant", "method": "mask", "n_kept": 40, "n_truth": 8,
+             "frontier_gap": -0.9, "frontier_gap_acc": -0.9, "cpr_mask": 0.1,
+             "cpr_patching": 0.9},
+        ]
+    )  # fmt: skip
+    summary = V.frontier_summary(df)
+    assert (summary["n"], summary["size_within"]) == (2, 1)  # 0.75 within 1.5x, 0.5 not
+    assert (summary["at_or_above"], summary["at_or_above_acc"]) == (1, 1)  # -0.005: a tie
+    assert summary["worst_gap"] == pytest.approx(-0.1)
+    assert "1 chose a mask within 1.5x" in V.frontier_sentence(summary)
 
 
 def _loop_randabl_p(planted, store, run, vcfg):
