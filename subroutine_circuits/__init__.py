@@ -10,6 +10,8 @@ The public API (each name loads on first use, so ``import subroutine_circuits`` 
         load_config, demo_config, run_experiment, build_report,  # the whole study
         validate,                                           # error rates on planted models
         export_circuit, import_circuit,                     # MIB / EAP-IG circuit JSON
+        prompt_pairs, find_circuit, ablate_circuit, compare_circuits,  # your prompts, one metric
+        pretrain_model, PromptPairs, LogitDiff, KLToFull, PairMetric,
         as_adapter, UnitMask, WeightMask, UnitMap, UnitGroup, MaskConfig,
         save_mask, load_mask, ExperimentConfig, RunStore,
     )
@@ -40,6 +42,15 @@ _EXPORTS: dict[str, str] = {
     "run_experiment": "api",
     "build_report": "api",
     "export_circuit": "api",
+    "pretrain_model": "api",
+    "prompt_pairs": "api",
+    "find_circuit": "api",
+    "ablate_circuit": "api",
+    "compare_circuits": "api",
+    "PromptPairs": "objectives",
+    "LogitDiff": "objectives",
+    "KLToFull": "objectives",
+    "PairMetric": "objectives",
     "import_circuit": "api",
     "validate": "experiment.validate",
     "as_adapter": "adapters",

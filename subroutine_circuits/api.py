@@ -27,8 +27,12 @@ activation by its ablation value (``zero``, ``mean`` over reference stimuli, ``r
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from subroutine_circuits.objectives import Objective, PromptPairs
+    from subroutine_circuits.pairs import CircuitComparison
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -327,6 +331,101 @@ def build_report(out_dir: str | os.PathLike):
     from subroutine_circuits.report import build_report as _build
 
     return _build(out_dir)
+
+
+# ----------------------------------------------------------------------------- your prompts
+
+
+def pretrain_model(
+    model: Any,
+    task: Any,
+    *,
+    n_sentences: int = 4000,
+    steps: int = 400,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Self-supervised pretraining in place on ``n_sentences`` of ``task``'s corpus (next-token
+    prediction for causal models, masked tokens for bidirectional ones), so that the model's
+    vocabulary logits mean something (e.g. for a logit difference). Returns the losses."""
+    import random
+
+    from subroutine_circuits.models.pretraining import PretrainConfig, pretrain
+
+    adapter = _adapter(model)
+    corpus = task.corpus(n_sentences, random.Random(seed))
+    cfg = PretrainConfig(steps=steps, seed=seed, device=str(adapter.device), progress=progress)
+    return pretrain(adapter.model, corpus, adapter.tokenizer, cfg)
+
+
+def prompt_pairs(
+    model: Any, pairs: Sequence[tuple[Any, Any, Any, Any]], *, tokenizer: Any = None
+) -> PromptPairs:
+    """Prompt pairs for the model: ``(clean, corrupted, answer, wrong)`` as texts (tokenized
+    with ``tokenizer``, the adapter's word tokenizer or ``model.to_tokens``) or token ids; each
+    answer one token, a pair's prompts of one length (``objectives.make_prompt_pairs``)."""
+    from subroutine_circuits.objectives import make_prompt_pairs
+
+    return make_prompt_pairs(model, pairs, tokenizer=tokenizer)
+
+
+def find_circuit(
+    model: Any,
+    pairs: PromptPairs,
+    *,
+    objective: str | Objective | Callable[..., Any] = "logit_diff",
+    unit_kinds: Sequence[str] = ("head", "neuron"),
+    steps: int = 400,
+    l0_weight: float = 1.0,
+    target_density: float | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Any:
+    """The smallest subnetwork (a ``UnitMask`` over heads / neurons) that keeps ``objective``
+    (``"logit_diff"``, ``"kl"``, an ``Objective`` or a callable metric) on the pairs, chosen on
+    held-out pairs (``pairs.find_circuit``)."""
+    from subroutine_circuits.pairs import find_circuit as _find
+
+    return _find(
+        model, pairs, objective=objective, unit_kinds=unit_kinds, steps=steps,
+        l0_weight=l0_weight, target_density=target_density, seed=seed, progress=progress,
+    )  # fmt: skip
+
+
+def ablate_circuit(
+    model: Any,
+    circuit: Any,
+    pairs: PromptPairs,
+    *,
+    objective: str | Objective | Callable[..., Any] = "logit_diff",
+    n_random: int = 99,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The circuit alone and removed, as normalised faithfulness, against ``n_random`` random
+    circuits of the same size per hook, with permutation p-values (``pairs.ablate_circuit``)."""
+    from subroutine_circuits.pairs import ablate_circuit as _ablate
+
+    return _ablate(model, circuit, pairs, objective=objective, n_random=n_random, seed=seed)
+
+
+def compare_circuits(
+    model: Any,
+    pairs: PromptPairs,
+    *,
+    objective: str | Objective | Callable[..., Any] = "logit_diff",
+    mask: Any = None,
+    methods: Sequence[str] = ("activation", "attribution"),
+    seed: int = 0,
+    **find_options: Any,
+) -> CircuitComparison:
+    """In one call: a mask (found unless given), activation and attribution patching under the
+    same objective, their faithfulness-size frontier (CPR / CMD) and the mask's ablation with
+    random controls (``pairs.compare_circuits``; ``.table()`` summarises)."""
+    from subroutine_circuits.pairs import compare_circuits as _compare
+
+    return _compare(
+        model, pairs, objective=objective, mask=mask, methods=methods, seed=seed, **find_options
+    )
 
 
 # ----------------------------------------------------------------------------- circuit files

@@ -128,6 +128,12 @@ class ModelAdapter(ABC):
     def __init__(self, model: nn.Module):
         self.model = model
 
+    @property
+    def causal(self) -> bool:
+        """Whether no position sees a later one (right padding then leaves every real
+        position's output exact); False unless the adapter knows."""
+        return False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 

@@ -101,6 +101,12 @@ class BridgeAdapter(ModelAdapter):
         """True for a bridge around a BERT-style encoder."""
         return tc.is_encoder(self.model)
 
+    @property
+    def causal(self) -> bool:
+        """A decoder with causal attention (not an encoder, not bidirectional)."""
+        direction = getattr(self.model.cfg, "attention_dir", "causal")
+        return not self.is_encoder and direction == "causal"
+
     # ------------------------------------------------------------------ identity / units
     def signature(self) -> dict[str, Any]:
         """Class name and ``n_layers, d_model, n_heads, d_head, d_mlp, d_vocab``."""

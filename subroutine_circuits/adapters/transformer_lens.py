@@ -185,6 +185,12 @@ class TransformerLensAdapter(ModelAdapter):
     def can_start_at_layer(self) -> bool:  # type: ignore[override]
         return not self.is_encoder
 
+    @property
+    def causal(self) -> bool:
+        """A decoder with causal attention (not an encoder, not bidirectional)."""
+        direction = getattr(self.model.cfg, "attention_dir", "causal")
+        return not self.is_encoder and direction == "causal"
+
     # ------------------------------------------------------------------ identity / units
     def signature(self) -> dict[str, Any]:
         """Class name and ``n_layers, d_model, n_heads, d_head, d_mlp, d_vocab``."""

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool
 from torch import Tensor
 
@@ -33,6 +32,7 @@ from subroutine_circuits.experiment.config import MaskSearchConfig
 from subroutine_circuits.experiment.converge import MaskRun, Schedule, mask_schedule
 from subroutine_circuits.experiment.schedule import DensityMultiplier
 from subroutine_circuits.masks.ablator import Ablator
+from subroutine_circuits.objectives import Objective, OddOneOut
 
 __all__ = [
     "EncodedProblems",
@@ -64,18 +64,26 @@ def accuracy(adapter, data: EncodedProblems, mask=None, batch_size: int | None =
 
 
 def make_mask(
-    adapter, cfg: MaskSearchConfig, hp: dict[str, Any], seed: int, ablator: Ablator | None = None
+    adapter,
+    cfg: MaskSearchConfig,
+    hp: dict[str, Any],
+    seed: int,
+    ablator: Ablator | None = None,
+    ablation: str | None = None,
 ):
     """A fresh trainable mask (unit or weight) with hyperparameters ``hp``.
 
-    Unit masks ablate with ``ablator`` (zero when None; mean values copied in); weight masks
-    always zero their masked weights.
+    Unit masks ablate with ``ablator`` (zero when None; mean values copied in), or with
+    ``ablation`` when given (an objective's own, e.g. ``"resample"`` from corrupted prompts,
+    whose values the objective sets per batch); weight masks always zero their masked weights.
     """
     from subroutine_circuits.masks import MaskConfig, UnitMask, WeightMask
     from subroutine_circuits.masks.ablator import apply_to_unit_mask
 
     ablator = ablator if ablator is not None else Ablator("zero")
-    kind = ablator.kind if cfg.kind == "unit" else "zero"
+    if ablation is not None and cfg.kind != "unit":
+        raise ValueError(f"an objective with {ablation!r} ablation needs unit masks")
+    kind = (ablation or ablator.kind) if cfg.kind == "unit" else "zero"
     mcfg = MaskConfig(
         parametrization=cfg.parametrization,
         init=float(hp.get("init", cfg.init)),
@@ -84,7 +92,8 @@ def make_mask(
     )
     if cfg.kind == "unit":
         unit_map = adapter.unit_map(kinds=cfg.unit_kinds, layers=hp.get("layers", cfg.layers))
-        return apply_to_unit_mask(UnitMask(unit_map, mcfg), ablator)
+        mask = UnitMask(unit_map, mcfg)
+        return mask if ablation is not None else apply_to_unit_mask(mask, ablator)
     return WeightMask(adapter.model, mcfg, adapter.weight_names(), init_std=adapter.init_std())
 
 
@@ -108,19 +117,24 @@ def train_mask_run(
     ablator: Ablator | None = None,
     schedule: Schedule | None = None,
     progress: bool = False,
+    objective: Objective | None = None,
 ) -> MaskRun:
     """Train one mask with the base model frozen; returns the best validation checkpoint.
 
-    Without ``val`` there is no evaluation and no early stop: the mask after the whole budget.
+    ``objective`` (default: the study's odd-one-out readout) gives the loss on a training batch
+    and the validation score; ``train`` / ``val`` are its data (``EncodedProblems``, or
+    ``PromptPairs`` for prompt-pair objectives). Without ``val`` there is no evaluation and no
+    early stop: the mask after the whole budget.
     """
     from tqdm.auto import tqdm
 
+    objective = objective if objective is not None else OddOneOut()
     schedule = schedule if schedule is not None else mask_schedule(cfg, len(train))
     adapter.freeze()
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    device = train.odd.device
-    mask = make_mask(adapter, cfg, hp, seed, ablator).to(device)
+    device = adapter.device
+    mask = make_mask(adapter, cfg, hp, seed, ablator, objective.ablation).to(device)
     mask.train()
     opt = torch.optim.Adam(
         [p for p in mask.parameters() if p.requires_grad], lr=float(hp.get("lr", cfg.lr))
@@ -136,12 +150,11 @@ def train_mask_run(
             order.extend(perm)
         batch = train.batch(torch.tensor(order[: cfg.batch_size], device=device))
         del order[: cfg.batch_size]
-        with mask.applied(adapter.model):
-            scores = adapter.ooo_logits(batch.inputs)
+        fit = objective.loss(adapter, mask, batch)
         penalty = mask.penalty()
         soft = mask.soft_count().reshape(1) if sparsity.any_target else None
         term = sparsity.penalty([0], sparsity.weight([0]), penalty.reshape(1), n_units, soft)[0]
-        loss = F.cross_entropy(scores, batch.odd) + term
+        loss = fit + term
         if not torch.isfinite(loss):
             raise ValueError(f"mask training produced a non-finite loss at step {step - 1}")
         opt.zero_grad(set_to_none=True)
@@ -154,7 +167,7 @@ def train_mask_run(
             _set_temperature(mask, temp)
         if val is not None and schedule.evaluates_after(step):
             mask.eval()
-            if plateau.update(adapter.accuracy(val, mask), mask.density(), step):
+            if plateau.update(objective.score(adapter, val, mask), mask.density(), step):
                 best = {k: v.detach().clone() for k, v in mask.state_dict().items()}
             mask.train()
             if plateau.stopped:

@@ -308,6 +308,28 @@ class AgreementTask(_GrammarTask):
         }
         return words, slots
 
+    def prompt_pairs(self, n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
+        """``n`` next-token prompt pairs for subject-verb agreement: the sentence up to its verb
+        (clean), the same words with the subject's number flipped (corrupted), the verb form
+        that agrees with the clean subject (answer) and the other form (wrong)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        rng = random.Random(seed)
+        out = []
+        for _ in range(n):
+            plural = rng.random() < 0.5
+            values = {"subject_plural": plural, "verb_plural": plural}
+            words, slots = self._build(values, rng)
+            i_subj, subj_sg, subj_pl = slots["subject_plural"]
+            i_verb, verb_sg, verb_pl = slots["verb_plural"]
+            prefix = list(words[:i_verb])
+            prefix[i_subj] = subj_pl if plural else subj_sg
+            flipped = list(prefix)
+            flipped[i_subj] = subj_sg if plural else subj_pl
+            answer, wrong = (verb_pl, verb_sg) if plural else (verb_sg, verb_pl)
+            out.append((" ".join(prefix), " ".join(flipped), answer, wrong))
+        return out
+
 
 class AnaphoraTask(_GrammarTask):
     """Reflexive anaphora, with and without an intervening clause or phrase."""
