@@ -4,7 +4,8 @@ For each model shape, trains K unit masks (hard concrete by default, seeds 0..K-
 ``l0_weight``) on random odd-one-out problems over a frozen random-weight TransformerLens model:
 
 - *separate*: ``experiment.search.train_mask`` called K times (today's path);
-- *batched*: ``masks.batched.train_masks_batched`` with the same K runs in one loop.
+- *batched*: ``experiment.converge.train_masks_converged`` with the same K runs in one loop
+  (whole budget: no early stop, one evaluation at the end; unit masks).
 
 Both run in the same process after a warm-up; the table shows mask-steps per second
 (K * steps / seconds) and the ratio batched / separate. With ``--noise exact`` (the default on
@@ -85,15 +86,12 @@ def _logits(mask) -> torch.Tensor:
 def bench_shape(shape: str, args) -> dict:
     """Time separate vs batched mask training (and optionally fixed-mask evaluation)."""
     from subroutine_circuits.adapters import as_adapter, tl_unit_map
-    from subroutine_circuits.experiment.batched import (
-        evaluate_fixed_masks,
-        matched_random_masks,
-        train_masks_batched,
-        train_weight_masks_batched,
-    )
+    from subroutine_circuits.experiment.batched import evaluate_fixed_masks, matched_random_masks
     from subroutine_circuits.experiment.config import MaskSearchConfig
+    from subroutine_circuits.experiment.converge import mask_schedule, train_masks_converged
     from subroutine_circuits.experiment.search import accuracy, train_mask
     from subroutine_circuits.masks import UnitMask
+    from subroutine_circuits.masks.ablator import Ablator
 
     model, data = build(shape, args.device, n_problems=max(64, 4 * args.batch))
     k, steps = args.k, args.steps
@@ -123,12 +121,19 @@ def bench_shape(shape: str, args) -> dict:
             steps=n_steps,
             batch_size=args.batch,
         )
-        fn = train_masks_batched if args.kind == "unit" else train_weight_masks_batched
+        sched = mask_schedule(
+            MaskSearchConfig(steps=n_steps, eval_every=n_steps, patience=0,
+                             batch_size=args.batch), len(data),
+        )  # fmt: skip
         sync_debug = args.sync_debug and args.device.startswith("cuda")
         if sync_debug:  # report any host sync inside the batched loop
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            return fn(model, data, cfg, hps, seeds, "last", noise=args.noise, autocast_dtype=amp)
+            runs = train_masks_converged(
+                model, data, data, cfg, hps, seeds, sched, Ablator("zero"), "last",
+                noise=args.noise, autocast_dtype=amp,
+            )  # fmt: skip
+            return [r.mask for r in runs]
         finally:
             if sync_debug:
                 torch.cuda.set_sync_debug_mode(0)
@@ -197,7 +202,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=16, help="OOO problems per mask and step")
     p.add_argument("--shapes", default="tiny,gpt2", help="comma list of: " + ",".join(SHAPES))
     p.add_argument("--parametrization", default="hard_concrete")
-    p.add_argument("--kind", default="unit", choices=["unit", "weight"], help="mask kind")
+    p.add_argument("--kind", default="unit", choices=["unit"], help="mask kind (unit masks)")
     p.add_argument(
         "--sync-debug",
         action="store_true",

@@ -27,12 +27,11 @@ activation by its ablation value (``zero``, ``mean`` over reference stimuli, ``r
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from subroutine_circuits.objectives import Objective, PromptPairs
-    from subroutine_circuits.pairs import CircuitComparison
+    from subroutine_circuits.objectives import PromptPairs
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -369,63 +368,8 @@ def prompt_pairs(
     return make_prompt_pairs(model, pairs, tokenizer=tokenizer)
 
 
-def find_circuit(
-    model: Any,
-    pairs: PromptPairs,
-    *,
-    objective: str | Objective | Callable[..., Any] = "logit_diff",
-    unit_kinds: Sequence[str] = ("head", "neuron"),
-    steps: int = 400,
-    l0_weight: float = 1.0,
-    target_density: float | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> Any:
-    """The smallest subnetwork (a ``UnitMask`` over heads / neurons) that keeps ``objective``
-    (``"logit_diff"``, ``"kl"``, an ``Objective`` or a callable metric) on the pairs, chosen on
-    held-out pairs (``pairs.find_circuit``)."""
-    from subroutine_circuits.pairs import find_circuit as _find
-
-    return _find(
-        model, pairs, objective=objective, unit_kinds=unit_kinds, steps=steps,
-        l0_weight=l0_weight, target_density=target_density, seed=seed, progress=progress,
-    )  # fmt: skip
-
-
-def ablate_circuit(
-    model: Any,
-    circuit: Any,
-    pairs: PromptPairs,
-    *,
-    objective: str | Objective | Callable[..., Any] = "logit_diff",
-    n_random: int = 99,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """The circuit alone and removed, as normalised faithfulness, against ``n_random`` random
-    circuits of the same size per hook, with permutation p-values (``pairs.ablate_circuit``)."""
-    from subroutine_circuits.pairs import ablate_circuit as _ablate
-
-    return _ablate(model, circuit, pairs, objective=objective, n_random=n_random, seed=seed)
-
-
-def compare_circuits(
-    model: Any,
-    pairs: PromptPairs,
-    *,
-    objective: str | Objective | Callable[..., Any] = "logit_diff",
-    mask: Any = None,
-    methods: Sequence[str] = ("activation", "attribution"),
-    seed: int = 0,
-    **find_options: Any,
-) -> CircuitComparison:
-    """In one call: a mask (found unless given), activation and attribution patching under the
-    same objective, their faithfulness-size frontier (CPR / CMD) and the mask's ablation with
-    random controls (``pairs.compare_circuits``; ``.table()`` summarises)."""
-    from subroutine_circuits.pairs import compare_circuits as _compare
-
-    return _compare(
-        model, pairs, objective=objective, mask=mask, methods=methods, seed=seed, **find_options
-    )
+# ``find_circuit``, ``ablate_circuit`` and ``compare_circuits`` (typed, in
+# :mod:`subroutine_circuits.pairs`) are exported from the package as they are.
 
 
 # ----------------------------------------------------------------------------- circuit files

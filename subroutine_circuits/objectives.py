@@ -194,17 +194,14 @@ def make_prompt_pairs(
         if not c_ids:
             raise ValueError(f"pair {i}: empty prompt")
         rows.append((c_ids, k_ids, a, w))
-    width = max(len(r[0]) for r in rows)
-    pad = 0
-    clean_t = torch.full((len(rows), width), pad, dtype=torch.long)
-    corr_t = torch.full((len(rows), width), pad, dtype=torch.long)
-    for j, (c, k, _, _) in enumerate(rows):
-        clean_t[j, : len(c)] = torch.tensor(c)
-        corr_t[j, : len(k)] = torch.tensor(k)
+    from subroutine_circuits.tasks.tokenizer import pad_batch
+
+    clean_t, lengths = pad_batch([r[0] for r in rows], pad_id=0)
+    corr_t, _ = pad_batch([r[1] for r in rows], pad_id=0)
     out = PromptPairs(
         clean_t,
         corr_t,
-        torch.tensor([len(r[0]) - 1 for r in rows]),
+        lengths - 1,
         torch.tensor([r[2] for r in rows]),
         torch.tensor([r[3] for r in rows]),
     )

@@ -135,3 +135,59 @@ def test_layers_are_respected():
     # transitively too: nothing report imports leads to the study
     for m in [m for m in g if m.startswith(f"{NAME}.report")]:
         assert not {d for d in _reachable(g, m) if d.startswith(exp)}, m
+
+
+#: names that belong to one model family (TransformerLens 3.9 / 4 classes and their internals)
+FAMILY_NAMES = {
+    "is_bridge", "is_encoder", "HookedEncoder", "HookedTransformer", "TransformerBridge",
+    "ln_final", "encoder_output", "mlm_head", "stop_at_layer", "tl_compat",
+}  # fmt: skip
+
+
+def family_references(path: Path) -> list[tuple[int, str]]:
+    """Where ``path`` names a model-family detail: a name, an attribute, an imported module or
+    name, or a string constant (as in ``hasattr(model, "mlm_head")``); docstrings aside."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    hits = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Name):
+            names = [node.id]
+        elif isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.ImportFrom):
+            names = (node.module or "").split(".") + [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [p for a in node.names for p in a.name.split(".")]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [] if id(node) in docstrings else [node.value]
+        hits += [(node.lineno, n) for n in names if n in FAMILY_NAMES]
+    return hits
+
+
+def test_experiment_knows_no_model_family():
+    """The study (experiment/) talks to models through adapters only: no family names there
+    (issue 24); adapters/ and models/ hold them."""
+    root = Path(__file__).resolve().parents[1] / NAME / "experiment"
+    found = {str(p.name): family_references(p) for p in sorted(root.glob("*.py"))}
+    assert not {k: v for k, v in found.items() if v}
+
+
+def test_family_check_sees_a_planted_reference(tmp_path):
+    planted = tmp_path / "x.py"
+    planted.write_text(
+        '"""Docstring naming ln_final is fine."""\n'
+        "from subroutine_circuits.models.tl_compat import is_bridge\n"
+        "def f(model):\n"
+        '    return hasattr(model, "mlm_head") or model.ln_final\n'
+    )
+    names = {n for _, n in family_references(planted)}
+    assert names == {"tl_compat", "is_bridge", "mlm_head", "ln_final"}

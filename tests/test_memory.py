@@ -240,7 +240,7 @@ def test_accuracy_backs_off_and_gives_the_same_accuracy(monkeypatch):
 def test_fixed_mask_scores_back_off_to_the_same_scores(monkeypatch):
     """Fixed-mask evaluation whose passes run out of memory above 24 sequences: halving masks,
     then problems, gives the scores of one pass (mean, position-aware ablation)."""
-    from subroutine_circuits.adapters import as_adapter, tl_unit_map
+    from subroutine_circuits.adapters import as_adapter, padded, tl_unit_map
     from subroutine_circuits.experiment import batched
     from subroutine_circuits.masks.ablator import reference_ablator
 
@@ -251,7 +251,7 @@ def test_fixed_mask_scores_back_off_to_the_same_scores(monkeypatch):
     keep = torch.rand(5, um.n_units, generator=torch.Generator().manual_seed(0)) > 0.4
     data = _problems(11, 9, seed=3)
     want = batched.fixed_mask_scores(model, data, keep, "last", unit_map=um, ablator=abl)
-    real, seen = batched._ooo_scores_nosync, []
+    real, seen = padded.ooo_scores_padded, []
 
     def limited(model, tokens, lengths, pool, pad_state):
         seen.append(tokens.shape[0])
@@ -259,7 +259,7 @@ def test_fixed_mask_scores_back_off_to_the_same_scores(monkeypatch):
             raise OOM("injected")
         return real(model, tokens, lengths, pool, pad_state)
 
-    monkeypatch.setattr(batched, "_ooo_scores_nosync", limited)
+    monkeypatch.setattr(padded, "ooo_scores_padded", limited)
     got = batched.fixed_mask_scores(model, data, keep, "last", unit_map=um, ablator=abl)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # masks halved to 1, then problems halved (the masks stay at the size remembered)
@@ -272,8 +272,8 @@ def test_mask_training_split_into_passes_equals_one_pass(monkeypatch, caplog, ab
     (forced small budget; and passes that run out of memory after drawing their exact noise,
     then retried) gives the masks of one pass: the ablation state is served per slice and the
     noise replayed."""
-    from subroutine_circuits.adapters import as_adapter, tl_unit_map
-    from subroutine_circuits.experiment import batched, converge
+    from subroutine_circuits.adapters import as_adapter, padded, tl_unit_map
+    from subroutine_circuits.experiment import converge
     from subroutine_circuits.experiment.config import MaskSearchConfig
     from subroutine_circuits.masks.ablator import reference_ablator
 
@@ -294,14 +294,14 @@ def test_mask_training_split_into_passes_equals_one_pass(monkeypatch, caplog, ab
                                               "last", data_index=which, noise="exact")  # fmt: skip
 
     want = train_all()
-    real, rows = batched._ooo_scores_nosync, []
+    real, rows = padded.ooo_scores_padded, []
 
     def counted(model, tokens, lengths, pool, pad_state):
         if torch.is_grad_enabled():
             rows.append(tokens.shape[0])  # problems in the pass: masks x batch_size
         return real(model, tokens, lengths, pool, pad_state)
 
-    monkeypatch.setattr(batched, "_ooo_scores_nosync", counted)
+    monkeypatch.setattr(padded, "ooo_scores_padded", counted)
     monkeypatch.setattr(converge, "rows_per_pass", lambda m, pos, cap, grad=False: 2 * 5 * 4)
     # and the reference activations and resample's clean source pass in passes of 7 sequences
     monkeypatch.setattr(memory, "rows_per_pass", lambda m, pos, cap, grad=False: min(cap, 7))
@@ -315,7 +315,7 @@ def test_mask_training_split_into_passes_equals_one_pass(monkeypatch, caplog, ab
             raise OOM("injected")
         return out
 
-    monkeypatch.setattr(batched, "_ooo_scores_nosync", oom_after_forward)
+    monkeypatch.setattr(padded, "ooo_scores_padded", oom_after_forward)
     with caplog.at_level(logging.WARNING, logger="subroutine_circuits.memory"):
         retried = train_all()  # all K at first, then backed off to one mask per pass
     assert any("masks per chunk" in r.getMessage() for r in caplog.records)

@@ -266,11 +266,20 @@ class ModelAdapter(ABC):
     def check_patchable(self) -> None:  # noqa: B027 - optional hook, default: no restriction
         """Raise ValueError if patching cannot run this model."""
 
+    #: patching readouts by name (:meth:`readout`); empty: callables only
+    readouts: ClassVar[Mapping[str, Readout]] = {}
+
     def readout(self, name: str | Readout) -> Readout:
-        """A patching readout by name (or a callable, passed through)."""
+        """A patching readout by name from :attr:`readouts` (or a callable ``(model, final
+        state)``, passed through)."""
         if callable(name):
             return name
-        raise ValueError(f"{type(self).__name__} has no readout {name!r}")
+        if name not in self.readouts:
+            raise ValueError(
+                f"unknown readout {name!r} for {type(self).__name__}; choose one of "
+                f"{sorted(self.readouts)}"
+            )
+        return self.readouts[name]
 
     def input_state(self, inputs: Tensor) -> Tensor:
         """The state :meth:`run_from_layer` takes at layer 0 (here: the inputs themselves)."""

@@ -29,12 +29,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from subroutine_circuits.adapters.base import (
-    ModelAdapter,
     Readout,
     Recorded,
     named_hooks,
     register_adapter,
 )
+from subroutine_circuits.adapters.text import TextModelAdapter
 from subroutine_circuits.masks.ablation import readout_positions
 from subroutine_circuits.masks.units import UnitMap
 from subroutine_circuits.models import tl_compat as tc
@@ -74,7 +74,7 @@ BRIDGE_READOUTS: dict[str, Readout] = {
 }
 
 
-class BridgeAdapter(ModelAdapter):
+class BridgeAdapter(TextModelAdapter):
     """Adapter for TransformerLens 4 ``TransformerBridge`` models (native or Hugging Face).
 
     Args:
@@ -85,39 +85,18 @@ class BridgeAdapter(ModelAdapter):
     """
 
     family = "bridge"
+    readouts = BRIDGE_READOUTS
     can_start_at_layer = False
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, pool: str | None = None):
-        if not is_bridge_model(model):
-            raise ValueError(f"BridgeAdapter needs a TransformerBridge, got {type(model).__name__}")
-        super().__init__(model)
-        from subroutine_circuits.models.readout import resolve_pool
-
-        self.tokenizer = tokenizer
-        self.pool = resolve_pool(model, pool)
+    accepts = staticmethod(lambda model: is_bridge_model(model))
+    expected = "a TransformerBridge"
 
     @property
     def is_encoder(self) -> bool:
         """True for a bridge around a BERT-style encoder."""
         return tc.is_encoder(self.model)
 
-    @property
-    def causal(self) -> bool:
-        """A decoder with causal attention (not an encoder, not bidirectional)."""
-        direction = getattr(self.model.cfg, "attention_dir", "causal")
-        return not self.is_encoder and direction == "causal"
-
     # ------------------------------------------------------------------ identity / units
-    def signature(self) -> dict[str, Any]:
-        """Class name and ``n_layers, d_model, n_heads, d_head, d_mlp, d_vocab``."""
-        from subroutine_circuits.masks.io import SIGNATURE_FIELDS
-
-        sig: dict[str, Any] = {"model_class": type(self.model).__name__}
-        for f in SIGNATURE_FIELDS:
-            v = getattr(self.model.cfg, f, None)
-            sig[f] = int(v) if isinstance(v, (int, float)) and v is not None else v
-        return sig
-
     def unit_map(
         self, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None
     ) -> UnitMap:
@@ -179,15 +158,6 @@ class BridgeAdapter(ModelAdapter):
         return fresh.to(self.device)
 
     # ------------------------------------------------------------------ stimuli and readout
-    def encode_stimuli(self, stimuli: Sequence[str]) -> dict[str, Tensor]:
-        """``{"tokens": [n, pos] right-padded, "lengths": [n]}`` from the tokenizer."""
-        if self.tokenizer is None:
-            raise ValueError("this adapter has no tokenizer: as_adapter(model, tokenizer=...)")
-        tokens, lengths = self.tokenizer.encode_batch(list(stimuli))
-        return {
-            "tokens": torch.as_tensor(tokens).long(),
-            "lengths": torch.as_tensor(lengths).long(),
-        }
 
     def _tokens(self, inputs: Mapping[str, Tensor] | Tensor) -> tuple[Tensor, Tensor]:
         """``(tokens, lengths)`` on the model's device (lengths default to the full width)."""
@@ -253,14 +223,6 @@ class BridgeAdapter(ModelAdapter):
         """Every bridge can be patched (from its tokens)."""
         if not hasattr(self.model, "hook_dict"):
             raise ValueError("patching needs a TransformerBridge with hook points")
-
-    def readout(self, name: str | Readout) -> Readout:
-        """``logits``, ``hidden_last``, ``hidden_mean`` or a callable ``(model, final state)``."""
-        if callable(name):
-            return name
-        if name not in BRIDGE_READOUTS:
-            raise ValueError(f"unknown readout {name!r}; choose one of {sorted(BRIDGE_READOUTS)}")
-        return BRIDGE_READOUTS[name]
 
     def _final_state(self, tokens: Int[Tensor, "batch pos"], readout: Readout) -> Tensor:
         """Logits for the logits readout, else the normalised final residual stream."""

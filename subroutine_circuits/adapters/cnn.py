@@ -83,6 +83,7 @@ class CNNAdapter(ModelAdapter):
     cpu_rows: int = CPU_ROWS
 
     family = "cnn"
+    readouts = READOUTS
     can_start_at_layer = True
 
     def __init__(
@@ -276,14 +277,6 @@ class CNNAdapter(ModelAdapter):
         from subroutine_circuits.models.cnn import cnn_layer_table
 
         return len(cnn_layer_table(self.model))
-
-    def readout(self, name: str | Readout) -> Readout:
-        """``"embed"`` (the embedding) or a callable ``(model, embedding)``."""
-        if callable(name):
-            return name
-        if name not in READOUTS:
-            raise ValueError(f"unknown CNN readout {name!r}; choose one of {sorted(READOUTS)}")
-        return READOUTS[name]
 
     def input_state(self, inputs: Tensor) -> Tensor:
         """The images (on the model's device)."""

@@ -22,12 +22,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from subroutine_circuits.adapters.base import (
-    ModelAdapter,
     Readout,
     Recorded,
     named_hooks,
     register_adapter,
 )
+from subroutine_circuits.adapters.text import TextModelAdapter
 from subroutine_circuits.masks.ablation import readout_positions
 from subroutine_circuits.masks.units import UnitGroup, UnitMap
 from subroutine_circuits.utils import real_positions
@@ -150,7 +150,7 @@ READOUTS: dict[str, Readout] = {
 }
 
 
-class TransformerLensAdapter(ModelAdapter):
+class TransformerLensAdapter(TextModelAdapter):
     """Adapter for TransformerLens 3.9 ``HookedTransformer`` and ``HookedEncoder``.
 
     Args:
@@ -161,18 +161,10 @@ class TransformerLensAdapter(ModelAdapter):
     """
 
     family = "transformer_lens"
+    readouts = READOUTS
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, pool: str | None = None):
-        if not is_transformer_lens(model):
-            raise ValueError(
-                f"TransformerLensAdapter needs a HookedTransformer or HookedEncoder, got "
-                f"{type(model).__name__}"
-            )
-        super().__init__(model)
-        from subroutine_circuits.models.readout import resolve_pool
-
-        self.tokenizer = tokenizer
-        self.pool = resolve_pool(model, pool)
+    accepts = staticmethod(lambda model: is_transformer_lens(model))
+    expected = "a HookedTransformer or HookedEncoder"
 
     @property
     def is_encoder(self) -> bool:
@@ -185,23 +177,12 @@ class TransformerLensAdapter(ModelAdapter):
     def can_start_at_layer(self) -> bool:  # type: ignore[override]
         return not self.is_encoder
 
-    @property
-    def causal(self) -> bool:
-        """A decoder with causal attention (not an encoder, not bidirectional)."""
-        direction = getattr(self.model.cfg, "attention_dir", "causal")
-        return not self.is_encoder and direction == "causal"
-
     # ------------------------------------------------------------------ identity / units
-    def signature(self) -> dict[str, Any]:
-        """Class name and ``n_layers, d_model, n_heads, d_head, d_mlp, d_vocab``."""
-        from subroutine_circuits.masks.io import SIGNATURE_FIELDS
+    def class_name(self) -> str:
+        """The model class name saved with masks (``utils.saved_class_name``)."""
         from subroutine_circuits.utils import saved_class_name
 
-        sig: dict[str, Any] = {"model_class": saved_class_name(self.model)}
-        for f in SIGNATURE_FIELDS:
-            v = getattr(self.model.cfg, f, None)
-            sig[f] = int(v) if isinstance(v, (int, float)) and v is not None else v
-        return sig
+        return saved_class_name(self.model)
 
     def unit_map(
         self, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None
@@ -230,15 +211,6 @@ class TransformerLensAdapter(ModelAdapter):
         self.model.init_weights()
 
     # ------------------------------------------------------------------ stimuli and readout
-    def encode_stimuli(self, stimuli: Sequence[str]) -> dict[str, Tensor]:
-        """``{"tokens": [n, pos] right-padded, "lengths": [n]}`` from the tokenizer."""
-        if self.tokenizer is None:
-            raise ValueError("this adapter has no tokenizer: as_adapter(model, tokenizer=...)")
-        tokens, lengths = self.tokenizer.encode_batch(list(stimuli))
-        return {
-            "tokens": torch.as_tensor(tokens).long(),
-            "lengths": torch.as_tensor(lengths).long(),
-        }
 
     @staticmethod
     def _tokens(inputs: Mapping[str, Tensor] | Tensor) -> tuple[Tensor, Tensor | None]:
@@ -353,14 +325,6 @@ class TransformerLensAdapter(ModelAdapter):
             raise ValueError("shortformer positional embeddings are not supported by patching")
         if not hasattr(model, "blocks"):
             raise ValueError("patching needs a TransformerLens model with .blocks and .cfg")
-
-    def readout(self, name: str | Readout) -> Readout:
-        """``logits``, ``hidden_last``, ``hidden_mean`` or a callable ``(model, resid)``."""
-        if callable(name):
-            return name
-        if name not in READOUTS:
-            raise ValueError(f"unknown readout {name!r}; choose one of {sorted(READOUTS)}")
-        return READOUTS[name]
 
     def input_state(self, inputs: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         """The residual stream before block 0 (embeddings); an encoder's tokens."""

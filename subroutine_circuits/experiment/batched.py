@@ -11,8 +11,8 @@ own slice, so K masks trained or evaluated together give the results of K separa
   values; :meth:`BatchedUnitMask.unbatch` returns ordinary :class:`UnitMask` objects.
 - :class:`StackedAdam`: Adam on a ``[K, ...]`` tensor with one learning rate per row (equal to
   ``torch.optim.Adam`` with one param group per row, see the tests).
-- :func:`train_masks_batched`: K runs of :func:`experiment.search.train_mask` in one loop
-  (same seeds, data order, noise, temperature schedule and loss), free of host syncs per step.
+- The training loop over a :class:`BatchedUnitMask` is
+  :func:`experiment.converge.train_masks_converged` (the study's engine).
 - :func:`fixed_mask_scores` / :func:`evaluate_fixed_masks`: K fixed binary masks on the same
   problems in chunked forward passes; accuracies ``[K]``.
 - :func:`matched_random_masks`: random subnetworks keeping as many units per (layer, kind) as a
@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from subroutine_circuits.adapters import padded
 from subroutine_circuits.masks.ablator import AblationState, Ablator
 from subroutine_circuits.masks.parametrization import Ablation, MaskConfig
 from subroutine_circuits.masks.unit_mask import UnitMask
@@ -172,6 +172,29 @@ def _wrap(fn, hook_point):
         return None if result is None else conversion.revert(result)
 
     return torch_hook
+
+
+def _mix_or_record(
+    x: Tensor,
+    g: Any,
+    values: Callable[[], Float[Tensor, "k size"]],
+    recording: dict[str, Tensor] | None,
+    ablator: Ablator | None,
+    state: AblationState | None,
+    abl: Mapping[str, Tensor | None] | None,
+) -> Tensor:
+    """The hook body of K masks on one group: during the clean source pass of resample
+    ablation (``recording``) keep ``x`` and record it; else mix slice ``k`` with mask ``k``'s
+    ``values()`` (called only then: hard-concrete values draw noise), ablating with
+    ``ablator`` or the stacked per-mask values ``abl``."""
+    if recording is not None:
+        recording[g.hook_name] = x.detach()
+        return x
+    if ablator is not None:
+        a = ablator.value(g, x, state)
+    else:
+        a = None if abl is None else abl.get(g.hook_name)
+    return mix_slices(x, values(), g.axis, a)
 
 
 # ---------------------------------------------------------------------------- optimiser
@@ -428,16 +451,12 @@ class BatchedUnitMask(nn.Module):
                 f"activation at {g.hook_name!r} has shape {tuple(x.shape)}; expected size "
                 f"{g.size} on axis {g.axis}"
             )
-        if self._recording is not None:  # the clean source pass of resample ablation
-            self._recording[g.hook_name] = x.detach()
-            return x
-        if self.ablator is not None:
-            a = self.ablator.value(g, x, self.ablation_state)
-        else:
-            a = None if self._abl is None else self._abl[g.hook_name]
-            if a is not None and self._rows is not None:
-                a = a[self._rows]
-        return mix_slices(x, self.group_values(gi), g.axis, a)
+        abl = self._abl
+        if abl is not None and self._rows is not None:  # the rows of the masks being served
+            a = abl.get(g.hook_name)
+            abl = None if a is None else {g.hook_name: a[self._rows]}
+        return _mix_or_record(x, g, lambda: self.group_values(gi), self._recording,
+                              self.ablator, self.ablation_state, abl)  # fmt: skip
 
     def use_ablator(self, ablator: Ablator) -> BatchedUnitMask:
         """Ablate with ``ablator`` (shared by all K masks; its kind must be theirs)."""
@@ -463,8 +482,8 @@ class BatchedUnitMask(nn.Module):
             self._recording = {}
             try:
                 with torch.no_grad():
-                    _clean_pass(model, tok[rows.start : rows.stop], ln[rows.start : rows.stop],
-                                pad_state)  # fmt: skip
+                    part = slice(rows.start, rows.stop)
+                    padded.padded_pass(model, tok[part], ln[part], pad_state)
                 return self._recording
             finally:
                 self._recording = None
@@ -550,77 +569,6 @@ def _slice_state(state: AblationState, k0: int, k1: int) -> AblationState:
     )
 
 
-# ---------------------------------------------------------------------------- readout
-def _ooo_scores_nosync(
-    model: nn.Module,
-    tokens: Int[Tensor, "b 4 pos"],
-    lengths: Int[Tensor, "b 4"],
-    pool: str,
-    pad_state: dict,
-) -> Float[Tensor, "b 4"]:
-    """OOO logits of already validated tokens, with no host sync.
-
-    Same computation as ``models.ooo_logits`` (padded keys masked, ``ln_final``, pooling, OOO
-    scores) but the key-padding hook is registered once by the caller and reads
-    ``pad_state["pad"]``, and ``tokens`` are trimmed by the caller.
-    """
-    from subroutine_circuits.models.readout import key_padding_mask, ooo_scores, pool_positions
-    from subroutine_circuits.models.tl_compat import final_hidden, is_bridge
-
-    b, n_stim, pos = tokens.shape
-    flat = tokens.reshape(b * n_stim, pos)
-    flat_len = lengths.reshape(b * n_stim)
-    pad = key_padding_mask(flat_len, pos)
-    pad_state["pad"] = pad
-    if is_bridge(model):  # TL 4: padding goes in as attention_mask (score hooks are ignored)
-        emb = final_hidden(model, flat, flat_len, pool)
-        return ooo_scores(emb.view(b, n_stim, -1))
-    if hasattr(model, "encoder_output") and hasattr(model, "mlm_head"):
-        resid = model.encoder_output(flat, None, (~pad).long())
-    else:
-        resid = model(flat, stop_at_layer=model.cfg.n_layers)
-        ln_final = getattr(model, "ln_final", None)  # None: normalization_type=None models
-        resid = ln_final(resid) if ln_final is not None else resid
-    emb = pool_positions(resid, flat_len, pool)
-    return ooo_scores(emb.view(b, n_stim, -1))
-
-
-def _clean_pass(
-    model: nn.Module, tokens: Int[Tensor, "n pos"], lengths: Int[Tensor, " n"], pad_state: dict
-) -> None:
-    """Run the blocks on ``tokens`` (padded keys masked through ``pad_state``), no readout."""
-    from subroutine_circuits.models.readout import key_padding_mask
-    from subroutine_circuits.models.tl_compat import final_hidden, is_bridge
-
-    pad = key_padding_mask(lengths, tokens.shape[1])
-    pad_state["pad"] = pad
-    if is_bridge(model):  # TL 4: padding goes in as attention_mask (score hooks are ignored)
-        final_hidden(model, tokens, lengths)
-        return
-    if hasattr(model, "encoder_output") and hasattr(model, "mlm_head"):
-        model.encoder_output(tokens, None, (~pad).long())
-    else:
-        model(tokens, stop_at_layer=model.cfg.n_layers)
-
-
-def _pad_hooks(model: nn.Module, pad_state: dict) -> list[tuple[str, Any]]:
-    """Key-padding hooks on every ``hook_attn_scores`` reading ``pad_state["pad"]``.
-
-    None for TransformerBridge models: their padding goes in as ``attention_mask=`` (see
-    :func:`_ooo_scores_nosync`), and edits of ``hook_attn_scores`` are discarded there (with a
-    warning per forward pass on 4.x).
-    """
-    from subroutine_circuits.models.tl_compat import is_bridge
-
-    if is_bridge(model):
-        return []
-
-    def mask_scores(scores: Float[Tensor, "n head q k"], hook) -> Float[Tensor, "n head q k"]:
-        return scores.masked_fill(pad_state["pad"][:, None, None, :], float("-inf"))
-
-    return [(n, mask_scores) for n in model.hook_dict if n.endswith("attn.hook_attn_scores")]
-
-
 def _concat_problems(datasets: Sequence[Any]) -> tuple[Any, list[int]]:
     """Concatenate EncodedProblems (token widths padded to the widest); returns offsets."""
     from subroutine_circuits.adapters.base import EncodedProblems
@@ -691,39 +639,6 @@ def _repeat_rows(inputs: Mapping[str, Tensor], m: int) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------- training
-def _tl_unit_map(model: nn.Module, layers: Any = None, kinds: Any = None) -> UnitMap:
-    """Heads and neurons of a TransformerLens model (``adapters.tl_unit_map``)."""
-    from subroutine_circuits.adapters.transformer_lens import tl_unit_map
-
-    return tl_unit_map(model, kinds=kinds, layers=layers)
-
-
-def _shared_steps(cfg: Any, hps: Sequence[Mapping[str, Any]], train: Any) -> int:
-    """The one step budget of K batched masks (``hp["steps"]``, ``cfg.steps`` or the epoch
-    budget of ``cfg``, see :func:`~subroutine_circuits.experiment.converge.mask_schedule`)."""
-    from subroutine_circuits.experiment.schedule import mask_schedule
-
-    sets = list(train) if isinstance(train, (list, tuple)) else [train]
-    n_train = max(len(d) for d in sets) if sets else 1
-    default = mask_schedule(cfg, max(1, n_train)).steps
-    steps_all = {int(h.get("steps", default)) for h in hps}
-    if len(steps_all) != 1:
-        raise ValueError(f"batched masks must share the number of steps, got {sorted(steps_all)}")
-    return steps_all.pop()
-
-
-def _refuse_targets(cfg: Any, hps: Sequence[Mapping[str, Any]]) -> None:
-    """Target densities are trained by the converged engine (``experiment.converge``) and
-    ``search.train_mask_run`` only: refuse them here rather than ignore them."""
-    asked = [h.get("target_density") for h in hps] + [getattr(cfg, "target_density", None)]
-    if any(t is not None for t in asked):
-        raise ValueError(
-            "target_density is trained by experiment.converge.train_masks_converged (the "
-            "study's engine) and search.train_mask_run; this fixed-budget loop has no "
-            "multiplier"
-        )
-
-
 def mask_configs(cfg: Any, hps: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> list:
     """The MaskConfig of each run, built as ``experiment.search.make_mask`` does."""
     return [
@@ -735,154 +650,6 @@ def mask_configs(cfg: Any, hps: Sequence[Mapping[str, Any]], seeds: Sequence[int
         )
         for hp, s in zip(hps, seeds)
     ]
-
-
-def train_masks_batched(
-    model: nn.Module,
-    train: Any,
-    cfg: Any,
-    hps: Sequence[Mapping[str, Any]],
-    seeds: Sequence[int],
-    pool: str | None = None,
-    *,
-    ablation_values: Sequence[Mapping[str, Tensor] | None] | Mapping[str, Tensor] | None = None,
-    noise: str = "auto",
-    autocast_dtype: torch.dtype | None = None,
-    chunk_steps: int = 256,
-    progress: bool = False,
-    return_batched: bool = False,
-) -> list[UnitMask] | BatchedUnitMask:
-    """Train K unit masks at once: K runs of ``experiment.search.train_mask`` in one loop.
-
-    Args:
-        model: the frozen model (its parameters get ``requires_grad=False``).
-        train: one ``EncodedProblems`` for all masks, or one per mask (e.g. per subroutine).
-        cfg: a ``MaskSearchConfig`` (``kind`` must be ``"unit"``).
-        hps: per mask, hyperparameter overrides (``lr``, ``init``, ``l0_weight``; ``steps`` and
-            ``layers`` must be the same for all masks).
-        seeds: per mask, the seed (data order, hard-concrete noise), as in ``train_mask``.
-        pool: readout pooling (None: the model's own).
-        ablation_values: mean-ablation values per mask (default: zero ablation, as
-            ``train_mask``).
-        noise: ``"auto" | "exact" | "device"`` (module docstring).
-        autocast_dtype: e.g. ``torch.bfloat16`` to run the frozen model under autocast.
-        chunk_steps: steps whose data indices are prepared (and copied to the device) at once;
-            the loss is checked for NaN/inf once per chunk.
-        return_batched: return the :class:`BatchedUnitMask` instead of unbatched masks.
-
-    Returns:
-        K :class:`UnitMask` in eval mode (CPU), in the order of ``hps``.
-    """
-    from subroutine_circuits.adapters.base import EncodedProblems
-    from subroutine_circuits.models.readout import check_tokens, resolve_pool
-
-    hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
-    _refuse_targets(cfg, hps)
-    if len(hps) != len(seeds) or not hps:
-        raise ValueError(f"need one seed per hyperparameter point: {len(hps)} vs {len(seeds)}")
-    if getattr(cfg, "kind", "unit") != "unit":
-        raise ValueError("train_masks_batched trains unit masks; use a loop for weight masks")
-    k = len(hps)
-    steps = _shared_steps(cfg, hps, train)
-    layers_all = {repr(h.get("layers", cfg.layers)) for h in hps}
-    if len(layers_all) != 1:
-        raise ValueError("batched masks must share one unit map (same 'layers' for all)")
-    if chunk_steps < 1:
-        raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
-    datasets = list(train) if isinstance(train, (list, tuple)) else [train]
-    if len(datasets) not in (1, k):
-        raise ValueError(f"{len(datasets)} training sets for {k} masks (give 1 or {k})")
-    for i, d in enumerate(datasets):
-        if not isinstance(d, EncodedProblems) or len(d) == 0:
-            raise ValueError(f"training set {i} is empty or not EncodedProblems")
-    pool = resolve_pool(model, pool)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    device = next(model.parameters()).device
-    data, offsets = _concat_problems([d.to(device) for d in datasets])
-    lmax_cpu = data.lengths.amax(1).cpu()
-    data.inputs["tokens"] = data.tokens[..., : int(lmax_cpu.max())]
-    n_sets = [len(d) for d in datasets]
-    # validate all tokens once (this is the only host sync outside the chunk boundaries)
-    check_tokens(model, data.tokens.reshape(-1, data.tokens.shape[-1]), data.lengths.reshape(-1))
-
-    unit_map = _tl_unit_map(model, layers=hps[0].get("layers", cfg.layers), kinds=cfg.unit_kinds)
-    cfgs = mask_configs(cfg, hps, seeds)
-    if isinstance(ablation_values, Mapping):
-        for c in cfgs:
-            c.ablation = "mean"
-    elif ablation_values is not None:
-        if len(ablation_values) != k:
-            raise ValueError(f"{len(ablation_values)} ablation value sets for {k} masks")
-        for c, v in zip(cfgs, ablation_values):
-            c.ablation = "zero" if v is None else "mean"
-    bm = BatchedUnitMask(unit_map, cfgs, ablation_values, noise=noise).to(device)
-    bm.train()
-    opt = StackedAdam(bm.logits, [float(h.get("lr", cfg.lr)) for h in hps])
-    l0 = torch.tensor([float(h.get("l0_weight", cfg.l0_weight)) for h in hps], device=device)
-    n_units = max(1, unit_map.n_units)
-    bsz = int(cfg.batch_size)
-    rngs = [random.Random(s) for s in seeds]
-    orders: list[list[int]] = [[] for _ in range(k)]
-    temp_max = float(getattr(cfg, "temp_max", 200.0))
-    first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
-    pad_state: dict = {}
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-
-    def draw(i: int) -> list[int]:
-        """Mask i's next minibatch, consumed from its rng exactly like ``train_mask``."""
-        n = n_sets[i] if len(datasets) > 1 else n_sets[0]
-        off = offsets[i] if len(datasets) > 1 else 0
-        order = orders[i]
-        if len(order) < bsz:
-            perm = list(range(n))
-            rngs[i].shuffle(perm)
-            order.extend(perm)
-        out = [off + j for j in order[:bsz]]
-        del order[:bsz]
-        return out
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, disable=not progress, desc=f"{k} masks", leave=False)
-    with bm.applied(model), _hooks_on(model, _pad_hooks(model, pad_state)):
-        for c0 in range(0, steps, chunk_steps):
-            c1 = min(steps, c0 + chunk_steps)
-            idx_cpu = torch.tensor([[j for i in range(k) for j in draw(i)] for _ in range(c0, c1)])
-            lens = lmax_cpu[idx_cpu].amax(1).tolist()  # host-side trimming lengths
-            idx_dev = idx_cpu.to(device)
-            for s in range(c0, c1):
-                idx = idx_dev[s - c0]
-                width = int(lens[s - c0])
-                tokens = data.tokens[idx][..., :width]
-                bm.new_step()
-                with autocast:
-                    scores = _ooo_scores_nosync(model, tokens, data.lengths[idx], pool, pad_state)
-                ce = F.cross_entropy(scores.float(), data.odd[idx], reduction="none")
-                loss_k = ce.view(k, bsz).mean(1) + l0 * bm.penalty() / n_units
-                bad = ~torch.isfinite(loss_k) & (first_bad < 0)
-                first_bad = torch.where(bad, torch.full_like(first_bad, s), first_bad)
-                opt.zero_grad()
-                loss_k.sum().backward()
-                opt.step()
-                with torch.no_grad():  # continuous: T reaches temp_max at the last step
-                    bm.temperature.fill_(temp_max ** ((s + 1) / steps))
-            bar.update(c1 - c0)
-            if bool((first_bad >= 0).any()):  # one sync per chunk
-                i = int((first_bad >= 0).nonzero()[0])
-                raise ValueError(
-                    f"mask training produced a non-finite loss at step {int(first_bad[i])} "
-                    f"(mask {i}, seed {seeds[i]}, hp {hps[i]})"
-                )
-    bar.close()
-    bm.eval()
-    if return_batched:
-        return bm
-    return bm.unbatch()
 
 
 # ---------------------------------------------------------------------------- fixed masks
@@ -1033,7 +800,7 @@ def fixed_mask_scores(
     with (
         reuse as memo,
         _hooks_on(model, run.hooks()),
-        _hooks_on(model, _pad_hooks(model, run.pad_state)),
+        _hooks_on(model, padded.padding_hooks(model, run.pad_state)),
     ):
         run_chunked(problems, range(n), pc, label="problems", key="fixed_masks.problems")
     return out.cpu()
@@ -1087,14 +854,9 @@ class _FixedRun:
 
     def hook(self, gi: int, x: Tensor) -> Tensor:
         g = self.unit_map.groups[gi]
-        if self.recording is not None:
-            self.recording[g.hook_name] = x.detach()
-            return x
-        if self.ablator is not None:
-            a = self.ablator.value(g, x, self.state)
-        else:
-            a = None if self.abl is None else self.abl[g.hook_name]
-        return mix_slices(x, self.keep[:, self.slices[gi]], g.axis, a)
+        keep = self.keep[:, self.slices[gi]]
+        return _mix_or_record(x, g, lambda: keep, self.recording, self.ablator, self.state,
+                              self.abl)  # fmt: skip
 
     def hooks(self) -> list[tuple[str, Any]]:
         return [
@@ -1105,7 +867,7 @@ class _FixedRun:
     def record(self, tok: Tensor, ln: Tensor) -> dict[str, Tensor]:
         self.recording = {}
         try:
-            _clean_pass(self.model, tok, ln, self.pad_state)
+            padded.padded_pass(self.model, tok, ln, self.pad_state)
             return self.recording
         finally:
             self.recording = None
@@ -1122,7 +884,7 @@ class _FixedRun:
         if self.ablator is not None:
             flat_tok, flat_len = tok.reshape(-1, tok.shape[-1]), lens.reshape(-1)
             self.state = self.ablator.begin(flat_tok, flat_len, m, True, self.record)
-        return _ooo_scores_nosync(
+        return padded.ooo_scores_padded(
             self.model, tok.repeat(m, 1, 1), lens.repeat(m, 1), self.pool, self.pad_state
         )
 
@@ -1183,194 +945,3 @@ def matched_random_masks(
 def n_distinct(masks: Bool[Tensor, "k n"]) -> int:
     """Number of distinct rows (e.g. distinct random draws)."""
     return int(torch.unique(torch.as_tensor(masks).bool(), dim=0).shape[0])
-
-
-# ---------------------------------------------------------------------------- weight masks
-class _Readout(nn.Module):
-    """Wraps a model so that ``forward`` is the whole OOO readout (for ``functional_call``)."""
-
-    def __init__(self, model: nn.Module, pool: str, pad_state: dict):
-        super().__init__()
-        self.m = model
-        self.pool = pool
-        self.pad_state = pad_state
-
-    def forward(self, tokens: Int[Tensor, "b 4 pos"], lengths: Int[Tensor, "b 4"]) -> Tensor:
-        return _ooo_scores_nosync(self.m, tokens, lengths, self.pool, self.pad_state)
-
-
-def train_weight_masks_batched(
-    model: nn.Module,
-    train: Any,
-    cfg: Any,
-    hps: Sequence[Mapping[str, Any]],
-    seeds: Sequence[int],
-    pool: str | None = None,
-    *,
-    noise: str = "auto",
-    autocast_dtype: torch.dtype | None = None,
-    chunk_steps: int = 256,
-) -> list:
-    """Train K weight masks (zero ablation) in one vectorised pass per step.
-
-    The K masked weight sets ``W * m_k`` are stacked and the readout runs under
-    ``torch.func.vmap`` over ``torch.func.functional_call`` (mask ``k`` on its own minibatch), so
-    one call of the frozen model serves all K masks. Equals K runs of
-    ``experiment.search.train_mask`` with ``cfg.kind = "weight"`` (same seeds, data order,
-    noise and schedule). ``noise="exact"`` replays ``WeightMask``'s CPU generator stream,
-    including the sample drawn on entering ``WeightMask.applied`` that the forward pre-hook
-    then replaces (two draws per part and step for ``HookedTransformer``, one for encoders,
-    whose readout bypasses ``forward``). Returns K :class:`WeightMask` (eval mode, CPU).
-    """
-    from subroutine_circuits.adapters.base import EncodedProblems
-    from subroutine_circuits.adapters.transformer_lens import weight_names as default_param_names
-    from subroutine_circuits.masks.weight_mask import WeightMask
-    from subroutine_circuits.models.readout import check_tokens, resolve_pool
-
-    hps, seeds = [dict(h) for h in hps], [int(s) for s in seeds]
-    _refuse_targets(cfg, hps)
-    if len(hps) != len(seeds) or not hps:
-        raise ValueError(f"need one seed per hyperparameter point: {len(hps)} vs {len(seeds)}")
-    if noise not in NOISE_MODES:
-        raise ValueError(f"unknown noise mode {noise!r}; choose one of {list(NOISE_MODES)}")
-    k = len(hps)
-    steps = _shared_steps(cfg, hps, train)
-    if not isinstance(train, EncodedProblems) or len(train) == 0:
-        raise ValueError("train must be non-empty EncodedProblems")
-    pool = resolve_pool(model, pool)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    device = next(model.parameters()).device
-    data = train.to(device)
-    lmax_cpu = data.lengths.amax(1).cpu()
-    tokens_all = data.tokens[..., : int(lmax_cpu.max())]
-    check_tokens(model, tokens_all.reshape(-1, tokens_all.shape[-1]), data.lengths.reshape(-1))
-
-    cfgs = mask_configs(cfg, hps, seeds)
-    par = cfgs[0].parametrization
-    names = default_param_names(model)
-    if not names:
-        raise ValueError("model has no W_Q/W_K/W_V/W_O/W_in/W_out parameters to mask")
-    params = dict(model.named_parameters())
-    shapes = [tuple(params[n].shape) for n in names]
-    sizes = [math.prod(sh) for sh in shapes]
-    offs = [sum(sizes[:i]) for i in range(len(sizes))]
-    n_total = sum(sizes)
-    init = torch.tensor([c.init_value for c in cfgs], dtype=torch.float32, device=device)
-    logits = nn.Parameter(init[:, None].expand(k, n_total).clone())
-    temperature = torch.ones(k, device=device)
-    c0 = cfgs[0]
-    beta, gamma, zeta = float(c0.beta), float(c0.gamma), float(c0.zeta)
-    mode = noise if noise != "auto" else ("exact" if device.type == "cpu" else "device")
-    gens = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
-    dgens = (
-        [torch.Generator(device=device).manual_seed(int(c.seed)) for c in cfgs]
-        if mode == "device"
-        else None
-    )
-    is_encoder = hasattr(model, "encoder_output") and hasattr(model, "mlm_head")
-    draws = 1 if is_encoder else 2
-
-    def noise_now() -> Tensor:
-        if dgens is not None:
-            return torch.stack([torch.rand(n_total, generator=g, device=device) for g in dgens])
-        rows = []
-        for g in gens:
-            for _ in range(draws - 1):  # the sample WeightMask.applied draws and discards
-                for sh in shapes:
-                    torch.rand(sh, generator=g)
-            rows.append(torch.cat([torch.rand(sh, generator=g).reshape(-1) for sh in shapes]))
-        return torch.stack(rows).to(device)
-
-    def mask_values() -> Float[Tensor, "k n"]:
-        if par == "continuous":
-            return torch.sigmoid(temperature[:, None] * logits)
-        u = noise_now().clamp(_EPS, 1 - _EPS)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / beta)
-        return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
-
-    def penalty() -> Float[Tensor, " k"]:
-        if par == "continuous":
-            return torch.sigmoid(temperature[:, None] * logits).sum(1)
-        return torch.sigmoid(logits - beta * math.log(-gamma / zeta)).sum(1)
-
-    pad_state: dict = {}
-    wrapper = _Readout(model, pool, pad_state)
-
-    def one(ws: dict[str, Tensor], tok: Tensor, ln: Tensor) -> Tensor:
-        return torch.func.functional_call(wrapper, ws, (tok, ln), strict=False)
-
-    batched_readout = torch.func.vmap(one)
-    opt = StackedAdam(logits, [float(h.get("lr", cfg.lr)) for h in hps])
-    l0 = torch.tensor([float(h.get("l0_weight", cfg.l0_weight)) for h in hps], device=device)
-    bsz = int(cfg.batch_size)
-    n = len(data)
-    rngs = [random.Random(s) for s in seeds]
-    orders: list[list[int]] = [[] for _ in range(k)]
-    temp_max = float(getattr(cfg, "temp_max", 200.0))
-    first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-
-    def draw(i: int) -> list[int]:
-        if len(orders[i]) < bsz:
-            perm = list(range(n))
-            rngs[i].shuffle(perm)
-            orders[i].extend(perm)
-        out = orders[i][:bsz]
-        del orders[i][:bsz]
-        return out
-
-    with _hooks_on(model, _pad_hooks(model, pad_state)):
-        for c0_ in range(0, steps, chunk_steps):
-            c1 = min(steps, c0_ + chunk_steps)
-            idx_cpu = torch.tensor([[draw(i) for i in range(k)] for _ in range(c0_, c1)])
-            lens = lmax_cpu[idx_cpu].flatten(1).amax(1).tolist()
-            idx_dev = idx_cpu.to(device)
-            for s in range(c0_, c1):
-                idx = idx_dev[s - c0_]  # [K, B]
-                width = int(lens[s - c0_])
-                m = mask_values()
-                ws = {
-                    "m." + nm: params[nm].detach() * m[:, o : o + z].reshape(k, *sh)
-                    for nm, o, z, sh in zip(names, offs, sizes, shapes)
-                }
-                with autocast:
-                    scores = batched_readout(
-                        ws, tokens_all[idx][..., :width], data.lengths[idx]
-                    )  # [K, B, 4]
-                ce = F.cross_entropy(
-                    scores.float().reshape(k * bsz, -1), data.odd[idx].reshape(-1), reduction="none"
-                )
-                loss_k = ce.view(k, bsz).mean(1) + l0 * penalty() / max(1, n_total)
-                bad = ~torch.isfinite(loss_k) & (first_bad < 0)
-                first_bad = torch.where(bad, torch.full_like(first_bad, s), first_bad)
-                opt.zero_grad()
-                loss_k.sum().backward()
-                opt.step()
-                temperature.fill_(temp_max ** ((s + 1) / steps))
-            if bool((first_bad >= 0).any()):
-                i = int((first_bad >= 0).nonzero()[0])
-                raise ValueError(
-                    f"mask training produced a non-finite loss at step {int(first_bad[i])} "
-                    f"(mask {i}, seed {seeds[i]}, hp {hps[i]})"
-                )
-    out = []
-    flat = logits.detach().cpu()
-    for i, c in enumerate(cfgs):
-        wm = WeightMask(model, c, names)
-        with torch.no_grad():
-            for part, o, z in zip(wm.parts, offs, sizes):
-                if par == "continuous":
-                    part.logits.copy_(flat[i, o : o + z].reshape(part.shape))
-                    part.temperature.copy_(temperature[i].cpu())
-                else:
-                    part.log_alpha.copy_(flat[i, o : o + z].reshape(part.shape))
-                    part.generator = gens[i]
-        wm.generator = gens[i]
-        wm.eval()
-        out.append(wm)
-    return out

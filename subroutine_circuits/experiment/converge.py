@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from subroutine_circuits.experiment.batched import _tl_unit_map
+from subroutine_circuits.adapters import padded
 from subroutine_circuits.experiment.schedule import (  # noqa: F401
     DensityMultiplier,
     Plateau,
@@ -195,27 +195,14 @@ def train_masks_converged(
         schedule: budget and stopping rule (the same for every mask).
         ablator: the ablation of every forward pass (training and validation).
         data_index: per mask, which training/validation set it uses (default: all the first).
-        noise, autocast_dtype: as ``experiment.batched.train_masks_batched``.
+        noise: the hard-concrete noise (``experiment.batched``: exact / device / auto);
+            autocast_dtype: autocast of the frozen model (e.g. bfloat16 on GPUs).
         adapter: the model's adapter; required for inputs without tokens (e.g. images), which
             are scored by ``adapter.ooo_logits`` on the K masks' stacked minibatches (units
             from ``adapter.unit_map``; zero or mean ablation).
     """
-    loop = _ConvergedLoop(
-        model,
-        train,
-        val,
-        cfg,
-        hps,
-        seeds,
-        schedule,
-        ablator,
-        pool,
-        data_index,
-        noise,
-        autocast_dtype,
-        adapter,
-    )
-    return loop.run(progress)
+    args = (model, train, val, cfg, hps, seeds, schedule, ablator, pool, data_index, noise)
+    return _ConvergedLoop(*args, autocast_dtype, adapter).run(progress)
 
 
 class _ConvergedLoop:
@@ -278,7 +265,7 @@ class _ConvergedLoop:
             self.data.inputs["tokens"] = self.data.tokens[..., : int(self.lmax_cpu.max())]
             flat = self.data.tokens.reshape(-1, self.data.tokens.shape[-1])
             check_tokens(model, flat, self.data.lengths.reshape(-1))
-            self.unit_map = _tl_unit_map(model, layers=layers, kinds=cfg.unit_kinds)
+            self.unit_map = padded.tl_unit_map(model, layers=layers, kinds=cfg.unit_kinds)
         else:  # e.g. images: the adapter scores the inputs and names the units
             if adapter is None:
                 raise ValueError(
@@ -306,8 +293,6 @@ class _ConvergedLoop:
 
     def _step(self, step: int) -> None:
         """One optimiser step of every alive mask (no host sync)."""
-        from subroutine_circuits.experiment.batched import _ooo_scores_nosync
-
         bsz, bm, k = int(self.cfg.batch_size), self.bm, len(self.alive)
         idx_list = [j for b in self.alive for j in b.draw(bsz)]
         idx_cpu = torch.tensor(idx_list)
@@ -342,7 +327,7 @@ class _ConvergedLoop:
             try:
                 with contextlib.nullcontext() if whole else bm.serving(r.start, r.stop):
                     with autocast:
-                        scores = _ooo_scores_nosync(
+                        scores = padded.ooo_scores_padded(
                             self.model, tokens[rows], lengths[rows], self.pool, self.pad_state
                         )
                     ce = F.cross_entropy(scores.float(), self.data.odd[idx[rows]],
@@ -470,7 +455,7 @@ class _ConvergedLoop:
         """Train until every mask has stopped or the budget is spent."""
         from tqdm.auto import tqdm
 
-        from subroutine_circuits.experiment.batched import _hooks_on, _pad_hooks
+        from subroutine_circuits.experiment.batched import _hooks_on
 
         sched = self.schedule
         bar = tqdm(
@@ -481,7 +466,7 @@ class _ConvergedLoop:
         while self.alive and step < sched.steps:
             with (
                 self.bm.applied(self.model),
-                _hooks_on(self.model, _pad_hooks(self.model, self.pad_state)),
+                _hooks_on(self.model, padded.padding_hooks(self.model, self.pad_state)),
             ):
                 while True:
                     step += 1

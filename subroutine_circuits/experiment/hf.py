@@ -174,7 +174,7 @@ def save_base(
     """Store a checkpoint base model: its folder (``hf_base.json``), its weights, then
     ``meta.json`` (written last: its presence marks a complete model)."""
     from subroutine_circuits.models.bridge import SOURCE_ATTR
-    from subroutine_circuits.models.tl_compat import tl_version
+    from subroutine_circuits.models.versions import tl_version
     from subroutine_circuits.utils import atomic_torch_save, atomic_write_json
 
     source = source or getattr(model, SOURCE_ATTR, None)

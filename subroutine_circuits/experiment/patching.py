@@ -304,18 +304,12 @@ def _draw_pairs(
 
 
 def sample_pairs(
-    task,
-    subroutine: str,
-    n: int,
-    seed: int,
-    n_context: int = 3,
-    accept: Callable[[str], bool] | None = None,
-    exclude: set[str] | None = None,
-    max_tries: int = 2000,
-    split: str | None = None,
+    task, subroutine: str, n: int, seed: int, *, split: str | None = None, **options: Any
 ) -> list[Pair]:
     """``n`` (clean, corrupted, contexts): clean breaks ``subroutine`` only, corrupted is its
     minimal pair with it restored (satisfies the rule), contexts satisfy the rule.
+    ``options``: ``n_context`` (3), ``accept``, ``exclude``, ``max_tries`` (2000), as
+    :func:`_draw_pairs` takes them.
 
     ``accept`` (a text filter, e.g. :func:`tasks.split_filter` of the test split) must keep the
     clean text, the corrupted text and every context. No clean or corrupted text occurs twice in
@@ -323,7 +317,7 @@ def sample_pairs(
     no new accepted pair, or none exists), the pairs found are returned, possibly none, with a
     :class:`PairShortageWarning` naming ``split`` (the split ``accept`` keeps, for the message).
     """
-    pairs, why = _draw_pairs(task, subroutine, n, seed, n_context, accept, exclude, max_tries)
+    pairs, why = _draw_pairs(task, subroutine, n, seed, **options)
     if why is not None:
         warnings.warn(
             PairShortageWarning(

@@ -19,7 +19,6 @@ tokenizer is read with ``local_files_only=True``. Importing this module imports 
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -48,21 +47,9 @@ def check_checkpoint_folder(path: str | os.PathLike) -> tuple[Path, dict[str, An
     no weights file, or no tokenizer files (every stimulus is encoded with the folder's own
     tokenizer, so one is required).
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ValueError(
-            f"checkpoint path {str(path)!r} is not a directory (expected a folder written by "
-            "save_pretrained)"
-        )
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"no config.json in checkpoint folder {str(directory)!r}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"config.json in {str(directory)!r} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"config.json in {str(directory)!r} is not a JSON object")
+    from subroutine_circuits.models.hf import read_checkpoint_config
+
+    directory, config = read_checkpoint_config(path)
     if not any((directory / name).is_file() for name in WEIGHT_FILES):
         raise ValueError(
             f"no weights file in checkpoint folder {str(directory)!r}; expected one of: "

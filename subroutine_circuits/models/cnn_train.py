@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from subroutine_circuits.models.train import TrainResult, _progress
+from subroutine_circuits.models.train import TrainResult, _progress, optimizer_step
 
 # Images are normalised as (x - NORM_MEAN) / NORM_STD with x in [0, 1] (white background = 1.0).
 NORM_MEAN = 0.9
@@ -233,16 +233,8 @@ def _train_step(
     model.train()
     logits = model.ooo_scores(x)
     loss_t = F.cross_entropy(logits, y)
-    if not torch.isfinite(loss_t):
-        raise ValueError(
-            f"NaN/inf loss ({float(loss_t.detach())}) at step {step}: lower "
-            f"CNNTrainConfig.lr (now {cfg.lr}) or check the images"
-        )
-    optim.zero_grad(set_to_none=True)
-    loss_t.backward()
-    if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    optim.step()
+    optimizer_step(loss_t, optim, params, cfg.grad_clip, step=step,
+                   advice=f"CNNTrainConfig.lr (now {cfg.lr}) or check the images")  # fmt: skip
     return float(loss_t.detach()), int((logits.detach().argmax(-1) == y).sum())
 
 

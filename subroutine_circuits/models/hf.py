@@ -93,12 +93,10 @@ def _offline_env() -> Iterator[None]:
                 os.environ[name] = value
 
 
-def read_hf_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any], str]:
-    """Validate a checkpoint directory and return ``(dir, config.json dict, architecture)``.
-
-    Raises ``ValueError`` if ``path`` is not a directory, has no ``config.json`` (or it is not
-    valid JSON), has no weights file, or names an architecture that is not supported.
-    """
+def read_checkpoint_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The folder of a Hugging Face checkpoint and its ``config.json`` as a dict; a path that
+    is not a directory, a missing config or one that is not a JSON object raise ValueError
+    naming the problem."""
     directory = Path(path)
     if not directory.is_dir():
         raise ValueError(
@@ -117,6 +115,16 @@ def read_hf_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any], str]:
         raise ValueError(f"config.json in {str(directory)!r} is not valid JSON: {err}") from err
     if not isinstance(config, dict):
         raise ValueError(f"config.json in {str(directory)!r} is not a JSON object")
+    return directory, config
+
+
+def read_hf_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any], str]:
+    """Validate a checkpoint directory and return ``(dir, config.json dict, architecture)``.
+
+    Raises ``ValueError`` if ``path`` is not a directory, has no ``config.json`` (or it is not
+    valid JSON), has no weights file, or names an architecture that is not supported.
+    """
+    directory, config = read_checkpoint_config(path)
 
     architectures = config.get("architectures") or []
     if architectures:
@@ -126,7 +134,7 @@ def read_hf_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any], str]:
         architecture = _DEFAULT_ARCHITECTURE_FOR_TYPE.get(model_type, model_type)
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"unsupported architecture {architecture!r} in {str(config_path)!r}; "
+            f"unsupported architecture {architecture!r} in {str(directory / 'config.json')!r}; "
             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     if not any((directory / name).is_file() for name in WEIGHT_FILES):

@@ -20,7 +20,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from subroutine_circuits.models.readout import _is_encoder, full_logits
-from subroutine_circuits.models.train import _progress
+from subroutine_circuits.models.train import _progress, optimizer_step
 
 OBJECTIVES = ("auto", "clm", "mlm")
 
@@ -255,17 +255,8 @@ def pretrain(
             loss, _ = _batch_loss(
                 model, tokens[idx], lengths[idx], objective, mask_id, cfg.mask_prob, gen
             )
-            if not torch.isfinite(loss):
-                raise ValueError(
-                    f"NaN/inf pretraining loss at step {step}: lower PretrainConfig.lr "
-                    f"(now {cfg.lr})"
-                )
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optim.step()
-            sched.step()
+            optimizer_step(loss, optim, params, cfg.grad_clip, sched, step=step,
+                           advice=f"PretrainConfig.lr (now {cfg.lr})")  # fmt: skip
             losses.append(float(loss.detach()))
             bar.update(1)
             if step % 10 == 0:

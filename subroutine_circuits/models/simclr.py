@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from subroutine_circuits.models.train import _progress
+from subroutine_circuits.models.train import _progress, optimizer_step
 
 _GRAY = (0.299, 0.587, 0.114)
 
@@ -361,15 +361,10 @@ def _simclr_step(
     v2 = augment_images(x, cfg.augment, aug_gen)
     z = model(torch.cat([v1, v2]))
     loss = nt_xent(z[:bs], z[bs:], cfg.temperature)
-    if not torch.isfinite(loss):
-        raise ValueError(
-            f"NaN/inf SimCLR loss at step {step}: lower SimCLRConfig.lr (now {cfg.lr})"
-        )
     for g in optim.param_groups:
         g["lr"] = lr
-    optim.zero_grad(set_to_none=True)
-    loss.backward()
-    optim.step()
+    optimizer_step(loss, optim, None, None, step=step,
+                   advice=f"SimCLRConfig.lr (now {cfg.lr})")  # fmt: skip
     return float(loss.detach()), partner_accuracy(z)
 
 

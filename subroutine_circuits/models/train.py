@@ -221,18 +221,34 @@ def _step(model, batch_step, idx, params, optim, sched, cfg: TrainConfig, step: 
     """One optimiser step on the batch ``idx``; returns ``(loss, n_correct)``."""
     model.train()
     loss, n_correct = batch_step(idx)
+    optimizer_step(loss, optim, params, cfg.grad_clip, sched, step=step,
+                   advice=f"TrainConfig.lr (now {cfg.lr}) or check the model")  # fmt: skip
+    return loss, n_correct
+
+
+def optimizer_step(
+    loss: Tensor,
+    optim: torch.optim.Optimizer,
+    params: Any,
+    grad_clip: float | None,
+    sched: Any = None,
+    *,
+    step: int,
+    advice: str,
+) -> None:
+    """The one optimiser step of every base-model training loop (supervised, pretraining,
+    CNN, SimCLR): refuse a non-finite loss (``advice``: what to lower or check), then zero the
+    gradients, backpropagate, clip the gradient norm to ``grad_clip`` (None: no clipping),
+    step the optimiser and the learning-rate schedule ``sched`` (if any)."""
     if not torch.isfinite(loss):
-        raise ValueError(
-            f"NaN/inf loss ({float(loss.detach())}) at step {step}: lower "
-            f"TrainConfig.lr (now {cfg.lr}) or check the model"
-        )
+        raise ValueError(f"NaN/inf loss ({float(loss.detach())}) at step {step}: lower {advice}")
     optim.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optim.step()
-    sched.step()
-    return loss, n_correct
+    if sched is not None:
+        sched.step()
 
 
 def _fit(

@@ -22,7 +22,6 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from subroutine_circuits.adapters import as_adapter
 from subroutine_circuits.adapters.base import Readout, named_hooks
 from subroutine_circuits.masks.ablation import mix_copies
 from subroutine_circuits.masks.units import UnitGroup, UnitMap
@@ -36,10 +35,10 @@ from subroutine_circuits.patching.scores import (
     Metric,
     PatchScores,
     check_pair_tokens,
-    check_per_position,
     expand_batch,
     merge_scores,
     n_units,
+    prepare_patching,
     resolve_groups,
 )
 
@@ -86,14 +85,11 @@ def activation_patching(
     ``"fast-last"`` or ``"fast-suffix"``) and ``extra["fallback_reason"]`` why the fast path
     was not taken.
     """
-    adapter = as_adapter(model)
-    adapter.check_patchable()
-    check_pair_tokens(clean_tokens, corr_tokens)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    groups = resolve_groups(adapter, groups)
-    check_per_position(groups, per_position)
-    readout = adapter.readout(readout)
+    adapter, groups, readout = prepare_patching(
+        model, clean_tokens, corr_tokens, groups, per_position, readout
+    )
     chunk_rows = rows_per_pass(adapter.model, corr_tokens.shape[1], chunk_rows)
     reason = "fast=False"
     if isinstance(fast, str) or fast:

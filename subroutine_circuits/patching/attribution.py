@@ -19,18 +19,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from subroutine_circuits.adapters import as_adapter
 from subroutine_circuits.adapters.base import Readout, named_hooks
 from subroutine_circuits.masks.units import UnitGroup, UnitMap
 from subroutine_circuits.memory import rows_per_pass, run_chunked
 from subroutine_circuits.patching.activation import (
     Metric,
     PatchScores,
-    check_pair_tokens,
     expand_batch,
-    resolve_groups,
 )
-from subroutine_circuits.patching.scores import check_per_position
+from subroutine_circuits.patching.scores import prepare_patching
 
 
 def _reduce(delta_grad: Tensor, per_position: bool, axis: int = 2) -> Tensor:
@@ -59,12 +56,9 @@ def attribution_patching(
     paths, including later layers), so the estimate of a unit is the batch mean of
     ``(a_clean - a_corr) . grad``.
     """
-    adapter = as_adapter(model)
-    adapter.check_patchable()
-    check_pair_tokens(clean_tokens, corr_tokens)
-    groups = resolve_groups(adapter, groups)
-    check_per_position(groups, per_position)
-    readout = adapter.readout(readout)
+    adapter, groups, readout = prepare_patching(
+        model, clean_tokens, corr_tokens, groups, per_position, readout
+    )
     model = adapter.model
     hooks = [g.hook_name for g in groups]
     with torch.no_grad():
@@ -125,14 +119,11 @@ def integrated_gradients(
     Summed over the units of one hook point the estimates approach the effect of patching that
     whole hook point.
     """
-    adapter = as_adapter(model)
-    adapter.check_patchable()
-    check_pair_tokens(clean_tokens, corr_tokens)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    groups = resolve_groups(adapter, groups)
-    check_per_position(groups, per_position)
-    readout = adapter.readout(readout)
+    adapter, groups, readout = prepare_patching(
+        model, clean_tokens, corr_tokens, groups, per_position, readout
+    )
     model = adapter.model
     hooks = [g.hook_name for g in groups]
     with torch.no_grad():

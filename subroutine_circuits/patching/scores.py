@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -46,6 +47,27 @@ def resolve_groups(adapter, groups: UnitMap | Sequence[UnitGroup] | None) -> lis
                 "needs the units after the batch axis (axis >= 1)"
             )
     return groups
+
+
+def prepare_patching(
+    model: Any,
+    clean_tokens: Tensor,
+    corr_tokens: Tensor,
+    groups: UnitMap | Sequence[UnitGroup] | None,
+    per_position: bool,
+    readout: Any,
+) -> tuple[Any, list[UnitGroup], Any]:
+    """What every patching method does first: the model's adapter (it must be patchable), the
+    pair tokens checked, the unit groups resolved and checked for ``per_position``, and the
+    readout by name; returns ``(adapter, groups, readout)``."""
+    from subroutine_circuits.adapters import as_adapter
+
+    adapter = as_adapter(model)
+    adapter.check_patchable()
+    check_pair_tokens(clean_tokens, corr_tokens)
+    groups = resolve_groups(adapter, groups)
+    check_per_position(groups, per_position)
+    return adapter, groups, adapter.readout(readout)
 
 
 def check_per_position(groups: Sequence[UnitGroup], per_position: bool) -> None:

@@ -21,15 +21,8 @@ import argparse
 import json
 from pathlib import Path
 
+from subroutine_circuits.tasks import registry
 from subroutine_circuits.tasks.base import SPLITS, make_splits
-from subroutine_circuits.tasks.registry import (
-    get_task,
-    get_vision_task,
-    is_vision_task,
-    list_tasks,
-    list_vision_tasks,
-    load_task,
-)
 
 
 def parse_rule(items: list[str] | None) -> dict[str, bool] | None:
@@ -52,8 +45,8 @@ def parse_rule(items: list[str] | None) -> dict[str, bool] | None:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     """Print the built-in tasks, their predicates and default rules (table or ``--json``)."""
-    infos = [get_task(name).to_json() for name in list_tasks()]
-    infos += [get_vision_task(name).to_json() for name in list_vision_tasks()]
+    infos = [registry.get_task(name).to_json() for name in registry.list_tasks()]
+    infos += [registry.get_vision_task(name).to_json() for name in registry.list_vision_tasks()]
     if getattr(args, "json", False):
         print(json.dumps(infos, indent=2))
         return 0
@@ -84,19 +77,19 @@ def cmd_data(args: argparse.Namespace) -> int:
     spec = str(args.task)
     image_size = getattr(args, "image_size", None)
     fmt = getattr(args, "format", None)
-    if is_vision_task(spec):
+    if registry.is_vision_task(spec):
         return _data_vision(args, spec, n, rule, image_size, fmt or "npz")
     if image_size is not None or fmt is not None:
         raise ValueError(
-            f"--image-size and --format apply to image tasks ({', '.join(list_vision_tasks())}), "
-            f"not to {spec!r}"
+            f"--image-size and --format apply to image tasks "
+            f"({', '.join(registry.list_vision_tasks())}), not to {spec!r}"
         )
-    if not spec.lower().endswith((".jsonl", ".csv")) and spec not in list_tasks():
-        known = list_tasks() + list_vision_tasks()
+    if not spec.lower().endswith((".jsonl", ".csv")) and spec not in registry.list_tasks():
+        known = registry.list_tasks() + registry.list_vision_tasks()
         raise ValueError(
             f"unknown task {spec!r}; known tasks: {', '.join(known)} (or give a .jsonl/.csv file)"
         )
-    task = load_task(spec, rule=rule)
+    task = registry.load_task(spec, rule=rule)
     n_eval = max(1, n // 4)
     splits = make_splits(task, n, seed=int(args.seed), split_sizes=(n, n_eval, n_eval))
     out = Path(args.out)
@@ -122,7 +115,7 @@ def _data_vision(args, spec, n, rule, image_size, fmt) -> int:
 
     if image_size is not None and int(image_size) < 16:
         raise ValueError(f"--image-size must be >= 16, got {image_size}")
-    task = get_vision_task(spec, rule=rule)
+    task = registry.get_vision_task(spec, rule=rule)
     out = Path(args.out)
     counts = export_task(task, out, n, seed=int(args.seed), image_size=image_size, fmt=fmt)
     total = sum(sum(c.values()) for c in counts.values())

@@ -267,22 +267,12 @@ class HFTaskTokenizer:
 
         The readout token is at ``lengths - 1``. A text longer than ``max_len`` raises.
         """
-        import torch
+        from subroutine_circuits.tasks.tokenizer import pad_batch
 
         if isinstance(texts, str):
             raise ValueError("encode_batch expects a list of texts, got a single string")
         encoded = [self.encode(t) for t in texts]
-        if not encoded:
-            raise ValueError("encode_batch got an empty list of texts")
-        longest = max(len(e) for e in encoded)
-        if max_len is not None and longest > max_len:
-            raise ValueError(f"a text has {longest} tokens, more than max_len={max_len}")
-        width = longest if max_len is None else max_len
-        tokens = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        for i, e in enumerate(encoded):
-            tokens[i, : len(e)] = torch.tensor(e, dtype=torch.long)
-        lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
-        return tokens, lengths
+        return pad_batch(encoded, self.pad_id, max_len)
 
     # ----- minimal pairs -----------------------------------------------------------------------
     def align_pair(self, a_text: str, b_text: str) -> PairAlignment:

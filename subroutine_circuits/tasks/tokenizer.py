@@ -19,6 +19,26 @@ if TYPE_CHECKING:  # torch is imported lazily (only inside encode_batch)
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[BOS]", "[UNK]", "[MASK]", "[SEP]", "yes", "no")
 
 
+def pad_batch(
+    encoded: Sequence[Sequence[int]], pad_id: int, max_len: int | None = None
+) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
+    """Right-pad token id lists with ``pad_id``: ``(tokens [n, pos], lengths [n])``, ``pos`` the
+    longest (or ``max_len``; a longer list raises)."""
+    import torch
+
+    if not encoded:
+        raise ValueError("encode_batch got an empty list of texts")
+    longest = max(len(e) for e in encoded)
+    if max_len is not None and longest > max_len:
+        raise ValueError(f"a text has {longest} tokens, more than max_len={max_len}")
+    width = longest if max_len is None else max_len
+    tokens = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        tokens[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+    lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
+    return tokens, lengths
+
+
 class WordTokenizer:
     """Word-level tokenizer: whitespace split, ``[BOS]`` first, unknown words -> ``[UNK]``.
 
@@ -135,22 +155,10 @@ class WordTokenizer:
         ``Int[Tensor, "n"]`` (number of real tokens per row, BOS and SEP included). A text longer
         than ``max_len`` raises ValueError.
         """
-        import torch
-
         if isinstance(texts, str):
             raise ValueError("encode_batch expects a list of texts, got a single string")
         encoded = [self.encode(t, add_bos=add_bos) for t in texts]
-        if not encoded:
-            raise ValueError("encode_batch got an empty list of texts")
-        longest = max(len(e) for e in encoded)
-        if max_len is not None and longest > max_len:
-            raise ValueError(f"a text has {longest} tokens, more than max_len={max_len}")
-        width = longest if max_len is None else max_len
-        tokens = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        for i, e in enumerate(encoded):
-            tokens[i, : len(e)] = torch.tensor(e, dtype=torch.long)
-        lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
-        return tokens, lengths
+        return pad_batch(encoded, self.pad_id, max_len)
 
     # ----- persistence -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -299,9 +299,9 @@ def test_batched_mean_ablation_of_a_head_equals_hand_hook(loaded, kind):
     ``[b, pos, n_heads * d_head]``): the engine must apply the means in the layout in which
     they were recorded, ``[b, pos, head, d_head]``, on the right head."""
     from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.adapters.padded import ooo_scores_padded
     from subroutine_circuits.experiment.batched import (
         BatchedUnitMask,
-        _ooo_scores_nosync,
         fixed_mask_scores,
     )
     from subroutine_circuits.masks.ablator import reference_ablator
@@ -369,6 +369,6 @@ def test_batched_mean_ablation_of_a_head_equals_hand_hook(loaded, kind):
     tokens = tokens[..., :width]
     with torch.no_grad(), bm.applied(model):
         bm.begin_batch(model, tokens.reshape(-1, width), lens.reshape(-1), {})
-        scores = _ooo_scores_nosync(model, tokens, lens, adapter.pool, {})
+        scores = ooo_scores_padded(model, tokens, lens, adapter.pool, {})
     torch.testing.assert_close(scores[:2], plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(scores[2:], want, atol=1e-5, rtol=0)

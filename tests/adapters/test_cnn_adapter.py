@@ -276,5 +276,5 @@ def test_bad_inputs_are_named():
         a.encode_stimuli([np.zeros((16, 16, 3), np.float32)])
     with pytest.raises(ValueError, match="HookedCNN"):
         CNNAdapter(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="unknown CNN readout"):
+    with pytest.raises(ValueError, match="unknown readout"):
         a.readout("logits")

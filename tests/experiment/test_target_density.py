@@ -83,10 +83,6 @@ def test_masks_reach_their_target_in_both_engines(trained):
     assert target_d <= 0.15
     single = train_mask_run(adapter, train, mcfg, target, 0, schedule=sched)
     assert single.mask.density() <= 0.15
-    with pytest.raises(ValueError, match="target_density"):
-        from subroutine_circuits.experiment.batched import train_masks_batched
-
-        train_masks_batched(model, train, mcfg, [target], [0])
 
 
 def test_smallest_rule_takes_the_sparsest_point_reaching_the_threshold():

@@ -269,11 +269,10 @@ class ImageTask:
 
     def to_json(self) -> dict[str, Any]:
         """Name, predicates, rule, description, modality and default image size."""
+        from subroutine_circuits.tasks.base import Task
+
         return {
-            "name": self.name,
-            "predicates": list(self.predicates),
-            "rule": dict(self.rule),
-            "description": self.description,
+            **Task.to_json(self),  # type: ignore[arg-type]
             "modality": self.modality,
             "image_size": self.image_size,
         }
