@@ -172,11 +172,19 @@ def make_prompt_pairs(
             encode = encode or _text_tokenizer(adapter, tokenizer)
             c_ids, k_ids = encode(clean, True), encode(corr, True)
             a_ids, w_ids = encode(ans, False), encode(wrong, False)
-            for what, ids in (("answer", a_ids), ("wrong answer", w_ids)):
+            for what, text, ids in (("answer", ans, a_ids), ("wrong answer", wrong, w_ids)):
                 if len(ids) != 1:
+                    hint = (
+                        ""
+                        if text.startswith(" ")
+                        else (
+                            " (answers are tokenized as given: GPT-2-style tokenizers want the "
+                            f"leading space, {' ' + text!r})"
+                        )
+                    )
                     raise ValueError(
-                        f"pair {i}: the {what} {pair[2 if what == 'answer' else 3]!r} is "
-                        f"{len(ids)} tokens; a logit difference needs one"
+                        f"pair {i}: the {what} {text!r} is {len(ids)} tokens; a logit "
+                        f"difference needs one{hint}"
                     )
             a, w = a_ids[0], w_ids[0]
         else:

@@ -41,6 +41,9 @@ __all__ = ["CircuitComparison", "ablate_circuit", "compare_circuits", "find_circ
 MIN_VAL_SPLIT = 8
 #: optimiser steps between validation evaluations of find_circuit's mask
 EVAL_EVERY = 10
+#: a full-vs-corrupted difference of the mean metric below this share of the metric's standard
+#: deviation over pairs makes normalised faithfulness noise (a warning says so)
+WEAK_CONTRAST = 0.05
 
 
 def _pair_objective(objective: Any) -> PairObjective:
@@ -200,6 +203,14 @@ def ablate_circuit(
     span = m_full - m_empty
     if span == 0:
         raise ValueError("the corrupted prompts do not change the metric: faithfulness undefined")
+    spread = float(obj.values(adapter, pairs).double().std()) if len(pairs) > 1 else 0.0
+    if abs(span) < WEAK_CONTRAST * spread:
+        warnings.warn(
+            f"the corrupted prompts move the mean {obj.name} by {span:.3g}, less than "
+            f"{WEAK_CONTRAST:.0%} of its spread over the pairs ({spread:.3g}): normalised "
+            "faithfulness (and CPR / CMD) divide by that difference and are dominated by noise",
+            stacklevel=2,
+        )
     f = (m - m_empty) / span
     alone, removed = float(f[2]), float(f[3])
     r_alone, r_removed = f[4 : 4 + n_random], f[4 + n_random :]

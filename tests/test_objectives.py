@@ -24,6 +24,7 @@ from subroutine_circuits import (
 from subroutine_circuits.groundtruth.planted_pairs import build_planted_pairs
 from subroutine_circuits.masks import UnitMask
 from subroutine_circuits.patching.compare import roc_auc
+from tests.hf_fixtures import *  # noqa: F403  (pytest fixtures: gpt2_folder, ...)
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +143,43 @@ def test_compare_in_one_call_on_a_model_pretrained_on_agreement():
     assert ((rows["cpr"] >= 0) & (rows["cpr"] <= 1)).all()
     assert 0 <= res.ablation["p_sufficient"] <= 1
     assert res.ablation["k"] == int(res.mask.flat_binary().sum())
+
+
+def test_weak_contrast_is_named(planted):
+    """Pairs whose corruption barely moves the metric: normalised faithfulness is noise, and
+    the ablation says so."""
+    p = planted.pairs
+    corrupted = p.clean.clone()
+    corrupted[0] = p.corrupted[0]  # one pair of 96 differs
+    weak = PromptPairs(p.clean, corrupted, p.positions, p.answer, p.wrong)
+    with pytest.warns(UserWarning, match="dominated by noise"):
+        ablate_circuit(planted.model, planted.truth, weak, n_random=5)
+
+
+def test_hugging_face_model_in_memory(gpt2_folder):
+    """A model loaded from a Hugging Face folder (TransformerBridge on TransformerLens 4,
+    HookedTransformer on 3.9): pairs as token ids, the comparison in one call, the circuit
+    file round trip (identical ablation)."""
+    import warnings
+
+    from subroutine_circuits import export_circuit, import_circuit, load_model
+
+    model = load_model(gpt2_folder, device="cpu")
+    assert model.causal
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(model.model.cfg.d_vocab)
+    ids = [
+        (torch.randint(5, vocab, (7,), generator=gen).tolist(),
+         torch.randint(5, vocab, (7,), generator=gen).tolist(), 3, 4)
+        for _ in range(24)
+    ]  # fmt: skip
+    pairs = prompt_pairs(model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random model: weak contrast, budget-limited mask
+        res = compare_circuits(model, pairs, methods=("activation",), steps=20, n_random=5)
+        full = float(LogitDiff().values(model, pairs).mean())
+        assert res.frontier.m_full == pytest.approx(full, rel=1e-4, abs=1e-6)
+        path = export_circuit(res.mask, gpt2_folder.parent / "ld_circuit.json", model=model)
+        again = ablate_circuit(model, import_circuit(path), pairs, n_random=5)
+    assert again["faithfulness"] == res.ablation["faithfulness"]
+    assert again["k"] == res.ablation["k"]
