@@ -191,3 +191,36 @@ def test_family_check_sees_a_planted_reference(tmp_path):
     )
     names = {n for _, n in family_references(planted)}
     assert names == {"tl_compat", "is_bridge", "mlm_head", "ln_final"}
+
+
+def one_minus_products(path: Path) -> list[int]:
+    """Lines of ``path`` with a product by ``(1 - x)``: the shape of ``keep * x + (1 - keep) *
+    value``, the ablation formula."""
+
+    def one_minus(n: ast.AST) -> bool:
+        return (
+            isinstance(n, ast.BinOp)
+            and isinstance(n.op, ast.Sub)
+            and isinstance(n.left, ast.Constant)
+            and n.left.value == 1
+        )
+
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.Mult)
+        and (one_minus(node.left) or one_minus(node.right))
+    ]
+
+
+def test_one_ablation_mix():
+    """The ablation formula is written once, ``masks.ablation.mix`` (issue 24): the batched
+    masks (``mix_slices``), patching copies (``mix_copies``) and the planted-model checks call
+    it; no other engine module mixes by hand."""
+    root = Path(__file__).resolve().parents[1] / NAME
+    engine = ["masks", "experiment", "patching", "groundtruth", "adapters"]
+    files = [p for d in engine for p in sorted((root / d).rglob("*.py"))]
+    files += [root / "objectives.py", root / "pairs.py"]
+    found = {str(p.relative_to(root)): one_minus_products(p) for p in files}
+    assert {k: len(v) for k, v in found.items() if v} == {"masks/ablation.py": 1}

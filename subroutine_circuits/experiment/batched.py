@@ -42,6 +42,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from subroutine_circuits.adapters import padded
+from subroutine_circuits.masks.ablation import mix
 from subroutine_circuits.masks.ablator import AblationState, Ablator
 from subroutine_circuits.masks.parametrization import Ablation, MaskConfig
 from subroutine_circuits.masks.unit_mask import UnitMask
@@ -77,11 +78,8 @@ def mix_slices(
     shape = [k] + [1] * x.dim()
     shape[1 + axis] = m.shape[1]
     mv = m.to(device=x.device, dtype=x.dtype).reshape(shape)
-    if a is None:
-        out = xv * mv
-    else:
-        out = mv * xv + (1 - mv) * a.to(device=x.device, dtype=x.dtype)
-    return out.reshape(x.shape)
+    a = None if a is None else a.to(device=x.device, dtype=x.dtype)
+    return mix(xv, mv, a).reshape(x.shape)  # the one ablation formula (masks.ablation)
 
 
 def _stack_ablation(

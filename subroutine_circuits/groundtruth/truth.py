@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from subroutine_circuits.groundtruth.prune import Encoded, Unit, evaluate_ablations
+from subroutine_circuits.masks.ablation import mix
 
 ABLATIONS = ("zero", "mean")
 
@@ -125,7 +126,7 @@ class AblationEvaluator:
             k = k.view(x.shape[0], 1, k.shape[1], *extra)
             sel = ro[:, : x.shape[1]].to(x.device).view(x.shape[0], x.shape[1], 1, *extra)
             value = torch.where(sel, a_ro.to(x.device, x.dtype), a.to(x.device, x.dtype))
-            return torch.where(k, x, value)
+            return mix(x, k, value)  # the one ablation formula (masks.ablation)
 
         return fn
 
