@@ -183,3 +183,23 @@ def test_hugging_face_model_in_memory(gpt2_folder):
         again = ablate_circuit(model, import_circuit(path), pairs, n_random=5)
     assert again["faithfulness"] == res.ablation["faithfulness"]
     assert again["k"] == res.ablation["k"]
+
+
+def test_heads_only_keep_vectors_and_no_controls(planted):
+    """A mask over heads only; a circuit given as a keep vector; no random controls."""
+    mask = find_circuit(planted.model, planted.pairs, unit_kinds=("head",), steps=60)
+    assert mask.flat_binary().numel() == sum(
+        g.size for g in planted.unit_map.groups if g.kind == "head"
+    )
+    res = ablate_circuit(planted.model, planted.truth, planted.pairs, n_random=0)
+    assert res["n_random"] == 0 and res["p_sufficient"] == 1.0
+    assert res["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+    cmp = compare_circuits(
+        planted.model, planted.pairs, mask=planted.truth, methods=("attribution",), n_random=0
+    )
+    assert cmp.ablation["k"] == int(planted.truth.sum())
+    assert {r["method"] for r in cmp.summary} == {"mask", "attribution", "random"}
+    with pytest.raises(ValueError, match="unknown patching methods"):
+        compare_circuits(planted.model, planted.pairs, mask=planted.truth, methods=("ig",))
+    with pytest.raises(ValueError, match="options"):
+        compare_circuits(planted.model, planted.pairs, mask=planted.truth, steps=3)
