@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -70,6 +70,10 @@ class PromptPairs:
     positions: Int[Tensor, " n"]
     answer: Int[Tensor, " n"]
     wrong: Int[Tensor, " n"]
+    #: what the frozen model computes on these pairs, per pair (set by
+    #: :meth:`PairObjective.prepare`): corrupted-prompt activations by hook name and, under
+    #: ``FULL_KEY``, the full model's readout logits; sliced along with the pairs
+    frozen: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.clean.ndim != 2 or self.clean.shape != self.corrupted.shape:
@@ -102,11 +106,17 @@ class PromptPairs:
 
     def to(self, device: str | torch.device) -> PromptPairs:
         """All tensors on ``device``."""
-        return PromptPairs(*(getattr(self, f).to(device) for f in _FIELDS))
+        return self._map(lambda t: t.to(device))
 
     def batch(self, idx: Tensor) -> PromptPairs:
         """The pairs at ``idx``."""
-        return PromptPairs(*(getattr(self, f)[idx] for f in _FIELDS))
+        return self._map(lambda t: t[idx.to(t.device)])
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> PromptPairs:
+        """``fn`` applied to every per-pair tensor (the frozen cache too)."""
+        out = PromptPairs(*(fn(getattr(self, f)) for f in _FIELDS))
+        out.frozen = {k: fn(v) for k, v in self.frozen.items()}
+        return out
 
     def split(self, n_val: int, seed: int = 0) -> tuple[PromptPairs, PromptPairs]:
         """A random ``(train, val)`` split with ``n_val`` pairs for validation."""
@@ -118,6 +128,8 @@ class PromptPairs:
 
 
 _FIELDS = ("clean", "corrupted", "positions", "answer", "wrong")
+#: the key of the full model's readout logits in ``PromptPairs.frozen``
+FULL_KEY = "__full__"
 
 #: One pair as text: ``(clean prompt, corrupted prompt, answer, wrong answer)``.
 TextPair = tuple[str, str, str, str]
@@ -125,11 +137,15 @@ TextPair = tuple[str, str, str, str]
 
 def _text_tokenizer(adapter: Any, tokenizer: Any) -> Callable[[str, bool], list[int]]:
     """``encode(text, prompt) -> ids``: prompts get the model's start token, answers do not."""
-    if callable(tokenizer) and not hasattr(tokenizer, "encode"):
-        return lambda text, prompt: list(tokenizer(text))
     tok = tokenizer if tokenizer is not None else getattr(adapter, "tokenizer", None)
     if tok is not None and hasattr(tok, "stoi"):  # the library's word tokenizer
         return lambda text, prompt: tok.encode(text, add_bos=prompt, add_eos=False)
+    if tokenizer is not None:  # a Hugging Face tokenizer (its own special tokens) or a callable
+        if hasattr(tokenizer, "encode"):
+            return lambda text, prompt: [int(i) for i in tokenizer.encode(text)]
+        if callable(tokenizer):
+            return lambda text, prompt: [int(i) for i in tokenizer(text)]
+        raise ValueError(f"tokenizer= must encode texts, got {type(tokenizer).__name__}")
     model = adapter.model
     if hasattr(model, "to_tokens") and getattr(model, "tokenizer", None) is not None:
 
@@ -151,8 +167,9 @@ def make_prompt_pairs(
 ) -> PromptPairs:
     """Prompt pairs from ``(clean, corrupted, answer, wrong)`` texts or token ids.
 
-    Texts are tokenized with ``tokenizer`` (a callable ``text -> ids``), else the adapter's word
-    tokenizer, else the model's own (``model.to_tokens``). Each answer must be one token and a
+    Texts are tokenized with ``tokenizer`` (a Hugging Face tokenizer's ``encode``, with its own
+    special tokens, or a callable ``text -> ids``), else the adapter's word tokenizer, else the
+    model's own (``model.to_tokens``). Each answer must be one token and a
     pair's two prompts must have the same length (their tokens are compared position by
     position); each is refused by name otherwise.
     """
@@ -276,23 +293,21 @@ def _gather_readout(
     return logits.gather(-2, idx).squeeze(-2)
 
 
-def _model(model: Any) -> Any:
-    """The module of an adapter (a bare model as is)."""
-    return getattr(model, "model", model) if hasattr(model, "unit_map") else model
+def _adapter(model: Any) -> Any:
+    """The model's adapter (an adapter as is)."""
+    from subroutine_circuits.adapters import as_adapter
+
+    return as_adapter(model)
 
 
-def _record(model: Any, tokens: Tensor, hook_names: Sequence[str]) -> dict[str, Tensor]:
-    """Activations at ``hook_names`` on ``tokens`` (no gradient)."""
-    from subroutine_circuits.adapters.base import named_hooks
-
-    acts: dict[str, Tensor] = {}
-
-    def save(act: Tensor, hook: Any) -> None:
-        acts[hook.name] = act.detach()
-
-    with torch.no_grad(), model.hooks(fwd_hooks=named_hooks(list(hook_names), save)):
-        model(tokens)
-    return acts
+def _corrupted_acts(adapter: Any, pairs: PromptPairs, hook_names: Sequence[str]) -> dict:
+    """Activations at ``hook_names`` on the corrupted prompts: from the pairs' frozen cache,
+    else one recorded pass (``adapter.record_activations``, chunked within the memory
+    budget)."""
+    if all(h in pairs.frozen for h in hook_names):
+        return {h: pairs.frozen[h] for h in hook_names}
+    with torch.no_grad():
+        return adapter.record_activations(pairs.corrupted, list(hook_names)).acts
 
 
 class PairObjective(Objective):
@@ -323,40 +338,57 @@ class PairObjective(Objective):
     ) -> Tensor:
         """Boolean per pair: the masked model does what the objective asks."""
 
+    def prepare(self, adapter: Any, pairs: PromptPairs, hook_names: Sequence[str]) -> PromptPairs:
+        """``pairs`` with the frozen model's per-pair results cached (corrupted activations at
+        ``hook_names``, the full model's readout logits when the metric needs them), so that
+        mask training does not run the unmasked model again at every step."""
+        adapter = _adapter(adapter)
+        out = pairs._map(lambda t: t)
+        out.frozen = dict(_corrupted_acts(adapter, pairs, hook_names))
+        full = self._full(adapter, pairs)
+        if full is not None:
+            out.frozen[FULL_KEY] = full
+        return out
+
     def _full(self, adapter: Any, pairs: PromptPairs) -> Tensor | None:
         if not self.needs_full:
             return None
+        if FULL_KEY in pairs.frozen:
+            return pairs.frozen[FULL_KEY]
         with torch.no_grad():
-            return _gather_readout(_model(adapter)(pairs.clean), pairs.positions)
+            return _gather_readout(adapter.model(pairs.clean), pairs.positions)
 
     def _masked(self, adapter: Any, mask: Any, pairs: PromptPairs) -> Tensor:
         """Readout logits with ``mask``'s removed units on their corrupted-prompt activation."""
-        model = _model(adapter)
+        model = adapter.model
         if mask is None:
             return _gather_readout(model(pairs.clean), pairs.positions)
         if getattr(mask, "unit_map", None) is not None and mask.ablation.value == "resample":
-            mask.set_resample(_record(model, pairs.corrupted, mask.unit_map.hook_names()))
+            mask.set_resample(_corrupted_acts(adapter, pairs, mask.unit_map.hook_names()))
         with mask.applied(model):
             return _gather_readout(model(pairs.clean), pairs.positions)
 
     def loss(self, adapter: Any, mask: Any, batch: PromptPairs) -> Tensor:
+        adapter = _adapter(adapter)
         return self.pair_loss(self._masked(adapter, mask, batch), batch, self._full(adapter, batch))
 
     @torch.no_grad()
     def score(self, adapter: Any, data: PromptPairs, mask: Any = None) -> float:
+        adapter = _adapter(adapter)
         ok = self.success(self._masked(adapter, mask, data), data, self._full(adapter, data))
         return float(ok.float().mean())
 
     @torch.no_grad()
     def values(self, adapter: Any, data: PromptPairs, mask: Any = None) -> Float[Tensor, " n"]:
         """The per-pair metric of the model under ``mask`` (None: the full model)."""
+        adapter = _adapter(adapter)
         return self.metric(self._masked(adapter, mask, data), data, self._full(adapter, data))
 
     def patch_metric(self, adapter: Any, pairs: PromptPairs) -> Callable[[Tensor], Tensor]:
         """The metric as patching takes it: vocabulary logits ``[..., n, pos, vocab]`` of a run
         on ``pairs``' prompts to ``[..., n]`` (for activation / attribution patching, circuit
         faithfulness and the frontier)."""
-        full = self._full(adapter, pairs)
+        full = self._full(_adapter(adapter), pairs)
         positions = pairs.positions
 
         def fn(logits: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ it with activation and attribution patching, every step under the same objective
   chosen on held-out pairs; removed units take their corrupted-prompt activation.
 - :func:`ablate_circuit`: the circuit alone and the circuit removed, as MIB's normalised
   faithfulness ``(m(C) - m(empty)) / (m(full) - m(empty))``, beside ``n_random`` random circuits
-  with as many units per hook (and their removal), with one-sided permutation p-values.
+  with as many units per layer and kind (and their removal), with one-sided permutation p-values.
 - :func:`compare_circuits`: the mask (found here unless given), activation and attribution
   patching scores under the objective's metric, the faithfulness-size frontier of every ranking
   (CPR / CMD, Mueller et al. 2025), and the overlap of each patching ranking with the mask.
@@ -84,7 +84,9 @@ def find_circuit(
     trained with the model frozen for ``steps`` optimiser steps (L0 weight ``l0_weight``, or a
     ``target_density`` constraint), its binary mask evaluated every ``EVAL_EVERY`` steps on
     held-out pairs (``val_fraction``), and the best checkpoint kept (the highest validation
-    score; within ``tolerance`` of it, the sparser). Returns the ``UnitMask`` in eval mode;
+    score; within ``tolerance`` of it, the sparser). The frozen model's corrupted-prompt
+    activations are recorded once per pair set (``PairObjective.prepare``), not per step.
+    Returns the ``UnitMask`` in eval mode;
     ``mask.meta`` has the objective, the validation score, the steps and ``budget_limited``
     (the best step in the last 10% of the budget while the mask still got sparser: give it
     more ``steps``)."""
@@ -117,6 +119,8 @@ def find_circuit(
         engine="separate",
         grid=[],
     )
+    hooks = adapter.unit_map(kinds=tuple(unit_kinds)).hook_names()
+    train, val = obj.prepare(adapter, train, hooks), obj.prepare(adapter, val, hooks)
     run = train_mask_run(adapter, train, cfg, {}, seed, val=val, objective=obj, progress=progress)
     mask = run.mask
     limited = budget_limited(run.steps, run.best_step, run.stopped_early, run.history,
@@ -150,22 +154,6 @@ def _keep_of(circuit: Any, adapter: Any) -> tuple[Bool[Tensor, " n_units"], Any]
     return keep, unit_map
 
 
-def _random_like(
-    keep: Bool[Tensor, " n_units"], groups: Sequence[Any], n: int, seed: int
-) -> Bool[Tensor, "n n_units"]:
-    """``n`` random keep vectors with as many units per group (hook) as ``keep``."""
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.zeros(n, keep.shape[0], dtype=torch.bool)
-    start = 0
-    for g in groups:
-        k = int(keep[start : start + g.size].sum())
-        for i in range(n):
-            idx = torch.randperm(g.size, generator=gen)[:k]
-            out[i, start + idx] = True
-        start += g.size
-    return out
-
-
 def ablate_circuit(
     model: Any,
     circuit: Any,
@@ -176,13 +164,14 @@ def ablate_circuit(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The circuit alone and removed (everything else / the circuit on its corrupted-prompt
-    activation), against ``n_random`` random circuits with as many units per hook.
+    activation), against ``n_random`` random circuits with as many units per layer and kind.
 
     Returns ``m_full, m_empty`` (mean metric of the full model and of every unit corrupted),
     ``faithfulness`` (circuit alone) and ``removed_faithfulness`` (circuit removed), their random
     counterparts' means, and ``p_sufficient`` (share of random circuits at least as faithful,
     counting the circuit itself) and ``p_necessary`` (share whose removal hurts at least as
     much). ``circuit``: a ``UnitMask`` or a boolean keep vector over the model's units."""
+    from subroutine_circuits.experiment.batched import matched_random_masks
     from subroutine_circuits.patching.circuits import PatchBatch, circuit_metrics
 
     adapter, pairs = _setup(model, pairs)
@@ -192,7 +181,11 @@ def ablate_circuit(
     keep, unit_map = _keep_of(circuit, adapter)
     groups = list(unit_map.groups)
     n = keep.shape[0]
-    rand = _random_like(keep, groups, n_random, seed)
+    rand = (
+        matched_random_masks(unit_map, keep, n_random, seed)
+        if n_random
+        else torch.zeros(0, n, dtype=torch.bool)
+    )
     rows = torch.cat([
         torch.ones(1, n, dtype=torch.bool), torch.zeros(1, n, dtype=torch.bool),
         keep[None], ~keep[None], rand, ~rand,
