@@ -77,7 +77,10 @@ def mix_slices(
     xv = x.reshape(k, x.shape[0] // k, *x.shape[1:])
     shape = [k] + [1] * x.dim()
     shape[1 + axis] = m.shape[1]
-    mv = m.to(device=x.device, dtype=x.dtype).reshape(shape)
+    # a boolean mask (fixed masks) selects exactly in one op (masks.ablation.mix: the same
+    # numbers as the float formula with 0/1 masks); a float mask mixes (training)
+    mv = m.to(device=x.device) if m.dtype == torch.bool else m.to(device=x.device, dtype=x.dtype)
+    mv = mv.reshape(shape)
     a = None if a is None else a.to(device=x.device, dtype=x.dtype)
     return mix(xv, mv, a).reshape(x.shape)  # the one ablation formula (masks.ablation)
 
@@ -180,15 +183,21 @@ def _mix_or_record(
     ablator: Ablator | None,
     state: AblationState | None,
     abl: Mapping[str, Tensor | None] | None,
+    cache: dict[str, Tensor | None] | None = None,
 ) -> Tensor:
     """The hook body of K masks on one group: during the clean source pass of resample
     ablation (``recording``) keep ``x`` and record it; else mix slice ``k`` with mask ``k``'s
     ``values()`` (called only then: hard-concrete values draw noise), ablating with
-    ``ablator`` or the stacked per-mask values ``abl``."""
+    ``ablator`` or the stacked per-mask values ``abl``. ``cache`` (per hook) keeps the
+    ablator's replacement for later passes over the same rows (fixed masks, mean ablation)."""
     if recording is not None:
         recording[g.hook_name] = x.detach()
         return x
-    if ablator is not None:
+    if ablator is not None and cache is not None:
+        if g.hook_name not in cache:
+            cache[g.hook_name] = ablator.value(g, x, state)
+        a = cache[g.hook_name]
+    elif ablator is not None:
         a = ablator.value(g, x, state)
     else:
         a = None if abl is None else abl.get(g.hook_name)
@@ -757,7 +766,7 @@ def fixed_mask_scores(
                 "adapter scores them)"
             )
         check_generic_ablator(ablator)
-        run = _FixedRun(model, unit_map, keep.to(device=device, dtype=torch.float32), "")
+        run = _FixedRun(model, unit_map, keep.to(device=device), "")
         run.abl_all = None if ablator is not None else _stack_ablation(unit_map, abls, device)
         run.ablator = ablator
         return _generic_fixed_scores(adapter, data, run, max_rows, autocast)
@@ -769,7 +778,7 @@ def fixed_mask_scores(
     tokens_all = data.tokens[..., : int(lmax_cpu.max())].to(device)
     lengths_all = data.lengths.to(device)
     check_tokens(model, tokens_all.reshape(-1, tokens_all.shape[-1]), lengths_all.reshape(-1))
-    run = _FixedRun(model, unit_map, keep.to(device=device, dtype=torch.float32), pool)
+    run = _FixedRun(model, unit_map, keep.to(device=device), pool)
     run.abl_all = None if ablator is not None else _stack_ablation(unit_map, abls, device)
     run.ablator = ablator
     k = keep.shape[0]
@@ -789,6 +798,7 @@ def fixed_mask_scores(
 
         if memo is not None:  # new problems, new key padding: layer 0's z is computed again
             memo.clear()
+        run.new_problems()
         run_chunked(masks, range(k), kc, label="masks", key="fixed_masks.masks")
 
     # nothing before blocks.0.attn.hook_z depends on the mask: a model that can, computes
@@ -809,19 +819,19 @@ def _generic_fixed_scores(
 ) -> Float[Tensor, "k b n_stim"]:
     """:func:`fixed_mask_scores` for non-token inputs: each chunk of problems repeated once per
     mask of a chunk of masks, scored by ``adapter.ooo_logits`` under ``run``'s hooks."""
-    device = run.keep_f.device
-    n, n_stim, k = len(data), data.n_stimuli, run.keep_f.shape[0]
+    device = run.keep_all.device
+    n, n_stim, k = len(data), data.n_stimuli, run.keep_all.shape[0]
     if n == 0:
         raise ValueError("no problems to evaluate")
     inputs = {name: v.to(device) for name, v in data.inputs.items()}
     pc = max(1, min(n, max_rows // n_stim))
     kc = max(1, min(k, max_rows // (n_stim * pc)))
     out = torch.empty(k, n, n_stim, device=device)
-    run.state = None  # zero / plain mean ablation: no per-pass state
 
     def problems(pr: range) -> None:
         p0, p1 = pr.start, pr.stop
         chunk = {name: v[p0:p1] for name, v in inputs.items()}
+        run.new_problems()  # zero / plain mean ablation: no per-pass state
 
         def masks(kr: range) -> None:
             run.select(kr.start, kr.stop)
@@ -837,10 +847,12 @@ def _generic_fixed_scores(
 
 
 class _FixedRun:
-    """The hooks and per-chunk state of :func:`fixed_mask_scores`."""
+    """The hooks and per-chunk state of :func:`fixed_mask_scores`: ``keep_all`` holds the K
+    boolean masks (the mix selects, :func:`mix_slices`)."""
 
-    def __init__(self, model: nn.Module, unit_map: UnitMap, keep_f: Tensor, pool: str):
-        self.model, self.unit_map, self.keep_f, self.pool = model, unit_map, keep_f, pool
+    def __init__(self, model: nn.Module, unit_map: UnitMap, keep_all: Tensor, pool: str):
+        self.model, self.unit_map, self.pool = model, unit_map, pool
+        self.keep_all = keep_all.bool()
         self.slices = [slice(o, o + g.size) for o, g in zip(unit_map.offsets(), unit_map.groups)]
         self.abl_all: dict[str, Tensor] | None = None
         self.ablator: Ablator | None = None
@@ -849,18 +861,27 @@ class _FixedRun:
         self.abl: dict[str, Tensor] | None = None
         self.state: AblationState | None = None
         self.recording: dict[str, Tensor] | None = None
+        #: mean ablation: the replacement per hook for the current problems (it depends on
+        #: the rows and their readout positions, not on the mask), kept across mask chunks
+        self.cache: dict[str, Tensor | None] = {}
 
     def hook(self, gi: int, x: Tensor) -> Tensor:
         g = self.unit_map.groups[gi]
         keep = self.keep[:, self.slices[gi]]
+        cache = self.cache if self.ablator is not None and self.ablator.kind == "mean" else None
         return _mix_or_record(x, g, lambda: keep, self.recording, self.ablator, self.state,
-                              self.abl)  # fmt: skip
+                              self.abl, cache)  # fmt: skip
 
     def hooks(self) -> list[tuple[str, Any]]:
         return [
             (g.hook_name, (lambda gi: lambda x, h: self.hook(gi, x))(i))
             for i, g in enumerate(self.unit_map.groups)
         ]
+
+    def new_problems(self) -> None:
+        """The next passes score other problems: forget the per-problem mean replacements."""
+        self.cache = {}
+        self.state = None
 
     def record(self, tok: Tensor, ln: Tensor) -> dict[str, Tensor]:
         self.recording = {}
@@ -872,14 +893,17 @@ class _FixedRun:
 
     def select(self, k0: int, k1: int) -> None:
         """Serve masks ``k0:k1`` in the next forward pass."""
-        self.keep = self.keep_f[k0:k1]
+        self.keep = self.keep_all[k0:k1]
         self.abl = None if self.abl_all is None else {h: v[k0:k1] for h, v in self.abl_all.items()}
 
     def scores(self, tok: Tensor, lens: Tensor, k0: int, k1: int) -> Tensor:
-        """OOO logits of problems ``tok`` ``[p, 4, w]`` under masks ``k0:k1``: ``[m * p, 4]``."""
+        """OOO logits of problems ``tok`` ``[p, 4, w]`` under masks ``k0:k1``: ``[m * p, 4]``.
+        Mean ablation's state (readout positions) depends only on the problems: it is begun
+        once per problems (:meth:`new_problems`); resample ablation draws its sources and
+        records them in every pass, as it always has."""
         m = k1 - k0
         self.select(k0, k1)
-        if self.ablator is not None:
+        if self.ablator is not None and (self.state is None or self.ablator.kind != "mean"):
             flat_tok, flat_len = tok.reshape(-1, tok.shape[-1]), lens.reshape(-1)
             self.state = self.ablator.begin(flat_tok, flat_len, m, True, self.record)
         return padded.ooo_scores_padded(

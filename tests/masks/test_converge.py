@@ -166,14 +166,18 @@ def _hand_mean_logits(model, data: EncodedProblems, ref: EncodedProblems, keep, 
     return -(gram.sum(-1) - gram.diagonal(dim1=1, dim2=2))
 
 
-def test_position_aware_mean_equals_hand_hooks(model):
-    """fixed_mask_scores with the mean ablator == hand-written hooks with hand-made means."""
+@pytest.mark.parametrize("max_rows", [40, 8192])
+def test_position_aware_mean_equals_hand_hooks(model, max_rows):
+    """fixed_mask_scores with the mean ablator == hand-written hooks with hand-made means (in
+    passes of one mask over chunks of problems, the mean replacement reused across masks, or
+    in one pass)."""
     train, val, ref = _two_datasets()
     um = tl_unit_map(model)
     abl = reference_ablator(as_adapter(model, pool="last"), um, ref.flat_inputs(), "mean")
     g = torch.Generator().manual_seed(0)
     keep = torch.rand(3, um.n_units, generator=g) < torch.tensor([[0.2], [0.6], [0.0]])
-    scores = fixed_mask_scores(model, val[0], keep, "last", unit_map=um, ablator=abl, max_rows=40)
+    scores = fixed_mask_scores(model, val[0], keep, "last", unit_map=um, ablator=abl,
+                               max_rows=max_rows)  # fmt: skip
     for i in range(3):
         hand = _hand_mean_logits(model, val[0], ref, keep[i], um)
         torch.testing.assert_close(scores[i].double(), hand, rtol=1e-4, atol=1e-4)
