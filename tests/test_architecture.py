@@ -224,3 +224,100 @@ def test_one_ablation_mix():
     files += [root / "objectives.py", root / "pairs.py"]
     found = {str(p.relative_to(root)): one_minus_products(p) for p in files}
     assert {k: len(v) for k, v in found.items() if v} == {"masks/ablation.py": 1}
+
+
+def _calls_by_function(
+    path: Path, attr: str, receiver: str | None = None
+) -> list[tuple[str, str | None]]:
+    """``(function, class)`` of every call ``<x>.<attr>(...)`` in ``path`` (the innermost
+    enclosing function and its class; ``None`` outside a class), only where ``<x>``'s source
+    ends with ``receiver`` when given."""
+    out: list[tuple[str, str | None]] = []
+
+    def visit(node: ast.AST, func: str, cls: ast.ClassDef | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, func, child)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{cls.name}.{child.name}" if cls is not None else child.name
+                visit(child, name, cls)
+            else:
+                if (
+                    isinstance(child, ast.Call)
+                    and isinstance(child.func, ast.Attribute)
+                    and child.func.attr == attr
+                    and (receiver is None or ast.unparse(child.func.value).endswith(receiver))
+                ):
+                    out.append((func, cls.name if cls is not None else None))
+                visit(child, func, cls)
+
+    visit(ast.parse(path.read_text()), "<module>", None)
+    return out
+
+
+def _mask_trainers(files: list[Path]) -> set[str]:
+    """Names of the classes deriving (directly or through one another) from MaskTrainer."""
+    bases: dict[str, set[str]] = {}
+    for p in files:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ClassDef):
+                names = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in
+                         node.bases}  # fmt: skip
+                bases.setdefault(node.name, set()).update(names)
+    found = {"MaskTrainer"}
+    while True:
+        more = {c for c, b in bases.items() if b & found} - found
+        if not more:
+            return found
+        found |= more
+
+
+def test_one_mask_training_loop():
+    """Masks are trained by one loop (issue 24): ``experiment.converge.MaskTrainer.run`` is the
+    only code that steps through a mask-training schedule (``evaluates_after``), its
+    ``_evaluate_and_prune`` the only one that keeps best checkpoints (``plateau.update``), and
+    every optimiser step of the mask engines (``masks``, ``experiment``, ``patching``,
+    objectives, prompt pairs) is a method of a MaskTrainer: the K-batched unit masks of the
+    study and the single mask of any kind under any objective are its two subclasses. (Base
+    models' own training loops, ``models/`` and the planted models' ``groundtruth/``, train
+    weights, not masks.)"""
+    root = PKG
+    every = sorted(root.rglob("*.py"))
+
+    def calls(attr: str, receiver: str | None = None) -> set[tuple[str, str]]:
+        return {
+            (str(p.relative_to(root)), f)
+            for p in every
+            for f, _ in _calls_by_function(p, attr, receiver)
+        }
+
+    assert calls("evaluates_after") == {("experiment/converge.py", "MaskTrainer.run")}
+    assert calls("update", "plateau") == {
+        ("experiment/converge.py", "MaskTrainer._evaluate_and_prune")
+    }
+    engine = [
+        p for d in ("masks", "experiment", "patching") for p in sorted((root / d).rglob("*.py"))
+    ]
+    engine += [root / "objectives.py", root / "pairs.py"]
+    trainers = _mask_trainers(every)
+    steps = [
+        (str(p.relative_to(root)), f, c) for p in engine for f, c in _calls_by_function(p, "step")
+    ]
+    assert steps, "no optimiser step found: the check would pass vacuously"
+    assert [s for s in steps if s[2] not in trainers] == []
+    assert trainers >= {"MaskTrainer", "_BatchedUnitTrainer", "_SingleMaskTrainer"}
+
+
+def test_one_loop_check_sees_a_planted_loop(tmp_path):
+    """The loop check finds a hand-written mask loop outside a MaskTrainer."""
+    planted = tmp_path / "loop.py"
+    planted.write_text(
+        "def train(opt, schedule):\n"
+        "    for step in range(10):\n"
+        "        opt.step()\n"
+        "        if schedule.evaluates_after(step):\n"
+        "            pass\n"
+    )
+    assert _calls_by_function(planted, "step") == [("train", None)]
+    assert _calls_by_function(planted, "evaluates_after") == [("train", None)]
+    assert _calls_by_function(planted, "step", "sched") == []

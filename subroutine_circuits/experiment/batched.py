@@ -703,6 +703,29 @@ def _fixed_inputs(
     return unit_map, keep, abls
 
 
+def fixed_eval_rows(model: nn.Module, data: Any, adapter: Any = None) -> int:
+    """The sequences (or images) per forward pass of :func:`fixed_mask_scores` by default: 256
+    on the CPU, where large batches only spill the caches, or the adapter's ``cpu_rows`` for
+    inputs without tokens; on accelerators :data:`DEVICE_ROWS`, for token inputs fewer when
+    the worker's memory budget says so (:func:`subroutine_circuits.memory.rows_per_pass`)."""
+    from subroutine_circuits.memory import rows_per_pass
+
+    device = next(model.parameters()).device
+    rows = 256 if device.type == "cpu" else DEVICE_ROWS
+    if device.type == "cpu" and not has_token_inputs(data) and adapter is not None:
+        return int(getattr(adapter, "cpu_rows", rows))  # e.g. a CNN's images
+    if device.type != "cpu" and has_token_inputs(data):
+        return rows_per_pass(model, int(data.lengths.max()), rows)
+    return rows
+
+
+def fixed_problem_chunk(model: nn.Module, data: Any, adapter: Any = None) -> int:
+    """Problems per forward pass of :func:`fixed_mask_scores` by default (its chunks of
+    problems: each pass scores one chunk under one or more masks)."""
+    n_stim = int(data.n_stimuli)
+    return max(1, min(len(data), fixed_eval_rows(model, data, adapter) // n_stim))
+
+
 @torch.no_grad()
 def fixed_mask_scores(
     model: nn.Module,
@@ -736,16 +759,11 @@ def fixed_mask_scores(
     mask, are scored by ``adapter.ooo_logits`` under the same slice-wise mask hooks (zero or
     mean ablation; ``pool`` is unused).
     """
-    from subroutine_circuits.memory import rows_per_pass
     from subroutine_circuits.models.readout import check_tokens, resolve_pool
 
     device = next(model.parameters()).device
     if max_rows is None:
-        max_rows = 256 if device.type == "cpu" else DEVICE_ROWS
-        if device.type == "cpu" and not has_token_inputs(data) and adapter is not None:
-            max_rows = int(getattr(adapter, "cpu_rows", max_rows))  # e.g. a CNN's images
-        elif device.type != "cpu" and has_token_inputs(data):
-            max_rows = rows_per_pass(model, int(data.lengths.max()), max_rows)
+        max_rows = fixed_eval_rows(model, data, adapter)
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     if ablator is not None and (ablation_values is not None or not isinstance(masks, Tensor)):

@@ -13,11 +13,13 @@ accuracy within ``tolerance`` of the best seen with fewer kept units. A mask tha
 every unit kept reaches the full model's accuracy at once; counting only accuracy would stop it
 before the sparsity penalty has removed anything. The returned mask is the best checkpoint.
 
-:func:`train_masks_converged` trains K unit masks (grid points x mask seeds x subroutines) in
-one loop with :class:`~subroutine_circuits.experiment.batched.BatchedUnitMask`. A mask that has
-stopped is dropped from the batch at the next evaluation (its rows leave the logits, optimiser
-state and data order), so finished masks cost nothing; the others continue exactly as if
-trained alone. Host synchronisations happen only at evaluations.
+:class:`MaskTrainer` is the one mask-training loop of the package (schedule, evaluations,
+plateau, best checkpoints); :func:`train_masks_converged` trains K unit masks (grid points x
+mask seeds x subroutines) in it with one
+:class:`~subroutine_circuits.experiment.batched.BatchedUnitMask`. A mask that has stopped is
+dropped from the batch at the next evaluation (its rows leave the logits, optimiser state and
+data order), so finished masks cost nothing; the others continue exactly as if trained alone.
+Host synchronisations happen only at evaluations.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class _Batch:
         self.rng = random.Random(seed)
         self.order: list[int] = []
         self.plateau = plateau
-        self.best_logits: Tensor | None = None
+        self.best: Any = None  # the best checkpoint so far (the trainer's snapshot)
         self.steps = 0
         self.temp: float | None = None
 
@@ -167,6 +169,86 @@ def _evaluate(
     return acc
 
 
+class MaskTrainer:
+    """The one mask-training loop: K masks step together under one :class:`Schedule`; after
+    every ``eval_every`` steps (and the last) each mask's binary form is scored on its
+    validation data, its :class:`Plateau` keeps the best checkpoint, and masks that have
+    stopped leave the batch. Without validation data there is no evaluation and no early stop.
+
+    Subclasses say how masks are held and stepped: :meth:`step` (one optimiser step of the
+    alive masks), :meth:`validate` (score and density of each alive mask), :meth:`snapshot`
+    (a checkpoint of alive row ``r``), :meth:`keep_rows` (drop the other rows), :meth:`training`
+    (a context around runs of steps, e.g. the masks' hooks) and :meth:`results`. The K-batched
+    unit masks of the study (:func:`train_masks_converged`) and a single mask of any kind under
+    any objective (:func:`~subroutine_circuits.experiment.search.train_mask_run`) are two such
+    subclasses of this loop.
+    """
+
+    def __init__(self, schedule: Schedule, batches: list[_Batch], validates: bool) -> None:
+        self.schedule = schedule
+        self.alive = batches
+        self.done: list[_Batch] = []
+        self.validates = validates
+
+    def training(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of a run of optimiser steps (none by default)."""
+        return contextlib.nullcontext()
+
+    def step(self, step: int) -> None:
+        """One optimiser step (1-based ``step``) of every alive mask."""
+        raise NotImplementedError
+
+    def validate(self, step: int) -> tuple[list[float], list[float]]:
+        """Validation score and density of each alive mask's binary form."""
+        raise NotImplementedError
+
+    def snapshot(self, row: int) -> Any:
+        """A checkpoint of alive mask ``row`` (kept as its best)."""
+        raise NotImplementedError
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Only alive masks ``rows`` train on (the others have stopped)."""
+
+    def results(self) -> list[MaskRun]:
+        """One :class:`MaskRun` per mask, in input order."""
+        raise NotImplementedError
+
+    def run(self, progress: bool = False, desc: str = "masks") -> list[MaskRun]:
+        """Train until every mask has stopped or the budget is spent."""
+        from tqdm.auto import tqdm
+
+        sched = self.schedule
+        bar = tqdm(total=sched.steps, disable=not progress, desc=desc, leave=False)
+        step = 0
+        while self.alive and step < sched.steps:
+            with self.training():
+                while True:
+                    step += 1
+                    self.step(step)
+                    for b in self.alive:
+                        b.steps = step
+                    if sched.evaluates_after(step):
+                        break
+            bar.update(step - bar.n)
+            if self.validates:
+                self._evaluate_and_prune(step)
+        bar.close()
+        return self.results()
+
+    def _evaluate_and_prune(self, step: int) -> None:
+        """Validation of every alive mask, plateau bookkeeping, finished ones dropped."""
+        scores, density = self.validate(step)
+        for r, b in enumerate(self.alive):
+            if b.plateau.update(scores[r], density[r], step):
+                b.best = self.snapshot(r)
+        stay = [r for r, b in enumerate(self.alive) if not b.plateau.stopped]
+        if len(stay) < len(self.alive):
+            self.done += [b for r, b in enumerate(self.alive) if r not in stay]
+            self.alive = [self.alive[r] for r in stay]
+            if stay:
+                self.keep_rows(stay)
+
+
 def train_masks_converged(
     model: nn.Module,
     train: Any | Sequence[Any],
@@ -202,11 +284,14 @@ def train_masks_converged(
             from ``adapter.unit_map``; zero or mean ablation).
     """
     args = (model, train, val, cfg, hps, seeds, schedule, ablator, pool, data_index, noise)
-    return _ConvergedLoop(*args, autocast_dtype, adapter).run(progress)
+    loop = _BatchedUnitTrainer(*args, autocast_dtype, adapter)
+    return loop.run(progress, f"{len(loop.alive)} masks")
 
 
-class _ConvergedLoop:
-    """The state of :func:`train_masks_converged` (split into short steps)."""
+class _BatchedUnitTrainer(MaskTrainer):
+    """:func:`train_masks_converged`: K unit masks in one
+    :class:`~subroutine_circuits.experiment.batched.BatchedUnitMask` (rows follow the alive
+    masks), token inputs through padded passes, other inputs through the adapter."""
 
     def __init__(
         self,
@@ -282,16 +367,17 @@ class _ConvergedLoop:
         self.bm = BatchedUnitMask(self.unit_map, self.cfgs, None, noise, self.ablator).to(device)
         self.opt = StackedAdam(self.bm.logits, [float(h.get("lr", cfg.lr)) for h in hps])
         self.sparsity = DensityMultiplier.for_grid(cfg, hps).to(device)
-        self.alive = [
+        batches = [
             _Batch(i, d, len(trains[d]), offsets[d], s, schedule.plateau())
             for i, (d, s) in enumerate(zip(which, seeds))
         ]
-        self.done: list[_Batch] = []
+        super().__init__(schedule, batches, validates=True)
         self.device = device
         self.pad_state: dict = {}
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.bm.train()
 
-    def _step(self, step: int) -> None:
+    def step(self, step: int) -> None:
         """One optimiser step of every alive mask (no host sync)."""
         bsz, bm, k = int(self.cfg.batch_size), self.bm, len(self.alive)
         idx_list = [j for b in self.alive for j in b.draw(bsz)]
@@ -413,17 +499,25 @@ class _ConvergedLoop:
             g.set_state(st)
 
     def _after_step(self, step: int) -> None:
-        """The temperature schedule and the step counters after an optimiser step."""
+        """The temperature schedule after an optimiser step (the loop counts the steps)."""
         bm = self.bm
         if bm.parametrization == "continuous":
             with torch.no_grad():
                 bm.temperature.fill_(self.schedule.temperature(step))
         for b in self.alive:
-            b.steps = step
             b.temp = self.schedule.temperature(step) if bm.parametrization == "continuous" else None
 
-    def _evaluate_and_prune(self, step: int) -> None:
-        """Validation accuracy of every alive mask, plateau bookkeeping, finished ones dropped."""
+    def training(self) -> contextlib.AbstractContextManager[Any]:
+        """The masks' hooks and the key-padding hooks on the model."""
+        from subroutine_circuits.experiment.batched import _hooks_on
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.bm.applied(self.model))
+        stack.enter_context(_hooks_on(self.model, padded.padding_hooks(self.model, self.pad_state)))
+        return stack
+
+    def validate(self, step: int) -> tuple[list[float], list[float]]:
+        """Validation accuracy of every alive mask's binary form on its own validation set."""
         if bool(self.bad):
             raise ValueError(f"mask training produced a non-finite loss by step {step}")
         self.bm.eval()
@@ -439,50 +533,21 @@ class _ConvergedLoop:
             self.autocast_dtype,
             self.adapter,
         )
-        density = keep.float().mean(1).tolist()
-        for r, b in enumerate(self.alive):
-            if b.plateau.update(acc[r], density[r], step):
-                b.best_logits = self.bm.logits.detach()[r].clone()
         self.bm.train()
-        stay = [r for r, b in enumerate(self.alive) if not b.plateau.stopped]
-        if len(stay) < len(self.alive):
-            self.done += [b for r, b in enumerate(self.alive) if r not in stay]
-            self.alive = [self.alive[r] for r in stay]
-            if stay:
-                _select_rows(self.bm, self.opt, stay)
+        return acc, keep.float().mean(1).tolist()
 
-    def run(self, progress: bool) -> list[MaskRun]:
-        """Train until every mask has stopped or the budget is spent."""
-        from tqdm.auto import tqdm
+    def snapshot(self, row: int) -> Tensor:
+        """Row ``row`` of the mask logits."""
+        return self.bm.logits.detach()[row].clone()
 
-        from subroutine_circuits.experiment.batched import _hooks_on
+    def keep_rows(self, rows: list[int]) -> None:
+        _select_rows(self.bm, self.opt, rows)
 
-        sched = self.schedule
-        bar = tqdm(
-            total=sched.steps, disable=not progress, desc=f"{len(self.alive)} masks", leave=False
-        )
-        self.bm.train()
-        step = 0
-        while self.alive and step < sched.steps:
-            with (
-                self.bm.applied(self.model),
-                _hooks_on(self.model, padded.padding_hooks(self.model, self.pad_state)),
-            ):
-                while True:
-                    step += 1
-                    self._step(step)
-                    if sched.evaluates_after(step):
-                        break
-            bar.update(step - bar.n)
-            self._evaluate_and_prune(step)
-        bar.close()
-        return self._results()
-
-    def _results(self) -> list[MaskRun]:
+    def results(self) -> list[MaskRun]:
         """One MaskRun per mask, in input order, each with its best checkpoint."""
         out: list[MaskRun | None] = [None] * len(self.hps)
         for b in self.done + self.alive:
-            mask = _unit_mask(self.unit_map, self.cfgs[b.i], b.best_logits, b.temp, self.ablator)
+            mask = _unit_mask(self.unit_map, self.cfgs[b.i], b.best, b.temp, self.ablator)
             p = b.plateau
             out[b.i] = MaskRun(
                 mask,

@@ -466,9 +466,16 @@ def _add_random_controls(
 
 
 def fixed_accuracies(
-    adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator
+    adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator, floor: float | None = None
 ) -> list[float]:
-    """Accuracy of each fixed keep row on ``data`` under ``ablator`` (batched passes)."""
+    """Accuracy of each fixed keep row on ``data`` under ``ablator`` (batched passes).
+
+    With ``floor``, only whether a row reaches it matters for rows that do not: a row is
+    dropped once its errors so far rule the floor out, and its entry is then the most it could
+    still have reached (below ``floor``); rows reaching the floor get their exact accuracy
+    (:func:`fixed_accuracies_losses`)."""
+    if floor is not None:
+        return fixed_accuracies_losses(adapter, data, keep, unit_map, ablator, floor)[0].tolist()
     return fixed_accuracies_counts(adapter, data, keep, unit_map, ablator)[0]
 
 
@@ -483,16 +490,64 @@ def fixed_accuracies_counts(
 
 
 def fixed_accuracies_losses(
-    adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator
+    adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator, floor: float | None = None
 ) -> tuple[Float[Tensor, " k"], Float[Tensor, " k"]]:
     """Accuracy and mean OOO cross-entropy (the mask training loss) of each fixed keep row on
-    ``data`` under ``ablator`` (batched passes); both ``[K]`` on the CPU."""
+    ``data`` under ``ablator`` (batched passes); both ``[K]`` on the CPU.
+
+    With ``floor`` (the minimality pass asks only which rows keep the accuracy at or above it,
+    and the loss of those): the problems are scored one chunk of passes at a time (the chunks
+    :func:`~subroutine_circuits.experiment.batched.fixed_mask_scores` uses, so every score is
+    the one a whole call gives) and a row leaves once ``(correct + problems left) / n`` falls
+    below ``floor``; such a row gets that bound as its accuracy (below ``floor``) and an
+    infinite loss. Rows that reach the floor get exact values. Resample ablation draws its
+    sources pass by pass, so it is scored whole (no rows leave)."""
     import torch.nn.functional as F
 
-    scores, odd = _fixed_scores(adapter, data, keep, unit_map, ablator)
+    if floor is None or ablator.kind == "resample":
+        scores, odd = _fixed_scores(adapter, data, keep, unit_map, ablator)
+        left = None
+    else:
+        scores, odd, left = _fixed_scores_to_floor(adapter, data, keep, unit_map, ablator, floor)
     acc = (scores.argmax(-1) == odd).double().mean(1)
     loss = F.cross_entropy(scores.flatten(0, 1), odd.flatten(), reduction="none")
-    return acc, loss.view(scores.shape[:2]).double().mean(1)
+    loss = loss.view(scores.shape[:2]).double().mean(1)
+    if left is not None:
+        gone = ~torch.isnan(left)
+        acc = torch.where(gone, left, acc)
+        loss = torch.where(gone, torch.full_like(loss, math.inf), loss)
+    return acc, loss
+
+
+def _fixed_scores_to_floor(
+    adapter, data: EncodedProblems, keep, unit_map, ablator: Ablator, floor: float
+) -> tuple[Float[Tensor, "k n n_stimuli"], Tensor, Float[Tensor, " k"]]:
+    """:func:`_fixed_scores` chunk by chunk of problems, rows leaving once they cannot reach
+    ``floor``; also the accuracy bound at which each row left (NaN: stayed to the end).
+    The scores of rows that left are zero from their leaving on."""
+    from subroutine_circuits.experiment.batched import fixed_problem_chunk
+
+    keep = torch.as_tensor(keep)
+    n, k = len(data), keep.shape[0]
+    chunk = fixed_problem_chunk(adapter.model, data, adapter)
+    odd_all = data.odd.cpu()
+    scores = torch.zeros(k, n, data.n_stimuli)
+    correct = torch.zeros(k, dtype=torch.long)
+    left = torch.full((k,), math.nan, dtype=torch.float64)
+    rows = torch.arange(k)
+    for p0 in range(0, n, chunk):
+        p1 = min(n, p0 + chunk)
+        part = data.batch(torch.arange(p0, p1, device=data.odd.device))
+        got, _ = _fixed_scores(adapter, part, keep[rows.to(keep.device)], unit_map, ablator)
+        scores[rows, p0:p1] = got
+        correct[rows] += (got.argmax(-1) == odd_all[None, p0:p1]).sum(1)
+        bound = (correct[rows] + (n - p1)).double() / n
+        out = bound < floor
+        left[rows[out]] = bound[out]
+        rows = rows[~out]
+        if len(rows) == 0:
+            break
+    return scores, odd_all[None, :].expand(k, -1), left
 
 
 def _fixed_scores(

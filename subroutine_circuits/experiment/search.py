@@ -19,7 +19,6 @@ masks always run this way).
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,13 @@ from torch import Tensor
 
 from subroutine_circuits.adapters.base import EncodedProblems
 from subroutine_circuits.experiment.config import MaskSearchConfig
-from subroutine_circuits.experiment.converge import MaskRun, Schedule, mask_schedule
+from subroutine_circuits.experiment.converge import (
+    MaskRun,
+    MaskTrainer,
+    Schedule,
+    _Batch,
+    mask_schedule,
+)
 from subroutine_circuits.experiment.schedule import DensityMultiplier
 from subroutine_circuits.masks.ablator import Ablator
 from subroutine_circuits.objectives import Objective, OddOneOut
@@ -124,68 +129,82 @@ def train_mask_run(
     ``objective`` (default: the study's odd-one-out readout) gives the loss on a training batch
     and the validation score; ``train`` / ``val`` are its data (``EncodedProblems``, or
     ``PromptPairs`` for prompt-pair objectives). Without ``val`` there is no evaluation and no
-    early stop: the mask after the whole budget.
+    early stop: the mask after the whole budget. The loop is the study's
+    (:class:`~subroutine_circuits.experiment.converge.MaskTrainer`) with one mask of any kind.
     """
-    from tqdm.auto import tqdm
+    trainer = _SingleMaskTrainer(adapter, train, cfg, hp, seed, val, ablator, schedule, objective)
+    return trainer.run(progress, "mask")[0]
 
-    objective = objective if objective is not None else OddOneOut()
-    schedule = schedule if schedule is not None else mask_schedule(cfg, len(train))
-    adapter.freeze()
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    device = adapter.device
-    mask = make_mask(adapter, cfg, hp, seed, ablator, objective.ablation).to(device)
-    mask.train()
-    opt = torch.optim.Adam(
-        [p for p in mask.parameters() if p.requires_grad], lr=float(hp.get("lr", cfg.lr))
-    )
-    sparsity = DensityMultiplier.for_grid(cfg, [hp]).to(device)
-    n_units = max(1, int(mask.flat_binary().numel()))
-    plateau, best, order = schedule.plateau(), None, []
-    step, temp = 0, None
-    for step in tqdm(range(1, schedule.steps + 1), disable=not progress, desc="mask", leave=False):
-        if len(order) < cfg.batch_size:
-            perm = list(range(len(train)))
-            rng.shuffle(perm)
-            order.extend(perm)
-        batch = train.batch(torch.tensor(order[: cfg.batch_size], device=device))
-        del order[: cfg.batch_size]
-        fit = objective.loss(adapter, mask, batch)
+
+class _SingleMaskTrainer(MaskTrainer):
+    """One mask (unit or weight) under an objective, trained by the one mask loop."""
+
+    def __init__(self, adapter, train, cfg, hp, seed, val, ablator, schedule, objective):
+        self.objective = objective if objective is not None else OddOneOut()
+        schedule = schedule if schedule is not None else mask_schedule(cfg, len(train))
+        super().__init__(
+            schedule, [_Batch(0, 0, len(train), 0, seed, schedule.plateau())], val is not None
+        )
+        adapter.freeze()
+        torch.manual_seed(seed)
+        self.adapter, self.train_data, self.val, self.cfg = adapter, train, val, cfg
+        self.device = adapter.device
+        mask = make_mask(adapter, cfg, hp, seed, ablator, self.objective.ablation)
+        self.mask = mask.to(self.device)
+        self.mask.train()
+        self.opt = torch.optim.Adam(
+            [p for p in self.mask.parameters() if p.requires_grad], lr=float(hp.get("lr", cfg.lr))
+        )
+        self.sparsity = DensityMultiplier.for_grid(cfg, [hp]).to(self.device)
+        self.n_units = max(1, int(self.mask.flat_binary().numel()))
+        self.temp: float | None = None
+
+    def step(self, step: int) -> None:
+        """One optimiser step: the objective's loss on the next minibatch plus the sparsity
+        term (a fixed L0 weight, or the target density's multiplier, updated by dual ascent on
+        the binary-kept share)."""
+        mask, sparsity, b = self.mask, self.sparsity, self.alive[0]
+        idx = torch.tensor(b.draw(self.cfg.batch_size), device=self.device)
+        fit = self.objective.loss(self.adapter, mask, self.train_data.batch(idx))
         penalty = mask.penalty()
         soft = mask.soft_count().reshape(1) if sparsity.any_target else None
-        term = sparsity.penalty([0], sparsity.weight([0]), penalty.reshape(1), n_units, soft)[0]
-        loss = fit + term
+        term = sparsity.penalty([0], sparsity.weight([0]), penalty.reshape(1), self.n_units, soft)
+        loss = fit + term[0]
         if not torch.isfinite(loss):
             raise ValueError(f"mask training produced a non-finite loss at step {step - 1}")
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if soft is not None:  # dual ascent on the binary-kept share
-            sparsity.update([0], soft.detach() / n_units)
-        if cfg.parametrization == "continuous":
-            temp = schedule.temperature(step)
-            _set_temperature(mask, temp)
-        if val is not None and schedule.evaluates_after(step):
-            mask.eval()
-            if plateau.update(objective.score(adapter, val, mask), mask.density(), step):
-                best = {k: v.detach().clone() for k, v in mask.state_dict().items()}
-            mask.train()
-            if plateau.stopped:
-                break
-    if best is not None:
-        mask.load_state_dict(best)
-    mask.eval()
-    val_acc = plateau.best_acc if val is not None else math.nan
-    return MaskRun(
-        mask,
-        val_acc,
-        mask.density(),
-        step,
-        plateau.best_step or step,
-        temp,
-        step < schedule.steps,
-        list(plateau.history),
-    )
+        self.opt.step()
+        if soft is not None:
+            sparsity.update([0], soft.detach() / self.n_units)
+        if self.cfg.parametrization == "continuous":
+            self.temp = self.schedule.temperature(step)
+            _set_temperature(mask, self.temp)
+
+    def validate(self, step: int) -> tuple[list[float], list[float]]:
+        """The objective's score of the binary mask on the validation data, and its density."""
+        self.mask.eval()
+        score = self.objective.score(self.adapter, self.val, self.mask)
+        density = self.mask.density()
+        self.mask.train()
+        return [score], [density]
+
+    def snapshot(self, row: int) -> dict[str, Tensor]:
+        """The mask's parameters and buffers."""
+        return {k: v.detach().clone() for k, v in self.mask.state_dict().items()}
+
+    def results(self) -> list[MaskRun]:
+        """The best checkpoint (the last state without validation data)."""
+        b = (self.done + self.alive)[0]
+        if b.best is not None:
+            self.mask.load_state_dict(b.best)
+        self.mask.eval()
+        p = b.plateau
+        val_acc = p.best_acc if self.validates else math.nan
+        stopped = b.steps < self.schedule.steps
+        run = MaskRun(self.mask, val_acc, self.mask.density(), b.steps, p.best_step or b.steps,
+                      self.temp, stopped, list(p.history))  # fmt: skip
+        return [run]
 
 
 def train_mask(
@@ -450,7 +469,7 @@ def prune_run(
         prefixes = keep.repeat(len(sizes), 1)
         for row, n in enumerate(sizes):
             prefixes[row, order[:n]] = False  # row: the n least harmful removed
-        accs = fixed_accuracies(adapter, val, prefixes, unit_map, ablator)
+        accs = fixed_accuracies(adapter, val, prefixes, unit_map, ablator, floor)
         ok = [row for row, a in enumerate(accs) if a >= floor]
         if not ok:
             break
@@ -515,7 +534,7 @@ def block_removable(
     rows = keep.repeat(len(blocks), 1)
     for row, block in enumerate(blocks):
         rows[row, block] = False
-    accs = fixed_accuracies(adapter, val, rows, unit_map, ablator)
+    accs = fixed_accuracies(adapter, val, rows, unit_map, ablator, floor)
     return int(sum(len(b) for b, a in zip(blocks, accs) if a >= floor))
 
 
@@ -547,7 +566,7 @@ def _finish_1_minimal(
     removed = 0
     while int(keep.sum()) > 1:
         _, without = _each_removed(keep)
-        acc, loss = fixed_accuracies_losses(adapter, val, without, unit_map, ablator)
+        acc, loss = fixed_accuracies_losses(adapter, val, without, unit_map, ablator, floor)
         ok = acc >= floor
         if not bool(ok.any()):
             break

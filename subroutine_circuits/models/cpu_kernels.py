@@ -74,7 +74,13 @@ _depth = 0
 
 
 def _attention_module() -> Any:
-    """TransformerLens 3.x's attention module, or None (not installed, or 4.x)."""
+    """TransformerLens 3.x's attention module, or None (not installed, or 4.x: no model of
+    this library runs TransformerLens's own attention there, and importing it would cost each
+    worker process seconds)."""
+    from subroutine_circuits.models.versions import tl_major
+
+    if tl_major() >= 4:
+        return None
     try:
         from transformer_lens.components import abstract_attention
     except ImportError:

@@ -237,3 +237,44 @@ def test_block_removable_counts_units_of_blocks_that_can_go():
     assert run(finish_max_units=um.n_units).pruned["block_removable"] == 0
     large = run(finish_max_units=0).pruned
     assert large["finish"].startswith("skipped") and large["block_removable"] >= 0
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_floor_evaluation_is_exact_where_it_matters(kind):
+    """The minimality pass's floor-aware evaluation (rows leave once their errors rule the
+    floor out) gives the whole evaluation's accuracy and loss, bit for bit, to every row that
+    reaches the floor; every other row gets an accuracy below the floor and at least its true
+    one (the bound at which it left), and an infinite loss; some rows leave before the last
+    chunk of problems (the saving is real)."""
+    from conftest import make_tiny_transformer
+
+    from subroutine_circuits.adapters import as_adapter, tl_unit_map
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.experiment.batched import fixed_problem_chunk
+    from subroutine_circuits.experiment.evaluate import fixed_accuracies_losses
+    from subroutine_circuits.masks.ablator import Ablator, reference_ablator
+    from subroutine_circuits.models.readout import ooo_logits
+
+    model = make_tiny_transformer(seed=5)
+    adapter = as_adapter(model, pool="last")
+    um = tl_unit_map(model)
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(1, 50, (150, 4, 7), generator=g)
+    lens = torch.randint(4, 8, (150, 4), generator=g)
+    with torch.no_grad():  # the full model solves every problem: removals cost accuracy
+        odd = ooo_logits(model, toks, lens, "last").argmax(-1)
+    data = EncodedProblems({"tokens": toks, "lengths": lens}, odd)
+    assert fixed_problem_chunk(model, data, adapter) < len(data)  # several chunks
+    density = torch.tensor([1.0, 0.97, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0])[:, None]
+    keep = torch.rand(len(density), um.n_units, generator=g) < density
+    abl = Ablator("zero") if kind == "zero" else reference_ablator(
+        adapter, um, data.flat_inputs(), "mean")  # fmt: skip
+    acc, loss = fixed_accuracies_losses(adapter, data, keep, um, abl)
+    floor = 0.9
+    got_acc, got_loss = fixed_accuracies_losses(adapter, data, keep, um, abl, floor)
+    reach = acc >= floor
+    assert reach.any() and (~reach).any()
+    assert torch.equal(got_acc[reach], acc[reach]) and torch.equal(got_loss[reach], loss[reach])
+    assert bool((got_acc[~reach] < floor).all()) and bool((got_acc[~reach] >= acc[~reach]).all())
+    assert bool(torch.isinf(got_loss[~reach]).all())
+    assert bool((got_acc[~reach] > acc[~reach]).any()), "no row left before the last chunk"
