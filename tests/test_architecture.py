@@ -227,11 +227,11 @@ def test_one_ablation_mix():
 
 
 def _calls_by_function(
-    path: Path, attr: str, receiver: str | None = None
+    path: Path, attr: str, receiver: str | None = None, bare: bool = False
 ) -> list[tuple[str, str | None]]:
     """``(function, class)`` of every call ``<x>.<attr>(...)`` in ``path`` (the innermost
     enclosing function and its class; ``None`` outside a class), only where ``<x>``'s source
-    ends with ``receiver`` when given."""
+    ends with ``receiver`` when given; with ``bare``, calls ``<attr>(...)`` too."""
     out: list[tuple[str, str | None]] = []
 
     def visit(node: ast.AST, func: str, cls: ast.ClassDef | None) -> None:
@@ -242,7 +242,13 @@ def _calls_by_function(
                 name = f"{cls.name}.{child.name}" if cls is not None else child.name
                 visit(child, name, cls)
             else:
-                if (
+                named = (
+                    bare
+                    and isinstance(child, ast.Call)
+                    and isinstance(child.func, ast.Name)
+                    and child.func.id == attr
+                )
+                if named or (
                     isinstance(child, ast.Call)
                     and isinstance(child.func, ast.Attribute)
                     and child.func.attr == attr
@@ -255,8 +261,31 @@ def _calls_by_function(
     return out
 
 
-def _mask_trainers(files: list[Path]) -> set[str]:
-    """Names of the classes deriving (directly or through one another) from MaskTrainer."""
+def _optimiser_classes(path: Path) -> list[str | None]:
+    """The enclosing class (None outside one) of every use of ``torch.optim.<Optimiser>``."""
+    out: list[str | None] = []
+
+    def visit(node: ast.AST, cls: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, child.name)
+                continue
+            if (
+                isinstance(child, ast.Attribute)
+                and ast.unparse(child.value).endswith("optim")
+                and child.attr[:1].isupper()
+                and not child.attr.startswith("Optimizer")
+            ):
+                out.append(cls)
+            visit(child, cls)
+
+    visit(ast.parse(path.read_text()), None)
+    return out
+
+
+def _mask_trainers(files: list[Path], root_class: str = "MaskTrainer") -> set[str]:
+    """Names of the classes deriving (directly or through one another) from ``root_class``
+    (and itself)."""
     bases: dict[str, set[str]] = {}
     for p in files:
         for node in ast.walk(ast.parse(p.read_text())):
@@ -264,7 +293,7 @@ def _mask_trainers(files: list[Path]) -> set[str]:
                 names = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in
                          node.bases}  # fmt: skip
                 bases.setdefault(node.name, set()).update(names)
-    found = {"MaskTrainer"}
+    found = {root_class}
     while True:
         more = {c for c, b in bases.items() if b & found} - found
         if not more:
@@ -308,6 +337,36 @@ def test_one_mask_training_loop():
     assert trainers >= {"MaskTrainer", "_BatchedUnitTrainer", "_SingleMaskTrainer"}
 
 
+def test_one_base_model_training_loop():
+    """Base models' weights are trained by one loop (issue 24): ``models.loop.optimizer_step``
+    is the only optimiser step outside the mask engines, ``BaseTrainer.run`` the only code that
+    calls it, and every optimiser of a base model is built by a BaseTrainer subclass:
+    supervised (OOO, label, Hugging Face fine-tuning), pretraining, CNN, SimCLR and the
+    entangled planted models' fine-tuning are subclasses that say what a batch and its loss
+    are."""
+    root = PKG
+    every = sorted(root.rglob("*.py"))
+    engine_dirs = ("masks", "experiment", "patching")
+    base = [p for p in every if p.relative_to(root).parts[0] not in engine_dirs
+            and p.name not in ("objectives.py", "pairs.py")]  # fmt: skip
+
+    def calls(files: list[Path], attr: str) -> set[tuple[str, str]]:
+        return {
+            (str(p.relative_to(root)), f)
+            for p in files
+            for f, _ in _calls_by_function(p, attr, bare=True)
+        }
+
+    assert calls(base, "step") == {("models/loop.py", "optimizer_step")}
+    assert calls(every, "optimizer_step") == {("models/loop.py", "BaseTrainer.run")}
+    trainers = _mask_trainers(every, "BaseTrainer")
+    built = [(str(p.relative_to(root)), c) for p in base for c in _optimiser_classes(p)]
+    assert len(built) >= 5, "no optimiser construction found: the check would pass vacuously"
+    assert [b for b in built if b[1] not in trainers] == []
+    assert trainers >= {"BaseTrainer", "EvaluatedTrainer", "_SupervisedTrainer", "_Pretrainer",
+                        "_CNNTrainer", "_SimCLRTrainer", "_PenaltyTrainer"}  # fmt: skip
+
+
 def test_one_loop_check_sees_a_planted_loop(tmp_path):
     """The loop check finds a hand-written mask loop outside a MaskTrainer."""
     planted = tmp_path / "loop.py"
@@ -321,3 +380,7 @@ def test_one_loop_check_sees_a_planted_loop(tmp_path):
     assert _calls_by_function(planted, "step") == [("train", None)]
     assert _calls_by_function(planted, "evaluates_after") == [("train", None)]
     assert _calls_by_function(planted, "step", "sched") == []
+    bare = tmp_path / "bare.py"
+    bare.write_text("def fit(loss, opt):\n    optimizer_step(loss, opt)\n")
+    assert _calls_by_function(bare, "optimizer_step") == []
+    assert _calls_by_function(bare, "optimizer_step", bare=True) == [("fit", None)]

@@ -719,6 +719,10 @@ def fixed_eval_rows(model: nn.Module, data: Any, adapter: Any = None) -> int:
     return rows
 
 
+#: fixed masks to score: trained unit masks (each as its binary keep set) or boolean rows
+FixedMasks = Sequence[UnitMask] | Bool[Tensor, "k n_units"]
+
+
 def fixed_problem_chunk(model: nn.Module, data: Any, adapter: Any = None) -> int:
     """Problems per forward pass of :func:`fixed_mask_scores` by default (its chunks of
     problems: each pass scores one chunk under one or more masks)."""
@@ -730,7 +734,7 @@ def fixed_problem_chunk(model: nn.Module, data: Any, adapter: Any = None) -> int
 def fixed_mask_scores(
     model: nn.Module,
     data: Any,
-    masks: Sequence[UnitMask] | Bool[Tensor, "k n_units"],
+    masks: FixedMasks,
     pool: str | None = None,
     *,
     unit_map: UnitMap | None = None,
@@ -931,11 +935,7 @@ class _FixedRun:
 
 @torch.no_grad()
 def evaluate_fixed_masks(
-    model: nn.Module,
-    data: Any,
-    masks: Sequence[UnitMask] | Bool[Tensor, "k n_units"],
-    pool: str | None = None,
-    **kwargs: Any,
+    model: nn.Module, data: Any, masks: FixedMasks, pool: str | None = None, **kwargs: Any
 ) -> Float[Tensor, " k"]:
     """OOO accuracy of each of K fixed unit masks on ``data`` (EncodedProblems): ``[K]``.
 

@@ -696,6 +696,8 @@ class SimCLRSettings(_Overrides):
     temperature: float | None = _opt(gt=0)
     reset_head: bool | None = None
     time_limit_s: float | None = _opt(gt=0)
+    grad_clip: float | None = _opt(gt=0)
+    warmup_steps: int | None = _opt(ge=0)
 
     def build(self, **runner: Any):
         """The ``models.simclr.SimCLRConfig`` these overrides give (imports torch)."""

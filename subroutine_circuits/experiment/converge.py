@@ -28,7 +28,7 @@ import contextlib
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -78,18 +78,16 @@ class MaskRun:
     #: rounds, whether the 1-minimal finish ran and what it removed
     pruned: dict[str, Any] | None = None
 
+    #: the fields of :meth:`info`, in its order (``history`` follows, as lists)
+    RECORD: ClassVar[tuple[str, ...]] = (
+        "pruned", "val_acc", "density", "steps", "best_step", "final_temp", "stopped_early",
+    )  # fmt: skip
+
     def info(self) -> dict[str, Any]:
         """The run's training record (JSON-ready)."""
-        return {
-            "pruned": self.pruned,
-            "val_acc": self.val_acc,
-            "density": self.density,
-            "steps": self.steps,
-            "best_step": self.best_step,
-            "final_temp": self.final_temp,
-            "stopped_early": self.stopped_early,
-            "history": [list(h) for h in self.history],
-        }
+        out = {name: getattr(self, name) for name in self.RECORD}
+        out["history"] = [list(h) for h in self.history]
+        return out
 
 
 # ---------------------------------------------------------------------------- batched training

@@ -126,7 +126,7 @@ def train_composite(adapter: Any, train: Any, val: Any, tcfg: Any) -> Any:
     best weights restored (``models.train`` loop). Returns the ``TrainResult``."""
     import torch.nn.functional as F
 
-    from subroutine_circuits.models.train import _fit
+    from subroutine_circuits.models.train import _SupervisedTrainer
 
     tcfg.validate()
     model = adapter.model
@@ -144,7 +144,9 @@ def train_composite(adapter: Any, train: Any, val: Any, tcfg: Any) -> Any:
     def val_accuracy() -> float:
         return adapter.accuracy(val, batch_size=tcfg.eval_batch_size)
 
-    return _fit(model, len(train), batch_step, val_accuracy, tcfg, "train_checkpoint")
+    return _SupervisedTrainer(
+        model, len(train), batch_step, val_accuracy, tcfg, "train_checkpoint"
+    ).fit()
 
 
 def train_base(model: Any, cfg: Any, prep: Any, seed: int, device: str) -> dict[str, Any]:

@@ -409,8 +409,7 @@ def prune_run(
     run: MaskRun,
     ablator: Ablator,
     tolerance: float,
-    rounds: int = PRUNE_ROUNDS,
-    rank_problems: int = PRUNE_RANK_PROBLEMS,
+    *,
     min_acc: float = 0.0,
     finish_max_units: int = PRUNE_FINISH_MAX_UNITS,
 ) -> MaskRun:
@@ -422,29 +421,29 @@ def prune_run(
     the mask then breaks both partitions). The verdict is about accuracy, so the subnetwork is
     made minimal by accuracy, on the same VALIDATION problems the search chose on.
 
-    Rounds of: the accuracy without each kept unit on the first ``rank_problems`` validation
-    problems (one batched pass), the units sorted from least to most harmful (stable), the
-    accuracy on *every* validation problem with the ``n`` least harmful removed for ``n`` in
-    :func:`prefix_sizes` (one batched pass), and the largest ``n`` whose accuracy is at least
-    the chosen mask's minus ``tolerance`` (and at least ``min_acc``, the study's
+    Rounds of: the accuracy without each kept unit on the first :data:`PRUNE_RANK_PROBLEMS`
+    validation problems (one batched pass), the units sorted from least to most harmful
+    (stable), the accuracy on *every* validation problem with the ``n`` least harmful removed
+    for ``n`` in :func:`prefix_sizes` (one batched pass), and the largest ``n`` whose accuracy
+    is at least the chosen mask's minus ``tolerance`` (and at least ``min_acc``, the study's
     ``mask_min_acc``, when the chosen mask reached it: a usable mask stays usable) removed;
-    until a round removes nothing, at most ``rounds`` rounds. Then the **finish**, which makes
-    the mask 1-minimal: the accuracy and cross-entropy without each kept unit on every
-    validation problem (one batched pass), and, of the removals whose accuracy stays at or
+    until a round removes nothing, at most :data:`PRUNE_ROUNDS` rounds. Then the **finish**,
+    which makes the mask 1-minimal: the accuracy and cross-entropy without each kept unit on
+    every validation problem (one batched pass), and, of the removals whose accuracy stays at or
     above that floor, the one with the lowest cross-entropy made; repeated until no single unit
     can go. Why the finish: the prefixes follow one ranking, computed with every kept unit
-    present, so they cannot see that removing one unit makes others useless; in a model with
-    two copies of a subroutine every single unit looks harmless and the prefixes cut into both
+    present, so they cannot see that removing one unit makes others useless; in a model with two
+    copies of a subroutine every single unit looks harmless and the prefixes cut into both
     copies. The finish re-measures after every removal, so the result is 1-minimal; it is not
     the smallest subnetwork: on the earlier planted redundant models (copies of 5-12 units) a
-    1-minimal mask still spanned both copies in about half of the runs (README, "Ground
-    truth"). The finish runs on masks of at most ``finish_max_units`` units after the prefix
-    rounds (:data:`PRUNE_FINISH_MAX_UNITS`; its cost grows with the square of the mask); a larger
-    mask gets the cheap measure :func:`block_removable` instead (``pruned["block_removable"]``).
-    At least one unit stays. ``run.pruned`` records the accuracy and units before, the units
+    1-minimal mask still spanned both copies in about half of the runs (README, "Ground truth").
+    The finish runs on masks of at most ``finish_max_units`` units after the prefix rounds
+    (:data:`PRUNE_FINISH_MAX_UNITS`; its cost grows with the square of the mask); a larger mask
+    gets the cheap measure :func:`block_removable` instead (``pruned["block_removable"]``). At
+    least one unit stays. ``run.pruned`` records the accuracy and units before, the units
     dropped, the rounds, whether the finish ran and its removals, the last round's ranking
-    (``ranking``: unit indices, least harmful first); ``val_acc`` and ``density``
-    are the pruned mask's. The mask is changed in place (``drop``).
+    (``ranking``: unit indices, least harmful first); ``val_acc`` and ``density`` are the pruned
+    mask's. The mask is changed in place (``drop``).
     """
     from dataclasses import replace
 
@@ -453,12 +452,12 @@ def prune_run(
     mask = run.mask
     unit_map = mask.unit_map
     keep = mask.flat_binary().clone()
-    rank_val = val.batch(torch.arange(min(len(val), rank_problems)))
+    rank_val = val.batch(torch.arange(min(len(val), PRUNE_RANK_PROBLEMS)))
     start = float(fixed_accuracies(adapter, val, keep[None], unit_map, ablator)[0])
     floor = max(start - tolerance, min(min_acc, start))
     n0, current, used = int(keep.sum()), start, 0
     order: Tensor | None = None  # the last round's ranking, reused by block_removable
-    for _ in range(rounds):
+    for _ in range(PRUNE_ROUNDS):
         if int(keep.sum()) <= 1:
             break
         used += 1

@@ -53,7 +53,7 @@ CNN_OVERRIDES_REFUSED: dict[str, str] = {
 #: ``[train]`` keys a CNN's trainer (``CNNTrainConfig``) takes.
 CNN_TRAIN_KEYS = (
     "lr", "weight_decay", "batch_size", "max_epochs", "max_steps", "patience", "eval_every",
-    "time_limit_s", "target_val_acc", "grad_clip", "eval_batch_size",
+    "time_limit_s", "target_val_acc", "grad_clip", "warmup_steps", "eval_batch_size",
 )  # fmt: skip
 
 

@@ -33,13 +33,17 @@ whose draws passes yields a "not built" row, never a verdict).
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from subroutine_circuits.groundtruth.prune import HOOKS, Encoded, Unit, all_units
+from subroutine_circuits.models.loop import BaseTrainer
 
 
 class EntangledBuildError(ValueError):
@@ -63,14 +67,67 @@ def _drop_hooks(model: Any, drop: set[Unit]) -> list[tuple[str, Any]]:
     return hooks
 
 
+class _PenaltyTrainer(BaseTrainer):
+    """The anti-selectivity fine-tuning (module docstring, step 2) on the one base-model loop:
+    Adam over every weight, ``cfg.entangled_steps`` steps; each step draws a batch of 32 mixed
+    problems and one of each target partition, and a random set of units to drop."""
+
+    desc = "entangled fine-tuning"
+
+    def __init__(self, part: Any, data: dict[str, Any], units: list[Unit], cfg: Any,
+                 seed: int) -> None:  # fmt: skip
+        for p in part.parameters():
+            p.requires_grad_(True)
+        optim = torch.optim.Adam(part.parameters(), lr=cfg.entangled_lr)
+        super().__init__(part, optim, cfg.entangled_steps,
+                         advice=f"PlantedConfig.entangled_lr (now {cfg.entangled_lr})")  # fmt: skip
+        self.data, self.units, self.cfg = data, units, cfg
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.last: dict[str, float] = {}
+
+    def _draw(self, name: str, bs: int = 32) -> tuple[Tensor, Tensor, Tensor]:
+        d = self.data[name]
+        idx = torch.randint(0, d.tokens.shape[0], (bs,), generator=self.gen)
+        return d.tokens[idx], d.lengths[idx], d.odd[idx]
+
+    def batches(self) -> Iterator[None]:
+        """Nothing: each step draws its own batches (:meth:`loss`)."""
+        return itertools.repeat(None)
+
+    def loss(self, batch: None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Task loss on mixed problems plus the weighted squared difference of the partitions'
+        cross-entropies with a random set of units dropped."""
+        from subroutine_circuits.models import ooo_logits
+
+        part, cfg, rng = self.model, self.cfg, self.rng
+        tok, ln, odd = self._draw("mix")
+        loss = F.cross_entropy(ooo_logits(part, tok, ln), odd)
+        p_drop = rng.uniform(0.0, cfg.entangled_drop)  # subsets of every size
+        drop = {u for u in self.units if rng.random() < p_drop} or {rng.choice(self.units)}
+        ce = {}
+        with part.hooks(fwd_hooks=_drop_hooks(part, drop)):
+            for name in ("A", "B"):
+                tok, ln, odd = self._draw(name)
+                ce[name] = F.cross_entropy(ooo_logits(part, tok, ln), odd)
+        penalty = (ce["A"] - ce["B"]) ** 2
+        return loss + cfg.entangled_weight * penalty, (loss, penalty)
+
+    def after_step(
+        self, batch: Any, loss: Tensor, info: Any, bar: Any, last: bool, over_time: bool
+    ) -> str | None:
+        """Keep the last step's task loss and penalty."""
+        self.last = {"task_loss": float(info[0].detach()), "penalty": float(info[1].detach())}
+        return None
+
+
 def disentangle_penalty_finetune(
     part: Any, tokenizer: Any, splits: dict, predicates: tuple[str, str], cfg: Any, seed: int,
     units: Any = None,
 ) -> dict[str, float]:  # fmt: skip
     """Fine-tune ``part`` in place with the anti-selectivity penalty (module docstring, step 2)
-    over its live ``units`` (default: every unit)."""
-    from subroutine_circuits.models import ooo_logits
-
+    over its live ``units`` (default: every unit); returns the last step's task loss and
+    penalty. The weights are frozen again afterwards."""
     pa, pb = predicates
     mix = [*splits["train"]["composite"], *splits["train"][f"sub_{pa}"],
            *splits["train"][f"sub_{pb}"]]  # fmt: skip
@@ -80,40 +137,11 @@ def disentangle_penalty_finetune(
         "B": Encoded.of(splits["train"][f"partition_{pb}"], tokenizer),
     }
     units = sorted(units) if units is not None else all_units(part)
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    part.train()
-    for p in part.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(part.parameters(), lr=cfg.entangled_lr)
-    bs = 32
-
-    def batch(name: str):
-        d = data[name]
-        idx = torch.randint(0, d.tokens.shape[0], (bs,), generator=gen)
-        return d.tokens[idx], d.lengths[idx], d.odd[idx]
-
-    last = {}
-    for _ in range(cfg.entangled_steps):
-        tok, ln, odd = batch("mix")
-        loss = F.cross_entropy(ooo_logits(part, tok, ln), odd)
-        p_drop = rng.uniform(0.0, cfg.entangled_drop)  # subsets of every size
-        drop = {u for u in units if rng.random() < p_drop} or {rng.choice(units)}
-        ce = {}
-        with part.hooks(fwd_hooks=_drop_hooks(part, drop)):
-            for name in ("A", "B"):
-                tok, ln, odd = batch(name)
-                ce[name] = F.cross_entropy(ooo_logits(part, tok, ln), odd)
-        penalty = (ce["A"] - ce["B"]) ** 2
-        total = loss + cfg.entangled_weight * penalty
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        last = {"task_loss": float(loss.detach()), "penalty": float(penalty.detach())}
-    part.eval()
+    trainer = _PenaltyTrainer(part, data, units, cfg, seed)
+    trainer.run()
     for p in part.parameters():
         p.requires_grad_(False)
-    return last
+    return trainer.last
 
 
 def entanglement_check(

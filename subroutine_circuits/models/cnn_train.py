@@ -13,9 +13,8 @@ benchmarks; the real stimuli come from the shape-world tasks.
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,12 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from subroutine_circuits.models.train import TrainResult, _progress, optimizer_step
+from subroutine_circuits.models.loop import (
+    EarlyStopConfig,
+    EvaluatedTrainer,
+    TrainResult,
+    trainable_parameters,
+)
 
 # Images are normalised as (x - NORM_MEAN) / NORM_STD with x in [0, 1] (white background = 1.0).
 NORM_MEAN = 0.9
@@ -32,77 +36,46 @@ NORM_STD = 0.1
 
 
 @dataclass
-class CNNTrainConfig:
+class CNNTrainConfig(EarlyStopConfig):
     """Optimisation settings of :func:`train_cnn_ooo` (defaults: the paper's recipe, capped).
 
+    The shared fields are :class:`~subroutine_circuits.models.loop.EarlyStopConfig`'s:
+    ``lr`` (constant after ``warmup_steps``, default none), ``weight_decay`` (AdamW's
+    decoupled decay, Adam's L2), ``batch_size`` (problems per step, 4 images each), ``seed``
+    (batch order and odd-position draws), ``time_limit_s`` (stop keeping the best weights so
+    far), ``max_epochs``, ``max_steps``, ``eval_every``, ``patience``, ``target_val_acc``,
+    ``eval_batch_size`` and the rest.
+
     Args:
-        lr: learning rate (constant).
         optimizer: ``"adam"`` (the paper) or ``"adamw"``.
-        weight_decay: weight decay (AdamW's decoupled decay, Adam's L2).
-        batch_size: problems per step (each has 4 images).
-        max_epochs: passes over the training problems at most.
-        max_steps: optimiser steps at most.
-        eval_every: evaluate on the validation problems every this many steps (and at the end).
-        patience: stop after this many evaluations without a new best.
         early_stop: ``"acc"`` (best = highest validation accuracy, ties -> lower loss) or
             ``"loss"`` (best = lowest validation loss, the paper's criterion).
-        target_val_acc: stop as soon as the validation accuracy reaches this (None: never).
         shuffle_odd: re-draw the order of each problem's 4 images at every step.
-        grad_clip: clip the gradient norm (None: no clipping).
-        seed: seeds batch order and odd-position draws.
-        device: where to train; the model is moved there.
-        time_limit_s: stop (keeping the best weights so far) after this many seconds.
-        progress: show a tqdm bar.
-        eval_batch_size: problems per forward pass when evaluating.
     """
 
+    # the paper's recipe: Adam at a constant 1e-3, no weight decay
     lr: float = 1e-3
-    optimizer: str = "adam"
     weight_decay: float = 0.0
-    batch_size: int = 32
-    max_epochs: int = 100
-    max_steps: int = 3000
+    warmup_steps: int = 0
+    # images cost more than sentences: validate less often, in smaller batches
     eval_every: int = 50
     patience: int = 10
-    early_stop: str = "acc"
-    target_val_acc: float | None = 0.99
-    shuffle_odd: bool = True
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    device: str = "cpu"
-    time_limit_s: float | None = None
-    progress: bool = True
     eval_batch_size: int = 64
+    optimizer: str = "adam"
+    early_stop: str = "acc"
+    shuffle_odd: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
-        for name in (
-            "batch_size",
-            "max_epochs",
-            "max_steps",
-            "eval_every",
-            "patience",
-            "eval_batch_size",
-        ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"CNNTrainConfig.{name} must be an int >= 1, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"CNNTrainConfig.lr must be > 0, got {self.lr!r}")
+        super().validate()
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(
                 f"CNNTrainConfig.optimizer must be 'adam' or 'adamw', got {self.optimizer!r}"
             )
-        if self.weight_decay < 0:
-            raise ValueError(f"CNNTrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.early_stop not in ("acc", "loss"):
             raise ValueError(
                 f"CNNTrainConfig.early_stop must be 'acc' or 'loss', got {self.early_stop!r}"
             )
-        if self.time_limit_s is not None and self.time_limit_s <= 0:
-            raise ValueError(f"CNNTrainConfig.time_limit_s must be > 0, got {self.time_limit_s!r}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"CNNTrainConfig.grad_clip must be > 0, got {self.grad_clip!r}")
 
 
 def as_image_split(
@@ -186,77 +159,50 @@ def cnn_ooo_accuracy(model: Any, split: Any, batch_size: int = 64) -> float:
     return cnn_ooo_eval(model, split, batch_size)[0]
 
 
-@dataclass
-class _Loop:
-    """The mutable state of one :func:`train_cnn_ooo` run (best weights, window, stopping)."""
+class _CNNTrainer(EvaluatedTrainer):
+    """CNN odd-one-out training on the one base-model loop: Adam or AdamW over every
+    trainable parameter, epochs of shuffled problems (``cfg.shuffle_odd``: each problem's
+    images re-ordered at every step), 4-way cross-entropy, validation accuracy and loss."""
 
-    start: float
-    steps_per_epoch: int
-    best_key: tuple[float, float] = (-math.inf, -math.inf)
-    best_acc: float = 0.0
-    best_step: int = 0
-    best_state: dict[str, Tensor] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-    step: int = 0
-    since_best: int = 0
-    stop_reason: str = ""
-    done: bool = False
-    win_loss: float = 0.0
-    win_correct: int = 0
-    win_n: int = 0
+    desc = "train_cnn_ooo"
 
+    def __init__(self, model: Any, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
+                 cfg: CNNTrainConfig) -> None:  # fmt: skip
+        params = trainable_parameters(model)
+        opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        optim = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        advice = f"CNNTrainConfig.lr (now {cfg.lr}) or check the images"
+        super().__init__(model, optim, cfg, train[0].shape[0], params=params, advice=advice)
+        self.train, self.val, self.cfg = train, val, cfg
 
-def _optimizer(model: Any, cfg: CNNTrainConfig) -> tuple[list[Tensor], torch.optim.Optimizer]:
-    """The trainable parameters and Adam / AdamW over them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (all requires_grad=False)")
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return params, opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(images, odd)`` batches on the training device."""
+        images, odd = self.train
+        device, bs = torch.device(self.cfg.device), self.cfg.batch_size
+        gen = torch.Generator().manual_seed(int(self.cfg.seed))
+        while True:
+            order = torch.randperm(images.shape[0], generator=gen)
+            for b0 in range(0, images.shape[0], bs):
+                idx = order[b0 : b0 + bs]
+                x, y = images[idx].to(device), odd[idx].to(device)
+                if self.cfg.shuffle_odd:
+                    x, y = shuffle_problems(x, y, gen)
+                yield x, y
 
+    def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[int, int]]:
+        """Cross-entropy of the OOO scores, the correct answers and the batch size."""
+        x, y = batch
+        logits = self.model.ooo_scores(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, (int((logits.detach().argmax(-1) == y).sum()), len(y))
 
-def _val_key(cfg: CNNTrainConfig, acc: float, loss: float) -> tuple[float, float]:
-    """What "better" means: higher accuracy (ties: lower loss), or lower loss (ties: accuracy)."""
-    return (acc, -loss) if cfg.early_stop == "acc" else (-loss, acc)
+    def validate(self) -> tuple[float, float | None]:
+        """Validation accuracy and mean cross-entropy."""
+        return cnn_ooo_eval(self.model, self.val, self.cfg.eval_batch_size)
 
-
-def _train_step(
-    model: Any,
-    optim: torch.optim.Optimizer,
-    params: list[Tensor],
-    x: Float[Tensor, "b k c h w"],
-    y: Int[Tensor, " b"],
-    cfg: CNNTrainConfig,
-    step: int,
-) -> tuple[float, int]:
-    """One optimiser step on a batch; returns its loss and number of correct answers."""
-    model.train()
-    logits = model.ooo_scores(x)
-    loss_t = F.cross_entropy(logits, y)
-    optimizer_step(loss_t, optim, params, cfg.grad_clip, step=step,
-                   advice=f"CNNTrainConfig.lr (now {cfg.lr}) or check the images")  # fmt: skip
-    return float(loss_t.detach()), int((logits.detach().argmax(-1) == y).sum())
-
-
-def _record_eval(model: Any, loop: _Loop, acc: float, loss: float, cfg: CNNTrainConfig) -> None:
-    """Log an evaluation, keep the best weights and decide whether to stop (target, patience)."""
-    loop.history.append(dict(
-        step=loop.step, epoch=loop.step / loop.steps_per_epoch,
-        train_loss=loop.win_loss / loop.win_n if loop.win_n else float("nan"),
-        train_acc=loop.win_correct / loop.win_n if loop.win_n else float("nan"),
-        val_acc=acc, val_loss=loss, seconds=time.perf_counter() - loop.start,
-    ))  # fmt: skip
-    loop.win_loss, loop.win_correct, loop.win_n = 0.0, 0, 0
-    k = _val_key(cfg, acc, loss)
-    if k > loop.best_key:
-        loop.best_key, loop.best_acc, loop.best_step, loop.since_best = k, acc, loop.step, 0
-        loop.best_state = {n: v.detach().clone() for n, v in model.state_dict().items()}
-    else:
-        loop.since_best += 1
-    if cfg.target_val_acc is not None and acc >= cfg.target_val_acc:
-        loop.done, loop.stop_reason = True, "target_val_acc"
-    elif loop.since_best >= cfg.patience:
-        loop.done, loop.stop_reason = True, "patience"
+    def better(self, acc: float, loss: float | None) -> tuple[float, ...]:
+        """Higher accuracy (ties: lower loss), or lower loss (ties: accuracy)."""
+        return (acc, -loss) if self.cfg.early_stop == "acc" else (-loss, acc)
 
 
 def train_cnn_ooo(
@@ -276,58 +222,13 @@ def train_cnn_ooo(
     """
     cfg = cfg if cfg is not None else CNNTrainConfig()
     cfg.validate()
-    tr_img, tr_odd = as_image_split(train, "train split")
-    va = as_image_split(val, "validation split")
+    train = as_image_split(train, "train split")
+    val = as_image_split(val, "validation split")
     device = torch.device(cfg.device)
     model.to(device)
     if hasattr(getattr(model, "cfg", None), "device"):
         model.cfg.device = str(device)
-    params, optim = _optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    n_train = tr_img.shape[0]
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total_steps = min(cfg.max_steps, cfg.max_epochs * steps_per_epoch)
-    loop = _Loop(start=time.perf_counter(), steps_per_epoch=steps_per_epoch)
-    loop.stop_reason = "max_steps" if total_steps == cfg.max_steps else "max_epochs"
-
-    def evaluate() -> None:
-        model.eval()
-        _record_eval(model, loop, *cnn_ooo_eval(model, va, cfg.eval_batch_size), cfg)
-
-    evaluate()  # step 0: the initial weights are the first "best"
-    bar = _progress(total_steps, cfg.progress, "train_cnn_ooo")
-    try:
-        while not loop.done and loop.step < total_steps:
-            order = torch.randperm(n_train, generator=gen)
-            for b0 in range(0, n_train, cfg.batch_size):
-                idx = order[b0 : b0 + cfg.batch_size]
-                x, y = tr_img[idx].to(device), tr_odd[idx].to(device)
-                if cfg.shuffle_odd:
-                    x, y = shuffle_problems(x, y, gen)
-                loss, correct = _train_step(model, optim, params, x, y, cfg, loop.step)
-                loop.step += 1
-                bar.update(1)
-                loop.win_loss += loss * len(idx)
-                loop.win_correct += correct
-                loop.win_n += len(idx)
-                last = loop.step >= total_steps
-                over_time = (cfg.time_limit_s is not None
-                             and time.perf_counter() - loop.start > cfg.time_limit_s)  # fmt: skip
-                if loop.step % cfg.eval_every == 0 or last or over_time:
-                    evaluate()
-                    h = loop.history[-1]
-                    bar.set_postfix(loss=f"{h['train_loss']:.3f}", val=f"{h['val_acc']:.3f}")
-                    if over_time and not loop.done:
-                        loop.done, loop.stop_reason = True, "time_limit"
-                if loop.done or last:
-                    break
-    finally:
-        bar.close()
-    model.load_state_dict(loop.best_state)
-    model.eval()
-    return TrainResult(best_val_acc=loop.best_acc, best_step=loop.best_step,
-                       history=loop.history, seconds=time.perf_counter() - loop.start,
-                       steps=loop.step, stop_reason=loop.stop_reason)  # fmt: skip
+    return _CNNTrainer(model, train, val, cfg).fit()
 
 
 # ---------------------------------------------------------------------- a toy task

@@ -9,8 +9,7 @@ Padding never enters the loss, and padded keys are masked out of attention.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,53 +18,43 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from subroutine_circuits.models.loop import (
+    BaseTrainer,
+    LoopConfig,
+    trainable_parameters,
+    warmup_schedule,
+)
 from subroutine_circuits.models.readout import _is_encoder, full_logits
-from subroutine_circuits.models.train import _progress, optimizer_step
 
 OBJECTIVES = ("auto", "clm", "mlm")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(LoopConfig):
     """Settings for ``pretrain`` (defaults pretrain a tiny model in seconds on CPU).
+
+    AdamW at ``lr`` (linear warm-up over ``warmup_steps``, then constant); the shared fields
+    (``lr``, ``weight_decay``, ``batch_size`` (sentences per step), ``seed`` (batch sampling
+    and masking), ``device``, ``time_limit_s``, ``progress``, ``grad_clip``,
+    ``warmup_steps``) are :class:`~subroutine_circuits.models.loop.LoopConfig`'s.
 
     Args:
         steps: optimiser steps.
-        lr: AdamW learning rate (linear warm-up over ``warmup_steps``, then constant).
-        batch_size: sentences per step.
         mask_prob: fraction of real tokens chosen for the masked-token objective.
-        seed: seeds batch sampling and masking.
-        device: where to train; the model is moved there.
-        time_limit_s: stop early after this many seconds.
-        progress: show a tqdm progress bar.
         objective: ``"auto"`` (``"clm"`` for causal models, ``"mlm"`` for bidirectional ones),
             ``"clm"`` or ``"mlm"``.
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear learning-rate warm-up.
-        grad_clip: clip the gradient norm (``None``: no clipping).
     """
 
-    steps: int = 300
-    lr: float = 3e-3
     batch_size: int = 64
+    steps: int = 300
     mask_prob: float = 0.15
-    seed: int = 0
-    device: str = "cpu"
-    time_limit_s: float | None = None
-    progress: bool = True
     objective: str = "auto"
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    grad_clip: float | None = 1.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
-        for name in ("steps", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"PretrainConfig.{name} must be an int >= 1, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"PretrainConfig.lr must be > 0, got {self.lr!r}")
+        super().validate()
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"PretrainConfig.steps must be an int >= 1, got {self.steps!r}")
         if not 0 < self.mask_prob <= 1:
             raise ValueError(f"PretrainConfig.mask_prob must be in (0, 1], got {self.mask_prob!r}")
         if self.objective not in OBJECTIVES:
@@ -73,8 +62,6 @@ class PretrainConfig:
                 f"PretrainConfig.objective must be one of {list(OBJECTIVES)}, "
                 f"got {self.objective!r}"
             )
-        if self.time_limit_s is not None and self.time_limit_s <= 0:
-            raise ValueError(f"PretrainConfig.time_limit_s must be > 0, got {self.time_limit_s!r}")
 
 
 def resolve_objective(model: Any, objective: str = "auto") -> str:
@@ -210,6 +197,51 @@ def lm_loss(
     return total / count
 
 
+class _Pretrainer(BaseTrainer):
+    """Pretraining on the one base-model loop: batches of ``cfg.batch_size`` sentences drawn
+    without replacement from a shuffled corpus (re-shuffled when too few remain for a whole
+    batch), the next-/masked-token loss of :func:`_batch_loss`, one loss per step recorded."""
+
+    def __init__(self, model: Any, tokens: Tensor, lengths: Tensor, objective: str,
+                 mask_id: int | None, cfg: PretrainConfig) -> None:  # fmt: skip
+        params = trainable_parameters(model)
+        optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        super().__init__(
+            model, optim, cfg.steps, params=params, grad_clip=cfg.grad_clip,
+            sched=warmup_schedule(optim, cfg.warmup_steps), time_limit_s=cfg.time_limit_s,
+            progress=cfg.progress, advice=f"PretrainConfig.lr (now {cfg.lr})",
+        )  # fmt: skip
+        self.desc = f"pretrain ({objective})"
+        self.tokens, self.lengths, self.cfg = tokens, lengths, cfg
+        self.objective, self.mask_id = objective, mask_id
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # batches and masking
+        self.losses: list[float] = []
+
+    def batches(self) -> Iterator[Tensor]:
+        """Sentence indices, ``cfg.batch_size`` at a time, without replacement."""
+        n, bs = self.tokens.shape[0], self.cfg.batch_size
+        order, cursor = torch.randperm(n, generator=self.gen), 0
+        while True:
+            if cursor + bs > n and cursor > 0:
+                order, cursor = torch.randperm(n, generator=self.gen), 0
+            yield order[cursor : cursor + bs]
+            cursor += bs
+
+    def loss(self, batch: Tensor) -> tuple[Tensor, int]:
+        """The objective's mean loss over the batch's predicted tokens (and their count)."""
+        return _batch_loss(self.model, self.tokens[batch], self.lengths[batch], self.objective,
+                           self.mask_id, self.cfg.mask_prob, self.gen)  # fmt: skip
+
+    def after_step(
+        self, batch: Any, loss: Tensor, info: Any, bar: Any, last: bool, over_time: bool
+    ) -> str | None:
+        """Record the step's loss."""
+        self.losses.append(float(loss.detach()))
+        if (self.step - 1) % 10 == 0:
+            bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
+        return None
+
+
 def pretrain(
     model: Any,
     corpus: Sequence[str],
@@ -231,45 +263,13 @@ def pretrain(
     if str(model.cfg.device) != str(cfg.device):
         model.to(cfg.device, print_details=False)
     tokens, lengths = encode_corpus(corpus, tokenizer, model.cfg.n_ctx)
-    n = tokens.shape[0]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (all requires_grad=False)")
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    )
-    losses: list[float] = []
-    start = time.perf_counter()
-    bar = _progress(cfg.steps, cfg.progress, f"pretrain ({objective})")
-    order = torch.randperm(n, generator=gen)
-    cursor = 0
-    model.train()
-    try:
-        for step in range(cfg.steps):
-            if cursor + cfg.batch_size > n and cursor > 0:
-                order, cursor = torch.randperm(n, generator=gen), 0
-            idx = order[cursor : cursor + cfg.batch_size]
-            cursor += cfg.batch_size
-            loss, _ = _batch_loss(
-                model, tokens[idx], lengths[idx], objective, mask_id, cfg.mask_prob, gen
-            )
-            optimizer_step(loss, optim, params, cfg.grad_clip, sched, step=step,
-                           advice=f"PretrainConfig.lr (now {cfg.lr})")  # fmt: skip
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s:
-                break
-    finally:
-        bar.close()
-        model.eval()
+    trainer = _Pretrainer(model, tokens, lengths, objective, mask_id, cfg)
+    trainer.run()
+    losses = trainer.losses
     return {
         "objective": objective,
         "losses": losses,
         "steps": len(losses),
-        "seconds": time.perf_counter() - start,
+        "seconds": trainer.elapsed(),
         "final_loss": float(sum(losses[-20:]) / len(losses[-20:])),
     }

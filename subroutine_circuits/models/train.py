@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +11,12 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
+from subroutine_circuits.models.loop import (
+    EarlyStopConfig,
+    EvaluatedTrainer,
+    TrainResult,
+    trainable_parameters,
+)
 from subroutine_circuits.models.readout import (
     encode_problems,
     label_logit_diff,
@@ -23,102 +27,20 @@ from subroutine_circuits.models.readout import (
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(EarlyStopConfig):
     """Optimisation settings for ``train_ooo`` (defaults train a tiny model in seconds on CPU).
 
+    AdamW at ``lr`` (linear warm-up over ``warmup_steps``, then constant), early stopping on
+    validation accuracy. Every field but ``pool`` is shared by the base-model loops
+    (:class:`~subroutine_circuits.models.loop.EarlyStopConfig`): ``batch_size`` counts OOO
+    problems per step (4 sequences each), ``seed`` seeds the order of training batches,
+    ``time_limit_s`` stops keeping the best weights so far.
+
     Args:
-        lr: AdamW learning rate (linear warm-up over ``warmup_steps``, then constant).
-        weight_decay: AdamW weight decay.
-        batch_size: OOO problems per step (each has 4 sequences).
-        max_epochs: passes over the training problems at most.
-        max_steps: optimiser steps at most.
-        patience: stop after this many evaluations without a new best validation accuracy.
-        eval_every: evaluate on the validation problems every this many steps (and at the end).
-        seed: seeds the order of training batches.
-        device: where to train (``"cpu"`` or ``"cuda"``); the model is moved there.
-        time_limit_s: stop (keeping the best weights so far) after this many seconds.
-        progress: show a tqdm progress bar.
         pool: sequence readout (``None``: the model's own ``sc_pool``, else ``"last"``).
-        target_val_acc: stop as soon as the validation accuracy reaches this value.
-        grad_clip: clip the gradient norm to this value (``None``: no clipping).
-        warmup_steps: linear learning-rate warm-up.
-        eval_batch_size: problems per forward pass when evaluating.
     """
 
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    batch_size: int = 32
-    max_epochs: int = 100
-    max_steps: int = 3000
-    patience: int = 8
-    eval_every: int = 25
-    seed: int = 0
-    device: str = "cpu"
-    time_limit_s: float | None = None
-    progress: bool = True
     pool: str | None = None
-    target_val_acc: float = 0.99
-    grad_clip: float | None = 1.0
-    warmup_steps: int = 20
-    eval_batch_size: int = 256
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad field."""
-        for name in ("batch_size", "max_epochs", "max_steps", "patience", "eval_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.time_limit_s is not None and self.time_limit_s <= 0:
-            raise ValueError(f"TrainConfig.time_limit_s must be > 0, got {self.time_limit_s!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
-
-
-@dataclass
-class TrainResult:
-    """What ``train_ooo`` did.
-
-    ``history`` has one dict per evaluation: step, epoch, train_loss (mean since the previous
-    evaluation), train_acc (same window), val_acc, seconds.
-    """
-
-    best_val_acc: float
-    best_step: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    steps: int = 0
-    stop_reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict."""
-        return asdict(self)
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    """A tqdm bar (or a no-op stand-in when disabled or tqdm is missing)."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc=desc, leave=False)
-        except ImportError:  # pragma: no cover
-            pass
-
-    class _Null:
-        def update(self, n: int = 1) -> None:
-            pass
-
-        def set_postfix(self, *a: Any, **k: Any) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    return _Null()
 
 
 @torch.no_grad()
@@ -145,165 +67,44 @@ def _check_split(problems: Sequence[Any], name: str) -> list[Any]:
     return problems
 
 
-class _Progress:
-    """Early-stopping bookkeeping of :func:`_fit`: the training-loss window, the validation
-    history, the best weights and the stop decision."""
+class _SupervisedTrainer(EvaluatedTrainer):
+    """Supervised training of every trainable parameter on ``n_train`` indexed items: AdamW
+    with warm-up, epochs of shuffled batches of item indices (``cfg.seed``),
+    ``batch_step(indices) -> (loss, n_correct)``, ``val_accuracy()`` as the validation;
+    ``.fit()`` trains and returns the :class:`TrainResult`."""
 
-    def __init__(self, model: Any, cfg: TrainConfig, steps_per_epoch: int, first_acc: float):
-        self.model, self.cfg, self.steps_per_epoch = model, cfg, steps_per_epoch
-        self.start = time.perf_counter()
-        self.best_acc, self.best_step, self.evals_since_best = first_acc, 0, 0
-        self.best_state = self._state()
-        self.history: list[dict[str, float]] = [
-            {"step": 0, "epoch": 0, "train_loss": float("nan"), "train_acc": float("nan"),
-             "val_acc": first_acc, "seconds": self.elapsed()}
-        ]  # fmt: skip
-        self.win_loss, self.win_correct, self.win_n = 0.0, 0, 0
+    def __init__(
+        self,
+        model: Any,
+        n_train: int,
+        batch_step: Callable[[Tensor], tuple[Tensor, int]],
+        val_accuracy: Callable[[], float],
+        cfg: TrainConfig,
+        desc: str,
+    ) -> None:
+        params = trainable_parameters(model)
+        optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        super().__init__(model, optim, cfg, n_train, params=params,
+                         advice=f"TrainConfig.lr (now {cfg.lr}) or check the model")  # fmt: skip
+        self.desc, self.n_train, self.cfg = desc, n_train, cfg
+        self.batch_step, self.val_accuracy = batch_step, val_accuracy
 
-    def _state(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    def batches(self) -> Iterator[Tensor]:
+        """Indices of the training items: every epoch a new permutation, cut into batches."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        while True:
+            order = torch.randperm(self.n_train, generator=gen).to(torch.device(self.cfg.device))
+            for b in range(0, self.n_train, self.cfg.batch_size):
+                yield order[b : b + self.cfg.batch_size]
 
-    def elapsed(self) -> float:
-        """Seconds since training started."""
-        return time.perf_counter() - self.start
+    def loss(self, batch: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """``batch_step``'s loss, with its correct answers and the batch size."""
+        loss, n_correct = self.batch_step(batch)
+        return loss, (n_correct, len(batch))
 
-    def over_time(self) -> bool:
-        """Whether ``cfg.time_limit_s`` has passed."""
-        return self.cfg.time_limit_s is not None and self.elapsed() > self.cfg.time_limit_s
-
-    def add_batch(self, loss: Tensor, n_correct: int, n: int) -> None:
-        """Accumulate one batch into the training window."""
-        self.win_loss += float(loss.detach()) * n
-        self.win_correct += n_correct
-        self.win_n += n
-
-    def evaluated(self, step: int, acc: float, bar: Any, over_time: bool) -> str | None:
-        """Record a validation accuracy; returns the stop reason, or None to go on."""
-        self.history.append(
-            {
-                "step": step,
-                "epoch": step / self.steps_per_epoch,
-                "train_loss": self.win_loss / self.win_n,
-                "train_acc": self.win_correct / self.win_n,
-                "val_acc": acc,
-                "seconds": self.elapsed(),
-            }
-        )
-        bar.set_postfix(loss=f"{self.win_loss / self.win_n:.3f}", val=f"{acc:.3f}")
-        self.win_loss, self.win_correct, self.win_n = 0.0, 0, 0
-        if acc > self.best_acc:
-            self.best_acc, self.best_step, self.evals_since_best = acc, step, 0
-            self.best_state = self._state()
-        else:
-            self.evals_since_best += 1
-        if self.best_acc >= self.cfg.target_val_acc:
-            return "target_val_acc"
-        if self.evals_since_best >= self.cfg.patience:
-            return "patience"
-        if over_time:
-            return "time_limit"
-        return None
-
-
-def _optimiser(model: Any, cfg: TrainConfig):
-    """``(params, AdamW, warm-up scheduler)`` over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (all requires_grad=False)")
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    )
-    return params, optim, sched
-
-
-def _step(model, batch_step, idx, params, optim, sched, cfg: TrainConfig, step: int):
-    """One optimiser step on the batch ``idx``; returns ``(loss, n_correct)``."""
-    model.train()
-    loss, n_correct = batch_step(idx)
-    optimizer_step(loss, optim, params, cfg.grad_clip, sched, step=step,
-                   advice=f"TrainConfig.lr (now {cfg.lr}) or check the model")  # fmt: skip
-    return loss, n_correct
-
-
-def optimizer_step(
-    loss: Tensor,
-    optim: torch.optim.Optimizer,
-    params: Any,
-    grad_clip: float | None,
-    sched: Any = None,
-    *,
-    step: int,
-    advice: str,
-) -> None:
-    """The one optimiser step of every base-model training loop (supervised, pretraining,
-    CNN, SimCLR): refuse a non-finite loss (``advice``: what to lower or check), then zero the
-    gradients, backpropagate, clip the gradient norm to ``grad_clip`` (None: no clipping),
-    step the optimiser and the learning-rate schedule ``sched`` (if any)."""
-    if not torch.isfinite(loss):
-        raise ValueError(f"NaN/inf loss ({float(loss.detach())}) at step {step}: lower {advice}")
-    optim.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optim.step()
-    if sched is not None:
-        sched.step()
-
-
-def _fit(
-    model: Any,
-    n_train: int,
-    batch_step: Callable[[Tensor], tuple[Tensor, int]],
-    val_accuracy: Callable[[], float],
-    cfg: TrainConfig,
-    desc: str,
-) -> TrainResult:
-    """Generic loop: AdamW over ``batch_step(indices) -> (loss, n_correct)``, evaluation with
-    ``val_accuracy()`` every ``cfg.eval_every`` steps, early stopping, best-weight restore."""
-    device = torch.device(cfg.device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    params, optim, sched = _optimiser(model, cfg)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total_steps = min(cfg.max_steps, cfg.max_epochs * steps_per_epoch)
-    model.eval()
-    track = _Progress(model, cfg, steps_per_epoch, val_accuracy())
-    step = 0
-    stop_reason = "max_steps" if total_steps == cfg.max_steps else "max_epochs"
-    bar = _progress(total_steps, cfg.progress, desc)
-    done = track.best_acc >= cfg.target_val_acc
-    if done:
-        stop_reason = "target_val_acc"
-    try:
-        while not done and step < total_steps:
-            order = torch.randperm(n_train, generator=gen).to(device)
-            for b in range(0, n_train, cfg.batch_size):
-                idx = order[b : b + cfg.batch_size]
-                loss, n_correct = _step(model, batch_step, idx, params, optim, sched, cfg, step)
-                step += 1
-                bar.update(1)
-                track.add_batch(loss, n_correct, len(idx))
-                last = step >= total_steps
-                over_time = track.over_time()
-                if step % cfg.eval_every == 0 or last or over_time:
-                    model.eval()
-                    reason = track.evaluated(step, val_accuracy(), bar, over_time)
-                    if reason is not None:
-                        done, stop_reason = True, reason
-                if done or last:
-                    break
-    finally:
-        bar.close()
-    model.load_state_dict(track.best_state)
-    model.eval()
-    return TrainResult(
-        best_val_acc=track.best_acc,
-        best_step=track.best_step,
-        history=track.history,
-        seconds=track.elapsed(),
-        steps=step,
-        stop_reason=stop_reason,
-    )
+    def validate(self) -> tuple[float, float | None]:
+        """``val_accuracy()`` (no validation loss)."""
+        return self.val_accuracy(), None
 
 
 def _prepare(model: Any, cfg: TrainConfig | None) -> TrainConfig:
@@ -345,7 +146,9 @@ def train_ooo(
     def val_accuracy() -> float:
         return _encoded_accuracy(model, va_tok, va_len, va_odd, pool, cfg.eval_batch_size)
 
-    return _fit(model, tr_tok.shape[0], batch_step, val_accuracy, cfg, "train_ooo")
+    return _SupervisedTrainer(
+        model, tr_tok.shape[0], batch_step, val_accuracy, cfg, "train_ooo"
+    ).fit()
 
 
 def _encode_labels(
@@ -406,4 +209,6 @@ def train_label(
     def val_accuracy() -> float:
         return label_accuracy(model, val_examples, tokenizer, cfg.eval_batch_size)
 
-    return _fit(model, tokens.shape[0], batch_step, val_accuracy, cfg, "train_label")
+    return _SupervisedTrainer(
+        model, tokens.shape[0], batch_step, val_accuracy, cfg, "train_label"
+    ).fit()

@@ -39,6 +39,17 @@ def test_mirrors_match_the_library():
     assert set(vc.CNN_TRAIN_KEYS) == trainer & settings
 
 
+def test_every_train_key_reaches_the_cnn_trainer():
+    """The CNN trainer reads every ``[train]`` key (all base-model loops share
+    ``models.loop.LoopConfig``), e.g. the learning-rate warm-up."""
+    from subroutine_circuits.experiment.vision import cnn_train_config
+
+    cfg = config_from_dict({**CNN, "train": {"warmup_steps": 3, "grad_clip": 0.5}})
+    built = cnn_train_config(cfg, seed=1, device="cpu")
+    assert (built.warmup_steps, built.grad_clip, built.seed) == (3, 0.5, 1)
+    assert set(vc.CNN_TRAIN_KEYS) == {f.name for f in dataclasses.fields(TrainSettings)}
+
+
 def test_simclr_settings_mirror_simclr_config():
     from subroutine_circuits.models.simclr import SimCLRConfig
 
@@ -73,7 +84,6 @@ def test_cnn_config_defaults_and_round_trip():
         ({"task": "number_contact"}, 'set \\[model\\] family = "cnn"'),
         ({**CNN, "model": {"family": "cnn", "preset": "small"}}, "must be a CNN preset"),
         ({**CNN, "task": "agreement_singular"}, "built-in image task"),
-        ({**CNN, "train": {"warmup_steps": 3}}, "train.warmup_steps is not a setting"),
         ({**CNN, "pretrain": {"steps": 3}}, "pretraining is \\[simclr\\]"),
         ({**CNN, "mask": {"unit_kinds": ["head"]}}, "'head' is not a unit kind of a cnn"),
         ({**CNN, "patching_options": {"kinds": ["head"]}}, "patching_options.kinds"),

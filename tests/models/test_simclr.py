@@ -7,18 +7,15 @@ import math
 import pytest
 import torch
 
-from subroutine_circuits.models.cnn import CNNConfig, HookedCNN
-from subroutine_circuits.models.cnn_train import make_toy_ooo
-from subroutine_circuits.models.simclr import (
+from subroutine_circuits.models.augment import (
     AugmentConfig,
-    SimCLRConfig,
     augment_images,
-    cosine_lr,
     foreground,
-    nt_xent,
-    simclr_pretrain,
     warp_white,
 )
+from subroutine_circuits.models.cnn import CNNConfig, HookedCNN
+from subroutine_circuits.models.cnn_train import make_toy_ooo
+from subroutine_circuits.models.simclr import SimCLRConfig, cosine_lr, nt_xent, simclr_pretrain
 
 
 def nt_xent_loop(z1, z2, t):
