@@ -253,11 +253,11 @@ def test_fixed_mask_scores_back_off_to_the_same_scores(monkeypatch):
     want = batched.fixed_mask_scores(model, data, keep, "last", unit_map=um, ablator=abl)
     real, seen = padded.ooo_scores_padded, []
 
-    def limited(model, tokens, lengths, pool, pad_state):
+    def limited(model, tokens, lengths, pool, pad_state, *rest):
         seen.append(tokens.shape[0])
         if tokens.shape[0] > 6:  # problems x masks (each problem 4 sequences)
             raise OOM("injected")
-        return real(model, tokens, lengths, pool, pad_state)
+        return real(model, tokens, lengths, pool, pad_state, *rest)
 
     monkeypatch.setattr(padded, "ooo_scores_padded", limited)
     got = batched.fixed_mask_scores(model, data, keep, "last", unit_map=um, ablator=abl)
@@ -296,10 +296,10 @@ def test_mask_training_split_into_passes_equals_one_pass(monkeypatch, caplog, ab
     want = train_all()
     real, rows = padded.ooo_scores_padded, []
 
-    def counted(model, tokens, lengths, pool, pad_state):
+    def counted(model, tokens, lengths, pool, pad_state, *rest):
         if torch.is_grad_enabled():
             rows.append(tokens.shape[0])  # problems in the pass: masks x batch_size
-        return real(model, tokens, lengths, pool, pad_state)
+        return real(model, tokens, lengths, pool, pad_state, *rest)
 
     monkeypatch.setattr(padded, "ooo_scores_padded", counted)
     monkeypatch.setattr(converge, "rows_per_pass", lambda m, pos, cap, grad=False: 2 * 5 * 4)
@@ -309,8 +309,8 @@ def test_mask_training_split_into_passes_equals_one_pass(monkeypatch, caplog, ab
     monkeypatch.undo()
     assert max(rows) == 2 * 5 and rows.count(10) > 1
 
-    def oom_after_forward(model, tokens, lengths, pool, pad_state):
-        out = real(model, tokens, lengths, pool, pad_state)  # the hooks drew their noise
+    def oom_after_forward(model, tokens, lengths, pool, pad_state, *rest):
+        out = real(model, tokens, lengths, pool, pad_state, *rest)  # the hooks drew their noise
         if torch.is_grad_enabled() and tokens.shape[0] > 5:  # more than one mask's slice
             raise OOM("injected")
         return out

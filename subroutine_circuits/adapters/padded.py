@@ -34,18 +34,32 @@ def tl_unit_map(model: nn.Module, layers: Any = None, kinds: Any = None) -> Unit
     return _units(model, kinds=kinds, layers=layers)
 
 
+def readout_hook_names(model: nn.Module, pool: str) -> frozenset[str] | None:
+    """The hooks that see only the readout position (one per row) in
+    :func:`ooo_scores_padded` with ``readout_only=True``, or None where that pass does not
+    apply (the ``"mean"`` readout, or a model without ``readout_residual``: TransformerLens'
+    own classes and Hugging Face bridges run every position)."""
+    if pool != "last" or not hasattr(model, "readout_residual"):
+        return None
+    return model.readout_hook_names()
+
+
 def ooo_scores_padded(
     model: nn.Module,
     tokens: Int[Tensor, "b 4 pos"],
     lengths: Int[Tensor, "b 4"],
     pool: str,
     pad_state: dict,
+    readout_only: bool = False,
 ) -> Float[Tensor, "b 4"]:
     """OOO logits of already validated tokens, with no host sync.
 
     Same computation as ``models.ooo_logits`` (padded keys masked, ``ln_final``, pooling, OOO
     scores) but the key-padding hook is registered once by the caller and reads
-    ``pad_state["pad"]``, and ``tokens`` are trimmed by the caller.
+    ``pad_state["pad"]``, and ``tokens`` are trimmed by the caller. ``readout_only`` (where
+    :func:`readout_hook_names` is not None): the last block runs at the readout position only
+    (``readout_residual``; the same numbers within float rounding), so the hooks it names see
+    one position per row.
     """
     from subroutine_circuits.models.readout import key_padding_mask, ooo_scores, pool_positions
     from subroutine_circuits.models.tl_compat import final_hidden, is_bridge
@@ -57,6 +71,9 @@ def ooo_scores_padded(
     pad_state["pad"] = pad
     if is_bridge(model):  # TL 4: padding goes in as attention_mask (score hooks are ignored)
         emb = final_hidden(model, flat, flat_len, pool)
+        return ooo_scores(emb.view(b, n_stim, -1))
+    if readout_only and readout_hook_names(model, pool) is not None:
+        emb = model.readout_residual(flat, flat_len - 1)
         return ooo_scores(emb.view(b, n_stim, -1))
     if hasattr(model, "encoder_output") and hasattr(model, "mlm_head"):
         resid = model.encoder_output(flat, None, (~pad).long())

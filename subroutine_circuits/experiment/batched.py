@@ -886,10 +886,24 @@ class _FixedRun:
         #: mean ablation: the replacement per hook for the current problems (it depends on
         #: the rows and their readout positions, not on the mask), kept across mask chunks
         self.cache: dict[str, Tensor | None] = {}
+        #: the hooks a readout-only pass computes at the readout position only (None: every
+        #: pass runs every position; see ``adapters.padded.ooo_scores_padded``)
+        self.readout = padded.readout_hook_names(model, pool)
+        self.readout_pass = False
 
     def hook(self, gi: int, x: Tensor) -> Tensor:
         g = self.unit_map.groups[gi]
         keep = self.keep[:, self.slices[gi]]
+        if self.readout_pass and g.hook_name in self.readout:
+            # one position per row, the readout: its replacement, whatever the rows
+            if self.ablator is None:
+                a = None if self.abl is None else self.abl.get(g.hook_name)
+            else:
+                key = f"{g.hook_name}@readout"
+                if key not in self.cache:
+                    self.cache[key] = self.ablator.readout_value(g, x)
+                a = self.cache[key]
+            return mix_slices(x, keep, g.axis, a)
         cache = self.cache if self.ablator is not None and self.ablator.kind == "mean" else None
         return _mix_or_record(x, g, lambda: keep, self.recording, self.ablator, self.state,
                               self.abl, cache)  # fmt: skip
@@ -928,9 +942,15 @@ class _FixedRun:
         if self.ablator is not None and (self.state is None or self.ablator.kind != "mean"):
             flat_tok, flat_len = tok.reshape(-1, tok.shape[-1]), lens.reshape(-1)
             self.state = self.ablator.begin(flat_tok, flat_len, m, True, self.record)
-        return padded.ooo_scores_padded(
-            self.model, tok.repeat(m, 1, 1), lens.repeat(m, 1), self.pool, self.pad_state
-        )
+        resample = self.ablator is not None and self.ablator.kind == "resample"
+        self.readout_pass = self.readout is not None and not resample
+        try:
+            tok_m, lens_m = tok.repeat(m, 1, 1), lens.repeat(m, 1)
+            return padded.ooo_scores_padded(
+                self.model, tok_m, lens_m, self.pool, self.pad_state, self.readout_pass
+            )
+        finally:
+            self.readout_pass = False
 
 
 @torch.no_grad()

@@ -176,6 +176,18 @@ class Ablator:
         sel = state.ro.view(*state.ro.shape, *([1] * (x.dim() - 2)))
         return torch.where(sel, r, v)
 
+    def readout_value(self, group: UnitGroup, x: Float[Tensor, "rows ..."]) -> Tensor | None:
+        """The replacement of ``group``'s units in a pass that computes their hook at the
+        readout position only (one position per row): what :meth:`value` gives at readout
+        positions (None: zero). Resample ablation has no such pass (its sources are aligned
+        position by position)."""
+        if self.kind == "zero":
+            return None
+        if self.kind == "resample":
+            raise ValueError("resample ablation runs every position (no readout-only pass)")
+        table = self.readout_values if group.hook_name in self.readout_values else self.values
+        return table[group.hook_name].to(device=x.device, dtype=x.dtype)[None]
+
 
 def reference_ablator(
     adapter: Any,

@@ -401,6 +401,40 @@ class Attention(nn.Module):
         w_o = self.W_O.reshape(-1, self.W_O.shape[-1]).T.contiguous()  # [d_model, head*d_head]
         return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w_o, self.b_O)
 
+    def forward_at(
+        self,
+        query_input: Float[Tensor, "batch 1 d_model"],
+        key_input: Float[Tensor, "batch pos d_model"],
+        value_input: Float[Tensor, "batch pos d_model"],
+        positions: Int[Tensor, " batch"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch 1 d_model"]:
+        """The attention output at one query position per row (``query_input`` is the
+        normalised residual there): the same numbers as :meth:`forward` at those positions.
+        ``hook_q``, ``hook_attn_scores``, ``hook_pattern``, ``hook_z`` (and ``hook_result``)
+        see one position per row; ``hook_k`` / ``hook_v`` every position."""
+        q = self.hook_q(self._project(query_input, self.W_Q, self.b_Q))
+        k = self.hook_k(self._project(key_input, self.W_K, self.b_K))
+        v = self.hook_v(self._project(value_input, self.W_V, self.b_V))
+        scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / self.attn_scale  # [b, h, 1, k]
+        keep = None
+        if self.cfg.attention_dir == "causal":
+            keys = torch.arange(scores.shape[-1], device=scores.device)
+            keep = (keys[None, :] <= positions.to(scores.device)[:, None])[:, None, None, :]
+        if attention_mask is not None:
+            real = attention_mask.bool().to(scores.device)[:, None, None, :]
+            keep = real if keep is None else keep & real
+        if keep is not None:
+            scores = torch.where(keep, scores, self.IGNORE)
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(cpu_kernels.attention_pattern(scores)).to(v.dtype)
+        z = self.hook_z((pattern @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3))
+        if self.cfg.use_attn_result:
+            result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
+            return result.sum(-2) + self.b_O
+        w_o = self.W_O.reshape(-1, self.W_O.shape[-1]).T.contiguous()  # [d_model, head*d_head]
+        return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w_o, self.b_O)
+
     def _mixed_values(
         self,
         query_input: Float[Tensor, "batch pos d_model"],
@@ -487,6 +521,34 @@ class Block(nn.Module):
         if self.cfg.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+    def forward_at(
+        self,
+        resid_pre: Float[Tensor, "batch pos d_model"],
+        positions: Int[Tensor, " batch"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch 1 d_model"]:
+        """The block's output at one position per row: :meth:`forward`'s numbers there, with
+        the queries, the MLP and every hook after the keys and values computed at those
+        positions only (``hook_resid_pre``, ``hook_k``, ``hook_v`` see every position, the
+        block's other hooks one per row)."""
+        resid_pre = self.hook_resid_pre(resid_pre)
+        rows = torch.arange(resid_pre.shape[0], device=resid_pre.device)
+        at = positions.to(resid_pre.device)
+        x = self.ln1(resid_pre)
+        if torch.is_grad_enabled():  # as forward: three normalisations of one input
+            q_in, k_in = self.ln1(resid_pre), self.ln1(resid_pre)
+        else:
+            q_in, k_in = x, x
+        attn_out = self.attn.forward_at(q_in[rows, at][:, None], k_in, x, at, attention_mask)
+        attn_out = self.hook_attn_out(attn_out)
+        resid_at = resid_pre[rows, at][:, None]
+        if self.cfg.attn_only:
+            return self.hook_resid_post(resid_at + attn_out)
+        resid_mid = self.hook_resid_mid(resid_at + attn_out)
         mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         return self.hook_resid_post(resid_mid + mlp_out)
@@ -650,6 +712,35 @@ class NativeTransformer(HookedRootModule):
             raise ValueError("return_type 'loss' needs tokens")
         loss = next_token_loss(logits, tokens, attention_mask, loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def readout_residual(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        positions: Int[Tensor, " batch"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch d_model"]:
+        """The final residual after ``ln_final`` at one position per row (e.g. the last real
+        token, the ``"last"`` readout): the numbers of ``model(tokens, stop_at_layer=n_layers)``
+        followed by ``ln_final`` at those positions, with the last block's queries and MLP
+        computed there only (:meth:`Block.forward_at`: its hooks after the keys and values see
+        one position per row). Nothing after the last block reads the other positions, so the
+        output is the same, within float rounding of the smaller products."""
+        if not len(self.blocks):
+            raise ValueError("readout_residual needs at least one block")
+        residual = self(tokens, stop_at_layer=self.cfg.n_layers - 1, attention_mask=attention_mask)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(residual.device)
+        out = self.blocks[-1].forward_at(residual, positions, attention_mask)
+        if self.ln_final is not None:
+            out = self.ln_final(out)
+        return out[:, 0]
+
+    def readout_hook_names(self) -> frozenset[str]:
+        """The hooks that see one position per row in :meth:`readout_residual`: the last
+        block's, except ``hook_resid_pre``, ``attn.hook_k`` and ``attn.hook_v``."""
+        last = f"blocks.{self.cfg.n_layers - 1}."
+        full = {f"{last}hook_resid_pre", f"{last}attn.hook_k", f"{last}attn.hook_v"}
+        return frozenset(n for n in self.hook_dict if n.startswith(last) and n not in full)
 
 
 def next_token_loss(
