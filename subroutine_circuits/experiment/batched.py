@@ -328,6 +328,9 @@ class BatchedUnitMask(nn.Module):
         self._step_noise: Tensor | None = None
         self._values: Tensor | None = None
         self._rows: slice | None = None  # masks served by the next passes (None: all K)
+        #: during a readout-only pass (``adapters.padded.ooo_scores_padded``), the hooks that
+        #: see only the readout position (one per row); None otherwise
+        self.readout_hooks: frozenset[str] | None = None
         # ablation values per mask
         if ablation_values is None or isinstance(ablation_values, Mapping):
             per_mask = [ablation_values] * self.k
@@ -462,6 +465,13 @@ class BatchedUnitMask(nn.Module):
         if abl is not None and self._rows is not None:  # the rows of the masks being served
             a = abl.get(g.hook_name)
             abl = None if a is None else {g.hook_name: a[self._rows]}
+        if self.readout_hooks is not None and g.hook_name in self.readout_hooks:
+            # one position per row, the readout: its replacement, whatever the rows
+            if self.ablator is not None:
+                a = self.ablator.readout_value(g, x)
+            else:
+                a = None if abl is None else abl.get(g.hook_name)
+            return mix_slices(x, self.group_values(gi), g.axis, a)
         return _mix_or_record(x, g, lambda: self.group_values(gi), self._recording,
                               self.ablator, self.ablation_state, abl)  # fmt: skip
 

@@ -372,6 +372,11 @@ class _BatchedUnitTrainer(MaskTrainer):
         super().__init__(schedule, batches, validates=True)
         self.device = device
         self.pad_state: dict = {}
+        #: the hooks a readout-only training pass runs at the readout position only (None:
+        #: every position; resample ablation aligns its sources position by position)
+        self.readout = None
+        if self.tokens and ablator.kind != "resample":
+            self.readout = padded.readout_hook_names(model, self.pool)
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.bm.train()
 
@@ -410,10 +415,15 @@ class _BatchedUnitTrainer(MaskTrainer):
             states = self._noise_states(r)
             try:
                 with contextlib.nullcontext() if whole else bm.serving(r.start, r.stop):
-                    with autocast:
-                        scores = padded.ooo_scores_padded(
-                            self.model, tokens[rows], lengths[rows], self.pool, self.pad_state
-                        )
+                    bm.readout_hooks = self.readout
+                    try:
+                        with autocast:
+                            scores = padded.ooo_scores_padded(
+                                self.model, tokens[rows], lengths[rows], self.pool,
+                                self.pad_state, self.readout is not None,
+                            )  # fmt: skip
+                    finally:
+                        bm.readout_hooks = None
                     ce = F.cross_entropy(scores.float(), self.data.odd[idx[rows]],
                                          reduction="none").view(len(r), bsz).mean(1)  # fmt: skip
                     loss_k = ce

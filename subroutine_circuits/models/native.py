@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
@@ -391,15 +391,14 @@ class Attention(nn.Module):
         )
         raw = memo.lookup(query_input) if usable else None
         if raw is None:
-            raw = self._mixed_values(query_input, key_input, value_input, attention_mask)
+            causal = None
+            if self.cfg.attention_dir == "causal":
+                n_q, n_k = query_input.shape[1], key_input.shape[1]
+                causal = torch.ones(n_q, n_k, dtype=torch.bool, device=query_input.device).tril()
+            raw = self._attend(query_input, key_input, value_input, causal, attention_mask)
             if usable:
                 memo.store(query_input, raw)
-        z = self.hook_z(raw)
-        if self.cfg.use_attn_result:
-            result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
-            return result.sum(-2) + self.b_O
-        w_o = self.W_O.reshape(-1, self.W_O.shape[-1]).T.contiguous()  # [d_model, head*d_head]
-        return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w_o, self.b_O)
+        return self._output(self.hook_z(raw))
 
     def forward_at(
         self,
@@ -413,45 +412,40 @@ class Attention(nn.Module):
         normalised residual there): the same numbers as :meth:`forward` at those positions.
         ``hook_q``, ``hook_attn_scores``, ``hook_pattern``, ``hook_z`` (and ``hook_result``)
         see one position per row; ``hook_k`` / ``hook_v`` every position."""
-        q = self.hook_q(self._project(query_input, self.W_Q, self.b_Q))
-        k = self.hook_k(self._project(key_input, self.W_K, self.b_K))
-        v = self.hook_v(self._project(value_input, self.W_V, self.b_V))
-        scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / self.attn_scale  # [b, h, 1, k]
-        keep = None
+        at = positions.to(query_input.device)
+        causal = None
         if self.cfg.attention_dir == "causal":
-            keys = torch.arange(scores.shape[-1], device=scores.device)
-            keep = (keys[None, :] <= positions.to(scores.device)[:, None])[:, None, None, :]
-        if attention_mask is not None:
-            real = attention_mask.bool().to(scores.device)[:, None, None, :]
-            keep = real if keep is None else keep & real
-        if keep is not None:
-            scores = torch.where(keep, scores, self.IGNORE)
-        scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(cpu_kernels.attention_pattern(scores)).to(v.dtype)
-        z = self.hook_z((pattern @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3))
+            keys = torch.arange(key_input.shape[1], device=at.device)
+            causal = (keys[None, :] <= at[:, None])[:, None, None, :]  # [b, 1, 1, k]
+        raw = self._attend(query_input, key_input, value_input, causal, attention_mask)
+        return self._output(self.hook_z(raw))
+
+    def _output(
+        self, z: Float[Tensor, "batch pos head d_head"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The heads' outputs through ``W_O`` (each through ``hook_result`` when
+        ``use_attn_result``), summed, plus ``b_O``."""
         if self.cfg.use_attn_result:
             result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
             return result.sum(-2) + self.b_O
         w_o = self.W_O.reshape(-1, self.W_O.shape[-1]).T.contiguous()  # [d_model, head*d_head]
         return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w_o, self.b_O)
 
-    def _mixed_values(
+    def _attend(
         self,
-        query_input: Float[Tensor, "batch pos d_model"],
+        query_input: Float[Tensor, "batch q_pos d_model"],
         key_input: Float[Tensor, "batch pos d_model"],
         value_input: Float[Tensor, "batch pos d_model"],
+        causal: Bool[Tensor, "... q_pos pos"] | None,
         attention_mask: Int[Tensor, "batch pos"] | None,
-    ) -> Float[Tensor, "batch pos head d_head"]:
-        """The attention-weighted values ``z`` before ``hook_z`` (the q, k, v, score and
-        pattern hooks run here)."""
+    ) -> Float[Tensor, "batch q_pos head d_head"]:
+        """Projections, scores (keys outside ``causal`` or ``attention_mask`` get -inf),
+        pattern and the weighted values, with the q, k, v, score and pattern hooks."""
         q = self.hook_q(self._project(query_input, self.W_Q, self.b_Q))
         k = self.hook_k(self._project(key_input, self.W_K, self.b_K))
         v = self.hook_v(self._project(value_input, self.W_V, self.b_V))
         scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / self.attn_scale
-        n_q, n_k = scores.shape[-2], scores.shape[-1]
-        keep = None
-        if self.cfg.attention_dir == "causal":
-            keep = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril()
+        keep = causal
         if attention_mask is not None:
             keys = attention_mask.bool().to(scores.device)[:, None, None, :]
             keep = keys if keep is None else keep & keys

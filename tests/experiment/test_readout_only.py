@@ -90,3 +90,51 @@ def test_fixed_scores_equal_the_every_position_pass(ablation, monkeypatch):
     slow = run()
     assert torch.equal(fast.argmax(-1), slow.argmax(-1))
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_mask_training_equals_the_every_position_pass(ablation, monkeypatch):
+    """Converged batched mask training whose passes run the last block at the readout position
+    only trains the masks of passes over every position (float64 model): same steps, best
+    steps, kept units, validation accuracies."""
+    from test_memory import _problems
+
+    from subroutine_circuits.experiment import converge
+    from subroutine_circuits.experiment.config import MaskSearchConfig
+
+    model = _native()
+    adapter = as_adapter(model, pool="last")
+    um = tl_unit_map(model)
+    train = [_problems(24, 9, seed=1), _problems(20, 9, seed=2, min_len=4)]
+    val = [_problems(12, 9, seed=3), _problems(12, 9, seed=4)]
+    cfg = MaskSearchConfig(steps=12, eval_every=3, patience=2, batch_size=5, lr=0.3,
+                           min_density_drop=0.0)  # fmt: skip
+    sched = converge.mask_schedule(cfg, 24)
+    hps = [{"l0_weight": 0.0}, {"l0_weight": 30.0}, {"l0_weight": 3.0}]
+
+    def train_all():
+        abl = reference_ablator(adapter, um, _problems(16, 9, seed=5).flat_inputs(), ablation, 7)
+        return converge.train_masks_converged(model, train, val, cfg, hps, [0, 1, 2], sched,
+                                              abl, "last", data_index=[0, 1, 1],
+                                              noise="exact")  # fmt: skip
+
+    calls = []
+    real = type(model).readout_residual
+
+    def counting(self, *a, **k):
+        calls.append(torch.is_grad_enabled())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(model), "readout_residual", counting)
+    fast = train_all()
+    assert any(calls)  # the training passes (with gradients) ran at the readout only
+    monkeypatch.setattr(padded, "readout_hook_names", lambda model, pool: None)
+    slow = train_all()
+    for f, s in zip(fast, slow):
+        assert (f.steps, f.best_step) == (s.steps, s.best_step)
+        assert f.val_acc == pytest.approx(s.val_acc)
+        assert torch.equal(f.mask.flat_binary(), s.mask.flat_binary())
+        fs, ss = f.mask.state_dict(), s.mask.state_dict()
+        assert fs.keys() == ss.keys()
+        for name in fs:
+            torch.testing.assert_close(fs[name], ss[name], rtol=1e-5, atol=1e-6)
