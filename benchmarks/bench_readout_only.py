@@ -7,7 +7,7 @@ keep masks over heads and neurons under position-aware mean ablation (the demo's
 ablation, on the CPU with one torch thread, alternated in one process; prints both times, their
 ratio, the largest score difference and whether every problem's answer is the same.
 
-    python benchmarks/bench_readout_only.py [--masks 32] [--repeats 3]
+    python benchmarks/bench_readout_only.py [--masks 32] [--repeats 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--masks", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from subroutine_circuits.adapters import as_adapter, tl_unit_map
@@ -40,13 +41,14 @@ def main() -> None:
 
     model = hooked_transformer(n_layers=2, d_model=64, n_heads=8, d_head=8, d_mlp=128,
                                d_vocab=60, n_ctx=32, act_fn="gelu", normalization_type="LN",
-                               attention_dir="causal", seed=0, device="cpu").double()  # fmt: skip
+                               attention_dir="causal", seed=0, device="cpu")  # fmt: skip
+    model = model.double().to(args.device)
     if not hasattr(model, "readout_residual"):
         raise SystemExit(f"{type(model).__name__} has no readout-only pass (TransformerLens 3.9?)")
     g = torch.Generator().manual_seed(0)
     data = EncodedProblems({"tokens": torch.randint(1, 60, (250, 4, 11), generator=g),
                             "lengths": torch.randint(6, 12, (250, 4), generator=g)},
-                           torch.randint(0, 4, (250,), generator=g))  # fmt: skip
+                           torch.randint(0, 4, (250,), generator=g)).to(args.device)  # fmt: skip
     um = tl_unit_map(model)
     keep = torch.rand(args.masks, um.n_units, generator=g) < 0.3
     ablators = {
@@ -71,8 +73,8 @@ def main() -> None:
             best = {k: min(v) for k, v in times.items()}
             diff = float((out["every"] - out["readout"]).abs().max())
             same = torch.equal(out["every"].argmax(-1), out["readout"].argmax(-1))
-            print(f"{kind} ablation, {args.masks} masks x 250 problems: every position "
-                  f"{best['every']:.3f} s, readout only {best['readout']:.3f} s, ratio "
+            print(f"{args.device}, {kind} ablation, {args.masks} masks x 250 problems: every "
+                  f"position {best['every']:.3f} s, readout only {best['readout']:.3f} s, ratio "
                   f"{best['every'] / best['readout']:.2f}x; largest score difference {diff:.1e}, "
                   f"same answers: {same}")  # fmt: skip
 

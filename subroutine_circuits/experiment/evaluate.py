@@ -153,11 +153,18 @@ def _matrix_row(
     n_problems: tuple[int, int],
 ) -> dict[str, Any]:
     """sub_*/abl_* columns and their clipped differences from the condition accuracies, with
-    the bootstrap intervals of ``sub_diff`` and ``abl_diff`` (:func:`_interval_columns`).
+    the bootstrap intervals of ``sub_diff`` and ``abl_diff``: ``sub_diff_lo`` / ``sub_diff_hi``
+    / ``abl_diff_lo`` / ``abl_diff_hi``, percentile bootstrap intervals over test problems
+    (:func:`~subroutine_circuits.analysis.inference.problem_bootstrap` from the correct counts).
 
     ``counts``: the numbers of correctly solved test problems behind ``sub_target_acc``,
     ``sub_other_acc``, ``abl<chosen>_target_acc`` and ``abl<chosen>_other_acc`` (same keys);
-    ``n_problems``: the numbers of (target, other) test problems."""
+    ``n_problems``: the numbers of (target, other) test problems. Each interval is widened, if
+    need be, to contain the row's difference: that comes from the float accuracies, which a
+    GPU's mean may round one ulp away from count / n (the bootstrap interval itself contains
+    count / n's difference but for a chance below 1e-100)."""
+    from subroutine_circuits.analysis.inference import problem_bootstrap
+
     row = dict(acc)
     row["sub_diff"] = clipped_diff(row["sub_target_acc"], row["sub_other_acc"], chance)
     for k in [
@@ -167,35 +174,7 @@ def _matrix_row(
     for col in ("target_acc", "other_acc", "diff"):
         row[f"abl_{col}"] = row[f"abl{chosen}_{col}"]
     row["ablation"] = chosen
-    row.update(_interval_columns(row, chance, chosen, run, counts, n_problems))
-    return row
-
-
-def _boot_seed(run: RunToEvaluate, column: str) -> int:
-    """Seed of one bootstrap of a run: a CRC-32 of its subroutine, mask seed and the column
-    (``zlib.crc32``, unlike ``hash``, is the same in every process and on every machine)."""
-    return zlib.crc32(f"{run.subroutine}/{run.mask_seed}/{column}".encode())
-
-
-def _interval_columns(
-    row: dict[str, Any],
-    chance: float,
-    chosen: str,
-    run: RunToEvaluate,
-    counts: Mapping[str, int],
-    n_problems: tuple[int, int],
-) -> dict[str, float]:
-    """``sub_diff_lo`` / ``sub_diff_hi`` / ``abl_diff_lo`` / ``abl_diff_hi``: percentile
-    bootstrap intervals over test problems
-    (:func:`~subroutine_circuits.analysis.inference.problem_bootstrap` from the correct counts).
-
-    Each interval is widened, if need be, to contain the row's difference: that comes from the
-    float accuracies, which a GPU's mean may round one ulp away from count / n (the bootstrap
-    interval itself contains count / n's difference but for a chance below 1e-100)."""
-    from subroutine_circuits.analysis.inference import problem_bootstrap
-
     n_t, n_o = n_problems
-    out: dict[str, float] = {}
     for col, cond in (("sub_diff", "sub"), ("abl_diff", f"abl{chosen}")):
         b = problem_bootstrap(
             counts[f"{cond}_target_acc"],
@@ -207,9 +186,15 @@ def _interval_columns(
             n_target=n_t,
             n_other=n_o,
         )
-        out[f"{col}_lo"] = min(b["lo"], row[col])
-        out[f"{col}_hi"] = max(b["hi"], row[col])
-    return out
+        row[f"{col}_lo"] = min(b["lo"], row[col])
+        row[f"{col}_hi"] = max(b["hi"], row[col])
+    return row
+
+
+def _boot_seed(run: RunToEvaluate, column: str) -> int:
+    """Seed of one bootstrap of a run: a CRC-32 of its subroutine, mask seed and the column
+    (``zlib.crc32``, unlike ``hash``, is the same in every process and on every machine)."""
+    return zlib.crc32(f"{run.subroutine}/{run.mask_seed}/{column}".encode())
 
 
 def _correct_count(acc: float, n: int) -> int:
