@@ -25,19 +25,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from subroutine_circuits.adapters import as_adapter, tl_unit_map
+    from subroutine_circuits.adapters import as_adapter, padded, tl_unit_map
     from subroutine_circuits.adapters.base import EncodedProblems
     from subroutine_circuits.experiment import batched
     from subroutine_circuits.masks.ablator import Ablator, reference_ablator
     from subroutine_circuits.models.cpu_kernels import fast_cpu_attention
     from subroutine_circuits.models.presets import hooked_transformer
-
-    class EveryPosition(batched._FixedRun):
-        """The earlier passes: every position of every block."""
-
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.readout = None
 
     model = hooked_transformer(n_layers=2, d_model=64, n_heads=8, d_head=8, d_mlp=128,
                                d_vocab=60, n_ctx=32, act_fn="gelu", normalization_type="LN",
@@ -55,21 +48,21 @@ def main() -> None:
         "mean": reference_ablator(as_adapter(model, pool="last"), um, data.flat_inputs(), "mean"),
         "zero": Ablator("zero"),
     }
-    readout_run = batched._FixedRun
+    readout_names = padded.readout_hook_names
     with fast_cpu_attention():
         for kind, abl in ablators.items():
             times: dict[str, list[float]] = {"every": [], "readout": []}
             out: dict[str, torch.Tensor] = {}
             for _ in range(args.repeats):
-                for name, cls in (("every", EveryPosition), ("readout", readout_run)):
-                    batched._FixedRun = cls
+                for name, names in (("every", lambda *a: None), ("readout", readout_names)):
+                    padded.readout_hook_names = names  # None: the pass over every position
                     try:
                         t0 = time.perf_counter()
                         out[name] = batched.fixed_mask_scores(model, data, keep, "last",
                                                               unit_map=um, ablator=abl)  # fmt: skip
                         times[name].append(time.perf_counter() - t0)
                     finally:
-                        batched._FixedRun = readout_run
+                        padded.readout_hook_names = readout_names
             best = {k: min(v) for k, v in times.items()}
             diff = float((out["every"] - out["readout"]).abs().max())
             same = torch.equal(out["every"].argmax(-1), out["readout"].argmax(-1))

@@ -34,12 +34,15 @@ def tl_unit_map(model: nn.Module, layers: Any = None, kinds: Any = None) -> Unit
     return _units(model, kinds=kinds, layers=layers)
 
 
-def readout_hook_names(model: nn.Module, pool: str) -> frozenset[str] | None:
+def readout_hook_names(
+    model: nn.Module, pool: str, ablation: str | None = None
+) -> frozenset[str] | None:
     """The hooks that see only the readout position (one per row) in
     :func:`ooo_scores_padded` with ``readout_only=True``, or None where that pass does not
-    apply (the ``"mean"`` readout, or a model without ``readout_residual``: TransformerLens'
-    own classes and Hugging Face bridges run every position)."""
-    if pool != "last" or not hasattr(model, "readout_residual"):
+    apply: the ``"mean"`` readout, a model without ``readout_residual`` (TransformerLens' own
+    classes and Hugging Face bridges run every position), or ``ablation="resample"`` (its
+    sources are aligned position by position)."""
+    if pool != "last" or ablation == "resample" or not hasattr(model, "readout_residual"):
         return None
     return model.readout_hook_names()
 

@@ -184,21 +184,28 @@ def _mix_or_record(
     state: AblationState | None,
     abl: Mapping[str, Tensor | None] | None,
     cache: dict[str, Tensor | None] | None = None,
+    readout: frozenset[str] | None = None,
 ) -> Tensor:
     """The hook body of K masks on one group: during the clean source pass of resample
     ablation (``recording``) keep ``x`` and record it; else mix slice ``k`` with mask ``k``'s
     ``values()`` (called only then: hard-concrete values draw noise), ablating with
     ``ablator`` or the stacked per-mask values ``abl``. ``cache`` (per hook) keeps the
-    ablator's replacement for later passes over the same rows (fixed masks, mean ablation)."""
+    ablator's replacement for later passes over the same rows (fixed masks, mean ablation).
+    ``readout``: in a readout-only pass, the hooks computed at the readout position only
+    (``adapters.padded.ooo_scores_padded``); theirs is the readout replacement
+    (:meth:`Ablator.readout_value`)."""
     if recording is not None:
         recording[g.hook_name] = x.detach()
         return x
-    if ablator is not None and cache is not None:
-        if g.hook_name not in cache:
-            cache[g.hook_name] = ablator.value(g, x, state)
-        a = cache[g.hook_name]
-    elif ablator is not None:
-        a = ablator.value(g, x, state)
+    if ablator is not None:
+        at_readout = readout is not None and g.hook_name in readout
+        key = f"{g.hook_name}@readout" if at_readout else g.hook_name
+        if cache is None or key not in cache:
+            a = ablator.readout_value(g, x) if at_readout else ablator.value(g, x, state)
+            if cache is not None:
+                cache[key] = a
+        else:
+            a = cache[key]
     else:
         a = None if abl is None else abl.get(g.hook_name)
     return mix_slices(x, values(), g.axis, a)
@@ -465,15 +472,9 @@ class BatchedUnitMask(nn.Module):
         if abl is not None and self._rows is not None:  # the rows of the masks being served
             a = abl.get(g.hook_name)
             abl = None if a is None else {g.hook_name: a[self._rows]}
-        if self.readout_hooks is not None and g.hook_name in self.readout_hooks:
-            # one position per row, the readout: its replacement, whatever the rows
-            if self.ablator is not None:
-                a = self.ablator.readout_value(g, x)
-            else:
-                a = None if abl is None else abl.get(g.hook_name)
-            return mix_slices(x, self.group_values(gi), g.axis, a)
         return _mix_or_record(x, g, lambda: self.group_values(gi), self._recording,
-                              self.ablator, self.ablation_state, abl)  # fmt: skip
+                              self.ablator, self.ablation_state, abl,
+                              readout=self.readout_hooks)  # fmt: skip
 
     def use_ablator(self, ablator: Ablator) -> BatchedUnitMask:
         """Ablate with ``ablator`` (shared by all K masks; its kind must be theirs)."""
@@ -897,26 +898,15 @@ class _FixedRun:
         #: the rows and their readout positions, not on the mask), kept across mask chunks
         self.cache: dict[str, Tensor | None] = {}
         #: the hooks a readout-only pass computes at the readout position only (None: every
-        #: pass runs every position; see ``adapters.padded.ooo_scores_padded``)
-        self.readout = padded.readout_hook_names(model, pool)
-        self.readout_pass = False
+        #: pass runs every position; see ``adapters.padded.readout_hook_names``)
+        self.readout: frozenset[str] | None = None
 
     def hook(self, gi: int, x: Tensor) -> Tensor:
         g = self.unit_map.groups[gi]
         keep = self.keep[:, self.slices[gi]]
-        if self.readout_pass and g.hook_name in self.readout:
-            # one position per row, the readout: its replacement, whatever the rows
-            if self.ablator is None:
-                a = None if self.abl is None else self.abl.get(g.hook_name)
-            else:
-                key = f"{g.hook_name}@readout"
-                if key not in self.cache:
-                    self.cache[key] = self.ablator.readout_value(g, x)
-                a = self.cache[key]
-            return mix_slices(x, keep, g.axis, a)
         cache = self.cache if self.ablator is not None and self.ablator.kind == "mean" else None
         return _mix_or_record(x, g, lambda: keep, self.recording, self.ablator, self.state,
-                              self.abl, cache)  # fmt: skip
+                              self.abl, cache, self.readout)  # fmt: skip
 
     def hooks(self) -> list[tuple[str, Any]]:
         return [
@@ -952,15 +942,15 @@ class _FixedRun:
         if self.ablator is not None and (self.state is None or self.ablator.kind != "mean"):
             flat_tok, flat_len = tok.reshape(-1, tok.shape[-1]), lens.reshape(-1)
             self.state = self.ablator.begin(flat_tok, flat_len, m, True, self.record)
-        resample = self.ablator is not None and self.ablator.kind == "resample"
-        self.readout_pass = self.readout is not None and not resample
+        kind = None if self.ablator is None else self.ablator.kind
+        self.readout = padded.readout_hook_names(self.model, self.pool, kind)
         try:
             tok_m, lens_m = tok.repeat(m, 1, 1), lens.repeat(m, 1)
             return padded.ooo_scores_padded(
-                self.model, tok_m, lens_m, self.pool, self.pad_state, self.readout_pass
+                self.model, tok_m, lens_m, self.pool, self.pad_state, self.readout is not None
             )
         finally:
-            self.readout_pass = False
+            self.readout = None  # the resample ablator's recording pass runs every position
 
 
 @torch.no_grad()

@@ -373,10 +373,10 @@ class _BatchedUnitTrainer(MaskTrainer):
         self.device = device
         self.pad_state: dict = {}
         #: the hooks a readout-only training pass runs at the readout position only (None:
-        #: every position; resample ablation aligns its sources position by position)
+        #: every position)
         self.readout = None
-        if self.tokens and ablator.kind != "resample":
-            self.readout = padded.readout_hook_names(model, self.pool)
+        if self.tokens:
+            self.readout = padded.readout_hook_names(model, self.pool, ablator.kind)
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.bm.train()
 

@@ -135,11 +135,11 @@ def train_composite(adapter: Any, train: Any, val: Any, tcfg: Any) -> Any:
     if len(train) == 0 or len(val) == 0:
         raise ValueError("empty train or validation split: no composite problems to train on")
 
-    def batch_step(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def batch_step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = train.batch(idx.to(train.odd.device))
         logits = adapter.ooo_logits(batch.inputs)
         loss = F.cross_entropy(logits, batch.odd)
-        return loss, int((logits.detach().argmax(-1) == batch.odd).sum())
+        return loss, (logits.detach().argmax(-1) == batch.odd).sum()
 
     def val_accuracy() -> float:
         return adapter.accuracy(val, batch_size=tcfg.eval_batch_size)

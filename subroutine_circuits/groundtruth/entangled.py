@@ -114,7 +114,7 @@ class _PenaltyTrainer(BaseTrainer):
         return loss + cfg.entangled_weight * penalty, (loss, penalty)
 
     def after_step(
-        self, batch: Any, loss: Tensor, info: Any, bar: Any, last: bool, over_time: bool
+        self, batch: Any, loss: float, info: Any, bar: Any, last: bool, over_time: bool
     ) -> str | None:
         """Keep the last step's task loss and penalty."""
         self.last = {"task_loss": float(info[0].detach()), "penalty": float(info[1].detach())}

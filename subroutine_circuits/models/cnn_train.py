@@ -189,12 +189,13 @@ class _CNNTrainer(EvaluatedTrainer):
                     x, y = shuffle_problems(x, y, gen)
                 yield x, y
 
-    def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[int, int]]:
-        """Cross-entropy of the OOO scores, the correct answers and the batch size."""
+    def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, int]]:
+        """Cross-entropy of the OOO scores, the correct answers (on the device) and the batch
+        size."""
         x, y = batch
         logits = self.model.ooo_scores(x)
         loss = F.cross_entropy(logits, y)
-        return loss, (int((logits.detach().argmax(-1) == y).sum()), len(y))
+        return loss, ((logits.detach().argmax(-1) == y).sum(), len(y))
 
     def validate(self) -> tuple[float, float | None]:
         """Validation accuracy and mean cross-entropy."""

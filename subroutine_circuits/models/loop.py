@@ -152,12 +152,18 @@ def trainable_parameters(model: Any) -> list[Tensor]:
     return params
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning rate's multiplier at (0-based) ``step`` of a linear warm-up over
+    ``warmup_steps`` steps (1 from then on, and always when ``warmup_steps`` is 0)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
 def warmup_schedule(optim: torch.optim.Optimizer, warmup_steps: int) -> Any:
     """A linear warm-up of ``optim``'s learning rate over ``warmup_steps`` steps, then constant
     (``None`` when ``warmup_steps`` is 0: the rate is constant from the start)."""
     if not warmup_steps:
         return None
-    return torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optim, lambda s: warmup_factor(s, warmup_steps))
 
 
 def optimizer_step(
@@ -169,13 +175,15 @@ def optimizer_step(
     *,
     step: int,
     advice: str,
-) -> None:
+) -> float:
     """The one optimiser step of every base-model training loop: refuse a non-finite loss
     (``advice``: what to lower or check), then zero the gradients, backpropagate, clip the
     gradient norm of ``params`` to ``grad_clip`` (None: no clipping), step the optimiser and
-    the learning-rate schedule ``sched`` (if any)."""
-    if not torch.isfinite(loss):
-        raise ValueError(f"NaN/inf loss ({float(loss.detach())}) at step {step}: lower {advice}")
+    the learning-rate schedule ``sched`` (if any). Returns the loss's value: reading it is the
+    step's one host synchronisation."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ValueError(f"NaN/inf loss ({value}) at step {step}: lower {advice}")
     optim.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
@@ -183,6 +191,7 @@ def optimizer_step(
     optim.step()
     if sched is not None:
         sched.step()
+    return value
 
 
 class BaseTrainer:
@@ -236,9 +245,10 @@ class BaseTrainer:
         """Runs before each step's forward pass (``self.step`` steps done so far)."""
 
     def after_step(
-        self, batch: Any, loss: Tensor, info: Any, bar: Any, last: bool, over_time: bool
+        self, batch: Any, loss: float, info: Any, bar: Any, last: bool, over_time: bool
     ) -> str | None:
-        """Runs after each optimiser step (``self.step`` counts it); a stop reason ends the run."""
+        """Runs after each optimiser step (``self.step`` counts it; ``loss`` is the step's
+        value); a stop reason ends the run."""
         return None
 
     # ------------------------------------------------------------------------------ the loop
@@ -257,13 +267,15 @@ class BaseTrainer:
                     self.model.train()
                     self.before_step()
                     loss, info = self.loss(batch)
-                    optimizer_step(loss, self.optim, self.params, self.grad_clip, self.sched,
-                                   step=self.step, advice=self.advice)  # fmt: skip
+                    value = optimizer_step(
+                        loss, self.optim, self.params, self.grad_clip, self.sched,
+                        step=self.step, advice=self.advice,
+                    )  # fmt: skip
                     self.step += 1
                     bar.update(1)
                     last = self.step >= self.total_steps
                     over_time = self.time_limit_s is not None and self.elapsed() > self.time_limit_s
-                    reason = self.after_step(batch, loss, info, bar, last, over_time)
+                    reason = self.after_step(batch, value, info, bar, last, over_time)
                     if reason is None and over_time:
                         reason = "time_limit"
                     if reason is not None or last:
@@ -283,7 +295,9 @@ class EvaluatedTrainer(BaseTrainer):
     without a new best. At most ``cfg.max_steps`` steps and ``cfg.max_epochs`` epochs of
     ``n_train`` items. :meth:`fit` runs it and restores the best weights.
 
-    Subclasses' :meth:`loss` return ``(loss, (correct answers, items))`` of the batch.
+    Subclasses' :meth:`loss` return ``(loss, (correct answers, items))`` of the batch; the
+    correct answers may be a tensor on the training device (summed there, read at validation:
+    no host synchronisation per step).
     """
 
     def __init__(
@@ -326,7 +340,8 @@ class EvaluatedTrainer(BaseTrainer):
         n = self.win_n
         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                "train_loss": self.win_loss / n if n else math.nan,
-               "train_acc": self.win_correct / n if n else math.nan, "val_acc": acc}  # fmt: skip
+               "train_acc": int(self.win_correct) / n if n else math.nan,
+               "val_acc": acc}  # fmt: skip
         if loss is not None:
             row["val_loss"] = loss
         row["seconds"] = self.elapsed()
@@ -349,12 +364,12 @@ class EvaluatedTrainer(BaseTrainer):
         return self._evaluate()
 
     def after_step(
-        self, batch: Any, loss: Tensor, info: Any, bar: Any, last: bool, over_time: bool
+        self, batch: Any, loss: float, info: Any, bar: Any, last: bool, over_time: bool
     ) -> str | None:
         """Add the batch to the training window; validate when due."""
         n_correct, n_items = info
-        self.win_loss += float(loss.detach()) * n_items
-        self.win_correct += int(n_correct)
+        self.win_loss += loss * n_items
+        self.win_correct = self.win_correct + n_correct
         self.win_n += int(n_items)
         if self.step % self.eval_every == 0 or last or over_time:
             reason = self._evaluate()

@@ -532,12 +532,8 @@ class Block(nn.Module):
         resid_pre = self.hook_resid_pre(resid_pre)
         rows = torch.arange(resid_pre.shape[0], device=resid_pre.device)
         at = positions.to(resid_pre.device)
-        x = self.ln1(resid_pre)
-        if torch.is_grad_enabled():  # as forward: three normalisations of one input
-            q_in, k_in = self.ln1(resid_pre), self.ln1(resid_pre)
-        else:
-            q_in, k_in = x, x
-        attn_out = self.attn.forward_at(q_in[rows, at][:, None], k_in, x, at, attention_mask)
+        x = self.ln1(resid_pre)  # one normalisation serves queries, keys and values
+        attn_out = self.attn.forward_at(x[rows, at][:, None], x, x, at, attention_mask)
         attn_out = self.hook_attn_out(attn_out)
         resid_at = resid_pre[rows, at][:, None]
         if self.cfg.attn_only:

@@ -233,10 +233,10 @@ class _Pretrainer(BaseTrainer):
                            self.mask_id, self.cfg.mask_prob, self.gen)  # fmt: skip
 
     def after_step(
-        self, batch: Any, loss: Tensor, info: Any, bar: Any, last: bool, over_time: bool
+        self, batch: Any, loss: float, info: Any, bar: Any, last: bool, over_time: bool
     ) -> str | None:
         """Record the step's loss."""
-        self.losses.append(float(loss.detach()))
+        self.losses.append(loss)
         if (self.step - 1) % 10 == 0:
             bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
         return None

@@ -21,7 +21,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from subroutine_circuits.models.augment import AugmentConfig, augment_images
-from subroutine_circuits.models.loop import BaseTrainer, LoopConfig, trainable_parameters
+from subroutine_circuits.models.loop import (
+    BaseTrainer,
+    LoopConfig,
+    trainable_parameters,
+    warmup_factor,
+)
 
 
 def nt_xent(
@@ -181,8 +186,7 @@ class _SimCLRTrainer(BaseTrainer):
         cfg = self.cfg
         t_frac = 0.0 if cfg.time_limit_s is None else self.elapsed() / cfg.time_limit_s
         lr = cosine_lr(self.step, self.total_steps, cfg.lr, cfg.final_lr_ratio, t_frac)
-        if cfg.warmup_steps:
-            lr *= min(1.0, (self.step + 1) / cfg.warmup_steps)
+        lr *= warmup_factor(self.step, cfg.warmup_steps)
         for g in self.optim.param_groups:
             g["lr"] = lr
 
@@ -194,10 +198,10 @@ class _SimCLRTrainer(BaseTrainer):
         return nt_xent(z[: batch.shape[0]], z[batch.shape[0] :], self.cfg.temperature), z
 
     def after_step(
-        self, batch: Any, loss: Tensor, info: Any, bar: Any, last: bool, over_time: bool
+        self, batch: Any, loss: float, info: Any, bar: Any, last: bool, over_time: bool
     ) -> str | None:
         """Record the step's loss and partner accuracy; close an epoch's history row."""
-        rec = (float(loss.detach()), partner_accuracy(info))
+        rec = (loss, partner_accuracy(info))
         self.epoch.append(rec)
         self.recent = (self.recent + [rec])[-10:]
         bar.set_postfix(loss=f"{rec[0]:.3f}", pos=f"{rec[1]:.2f}")

@@ -70,14 +70,15 @@ def _check_split(problems: Sequence[Any], name: str) -> list[Any]:
 class _SupervisedTrainer(EvaluatedTrainer):
     """Supervised training of every trainable parameter on ``n_train`` indexed items: AdamW
     with warm-up, epochs of shuffled batches of item indices (``cfg.seed``),
-    ``batch_step(indices) -> (loss, n_correct)``, ``val_accuracy()`` as the validation;
+    ``batch_step(indices) -> (loss, n_correct)`` (the count may stay on the device),
+    ``val_accuracy()`` as the validation;
     ``.fit()`` trains and returns the :class:`TrainResult`."""
 
     def __init__(
         self,
         model: Any,
         n_train: int,
-        batch_step: Callable[[Tensor], tuple[Tensor, int]],
+        batch_step: Callable[[Tensor], tuple[Tensor, Tensor]],
         val_accuracy: Callable[[], float],
         cfg: TrainConfig,
         desc: str,
@@ -97,7 +98,7 @@ class _SupervisedTrainer(EvaluatedTrainer):
             for b in range(0, self.n_train, self.cfg.batch_size):
                 yield order[b : b + self.cfg.batch_size]
 
-    def loss(self, batch: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def loss(self, batch: Tensor) -> tuple[Tensor, tuple[Tensor, int]]:
         """``batch_step``'s loss, with its correct answers and the batch size."""
         loss, n_correct = self.batch_step(batch)
         return loss, (n_correct, len(batch))
@@ -138,10 +139,10 @@ def train_ooo(
     tr_tok, tr_len, tr_odd = (t.to(device) for t in encode_problems(train_problems, tokenizer))
     va_tok, va_len, va_odd = (t.to(device) for t in encode_problems(val_problems, tokenizer))
 
-    def batch_step(idx: Tensor) -> tuple[Tensor, int]:
+    def batch_step(idx: Tensor) -> tuple[Tensor, Tensor]:
         logits = ooo_logits(model, tr_tok[idx], tr_len[idx], pool)
         loss = F.cross_entropy(logits, tr_odd[idx])
-        return loss, int((logits.detach().argmax(-1) == tr_odd[idx]).sum())
+        return loss, (logits.detach().argmax(-1) == tr_odd[idx]).sum()
 
     def val_accuracy() -> float:
         return _encoded_accuracy(model, va_tok, va_len, va_odd, pool, cfg.eval_batch_size)
@@ -200,11 +201,11 @@ def train_label(
     tokens, lengths, labels = _encode_labels(train_examples, tokenizer, device)
     ids = torch.tensor([tokenizer.no_id, tokenizer.yes_id], device=device)
 
-    def batch_step(idx: Tensor) -> tuple[Tensor, int]:
+    def batch_step(idx: Tensor) -> tuple[Tensor, Tensor]:
         ln = lengths[idx]
         logits = label_logits(model, tokens[idx, : int(ln.max())], ln)[:, ids]  # [b, 2]
         loss = F.cross_entropy(logits, labels[idx])
-        return loss, int((logits.detach().argmax(-1) == labels[idx]).sum())
+        return loss, (logits.detach().argmax(-1) == labels[idx]).sum()
 
     def val_accuracy() -> float:
         return label_accuracy(model, val_examples, tokenizer, cfg.eval_batch_size)

@@ -207,3 +207,26 @@ def test_resample_from_the_stimuli_themselves_is_the_clean_model(model):
     with pytest.raises(ValueError, match="unknown ablation"):
         Ablator("gaussian")
     assert math.isfinite(float(got.sum()))
+
+
+@pytest.mark.parametrize("with_val", [True, False])
+def test_single_mask_loop_refuses_a_non_finite_loss(model, with_val):
+    """A loss that turns NaN at its third step stops the single-mask loop there, naming the
+    step, with or without validation data."""
+    from subroutine_circuits.objectives import OddOneOut
+
+    class TurnsNaN(OddOneOut):
+        calls = 0
+
+        def loss(self, adapter, mask, batch):
+            TurnsNaN.calls += 1
+            out = super().loss(adapter, mask, batch)
+            return out * float("nan") if TurnsNaN.calls >= 3 else out
+
+    train, val, _ = _two_datasets()
+    adapter = as_adapter(model, pool="last")
+    cfg = MaskSearchConfig(steps=8, eval_every=4, patience=0, batch_size=5)
+    with pytest.raises(ValueError, match="non-finite loss at step 2"):
+        train_mask_run(adapter, train[0], cfg, {"l0_weight": 1.0}, 0,
+                       val=val[0] if with_val else None, ablator=Ablator("zero"),
+                       objective=TurnsNaN())  # fmt: skip
