@@ -597,6 +597,10 @@ class MaskSearchConfig(_Table):
     # After the choice: drop kept units whose removal keeps the validation accuracy within
     # ``tolerance`` of the chosen mask's (unit masks; ``experiment.search.prune_run``).
     prune: bool | None = None  # None: on for unit masks, off for weight masks
+    # The frontier's "mask path" curve: one unit mask per frontier size, trained on the
+    # subroutine at the chosen grid point with that size as its target density (search.
+    # path_keeps). Off by default: it trains one more mask per distinct size per subroutine.
+    frontier_path: bool = False
 
     def __post_init__(self) -> None:
         self.unit_kinds = tuple(self.unit_kinds)
@@ -864,6 +868,13 @@ class ExperimentConfig(_Table):
             raise ValueError(f"mask.unit_kinds must list at least one of {list(UNIT_KINDS)}")
         if self.patching and not self.patching_methods:
             raise ValueError("patching_methods is empty; list one or set patching = false")
+        if self.mask.frontier_path and (
+            not self.patching or self.patching_options.frontier is False or self.mask.kind != "unit"
+        ):
+            raise ValueError(
+                "mask.frontier_path trains the frontier's mask path: it needs patching = true, "
+                "the frontier on (patching_options.frontier) and mask.kind = 'unit'"
+            )
         if self.model.pool == "mean":
             raise ValueError(
                 "model.pool = 'mean' lets every word's own embedding reach the readout through "

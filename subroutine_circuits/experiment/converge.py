@@ -43,6 +43,7 @@ from subroutine_circuits.experiment.schedule import (  # noqa: F401
     Schedule,
     budget_steps,
     mask_schedule,
+    target_density,
 )
 from subroutine_circuits.masks.ablator import Ablator
 from subroutine_circuits.masks.parametrization import MaskConfig
@@ -366,8 +367,8 @@ class _BatchedUnitTrainer(MaskTrainer):
         self.opt = StackedAdam(self.bm.logits, [float(h.get("lr", cfg.lr)) for h in hps])
         self.sparsity = DensityMultiplier.for_grid(cfg, hps).to(device)
         batches = [
-            _Batch(i, d, len(trains[d]), offsets[d], s, schedule.plateau())
-            for i, (d, s) in enumerate(zip(which, seeds))
+            _Batch(i, d, len(trains[d]), offsets[d], s, schedule.plateau(target_density(cfg, h)))
+            for i, (d, s, h) in enumerate(zip(which, seeds, hps))
         ]
         super().__init__(schedule, batches, validates=True)
         self.device = device

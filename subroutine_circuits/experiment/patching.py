@@ -862,10 +862,12 @@ def patching_and_frontier(
     mask=None,
     cfg: PatchingConfig | None = None,
     reference=None,
+    families: Mapping[str, Tensor] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """:func:`run_patching`'s rows and, with ``cfg.frontier``, the rows of ``frontier.csv``
     for the subroutine (:func:`frontier_of`; none when the subroutine is skipped for want of
-    minimal pairs)."""
+    minimal pairs). ``families``: more frontier curves given as one circuit per frontier size
+    (``patching.frontier.frontier``), e.g. the mask path."""
     from subroutine_circuits.patching.scores import resolve_groups
 
     cfg = cfg or PatchingConfig()
@@ -892,7 +894,7 @@ def patching_and_frontier(
     ]
     if mask is not None:
         _save_circuit(ctx, "mask", mask.flat_binary().bool().cpu(), mask_unit_params(mask))
-    return rows, (frontier_of(ctx, test_problems) if cfg.frontier else [])
+    return rows, (frontier_of(ctx, test_problems, families) if cfg.frontier else [])
 
 
 @dataclass
@@ -1110,7 +1112,11 @@ def _method_row(ctx: _PatchContext, method: str, test_problems, other: str | Non
 CHOSEN_MASK = "chosen mask"
 
 
-def frontier_of(ctx: _PatchContext, test_problems: Mapping[str, list] | None) -> list[dict]:
+def frontier_of(
+    ctx: _PatchContext,
+    test_problems: Mapping[str, list] | None,
+    families: Mapping[str, Tensor] | None = None,
+) -> list[dict]:
     """The frontier of one subroutine (rows of ``frontier.csv``, with ``cfg.meta`` and
     ``subroutine``): the mask's ranking (kept units first, in the minimality pass's order of
     importance when the mask has one, else by logit; then the rest) and its chosen mask as a
@@ -1118,7 +1124,8 @@ def frontier_of(ctx: _PatchContext, test_problems: Mapping[str, list] | None) ->
     ``cfg.frontier_random`` random orders (averaged), measured on the faithfulness pairs
     (MIB's normalised faithfulness, ``cfg.curve_ablation``) and, for odd-one-out models with
     test ``sub_<subroutine>`` problems, the subroutine's accuracy with everything outside the
-    circuit ablated as the mask experiment ablates (``accuracy``; NaN otherwise)."""
+    circuit ablated as the mask experiment ablates (``accuracy``; NaN otherwise); and each of
+    ``families`` (one circuit per frontier size, e.g. the mask path) as a curve."""
     cfg = ctx.cfg
     orders: dict[str, Tensor] = {}
     points: dict[str, Tensor] = {}
@@ -1133,19 +1140,21 @@ def frontier_of(ctx: _PatchContext, test_problems: Mapping[str, list] | None) ->
     res = frontier(
         ctx.adapter, ctx.faith.batches, ctx.groups, orders, cfg.frontier_fractions,
         cfg.curve_ablation, ctx.faith.readout, cfg.chunk_rows,
-        accuracy=_subroutine_accuracy(ctx, test_problems), points=points,
+        accuracy=_subroutine_accuracy(ctx, test_problems), points=points, families=families,
     )  # fmt: skip
     meta = {**cfg.meta, "subroutine": ctx.subroutine}
     return [{**meta, **row} for row in frontier_rows(res)]
 
 
 def _mask_importance(mask) -> list[int] | None:
-    """The mask's own order of its units, most important first: the minimality pass's last
-    single-removal ranking (validation accuracy without each unit), reversed; None for masks
-    without one (no pass, or a mask not from the study)."""
+    """The mask's own order of its units, most important first: the minimality pass's backward
+    elimination (``search.elimination_order``, re-measured after every removal) reversed when
+    the pass made the mask 1-minimal, else its last single-removal ranking (validation accuracy
+    without each unit) reversed; None for masks without either (no pass, or a mask not from
+    the study)."""
     meta = getattr(mask, "meta", None) or {}
     pruned = (meta.get("training") or {}).get("pruned") or {}
-    ranking = pruned.get("ranking")
+    ranking = pruned.get("elimination") or pruned.get("ranking")
     return None if not ranking else list(reversed(ranking))
 
 

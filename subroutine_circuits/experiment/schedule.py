@@ -44,9 +44,10 @@ class Schedule:
         """Continuous sparsification's temperature after ``step`` optimiser steps."""
         return float(self.temp_max ** (min(step, self.steps) / self.steps))
 
-    def plateau(self) -> Plateau:
-        """A fresh :class:`Plateau` with this schedule's stopping rule."""
-        return Plateau(self.tolerance, self.patience, self.min_density_drop)
+    def plateau(self, max_density: float | None = None) -> Plateau:
+        """A fresh :class:`Plateau` with this schedule's stopping rule (``max_density``: the
+        mask's target density, which its best checkpoint must meet)."""
+        return Plateau(self.tolerance, self.patience, self.min_density_drop, max_density)
 
     def evaluates_after(self, step: int) -> bool:
         """Whether an evaluation follows optimiser step ``step`` (1-based)."""
@@ -69,19 +70,43 @@ class Plateau:
     An evaluation is the new best when its accuracy exceeds every earlier one, or when it lies
     within ``tolerance`` of the best accuracy seen and keeps at least ``min_density_drop`` fewer
     units (as a share) than the current best.
+
+    A mask with a target density (``max_density``) is a constrained search: only checkpoints
+    that keep at most that share of units (*feasible* ones) compete for the best. Until the
+    first feasible evaluation the latest checkpoint stands in as the best (the closest to the
+    constraint so far) and patience does not run, so a mask still being pushed down to its
+    target is never stopped for want of accuracy gains; a mask that never gets there returns
+    its last evaluated checkpoint, with ``feasible`` False.
     """
 
-    def __init__(self, tolerance: float, patience: int, min_density_drop: float = 0.0):
+    def __init__(
+        self,
+        tolerance: float,
+        patience: int,
+        min_density_drop: float = 0.0,
+        max_density: float | None = None,
+    ):
         self.tolerance, self.patience = float(tolerance), int(patience)
         self.min_density_drop = float(min_density_drop)
+        self.max_density = None if max_density is None else float(max_density)
         self.max_acc = -1.0
         self.best_acc, self.best_density, self.best_step = -1.0, math.inf, 0
         self.since = 0
+        self.feasible = max_density is None
         self.history: list[tuple[int, float, float]] = []
 
     def update(self, acc: float, density: float, step: int) -> bool:
         """Record an evaluation; returns True when it is the new best checkpoint."""
         self.history.append((int(step), float(acc), float(density)))
+        if self.max_density is not None and density > self.max_density + 1e-9:
+            if self.feasible:  # denser than the target after a feasible one: no improvement
+                self.since += 1
+                return False
+            self.best_acc, self.best_density, self.best_step = acc, density, step
+            return True
+        if not self.feasible:  # the first feasible checkpoint replaces the stand-in
+            self.feasible = True
+            self.best_density = math.inf
         better = acc > self.max_acc or (
             acc >= self.max_acc - self.tolerance
             and density < self.best_density - self.min_density_drop
@@ -103,6 +128,18 @@ class Plateau:
 #: Dual-ascent step of a target density's multiplier (``[mask] target_lr``'s default), set on a
 #: tiny trained model's training problems (README, "Sparsity path").
 TARGET_LR = 0.05
+
+
+def _point_value(cfg: Any, hp: Any, name: str, default: Any) -> Any:
+    """Grid point ``hp``'s value of ``name``, else the ``[mask]`` table's, else ``default``."""
+    v = hp.get(name)
+    return getattr(cfg, name, default) if v is None else v
+
+
+def target_density(cfg: Any, hp: Any) -> float | None:
+    """The target density of grid point ``hp`` (else ``[mask] target_density``; None: none)."""
+    v = _point_value(cfg, hp, "target_density", None)
+    return None if v is None else float(v)
 
 
 class DensityMultiplier:
@@ -145,15 +182,10 @@ class DensityMultiplier:
     def for_grid(cls, cfg: Any, hps: Any) -> DensityMultiplier:
         """The multipliers of grid points ``hps`` (each point's ``l0_weight``,
         ``target_density`` and ``target_lr``, else the ``[mask]`` table's)."""
-
-        def value(h: Any, name: str, default: Any) -> Any:
-            v = h.get(name)
-            return getattr(cfg, name, default) if v is None else v
-
         return cls(
-            [float(value(h, "l0_weight", 1.0)) for h in hps],
-            [float(value(h, "target_density", None) or math.nan) for h in hps],
-            [float(value(h, "target_lr", TARGET_LR)) for h in hps],
+            [float(_point_value(cfg, h, "l0_weight", 1.0)) for h in hps],
+            [float(target_density(cfg, h) or math.nan) for h in hps],
+            [float(_point_value(cfg, h, "target_lr", TARGET_LR)) for h in hps],
         )
 
     def to(self, device: Any) -> DensityMultiplier:

@@ -35,7 +35,7 @@ from subroutine_circuits.experiment.converge import (
     _Batch,
     mask_schedule,
 )
-from subroutine_circuits.experiment.schedule import DensityMultiplier
+from subroutine_circuits.experiment.schedule import DensityMultiplier, target_density
 from subroutine_circuits.masks.ablator import Ablator
 from subroutine_circuits.objectives import Objective, OddOneOut
 
@@ -49,6 +49,7 @@ __all__ = [
     "make_mask",
     "mask_schedule",
     "search_all",
+    "path_keeps",
     "search_mask",
     "train_mask",
     "train_mask_run",
@@ -143,7 +144,9 @@ class _SingleMaskTrainer(MaskTrainer):
         self.objective = objective if objective is not None else OddOneOut()
         schedule = schedule if schedule is not None else mask_schedule(cfg, len(train))
         super().__init__(
-            schedule, [_Batch(0, 0, len(train), 0, seed, schedule.plateau())], val is not None
+            schedule,
+            [_Batch(0, 0, len(train), 0, seed, schedule.plateau(target_density(cfg, hp)))],
+            val is not None,
         )
         adapter.freeze()
         torch.manual_seed(seed)
@@ -379,6 +382,61 @@ def search_all(
     return out
 
 
+def path_keeps(
+    adapter,
+    train: EncodedProblems,
+    val: EncodedProblems,
+    cfg: MaskSearchConfig,
+    hp: dict[str, Any],
+    seed: int,
+    sizes: list[int],
+    ablator: Ablator,
+    engine: str = "batched",
+    progress: bool = False,
+) -> tuple[Bool[Tensor, "s n_units"], list[dict[str, Any]]]:
+    """The learned mask's sparsity path at the frontier's ``sizes`` (unit counts).
+
+    For every distinct size ``0 < k < n_units`` one mask is trained on ``train`` (validation
+    on ``val``) with grid point ``hp`` (the subroutine's chosen point) and target density
+    ``k / n_units``, all in one loop of the study's engine under the study's ablation and
+    schedule; its best *feasible* checkpoint (at most ``k`` units kept, see
+    :class:`~subroutine_circuits.experiment.schedule.Plateau`) gives the size-``k`` circuit:
+    its kept units, then its other units by logit, cut at ``k`` (a mask that ends below its
+    target is filled up in the order of its own logits). Row ``i`` of the result keeps exactly
+    ``sizes[i]`` units (none for 0, all for ``n_units``). The second value has one entry per
+    trained size: ``k``, the mask's own kept count, its validation accuracy, whether it met
+    its target, steps and best step.
+    """
+    from subroutine_circuits.experiment.patching import mask_unit_params
+    from subroutine_circuits.patching.frontier import mask_order
+
+    n = adapter.unit_map(kinds=cfg.unit_kinds, layers=hp.get("layers", cfg.layers)).n_units
+    distinct = sorted({int(k) for k in sizes if 0 < k < n})
+    points = [{**hp, "target_density": k / n} for k in distinct]
+    jobs = [("path", p, int(seed)) for p in range(len(points))]
+    runs = (
+        _train_all(adapter, {"path": train}, {"path": val}, cfg, jobs, points, ablator, engine,
+                   progress)
+        if jobs else {}
+    )  # fmt: skip
+    keep = torch.zeros(len(sizes), n, dtype=torch.bool)
+    log = []
+    for i, k in enumerate(sizes):
+        if k >= n:
+            keep[i] = True
+        if not 0 < k < n:
+            continue
+        run = runs[jobs[distinct.index(k)]]
+        binary = run.mask.flat_binary().bool().cpu()
+        keep[i, mask_order(binary, mask_unit_params(run.mask))[:k]] = True
+        log.append({
+            "k": int(k), "kept": int(binary.sum()), "val_acc": float(run.val_acc),
+            "feasible": bool(int(binary.sum()) <= k), "steps": int(run.steps),
+            "best_step": int(run.best_step),
+        })  # fmt: skip
+    return keep, log
+
+
 #: Rounds of the minimality pass (each: two batched passes); the first removes nearly all.
 PRUNE_ROUNDS = 2
 #: Validation problems the per-unit ranking of the pass is computed on (the first ones); the
@@ -475,11 +533,13 @@ def prune_run(
         row = max(ok)
         keep, current = prefixes[row].clone(), float(accs[row])
     finished, finish = 0, f"skipped: more than {finish_max_units} units"
+    elimination = None
     if int(keep.sum()) <= finish_max_units:
         keep, current, finished = _finish_1_minimal(
             adapter, val, keep, current, floor, unit_map, ablator
         )
         finish, removable = "1-minimal", 0
+        elimination = elimination_order(adapter, val, keep, unit_map, ablator)
     else:
         removable = block_removable(adapter, val, rank_val, keep, floor, unit_map, ablator,
                                     order=order)  # fmt: skip
@@ -491,7 +551,10 @@ def prune_run(
             "block_removable": removable,
             # the last round's single-removal ranking (unit indices, least harmful first):
             # the mask's own order of its units, which frontier.csv's mask ranking uses
-            "ranking": None if order is None else [int(u) for u in order]}  # fmt: skip
+            "ranking": None if order is None else [int(u) for u in order],
+            # the 1-minimal mask's units in the order a re-measured backward elimination
+            # removes them (least important first; elimination_order), when the finish ran
+            "elimination": elimination}  # fmt: skip
     return replace(run, mask=mask, val_acc=current, density=mask.density(), pruned=info)
 
 
@@ -546,6 +609,38 @@ def _each_removed(
     without = keep.repeat(len(kept), 1)
     without[torch.arange(len(kept)), kept] = False
     return kept, without
+
+
+def elimination_order(
+    adapter,
+    val: EncodedProblems,
+    keep: Bool[Tensor, " n_units"],
+    unit_map: Any,
+    ablator: Ablator,
+) -> list[int]:
+    """The kept units of ``keep`` in the order a greedy backward elimination removes them,
+    least important first: at each step every remaining unit's removal is measured on every
+    validation problem (one batched pass) and the one leaving the highest accuracy goes (ties:
+    the lowest cross-entropy, then unit order), until one unit is left, which comes last.
+
+    Why: below a 1-minimal mask's size every removal costs accuracy, and a ranking measured
+    once with every unit present cannot see that removing one unit makes another useless or
+    indispensable; re-measuring after each removal gives the mask's own nested circuits at every
+    smaller size (the frontier's mask ranking). Its cost grows with the square of the mask, so
+    :func:`prune_run` runs it where it runs the 1-minimal finish."""
+    from subroutine_circuits.experiment.evaluate import fixed_accuracies_losses
+
+    keep = keep.clone()
+    out: list[int] = []
+    while int(keep.sum()) > 1:
+        kept, without = _each_removed(keep)
+        acc, loss = fixed_accuracies_losses(adapter, val, without, unit_map, ablator)
+        key = [(-float(a), float(c), i) for i, (a, c) in enumerate(zip(acc, loss))]
+        best = min(key)[2]
+        out.append(int(kept[best]))
+        keep = without[best].clone()
+    out += [int(u) for u in keep.nonzero().flatten()]
+    return out
 
 
 def _finish_1_minimal(

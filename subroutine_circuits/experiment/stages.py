@@ -267,15 +267,53 @@ def patching_stage(
     reference = base.enc["train"]["composite"]
     if pcfg.position_aware and pcfg.cross_ablation in base.ablators:
         reference = base.ablators[pcfg.cross_ablation]
+    families = {}
+    if mask is not None and pcfg.frontier and cfg.mask.frontier_path:
+        families["mask path"] = _mask_path(job, cfg, base, store, pcfg, mask)
     rows, frontier = patching_and_frontier(
         base.adapter, prep.tokenizer, prep.task, job.subroutine, prep.splits["test"], mask, pcfg,
-        reference=reference,
+        reference=reference, families=families,
     )  # fmt: skip
+
     for r in rows + frontier:
         r["mask_seed"] = job.mask_seed if mask is not None else None
     for r in rows:
         r["composite_acc"] = base.meta.get("composite_acc")
     return jsonable(rows), jsonable(frontier)
+
+
+def _mask_path(
+    job: PatchingJob, cfg: ExperimentConfig, base: BaseModel, store: RunStore, pcfg: Any, mask: Any
+) -> Any:
+    """The mask path of ``job``'s subroutine at the frontier's sizes
+    (:func:`~subroutine_circuits.experiment.search.path_keeps`, at the chosen grid point,
+    seeded by the job's mask seed); its log joins the subroutine's ``search/`` file as
+    ``path``."""
+    from subroutine_circuits.experiment.search import path_keeps
+    from subroutine_circuits.masks.ablator import Ablator
+    from subroutine_circuits.patching.frontier import sizes_of
+
+    sub = job.subroutine
+    chosen = store.read_search(job.base, sub) or {}
+    n = int(mask.flat_binary().numel())
+    keep, log = path_keeps(
+        base.adapter, base.enc["train"][f"sub_{sub}"], base.enc["val"][f"sub_{sub}"], cfg.mask,
+        dict(chosen.get("hp") or {}), int(job.mask_seed), sizes_of(pcfg.frontier_fractions, n),
+        base.ablators.get(cfg.ablation, Ablator("zero")), cfg.mask.engine,
+    )  # fmt: skip
+    store.write_search(job.base, sub, {**chosen, "path": log})
+    short = [e for e in log if not e["feasible"]]
+    if short:
+        import warnings
+
+        warnings.warn(
+            f"{job.base} {sub}: the mask path did not reach sizes "
+            f"{[e['k'] for e in short]} within the mask budget (kept "
+            f"{[e['kept'] for e in short]} units); their frontier circuits are those masks' "
+            "top units by logit (raise [mask] target_lr or the budget)",
+            stacklevel=2,
+        )
+    return keep
 
 
 # ----------------------------------------------------------------------------- one base model

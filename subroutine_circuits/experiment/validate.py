@@ -133,6 +133,8 @@ def experiment_config(vcfg: ValidateConfig):
     }  # fmt: skip
     if vcfg.settings == "demo":
         d.update(demo_analysis_settings())
+    if vcfg.methods:  # the frontier's mask curve is the sparsity path (issue 23's criterion)
+        d["mask"] = {**d.get("mask", {}), "frontier_path": True}
     for k, v in vcfg.experiment.items():
         d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
     cfg = config_from_dict(d)
@@ -252,7 +254,7 @@ def score_model(planted: Any, store: Any, job: Any, prep: Any) -> list[dict[str,
 
     cfg = job.cfg
     base = base_model_stage(job, prep, store)
-    rows, sizes = [], {}
+    rows, sizes, needed = [], {}, {}
     cache_path = store.root / f"randabl_fallback_s{job.seed}.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     runs = [r for r in store.read_runs() if r.get("base_seed") == job.seed]
@@ -261,6 +263,12 @@ def score_model(planted: Any, store: Any, job: Any, prep: Any) -> list[dict[str,
         extra = run_verdict_row(run, base, mask, cfg, cache)
         row = mask_row(planted, run["subroutine"], mask, verdict=extra["verdict"])
         row.update(mask_seed=run["mask_seed"], **extra)
+        if planted.kind == "modular":
+            if run["subroutine"] not in needed:
+                needed[run["subroutine"]] = truth_needed(
+                    planted, run["subroutine"], base, mask, cfg
+                )
+            row["n_truth_needed"] = needed[run["subroutine"]]
         rows.append(row)
         if int(run["mask_seed"]) == int(cfg.mask_seeds[0]):
             sizes[run["subroutine"]] = int(mask.flat_binary().sum())
@@ -275,6 +283,33 @@ def score_model(planted: Any, store: Any, job: Any, prep: Any) -> list[dict[str,
     return rows
 
 
+def truth_needed(planted: Any, subroutine: str, base: Any, mask: Any, cfg: Any) -> float:
+    """How many planted units the subroutine needs at the study's success threshold: the
+    planted subnetwork (aligned with ``mask``'s units) made 1-minimal by the minimality pass's
+    finish on the validation problems, under the study's ablation, with the floor the pass
+    gives a mask (its accuracy minus ``mask.tolerance``, at least ``mask_min_acc``; NaN when
+    the planted subnetwork alone does not reach ``mask_min_acc``).
+
+    Why: the planted subnetwork is defined on the part's loss (every unit raises it by at least
+    ``min_effect``), the chosen mask by accuracy; a mask that keeps only planted units and
+    fewer of them is as small as the planted model allows at that threshold, which this count
+    says."""
+    from subroutine_circuits.experiment.evaluate import fixed_accuracies
+    from subroutine_circuits.experiment.search import _finish_1_minimal
+    from subroutine_circuits.masks.ablator import Ablator
+
+    unit_map = mask.unit_map
+    truth = planted.truth_vector(subroutine, unit_map).bool()
+    val = base.enc["val"][f"sub_{subroutine}"]
+    ablator = base.ablators.get(cfg.ablation, Ablator("zero"))
+    acc = float(fixed_accuracies(base.adapter, val, truth[None], unit_map, ablator)[0])
+    if acc < cfg.mask_min_acc:
+        return float("nan")
+    floor = max(acc - cfg.mask.tolerance, cfg.mask_min_acc)  # prune_run's floor for a mask
+    keep, _, _ = _finish_1_minimal(base.adapter, val, truth, acc, floor, unit_map, ablator)
+    return float(keep.sum())
+
+
 #: Faithfulness differences below this (1% of the full-vs-empty metric gap) are ties when
 #: the frontier compares the mask with patching (fixed before any planted frontier was seen).
 FRONTIER_TIE = 0.01
@@ -282,12 +317,32 @@ FRONTIER_TIE = 0.01
 SIZE_FACTOR = 1.5
 
 
+#: The frontier curve of the mask's sparsity path (``[mask] frontier_path``, which validate
+#: turns on). Issue 23's criterion compares the chosen mask's own ranking ("mask", as before
+#: the path existed); the path's gaps are reported beside it (``*_path`` columns).
+PATH = "mask path"
+
+
+def _gaps(df: Any, patch: Any, method: str) -> dict[str, float]:
+    """The smallest faithfulness and accuracy differences over the frontier's sizes between
+    ``method``'s curve and the best patching ranking's, and ``method``'s CPR."""
+    mask = df[df["method"] == method].set_index("fraction")
+    best = patch.groupby("fraction")[["faithfulness", "accuracy"]].max()
+    return {
+        "gap": float((mask["faithfulness"] - best["faithfulness"]).min()),
+        "gap_acc": float((mask["accuracy"] - best["accuracy"]).min()),
+        "cpr": float(mask["cpr"].iloc[0]),
+    }
+
+
 def frontier_columns(frontier: list[dict], subroutine: str, mask_seed: Any) -> dict[str, Any]:
     """The frontier's verdict on one mask run (empty without frontier rows):
     ``frontier_gap`` / ``frontier_gap_acc``, the smallest difference over the frontier's sizes
-    between the mask ranking's faithfulness (accuracy) and the best patching ranking's at that
-    size (>= -:data:`FRONTIER_TIE`: at or above patching at every size); ``cpr_mask`` and
-    ``cpr_patching`` (the best patching method's CPR)."""
+    between the chosen mask's ranking's faithfulness (accuracy) and the best patching ranking's
+    at that size (>= -:data:`FRONTIER_TIE`: at or above patching at every size); ``cpr_mask``
+    and ``cpr_patching`` (the best patching method's CPR); with a sparsity path
+    (:data:`PATH`) the same for it: ``frontier_gap_path``, ``frontier_gap_acc_path``,
+    ``cpr_path``."""
     import pandas as pd
 
     from subroutine_circuits.experiment.config import PATCHING_METHODS
@@ -301,35 +356,44 @@ def frontier_columns(frontier: list[dict], subroutine: str, mask_seed: Any) -> d
     patch = df[df["method"].isin(PATCHING_METHODS)]
     if patch.empty:
         return {}
-    mask = df[df["method"] == "mask"].set_index("fraction")
-    best = patch.groupby("fraction")[["faithfulness", "accuracy"]].max()
-    gap = (mask["faithfulness"] - best["faithfulness"]).min()
-    gap_acc = (mask["accuracy"] - best["accuracy"]).min()
-    return {
-        "frontier_gap": float(gap),
-        "frontier_gap_acc": float(gap_acc),
-        "cpr_mask": float(mask["cpr"].iloc[0]),
+    g = _gaps(df, patch, "mask")
+    out = {
+        "frontier_gap": g["gap"],
+        "frontier_gap_acc": g["gap_acc"],
+        "cpr_mask": g["cpr"],
         "cpr_patching": float(patch.groupby("method")["cpr"].first().max()),
     }
+    if PATH in set(df["method"]):
+        g = _gaps(df, patch, PATH)
+        out.update(frontier_gap_path=g["gap"], frontier_gap_acc_path=g["gap_acc"],
+                   cpr_path=g["cpr"])  # fmt: skip
+    return out
 
 
 def frontier_summary(df: Any) -> dict[str, Any]:
     """Issue 23's planted-model criteria over the modular models' mask runs: ``n`` runs with
     a frontier, ``size_within`` (chosen mask within :data:`SIZE_FACTOR` of the planted
-    subnetwork, either way), ``at_or_above`` (faithfulness at or above every patching ranking
-    at every size, ties within :data:`FRONTIER_TIE`), ``at_or_above_acc`` (the same for
-    accuracy), and the median size ratio and worst gaps."""
+    subnetwork, either way), ``size_within_needed`` (the same against the planted subnetwork
+    made 1-minimal at the success threshold, ``n_truth_needed``), ``at_or_above``
+    (faithfulness at or above every patching ranking at every size, ties within
+    :data:`FRONTIER_TIE`), ``at_or_above_acc`` (the same for accuracy), the median size ratios
+    and worst gaps, and the same frontier counts for the sparsity path (``path_*``) when it
+    was trained."""
     if "frontier_gap" not in df.columns:
         return {"n": 0}
     m = df[(df["method"] == "mask") & (df["model_kind"] == "modular")]
     m = m[m["frontier_gap"].notna()]
     if m.empty:
         return {"n": 0}
-    ratio = m["n_kept"].astype(float) / m["n_truth"].astype(float)
-    within = (ratio <= SIZE_FACTOR) & (ratio >= 1 / SIZE_FACTOR)
-    return {
+
+    def within(denominator: str) -> tuple[Any, Any]:
+        ratio = m["n_kept"].astype(float) / m[denominator].astype(float)
+        return ratio, (ratio <= SIZE_FACTOR) & (ratio >= 1 / SIZE_FACTOR)
+
+    ratio, ok = within("n_truth")
+    out = {
         "n": int(len(m)),
-        "size_within": int(within.sum()),
+        "size_within": int(ok.sum()),
         "size_ratio_median": float(ratio.median()),
         "size_ratio_min": float(ratio.min()),
         "size_ratio_max": float(ratio.max()),
@@ -340,6 +404,23 @@ def frontier_summary(df: Any) -> dict[str, Any]:
         "cpr_mask_median": float(m["cpr_mask"].median()),
         "cpr_patching_median": float(m["cpr_patching"].median()),
     }
+    if "n_truth_needed" in m.columns and m["n_truth_needed"].notna().all():
+        ratio, ok = within("n_truth_needed")
+        out.update(
+            size_within_needed=int(ok.sum()),
+            needed_ratio_median=float(ratio.median()),
+            needed_ratio_min=float(ratio.min()),
+            needed_ratio_max=float(ratio.max()),
+        )
+    if "frontier_gap_path" in m.columns and m["frontier_gap_path"].notna().all():
+        out.update(
+            path_at_or_above=int((m["frontier_gap_path"] >= -FRONTIER_TIE).sum()),
+            path_at_or_above_acc=int((m["frontier_gap_acc_path"] >= -FRONTIER_TIE).sum()),
+            path_worst_gap=float(m["frontier_gap_path"].min()),
+            path_worst_gap_acc=float(m["frontier_gap_acc_path"].min()),
+            cpr_path_median=float(m["cpr_path"].median()),
+        )
+    return out
 
 
 def patching_rows(planted: Any, store: Any, job: Any, sizes: dict[str, int]) -> list[dict]:
@@ -593,7 +674,31 @@ def frontier_sentence(fr: dict[str, Any]) -> str:
         f"size in {fr['at_or_above']} (ties within {FRONTIER_TIE}; worst gap "
         f"{fr['worst_gap']:.3f}), its subroutine accuracy in {fr['at_or_above_acc']} (worst gap "
         f"{fr['worst_gap_acc']:.3f}); median CPR mask {fr['cpr_mask_median']:.3f}, best "
-        f"patching {fr['cpr_patching_median']:.3f}."
+        f"patching {fr['cpr_patching_median']:.3f}." + _needed_text(fr) + _path_text(fr)
+    )
+
+
+def _needed_text(fr: dict[str, Any]) -> str:
+    """The size criterion against the planted subnetwork made 1-minimal (empty without)."""
+    if "size_within_needed" not in fr:
+        return ""
+    return (
+        f" Against the planted subnetwork made 1-minimal at the success threshold (the "
+        f"minimality pass's finish run on the planted units): {fr['size_within_needed']} "
+        f"within {SIZE_FACTOR}x (ratio median {fr['needed_ratio_median']:.2f}, "
+        f"{fr['needed_ratio_min']:.2f}-{fr['needed_ratio_max']:.2f})."
+    )
+
+
+def _path_text(fr: dict[str, Any]) -> str:
+    """The sparsity path's frontier counts (empty without a path)."""
+    if "path_at_or_above" not in fr:
+        return ""
+    return (
+        f" The mask path (one mask trained per size): faithfulness at or above patching at "
+        f"every size in {fr['path_at_or_above']} (worst gap {fr['path_worst_gap']:.3f}), "
+        f"accuracy in {fr['path_at_or_above_acc']} (worst gap {fr['path_worst_gap_acc']:.3f}); "
+        f"median CPR {fr['cpr_path_median']:.3f}."
     )
 
 

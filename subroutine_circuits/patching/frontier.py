@@ -173,9 +173,13 @@ def frontier(
     chunk_rows: int = 4096,
     accuracy: Accuracy | None = None,
     points: Mapping[str, Bool[Tensor, " n_units"]] | None = None,
+    families: Mapping[str, Bool[Tensor, "s n_units"]] | None = None,
 ) -> Frontier:
     """Measure each ranking of ``orders`` (``[n_units]``, or ``[r, n_units]`` to average ``r``
-    orders) at ``fractions`` of the units, and each circuit of ``points``.
+    orders) at ``fractions`` of the units, each family of ``families`` (one circuit per
+    fraction, row ``i`` keeping exactly ``sizes_of(fractions, n)[i]`` units: e.g. masks trained
+    at each size, :func:`~subroutine_circuits.experiment.search.path_keeps`) as a curve, and
+    each circuit of ``points``.
 
     ``batches`` are the minimal pairs the faithfulness is measured on (clean input, the
     complement ablated with ``ablation``: ``resample`` replays the corrupted input, MIB's
@@ -194,6 +198,19 @@ def frontier(
             raise ValueError(f"order {name!r} is not a permutation of the {n} units")
         blocks.append((name, order.shape[0]))
         rows += [_keeps(o, sizes) for o in order]
+    for name, fam in (families or {}).items():
+        if name in orders:
+            raise ValueError(f"{name!r} names both a ranking and a family")
+        fam = torch.as_tensor(fam).bool().cpu()
+        if fam.shape != (len(sizes), n):
+            raise ValueError(
+                f"family {name!r} has shape {tuple(fam.shape)}, expected ({len(sizes)}, {n})"
+            )
+        got = fam.sum(1).tolist()
+        if got != sizes:
+            raise ValueError(f"family {name!r} keeps {got} units, the sizes are {sizes}")
+        blocks.append((name, 1))
+        rows.append(fam)
     point_items = list((points or {}).items())
     for name, keep in point_items:
         keep = torch.as_tensor(keep).bool().cpu()

@@ -16,7 +16,9 @@ from subroutine_circuits.report import plots
 from subroutine_circuits.store import RunStore
 
 #: Line order and colours of the rankings (others follow in order of appearance).
-METHOD_ORDER = ("mask", "activation", "attribution", "integrated_gradients", "random")
+METHOD_ORDER = (
+    "mask", "mask path", "activation", "attribution", "integrated_gradients", "random"
+)  # fmt: skip
 _CELL = ["task", "init", "subroutine"]
 
 
@@ -94,6 +96,8 @@ def section_frontier(out_dir: Path) -> str:
     out = [
         "<p>Faithfulness of the best circuit of each size, by ranking: the learned mask "
         "(its kept units first, in the minimality pass's order of importance, then the rest), "
+        "with [mask] frontier_path the mask path (at each size a mask trained with that size as "
+        "its target density), "
         "activation and attribution patching (scores from the validation pairs), and random "
         "orders. Faithfulness is MIB's "
         "(m(C) - m(empty)) / (m(full) - m(empty)) on the test minimal pairs, the complement "

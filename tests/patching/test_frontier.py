@@ -161,3 +161,31 @@ def test_bad_orders_are_refused(tiny_model, tiny_tokens):
         frontier(tiny_model, b, groups, {"x": torch.zeros(n, dtype=torch.long)}, (0.1,))
     with pytest.raises(ValueError, match="shape"):
         frontier(tiny_model, b, groups, {"x": torch.arange(n - 1)}, (0.1,))
+
+
+def test_frontier_family_curve_is_its_circuits_measured_as_points(tiny_model, tiny_tokens):
+    """A family (one circuit per size) gives the curve its circuits give as single points;
+    rows of the wrong size or shape are refused by name."""
+    from subroutine_circuits.patching.frontier import sizes_of
+
+    b = _batch(tiny_tokens)
+    groups = tl_unit_map(tiny_model).groups
+    n = sum(g.size for g in groups)
+    fractions = (0.05, 0.2, 0.5)
+    sizes = sizes_of(fractions, n)
+    g = torch.Generator().manual_seed(4)
+    fam = torch.zeros(len(sizes), n, dtype=torch.bool)
+    for i, k in enumerate(sizes):  # unrelated circuits per size: not one nested ranking
+        fam[i, torch.randperm(n, generator=g)[:k]] = True
+    res = frontier(tiny_model, b, groups, {}, fractions, "resample", families={"path": fam},
+                   points={f"p{i}": row for i, row in enumerate(fam)})  # fmt: skip
+    curve = res.curves["path"]
+    assert curve.sizes == sizes and curve.n_orders == 1
+    for i in range(len(sizes)):
+        assert curve.faithfulness[i] == pytest.approx(res.points[f"p{i}"].faithfulness)
+    bad = fam.clone()
+    bad[0, bad[0].nonzero()[0]] = False
+    with pytest.raises(ValueError, match="keeps"):
+        frontier(tiny_model, b, groups, {}, fractions, families={"path": bad})
+    with pytest.raises(ValueError, match="shape"):
+        frontier(tiny_model, b, groups, {}, fractions, families={"path": fam[:2]})
