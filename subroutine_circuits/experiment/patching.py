@@ -863,11 +863,14 @@ def patching_and_frontier(
     cfg: PatchingConfig | None = None,
     reference=None,
     families: Mapping[str, Tensor] | None = None,
+    mask_ranking: Sequence[int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """:func:`run_patching`'s rows and, with ``cfg.frontier``, the rows of ``frontier.csv``
     for the subroutine (:func:`frontier_of`; none when the subroutine is skipped for want of
     minimal pairs). ``families``: more frontier curves given as one circuit per frontier size
-    (``patching.frontier.frontier``), e.g. the mask path."""
+    (``patching.frontier.frontier``), e.g. the mask path; ``mask_ranking``: the mask's units
+    most important first (kept, then dropped ones it adds), instead of the minimality pass's
+    order stored with the mask."""
     from subroutine_circuits.patching.scores import resolve_groups
 
     cfg = cfg or PatchingConfig()
@@ -894,7 +897,9 @@ def patching_and_frontier(
     ]
     if mask is not None:
         _save_circuit(ctx, "mask", mask.flat_binary().bool().cpu(), mask_unit_params(mask))
-    return rows, (frontier_of(ctx, test_problems, families) if cfg.frontier else [])
+    if not cfg.frontier:
+        return rows, []
+    return rows, frontier_of(ctx, test_problems, families, mask_ranking)
 
 
 @dataclass
@@ -1116,6 +1121,7 @@ def frontier_of(
     ctx: _PatchContext,
     test_problems: Mapping[str, list] | None,
     families: Mapping[str, Tensor] | None = None,
+    mask_ranking: Sequence[int] | None = None,
 ) -> list[dict]:
     """The frontier of one subroutine (rows of ``frontier.csv``, with ``cfg.meta`` and
     ``subroutine``): the mask's ranking (kept units first, in the minimality pass's order of
@@ -1131,7 +1137,8 @@ def frontier_of(
     points: dict[str, Tensor] = {}
     if ctx.mask is not None:
         keep = ctx.mask.flat_binary().bool().cpu()
-        orders["mask"] = mask_order(keep, mask_unit_params(ctx.mask), _mask_importance(ctx.mask))
+        importance = _mask_importance(ctx.mask) if mask_ranking is None else list(mask_ranking)
+        orders["mask"] = mask_order(keep, mask_unit_params(ctx.mask), importance)
         points[CHOSEN_MASK] = keep
     for method, scores in ctx.scores.items():
         orders[method] = score_order(scores, cfg.use_abs)
@@ -1154,7 +1161,9 @@ def _mask_importance(mask) -> list[int] | None:
     the study)."""
     meta = getattr(mask, "meta", None) or {}
     pruned = (meta.get("training") or {}).get("pruned") or {}
-    ranking = pruned.get("elimination") or pruned.get("ranking")
+    if pruned.get("elimination"):
+        return list(reversed(pruned["elimination"]))
+    ranking = pruned.get("ranking")
     return None if not ranking else list(reversed(ranking))
 
 

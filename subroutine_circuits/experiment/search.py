@@ -643,6 +643,50 @@ def elimination_order(
     return out
 
 
+#: Dropped units the forward selection of :func:`addition_order` considers (those with the
+#: highest mask logits): a compute bound (each added unit costs one pass over them).
+ADD_CANDIDATES = 16
+
+
+def addition_order(
+    adapter,
+    val: EncodedProblems,
+    keep: Bool[Tensor, " n_units"],
+    unit_map: Any,
+    ablator: Ablator,
+    params: Tensor,
+    max_units: int,
+) -> list[int]:
+    """Dropped units in the order a greedy forward selection adds them to ``keep``: at each
+    step every candidate's addition is measured on every validation problem (one batched pass)
+    and the one giving the highest accuracy joins (ties: the lowest cross-entropy, then the
+    higher logit), until ``max_units`` units are kept or no candidate is left. Candidates: the
+    :data:`ADD_CANDIDATES` dropped units with the highest ``params`` (the mask's logits).
+
+    Why: above a mask's own size the frontier asks which units it would add; the logits of
+    units the mask learned to drop say little, while re-measuring each addition with the mask's
+    objective on validation data gives its nested circuits at every larger size (the frontier
+    runs it up to its largest size within the 1-minimal finish's bound,
+    :func:`~subroutine_circuits.experiment.stages.mask_ranking`; its cost: one pass over the
+    candidates per added unit)."""
+    from subroutine_circuits.experiment.evaluate import fixed_accuracies_losses
+
+    keep = keep.clone()
+    dropped = (~keep).nonzero().flatten()
+    ranked = dropped[torch.sort(-params[dropped].float(), stable=True).indices]
+    candidates = ranked[:ADD_CANDIDATES].tolist()
+    out: list[int] = []
+    while candidates and int(keep.sum()) < max_units:
+        rows = keep.repeat(len(candidates), 1)
+        rows[torch.arange(len(candidates)), torch.tensor(candidates)] = True
+        acc, loss = fixed_accuracies_losses(adapter, val, rows, unit_map, ablator)
+        key = [(-float(a), float(c), i) for i, (a, c) in enumerate(zip(acc, loss))]
+        best = candidates.pop(min(key)[2])
+        out.append(int(best))
+        keep[best] = True
+    return out
+
+
 def _finish_1_minimal(
     adapter,
     val: EncodedProblems,

@@ -267,12 +267,14 @@ def patching_stage(
     reference = base.enc["train"]["composite"]
     if pcfg.position_aware and pcfg.cross_ablation in base.ablators:
         reference = base.ablators[pcfg.cross_ablation]
-    families = {}
-    if mask is not None and pcfg.frontier and cfg.mask.frontier_path:
-        families["mask path"] = _mask_path(job, cfg, base, store, pcfg, mask)
+    families, ranking = {}, None
+    if mask is not None and pcfg.frontier:
+        ranking = mask_ranking(job, cfg, base, pcfg, mask)
+        if cfg.mask.frontier_path:
+            families["mask path"] = _mask_path(job, cfg, base, store, pcfg, mask)
     rows, frontier = patching_and_frontier(
         base.adapter, prep.tokenizer, prep.task, job.subroutine, prep.splits["test"], mask, pcfg,
-        reference=reference, families=families,
+        reference=reference, families=families, mask_ranking=ranking,
     )  # fmt: skip
 
     for r in rows + frontier:
@@ -280,6 +282,44 @@ def patching_stage(
     for r in rows:
         r["composite_acc"] = base.meta.get("composite_acc")
     return jsonable(rows), jsonable(frontier)
+
+
+def mask_ranking(
+    job: PatchingJob, cfg: ExperimentConfig, base: BaseModel, pcfg: Any, mask: Any
+) -> list[int] | None:
+    """The frontier's ranking of a 1-minimal mask's units, most important first: its kept
+    units in reverse order of the minimality pass's backward elimination, then the units a
+    forward selection adds on the minimality pass's ranking problems (the first
+    :data:`~subroutine_circuits.experiment.search.PRUNE_RANK_PROBLEMS` validation problems;
+    :func:`~subroutine_circuits.experiment.search.addition_order`) up to the largest frontier
+    size within :data:`~subroutine_circuits.experiment.search.PRUNE_FINISH_MAX_UNITS`; None
+    (the ranking stored with the mask) when the pass did not make the mask 1-minimal."""
+    import torch
+
+    from subroutine_circuits.experiment.patching import mask_unit_params
+    from subroutine_circuits.experiment.search import (
+        PRUNE_FINISH_MAX_UNITS,
+        PRUNE_RANK_PROBLEMS,
+        addition_order,
+    )
+    from subroutine_circuits.masks.ablator import Ablator
+    from subroutine_circuits.patching.frontier import sizes_of
+
+    pruned = ((getattr(mask, "meta", None) or {}).get("training") or {}).get("pruned") or {}
+    if not pruned.get("elimination"):
+        return None
+    keep = mask.flat_binary().bool().cpu()
+    sizes = sizes_of(pcfg.frontier_fractions, keep.numel())
+    top = max([k for k in sizes if k <= PRUNE_FINISH_MAX_UNITS], default=0)
+    added = []
+    if top > int(keep.sum()):
+        val = base.enc["val"][f"sub_{job.subroutine}"]
+        val = val.batch(torch.arange(min(len(val), PRUNE_RANK_PROBLEMS)))  # the pass's ranking set
+        added = addition_order(
+            base.adapter, val, keep, mask.unit_map,
+            base.ablators.get(cfg.ablation, Ablator("zero")), mask_unit_params(mask), top,
+        )  # fmt: skip
+    return list(reversed(pruned["elimination"])) + added
 
 
 def _mask_path(

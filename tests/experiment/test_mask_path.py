@@ -105,3 +105,46 @@ def test_frontier_path_needs_the_frontier():
     with pytest.raises(ValueError, match="frontier_path"):
         config_from_dict({**base, "patching_options": {"frontier": False}}).validate()
     config_from_dict(base).validate()
+
+
+def test_addition_order_adds_the_most_helpful_unit_each_step(monkeypatch):
+    """Each addition leaves the highest accuracy among the candidates' additions (hand-written
+    zero hook), only dropped units are added, and it stops at the size asked for; with a
+    candidate cap only the dropped units of highest logit are considered."""
+    from conftest import make_tiny_transformer
+    from test_prune_masks import _zero_hook_accuracy
+
+    from subroutine_circuits.adapters import as_adapter, tl_unit_map
+    from subroutine_circuits.adapters.base import EncodedProblems
+    from subroutine_circuits.experiment import search
+    from subroutine_circuits.experiment.search import addition_order
+    from subroutine_circuits.masks.ablator import Ablator
+
+    model = make_tiny_transformer(seed=6)
+    um = tl_unit_map(model)
+    g = torch.Generator().manual_seed(2)
+    toks = torch.randint(1, 50, (40, 4, 7), generator=g)
+    data = EncodedProblems({"tokens": toks, "lengths": torch.full((40, 4), 7)},
+                           torch.randint(0, 4, (40,), generator=g))  # fmt: skip
+    keep = torch.zeros(um.n_units, dtype=torch.bool)
+    keep[torch.randperm(um.n_units, generator=g)[:3]] = True
+    params = torch.randn(um.n_units, generator=g)
+    monkeypatch.setattr(search, "ADD_CANDIDATES", um.n_units)  # every dropped unit
+    added = addition_order(as_adapter(model, pool="last"), data, keep, um, Ablator("zero"),
+                           params, 7)  # fmt: skip
+    assert len(added) == 4 and len(set(added)) == 4 and not keep[added].any()
+    current = keep.clone()
+    for unit in added:
+        accs = {}
+        for u in (~current).nonzero().flatten().tolist():
+            plus = current.clone()
+            plus[u] = True
+            accs[u] = _zero_hook_accuracy(model, data, plus, um)
+        assert accs[unit] >= max(accs.values()) - 1e-9
+        current[unit] = True
+    monkeypatch.setattr(search, "ADD_CANDIDATES", 5)
+    dropped = (~keep).nonzero().flatten()
+    top5 = set(dropped[torch.sort(-params[dropped]).indices[:5]].tolist())
+    capped = addition_order(as_adapter(model, pool="last"), data, keep, um, Ablator("zero"),
+                            params, 20)  # fmt: skip
+    assert set(capped) == top5  # the candidates run out before 20 units
