@@ -178,6 +178,12 @@ def test_validate_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "groundtruth.csv").is_file()
     # every modular mask run of the first mask seed carries its frontier's verdict
     assert mod[["frontier_gap", "cpr_mask", "cpr_patching"]].notna().all().all()
+    # validate trains the mask path: its gaps sit beside the mask ranking's
+    assert mod[["frontier_gap_path", "frontier_gap_acc_path", "cpr_path"]].notna().all().all()
+    # the planted units the subroutine needs: a subset of the planted subnetwork (or NaN when
+    # the planted subnetwork alone misses the success threshold)
+    need = mod["n_truth_needed"]
+    assert ((need <= mod["n_truth"]) & (need >= 1) | need.isna()).all()
     rates = json.loads((tmp_path / "error_rates.json").read_text())["rates"]
     assert rates["n_modular"] + rates["n_non_compositional"] <= 4
     assert (
@@ -210,10 +216,18 @@ def test_frontier_columns_and_summary_by_hand():
     rows += curve("activation", (1.0, 1.0), (1.0, 1.0), 1.0, sub="b")  # another subroutine
     rows += curve("activation", (1.0, 1.0), (1.0, 1.0), 1.0, seed=1)  # another mask seed
     got = V.frontier_columns(rows, "a", 0)
+    assert "frontier_gap_path" not in got  # no mask path
     assert got["frontier_gap"] == pytest.approx(min(0.2 - 0.3, 0.9 - 0.95))
     assert got["frontier_gap_acc"] == pytest.approx(min(0.5 - 0.6, 0.8 - 0.9))
     assert (got["cpr_mask"], got["cpr_patching"]) == (0.6, 0.7)
     assert V.frontier_columns(rows, "b", 0) == {}  # no mask ranking there
+    # a mask path: its own gaps; the criterion's columns stay the mask ranking's
+    with_path = rows + curve(V.PATH, (0.35, 0.7), (0.7, 0.95), 0.65)
+    got2 = V.frontier_columns(with_path, "a", 0)
+    assert got2["frontier_gap"] == got["frontier_gap"]
+    assert got2["frontier_gap_path"] == pytest.approx(min(0.35 - 0.3, 0.7 - 0.95))
+    assert got2["frontier_gap_acc_path"] == pytest.approx(min(0.7 - 0.6, 0.95 - 0.9))
+    assert got2["cpr_path"] == 0.65
 
     df = pd.DataFrame(
         [
@@ -229,6 +243,17 @@ def test_frontier_columns_and_summary_by_hand():
         ]
     )  # fmt: skip
     summary = V.frontier_summary(df)
+    assert "size_within_needed" not in summary and "path_at_or_above" not in summary
+    df["n_truth_needed"] = [3, 4, 8]
+    df["frontier_gap_path"], df["frontier_gap_acc_path"] = [0.0, -0.3, 0.0], [0.1, -0.05, 0.0]
+    df["cpr_path"] = [0.8, 0.6, 0.1]
+    both = V.frontier_summary(df)
+    assert both["size_within_needed"] == 1  # 6/3 = 2 beyond 1.5x, 4/4 within
+    assert (both["path_at_or_above"], both["path_at_or_above_acc"]) == (1, 1)
+    assert both["path_worst_gap"] == pytest.approx(-0.3)
+    assert both["cpr_path_median"] == pytest.approx(0.7)
+    assert "mask path" in V.frontier_sentence(both) and "1-minimal" in V.frontier_sentence(both)
+    summary = V.frontier_summary(df.drop(columns=["n_truth_needed", "frontier_gap_path"]))
     assert (summary["n"], summary["size_within"]) == (2, 1)  # 0.75 within 1.5x, 0.5 not
     assert (summary["at_or_above"], summary["at_or_above_acc"]) == (1, 1)  # -0.005: a tie
     assert summary["worst_gap"] == pytest.approx(-0.1)
