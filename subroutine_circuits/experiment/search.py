@@ -405,7 +405,7 @@ def path_keeps(
     target is filled up in the order of its own logits). Row ``i`` of the result keeps exactly
     ``sizes[i]`` units (none for 0, all for ``n_units``). The second value has one entry per
     trained size: ``k``, the mask's own kept count, its validation accuracy, whether it met
-    its target, steps and best step.
+    its target, steps and best step (one entry per distinct size).
     """
     from subroutine_circuits.experiment.patching import mask_unit_params
     from subroutine_circuits.patching.frontier import mask_order
@@ -429,6 +429,8 @@ def path_keeps(
         run = runs[jobs[distinct.index(k)]]
         binary = run.mask.flat_binary().bool().cpu()
         keep[i, mask_order(binary, mask_unit_params(run.mask))[:k]] = True
+        if any(e["k"] == k for e in log):  # sizes repeat where fractions round alike
+            continue
         log.append({
             "k": int(k), "kept": int(binary.sum()), "val_acc": float(run.val_acc),
             "feasible": bool(int(binary.sum()) <= k), "steps": int(run.steps),

@@ -83,12 +83,13 @@ def test_path_keeps_gives_one_circuit_of_each_size(trained_tiny):
     val = encode(adapter, prep.splits["val"]["sub_subject_plural"], "cpu")
     mcfg = MaskSearchConfig(steps=40, eval_every=10, patience=2, target_lr=1.0)
     n = adapter.unit_map(kinds=mcfg.unit_kinds).n_units
-    sizes = [0, 3, max(4, n // 10), n]
+    sizes = [0, 3, 3, max(4, n // 10), n]  # a repeated size, as rounded fractions give
     keep, log = path_keeps(adapter, train, val, mcfg, {"l0_weight": 1.0}, 0, sizes,
                            Ablator("zero"))  # fmt: skip
     assert keep.shape == (len(sizes), n)
     assert keep.sum(1).tolist() == sizes
-    assert [e["k"] for e in log] == sorted(set(sizes[1:3]))
+    assert [e["k"] for e in log] == sorted(set(sizes[1:4]))
+    assert torch.equal(keep[1], keep[2])
     for e in log:
         assert e["feasible"] == (e["kept"] <= e["k"])
         assert 0 <= e["best_step"] <= e["steps"] <= 40
