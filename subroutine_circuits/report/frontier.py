@@ -95,7 +95,9 @@ def section_frontier(out_dir: Path) -> str:
         return H._note("frontier.csv has no rows")
     out = [
         "<p>Faithfulness of the best circuit of each size, by ranking: the learned mask "
-        "(its kept units first, in the minimality pass's order of importance, then the rest), "
+        "(its kept units first, then the rest; for a 1-minimal mask its units in the order a "
+        "backward elimination on validation problems removes them, reversed, then the units a "
+        "forward selection adds, up to 32 units), "
         "with [mask] frontier_path the mask path (at each size a mask trained with that size as "
         "its target density), "
         "activation and attribution patching (scores from the validation pairs), and random "
