@@ -9,6 +9,10 @@ import math
 import pytest
 import torch
 
+#: The hand hook and the batched evaluator round differently; a problem whose scores tie
+#: within that rounding may flip, so accuracies agree within one of the 40 problems.
+ONE_PROBLEM = 1 / 40 + 1e-9
+
 
 def test_plateau_with_a_target_keeps_only_feasible_checkpoints():
     """Before the first checkpoint at or under the target the latest one stands in and patience
@@ -57,7 +61,7 @@ def test_elimination_order_removes_the_least_harmful_unit_each_step():
             without = current.clone()
             without[u] = False
             accs[u] = _zero_hook_accuracy(model, data, without, um)
-        assert accs[unit] >= max(accs.values()) - 1e-9
+        assert accs[unit] >= max(accs.values()) - ONE_PROBLEM
         current[unit] = False
 
 
@@ -141,7 +145,7 @@ def test_addition_order_adds_the_most_helpful_unit_each_step(monkeypatch):
             plus = current.clone()
             plus[u] = True
             accs[u] = _zero_hook_accuracy(model, data, plus, um)
-        assert accs[unit] >= max(accs.values()) - 1e-9
+        assert accs[unit] >= max(accs.values()) - ONE_PROBLEM
         current[unit] = True
     monkeypatch.setattr(search, "ADD_CANDIDATES", 5)
     dropped = (~keep).nonzero().flatten()
