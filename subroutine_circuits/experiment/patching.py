@@ -1137,7 +1137,7 @@ def frontier_of(
     points: dict[str, Tensor] = {}
     if ctx.mask is not None:
         keep = ctx.mask.flat_binary().bool().cpu()
-        importance = _mask_importance(ctx.mask) if mask_ranking is None else list(mask_ranking)
+        importance = mask_importance(ctx.mask) if mask_ranking is None else list(mask_ranking)
         orders["mask"] = mask_order(keep, mask_unit_params(ctx.mask), importance)
         points[CHOSEN_MASK] = keep
     for method, scores in ctx.scores.items():
@@ -1153,14 +1153,20 @@ def frontier_of(
     return [{**meta, **row} for row in frontier_rows(res)]
 
 
-def _mask_importance(mask) -> list[int] | None:
+def pruned_info(mask) -> dict[str, Any]:
+    """What the minimality pass recorded with a study mask (``search.prune_run``'s
+    ``pruned``; empty for masks without it)."""
+    meta = getattr(mask, "meta", None) or {}
+    return (meta.get("training") or {}).get("pruned") or {}
+
+
+def mask_importance(mask) -> list[int] | None:
     """The mask's own order of its units, most important first: the minimality pass's backward
     elimination (``search.elimination_order``, re-measured after every removal) reversed when
     the pass made the mask 1-minimal, else its last single-removal ranking (validation accuracy
     without each unit) reversed; None for masks without either (no pass, or a mask not from
     the study)."""
-    meta = getattr(mask, "meta", None) or {}
-    pruned = (meta.get("training") or {}).get("pruned") or {}
+    pruned = pruned_info(mask)
     if pruned.get("elimination"):
         return list(reversed(pruned["elimination"]))
     ranking = pruned.get("ranking")

@@ -512,9 +512,9 @@ def prune_run(
     mask = run.mask
     unit_map = mask.unit_map
     keep = mask.flat_binary().clone()
-    rank_val = val.batch(torch.arange(min(len(val), PRUNE_RANK_PROBLEMS)))
+    rank_val = ranking_problems(val)
     start = float(fixed_accuracies(adapter, val, keep[None], unit_map, ablator)[0])
-    floor = max(start - tolerance, min(min_acc, start))
+    floor = minimality_floor(start, tolerance, min_acc)
     n0, current, used = int(keep.sum()), start, 0
     order: Tensor | None = None  # the last round's ranking, reused by block_removable
     for _ in range(PRUNE_ROUNDS):
@@ -537,7 +537,7 @@ def prune_run(
     finished, finish = 0, f"skipped: more than {finish_max_units} units"
     elimination = None
     if int(keep.sum()) <= finish_max_units:
-        keep, current, finished = _finish_1_minimal(
+        keep, current, finished = finish_1_minimal(
             adapter, val, keep, current, floor, unit_map, ablator
         )
         finish, removable = "1-minimal", 0
@@ -689,7 +689,20 @@ def addition_order(
     return out
 
 
-def _finish_1_minimal(
+def ranking_problems(val: EncodedProblems) -> EncodedProblems:
+    """The validation problems the minimality pass ranks units on: the first
+    :data:`PRUNE_RANK_PROBLEMS` (the accuracy that decides what is removed uses them all)."""
+    return val.batch(torch.arange(min(len(val), PRUNE_RANK_PROBLEMS)))
+
+
+def minimality_floor(start: float, tolerance: float, min_acc: float) -> float:
+    """The validation accuracy the minimality pass keeps a mask of accuracy ``start`` at:
+    within ``tolerance`` of it, and at least ``min_acc`` when the mask reached that (a usable
+    mask stays usable)."""
+    return max(start - tolerance, min(min_acc, start))
+
+
+def finish_1_minimal(
     adapter,
     val: EncodedProblems,
     keep: Bool[Tensor, " n_units"],

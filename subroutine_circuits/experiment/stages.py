@@ -42,6 +42,12 @@ class BaseModel:
     bypass: bool = False
     ablators: dict[str, Any] = field(default_factory=dict)
 
+    def ablator(self, kind: str) -> Any:
+        """The study's ablator of ``kind`` (zero ablation needs no reference: a fresh one)."""
+        from subroutine_circuits.masks.ablator import Ablator
+
+        return self.ablators.get(kind, Ablator("zero"))
+
 
 def _load_user_checkpoint(path: str, device: str):
     """A checkpoint written by this library (``save_checkpoint``: has meta.json and vocab)."""
@@ -294,32 +300,30 @@ def mask_ranking(
     :func:`~subroutine_circuits.experiment.search.addition_order`) up to the largest frontier
     size within :data:`~subroutine_circuits.experiment.search.PRUNE_FINISH_MAX_UNITS`; None
     (the ranking stored with the mask) when the pass did not make the mask 1-minimal."""
-    import torch
-
-    from subroutine_circuits.experiment.patching import mask_unit_params
+    from subroutine_circuits.experiment.patching import (
+        mask_importance,
+        mask_unit_params,
+        pruned_info,
+    )
     from subroutine_circuits.experiment.search import (
         PRUNE_FINISH_MAX_UNITS,
-        PRUNE_RANK_PROBLEMS,
         addition_order,
+        ranking_problems,
     )
-    from subroutine_circuits.masks.ablator import Ablator
     from subroutine_circuits.patching.frontier import sizes_of
 
-    pruned = ((getattr(mask, "meta", None) or {}).get("training") or {}).get("pruned") or {}
-    if not pruned.get("elimination"):
+    if not pruned_info(mask).get("elimination"):
         return None
     keep = mask.flat_binary().bool().cpu()
     sizes = sizes_of(pcfg.frontier_fractions, keep.numel())
     top = max([k for k in sizes if k <= PRUNE_FINISH_MAX_UNITS], default=0)
     added = []
     if top > int(keep.sum()):
-        val = base.enc["val"][f"sub_{job.subroutine}"]
-        val = val.batch(torch.arange(min(len(val), PRUNE_RANK_PROBLEMS)))  # the pass's ranking set
         added = addition_order(
-            base.adapter, val, keep, mask.unit_map,
-            base.ablators.get(cfg.ablation, Ablator("zero")), mask_unit_params(mask), top,
+            base.adapter, ranking_problems(base.enc["val"][f"sub_{job.subroutine}"]), keep,
+            mask.unit_map, base.ablator(cfg.ablation), mask_unit_params(mask), top,
         )  # fmt: skip
-    return list(reversed(pruned["elimination"])) + added
+    return mask_importance(mask) + added
 
 
 def _mask_path(
@@ -330,7 +334,6 @@ def _mask_path(
     seeded by the job's mask seed); its log joins the subroutine's ``search/`` file as
     ``path``."""
     from subroutine_circuits.experiment.search import path_keeps
-    from subroutine_circuits.masks.ablator import Ablator
     from subroutine_circuits.patching.frontier import sizes_of
 
     sub = job.subroutine
@@ -339,7 +342,7 @@ def _mask_path(
     keep, log = path_keeps(
         base.adapter, base.enc["train"][f"sub_{sub}"], base.enc["val"][f"sub_{sub}"], cfg.mask,
         dict(chosen.get("hp") or {}), int(job.mask_seed), sizes_of(pcfg.frontier_fractions, n),
-        base.ablators.get(cfg.ablation, Ablator("zero")), cfg.mask.engine,
+        base.ablator(cfg.ablation), cfg.mask.engine,
     )  # fmt: skip
     store.write_search(job.base, sub, {**chosen, "path": log})
     short = [e for e in log if not e["feasible"]]

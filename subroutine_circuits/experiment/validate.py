@@ -295,18 +295,17 @@ def truth_needed(planted: Any, subroutine: str, base: Any, mask: Any, cfg: Any) 
     fewer of them is as small as the planted model allows at that threshold, which this count
     says."""
     from subroutine_circuits.experiment.evaluate import fixed_accuracies
-    from subroutine_circuits.experiment.search import _finish_1_minimal
-    from subroutine_circuits.masks.ablator import Ablator
+    from subroutine_circuits.experiment.search import finish_1_minimal, minimality_floor
 
     unit_map = mask.unit_map
     truth = planted.truth_vector(subroutine, unit_map).bool()
     val = base.enc["val"][f"sub_{subroutine}"]
-    ablator = base.ablators.get(cfg.ablation, Ablator("zero"))
+    ablator = base.ablator(cfg.ablation)
     acc = float(fixed_accuracies(base.adapter, val, truth[None], unit_map, ablator)[0])
     if acc < cfg.mask_min_acc:
         return float("nan")
-    floor = max(acc - cfg.mask.tolerance, cfg.mask_min_acc)  # prune_run's floor for a mask
-    keep, _, _ = _finish_1_minimal(base.adapter, val, truth, acc, floor, unit_map, ablator)
+    floor = minimality_floor(acc, cfg.mask.tolerance, cfg.mask_min_acc)
+    keep, _, _ = finish_1_minimal(base.adapter, val, truth, acc, floor, unit_map, ablator)
     return float(keep.sum())
 
 

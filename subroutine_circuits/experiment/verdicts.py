@@ -248,7 +248,7 @@ def run_masks_stage(base_job, base, store, searches, evaluations) -> None:
             val,
             cfg.mask,
             [int(m) for m in cfg.mask_seeds],
-            base.ablators.get(cfg.ablation, Ablator("zero")),
+            base.ablator(cfg.ablation),
             cfg.mask.engine,
             min_acc=cfg.mask_min_acc,
         )

@@ -511,10 +511,19 @@ class Block(nn.Module):
         else:  # no gradient: one normalisation gives the same three tensors, bit for bit
             x = ln1(resid_pre)
             attn_out = self.attn(x, x, x, attention_mask)
+        return self._after_attention(resid_pre, attn_out)
+
+    def _after_attention(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        attn_out: Float[Tensor, "batch pos d_model"],
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The rest of the block from the attention output: the residual sums and the MLP,
+        with their hooks (:meth:`forward` and :meth:`forward_at` share it)."""
         attn_out = self.hook_attn_out(attn_out)
         if self.cfg.attn_only:
-            return self.hook_resid_post(resid_pre + attn_out)
-        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+            return self.hook_resid_post(resid + attn_out)
+        resid_mid = self.hook_resid_mid(resid + attn_out)
         mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         return self.hook_resid_post(resid_mid + mlp_out)
@@ -534,14 +543,7 @@ class Block(nn.Module):
         at = positions.to(resid_pre.device)
         x = self.ln1(resid_pre)  # one normalisation serves queries, keys and values
         attn_out = self.attn.forward_at(x[rows, at][:, None], x, x, at, attention_mask)
-        attn_out = self.hook_attn_out(attn_out)
-        resid_at = resid_pre[rows, at][:, None]
-        if self.cfg.attn_only:
-            return self.hook_resid_post(resid_at + attn_out)
-        resid_mid = self.hook_resid_mid(resid_at + attn_out)
-        mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
-        return self.hook_resid_post(resid_mid + mlp_out)
+        return self._after_attention(resid_pre[rows, at][:, None], attn_out)
 
 
 class _Embed(nn.Module):
